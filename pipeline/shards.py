@@ -1,0 +1,260 @@
+"""The on-disk shard format: names, DALI index lines, manifest schema, discovery.
+
+This module is the single place where the contract of a shard folder lives. The shard
+builder (``tools/``) writes through it and the reader (``pipeline/``) reads through
+it, so the two cannot drift apart.
+
+A shard folder holds ``NAME-000000.tar`` files, each with its DALI index
+``NAME-000000.idx`` beside it, and a ``manifest.json`` that lists every shard (samples,
+bytes, sha256), the class names, every rejected input with its reason and the build
+settings. A build split into parts (``--num-parts``) names its shards
+``NAME-part0003-000000.tar`` and writes ``manifest.part-0003-of-0008.json`` until the
+parts are merged into one ``manifest.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import tarfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable
+
+__all__ = [
+    "FORMAT",
+    "FORMAT_VERSION",
+    "INDEX_VERSION",
+    "MANIFEST_NAME",
+    "ShardError",
+    "ShardEntry",
+    "Manifest",
+    "shard_stem",
+    "part_manifest_name",
+    "index_header",
+    "index_line",
+    "read_index",
+    "load_manifest",
+    "write_json_atomic",
+    "tar_size_for_index",
+    "encode_sample",
+    "TAR_END",
+    "discover",
+]
+
+FORMAT = "moco-dali-shards"
+FORMAT_VERSION = 1
+# The index layout that DALI's fn.readers.webdataset reads (the one its wds2idx writes):
+# a header "v1.2 N", then per sample "ext data_offset size member_name" repeated for
+# each of the sample's files.
+INDEX_VERSION = "v1.2"
+MANIFEST_NAME = "manifest.json"
+PART_MANIFEST_RE = re.compile(r"^manifest\.part-(\d{4})-of-(\d{4})\.json$")
+
+
+class ShardError(ValueError):
+    """A shard folder, shard, index or manifest is missing, stale or malformed."""
+
+
+def shard_stem(name: str, index: int, part: int | None = None) -> str:
+    """File stem of shard ``index`` of data set ``name`` (of build part ``part``)."""
+    if part is None:
+        return f"{name}-{index:06d}"
+    return f"{name}-part{part:04d}-{index:06d}"
+
+
+def part_manifest_name(part: int, num_parts: int) -> str:
+    """Name of the manifest that one part of a multi-part build writes."""
+    return f"manifest.part-{part:04d}-of-{num_parts:04d}.json"
+
+
+def index_header(num_samples: int) -> str:
+    return f"{INDEX_VERSION} {num_samples}\n"
+
+
+def index_line(members: Iterable[tuple[str, int, int, str]]) -> str:
+    """One sample's index line from its ``(ext, data_offset, size, member_name)``."""
+    return " ".join(f"{ext} {offset} {size} {name}" for ext, offset, size, name in members) + "\n"
+
+
+def read_index(path: str | os.PathLike) -> list[list[tuple[str, int, int, str]]]:
+    """Parse a DALI WebDataset index into per-sample lists of members.
+
+    Raises:
+        ShardError: naming the file and line when the index is malformed.
+    """
+    path = Path(path)
+    try:
+        lines = path.read_text().splitlines()
+    except OSError as exc:
+        raise ShardError(f"{path}: cannot read index: {exc.strerror or exc}") from None
+    if not lines:
+        raise ShardError(f"{path}: empty index")
+    head = lines[0].split()
+    if len(head) != 2 or head[0] != INDEX_VERSION or not head[1].isdigit():
+        raise ShardError(f"{path}: line 1: expected '{INDEX_VERSION} N', got {lines[0]!r}")
+    samples = []
+    for lineno, line in enumerate(lines[1:], start=2):
+        fields = line.split()
+        if not fields or len(fields) % 4:
+            raise ShardError(f"{path}: line {lineno}: expected groups of 'ext offset size name'")
+        try:
+            samples.append(
+                [(fields[i], int(fields[i + 1]), int(fields[i + 2]), fields[i + 3])
+                 for i in range(0, len(fields), 4)]
+            )
+        except ValueError:
+            raise ShardError(f"{path}: line {lineno}: offset and size must be integers") from None
+    if len(samples) != int(head[1]):
+        raise ShardError(f"{path}: header says {head[1]} samples, index lists {len(samples)}")
+    return samples
+
+
+@dataclass(frozen=True)
+class ShardEntry:
+    """One shard as the manifest records it; paths are relative to the manifest's folder."""
+
+    tar: str
+    index: str
+    samples: int
+    bytes: int
+    sha256: str
+    index_sha256: str
+
+    @classmethod
+    def from_json(cls, obj: dict[str, Any]) -> "ShardEntry":
+        return cls(**{k: obj[k] for k in cls.__dataclass_fields__})
+
+
+@dataclass
+class Manifest:
+    """A parsed ``manifest.json`` and the folder it lives in."""
+
+    root: Path
+    data: dict[str, Any]
+
+    @property
+    def shards(self) -> list[ShardEntry]:
+        return [ShardEntry.from_json(s) for s in self.data["shards"]]
+
+    @property
+    def classes(self) -> list[str]:
+        return list(self.data.get("classes") or [])
+
+    @property
+    def samples(self) -> int:
+        return int(self.data["samples"])
+
+    def path(self, relative: str) -> Path:
+        return self.root / relative
+
+
+def load_manifest(folder: str | os.PathLike, name: str = MANIFEST_NAME) -> Manifest:
+    """Read and sanity-check ``folder/name``.
+
+    Raises:
+        ShardError: the folder or manifest is missing, unreadable or not ours.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise ShardError(f"{folder}: not a folder")
+    path = folder / name
+    if not path.is_file():
+        parts = sorted(p.name for p in folder.iterdir() if PART_MANIFEST_RE.match(p.name))
+        hint = f" (found {len(parts)} part manifests: run 'moco-shards merge {folder}')" if parts else ""
+        raise ShardError(f"{path}: no manifest; is this a folder written by 'moco-shards build'?{hint}")
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise ShardError(f"{path}: unreadable manifest: {exc}") from None
+    if data.get("format") != FORMAT:
+        raise ShardError(f"{path}: not a {FORMAT} manifest")
+    if data.get("version") != FORMAT_VERSION:
+        raise ShardError(f"{path}: manifest version {data.get('version')}, this tool reads {FORMAT_VERSION}")
+    return Manifest(root=folder, data=data)
+
+
+TAR_BLOCK = 512
+TAR_END = b"\0" * (2 * TAR_BLOCK)
+
+
+def encode_sample(key: str, files: Iterable[tuple[str, bytes]]) -> tuple[bytes, list[tuple[str, int, int, str]]]:
+    """One sample's tar members, ready to append to a shard, and their index entries.
+
+    A ustar header does not depend on where the member lands in the archive, so
+    workers encode whole members and the writer only concatenates them. Metadata is
+    fixed (mtime 0, mode 0444, uid/gid 0, no names) so a build is byte-reproducible.
+    Offsets in the returned entries are relative to the start of the blob.
+    """
+    if "." in key or "/" in key:
+        raise ValueError(f"sample key {key!r} must not contain '.' or '/'")
+    blob = bytearray()
+    members = []
+    for ext, payload in files:
+        info = tarfile.TarInfo(f"{key}.{ext}")
+        info.size = len(payload)
+        info.mtime = 0
+        info.mode = 0o444
+        blob += info.tobuf(format=tarfile.USTAR_FORMAT, encoding="utf-8", errors="strict")
+        members.append((ext, len(blob), len(payload), info.name))
+        blob += payload
+        blob += b"\0" * (-len(payload) % TAR_BLOCK)
+    return bytes(blob), members
+
+
+def tar_size_for_index(samples: list[list[tuple[str, int, int, str]]]) -> int:
+    """The size a tar written by this project must have, given its index.
+
+    Members are padded to 512-byte blocks and the archive ends with two zero blocks,
+    with no further record padding, so the last member's end fixes the file size.
+    """
+    if not samples:
+        return len(TAR_END)
+    end = max(offset + size for members in samples for _, offset, size, _ in members)
+    return -(-end // TAR_BLOCK) * TAR_BLOCK + len(TAR_END)
+
+
+def discover(folder: str | os.PathLike) -> tuple[Manifest, list[tuple[Path, Path]]]:
+    """The manifest of a shard folder and its ``(tar, index)`` paths, in manifest order.
+
+    Never rebuilds an index. A shard without its index, or whose size no longer
+    matches the manifest and its index (a rewritten tar beside a stale index, which
+    would make DALI read garbage offsets), is an error.
+
+    Raises:
+        ShardError: naming the folder or shard at fault.
+    """
+    manifest = load_manifest(folder)
+    pairs = []
+    for entry in manifest.shards:
+        tar, idx = manifest.path(entry.tar), manifest.path(entry.index)
+        if not tar.is_file():
+            raise ShardError(f"{tar}: shard listed in the manifest is missing")
+        if not idx.is_file():
+            raise ShardError(f"{idx}: index of shard {entry.tar} is missing")
+        size = tar.stat().st_size
+        if size != entry.bytes:
+            raise ShardError(f"{tar}: {size} bytes, the manifest says {entry.bytes}; the shard changed after the build")
+        samples = read_index(idx)
+        if len(samples) != entry.samples or tar_size_for_index(samples) != size:
+            raise ShardError(f"{idx}: stale index, it does not match its shard {entry.tar}")
+        pairs.append((tar, idx))
+    if not pairs:
+        raise ShardError(f"{Path(folder)}: the manifest lists no shards")
+    return manifest, pairs
+
+
+def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
+    """Write ``obj`` as stable, sorted JSON via a temporary file and a rename.
+
+    A reader never sees a half-written file, whatever kills the writer.
+    """
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1, sort_keys=True)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)

@@ -1,0 +1,132 @@
+"""``moco-shards``: build, verify, inspect and merge shard folders.
+
+The only place that turns the library's errors into one-line messages and exit
+codes: 0 success, 1 a check failed (verify, or ``--strict`` with rejections),
+2 bad arguments or input.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import re
+import sys
+from typing import Optional, Sequence
+
+from pipeline.shards import ShardError
+from tools.build import BuildError, BuildSettings, build, merge
+from tools.imageprep import DEFAULT_MAX_PIXELS, PrepSettings
+
+__all__ = ["main", "parse_bytes"]
+
+_UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "m": 1000**2, "mb": 1000**2, "g": 1000**3, "gb": 1000**3,
+          "kib": 1024, "mib": 1024**2, "gib": 1024**3}
+
+
+def parse_bytes(text: str) -> int:
+    """``"500MB"``, ``"1.5GiB"`` or ``"1000000"`` -> bytes."""
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", text)
+    if not match or match.group(2).lower() not in _UNITS:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size (examples: 500MB, 1GiB, 1000000)")
+    return int(float(match.group(1)) * _UNITS[match.group(2).lower()])
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="moco-shards", description="Turn image dumps into DALI-ready WebDataset shards.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    b = sub.add_parser("build", help="pack images into shards", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    b.add_argument("sources", nargs="+", metavar="SRC",
+                   help="folders (recursive), list files (.txt/.lst/.list, one path per line) or .tar archives")
+    b.add_argument("--out", required=True, metavar="DIR", help="shard folder to write")
+    b.add_argument("--name", default="shard", help="shard file prefix: NAME-000000.tar")
+    b.add_argument("--labels", choices=["none", "folder"], default="none",
+                   help="'folder': first-level sub-folder names are the classes (KEY.cls)")
+    b.add_argument("--max-count", type=int, default=10000, metavar="N", help="samples per shard at most")
+    b.add_argument("--max-bytes", type=parse_bytes, default=None, metavar="SIZE", help="bytes per shard at most (e.g. 1GB)")
+    b.add_argument("--max-side", type=int, default=None, metavar="PX", help="shrink so the longer side is at most PX")
+    b.add_argument("--short-side", type=int, default=None, metavar="PX", help="shrink so the shorter side is PX")
+    b.add_argument("--quality", type=int, default=90, help="JPEG quality when re-encoding")
+    b.add_argument("--reencode", choices=["auto", "always"], default="auto",
+                   help="'auto' stores clean baseline JPEGs byte for byte")
+    b.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS, metavar="N",
+                   help="reject larger images as decompression bombs")
+    b.add_argument("--workers", type=int, default=None, metavar="W", help="worker processes (default: all cores)")
+    b.add_argument("--num-parts", type=int, default=1, metavar="P", help="split the build into P disjoint parts")
+    b.add_argument("--part", type=int, default=0, metavar="I", help="build part I of P (0-based)")
+    b.add_argument("--strict", action="store_true", help="exit 1 if any input was rejected")
+    b.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    v = sub.add_parser("verify", help="read and decode every sample through DALI; check hashes and counts")
+    v.add_argument("folder", metavar="DIR")
+    v.add_argument("--batch-size", type=int, default=64)
+    v.add_argument("--threads", type=int, default=None, help="DALI CPU threads (default: all cores)")
+    v.add_argument("--device-id", type=int, default=None, help="decode on this GPU (default: CPU)")
+    v.add_argument("--no-progress", action="store_true")
+
+    i = sub.add_parser("inspect", help="print samples, shards, bytes, classes and resolutions")
+    i.add_argument("folder", metavar="DIR")
+    i.add_argument("--json", action="store_true", help="print JSON instead of text")
+
+    m = sub.add_parser("merge", help="merge the part manifests of a multi-part build into one manifest.json")
+    m.add_argument("folders", nargs="+", metavar="DIR")
+    m.add_argument("--out", default=None, metavar="DIR", help="folder for the merged manifest (default: the first DIR)")
+    return parser
+
+
+def _build(args) -> int:
+    try:
+        prep = PrepSettings(quality=args.quality, max_side=args.max_side, short_side=args.short_side,
+                            max_pixels=args.max_pixels, reencode=args.reencode)
+    except ValueError as exc:
+        raise BuildError(str(exc)) from None
+    settings = BuildSettings(name=args.name, labels=args.labels, max_count=args.max_count, max_bytes=args.max_bytes,
+                             num_parts=args.num_parts, part=args.part, prep=prep)
+    if args.workers is not None and args.workers < 0:
+        raise BuildError(f"--workers must be 0 or more, got {args.workers}")
+    report = build(args.sources, args.out, settings, workers=args.workers, progress=not args.no_progress)
+    print(f"moco-shards build: {report.summary()}")
+    if args.strict and report.rejected:
+        print(f"moco-shards build: --strict: {report.rejected} inputs rejected (see 'rejected' in "
+              f"{report.manifest_path})", file=sys.stderr)
+        return 1
+    return 0
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="moco-shards: %(message)s")
+    try:
+        if args.command == "build":
+            return _build(args)
+        if args.command == "verify":
+            from tools.verify import verify
+
+            report = verify(args.folder, batch_size=args.batch_size, num_threads=args.threads,
+                            device_id=args.device_id, progress=not args.no_progress)
+            print(f"moco-shards verify: {report.summary()}")
+            return 0
+        if args.command == "inspect":
+            from tools.verify import format_inspection, inspect
+
+            info = inspect(args.folder)
+            print(json.dumps(info, indent=1) if args.json else format_inspection(info))
+            return 0
+        if args.command == "merge":
+            print(f"moco-shards merge: wrote {merge(args.folders, args.out)}")
+            return 0
+    except ShardError as exc:
+        print(f"moco-shards {args.command}: FAILED: {exc}", file=sys.stderr)
+        return 1
+    except BuildError as exc:
+        print(f"moco-shards {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"moco-shards {args.command}: interrupted; run the same command again to finish", file=sys.stderr)
+        return 130
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,196 @@
+"""Check and describe a finished shard folder: ``moco-shards verify`` and ``inspect``.
+
+``verify`` trusts nothing: it recomputes every hash, compares every index line with
+the tar headers, then reads and decodes every sample through DALI exactly as
+training will, and stops at the first fault, naming the shard and key.
+``inspect`` reads only the manifest and the small ``KEY.json`` members.
+"""
+
+from __future__ import annotations
+
+import collections
+import hashlib
+import json
+import statistics
+import tarfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import simplejpeg
+from tqdm import tqdm
+
+from pipeline import shards
+from pipeline.shards import ShardError
+
+__all__ = ["VerifyReport", "verify", "inspect", "format_inspection"]
+
+
+@dataclass
+class VerifyReport:
+    shards: int
+    samples: int
+    bytes: int
+    seconds: float
+
+    def summary(self) -> str:
+        rate = self.samples / self.seconds if self.seconds > 0 else 0.0
+        return (f"OK: {self.shards} shards, {self.samples} samples, {self.bytes / 1e6:.1f} MB "
+                f"verified in {self.seconds:.1f} s ({rate:.0f} samples/s decoded)")
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _check_index_against_tar(tar: Path, idx: Path, samples: list) -> None:
+    expected = [m for members in samples for m in members]
+    with tarfile.open(tar, "r:") as archive:
+        found = [(m.name, m.offset_data, m.size) for m in archive if m.isfile()]
+    if len(found) != len(expected):
+        raise ShardError(f"{idx}: lists {len(expected)} files, the tar {tar.name} holds {len(found)}")
+    for (ext, offset, size, name), actual in zip(expected, found):
+        if (name, offset, size) != actual:
+            raise ShardError(f"{tar}: key {name.split('.')[0]}: index says {name} at {offset} ({size} bytes), "
+                             f"the tar has {actual[0]} at {actual[1]} ({actual[2]} bytes)")
+    for members in samples:
+        exts = {m[0] for m in members}
+        if "jpg" not in exts or "json" not in exts:
+            raise ShardError(f"{tar}: key {members[0][3].split('.')[0]}: sample lacks .jpg or .json")
+
+
+def _locate_bad_sample(pairs, keys, start: int) -> Optional[str]:
+    """After DALI failed, find the first sample from ``start`` on that does not decode."""
+    for ordinal in range(start, len(keys)):
+        tar, key, offset, size = keys[ordinal]
+        with open(tar, "rb") as f:
+            f.seek(offset)
+            data = f.read(size)
+        try:
+            simplejpeg.decode_jpeg(data, "RGB", strict=True)
+        except ValueError as exc:
+            return f"{tar}: key {key}: does not decode: {exc}"
+    return None
+
+
+def verify(folder: str | Path, *, batch_size: int = 64, num_threads: Optional[int] = None,
+           device_id: Optional[int] = None, progress: bool = True) -> VerifyReport:
+    """Verify a shard folder end to end.
+
+    Raises:
+        ShardError: at the first fault, naming the shard (and key where there is one).
+    """
+    from pipeline.scan import scan_shards  # DALI is loaded only when decoding is asked for
+
+    started = time.monotonic()
+    manifest, pairs = shards.discover(folder)
+    keys = []  # ordinal -> (tar, key, jpg offset, jpg size)
+    for entry, (tar, idx) in zip(manifest.shards, pairs):
+        if _sha256(tar) != entry.sha256:
+            raise ShardError(f"{tar}: sha256 differs from the manifest; the shard is corrupt")
+        if hashlib.sha256(idx.read_bytes()).hexdigest() != entry.index_sha256:
+            raise ShardError(f"{idx}: sha256 differs from the manifest; the index is corrupt")
+        samples = shards.read_index(idx)
+        _check_index_against_tar(tar, idx, samples)
+        for members in samples:
+            jpg = next(m for m in members if m[0] == "jpg")
+            keys.append((tar, jpg[3].split(".")[0], jpg[1], jpg[2]))
+
+    classes = manifest.classes
+    class_counts = collections.Counter()
+    ordinal = 0
+    bar = tqdm(total=len(keys), unit="img", desc="verify", disable=not progress or None, dynamic_ncols=True)
+    try:
+        for sample in scan_shards([p[0] for p in pairs], [p[1] for p in pairs], batch_size=batch_size,
+                                  num_threads=num_threads, device_id=device_id):
+            tar, key = keys[ordinal][:2]
+            meta = json.loads(sample.metadata)
+            if sample.channels != 3 or [sample.width, sample.height] != meta["size"]:
+                raise ShardError(f"{tar}: key {key}: decodes to {sample.width}x{sample.height}x{sample.channels}, "
+                                 f"metadata says {meta['size'][0]}x{meta['size'][1]}x3")
+            if classes:
+                try:
+                    label = int(sample.label.decode())
+                    assert 0 <= label < len(classes)
+                except (ValueError, AssertionError, UnicodeDecodeError):
+                    raise ShardError(f"{tar}: key {key}: class {sample.label!r} is not in 0..{len(classes) - 1}") from None
+                class_counts[classes[label]] += 1
+            ordinal += 1
+            bar.update(1)
+    except RuntimeError as exc:
+        located = _locate_bad_sample(pairs, keys, ordinal)
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ShardError(located or f"{keys[min(ordinal, len(keys) - 1)][0]}: DALI failed near sample "
+                                    f"{ordinal}: {first_line}") from None
+    finally:
+        bar.close()
+    if ordinal != manifest.samples:
+        raise ShardError(f"{manifest.root}: DALI read {ordinal} samples, the manifest says {manifest.samples}")
+    if classes and dict(class_counts) != {k: v for k, v in manifest.data["class_counts"].items() if v}:
+        raise ShardError(f"{manifest.root}: per-class counts differ from the manifest")
+    return VerifyReport(len(pairs), ordinal, sum(e.bytes for e in manifest.shards), time.monotonic() - started)
+
+
+def inspect(folder: str | Path) -> dict:
+    """Summary of a shard folder: counts, bytes, classes, rejections and resolutions."""
+    manifest, pairs = shards.discover(folder)
+    widths, heights, sizes = [], [], collections.Counter()
+    for tar, idx in pairs:
+        with open(tar, "rb") as f:
+            for members in shards.read_index(idx):
+                _, offset, size, _ = next(m for m in members if m[0] == "json")
+                f.seek(offset)
+                w, h = json.loads(f.read(size))["size"]
+                widths.append(w)
+                heights.append(h)
+                sizes[(w, h)] += 1
+    reasons = collections.Counter(r["reason"].split(":")[0] for r in manifest.data["rejected"])
+
+    def spread(values):
+        return {"min": min(values), "median": statistics.median(values), "max": max(values)} if values else None
+
+    return {
+        "folder": str(manifest.root),
+        "name": manifest.data["name"],
+        "samples": manifest.samples,
+        "inputs": manifest.data["inputs"],
+        "shards": len(pairs),
+        "bytes": sum(e.bytes for e in manifest.shards),
+        "copied": manifest.data["copied"],
+        "reencoded": manifest.data["reencoded"],
+        "rejected": len(manifest.data["rejected"]),
+        "rejected_reasons": dict(reasons.most_common()),
+        "classes": manifest.data["class_counts"],
+        "width": spread(widths),
+        "height": spread(heights),
+        "common_sizes": [[f"{w}x{h}", n] for (w, h), n in sizes.most_common(5)],
+    }
+
+
+def format_inspection(info: dict) -> str:
+    mb = info["bytes"] / 1e6
+    lines = [
+        f"{info['folder']}  (data set '{info['name']}')",
+        f"  samples   {info['samples']} of {info['inputs']} inputs "
+        f"({info['copied']} copied, {info['reencoded']} re-encoded, {info['rejected']} rejected)",
+        f"  shards    {info['shards']}, {mb:.1f} MB, {mb * 1e6 / max(info['samples'], 1) / 1e3:.1f} KB per sample",
+    ]
+    if info["rejected_reasons"]:
+        lines.append("  rejected  " + ", ".join(f"{k}: {v}" for k, v in info["rejected_reasons"].items()))
+    if info["width"]:
+        w, h = info["width"], info["height"]
+        lines.append(f"  width     min {w['min']}, median {w['median']:g}, max {w['max']} px")
+        lines.append(f"  height    min {h['min']}, median {h['median']:g}, max {h['max']} px")
+        lines.append("  sizes     " + ", ".join(f"{s} ({n})" for s, n in info["common_sizes"]))
+    if info["classes"]:
+        lines.append(f"  classes   {len(info['classes'])}")
+        width = max(len(c) for c in info["classes"])
+        lines.extend(f"    {name:<{width}}  {count}" for name, count in info["classes"].items())
+    else:
+        lines.append("  classes   none (unlabelled)")
+    return "\n".join(lines)
