@@ -35,6 +35,7 @@ log = logging.getLogger(__name__)
 LIST_SUFFIXES = (".txt", ".lst", ".list")
 TAR_SUFFIXES = (".tar",)
 NO_CLASS = "no class folder (--labels folder needs SRC/CLASS/...)"
+_NO_CLASS = -1
 
 
 class BuildError(ValueError):
@@ -211,6 +212,8 @@ def _read(ref: InputRef) -> bytes:
 def _process(task: tuple[int, InputRef, Optional[int]]):
     """Worker: one input -> ("ok", blob, members, copied, class) or ("rejected", reason)."""
     index, ref, class_index = task
+    if class_index == _NO_CLASS:
+        return ("rejected", NO_CLASS)
     try:
         try:
             data = _read(ref)
@@ -422,8 +425,9 @@ def build(sources: list[str], out: str | os.PathLike, settings: BuildSettings, *
             stale.unlink()
 
     position = records[-1]["end_input"] if records else first
+    unlabelled = _NO_CLASS if settings.labels == "folder" else None
     tasks = (
-        (i, all_refs[i], class_of.get(all_refs[i].label) if all_refs[i].label is not None else None)
+        (i, all_refs[i], class_of[all_refs[i].label] if all_refs[i].label is not None else unlabelled)
         for i in range(position, end)
     )
     part = None if settings.num_parts == 1 else settings.part

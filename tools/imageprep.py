@@ -255,7 +255,7 @@ def _to_rgb(image: Image.Image) -> Image.Image:
         if mode.startswith("I;16") or values.max(initial=0) > 255:
             values = values / 257.0
         gray = np.clip(np.rint(values), 0, 255).astype(np.uint8)
-        return Image.fromarray(gray, "L").convert("RGB")
+        return Image.fromarray(gray).convert("RGB")
     if mode in ("RGBA", "LA", "PA", "RGBa", "La") or (mode == "P" and "transparency" in image.info) or (
         mode in ("L", "RGB") and "transparency" in image.info
     ):

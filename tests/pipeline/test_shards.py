@@ -1,0 +1,73 @@
+"""The shard format contract: index lines, sample encoding, names."""
+
+from __future__ import annotations
+
+import io
+import tarfile
+
+import pytest
+import webdataset
+
+from pipeline import shards
+from pipeline.shards import ShardError
+
+
+def write_shard(path, samples):
+    blob = bytearray()
+    lines = []
+    for key, files in samples:
+        encoded, members = shards.encode_sample(key, files)
+        lines.append(shards.index_line((e, len(blob) + o, s, n) for e, o, s, n in members))
+        blob += encoded
+    blob += shards.TAR_END
+    path.write_bytes(bytes(blob))
+    path.with_suffix(".idx").write_text(shards.index_header(len(lines)) + "".join(lines))
+
+
+def test_encoded_samples_are_a_tar_that_tarfile_and_webdataset_read(tmp_path):
+    samples = [("0000000001", [("jpg", b"x" * 700), ("cls", b"3")]), ("0000000002", [("jpg", b"y" * 512)])]
+    write_shard(tmp_path / "a.tar", samples)
+    with tarfile.open(tmp_path / "a.tar") as tar:
+        members = tar.getmembers()
+        assert [m.name for m in members] == ["0000000001.jpg", "0000000001.cls", "0000000002.jpg"]
+        assert tar.extractfile(members[1]).read() == b"3"
+        assert all(m.mtime == 0 and m.mode == 0o444 for m in members)
+    index = shards.read_index(tmp_path / "a.idx")
+    with tarfile.open(tmp_path / "a.tar") as tar:
+        assert [(m.name, m.offset_data, m.size) for m in tar] == [(n, o, s) for sample in index for _, o, s, n in sample]
+    assert shards.tar_size_for_index(index) == (tmp_path / "a.tar").stat().st_size
+    read = list(webdataset.WebDataset(str(tmp_path / "a.tar"), shardshuffle=False))
+    assert [(r["__key__"], r["jpg"][:1]) for r in read] == [("0000000001", b"x"), ("0000000002", b"y")]
+
+
+def test_keys_with_dots_or_slashes_are_refused():
+    with pytest.raises(ValueError, match="must not contain"):
+        shards.encode_sample("a.b", [("jpg", b"")])
+    with pytest.raises(ValueError, match="must not contain"):
+        shards.encode_sample("a/b", [("jpg", b"")])
+
+
+@pytest.mark.parametrize("text, message", [
+    ("", "empty index"),
+    ("v1.1 1\njpg 512 3 a.jpg\n", "expected 'v1.2 N'"),
+    ("v1.2 2\njpg 512 3 a.jpg\n", "header says 2 samples, index lists 1"),
+    ("v1.2 1\njpg 512 a.jpg\n", "line 2: expected groups"),
+    ("v1.2 1\njpg x 3 a.jpg\n", "line 2: offset and size must be integers"),
+])
+def test_malformed_indexes_are_named(tmp_path, text, message):
+    (tmp_path / "bad.idx").write_text(text)
+    with pytest.raises(ShardError, match=message):
+        shards.read_index(tmp_path / "bad.idx")
+
+
+def test_names():
+    assert shards.shard_stem("imagenet", 7) == "imagenet-000007"
+    assert shards.shard_stem("imagenet", 7, part=3) == "imagenet-part0003-000007"
+    assert shards.part_manifest_name(3, 8) == "manifest.part-0003-of-0008.json"
+    assert shards.PART_MANIFEST_RE.match(shards.part_manifest_name(3, 8))
+
+
+def test_json_is_written_atomically(tmp_path):
+    shards.write_json_atomic(tmp_path / "m.json", {"b": 1, "a": [1, 2]})
+    assert (tmp_path / "m.json").read_text().startswith('{\n "a"')
+    assert [p.name for p in tmp_path.iterdir()] == ["m.json"]
