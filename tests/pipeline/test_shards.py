@@ -71,3 +71,19 @@ def test_json_is_written_atomically(tmp_path):
     shards.write_json_atomic(tmp_path / "m.json", {"b": 1, "a": [1, 2]})
     assert (tmp_path / "m.json").read_text().startswith('{\n "a"')
     assert [p.name for p in tmp_path.iterdir()] == ["m.json"]
+
+
+@pytest.mark.parametrize("name, size", [("0000000001.jpg", 0), ("0000000001.jpg", 12345), ("k.json", 8**11 - 1),
+                                        ("x" * 95 + ".json", 511)])
+def test_ustar_header_is_what_tarfile_writes(name, size):
+    info = tarfile.TarInfo(name)
+    info.size, info.mtime, info.mode = size, 0, 0o444
+    assert shards.ustar_header(name, size) == info.tobuf(format=tarfile.USTAR_FORMAT, encoding="utf-8",
+                                                         errors="strict")
+
+
+def test_ustar_header_refuses_what_does_not_fit():
+    with pytest.raises(ValueError, match="does not fit"):
+        shards.ustar_header("x" * 101, 1)
+    with pytest.raises(ValueError, match="does not fit"):
+        shards.ustar_header("a.jpg", 8**11)

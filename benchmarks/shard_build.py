@@ -1,0 +1,181 @@
+"""Benchmark ``moco-shards build`` against a plain PIL + webdataset.ShardWriter loop.
+
+On a folder of ImageNet-like photographs (``tools.photoset``) it measures, side by
+side and alternating after a warm-up:
+
+* the baseline: one process that opens each file with PIL, converts to RGB, saves a
+  JPEG (quality 90) and writes it with ``webdataset.ShardWriter``;
+* the builder's re-encode path (``--reencode always``, quality 90) and its
+  pass-through path (inputs already baseline JPEGs), with 1 worker;
+* both paths with W = 1, 2, 4, ... up to the core count.
+
+"Per core" is reported two ways: images/s with one worker (the writer process rides
+along), and images per CPU-second summed over every process of the run.
+
+    python -m benchmarks.shard_build --photos DIR --out RESULT.json [--reps 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import platform
+import resource
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import simplejpeg
+import webdataset
+from PIL import Image
+
+from tools.build import BuildSettings, build
+from tools.imageprep import PrepSettings
+
+
+def _cpu_seconds() -> float:
+    own = resource.getrusage(resource.RUSAGE_SELF)
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
+def baseline(files: list[Path], out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    with webdataset.ShardWriter(str(out / "base-%06d.tar"), maxcount=10000, verbose=0) as sink:
+        for i, path in enumerate(files):
+            buf = io.BytesIO()
+            Image.open(path).convert("RGB").save(buf, "JPEG", quality=90)
+            sink.write({"__key__": f"{i:06d}", "jpg": buf.getvalue()})
+
+
+def ours(folder: Path, out: Path, reencode: str, workers: int) -> None:
+    settings = BuildSettings(prep=PrepSettings(quality=90, reencode=reencode))
+    report = build([str(folder)], out, settings, workers=workers, progress=False)
+    assert report.rejected == 0, report.summary()
+
+
+def measure(fn, count: int) -> dict:
+    scratch = Path(tempfile.mkdtemp(prefix="shardbench-"))
+    try:
+        cpu0, t0 = _cpu_seconds(), time.perf_counter()
+        fn(scratch / "out")
+        wall, cpu = time.perf_counter() - t0, _cpu_seconds() - cpu0
+    finally:
+        shutil.rmtree(scratch)
+    return {"wall_s": wall, "cpu_s": cpu, "img_per_s": count / wall, "img_per_cpu_s": count / cpu}
+
+
+def summarise(runs: list[dict]) -> dict:
+    rates = [r["img_per_s"] for r in runs]
+    return {
+        "img_per_s": statistics.median(rates),
+        "img_per_s_min": min(rates),
+        "img_per_s_max": max(rates),
+        "img_per_cpu_s": statistics.median(r["img_per_cpu_s"] for r in runs),
+        "runs": runs,
+    }
+
+
+def machine() -> dict:
+    model = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
+                 platform.processor())
+    import PIL
+
+    return {
+        "cpu": model,
+        "cores": len(os.sched_getaffinity(0)),
+        "python": platform.python_version(),
+        "pillow": PIL.__version__,
+        "simplejpeg": simplejpeg.__version__,
+        "webdataset": getattr(webdataset, "__version__", "?"),
+        "host": platform.node(),
+        "platform": platform.platform(),
+    }
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--photos", type=Path, required=True, help="folder of photographs (*.jpg)")
+    parser.add_argument("--out", type=Path, required=True, help="JSON result file")
+    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--workers", default=None, help="comma-separated worker counts (default 1,2,4,... cores)")
+    parser.add_argument("--photoset", type=Path, default=None, help="JSON describing the photo set, copied in")
+    args = parser.parse_args()
+
+    files = sorted(args.photos.glob("*.jpg"))
+    count = len(files)
+    cores = len(os.sched_getaffinity(0))
+    if args.workers:
+        worker_counts = [int(w) for w in args.workers.split(",")]
+    else:
+        worker_counts = sorted({1, cores} | {w for w in (2, 4, 8, 16, 32, 64) if w < cores})
+    for f in files:  # page cache, so every contender reads from memory
+        f.read_bytes()
+    mean_kb = sum(f.stat().st_size for f in files) / count / 1000
+
+    contenders = {
+        "baseline": lambda out: baseline(files, out),
+        **{f"reencode_w{w}": (lambda out, w=w: ours(args.photos, out, "always", w)) for w in worker_counts},
+        **{f"passthrough_w{w}": (lambda out, w=w: ours(args.photos, out, "auto", w)) for w in worker_counts},
+    }
+    warm = files[: max(50, count // 20)]
+    with tempfile.TemporaryDirectory() as tmp:
+        warm_dir = Path(tmp) / "warm"
+        warm_dir.mkdir()
+        for f in warm:
+            (warm_dir / f.name).symlink_to(f.resolve())
+        baseline(warm, Path(tmp) / "b")
+        ours(warm_dir, Path(tmp) / "o1", "always", 1)
+        ours(warm_dir, Path(tmp) / "o2", "auto", 1)
+
+    runs: dict[str, list] = {name: [] for name in contenders}
+    for rep in range(args.reps):
+        for name, fn in contenders.items():
+            runs[name].append(measure(fn, count))
+            print(f"rep {rep} {name:16s} {runs[name][-1]['img_per_s']:8.0f} img/s", file=sys.stderr, flush=True)
+    results = {name: summarise(r) for name, r in runs.items()}
+
+    base = results["baseline"]
+    one = {p: results[f"{p}_w1"] for p in ("reencode", "passthrough")}
+    figures = {
+        f"{p}_vs_baseline_one_worker": one[p]["img_per_s"] / base["img_per_s"] for p in one
+    } | {
+        f"{p}_vs_baseline_per_cpu_s": one[p]["img_per_cpu_s"] / base["img_per_cpu_s"] for p in one
+    } | {
+        f"{p}_scaling_w{w}": results[f"{p}_w{w}"]["img_per_s"] / (w * one[p]["img_per_s"])
+        for p in one for w in worker_counts
+    }
+    record = {
+        "benchmark": "shard_build",
+        "date": time.strftime("%Y-%m-%d"),
+        "machine": machine(),
+        "photos": {"count": count, "mean_kb": round(mean_kb, 1), "folder": str(args.photos)},
+        "photoset": json.loads(args.photoset.read_text()) if args.photoset else None,
+        "reps": args.reps,
+        "worker_counts": worker_counts,
+        "baseline": "PIL open + convert('RGB') + save JPEG q90 + webdataset.ShardWriter, one process",
+        "results": results,
+        "figures": figures,
+        "goals": {"reencode_vs_baseline": 1.5, "passthrough_vs_baseline": 3.0, "scaling": 0.8},
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(record, indent=1) + "\n")
+
+    print(f"\nshard build, {count} photos of {mean_kb:.0f} KB, {cores} cores ({record['machine']['cpu']}), "
+          f"median of {args.reps}")
+    print(f"{'contender':18s} {'img/s':>8s} {'img/cpu-s':>10s} {'vs base':>8s} {'scaling':>8s}")
+    for name, r in results.items():
+        ratio = r["img_per_s"] / base["img_per_s"]
+        path, _, w = name.partition("_w")
+        scale = f"{r['img_per_s'] / (int(w) * one[path]['img_per_s']):.2f}" if w else ""
+        print(f"{name:18s} {r['img_per_s']:8.0f} {r['img_per_cpu_s']:10.0f} {ratio:8.2f} {scale:>8s}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
