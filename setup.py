@@ -24,5 +24,6 @@ setup(
         "tqdm",
     ],
     extras_require={"dev": ["pytest", "pytest-timeout"]},
-    entry_points={"console_scripts": ["moco-shards=tools.shards_cli:main", "moco-demo=tools.demo:main"]},
+    entry_points={"console_scripts": ["moco-shards=tools.shards_cli:main", "moco-demo=tools.demo:main",
+                                    "moco-bench=tools.bench:main"]},
 )

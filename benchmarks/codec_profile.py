@@ -24,9 +24,9 @@ import simplejpeg
 import webdataset
 from PIL import Image
 
-from benchmarks.shard_build import machine
 from pipeline.shards import encode_sample
 from tools.imageprep import parse_jpeg_header
+from tools.machine import describe
 
 
 def per_image_ms(fn, items, reps: int) -> float:
@@ -82,7 +82,7 @@ def main() -> int:
     record = {
         "benchmark": "codec_profile",
         "date": time.strftime("%Y-%m-%d"),
-        "machine": machine(),
+        "machine": describe(),
         "photos": {"count": len(data), "mean_kb": round(sum(map(len, data)) / len(data) / 1000, 1)},
         "reps": args.reps,
         "ms_per_image": results,

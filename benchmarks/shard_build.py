@@ -21,7 +21,6 @@ import argparse
 import io
 import json
 import os
-import platform
 import resource
 import shutil
 import statistics
@@ -35,6 +34,7 @@ import webdataset
 from PIL import Image
 
 from tools.build import BuildSettings, build
+from tools.machine import describe
 from tools.imageprep import PrepSettings
 
 
@@ -78,23 +78,6 @@ def summarise(runs: list[dict]) -> dict:
         "img_per_s_max": max(rates),
         "img_per_cpu_s": statistics.median(r["img_per_cpu_s"] for r in runs),
         "runs": runs,
-    }
-
-
-def machine() -> dict:
-    model = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
-                 platform.processor())
-    import PIL
-
-    return {
-        "cpu": model,
-        "cores": len(os.sched_getaffinity(0)),
-        "python": platform.python_version(),
-        "pillow": PIL.__version__,
-        "simplejpeg": simplejpeg.__version__,
-        "webdataset": getattr(webdataset, "__version__", "?"),
-        "host": platform.node(),
-        "platform": platform.platform(),
     }
 
 
@@ -153,7 +136,7 @@ def main() -> int:
     record = {
         "benchmark": "shard_build",
         "date": time.strftime("%Y-%m-%d"),
-        "machine": machine(),
+        "machine": describe(),
         "photos": {"count": count, "mean_kb": round(mean_kb, 1), "folder": str(args.photos)},
         "photoset": json.loads(args.photoset.read_text()) if args.photoset else None,
         "reps": args.reps,
