@@ -1,0 +1,183 @@
+"""Statistical parity of the DALI recipes with the torchvision reference, over thousands of draws.
+
+Each test feeds both pipelines one probe image, many times, and recovers the random
+parameter a step drew from the views (crop box, flip, grey, jitter factor, blur),
+then compares the distributions. Tolerances are a few standard errors: wide enough
+for sampling noise, far narrower than what a wrong parameter does (scale (0.08, 1)
+instead of (0.2, 1), hue in turns instead of degrees, p 0.5 instead of 0.2).
+"""
+
+from __future__ import annotations
+
+import colorsys
+import io
+from pathlib import Path
+
+import numpy as np
+import pytest
+import simplejpeg
+import torch
+from PIL import Image
+
+from pipeline.augment import AugmentConfig, custom, v1, v2
+from pipeline.loader import LoaderConfig, ViewLoader
+from pipeline.reference import reference_transform
+from tests.conftest import write_files
+from tools.build import BuildSettings, build
+
+MEAN = np.array([0.485, 0.456, 0.406]) * 255
+STD = np.array([0.229, 0.224, 0.225]) * 255
+W, H = 256, 192
+COPIES = 1000  # two views each: 2000 draws per pipeline
+
+
+def coordinates() -> np.ndarray:
+    """R encodes x and G encodes y, so a view's corners tell where its crop came from."""
+    y, x = np.mgrid[0:H, 0:W]
+    return np.stack([x * 255 / (W - 1), y * 255 / (H - 1), np.full_like(x, 40.0)], -1).round().astype(np.uint8)
+
+
+def uniform(rgb) -> np.ndarray:
+    return np.tile(np.array(rgb, np.uint8), (H, W, 1))
+
+
+def squares() -> np.ndarray:
+    y, x = np.mgrid[0:H, 0:W]
+    return np.repeat((np.where((x // 32 + y // 32) % 2, 192, 64)).astype(np.uint8)[..., None], 3, -1)
+
+
+PROBES = {"coordinates": coordinates, "grey": lambda: uniform((128, 128, 128)),
+          "orange": lambda: uniform((200, 100, 50)), "squares": squares}
+
+
+@pytest.fixture(scope="module")
+def probes(tmp_path_factory) -> dict[str, tuple[Path, Image.Image]]:
+    root = tmp_path_factory.mktemp("probes")
+    made = {}
+    for name, make in PROBES.items():
+        data = simplejpeg.encode_jpeg(make(), 100, "RGB", "444")
+        write_files(root / name, {f"{i:05d}.jpg": data for i in range(COPIES)})
+        build([str(root / name)], root / f"{name}-shards", BuildSettings(), workers=0, progress=False)
+        made[name] = (root / f"{name}-shards", Image.open(io.BytesIO(data)).convert("RGB"))
+    return made
+
+
+def dali_views(folder: Path, cfg: AugmentConfig) -> np.ndarray:
+    loader = ViewLoader(folder, cfg, LoaderConfig(batch_size=250, dtype="float32", threads=2, shuffle_buffer=64))
+    views = [v for b in loader for v in (b.view_q, b.view_k)]
+    return torch.cat(views).permute(0, 2, 3, 1).numpy() * STD + MEAN
+
+
+def reference_views(image: Image.Image, cfg: AugmentConfig, n: int = 2 * COPIES) -> np.ndarray:
+    torch.manual_seed(0)
+    transform = reference_transform(cfg)
+    return np.stack([transform(image).permute(1, 2, 0).numpy() for _ in range(n)]) * STD + MEAN
+
+
+def crop_parameters(views: np.ndarray, size: int) -> dict[str, np.ndarray]:
+    """Area fraction, log aspect ratio and flip of each view of the coordinate probe."""
+    r_first, r_last = views[:, :, 0, 0].mean(1), views[:, :, -1, 0].mean(1)
+    g_first, g_last = views[:, 0, :, 1].mean(1), views[:, -1, :, 1].mean(1)
+    flipped = r_last < r_first
+    # Output pixel centres span (size - 1) / size of the crop.
+    width = np.abs(r_last - r_first) * (W - 1) / 255 * size / (size - 1)
+    height = np.abs(g_last - g_first) * (H - 1) / 255 * size / (size - 1)
+    return {"area": width * height / (W * H), "log_ratio": np.log(width / height), "flipped": flipped}
+
+
+CROP_ONLY = dict(jitter=(0, 0, 0, 0), jitter_p=0.0, gray_p=0.0, blur_p=0.0, size=64)
+
+
+@pytest.mark.parametrize("scale, ratio", [((0.2, 1.0), (3 / 4, 4 / 3)), ((0.08, 0.5), (0.5, 2.0))])
+def test_crop_area_aspect_and_flip_match(probes, scale, ratio):
+    folder, image = probes["coordinates"]
+    cfg = custom(crop_scale=scale, crop_ratio=ratio, **CROP_ONLY)
+    ours, theirs = crop_parameters(dali_views(folder, cfg), 64), crop_parameters(reference_views(image, cfg), 64)
+    assert abs(ours["area"].mean() - theirs["area"].mean()) < 0.02
+    for q in (0.1, 0.5, 0.9):
+        assert abs(np.quantile(ours["area"], q) - np.quantile(theirs["area"], q)) < 0.04
+    assert abs(ours["log_ratio"].mean() - theirs["log_ratio"].mean()) < 0.03
+    assert abs(ours["log_ratio"].std() - theirs["log_ratio"].std()) < 0.03
+    assert abs(ours["flipped"].mean() - 0.5) < 0.04 and abs(theirs["flipped"].mean() - 0.5) < 0.04
+
+
+@pytest.mark.parametrize("make", [v1, v2])
+def test_grayscale_fraction_matches(probes, make):
+    folder, image = probes["coordinates"]
+    cfg = make(size=32)
+    spread = lambda views: (views.max(-1) - views.min(-1)).max(axis=(1, 2))  # noqa: E731
+    ours, theirs = (spread(dali_views(folder, cfg)) < 4).mean(), (spread(reference_views(image, cfg)) < 4).mean()
+    assert abs(ours - 0.2) < 0.035 and abs(theirs - 0.2) < 0.035
+
+
+@pytest.mark.parametrize("make, p", [(v1, 1.0), (v2, 0.8)])
+def test_brightness_factor_range_matches(probes, make, p):
+    # On a uniform grey image only brightness changes anything: value / 128 is the factor.
+    folder, image = probes["grey"]
+    cfg = custom(make(size=16), gray_p=0.0, blur_p=0.0)
+    ours = dali_views(folder, cfg).mean(axis=(1, 2, 3)) / 128
+    theirs = reference_views(image, cfg).mean(axis=(1, 2, 3)) / 128
+    for factors in (ours, theirs):
+        assert 0.59 < factors.min() < 0.63 and 1.37 < factors.max() < 1.41
+        assert abs(np.mean(np.abs(factors - 1) < 0.002) - (1 - p)) < 0.04  # left alone with 1 - p
+    assert abs(ours.std() - theirs.std()) < 0.02
+
+
+def test_contrast_factor_range_matches(probes):
+    folder, image = probes["squares"]
+    cfg = custom(jitter=(0, 0.4, 0, 0), jitter_p=1.0, gray_p=0.0, blur_p=0.0, crop_scale=(0.5, 1.0), size=64)
+    factor = lambda views: np.percentile(views[..., 0], 99, axis=(1, 2)) - np.percentile(views[..., 0], 1, axis=(1, 2))  # noqa: E731
+    ours, theirs = factor(dali_views(folder, cfg)) / 128, factor(reference_views(image, cfg)) / 128
+    for q in (0.05, 0.5, 0.95):
+        assert abs(np.quantile(ours, q) - np.quantile(theirs, q)) < 0.05
+    assert ours.min() > 0.55 and ours.max() < 1.45
+
+
+def test_saturation_factor_range_matches(probes):
+    folder, image = probes["orange"]
+    cfg = custom(jitter=(0, 0, 0.4, 0), jitter_p=1.0, gray_p=0.0, blur_p=0.0, size=16)
+    factor = lambda views: (views[..., 0] - views[..., 2]).mean(axis=(1, 2)) / 150  # noqa: E731
+    ours, theirs = factor(dali_views(folder, cfg)), factor(reference_views(image, cfg))
+    for q in (0.02, 0.5, 0.98):
+        assert abs(np.quantile(ours, q) - np.quantile(theirs, q)) < 0.04
+
+
+def hue_shift(views: np.ndarray) -> np.ndarray:
+    base = colorsys.rgb_to_hsv(200 / 255, 100 / 255, 50 / 255)[0]
+    hues = np.array([colorsys.rgb_to_hsv(*(v.mean(axis=(0, 1)) / 255))[0] for v in views])
+    return (hues - base + 0.5) % 1.0 - 0.5  # signed, in turns
+
+
+@pytest.mark.parametrize("hue", [0.4, 0.1])
+def test_hue_shift_range_matches(probes, hue):
+    folder, image = probes["orange"]
+    cfg = custom(jitter=(0, 0, 0, hue), jitter_p=1.0, gray_p=0.0, blur_p=0.0, size=16)
+    ours, theirs = hue_shift(dali_views(folder, cfg)), hue_shift(reference_views(image, cfg, n=600))
+    # DALI rotates hue in YIQ space, torchvision in HSV: the extent of the shifts agrees.
+    for q in (0.9, 0.99):
+        theirs_q = np.quantile(np.abs(theirs), q)
+        assert abs(np.quantile(np.abs(ours), q) - theirs_q) < 0.2 * theirs_q + 0.01
+    assert abs(np.mean(ours > 0) - 0.5) < 0.05
+
+
+def test_blur_probability_matches(probes):
+    folder, image = probes["squares"]
+    # A wide sigma makes every blurred view unmistakable; v2's probability is kept.
+    cfg = custom(v2(size=64), jitter_p=0.0, gray_p=0.0, blur_sigma=(4.0, 4.0), crop_scale=(0.9, 1.0))
+    sharpness = lambda views: np.abs(np.diff(views[..., 0], axis=2)).max(axis=(1, 2))  # noqa: E731
+    ours, theirs = sharpness(dali_views(folder, cfg)), sharpness(reference_views(image, cfg))
+    assert abs((ours < 30).mean() - 0.5) < 0.04 and abs((theirs < 30).mean() - 0.5) < 0.04
+
+
+def test_presets_are_the_reference_recipes():
+    a, b = v1(), v2()
+    assert (a.crop_scale, a.jitter, a.jitter_p, a.gray_p, a.gray_before_jitter, a.blur_p, a.flip_p) == (
+        (0.2, 1.0), (0.4, 0.4, 0.4, 0.4), 1.0, 0.2, True, 0.0, 0.5)
+    assert (b.crop_scale, b.jitter, b.jitter_p, b.gray_p, b.gray_before_jitter, b.blur_p, b.blur_sigma) == (
+        (0.2, 1.0), (0.4, 0.4, 0.4, 0.1), 0.8, 0.2, False, 0.5, (0.1, 2.0))
+    names = [type(t).__name__ for t in reference_transform(b).transforms]
+    assert names == ["RandomResizedCrop", "RandomApply", "RandomGrayscale", "RandomApply", "RandomHorizontalFlip",
+                     "ToTensor", "Normalize"]
+    names = [type(t).__name__ for t in reference_transform(a).transforms]
+    assert names == ["RandomResizedCrop", "RandomGrayscale", "RandomApply", "RandomHorizontalFlip", "ToTensor",
+                     "Normalize"]
