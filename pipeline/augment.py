@@ -75,6 +75,8 @@ class AugmentConfig:
     """RandomGrayscale probability."""
     gray_before_jitter: bool = True
     """v1 converts to grey before jittering; v2 jitters first."""
+    hue_space: str = "hsv"
+    """"hsv": shift hue in HSV exactly as torchvision; "yiq": DALI's hue rotation, cheaper on a CPU, not exact."""
     blur_p: float = 0.0
     """Probability of Gaussian blur."""
     blur_sigma: tuple[float, float] = (0.1, 2.0)
@@ -93,6 +95,8 @@ class AugmentConfig:
         _range("crop_ratio", self.crop_ratio, 1e-3, 1e3)
         if len(self.jitter) != 4 or min(self.jitter) < 0 or self.jitter[3] > 0.5:
             raise ValueError(f"jitter is (brightness, contrast, saturation, hue) >= 0 with hue <= 0.5, got {self.jitter}")
+        if self.hue_space not in ("hsv", "yiq"):
+            raise ValueError(f"hue_space must be 'hsv' or 'yiq', got {self.hue_space!r}")
         for name in ("jitter_p", "gray_p", "blur_p", "flip_p"):
             _probability(name, getattr(self, name))
         _range("blur_sigma", self.blur_sigma, 1e-6, 100.0)
@@ -158,42 +162,41 @@ def _grayscale(image):
 
 def _hue_shift(image, shift):
     """Add ``shift`` (a DataNode, in turns) to the HSV hue of a uint8 RGB image, as torchvision does."""
-    x = fn.cast(image, dtype=types.FLOAT) * (1.0 / 255.0)
-    r, g, b = x[:, :, 0], x[:, :, 1], x[:, :, 2]
+    r, g, b = image[:, :, 0], image[:, :, 1], image[:, :, 2]
     v = dmath.max(dmath.max(r, g), b)
     delta = v - dmath.min(dmath.min(r, g), b)
-    grey = delta == 0
-    safe = delta + grey  # hue is irrelevant where there is no chroma; avoid 0 / 0
-    rc, gc, bc = (v - r) / safe, (v - g) / safe, (v - b) / safe
-    is_r = r == v
-    is_g = (g == v) & (r != v)
-    is_b = (g != v) & (r != v)
-    h = (is_r * (bc - gc) + is_g * (2.0 + rc - bc) + is_b * (4.0 + gc - rc)) * (1.0 / 6.0) + shift
-    h = h - dmath.floor(h)
-    s = delta / (v + (v == 0))
-    h6 = h * 6.0
-    sector = dmath.floor(h6)
-    f = h6 - sector
-    p, q, t = v * (1.0 - s), v * (1.0 - s * f), v * (1.0 - s * (1.0 - f))
-    m = [sector == k for k in range(5)]
-    m.append(sector >= 5)
-    red = m[0] * v + m[1] * q + m[2] * p + m[3] * p + m[4] * t + m[5] * v
-    green = m[0] * t + m[1] * v + m[2] * v + m[3] * q + m[4] * p + m[5] * p
-    blue = m[0] * p + m[1] * p + m[2] * t + m[3] * v + m[4] * v + m[5] * q
-    rgb = fn.stack(red, green, blue, axis=2) * 255.0 + 0.5
+    inverse = 1.0 / (delta + (delta == 0))  # no chroma, no hue: avoid 0 / 0
+    # Hue in sixths of a turn (the channel holding the maximum decides the sector),
+    # shifted, plus 6 so that the offsets below stay positive. DALI fuses each
+    # channel's expression into one operator; materialising shared parts was slower.
+    h6 = ((r == v) * ((g * inverse) - (b * inverse))
+                + ((g == v) & (r != v)) * (2.0 + (b * inverse) - (r * inverse))
+                + ((b == v) & (g != v) & (r != v)) * (4.0 + (r * inverse) - (g * inverse))
+                + shift * 6.0 + 6.0)
+    channels = []
+    for n in (5.0, 3.0, 1.0):  # HSV -> RGB: c = V - V S clamp(min(k, 4 - k), 0, 1), k = (n + H') mod 6
+        k = h6 + n
+        k = k - 6.0 * dmath.floor(k * (1.0 / 6.0))
+        channels.append(v - delta * dmath.clamp(dmath.min(k, 4.0 - k), 0.0, 1.0) + 0.5)
     # Slicing and arithmetic drop the layout; the conditional merge needs it back.
-    return fn.reshape(fn.cast(dmath.clamp(rgb, 0.0, 255.0), dtype=types.UINT8), layout="HWC")
+    return fn.reshape(fn.cast(fn.stack(*channels, axis=2), dtype=types.UINT8), layout="HWC")
 
 
 def _jitter(image, cfg: AugmentConfig):
     b, c, s, h = cfg.jitter
     if b > 0 or c > 0:
-        # Contrast blends with the mean grey of the (brightened) image, as torchvision.
-        grey_mean = fn.reductions.mean(fn.cast(_grayscale(image), dtype=types.FLOAT))
+        # Contrast blends with the mean grey of the (brightened) image, as torchvision;
+        # the mean of the luma is the luma of the channel means: one reduction.
+        means = fn.reductions.mean(image, axes=[0, 1], dtype=types.FLOAT)
+        grey_mean = 0.299 * means[0] + 0.587 * means[1] + 0.114 * means[2]
         image = fn.brightness_contrast(image, brightness=_uniform(max(0.0, 1 - b), 1 + b),
                                        contrast=_uniform(max(0.0, 1 - c), 1 + c), contrast_center=grey_mean)
+    saturation = _uniform(max(0.0, 1 - s), 1 + s)
+    if cfg.hue_space == "yiq":
+        # One pass for both; DALI's hue is in degrees, torchvision's in turns.
+        return fn.hsv(image, saturation=saturation, hue=_uniform(-h * 360.0, h * 360.0)) if s > 0 or h > 0 else image
     if s > 0:
-        image = fn.hsv(image, saturation=_uniform(max(0.0, 1 - s), 1 + s))
+        image = fn.hsv(image, saturation=saturation)
     if h > 0:
         image = _hue_shift(image, _uniform(-h, h))
     return image

@@ -1,4 +1,4 @@
-"""``moco-shards``: build, verify, inspect and merge shard folders.
+"""``moco-shards``: build, verify, inspect, preview and merge shard folders.
 
 The only place that turns the library's errors into one-line messages and exit
 codes: 0 success, 1 a check failed (verify, or ``--strict`` with rejections),
@@ -69,6 +69,16 @@ def _parser() -> argparse.ArgumentParser:
     i.add_argument("folder", metavar="DIR")
     i.add_argument("--json", action="store_true", help="print JSON instead of text")
 
+    p = sub.add_parser("preview", help="write a PNG of stored images beside their two augmented views",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("folder", metavar="DIR")
+    p.add_argument("--out", required=True, metavar="FILE.png")
+    p.add_argument("--preset", choices=["v1", "v2"], default="v2", help="augmentation recipe")
+    p.add_argument("--count", type=int, default=8, help="samples (rows)")
+    p.add_argument("--size", type=int, default=224, metavar="PX", help="view size")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device-id", type=int, default=None, help="run the pipeline on this GPU (default: CPU)")
+
     m = sub.add_parser("merge", help="merge the part manifests of a multi-part build into one manifest.json")
     m.add_argument("folders", nargs="+", metavar="DIR")
     m.add_argument("--out", default=None, metavar="DIR", help="folder for the merged manifest (default: the first DIR)")
@@ -112,6 +122,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
             info = inspect(args.folder)
             print(json.dumps(info, indent=1) if args.json else format_inspection(info))
+            return 0
+        if args.command == "preview":
+            from tools.preview import preview
+
+            path = preview(args.folder, args.out, recipe=args.preset, count=args.count, size=args.size,
+                           seed=args.seed, device_id=args.device_id)
+            print(f"moco-shards preview: wrote {path}")
             return 0
         if args.command == "merge":
             print(f"moco-shards merge: wrote {merge(args.folders, args.out)}")

@@ -169,3 +169,10 @@ def test_gpu_mode_hands_over_cuda_tensors(folder):
     batch = next(iter(loader))
     assert batch.view_q.is_cuda and batch.view_q.is_contiguous(memory_format=torch.channels_last)
     assert batch.labels.is_cuda
+
+
+def test_yiq_hue_mode_runs(folder):
+    batch = next(iter(ViewLoader(folder, custom(v2(size=16), hue_space="yiq"), config())))
+    assert batch.view_q.shape == (8, 3, 16, 16)
+    with pytest.raises(ValueError, match="hue_space"):
+        custom(hue_space="lab")

@@ -1,0 +1,78 @@
+"""``moco-shards preview``: a picture of what a recipe does, before any GPU hour is spent.
+
+Writes a PNG grid with one row per sample: the stored image, then its two views as
+the DALI pipeline makes them (de-normalised), so a user can see the crops, colours,
+grey, blur and flips of a preset on their own shards.
+"""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+from pipeline import shards
+from pipeline.augment import preset
+from pipeline.loader import LoaderConfig, ViewLoader
+
+__all__ = ["preview"]
+
+_PAD = 6
+_HEADER = 18
+
+
+def _stored_images(folder: Path) -> dict[str, tuple[Path, int, int]]:
+    _, pairs = shards.discover(folder)
+    where = {}
+    for tar, idx in pairs:
+        for members in shards.read_index(idx):
+            _, offset, size, name = next(m for m in members if m[0] == "jpg")
+            where[name.split(".")[0]] = (tar, offset, size)
+    return where
+
+
+def _fit(image: Image.Image, side: int) -> Image.Image:
+    image = image.copy()
+    image.thumbnail((side, side), Image.Resampling.BICUBIC)
+    canvas = Image.new("RGB", (side, side), (32, 32, 32))
+    canvas.paste(image, ((side - image.width) // 2, (side - image.height) // 2))
+    return canvas
+
+
+def _denormalise(view, mean, std) -> Image.Image:
+    pixels = view.float().permute(1, 2, 0).cpu().numpy() * (np.array(std) * 255) + np.array(mean) * 255
+    return Image.fromarray(np.clip(pixels + 0.5, 0, 255).astype(np.uint8))
+
+
+def preview(folder: str | Path, out: str | Path, *, recipe: str = "v2", count: int = 8, size: int = 224,
+            seed: int = 0, device_id: Optional[int] = None) -> Path:
+    """Write the preview grid of ``count`` samples of ``folder`` under ``recipe`` to ``out``."""
+    folder, out = Path(folder), Path(out)
+    cfg = preset(recipe, size)
+    loader = ViewLoader(folder, cfg, LoaderConfig(batch_size=count, dtype="float32", shuffle=False, seed=seed,
+                                                  keys=True, labels=False, last_batch="partial"),
+                        device_id=device_id)
+    batch = next(iter(loader))
+    where = _stored_images(folder)
+    rows = len(batch)
+    grid = Image.new("RGB", (3 * size + 4 * _PAD, _HEADER + rows * (size + _PAD) + _PAD), (255, 255, 255))
+    draw = ImageDraw.Draw(grid)
+    for col, title in enumerate(["stored image", "view q", "view k"]):
+        draw.text((_PAD + col * (size + _PAD), 4), title, fill=(0, 0, 0))
+    for row, key in enumerate(batch.keys):
+        tar, offset, length = where[key]
+        with open(tar, "rb") as f:
+            f.seek(offset)
+            original = Image.open(io.BytesIO(f.read(length))).convert("RGB")
+        tiles = [_fit(original, size), _denormalise(batch.view_q[row], cfg.mean, cfg.std),
+                 _denormalise(batch.view_k[row], cfg.mean, cfg.std)]
+        y = _HEADER + row * (size + _PAD)
+        for col, tile in enumerate(tiles):
+            grid.paste(tile, (_PAD + col * (size + _PAD), y))
+        draw.text((_PAD + 2, y + 2), key, fill=(255, 255, 0))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    grid.save(out)
+    return out
