@@ -177,20 +177,34 @@ def _hue_shift(image, shift):
     for n in (5.0, 3.0, 1.0):  # HSV -> RGB: c = V - V S clamp(min(k, 4 - k), 0, 1), k = (n + H') mod 6
         k = h6 + n
         k = k - 6.0 * dmath.floor(k * (1.0 / 6.0))
-        channels.append(v - delta * dmath.clamp(dmath.min(k, 4.0 - k), 0.0, 1.0) + 0.5)
-    # Slicing and arithmetic drop the layout; the conditional merge needs it back.
+        channels.append(v - delta * dmath.clamp(dmath.min(k, 4.0 - k), 0.0, 1.0))
+    # The cast rounds to nearest; slicing and arithmetic drop the layout, and the
+    # conditional merge needs it back.
     return fn.reshape(fn.cast(fn.stack(*channels, axis=2), dtype=types.UINT8), layout="HWC")
+
+
+def _on(node, like):
+    """``node`` on the device of ``like``: arithmetic with GPU images takes GPU operands."""
+    return node.gpu() if getattr(like, "device", "cpu") == "gpu" and not isinstance(node, float) else node
 
 
 def _jitter(image, cfg: AugmentConfig):
     b, c, s, h = cfg.jitter
     if b > 0 or c > 0:
-        # Contrast blends with the mean grey of the (brightened) image, as torchvision;
-        # the mean of the luma is the luma of the channel means: one reduction.
+        # Contrast blends with the mean grey of the image, as torchvision does, and
+        # brightness scales: b * (m + c * (x - m)) is both in either order. The mean
+        # of the luma is the luma of the channel means: one reduction.
         means = fn.reductions.mean(image, axes=[0, 1], dtype=types.FLOAT)
-        grey_mean = 0.299 * means[0] + 0.587 * means[1] + 0.114 * means[2]
-        image = fn.brightness_contrast(image, brightness=_uniform(max(0.0, 1 - b), 1 + b),
-                                       contrast=_uniform(max(0.0, 1 - c), 1 + c), contrast_center=grey_mean)
+        grey = 0.299 * means[0] + 0.587 * means[1] + 0.114 * means[2]
+        brightness, contrast = _uniform(max(0.0, 1 - b), 1 + b), _uniform(max(0.0, 1 - c), 1 + c)
+        if getattr(image, "device", "cpu") == "gpu":
+            # Argument inputs must live on the CPU and the mean grey is on the GPU:
+            # the same formula as brightness_contrast, as one fused arithmetic kernel.
+            mixed = _on(brightness, image) * (grey + _on(contrast, image) * (image - grey))
+            # DALI's cast rounds to nearest and saturates, as the uint8 result needs.
+            image = fn.reshape(fn.cast(mixed, dtype=types.UINT8), layout="HWC")
+        else:
+            image = fn.brightness_contrast(image, brightness=brightness, contrast=contrast, contrast_center=grey)
     saturation = _uniform(max(0.0, 1 - s), 1 + s)
     if cfg.hue_space == "yiq":
         # One pass for both; DALI's hue is in degrees, torchvision's in turns.
@@ -198,7 +212,7 @@ def _jitter(image, cfg: AugmentConfig):
     if s > 0:
         image = fn.hsv(image, saturation=saturation)
     if h > 0:
-        image = _hue_shift(image, _uniform(-h, h))
+        image = _hue_shift(image, _on(_uniform(-h, h), image))
     return image
 
 

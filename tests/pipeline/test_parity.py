@@ -112,14 +112,16 @@ def test_grayscale_fraction_matches(probes, make):
 
 @pytest.mark.parametrize("make, p", [(v1, 1.0), (v2, 0.8)])
 def test_brightness_factor_range_matches(probes, make, p):
-    # On a uniform grey image only brightness changes anything: value / 128 is the factor.
+    # On a uniform grey image only brightness changes anything: value / stored value
+    # is the factor (the stored JPEG decodes to about 128).
     folder, image = probes["grey"]
+    stored = np.asarray(image, dtype=np.float64).mean()
     cfg = custom(make(size=16), gray_p=0.0, blur_p=0.0)
-    ours = dali_views(folder, cfg).mean(axis=(1, 2, 3)) / 128
-    theirs = reference_views(image, cfg).mean(axis=(1, 2, 3)) / 128
+    ours = dali_views(folder, cfg).mean(axis=(1, 2, 3)) / stored
+    theirs = reference_views(image, cfg).mean(axis=(1, 2, 3)) / stored
     for factors in (ours, theirs):
         assert 0.59 < factors.min() < 0.63 and 1.37 < factors.max() < 1.41
-        assert abs(np.mean(np.abs(factors - 1) < 0.002) - (1 - p)) < 0.04  # left alone with 1 - p
+        assert abs(np.mean(np.abs(factors - 1) < 0.003) - (1 - p)) < 0.04  # left alone with 1 - p
     assert abs(ours.std() - theirs.std()) < 0.02
 
 
