@@ -232,8 +232,9 @@ def bench_pipeline(args) -> dict:
 
 def print_pipeline(r: dict) -> None:
     c = r["config"]
-    print(f"view pipeline, {c['preset']} (hue in {c['augment']['hue_space']}) at {c['size']} px, batch {c['batch']}, {c['batches']} batches x {c['reps']} "
-          f"reps, {c['device']} ({c['decoder']}), {c['samples']} samples in {c['shards']}")
+    print(f"view pipeline, {c['preset']} (hue in {c['augment']['hue_space']}) at {c['size']} px, "
+          f"batch {c['batch']}, {c['batches']} batches x {c['reps']} reps, {c['device']} ({c['decoder']}), "
+          f"{c['samples']} samples in {c['shards']}")
     print(f"{'loader':12s} {'pairs/s':>10s} {'min':>10s} {'max':>10s}")
     for name, s in r["results"].items():
         print(f"{name:12s} {s['pairs_per_s']:10.0f} {s['pairs_per_s_min']:10.0f} {s['pairs_per_s_max']:10.0f}")
