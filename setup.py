@@ -22,8 +22,10 @@ setup(
         # with grey blocks, and decodes plus encodes at about twice Pillow's speed.
         "simplejpeg",
         "tqdm",
+        # metrics for people who watch runs in TensorBoard (moco-train writes both JSONL and events)
+        "tensorboard",
     ],
     extras_require={"dev": ["pytest", "pytest-timeout"]},
     entry_points={"console_scripts": ["moco-shards=tools.shards_cli:main", "moco-demo=tools.demo:main",
-                                    "moco-bench=tools.bench:main"]},
+                                    "moco-bench=tools.bench:main", "moco-train=train.cli:main"]},
 )

@@ -1,0 +1,213 @@
+"""moco-train end to end on tiny shards on the CPU: learning, exact resume, signals, errors, outputs."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from pipeline import shards
+from tools.build import BuildSettings, build
+from tools.demo import generated_dump
+from train import checkpoint
+
+REPO = Path(__file__).resolve().parents[2]
+
+# A tiny run: ResNet-18 with the standard stem on 32 px views is a few ms per image;
+# 400 images, 12 steps of 32 per epoch; K (64) well under the data set, so an image's
+# own earlier key is never in the queue as a negative.
+TINY = ["--preset", "v2", "--model.arch", "resnet18", "--data.size", "32", "--data.eval_resize", "32",
+        "--data.batch_size", "32", "--model.K", "64", "--model.m", "0.99", "--optim.lr_per_256", "0.24",
+        "--data.threads", "1", "--data.shuffle_buffer", "64", "--run.knn_every", "0", "--run.progress", "false",
+        "--run.log_every", "1"]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("train")
+    generated_dump(root / "raw-train", per_class=40, seed=0)
+    generated_dump(root / "raw-val", per_class=10, seed=1)
+    for split in ("train", "val"):
+        build([str(root / f"raw-{split}")], root / split, BuildSettings(labels="folder"), workers=0, progress=False)
+    return {"train": root / "train", "val": root / "val", "root": root}
+
+
+def moco_train(*args: str, env=None, wait: bool = True):
+    command = [sys.executable, "-m", "train", *args]
+    environment = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
+    if not wait:
+        return subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                env=environment)
+    return subprocess.run(command, cwd=REPO, capture_output=True, text=True, env=environment)
+
+
+def losses(out: Path) -> dict[int, float]:
+    """The last logged loss of every step (a resumed run logs some steps twice)."""
+    found = {}
+    for line in (out / "metrics.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        if record["kind"] == "train":
+            found[record["step"]] = record["loss"]
+    return found
+
+
+def test_loss_falls_and_outputs_hold_their_fields(data, tmp_path):
+    out = tmp_path / "run"
+    # Split BN on sub-batches of 4 learns too slowly for a 100-step test: no shuffle here.
+    result = moco_train(*TINY, "--data.train", str(data["train"]), "--run.out", str(out), "--run.max_steps", "100",
+                        "--model.shuffle", "none", "--data.knn_train", str(data["train"]),
+                        "--data.knn_val", str(data["val"]), "--run.knn_every", "4")
+    assert result.returncode == 0, result.stderr[-2000:]
+    by_step = losses(out)
+    assert sorted(by_step) == list(range(1, 101))
+    # The loss first rises as real keys replace the queue's random start, then falls.
+    filled = [by_step[s] for s in range(11, 31)]
+    late = [by_step[s] for s in range(81, 101)]
+    assert sum(late) / len(late) < sum(filled) / len(filled) - 0.1
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    train_record = next(r for r in records if r["kind"] == "train")
+    assert {"step", "epoch", "loss", "acc1", "lr", "momentum", "images_per_s", "images_per_s_per_gpu",
+            "data_wait", "peak_memory_MB", "skipped_steps"} <= set(train_record)
+    knn = [r for r in records if r["kind"] == "knn"]
+    assert [r["epoch"] for r in knn] == [4, 8] and all(10 < r["top1"] <= 100 for r in knn)
+    assert json.loads((out / "config.json").read_text())["model"]["arch"] == "resnet18"
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(out / "tb"))
+    events.Reload()
+    assert {"train/loss", "train/lr", "train/images_per_s", "train/data_wait", "knn/top1"} <= set(events.Tags()["scalars"])
+    assert "moco-train: step 100/100" in result.stderr
+
+
+def test_kill_minus_9_and_resume_gives_the_same_losses(data, tmp_path):
+    args = [*TINY, "--data.train", str(data["train"]), "--run.epochs", "4", "--run.ckpt_every", "3"]
+    assert moco_train(*args, "--run.out", str(tmp_path / "clean")).returncode == 0
+    expected = losses(tmp_path / "clean")
+
+    out = tmp_path / "killed"
+    kill_after = random.Random().randint(4, 40)  # a checkpoint exists from step 3 on
+    proc = moco_train(*args, "--run.out", str(out), wait=False)
+    deadline = time.monotonic() + 300
+    while proc.poll() is None and time.monotonic() < deadline:
+        if (out / "metrics.jsonl").exists() and max(losses(out), default=0) >= kill_after:
+            break
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait() == -signal.SIGKILL, "the run ended before it could be killed"
+    proc.communicate()
+    newest = checkpoint.latest(out)
+    assert newest is not None
+    resumed_from = checkpoint.load(newest)["step"]  # the resumed run rotates old checkpoints away
+
+    resumed = moco_train(*args, "--run.out", str(out), "--run.resume", "auto")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert f"resuming at step {resumed_from}" in resumed.stderr
+    assert losses(out) == expected
+
+
+def test_sigterm_writes_a_checkpoint_and_exits_0(data, tmp_path):
+    out = tmp_path / "run"
+    proc = moco_train(*TINY, "--data.train", str(data["train"]), "--run.out", str(out), "--run.epochs", "50",
+                      "--run.ckpt_every", "1000", wait=False)
+    deadline = time.monotonic() + 300
+    while proc.poll() is None and time.monotonic() < deadline:
+        if (out / "metrics.jsonl").exists() and losses(out):
+            break
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 0, stderr[-2000:]
+    assert "stop requested: checkpoint written at step" in stderr
+    state = checkpoint.load(checkpoint.latest(out))
+    assert state["step"] == max(losses(out)) and state["step"] < 50 * 12
+
+
+def test_two_process_gloo_run_agrees_across_ranks(data, tmp_path):
+    out = tmp_path / "ddp"
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "-m", "train", *TINY,
+               "--data.train", str(data["train"]), "--run.out", str(out), "--run.max_steps", "6",
+               "--run.ckpt_every", "3"]
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "cpu x2" in result.stderr
+    for path in sorted(out.glob("ckpt-*.pt")):
+        state = checkpoint.load(path)
+        assert state["world"] == 2 and len(set(state["rank_digests"])) == 1
+    assert int(checkpoint.load(checkpoint.latest(out))["model"]["queue.queue_ptr"]) == (6 * 32) % 64
+
+
+def test_non_finite_losses_stop_the_run_leaving_the_last_good_checkpoint(data, tmp_path):
+    out = tmp_path / "run"
+    result = moco_train(*TINY, "--data.train", str(data["train"]), "--run.out", str(out), "--run.epochs", "5",
+                        "--optim.lr_per_256", "1e30", "--run.max_nonfinite", "2", "--run.ckpt_every", "1")
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines()[-1].startswith("moco-train: stopped: 2 non-finite losses in a row")
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    first_bad = min(r["step"] for r in records if r["skipped_steps"] > 0)
+    assert checkpoint.load(checkpoint.latest(out))["step"] < first_bad
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--data.batch_size", "40", "--model.K", "16"],
+     "model.K 16 is smaller than the keys enqueued per step (40); raise K"),
+    (["--run.amp", "fp16"], "run.amp fp16 needs a CUDA GPU; use bf16 or none on a CPU"),
+    (["--model.dims", "3"], "command line: unknown key 'model.dims' (did you mean model.dim?)"),
+    (["--run.epochs", "many"], "run.epochs: expected int, got 'many'"),
+    (["--optim.schedule", "linear"], "optim.schedule 'linear': choose step or cosine"),
+])
+def test_configuration_errors_are_one_line(data, extra, message):
+    if "fp16" in extra and torch.cuda.is_available():
+        pytest.skip("fp16 is valid on a GPU")
+    result = moco_train(*TINY, "--data.train", str(data["train"]), *extra)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [f"moco-train: error: {message}"]
+
+
+def test_batch_not_divisible_by_world_and_missing_shards(data, tmp_path):
+    from train.config import ConfigError, preset, validate
+
+    config = preset("v2")
+    config.data.train = str(data["train"])
+    with pytest.raises(ConfigError, match="data.batch_size 256 is not divisible by the world size 3"):
+        validate(config, world=3, cuda=False)
+    result = moco_train(*TINY, "--data.train", str(tmp_path))
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        f"moco-train: error: {tmp_path / 'manifest.json'}: no manifest; is this a folder written by 'moco-shards build'?"]
+
+
+def test_config_file_and_command_line_precedence(tmp_path):
+    from train.cli import parse
+
+    (tmp_path / "run.toml").write_text('[optim]\nlr_per_256 = 0.5\nmilestones = [3, 4]\n[run]\nepochs = 7\n')
+    (tmp_path / "run.yaml").write_text("model:\n  K: 4096\n  mlp: false\n")
+    config, _ = parse(["--preset", "v1", "--config", str(tmp_path / "run.toml"), "--run.epochs", "9"])
+    assert (config.optim.lr_per_256, config.optim.milestones, config.run.epochs, config.model.T) == (0.5, (3, 4), 9, 0.07)
+    config, _ = parse(["--config", str(tmp_path / "run.yaml")])
+    assert (config.model.K, config.model.mlp, config.model.T, config.optim.schedule) == (4096, False, 0.2, "cosine")
+
+
+def test_a_sample_that_fails_to_decode_stops_the_run_naming_it(data, tmp_path):
+    import shutil
+
+    folder = tmp_path / "shards"
+    shutil.copytree(data["train"], folder)
+    manifest = shards.load_manifest(folder)
+    tar = folder / manifest.shards[0].tar
+    _, offset, _, name = shards.read_index(tar.with_suffix(".idx"))[5][0]
+    blob = bytearray(tar.read_bytes())
+    blob[offset:offset + 4] = b"JUNK"
+    tar.write_bytes(bytes(blob))
+    result = moco_train(*TINY, "--data.train", str(folder), "--run.out", str(tmp_path / "run"), "--run.epochs", "2")
+    assert result.returncode == 2
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("moco-train: error: ") and f"{tar.name}: key {name.split('.')[0]}: does not decode" in last
