@@ -17,6 +17,7 @@ import json
 import logging
 import multiprocessing
 import os
+import random
 import tarfile
 import time
 from dataclasses import asdict, dataclass, field
@@ -63,6 +64,8 @@ class BuildSettings:
     max_bytes: Optional[int] = None
     num_parts: int = 1
     part: int = 0
+    shuffle_seed: Optional[int] = 0
+    """Pack inputs in an order shuffled with this seed (None: in enumeration order)."""
     prep: PrepSettings = field(default_factory=PrepSettings)
 
     def __post_init__(self) -> None:
@@ -181,6 +184,20 @@ def _input_digest(refs: list[InputRef]) -> str:
     for ref in refs:
         h.update(f"{ref.source}\0{ref.label or ''}\n".encode())
     return h.hexdigest()
+
+
+def packing_order(total: int, seed: Optional[int]) -> list[int]:
+    """Input indices in the order they are packed.
+
+    Dumps are usually sorted by class (ImageNet's folders), so packing in listing
+    order gives shards of one or two classes, and a reader's shuffle buffer cannot
+    mix what lies in different shards: MoCo would see single-class batches for long
+    stretches. A seeded shuffle mixes every shard and stays deterministic.
+    """
+    order = list(range(total))
+    if seed is not None:
+        random.Random(seed).shuffle(order)
+    return order
 
 
 def _part_range(total: int, part: int, num_parts: int) -> tuple[int, int]:
@@ -424,18 +441,20 @@ def build(sources: list[str], out: str | os.PathLike, settings: BuildSettings, *
         if int(stale.stem.split("-")[1]) >= resumed:
             stale.unlink()
 
+    # Positions in the packing order; records and part ranges are in positions.
+    order = packing_order(len(all_refs), settings.shuffle_seed)
     position = records[-1]["end_input"] if records else first
     unlabelled = _NO_CLASS if settings.labels == "folder" else None
     tasks = (
         (i, all_refs[i], class_of[all_refs[i].label] if all_refs[i].label is not None else unlabelled)
-        for i in range(position, end)
+        for i in (order[p] for p in range(position, end))
     )
     part = None if settings.num_parts == 1 else settings.part
     writer: Optional[_ShardWriter] = None
     pending_rejected: list[dict] = []  # rejected before the first sample of the next shard
 
-    def reject(index: int, reason: str) -> None:
-        entry = {"input": all_refs[index].source, "reason": reason}
+    def reject(position: int, reason: str) -> None:
+        entry = {"input": all_refs[order[position]].source, "reason": reason}
         (writer.rejected if writer is not None else pending_rejected).append(entry)
 
     def open_shard(start_input: int) -> _ShardWriter:

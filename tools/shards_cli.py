@@ -52,6 +52,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="'auto' stores clean baseline JPEGs byte for byte")
     b.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS, metavar="N",
                    help="reject larger images as decompression bombs")
+    b.add_argument("--shuffle-seed", type=int, default=0, metavar="SEED",
+                   help="pack inputs in an order shuffled with SEED, so class-sorted dumps make mixed shards")
+    b.add_argument("--no-shuffle", action="store_true", help="pack inputs in their listing order")
     b.add_argument("--workers", type=int, default=None, metavar="W", help="worker processes (default: all cores)")
     b.add_argument("--num-parts", type=int, default=1, metavar="P", help="split the build into P disjoint parts")
     b.add_argument("--part", type=int, default=0, metavar="I", help="build part I of P (0-based)")
@@ -92,7 +95,8 @@ def _build(args) -> int:
     except ValueError as exc:
         raise BuildError(str(exc)) from None
     settings = BuildSettings(name=args.name, labels=args.labels, max_count=args.max_count, max_bytes=args.max_bytes,
-                             num_parts=args.num_parts, part=args.part, prep=prep)
+                             num_parts=args.num_parts, part=args.part, prep=prep,
+                             shuffle_seed=None if args.no_shuffle else args.shuffle_seed)
     if args.workers is not None and args.workers < 0:
         raise BuildError(f"--workers must be 0 or more, got {args.workers}")
     report = build(args.sources, args.out, settings, workers=args.workers, progress=not args.no_progress)

@@ -217,3 +217,21 @@ def test_cli_strict_and_one_line_errors(tmp_path, labelled_dump):
     assert bad_part.returncode == 2 and "--part must be in 0..1" in bad_part.stderr
     bad_size = run_cli("build", str(labelled_dump), "--out", str(tmp_path / "z"), "--max-bytes", "lots")
     assert bad_size.returncode == 2 and "is not a size" in bad_size.stderr
+
+
+def test_inputs_are_packed_in_a_seeded_shuffled_order_unless_asked_not_to(tmp_path, labelled_dump):
+    def classes_per_shard(folder):
+        _, pairs = shards.discover(folder)
+        return [len({json.loads(s.metadata)["source"].split("/")[-2] for s in scan_shards([t], [i])})
+                for t, i in pairs]
+
+    build([str(labelled_dump)], tmp_path / "listing", BuildSettings(max_count=7, shuffle_seed=None), workers=0,
+          progress=False)
+    assert classes_per_shard(tmp_path / "listing") == [1, 1, 1]  # a class-sorted dump, packed as listed
+    build([str(labelled_dump)], tmp_path / "mixed", BuildSettings(max_count=7), workers=0, progress=False)
+    assert max(classes_per_shard(tmp_path / "mixed")) > 1
+    build([str(labelled_dump)], tmp_path / "again", BuildSettings(max_count=7), workers=2, progress=False)
+    assert folder_bytes(tmp_path / "mixed") == folder_bytes(tmp_path / "again")
+    other = BuildSettings(max_count=7, shuffle_seed=1)
+    build([str(labelled_dump)], tmp_path / "seed1", other, workers=0, progress=False)
+    assert folder_bytes(tmp_path / "mixed") != folder_bytes(tmp_path / "seed1")

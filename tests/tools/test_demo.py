@@ -20,7 +20,7 @@ def test_idx_reader_reads_images_and_labels(tmp_path):
 
 
 def test_demo_builds_verified_labelled_shards(tmp_path, capsys):
-    assert demo.main(["--generated", "--limit", "100", "--out", str(tmp_path), "--workers", "2"]) == 0
+    assert demo.main(["--generated", "--limit", "100", "--out", str(tmp_path), "--workers", "2", "--train-steps", "0"]) == 0
     out = capsys.readouterr().out
     assert "verify train: OK" in out and "verify test: OK" in out
     manifest = shards.load_manifest(tmp_path / "generated-shapes" / "shards" / "train")
