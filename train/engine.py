@@ -35,7 +35,7 @@ from train.knn import extract_features, knn_classify
 from train.metrics import Metrics
 from train.schedule import learning_rates
 
-__all__ = ["train", "TrainingStopped"]
+__all__ = ["train", "build_model", "knn_accuracy", "TrainingStopped"]
 
 log = logging.getLogger("moco-train")
 
@@ -96,6 +96,23 @@ def _knn(model: MoCo, config: Config, dist, device, amp_dtype) -> Optional[dict]
     return knn_classify(train_f, train_y, val_f, val_y, classes, k=config.run.knn_k, t=config.run.knn_t)
 
 
+def build_model(config: Config, device: torch.device) -> MoCo:
+    """The MoCo model ``config`` describes, on ``device``; seeded by the caller."""
+    m = config.model
+    queue_dtype = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[m.queue_dtype]
+    model = MoCo(resnet(m.arch, small_stem=m.small_stem), dim=m.dim, K=m.K, m=m.m, T=m.T, mlp=m.mlp,
+                 queue_dtype=queue_dtype, shuffle=m.shuffle, num_splits=m.num_splits,
+                 shuffle_group_size=m.shuffle_group_size or None, symmetric=m.symmetric).to(device)
+    return model.to(memory_format=torch.channels_last) if config.run.channels_last else model
+
+
+def knn_accuracy(model: MoCo, config: Config, device: torch.device) -> dict:
+    """Weighted kNN top-1/top-5 of the query backbone on ``data.knn_train`` / ``data.knn_val``."""
+    from train.distributed import Dist
+
+    return _knn(model, config, Dist(0, 1, 0, device), device, _amp_dtype(config, device))
+
+
 def train(config: Config) -> dict:
     """Run (or resume) pretraining as ``config`` says; return the last metrics."""
     # ---- set-up: distributed, data, model, optimizer, schedules, resume
@@ -130,12 +147,7 @@ def _train(config: Config, stop: _StopSignal) -> dict:
                         device_id=device.index if device.type == "cuda" else None,
                         state=state["loader"][dist.rank] if state else None)
 
-    queue_dtype = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[m.queue_dtype]
-    model = MoCo(resnet(m.arch, small_stem=m.small_stem), dim=m.dim, K=m.K, m=m.m, T=m.T, mlp=m.mlp,
-                 queue_dtype=queue_dtype, shuffle=m.shuffle, num_splits=m.num_splits,
-                 shuffle_group_size=m.shuffle_group_size or None, symmetric=m.symmetric).to(device)
-    if r.channels_last:
-        model = model.to(memory_format=torch.channels_last)
+    model = build_model(config, device)
     if r.compile:
         model.encoder_q = torch.compile(model.encoder_q)
         model.encoder_k = torch.compile(model.encoder_k)
