@@ -25,17 +25,16 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Iterator, Optional
 
-import numpy as np
 import torch
 from nvidia.dali import fn, pipeline_def, types
 from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
 from pipeline import shards
 from pipeline.augment import AugmentConfig, EvalConfig, augment, eval_view
+from pipeline.scan import first_undecodable
 from pipeline.shards import ShardError
 
 __all__ = ["LoaderConfig", "Batch", "ViewLoader"]
@@ -269,22 +268,14 @@ class ViewLoader:
 
     def _locate(self, error: RuntimeError) -> Exception:
         """Turn DALI's decode failure into a ShardError naming the shard and key."""
-        import simplejpeg
-
         message = str(error)
         if "decoders.image" not in message and "nvImageCodec" not in message:
             return error
-        tars = [t for t, _ in self.pairs]
+        pairs = list(self.pairs)
         if self._last_tar:  # known when keys are handed over: look where the reader was last
-            tars.sort(key=lambda t: str(t) != self._last_tar)
-        for tar, idx in ((t, t.with_suffix(".idx")) for t in tars):
-            with open(tar, "rb") as f:
-                for members in shards.read_index(idx):
-                    _, offset, size, name = next(m for m in members if m[0] == "jpg")
-                    f.seek(offset)
-                    try:
-                        simplejpeg.decode_jpeg(f.read(size), "RGB", strict=True, min_factor=8)
-                    except ValueError as exc:
-                        return ShardError(f"{tar}: key {name.split('.')[0]}: does not decode: {exc}")
+            pairs.sort(key=lambda pair: str(pair[0]) != self._last_tar)
+        located = first_undecodable(shards.iter_members(pairs, "jpg"))
+        if located:
+            return ShardError(located)
         first = next((line for line in message.splitlines() if "failure" in line or "rror" in line), message[:200])
         return ShardError(f"{self.manifest.root}: DALI could not decode a sample: {first.strip()}")

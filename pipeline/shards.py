@@ -19,7 +19,7 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 __all__ = [
     "FORMAT",
@@ -34,6 +34,7 @@ __all__ = [
     "index_header",
     "index_line",
     "read_index",
+    "iter_members",
     "load_manifest",
     "write_json_atomic",
     "tar_size_for_index",
@@ -109,6 +110,14 @@ def read_index(path: str | os.PathLike) -> list[list[tuple[str, int, int, str]]]
     if len(samples) != int(head[1]):
         raise ShardError(f"{path}: header says {head[1]} samples, index lists {len(samples)}")
     return samples
+
+
+def iter_members(pairs: Iterable[tuple[Path, Path]], ext: str) -> Iterator[tuple[Path, str, int, int]]:
+    """``(tar, key, data offset, size)`` of every sample's ``ext`` file, in index order."""
+    for tar, idx in pairs:
+        for members in read_index(idx):
+            _, offset, size, name = next(m for m in members if m[0] == ext)
+            yield tar, name.split(".")[0], offset, size
 
 
 @dataclass(frozen=True)

@@ -24,16 +24,6 @@ _PAD = 6
 _HEADER = 18
 
 
-def _stored_images(folder: Path) -> dict[str, tuple[Path, int, int]]:
-    _, pairs = shards.discover(folder)
-    where = {}
-    for tar, idx in pairs:
-        for members in shards.read_index(idx):
-            _, offset, size, name = next(m for m in members if m[0] == "jpg")
-            where[name.split(".")[0]] = (tar, offset, size)
-    return where
-
-
 def _fit(image: Image.Image, side: int) -> Image.Image:
     image = image.copy()
     image.thumbnail((side, side), Image.Resampling.BICUBIC)
@@ -56,7 +46,7 @@ def preview(folder: str | Path, out: str | Path, *, recipe: str = "v2", count: i
                                                   keys=True, labels=False, last_batch="partial"),
                         device_id=device_id)
     batch = next(iter(loader))
-    where = _stored_images(folder)
+    where = {key: (tar, offset, size) for tar, key, offset, size in shards.iter_members(loader.pairs, "jpg")}
     rows = len(batch)
     grid = Image.new("RGB", (3 * size + 4 * _PAD, _HEADER + rows * (size + _PAD) + _PAD), (255, 255, 255))
     draw = ImageDraw.Draw(grid)

@@ -18,7 +18,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-import simplejpeg
 from tqdm import tqdm
 
 from pipeline import shards
@@ -64,20 +63,6 @@ def _check_index_against_tar(tar: Path, idx: Path, samples: list) -> None:
             raise ShardError(f"{tar}: key {members[0][3].split('.')[0]}: sample lacks .jpg or .json")
 
 
-def _locate_bad_sample(pairs, keys, start: int) -> Optional[str]:
-    """After DALI failed, find the first sample from ``start`` on that does not decode."""
-    for ordinal in range(start, len(keys)):
-        tar, key, offset, size = keys[ordinal]
-        with open(tar, "rb") as f:
-            f.seek(offset)
-            data = f.read(size)
-        try:
-            simplejpeg.decode_jpeg(data, "RGB", strict=True)
-        except ValueError as exc:
-            return f"{tar}: key {key}: does not decode: {exc}"
-    return None
-
-
 def verify(folder: str | Path, *, batch_size: int = 64, num_threads: Optional[int] = None,
            device_id: Optional[int] = None, progress: bool = True) -> VerifyReport:
     """Verify a shard folder end to end.
@@ -85,21 +70,17 @@ def verify(folder: str | Path, *, batch_size: int = 64, num_threads: Optional[in
     Raises:
         ShardError: at the first fault, naming the shard (and key where there is one).
     """
-    from pipeline.scan import scan_shards  # DALI is loaded only when decoding is asked for
+    from pipeline.scan import first_undecodable, scan_shards  # DALI is loaded only when decoding is asked for
 
     started = time.monotonic()
     manifest, pairs = shards.discover(folder)
-    keys = []  # ordinal -> (tar, key, jpg offset, jpg size)
     for entry, (tar, idx) in zip(manifest.shards, pairs):
         if _sha256(tar) != entry.sha256:
             raise ShardError(f"{tar}: sha256 differs from the manifest; the shard is corrupt")
         if hashlib.sha256(idx.read_bytes()).hexdigest() != entry.index_sha256:
             raise ShardError(f"{idx}: sha256 differs from the manifest; the index is corrupt")
-        samples = shards.read_index(idx)
-        _check_index_against_tar(tar, idx, samples)
-        for members in samples:
-            jpg = next(m for m in members if m[0] == "jpg")
-            keys.append((tar, jpg[3].split(".")[0], jpg[1], jpg[2]))
+        _check_index_against_tar(tar, idx, shards.read_index(idx))
+    keys = list(shards.iter_members(pairs, "jpg"))  # ordinal -> (tar, key, offset, size)
 
     classes = manifest.classes
     class_counts = collections.Counter()
@@ -123,7 +104,7 @@ def verify(folder: str | Path, *, batch_size: int = 64, num_threads: Optional[in
             ordinal += 1
             bar.update(1)
     except RuntimeError as exc:
-        located = _locate_bad_sample(pairs, keys, ordinal)
+        located = first_undecodable(keys[ordinal:])
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ShardError(located or f"{keys[min(ordinal, len(keys) - 1)][0]}: DALI failed near sample "
                                     f"{ordinal}: {first_line}") from None
@@ -140,15 +121,13 @@ def inspect(folder: str | Path) -> dict:
     """Summary of a shard folder: counts, bytes, classes, rejections and resolutions."""
     manifest, pairs = shards.discover(folder)
     widths, heights, sizes = [], [], collections.Counter()
-    for tar, idx in pairs:
+    for tar, _, offset, size in shards.iter_members(pairs, "json"):
         with open(tar, "rb") as f:
-            for members in shards.read_index(idx):
-                _, offset, size, _ = next(m for m in members if m[0] == "json")
-                f.seek(offset)
-                w, h = json.loads(f.read(size))["size"]
-                widths.append(w)
-                heights.append(h)
-                sizes[(w, h)] += 1
+            f.seek(offset)
+            w, h = json.loads(f.read(size))["size"]
+        widths.append(w)
+        heights.append(h)
+        sizes[(w, h)] += 1
     reasons = collections.Counter(r["reason"].split(":")[0] for r in manifest.data["rejected"])
 
     def spread(values):
