@@ -29,7 +29,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import simplejpeg
 import webdataset
 from PIL import Image
 

@@ -20,7 +20,7 @@ Implementations, chosen in one place (``momentum_update_``):
 from __future__ import annotations
 
 import math
-from typing import Callable, Iterable, Sequence
+from typing import Callable, Sequence
 
 import torch
 

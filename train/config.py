@@ -13,7 +13,7 @@ import json
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 __all__ = ["ConfigError", "DataConfig", "ModelConfig", "OptimConfig", "RunConfig", "Config", "PRESETS", "preset",
            "apply_overrides", "unknown_key", "load_file", "to_dict", "flat_fields"]

@@ -14,7 +14,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline import shards
 from tools.build import BuildSettings, build
 from tools.demo import generated_dump
 from train import checkpoint
