@@ -24,8 +24,11 @@ setup(
         "tqdm",
         # metrics for people who watch runs in TensorBoard (moco-train writes both JSONL and events)
         "tensorboard",
+        # moco-bench --chart and the quality record's curve: PNG charts people can read
+        "matplotlib",
     ],
     extras_require={"dev": ["pytest", "pytest-timeout"]},
     entry_points={"console_scripts": ["moco-shards=tools.shards_cli:main", "moco-demo=tools.demo:main",
-                                    "moco-bench=tools.bench:main", "moco-train=train.cli:main"]},
+                                    "moco-bench=tools.bench:main", "moco-train=train.cli:main",
+                                    "moco-eval=train.eval_cli:main"]},
 )

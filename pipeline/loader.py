@@ -70,6 +70,8 @@ class LoaderConfig:
     """Hand over ``.cls`` labels when the shards have them."""
     keys: bool = False
     """Hand over sample keys (costs a host copy of a few bytes per sample)."""
+    views: int = 2
+    """Random views per image with an ``AugmentConfig``: 2 for MoCo, 1 for a linear probe's training."""
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:
@@ -82,6 +84,8 @@ class LoaderConfig:
             raise ValueError(f"hw_decoder_load must be in [0, 1], got {self.hw_decoder_load}")
         if self.shuffle_buffer < 1 or self.prefetch < 1:
             raise ValueError("shuffle_buffer and prefetch must be at least 1")
+        if self.views not in (1, 2):
+            raise ValueError(f"views must be 1 or 2, got {self.views}")
 
 
 @dataclass
@@ -134,7 +138,7 @@ class ViewLoader:
         self.manifest, self.pairs = shards.discover(folder)
         self.augment_cfg, self.config = augment_cfg, config
         self.rank, self.world, self.device_id = rank, world, device_id
-        self.two_views = isinstance(augment_cfg, AugmentConfig)
+        self.two_views = isinstance(augment_cfg, AugmentConfig) and config.views == 2
         self.samples = self.manifest.samples
         slice_size = self.samples // world
         if slice_size < config.batch_size and config.last_batch == "drop":
@@ -179,8 +183,10 @@ class ViewLoader:
                                           preallocate_width_hint=640, preallocate_height_hint=640)
             else:
                 image = fn.decoders.image(jpeg, device="cpu", output_type=types.RGB)
-            result = [augment(image, cfg, dali_dtype), augment(image, cfg, dali_dtype)] if self.two_views \
-                else [eval_view(image, cfg, dali_dtype)]
+            if isinstance(cfg, AugmentConfig):
+                result = [augment(image, cfg, dali_dtype) for _ in range(loader.views)]
+            else:
+                result = [eval_view(image, cfg, dali_dtype)]
             if self.has_labels:
                 result.append(fn.pad(outputs[1], fill_value=0))
             if loader.keys:

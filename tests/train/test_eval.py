@@ -1,0 +1,216 @@
+"""moco-eval: checkpoints in, the linear probe on a separable toy problem, kNN, the two export layouts, errors."""
+
+from __future__ import annotations
+
+import json
+import pickle
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import simplejpeg
+import torch
+import torchvision
+from torch import nn
+
+from model.encoders import backbone
+from tests.conftest import write_files
+from tools.build import BuildSettings, build
+from train.config import preset, to_dict
+from train.engine import build_model
+from train.eval_cli import main as moco_eval
+from train.linear import LinearConfig, linear_probe
+from train.pretrained import CheckpointError, detectron2_weights, load_encoder
+
+COLOURS = {"red": (200, 30, 30), "green": (30, 180, 40), "blue": (30, 40, 200)}
+
+
+def colour_dump(root: Path, per_class: int, seed: int) -> Path:
+    """Three classes told apart by colour alone: linearly separable for any sane features."""
+    rng = np.random.default_rng(seed)
+    for name, rgb in COLOURS.items():
+        files = {}
+        for i in range(per_class):
+            w, h = rng.integers(24, 48, 2)
+            image = np.clip(np.array(rgb) + rng.normal(0, 25, (h, w, 3)), 0, 255).astype(np.uint8)
+            files[f"{i:03d}.jpg"] = simplejpeg.encode_jpeg(image, 90, "RGB", "420")
+        write_files(root / name, files)
+    return root
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("eval")
+    out = {}
+    for split, n, seed in (("train", 40, 0), ("val", 12, 1)):
+        colour_dump(root / f"raw-{split}", n, seed)
+        build([str(root / f"raw-{split}")], root / split, BuildSettings(labels="folder"), workers=0, progress=False)
+        out[split] = root / split
+    build([str(root / "raw-val")], root / "unlabelled", BuildSettings(), workers=0, progress=False)
+    out["unlabelled"] = root / "unlabelled"
+    return out
+
+
+def tiny_config(mlp=True, small_stem=False):
+    config = preset("v2")
+    config.model.arch, config.model.mlp, config.model.small_stem, config.model.K = "resnet18", mlp, small_stem, 64
+    config.data.size, config.data.eval_resize = 32, 32
+    config.run.channels_last = False
+    return config
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory) -> Path:
+    """A moco-train checkpoint whose query encoder differs from its step-0 encoder."""
+    config = tiny_config()
+    torch.manual_seed(config.run.seed)
+    model = build_model(config, torch.device("cpu"))
+    with torch.no_grad():
+        for p in model.encoder_q.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    path = tmp_path_factory.mktemp("ckpt") / "ckpt-000000010.pt"
+    torch.save({"model": model.state_dict(), "config": to_dict(config), "step": 10}, path)
+    return path
+
+
+def test_load_encoder_gives_the_query_encoder_and_random_init_the_step_0_one(ckpt):
+    encoder, info = load_encoder(ckpt)
+    state = torch.load(ckpt, weights_only=False)["model"]
+    assert (info.arch, info.mlp, info.dim, info.step, info.source) == ("resnet18", True, 128, 10, "moco-dali")
+    assert torch.equal(encoder.conv1.weight, state["encoder_q.conv1.weight"])
+    assert torch.equal(encoder.fc[2].weight, state["encoder_q.fc.2.weight"])
+    initial, _ = load_encoder(ckpt, random_init=True)
+    # The fixture moved only encoder_q, so encoder_k still holds the step-0 weights.
+    assert torch.equal(initial.conv1.weight, state["encoder_k.conv1.weight"])
+    assert not torch.equal(initial.conv1.weight, encoder.conv1.weight)
+
+
+def test_reference_checkpoints_load(ckpt, tmp_path):
+    """main_moco.py's layout: DataParallel/DDP names under state_dict, arch beside it."""
+    ours = torch.load(ckpt, weights_only=False)["model"]
+    reference = {"epoch": 200, "arch": "resnet18", "state_dict": {f"module.{k}": v for k, v in ours.items()}}
+    torch.save(reference, tmp_path / "checkpoint_0199.pth.tar")
+    encoder, info = load_encoder(tmp_path / "checkpoint_0199.pth.tar")
+    assert (info.source, info.arch, info.mlp, info.dim, info.small_stem) == ("reference", "resnet18", True, 128, False)
+    assert torch.equal(encoder.layer4[1].conv2.weight, ours["encoder_q.layer4.1.conv2.weight"])
+
+
+def test_export_torchvision_loads_strictly_and_gives_the_same_features(ckpt, tmp_path):
+    assert moco_eval(["export", "--checkpoint", str(ckpt), "--format", "torchvision",
+                      "--out", str(tmp_path / "r18.pth")]) == 0
+    plain = torchvision.models.resnet18()
+    plain.fc = nn.Identity()
+    plain.load_state_dict(torch.load(tmp_path / "r18.pth"), strict=True)
+    encoder, _ = load_encoder(ckpt)
+    images = torch.randn(4, 3, 32, 32)
+    plain.eval()
+    assert torch.allclose(plain(images), backbone(encoder.eval(), images), atol=1e-6)
+    assert not list(tmp_path.glob(".*.tmp"))
+
+
+def test_export_detectron2_has_the_reference_names_and_shapes(ckpt, tmp_path):
+    assert moco_eval(["export", "--checkpoint", str(ckpt), "--format", "detectron2",
+                      "--out", str(tmp_path / "r18.pkl")]) == 0
+    with open(tmp_path / "r18.pkl", "rb") as f:
+        exported = pickle.load(f)
+    assert exported["__author__"] == "MOCO" and exported["matching_heuristics"] is True
+    weights = exported["model"]
+    encoder, _ = load_encoder(ckpt)
+    expected = {  # detectron2 name -> torchvision name, as convert-pretrain-to-detectron2.py maps them
+        "stem.conv1.weight": "conv1.weight",
+        "stem.conv1.norm.weight": "bn1.weight",
+        "stem.conv1.norm.running_var": "bn1.running_var",
+        "res2.0.conv1.weight": "layer1.0.conv1.weight",
+        "res2.1.conv2.norm.bias": "layer1.1.bn2.bias",
+        "res3.0.shortcut.weight": "layer2.0.downsample.0.weight",
+        "res3.0.shortcut.norm.running_mean": "layer2.0.downsample.1.running_mean",
+        "res5.1.conv2.weight": "layer4.1.conv2.weight",
+    }
+    state = encoder.state_dict()
+    for name, source in expected.items():
+        assert isinstance(weights[name], np.ndarray)
+        assert np.array_equal(weights[name], state[source].numpy()), name
+    assert not any("fc" in k or "layer" in k or "bn" in k or "downsample" in k for k in weights)
+    assert len(weights) == len([k for k in state if not k.startswith("fc.")])
+
+
+def test_detectron2_names_for_a_bottleneck_resnet():
+    weights = detectron2_weights(torchvision.models.resnet50())["model"]
+    assert weights["res2.0.conv3.norm.weight"].shape == (256,)
+    assert weights["res5.2.conv3.weight"].shape == (2048, 512, 1, 1)
+    assert weights["res4.0.shortcut.weight"].shape == (1024, 512, 1, 1)
+
+
+def test_knn_cli_classifies_colours_and_writes_json(ckpt, shards, tmp_path, capsys):
+    assert moco_eval(["knn", "--checkpoint", str(ckpt), "--train", str(shards["train"]), "--val", str(shards["val"]),
+                      "--k", "20", "--threads", "1", "--json", str(tmp_path / "knn.json")]) == 0
+    record = json.loads((tmp_path / "knn.json").read_text())
+    assert record["top1"] >= 90 and record["train_samples"] == 120 and record["val_samples"] == 36
+    assert "top-1" in capsys.readouterr().out
+
+
+def test_linear_probe_learns_a_separable_problem_and_resumes_exactly(ckpt, shards, tmp_path):
+    encoder, _ = load_encoder(ckpt)
+    cfg = LinearConfig(epochs=4, lr=1.0, batch_size=16, size=32, resize=32, threads=1, progress=False)
+    result = linear_probe(encoder, str(shards["train"]), str(shards["val"]), cfg, tmp_path / "a",
+                          torch.device("cpu"))
+    assert result["top1"] >= 97 and result["backbone_unchanged"]
+    assert len(result["history"]) == 4 and all("val_top1" in r for r in result["history"])
+    records = [json.loads(line) for line in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in records] == [1, 2, 3, 4]
+
+    # Interrupted after epoch 3: the newest checkpoint gone, resume from epoch 3's.
+    shutil.copytree(tmp_path / "a", tmp_path / "b")
+    (tmp_path / "b" / "ckpt-000000004.pt").unlink()
+    encoder, _ = load_encoder(ckpt)
+    resumed = linear_probe(encoder, str(shards["train"]), str(shards["val"]), cfg, tmp_path / "b",
+                           torch.device("cpu"))
+    assert resumed["history"] == result["history"]
+
+    other = LinearConfig(epochs=5, lr=1.0, batch_size=16, size=32, resize=32, threads=1, progress=False)
+    with pytest.raises(ValueError, match="other settings"):
+        linear_probe(encoder, str(shards["train"]), str(shards["val"]), other, tmp_path / "a", torch.device("cpu"))
+
+
+def test_linear_cli_end_to_end(ckpt, shards, tmp_path, capsys):
+    assert moco_eval(["linear", "--checkpoint", str(ckpt), "--train", str(shards["train"]), "--val",
+                      str(shards["val"]), "--epochs", "1", "--lr", "1", "--batch-size", "32", "--threads", "1",
+                      "--out", str(tmp_path / "lin"), "--no-progress"]) == 0
+    assert json.loads((tmp_path / "lin" / "linear.json").read_text())["epochs"] == 1
+    assert "backbone unchanged" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["export", "--checkpoint", "{tmp}/nothing.pt", "--format", "torchvision", "--out", "{tmp}/x.pth"],
+     "nothing.pt: no such checkpoint"),
+    (["export", "--checkpoint", "{ckpt}", "--arch", "resnet50", "--format", "torchvision", "--out", "{tmp}/x.pth"],
+     "a resnet18 checkpoint, not resnet50"),
+    (["export", "--checkpoint", "{tmp}/junk.pt", "--format", "torchvision", "--out", "{tmp}/x.pth"],
+     "junk.pt: not a readable checkpoint"),
+    (["export", "--checkpoint", "{tmp}/other.pt", "--format", "torchvision", "--out", "{tmp}/x.pth"],
+     "neither a moco-train checkpoint nor a reference MoCo checkpoint"),
+    (["export", "--checkpoint", "{tmp}/wrong.pt", "--format", "detectron2", "--out", "{tmp}/x.pkl"],
+     "weights do not fit resnet50"),
+    (["knn", "--checkpoint", "{ckpt}", "--train", "{unlabelled}", "--val", "{val}", "--threads", "1"],
+     "needs labelled shards"),
+    (["linear", "--checkpoint", "{ckpt}", "--train", "{unlabelled}", "--val", "{val}", "--threads", "1",
+      "--out", "{tmp}/lin"], "the shards have no labels"),
+    (["knn", "--checkpoint", "{ckpt}", "--train", "{tmp}", "--val", "{val}"], "no manifest"),
+])
+def test_errors_are_one_line_naming_the_culprit(argv, message, ckpt, shards, tmp_path, capsys):
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    torch.save({"weights": {}}, tmp_path / "other.pt")
+    wrong = torch.load(ckpt, weights_only=False)
+    wrong["config"]["model"]["arch"] = "resnet50"  # resnet18 weights claiming to be a resnet50
+    torch.save(wrong, tmp_path / "wrong.pt")
+    values = {"tmp": tmp_path, "ckpt": ckpt, **shards}
+    assert moco_eval([a.format(**values) for a in argv]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("moco-eval: error: ") and message in err and "\n" not in err
+
+
+def test_load_encoder_rejects_a_state_dict_without_encoder_q(tmp_path):
+    torch.save({"state_dict": {"module.conv1.weight": torch.zeros(1)}}, tmp_path / "sup.pth")
+    with pytest.raises(CheckpointError, match="no encoder_q weights"):
+        load_encoder(tmp_path / "sup.pth")
