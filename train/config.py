@@ -81,6 +81,8 @@ class ModelConfig:
 
 @dataclass
 class OptimConfig:
+    name: str = "sgd"
+    """sgd (fused on a GPU, foreach on a CPU) or lars (trust ratio per weight tensor; no decay on 1-d ones)."""
     lr_per_256: float = 0.03
     """Learning rate per 256 images of global batch (scaled linearly)."""
     momentum: float = 0.9
@@ -91,6 +93,8 @@ class OptimConfig:
     """Epochs at which the step schedule multiplies the rate by 0.1."""
     warmup_epochs: float = 0.0
     """Linear warm-up from 0, in epochs."""
+    trust_coefficient: float = 0.001
+    """LARS: the update of a weight tensor is scaled to this fraction of its norm."""
 
 
 @dataclass
@@ -292,6 +296,10 @@ def validate(config: Config, world: int, cuda: bool) -> None:
         raise ConfigError(f"run.device {r.device!r}: choose auto, cpu or cuda")
     if r.device == "cuda" and not cuda:
         raise ConfigError("run.device cuda: no CUDA GPU here")
+    if o.name not in ("sgd", "lars"):
+        raise ConfigError(f"optim.name {o.name!r}: choose sgd or lars")
+    if o.trust_coefficient <= 0:
+        raise ConfigError(f"optim.trust_coefficient must be positive, got {o.trust_coefficient}")
     if o.schedule not in ("step", "cosine"):
         raise ConfigError(f"optim.schedule {o.schedule!r}: choose step or cosine")
     if m.momentum_schedule not in ("constant", "cosine"):

@@ -19,11 +19,9 @@ from typing import Optional
 
 import numpy as np
 import torch
-from torch.nn import functional as F
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from model.encoders import resnet
 from model.moco import MoCo
 from model.momentum import momentum_at
 from pipeline.augment import EvalConfig, preset as augment_preset
@@ -33,6 +31,7 @@ from train.config import Config, ConfigError, to_dict, validate
 from train.knn import extract_features, knn_classify
 from train.metrics import Metrics
 from train.schedule import learning_rates
+from train.step import amp_dtype, backward_step, build_model, build_optimizer, forward_loss
 
 __all__ = ["train", "build_model", "knn_accuracy", "TrainingStopped"]
 
@@ -41,13 +40,6 @@ log = logging.getLogger("moco-train")
 
 class TrainingStopped(RuntimeError):
     """The run cannot go on (too many non-finite losses); the last good checkpoint stays newest."""
-
-
-def _amp_dtype(config: Config, device: torch.device) -> Optional[torch.dtype]:
-    amp = config.run.amp
-    if amp == "auto":
-        amp = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "none"
-    return {"bf16": torch.bfloat16, "fp16": torch.float16, "none": None}[amp]
 
 
 def _rng_state(device: torch.device) -> dict:
@@ -80,7 +72,7 @@ class _StopSignal:
             signal.signal(s, handler)
 
 
-def _knn(model: MoCo, config: Config, dist, device, amp_dtype) -> Optional[dict]:
+def _knn(model: MoCo, config: Config, dist, device, amp) -> Optional[dict]:
     d = config.data
     if not d.knn_train:
         return None
@@ -88,28 +80,18 @@ def _knn(model: MoCo, config: Config, dist, device, amp_dtype) -> Optional[dict]
     batch = max(1, d.batch_size // dist.world)
     train_f, train_y, classes = extract_features(model.encoder_q, d.knn_train, eval_cfg, batch_size=batch,
                                                  device=device, channels_last=config.run.channels_last,
-                                                 amp_dtype=amp_dtype, threads=d.threads or None)
+                                                 amp_dtype=amp, threads=d.threads or None)
     val_f, val_y, _ = extract_features(model.encoder_q, d.knn_val, eval_cfg, batch_size=batch, device=device,
-                                       channels_last=config.run.channels_last, amp_dtype=amp_dtype,
+                                       channels_last=config.run.channels_last, amp_dtype=amp,
                                        threads=d.threads or None)
     return knn_classify(train_f, train_y, val_f, val_y, classes, k=config.run.knn_k, t=config.run.knn_t)
-
-
-def build_model(config: Config, device: torch.device) -> MoCo:
-    """The MoCo model ``config`` describes, on ``device``; seeded by the caller."""
-    m = config.model
-    queue_dtype = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[m.queue_dtype]
-    model = MoCo(resnet(m.arch, small_stem=m.small_stem), dim=m.dim, K=m.K, m=m.m, T=m.T, mlp=m.mlp,
-                 queue_dtype=queue_dtype, shuffle=m.shuffle, num_splits=m.num_splits,
-                 shuffle_group_size=m.shuffle_group_size or None, symmetric=m.symmetric).to(device)
-    return model.to(memory_format=torch.channels_last) if config.run.channels_last else model
 
 
 def knn_accuracy(model: MoCo, config: Config, device: torch.device) -> dict:
     """Weighted kNN top-1/top-5 of the query backbone on ``data.knn_train`` / ``data.knn_val``."""
     from train.distributed import Dist
 
-    return _knn(model, config, Dist(0, 1, 0, device), device, _amp_dtype(config, device))
+    return _knn(model, config, Dist(0, 1, 0, device), device, amp_dtype(config, device))
 
 
 def train(config: Config) -> dict:
@@ -126,14 +108,14 @@ def _train(config: Config, stop: _StopSignal) -> dict:
     dist = distributed.setup(config.run.device)
     validate(config, dist.world, torch.cuda.is_available() and config.run.device != "cpu")
     device = dist.device
-    amp_dtype = _amp_dtype(config, device)
+    amp = amp_dtype(config, device)
     out = Path(config.run.out)
     d, m, o, r = config.data, config.model, config.optim, config.run
     random.seed(r.seed + dist.rank)
     np.random.seed(r.seed + dist.rank)
     torch.manual_seed(r.seed)  # identical initial weights on every rank
 
-    view_dtype = d.dtype if d.dtype != "auto" else ("float16" if amp_dtype is not None else "float32")
+    view_dtype = d.dtype if d.dtype != "auto" else ("float16" if amp is not None else "float32")
     augment_cfg = augment_preset(d.preset, d.size, hue_space=d.hue_space)
     loader_cfg = LoaderConfig(batch_size=d.batch_size // dist.world, dtype=view_dtype, seed=r.seed,
                               threads=d.threads or None, shuffle_buffer=d.shuffle_buffer)
@@ -155,10 +137,8 @@ def _train(config: Config, stop: _StopSignal) -> dict:
     net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
                                   broadcast_buffers=False) if dist.world > 1 else model
     base_lr = o.lr_per_256 * d.batch_size / 256
-    optimizer = torch.optim.SGD(model.encoder_q.parameters(), lr=base_lr, momentum=o.momentum,
-                                weight_decay=o.weight_decay, **({"fused": True} if device.type == "cuda"
-                                                                 else {"foreach": True}))
-    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+    optimizer = build_optimizer(config, model, device)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp == torch.float16)
     steps_per_epoch = len(loader)
     total_steps = steps_per_epoch * r.epochs if not r.max_steps else min(r.max_steps, steps_per_epoch * r.epochs)
     rates = learning_rates(base_lr, steps_per_epoch, r.epochs, o.schedule, o.milestones, o.warmup_epochs)
@@ -176,7 +156,7 @@ def _train(config: Config, stop: _StopSignal) -> dict:
         (out / "config.json").write_text(json.dumps(to_dict(config), indent=1) + "\n")
         log.info("configuration: %s", json.dumps(to_dict(config)))
         log.info("%s on %s x%d, AMP %s, %d steps per epoch, %s", m.arch, device.type, dist.world,
-                 amp_dtype or "off", steps_per_epoch, f"resuming at step {step} from {resume_path}" if state
+                 amp or "off", steps_per_epoch, f"resuming at step {step} from {resume_path}" if state
                  else "from scratch")
         if not d.knn_train:
             log.info("kNN monitor off: give labelled shard folders as data.knn_train and data.knn_val")
@@ -226,9 +206,7 @@ def _train(config: Config, stop: _StopSignal) -> dict:
                 for group in optimizer.param_groups:
                     group["lr"] = float(rates[step])
                 model.m = momentum_at(step, steps_per_epoch * r.epochs, m.m, m.momentum_schedule)
-                with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-                    logits, labels = net(batch.view_q, batch.view_k)
-                loss = F.cross_entropy(logits, labels)
+                loss, logits, labels = forward_loss(net, batch.view_q, batch.view_k, amp)
                 optimizer.zero_grad(set_to_none=True)
                 step += 1
                 bar.update(1)
@@ -241,9 +219,7 @@ def _train(config: Config, stop: _StopSignal) -> dict:
                                               f"the newest checkpoint in {out} is the last good one")
                 else:
                     nonfinite = 0
-                    scaler.scale(loss).backward()
-                    scaler.step(optimizer)
-                    scaler.update()
+                    backward_step(loss, optimizer, scaler)
                 window_steps += 1
                 if step % r.log_every == 0 or step == total_steps:
                     elapsed = time.perf_counter() - window_start
@@ -278,7 +254,7 @@ def _train(config: Config, stop: _StopSignal) -> dict:
                 finished_epoch = step // steps_per_epoch
                 if r.knn_every and finished_epoch % r.knn_every == 0 and config.data.knn_train:
                     if dist.main:
-                        result = _knn(model, config, dist, device, amp_dtype)
+                        result = _knn(model, config, dist, device, amp)
                         metrics.write("knn", step, {"epoch": finished_epoch, **result},
                                       f"epoch {finished_epoch} kNN top-1 {result['top1']:.2f}% "
                                       f"top-5 {result['top5']:.2f}%")

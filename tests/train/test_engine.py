@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
 import signal
@@ -86,6 +87,17 @@ def test_loss_falls_and_outputs_hold_their_fields(data, tmp_path):
     assert "moco-train: step 100/100" in result.stderr
 
 
+def test_lars_runs_and_its_state_is_checkpointed(data, tmp_path):
+    out = tmp_path / "lars"
+    result = moco_train(*TINY, "--data.train", str(data["train"]), "--run.out", str(out), "--run.max_steps", "6",
+                        "--optim.name", "lars", "--optim.lr_per_256", "2.4", "--run.ckpt_every", "6")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert all(math.isfinite(v) for v in losses(out).values()) and len(losses(out)) == 6
+    state = checkpoint.load(checkpoint.latest(out))
+    assert state["config"]["optim"]["name"] == "lars"
+    assert all("momentum_buffer" in s for s in state["optimizer"]["state"].values())
+
+
 def test_kill_minus_9_and_resume_gives_the_same_losses(data, tmp_path):
     args = [*TINY, "--data.train", str(data["train"]), "--run.epochs", "4", "--run.ckpt_every", "3"]
     assert moco_train(*args, "--run.out", str(tmp_path / "clean")).returncode == 0
@@ -162,6 +174,7 @@ def test_non_finite_losses_stop_the_run_leaving_the_last_good_checkpoint(data, t
     (["--model.dims", "3"], "command line: unknown key 'model.dims' (did you mean model.dim?)"),
     (["--run.epochs", "many"], "run.epochs: expected int, got 'many'"),
     (["--optim.schedule", "linear"], "optim.schedule 'linear': choose step or cosine"),
+    (["--optim.name", "adam"], "optim.name 'adam': choose sgd or lars"),
 ])
 def test_configuration_errors_are_one_line(data, extra, message):
     if "fp16" in extra and torch.cuda.is_available():

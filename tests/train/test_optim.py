@@ -1,0 +1,57 @@
+"""LARS against a per-parameter transcription of the MoCo v3 / BYOL form, and the optimizer choice."""
+
+import pytest
+import torch
+
+from train.optim import LARS, make_optimizer
+
+
+def reference_lars(params, grads, buffers, lr, momentum, wd, tc):
+    for p, g, buf in zip(params, grads, buffers):
+        d = g.clone()
+        if p.ndim > 1:  # neither decay nor adaptation for biases and BN parameters
+            d = d + wd * p
+            w_norm, u_norm = p.norm(), d.norm()
+            if w_norm > 0 and u_norm > 0:
+                d = d * (tc * w_norm / u_norm)
+        buf.mul_(momentum).add_(d)
+        p.sub_(lr * buf)
+
+
+def test_lars_matches_the_per_parameter_formula():
+    g = torch.Generator().manual_seed(0)
+    shapes = [(8, 4, 3, 3), (8,), (8,), (10, 8), (10,), (3, 3)]
+    ours = [torch.randn(s, generator=g) for s in shapes]
+    ours[-1].zero_()  # a zero weight keeps ratio 1
+    theirs = [p.clone() for p in ours]
+    params = [torch.nn.Parameter(p) for p in ours]
+    optimizer = LARS(params, lr=0.5, momentum=0.9, weight_decay=1e-2, trust_coefficient=0.02)
+    buffers = [torch.zeros_like(p) for p in theirs]
+    for _ in range(4):
+        grads = [torch.randn(s, generator=g) for s in shapes]
+        for p, grad in zip(params, grads):
+            p.grad = grad.clone()
+        optimizer.step()
+        reference_lars(theirs, grads, buffers, 0.5, 0.9, 1e-2, 0.02)
+        for p, t in zip(params, theirs):
+            torch.testing.assert_close(p.detach(), t, rtol=1e-6, atol=1e-6)
+
+
+def test_lars_skips_parameters_without_gradients_and_saves_state():
+    a, b = torch.nn.Parameter(torch.ones(2, 2)), torch.nn.Parameter(torch.ones(3))
+    optimizer = LARS([a, b], lr=0.1)
+    a.grad = torch.ones(2, 2)
+    optimizer.step()
+    assert torch.equal(b.detach(), torch.ones(3)) and not torch.equal(a.detach(), torch.ones(2, 2))
+    restored = LARS([a, b], lr=0.1)
+    restored.load_state_dict(optimizer.state_dict())
+    assert torch.equal(restored.state[a]["momentum_buffer"], optimizer.state[a]["momentum_buffer"])
+
+
+def test_make_optimizer_choices():
+    params = [torch.nn.Parameter(torch.zeros(2))]
+    assert make_optimizer("sgd", params, 0.1, 0.9, 0.0, torch.device("cpu")).defaults["foreach"] is True
+    assert make_optimizer("sgd", params, 0.1, 0.9, 0.0, torch.device("cpu"), fast=False).defaults["foreach"] is False
+    assert isinstance(make_optimizer("lars", params, 0.1, 0.9, 0.0, torch.device("cpu")), LARS)
+    with pytest.raises(ValueError, match="choose sgd or lars"):
+        make_optimizer("adam", params, 0.1, 0.9, 0.0, torch.device("cpu"))

@@ -1,0 +1,61 @@
+"""One MoCo training step and what it is made of (model, optimizer, AMP), shared by the engine and moco-bench.
+
+So that ``moco-bench step`` and ``e2e`` time the very step ``moco-train`` runs, not a
+copy of it.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch.nn import functional as F
+
+from model.encoders import resnet
+from model.moco import MoCo
+from train.config import Config
+from train.optim import make_optimizer
+
+__all__ = ["amp_dtype", "build_model", "build_optimizer", "forward_loss", "backward_step"]
+
+
+def amp_dtype(config: Config, device: torch.device) -> Optional[torch.dtype]:
+    """The autocast dtype ``run.amp`` asks for on ``device`` (None: no autocast)."""
+    amp = config.run.amp
+    if amp == "auto":
+        amp = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "none"
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "none": None}[amp]
+
+
+def build_model(config: Config, device: torch.device, momentum_impl: str = "auto") -> MoCo:
+    """The MoCo model ``config`` describes, on ``device``; seeded by the caller."""
+    m = config.model
+    queue_dtype = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[m.queue_dtype]
+    model = MoCo(resnet(m.arch, small_stem=m.small_stem), dim=m.dim, K=m.K, m=m.m, T=m.T, mlp=m.mlp,
+                 queue_dtype=queue_dtype, shuffle=m.shuffle, num_splits=m.num_splits,
+                 shuffle_group_size=m.shuffle_group_size or None, symmetric=m.symmetric,
+                 momentum_impl=momentum_impl).to(device)
+    return model.to(memory_format=torch.channels_last) if config.run.channels_last else model
+
+
+def build_optimizer(config: Config, model: MoCo, device: torch.device, fast: bool = True) -> torch.optim.Optimizer:
+    """``optim.name`` over the query encoder, at the rate scaled to the global batch."""
+    o = config.optim
+    return make_optimizer(o.name, model.encoder_q.parameters(), lr=o.lr_per_256 * config.data.batch_size / 256,
+                          momentum=o.momentum, weight_decay=o.weight_decay, device=device,
+                          trust_coefficient=o.trust_coefficient, fast=fast)
+
+
+def forward_loss(net: torch.nn.Module, view_q: torch.Tensor, view_k: torch.Tensor,
+                 dtype: Optional[torch.dtype]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """MoCo's forward (momentum update, keys, logits, enqueue) under autocast; the loss in float32."""
+    with torch.autocast(view_q.device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+        logits, labels = net(view_q, view_k)
+    return F.cross_entropy(logits, labels), logits, labels
+
+
+def backward_step(loss: torch.Tensor, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler) -> None:
+    """Gradients of ``loss`` and one optimizer step (through the scaler, which is a no-op unless fp16)."""
+    scaler.scale(loss).backward()
+    scaler.step(optimizer)
+    scaler.update()
