@@ -2,18 +2,22 @@
 
 import json
 
+import numpy as np
+import pytest
+import simplejpeg
+
 from tools import bench
 
 
 def test_momentum_mode_writes_its_record(tmp_path, capsys):
     out = tmp_path / "momentum.json"
-    assert bench.main(["momentum", "--arch", "resnet18", "--K", "1024", "--batch", "64", "--reps", "2",
-                       "--rounds", "2", "--copy-mib", "8", "--device", "cpu", "--out", str(out)]) == 0
+    assert bench.main(["momentum", "--arch", "resnet18", "--K", "1024", "--batch", "64", "--calls", "2",
+                       "--reps", "2", "--copy-mib", "8", "--device", "cpu", "--out", str(out)]) == 0
     record = json.loads(out.read_text())
     assert record["mode"] == "momentum" and record["config"]["arch"] == "resnet18"
     assert {"loop", "foreach", "foreach_lerp"} <= set(record["momentum"])
     for figures in record["momentum"].values():
-        assert figures["reps"] == 4 and 0 < figures["min_ms"] <= figures["median_ms"] <= figures["max_ms"]
+        assert figures["calls"] == 4 and 0 < figures["min_ms"] <= figures["median_ms"] <= figures["max_ms"]
     assert record["floor_ms"] > 0 and record["copy_bandwidth_GBps"] > 0
     assert record["best"] in record["momentum"] and record["best"] != "loop"
     assert record["enqueue"]["median_ms"] > 0 and record["negative_logits"]["median_ms"] > 0
@@ -36,3 +40,60 @@ def test_pipeline_mode_runs_both_loaders_and_writes_its_record(tmp_path, labelle
         assert len(figures["seconds"]) == 2 and figures["pairs_per_s_min"] <= figures["pairs_per_s"] > 0
     assert record["dali_over_reference"] > 0 and record["memory"]["host_peak_rss_MB"] > 0
     assert record["machine"]["cores"] >= 1
+
+
+def test_all_runs_every_mode_and_compare_and_chart_read_the_record(tmp_path, capsys):
+    out = tmp_path / "all.json"
+    assert bench.main(["all", "--arch", "resnet18", "--size", "32", "--batch", "16", "--batches", "1", "--reps", "2",
+                       "--warmup", "1", "--K", "256", "--synthetic", "24", "--workers", "1", "--threads", "1",
+                       "--calls", "1", "--copy-mib", "8", "--build-workers", "1", "--hue-space", "yiq",
+                       "--device", "cpu", "--out", str(out), "--chart", str(tmp_path / "all.png")]) == 0
+    record = json.loads(out.read_text())
+    records = record["records"]
+    assert set(records) == {"pipeline", "momentum", "step", "e2e", "shards"}
+    for sub in records.values():
+        assert {"cpu", "cores", "torch", "dali", "gpus"} <= set(sub["machine"]) and sub["date"]
+    step = records["step"]
+    assert step["config"]["ours"]["channels_last"] and not step["config"]["reference"]["channels_last"]
+    assert step["config"]["reference"]["momentum_impl"] == "loop"
+    assert step["results"]["ours"]["images_per_s"] > 0 and step["ours_over_reference"] > 0
+    e2e = records["e2e"]
+    assert set(e2e["results"]) == {"step_ours", "step_reference", "e2e_ours", "e2e_reference"}
+    assert e2e["verdict"] in ("input-bound", "compute-bound", "overhead-bound") and e2e["advice"]
+    assert all(0 <= r["data_wait"] <= 1 for r in e2e["results"].values()) and e2e["config"]["samples"] == 24
+    assert records["shards"]["photos"]["count"] == 24 and records["shards"]["results"]["baseline"]["img_per_s"] > 0
+    assert (tmp_path / "all.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    printed = capsys.readouterr().out
+    assert "verdict:" in printed and "training step" in printed and "shard build" in printed
+
+    assert bench.main(["--compare", str(out), str(out)]) == 0
+    table = capsys.readouterr().out
+    for figure in ("pipeline pairs/s", "momentum update ms", "step images/s", "e2e images/s",
+                   "shard build reencode img/s"):
+        assert figure in table
+    assert " 1.00 " in table
+
+
+def test_compare_errors_name_the_file(tmp_path, capsys):
+    (tmp_path / "bad.json").write_text("{}")
+    assert bench.main(["--compare", str(tmp_path / "bad.json"), str(tmp_path / "none.json")]) == 2
+    assert "bad.json: not a moco-bench record" in capsys.readouterr().err
+    assert bench.main(["--compare", str(tmp_path / "bad.json")]) == 2
+
+
+def test_synthetic_generator_makes_photo_sized_decodable_jpegs(tmp_path):
+    from tools.synthetic import generate
+
+    info = generate(tmp_path, 6, seed=3)
+    sizes = []
+    for path in sorted(tmp_path.glob("*.jpg")):
+        data = path.read_bytes()
+        height, width, _, subsampling = simplejpeg.decode_jpeg_header(data)
+        assert (width, height) in ((500, 375), (375, 500)) and subsampling == "420"
+        assert simplejpeg.decode_jpeg(data).shape == (height, width, 3)
+        sizes.append(len(data))
+    assert len(sizes) == 6 and 95_000 < np.mean(sizes) < 125_000 and info["mean_KB"] == pytest.approx(
+        np.mean(sizes) / 1000)
+    # Not noise: a photograph's neighbouring pixels are strongly correlated.
+    image = simplejpeg.decode_jpeg((tmp_path / "0000000.jpg").read_bytes()).astype(float)
+    assert np.corrcoef(image[:, :-1].ravel(), image[:, 1:].ravel())[0, 1] > 0.8

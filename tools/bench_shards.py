@@ -1,4 +1,4 @@
-"""Benchmark ``moco-shards build`` against a plain PIL + webdataset.ShardWriter loop.
+"""``moco-bench shards``: ``moco-shards build`` against a plain PIL + webdataset.ShardWriter loop.
 
 On a folder of ImageNet-like photographs (``tools.photoset``) it measures, side by
 side and alternating after a warm-up:
@@ -12,14 +12,12 @@ side and alternating after a warm-up:
 "Per core" is reported two ways: images/s with one worker (the writer process rides
 along), and images per CPU-second summed over every process of the run.
 
-    python -m benchmarks.shard_build --photos DIR --out RESULT.json [--reps 3]
+    moco-bench shards [--photos DIR] [--reps 3] [--workers 1,2] --out RESULT.json
 """
 
 from __future__ import annotations
 
-import argparse
 import io
-import json
 import os
 import resource
 import shutil
@@ -28,12 +26,12 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Optional
 
 import webdataset
 from PIL import Image
 
 from tools.build import BuildSettings, build
-from tools.machine import describe
 from tools.imageprep import PrepSettings
 
 
@@ -80,30 +78,23 @@ def summarise(runs: list[dict]) -> dict:
     }
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--photos", type=Path, required=True, help="folder of photographs (*.jpg)")
-    parser.add_argument("--out", type=Path, required=True, help="JSON result file")
-    parser.add_argument("--reps", type=int, default=3)
-    parser.add_argument("--workers", default=None, help="comma-separated worker counts (default 1,2,4,... cores)")
-    parser.add_argument("--photoset", type=Path, default=None, help="JSON describing the photo set, copied in")
-    args = parser.parse_args()
-
-    files = sorted(args.photos.glob("*.jpg"))
+def bench_shards(photos: Path, reps: int, worker_counts: Optional[list[int]] = None,
+                 photoset: Optional[dict] = None) -> dict:
+    """The builder's two paths against the baseline over the JPEGs in ``photos``, alternating."""
+    files = sorted(photos.glob("*.jpg"))
     count = len(files)
+    if not count:
+        raise ValueError(f"{photos}: no *.jpg files to build shards from")
     cores = len(os.sched_getaffinity(0))
-    if args.workers:
-        worker_counts = [int(w) for w in args.workers.split(",")]
-    else:
-        worker_counts = sorted({1, cores} | {w for w in (2, 4, 8, 16, 32, 64) if w < cores})
+    worker_counts = worker_counts or sorted({1, cores} | {w for w in (2, 4, 8, 16, 32, 64) if w < cores})
     for f in files:  # page cache, so every contender reads from memory
         f.read_bytes()
     mean_kb = sum(f.stat().st_size for f in files) / count / 1000
 
     contenders = {
         "baseline": lambda out: baseline(files, out),
-        **{f"reencode_w{w}": (lambda out, w=w: ours(args.photos, out, "always", w)) for w in worker_counts},
-        **{f"passthrough_w{w}": (lambda out, w=w: ours(args.photos, out, "auto", w)) for w in worker_counts},
+        **{f"reencode_w{w}": (lambda out, w=w: ours(photos, out, "always", w)) for w in worker_counts},
+        **{f"passthrough_w{w}": (lambda out, w=w: ours(photos, out, "auto", w)) for w in worker_counts},
     }
     warm = files[: max(50, count // 20)]
     with tempfile.TemporaryDirectory() as tmp:
@@ -116,7 +107,7 @@ def main() -> int:
         ours(warm_dir, Path(tmp) / "o2", "auto", 1)
 
     runs: dict[str, list] = {name: [] for name in contenders}
-    for rep in range(args.reps):
+    for rep in range(reps):
         for name, fn in contenders.items():
             runs[name].append(measure(fn, count))
             print(f"rep {rep} {name:16s} {runs[name][-1]['img_per_s']:8.0f} img/s", file=sys.stderr, flush=True)
@@ -132,32 +123,31 @@ def main() -> int:
         f"{p}_scaling_w{w}": results[f"{p}_w{w}"]["img_per_s"] / (w * one[p]["img_per_s"])
         for p in one for w in worker_counts
     }
-    record = {
+    return {
+        "mode": "shards",
         "benchmark": "shard_build",
-        "date": time.strftime("%Y-%m-%d"),
-        "machine": describe(),
-        "photos": {"count": count, "mean_kb": round(mean_kb, 1), "folder": str(args.photos)},
-        "photoset": json.loads(args.photoset.read_text()) if args.photoset else None,
-        "reps": args.reps,
+        "photos": {"count": count, "mean_kb": round(mean_kb, 1), "folder": str(photos)},
+        "photoset": photoset,
+        "reps": reps,
         "worker_counts": worker_counts,
         "baseline": "PIL open + convert('RGB') + save JPEG q90 + webdataset.ShardWriter, one process",
         "results": results,
         "figures": figures,
         "goals": {"reencode_vs_baseline": 1.5, "passthrough_vs_baseline": 3.0, "scaling": 0.8},
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(record, indent=1) + "\n")
 
-    print(f"\nshard build, {count} photos of {mean_kb:.0f} KB, {cores} cores ({record['machine']['cpu']}), "
-          f"median of {args.reps}")
+
+def print_shards(record: dict) -> None:
+    results, photos = record["results"], record["photos"]
+    base = results["baseline"]
+    print(f"shard build, {photos['count']} photos of {photos['mean_kb']:.0f} KB, {record['machine']['cores']} cores "
+          f"({record['machine']['cpu']}), median of {record['reps']}")
     print(f"{'contender':18s} {'img/s':>8s} {'img/cpu-s':>10s} {'vs base':>8s} {'scaling':>8s}")
     for name, r in results.items():
         ratio = r["img_per_s"] / base["img_per_s"]
         path, _, w = name.partition("_w")
-        scale = f"{r['img_per_s'] / (int(w) * one[path]['img_per_s']):.2f}" if w else ""
+        one = results.get(f"{path}_w1")
+        scale = f"{r['img_per_s'] / (int(w) * one['img_per_s']):.2f}" if w else ""
         print(f"{name:18s} {r['img_per_s']:8.0f} {r['img_per_cpu_s']:10.0f} {ratio:8.2f} {scale:>8s}")
-    return 0
 
 
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,0 +1,228 @@
+"""``moco-bench step`` and ``e2e``: images/s of the training step, this project's against the reference's.
+
+* ``step``: synthetic view tensors already on the device, no data loading: the
+  ceiling of the step itself.
+* ``e2e``: real shards through the data path into the same step; the synthetic
+  step runs beside it as the ceiling, and the time each step waits for its batch
+  gives the data-wait fraction and the verdict (input- or compute-bound).
+
+"Ours" is ``moco-train``'s step (``train.step``): AMP (bf16 where the GPU has it),
+channels-last, the fused SGD kernel and the multi-tensor momentum update, optionally
+``torch.compile``, fed by the DALI pipeline. "Reference" is the configuration of the
+original code: float32, NCHW, the per-parameter momentum loop and PyTorch's default
+SGD, fed by the torchvision loader in DataLoader workers. Both use the same model,
+batch, queue and split-BN on one device, and run alternately after a warm-up.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from typing import Iterator
+
+import torch
+
+from train.config import preset
+from train.step import amp_dtype, backward_step, build_model, build_optimizer, forward_loss
+
+__all__ = ["Contender", "bench_step", "bench_e2e", "print_step", "print_e2e"]
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class Contender:
+    """A model, optimizer and input layout: ours (``reference=False``) or the reference configuration."""
+
+    def __init__(self, args, reference: bool):
+        self.device = torch.device(args.device)
+        self.name = "reference" if reference else "ours"
+        config = preset("v2")
+        config.model.arch, config.model.K, config.model.shuffle = args.arch, args.K, "split"
+        config.data.batch_size, config.data.size = args.batch, args.size
+        if reference:
+            config.run.amp, config.run.channels_last = "none", False
+        else:
+            config.run.amp, config.run.compile = args.amp, args.compile
+        self.config = config
+        self.amp = amp_dtype(config, self.device)
+        self.channels_last = config.run.channels_last
+        # What the data path hands over: float16 views with AMP on a GPU (the engine's rule), else float32.
+        self.input_dtype = torch.float16 if self.amp is not None and self.device.type == "cuda" else torch.float32
+        torch.manual_seed(0)
+        self.model = build_model(config, self.device, momentum_impl="loop" if reference else "auto")
+        if config.run.compile:
+            self.model.encoder_q = torch.compile(self.model.encoder_q)
+            self.model.encoder_k = torch.compile(self.model.encoder_k)
+        self.optimizer = build_optimizer(config, self.model, self.device, fast=not reference)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp == torch.float16)
+        self.peak_MB = 0.0
+
+    def describe(self) -> dict:
+        return {"amp": str(self.amp).replace("torch.", "") if self.amp else "none",
+                "channels_last": self.channels_last, "input_dtype": str(self.input_dtype).replace("torch.", ""),
+                "momentum_impl": "loop" if self.name == "reference" else
+                ("foreach_lerp" if hasattr(torch, "_foreach_lerp_") else "foreach"),
+                "optimizer": type(self.optimizer).__name__ + (" (fused)" if self.optimizer.defaults.get("fused")
+                                                              else " (foreach)" if self.optimizer.defaults.get("foreach")
+                                                              else " (torch default)"),
+                "compile": self.config.run.compile}
+
+    def layout(self, images: torch.Tensor) -> torch.Tensor:
+        images = images.to(self.device, self.input_dtype, non_blocking=True)
+        return images.contiguous(memory_format=torch.channels_last if self.channels_last else torch.contiguous_format)
+
+    def synthetic(self, batch: int, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        g = torch.Generator(device=self.device).manual_seed(1)
+        return tuple(self.layout(torch.randn(batch, 3, size, size, device=self.device, generator=g))
+                     for _ in range(2))
+
+    def step(self, view_q: torch.Tensor, view_k: torch.Tensor) -> None:
+        loss, _, _ = forward_loss(self.model, view_q, view_k, self.amp)
+        self.optimizer.zero_grad(set_to_none=True)
+        backward_step(loss, self.optimizer, self.scaler)
+
+    def timed(self, batches: Iterator, steps: int) -> tuple[float, float]:
+        """Seconds for ``steps`` steps over ``batches``, and the seconds spent waiting for them."""
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        _sync(self.device)
+        wait = 0.0
+        start = time.perf_counter()
+        for _ in range(steps):
+            ready = time.perf_counter()
+            view_q, view_k = next(batches)
+            wait += time.perf_counter() - ready
+            self.step(view_q, view_k)
+        _sync(self.device)
+        seconds = time.perf_counter() - start
+        if self.device.type == "cuda":
+            self.peak_MB = max(self.peak_MB, torch.cuda.max_memory_allocated(self.device) / 2**20)
+        return seconds, wait
+
+
+def _repeat(pair):
+    while True:
+        yield pair
+
+
+def _alternate(runs: dict[str, tuple[Contender, Iterator]], args) -> dict[str, dict]:
+    for contender, stream in runs.values():
+        contender.timed(stream, args.warmup)
+    seconds = {name: [] for name in runs}
+    waits = {name: [] for name in runs}
+    for _ in range(args.reps):
+        for name, (contender, stream) in runs.items():
+            s, w = contender.timed(stream, args.batches)
+            seconds[name].append(s)
+            waits[name].append(w)
+    images = args.batches * args.batch
+    return {name: {"images_per_s": statistics.median(images / s for s in ts),
+                   "images_per_s_min": images / max(ts), "images_per_s_max": images / min(ts),
+                   "data_wait": statistics.median(w / s for w, s in zip(waits[name], ts)), "seconds": ts}
+            for name, ts in seconds.items()}
+
+
+def _config_record(args, contenders: list[Contender]) -> dict:
+    return {"arch": args.arch, "batch": args.batch, "size": args.size, "K": args.K, "batches": args.batches,
+            "warmup": args.warmup, "reps": args.reps, "device": args.device, "preset": "v2",
+            "shuffle_bn": "split", **{c.name: c.describe() for c in contenders}}
+
+
+def bench_step(args) -> dict:
+    contenders = [Contender(args, reference=False), Contender(args, reference=True)]
+    runs = {c.name: (c, _repeat(c.synthetic(args.batch, args.size))) for c in contenders}
+    results = _alternate(runs, args)
+    for c in contenders:
+        results[c.name]["peak_memory_MB"] = c.peak_MB or None
+    return {"mode": "step", "config": _config_record(args, contenders), "results": results,
+            "ours_over_reference": results["ours"]["images_per_s"] / results["reference"]["images_per_s"],
+            "goals": {"gpu_images_per_s": 3500}}
+
+
+def _verdict(e2e: dict, ceiling: dict) -> tuple[str, str]:
+    fraction = e2e["images_per_s"] / ceiling["images_per_s"]
+    if fraction >= 0.95:
+        return "compute-bound", (f"the data path keeps up ({100 * fraction:.0f}% of the synthetic step); "
+                                 "look at the step: AMP, torch.compile, batch size")
+    if e2e["data_wait"] >= 0.1:
+        return "input-bound", (f"steps wait {100 * e2e['data_wait']:.0f}% of the time for their batch "
+                               f"({100 * fraction:.0f}% of the synthetic step); look at the data path with "
+                               "`moco-bench pipeline`: decoder load, threads, prefetch, the CPU stages")
+    return "overhead-bound", (f"{100 * fraction:.0f}% of the synthetic step with little data wait "
+                              f"({100 * e2e['data_wait']:.0f}%): the time goes between the two, in host "
+                              "copies or synchronisation; profile the loop")
+
+
+def bench_e2e(args, shards: str) -> dict:
+    from pipeline.augment import preset as augment_preset
+    from pipeline.loader import LoaderConfig, ViewLoader
+    from pipeline.reference import reference_loader
+
+    contenders = [Contender(args, reference=False), Contender(args, reference=True)]
+    ours, reference = contenders
+    device = torch.device(args.device)
+    cfg = augment_preset("v2", args.size, hue_space=args.hue_space)
+    loader = ViewLoader(shards, cfg, LoaderConfig(batch_size=args.batch, labels=False, threads=args.threads,
+                                                  dtype="float16" if ours.input_dtype == torch.float16 else "float32",
+                                                  hw_decoder_load=args.hw_decoder_load),
+                        device_id=(device.index or 0) if device.type == "cuda" else None)
+
+    def dali() -> Iterator:
+        while True:
+            for batch in loader:
+                yield ours.layout(batch.view_q), ours.layout(batch.view_k)
+
+    def torchvision_loader() -> Iterator:
+        while True:
+            for view_q, view_k in reference_loader(shards, cfg, args.batch, workers=args.workers, device=device):
+                yield reference.layout(view_q), reference.layout(view_k)
+
+    runs = {"step_ours": (ours, _repeat(ours.synthetic(args.batch, args.size))),
+            "step_reference": (reference, _repeat(reference.synthetic(args.batch, args.size))),
+            "e2e_ours": (ours, dali()), "e2e_reference": (reference, torchvision_loader())}
+    results = _alternate(runs, args)
+    results["e2e_ours"]["peak_memory_MB"] = ours.peak_MB or None
+    results["e2e_reference"]["peak_memory_MB"] = reference.peak_MB or None
+    verdict, advice = _verdict(results["e2e_ours"], results["step_ours"])
+    config = _config_record(args, contenders)
+    config.update(shards=str(shards), samples=loader.samples, hue_space=args.hue_space, dali_threads=args.threads
+                  or "default", reference_workers=args.workers,
+                  decoder="mixed (nvJPEG)" if device.type == "cuda" else "cpu (libjpeg-turbo)")
+    return {"mode": "e2e", "config": config, "results": results,
+            "e2e_over_step": results["e2e_ours"]["images_per_s"] / results["step_ours"]["images_per_s"],
+            "ours_over_reference": results["e2e_ours"]["images_per_s"] / results["e2e_reference"]["images_per_s"],
+            "verdict": verdict, "advice": advice,
+            "goals": {"e2e_over_step": 0.95, "ours_over_reference": 8.0}}
+
+
+def _table(results: dict[str, dict]) -> None:
+    print(f"{'run':16s} {'images/s':>10s} {'min':>9s} {'max':>9s} {'data wait':>10s} {'peak MB':>9s}")
+    for name, r in results.items():
+        peak = r.get("peak_memory_MB")
+        print(f"{name:16s} {r['images_per_s']:10.1f} {r['images_per_s_min']:9.1f} {r['images_per_s_max']:9.1f} "
+              f"{100 * r['data_wait']:9.1f}% {'-' if peak is None else str(round(peak)):>9s}")
+
+
+def _heading(mode: str, c: dict) -> str:
+    return (f"{mode}, {c['arch']} v2 at {c['size']} px, batch {c['batch']}, K {c['K']}, {c['batches']} steps x "
+            f"{c['reps']} reps, {c['device']}; ours: {c['ours']['amp']}, "
+            f"{'channels-last' if c['ours']['channels_last'] else 'NCHW'}, {c['ours']['optimizer']}, "
+            f"momentum {c['ours']['momentum_impl']}{', compiled' if c['ours']['compile'] else ''}; "
+            f"reference: fp32, NCHW, {c['reference']['optimizer']}, momentum loop")
+
+
+def print_step(r: dict) -> None:
+    print(_heading("training step (synthetic inputs)", r["config"]))
+    _table(r["results"])
+    print(f"ours / reference: {r['ours_over_reference']:.2f}x")
+
+
+def print_e2e(r: dict) -> None:
+    print(_heading("end to end", r["config"]) + f"; {r['config']['samples']} samples in {r['config']['shards']}")
+    _table(r["results"])
+    print(f"e2e / step (ours): {r['e2e_over_step']:.2f} (goal 0.95); ours / reference e2e: "
+          f"{r['ours_over_reference']:.2f}x (goal 8)")
+    print(f"verdict: {r['verdict']}: {r['advice']}")
