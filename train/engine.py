@@ -190,7 +190,24 @@ def _train(config: Config, stop: _StopSignal) -> dict:
         if dist.world > 1:
             torch.distributed.barrier()
 
+    def count_nonfinite(flag: Optional[tuple[int, torch.Tensor]]) -> None:
+        """Read a step's skip flag (a host sync) and keep the streak; stop after ``run.max_nonfinite``."""
+        nonlocal nonfinite, skipped
+        if flag is None:
+            return None
+        at, bad = flag
+        if bad.item():
+            nonfinite += 1
+            skipped += 1
+            if nonfinite >= r.max_nonfinite:
+                raise TrainingStopped(f"{nonfinite} non-finite losses in a row at step {at}; stopped, "
+                                      f"the newest checkpoint in {out} is the last good one")
+        else:
+            nonfinite = 0
+        return None
+
     # ---- the loop
+    pending: Optional[tuple[int, torch.Tensor]] = None
     last: dict = {}
     window_start, window_wait, window_steps = time.perf_counter(), 0.0, 0
     if device.type == "cuda":
@@ -208,20 +225,17 @@ def _train(config: Config, stop: _StopSignal) -> dict:
                 model.m = momentum_at(step, steps_per_epoch * r.epochs, m.m, m.momentum_schedule)
                 loss, logits, labels = forward_loss(net, batch.view_q, batch.view_k, amp)
                 optimizer.zero_grad(set_to_none=True)
+                # Non-finite gradients skip the update on the device; the flag is read one
+                # step later, once this step's work is queued, so the GPU never waits for
+                # the host in between.
+                bad = backward_step(loss, optimizer, scaler)
                 step += 1
                 bar.update(1)
-                if not torch.isfinite(loss):
-                    # A non-finite loss would poison the weights: skip the update.
-                    nonfinite += 1
-                    skipped += 1
-                    if nonfinite >= r.max_nonfinite:
-                        raise TrainingStopped(f"{nonfinite} non-finite losses in a row at step {step}; stopped, "
-                                              f"the newest checkpoint in {out} is the last good one")
-                else:
-                    nonfinite = 0
-                    backward_step(loss, optimizer, scaler)
+                count_nonfinite(pending)
+                pending = (step, bad)
                 window_steps += 1
                 if step % r.log_every == 0 or step == total_steps:
+                    pending = count_nonfinite(pending)
                     elapsed = time.perf_counter() - window_start
                     images = window_steps * d.batch_size
                     last = {
@@ -240,8 +254,10 @@ def _train(config: Config, stop: _StopSignal) -> dict:
                         f"data-wait {100 * last['data_wait']:.0f}%"))
                     window_start, window_wait, window_steps = time.perf_counter(), 0.0, 0
                 # No checkpoint inside a streak of non-finite losses: the newest one stays good.
-                if (step % r.ckpt_every == 0 or stop.requested) and nonfinite == 0:
-                    save()
+                if step % r.ckpt_every == 0 or stop.requested:
+                    pending = count_nonfinite(pending)
+                    if nonfinite == 0:
+                        save()
                 if stop.requested:
                     log.info("stop requested: checkpoint written at step %d, exiting", step)
                     return last
@@ -249,6 +265,7 @@ def _train(config: Config, stop: _StopSignal) -> dict:
                     break
                 ready = time.perf_counter()
             if step % steps_per_epoch == 0:  # a whole epoch: checkpoint, and the kNN monitor when due
+                pending = count_nonfinite(pending)
                 if nonfinite == 0:
                     save()
                 finished_epoch = step // steps_per_epoch
@@ -261,7 +278,8 @@ def _train(config: Config, stop: _StopSignal) -> dict:
                         last = {**last, "knn_top1": result["top1"], "knn_top5": result["top5"]}
                     if dist.world > 1:
                         torch.distributed.barrier()
-        if step % r.ckpt_every and step % steps_per_epoch:
+        pending = count_nonfinite(pending)
+        if step % r.ckpt_every and step % steps_per_epoch and nonfinite == 0:
             save()
         return last
     finally:

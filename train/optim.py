@@ -17,6 +17,9 @@ __all__ = ["LARS", "make_optimizer"]
 
 
 class LARS(torch.optim.Optimizer):
+    supports_found_inf = True
+    """``step()`` honours a ``found_inf`` attribute (a 0-d tensor, 1 = skip) on the device, as fused SGD does."""
+
     def __init__(self, params: Iterable, lr: float, momentum: float = 0.9, weight_decay: float = 0.0,
                  trust_coefficient: float = 0.001, eps: float = 1e-8):
         if lr <= 0 or not 0 <= momentum < 1 or weight_decay < 0 or trust_coefficient <= 0:
@@ -30,6 +33,7 @@ class LARS(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        found_inf = getattr(self, "found_inf", None)
         for group in self.param_groups:
             params = [p for p in group["params"] if p.grad is not None]
             if not params:
@@ -48,23 +52,38 @@ class LARS(torch.optim.Optimizer):
                 updates = torch._foreach_mul(updates, ratios)
                 for i, u in zip(adapted, updates):
                     grads[i] = u
+            if found_inf is not None:
+                # Skip on the device: zero updates and unchanged buffers when found_inf is 1
+                # (a where, not a product, because the gradients are NaN then).
+                keep = found_inf == 0
+                grads = [torch.where(keep, g, torch.zeros_like(g)) for g in grads]
             buffers = []
             for p, g in zip(params, grads):
                 state = self.state[p]
                 if "momentum_buffer" not in state:
                     state["momentum_buffer"] = torch.zeros_like(p)
                 buffers.append(state["momentum_buffer"])
-            torch._foreach_mul_(buffers, group["momentum"])
-            torch._foreach_add_(buffers, grads)
-            torch._foreach_add_(params, buffers, alpha=-group["lr"])
+            if found_inf is not None:
+                # buffer <- m * buffer + g and w <- w - lr * buffer, or nothing at all when skipping.
+                momentum = torch.where(keep, torch.tensor(group["momentum"], device=keep.device),
+                                       torch.tensor(1.0, device=keep.device))
+                lr = torch.where(keep, torch.tensor(group["lr"], device=keep.device), torch.tensor(0.0, device=keep.device))
+                torch._foreach_mul_(buffers, momentum)
+                torch._foreach_add_(buffers, grads)
+                torch._foreach_add_(params, torch._foreach_mul(buffers, -lr))
+            else:
+                torch._foreach_mul_(buffers, group["momentum"])
+                torch._foreach_add_(buffers, grads)
+                torch._foreach_add_(params, buffers, alpha=-group["lr"])
         return loss
 
 
 def make_optimizer(name: str, params: Iterable, lr: float, momentum: float, weight_decay: float,
                    device: torch.device, trust_coefficient: float = 0.001, fast: bool = True) -> torch.optim.Optimizer:
-    """``"sgd"`` or ``"lars"``. ``fast``: SGD's fused kernel on a GPU, foreach on a CPU; else the per-tensor loop."""
+    """``"sgd"`` or ``"lars"``. ``fast``: SGD's fused kernel; else PyTorch's default, as the reference code calls it."""
     if name == "sgd":
-        kind = ({"fused": True} if device.type == "cuda" else {"foreach": True}) if fast else {"foreach": False}
+        # Fused on CPUs too: its kernel can skip a step on the device (``found_inf``).
+        kind = {"fused": True} if fast else {}
         return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay, **kind)
     if name == "lars":
         return LARS(params, lr=lr, momentum=momentum, weight_decay=weight_decay, trust_coefficient=trust_coefficient)

@@ -41,9 +41,17 @@ def build_model(config: Config, device: torch.device, momentum_impl: str = "auto
 def build_optimizer(config: Config, model: MoCo, device: torch.device, fast: bool = True) -> torch.optim.Optimizer:
     """``optim.name`` over the query encoder, at the rate scaled to the global batch."""
     o = config.optim
-    return make_optimizer(o.name, model.encoder_q.parameters(), lr=o.lr_per_256 * config.data.batch_size / 256,
-                          momentum=o.momentum, weight_decay=o.weight_decay, device=device,
-                          trust_coefficient=o.trust_coefficient, fast=fast)
+    optimizer = make_optimizer(o.name, model.encoder_q.parameters(), lr=o.lr_per_256 * config.data.batch_size / 256,
+                               momentum=o.momentum, weight_decay=o.weight_decay, device=device,
+                               trust_coefficient=o.trust_coefficient, fast=fast)
+    if o.momentum:
+        # Zero momentum buffers give the first step's arithmetic (buffer = gradient), and
+        # a first step skipped on the device must not leave the fused kernel's
+        # uninitialised buffers behind.
+        for group in optimizer.param_groups:
+            for p in group["params"]:
+                optimizer.state[p]["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+    return optimizer
 
 
 def forward_loss(net: torch.nn.Module, view_q: torch.Tensor, view_k: torch.Tensor,
@@ -54,8 +62,38 @@ def forward_loss(net: torch.nn.Module, view_q: torch.Tensor, view_k: torch.Tenso
     return F.cross_entropy(logits, labels), logits, labels
 
 
-def backward_step(loss: torch.Tensor, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler) -> None:
-    """Gradients of ``loss`` and one optimizer step (through the scaler, which is a no-op unless fp16)."""
+def _skips_on_device(optimizer: torch.optim.Optimizer) -> bool:
+    # Fused SGD and LARS read ``found_inf`` and skip the update in their kernels.
+    return bool(optimizer.defaults.get("fused")) or getattr(optimizer, "supports_found_inf", False)
+
+
+def backward_step(loss: torch.Tensor, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
+                  skip_nonfinite: bool = True) -> Optional[torch.Tensor]:
+    """Gradients of ``loss`` and one optimizer step, skipped if any gradient is not finite.
+
+    Returns the skip flag as a 0-d bool tensor on the device. The test is on the
+    gradients after DDP's all-reduce, so every rank takes the same decision (a
+    non-finite loss on one rank makes every rank's gradients non-finite), and with a
+    fused optimizer it is applied on the device: no host sync in the step. With fp16
+    the gradient scaler does the same for its own overflow test. ``skip_nonfinite=False``
+    is the reference code's plain step (no test; returns None).
+    """
     scaler.scale(loss).backward()
-    scaler.step(optimizer)
+    if not skip_nonfinite:
+        scaler.step(optimizer)
+        scaler.update()
+        return None
+    grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+    bad = ~torch.isfinite(torch.stack(torch._foreach_norm(grads)).sum())
+    if scaler.is_enabled():
+        scaler.step(optimizer)
+    elif _skips_on_device(optimizer):
+        optimizer.found_inf = bad.float()
+        try:
+            optimizer.step()
+        finally:
+            del optimizer.found_inf
+    elif not bad.item():  # an optimizer without a device-side skip pays one sync
+        optimizer.step()
     scaler.update()
+    return bad

@@ -50,8 +50,31 @@ def test_lars_skips_parameters_without_gradients_and_saves_state():
 
 def test_make_optimizer_choices():
     params = [torch.nn.Parameter(torch.zeros(2))]
-    assert make_optimizer("sgd", params, 0.1, 0.9, 0.0, torch.device("cpu")).defaults["foreach"] is True
-    assert make_optimizer("sgd", params, 0.1, 0.9, 0.0, torch.device("cpu"), fast=False).defaults["foreach"] is False
+    assert make_optimizer("sgd", params, 0.1, 0.9, 0.0, torch.device("cpu")).defaults["fused"] is True
+    assert not make_optimizer("sgd", params, 0.1, 0.9, 0.0, torch.device("cpu"), fast=False).defaults["fused"]
     assert isinstance(make_optimizer("lars", params, 0.1, 0.9, 0.0, torch.device("cpu")), LARS)
     with pytest.raises(ValueError, match="choose sgd or lars"):
         make_optimizer("adam", params, 0.1, 0.9, 0.0, torch.device("cpu"))
+
+
+@pytest.mark.parametrize("name", ["sgd", "lars"])
+def test_a_non_finite_gradient_skips_the_step_on_the_device(name):
+    """backward_step: weights and momentum buffers untouched by a NaN step, then training goes on."""
+    from train.step import backward_step
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 3)
+    optimizer = make_optimizer(name, model.parameters(), 0.1, 0.9, 1e-4, torch.device("cpu"))
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    x = torch.randn(8, 4)
+    assert not backward_step(model(x).square().mean(), optimizer, scaler).item()
+    before = [p.detach().clone() for p in model.parameters()]
+    buffers = [optimizer.state[p]["momentum_buffer"].clone() for p in model.parameters()]
+    optimizer.zero_grad()
+    assert backward_step(model(x).square().mean() * float("nan"), optimizer, scaler).item()
+    assert all(torch.equal(a, p) for a, p in zip(before, model.parameters()))
+    assert all(torch.equal(b, optimizer.state[p]["momentum_buffer"]) for b, p in zip(buffers, model.parameters()))
+    optimizer.zero_grad()
+    assert not backward_step(model(x).square().mean(), optimizer, scaler).item()
+    assert not any(torch.equal(a, p) for a, p in zip(before, model.parameters()))
+    assert all(torch.isfinite(p).all() for p in model.parameters())
