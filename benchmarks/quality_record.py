@@ -27,6 +27,7 @@ def main() -> int:
     parser.add_argument("--knn-init", type=Path, required=True)
     parser.add_argument("--linear", type=Path, default=None)
     parser.add_argument("--linear-wall-s", type=float, default=None)
+    parser.add_argument("--linear-init", type=Path, default=None, help="the same probe on the encoder at initialisation")
     parser.add_argument("--command", required=True)
     parser.add_argument("--note", default="")
     parser.add_argument("--out", type=Path, required=True, help="PREFIX: writes PREFIX.json and PREFIX.png")
@@ -49,6 +50,7 @@ def main() -> int:
         "pretraining_wall_s": args.wall_s,
         "linear": json.loads(args.linear.read_text()) if args.linear else None,
         "linear_wall_s": args.linear_wall_s,
+        "linear_at_init": json.loads(args.linear_init.read_text()) if args.linear_init else None,
         "note": args.note,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -66,6 +68,9 @@ def main() -> int:
     if record["linear"]:
         ax.axhline(record["linear"]["top1"], color="#e0a030", linestyle="--",
                    label=f"linear probe after pretraining ({record['linear']['top1']:.1f}%)")
+    if record["linear_at_init"]:
+        ax.axhline(record["linear_at_init"]["top1"], color="#e0a030", linestyle=":",
+                   label=f"linear probe at initialisation ({record['linear_at_init']['top1']:.1f}%)")
     ax.set_xlabel("epoch")
     ax.set_ylabel("test top-1 (%)")
     m = record["machine"]

@@ -142,7 +142,7 @@ def bench_step(args) -> dict:
             "goals": {"gpu_images_per_s": 3500}}
 
 
-def _verdict(e2e: dict, ceiling: dict) -> tuple[str, str]:
+def _verdict(e2e: dict, ceiling: dict, device: torch.device) -> tuple[str, str]:
     fraction = e2e["images_per_s"] / ceiling["images_per_s"]
     if fraction >= 0.95:
         return "compute-bound", (f"the data path keeps up ({100 * fraction:.0f}% of the synthetic step); "
@@ -151,6 +151,11 @@ def _verdict(e2e: dict, ceiling: dict) -> tuple[str, str]:
         return "input-bound", (f"steps wait {100 * e2e['data_wait']:.0f}% of the time for their batch "
                                f"({100 * fraction:.0f}% of the synthetic step); look at the data path with "
                                "`moco-bench pipeline`: decoder load, threads, prefetch, the CPU stages")
+    if device.type == "cpu":
+        return "input-bound", (f"{100 * fraction:.0f}% of the synthetic step with little data wait "
+                               f"({100 * e2e['data_wait']:.0f}%): on a CPU the pipeline's threads run on the cores "
+                               "the step uses, so the time lost is most likely their decoding and augmentation; "
+                               "`moco-bench pipeline` measures it alone")
     return "overhead-bound", (f"{100 * fraction:.0f}% of the synthetic step with little data wait "
                               f"({100 * e2e['data_wait']:.0f}%): the time goes between the two, in host "
                               "copies or synchronisation; profile the loop")
@@ -186,7 +191,7 @@ def bench_e2e(args, shards: str) -> dict:
     results = _alternate(runs, args)
     results["e2e_ours"]["peak_memory_MB"] = ours.peak_MB or None
     results["e2e_reference"]["peak_memory_MB"] = reference.peak_MB or None
-    verdict, advice = _verdict(results["e2e_ours"], results["step_ours"])
+    verdict, advice = _verdict(results["e2e_ours"], results["step_ours"], device)
     config = _config_record(args, contenders)
     config.update(shards=str(shards), samples=loader.samples, hue_space=args.hue_space, dali_threads=args.threads
                   or "default", reference_workers=args.workers,

@@ -75,8 +75,8 @@ def _knn(args) -> dict:
               "arch": info.arch, "step": info.step, "k": args.k, "t": args.t, "size": size, "resize": resize,
               "train": str(args.train), "val": str(args.val), "train_samples": len(train_y),
               "val_samples": len(val_y), **result, "seconds": time.perf_counter() - started, "device": str(device)}
-    print(f"moco-eval knn: {info.arch}{' at initialisation' if args.random_init else ''} "
-          f"(step {info.step}): top-1 {result['top1']:.2f}% top-5 {result['top5']:.2f}% "
+    when = "at initialisation" if args.random_init else f"at step {info.step}"
+    print(f"moco-eval knn: {info.arch} {when}: top-1 {result['top1']:.2f}% top-5 {result['top5']:.2f}% "
           f"(k={args.k}, T={args.t}, {len(train_y)} train / {len(val_y)} val images, {size} px)")
     return record
 
@@ -94,7 +94,8 @@ def _linear(args) -> dict:
                        seed=args.seed, threads=args.threads, val_every=args.val_every, progress=not args.no_progress)
     out = args.out or Path(args.checkpoint).parent / "linear"
     result = linear_probe(encoder, args.train, args.val, cfg, out, device, amp, resume=not args.restart)
-    print(f"moco-eval linear: {info.arch} (step {info.step}): top-1 {result['top1']:.2f}% "
+    when = "at initialisation" if args.random_init else f"at step {info.step}"
+    print(f"moco-eval linear: {info.arch} {when}: top-1 {result['top1']:.2f}% "
           f"top-5 {result['top5']:.2f}% after {cfg.epochs} epochs (best top-1 {result['best_top1']:.2f}%); "
           f"backbone unchanged; {out / 'linear.json'}")
     return {"mode": "linear", "checkpoint": str(args.checkpoint), "arch": info.arch, "step": info.step, **result}
