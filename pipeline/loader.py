@@ -37,7 +37,7 @@ from pipeline.augment import AugmentConfig, EvalConfig, augment, eval_view
 from pipeline.scan import first_undecodable
 from pipeline.shards import ShardError
 
-__all__ = ["LoaderConfig", "Batch", "ViewLoader"]
+__all__ = ["LoaderConfig", "Batch", "ViewLoader", "decode_pipeline"]
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +86,39 @@ class LoaderConfig:
             raise ValueError("shuffle_buffer and prefetch must be at least 1")
         if self.views not in (1, 2):
             raise ValueError(f"views must be 1 or 2, got {self.views}")
+
+
+def _decode(jpeg, on_gpu: bool, hw_decoder_load: float):
+    """Decode once: ``mixed`` on a GPU, ``cpu`` otherwise."""
+    if on_gpu:
+        # The hardware decoder takes its share, CUDA cores the rest; the hints
+        # preallocate for ImageNet-sized images to avoid reallocations.
+        return fn.decoders.image(jpeg, device="mixed", output_type=types.RGB, hw_decoder_load=hw_decoder_load,
+                                 preallocate_width_hint=640, preallocate_height_hint=640)
+    return fn.decoders.image(jpeg, device="cpu", output_type=types.RGB)
+
+
+def decode_pipeline(folder: str | os.PathLike, batch_size: int, *, threads: Optional[int] = None,
+                    device_id: Optional[int] = None, hw_decoder_load: float = 0.75, prefetch: int = 2):
+    """A built DALI pipeline that only reads and decodes, as ``ViewLoader`` does: the decoder's rate.
+
+    ``run()`` returns a batch of decoded images; it is the ceiling a view pipeline
+    over the same shards and settings cannot pass.
+    """
+    manifest, pairs = shards.discover(folder)
+    on_gpu = device_id is not None
+
+    @pipeline_def
+    def decode():
+        jpeg = fn.readers.webdataset(paths=[str(t) for t, _ in pairs], index_paths=[str(i) for _, i in pairs],
+                                     ext=["jpg"], missing_component_behavior="error", name="reader",
+                                     pad_last_batch=True, prefetch_queue_depth=prefetch)
+        return _decode(jpeg, on_gpu, hw_decoder_load)
+
+    threads = threads or max(1, os.cpu_count() or 1)
+    pipe = decode(batch_size=batch_size, num_threads=threads, device_id=device_id, prefetch_queue_depth=prefetch)
+    pipe.build()
+    return pipe
 
 
 @dataclass
@@ -175,14 +208,7 @@ class ViewLoader:
                 pad_last_batch=True, prefetch_queue_depth=loader.prefetch,
             )
             jpeg = outputs[0] if isinstance(outputs, (list, tuple)) else outputs
-            if on_gpu:
-                # The hardware decoder takes its share, CUDA cores the rest; the
-                # hints preallocate for ImageNet-sized images to avoid reallocations.
-                image = fn.decoders.image(jpeg, device="mixed", output_type=types.RGB,
-                                          hw_decoder_load=loader.hw_decoder_load,
-                                          preallocate_width_hint=640, preallocate_height_hint=640)
-            else:
-                image = fn.decoders.image(jpeg, device="cpu", output_type=types.RGB)
+            image = _decode(jpeg, on_gpu, loader.hw_decoder_load)
             if isinstance(cfg, AugmentConfig):
                 result = [augment(image, cfg, dali_dtype) for _ in range(loader.views)]
             else:

@@ -199,7 +199,7 @@ def _shards(args) -> tuple[Path, Optional[dict]]:
 
 def bench_pipeline(args) -> dict:
     from pipeline.augment import preset
-    from pipeline.loader import LoaderConfig, ViewLoader
+    from pipeline.loader import LoaderConfig, ViewLoader, decode_pipeline
     from pipeline.reference import reference_loader
 
     device = torch.device(args.device)
@@ -218,7 +218,7 @@ def bench_pipeline(args) -> dict:
     def run(stream, batches: int) -> float:
         start = time.perf_counter()
         for _ in range(batches):
-            view_q, view_k = next(stream)
+            next(stream)
         _sync(device)
         return time.perf_counter() - start
 
@@ -232,6 +232,15 @@ def bench_pipeline(args) -> dict:
     results = {name: {"pairs_per_s": statistics.median(pairs / t for t in ts),
                       "pairs_per_s_min": pairs / max(ts), "pairs_per_s_max": pairs / min(ts),
                       "seconds": ts} for name, ts in seconds.items()}
+    memory = _peak_memory(device)  # before the decode-only pipeline adds its own buffers
+
+    # The ceiling: the same reader and decoder with nothing after them. Timed after the
+    # contenders, so that its memory does not count as theirs.
+    decoder = decode_pipeline(shards, args.batch, threads=args.threads, hw_decoder_load=args.hw_decoder_load,
+                              device_id=(device.index or 0) if gpu else None)
+    decoded = _forever(lambda: iter(decoder.run, None))
+    run(decoded, args.warmup)
+    decode_s = [run(decoded, args.batches) for _ in range(args.reps)]
     return {
         "mode": "pipeline",
         "config": {"shards": str(shards), "samples": dali.samples, "preset": args.preset, "size": args.size,
@@ -242,7 +251,10 @@ def bench_pipeline(args) -> dict:
         "photoset": photoset,
         "results": results,
         "dali_over_reference": results["dali"]["pairs_per_s"] / results["reference"]["pairs_per_s"],
-        "memory": _peak_memory(device),
+        "decode_ceiling": {"images_per_s": statistics.median(pairs / t for t in decode_s),
+                           "images_per_s_min": pairs / max(decode_s), "images_per_s_max": pairs / min(decode_s),
+                           "seconds": decode_s},
+        "memory": memory,
         "goals": {"gpu_pairs_per_s": 8000, "gpu_dali_over_reference": 5.0, "cpu_dali_over_reference": 1.0},
     }
 
@@ -255,6 +267,10 @@ def print_pipeline(r: dict) -> None:
     print(f"{'loader':12s} {'pairs/s':>10s} {'min':>10s} {'max':>10s}")
     for name, s in r["results"].items():
         print(f"{name:12s} {s['pairs_per_s']:10.0f} {s['pairs_per_s_min']:10.0f} {s['pairs_per_s_max']:10.0f}")
+    d = r.get("decode_ceiling")
+    if d:
+        print(f"{'decode only':12s} {d['images_per_s']:10.0f} {d['images_per_s_min']:10.0f} "
+              f"{d['images_per_s_max']:10.0f}   (images/s: the ceiling of the pairs above)")
     print(f"DALI / reference: {r['dali_over_reference']:.2f}x; memory: "
           + ", ".join(f"{k} {v:.0f}" if isinstance(v, (int, float)) else f"{k} {v}" for k, v in r["memory"].items()))
 
@@ -268,8 +284,12 @@ def headline(record: dict) -> list[dict]:
         return [row for r in record["records"].values() for row in headline(r)]
     if mode == "pipeline":
         r = record["results"]
-        return [{"figure": "pipeline pairs/s", "ours": r["dali"]["pairs_per_s"],
-                 "reference": r["reference"]["pairs_per_s"], "higher_is_better": True}]
+        row = {"figure": "pipeline pairs/s", "ours": r["dali"]["pairs_per_s"],
+               "reference": r["reference"]["pairs_per_s"], "higher_is_better": True,
+               "labels": ["ours", "reference", "decode only (images/s)"]}
+        if "decode_ceiling" in record:  # records before the ceiling was measured lack it
+            row["ceiling"] = record["decode_ceiling"]["images_per_s"]
+        return [row]
     if mode == "momentum":
         m = record["momentum"]
         return [{"figure": "momentum update ms", "ours": m[record["best"]]["median_ms"],

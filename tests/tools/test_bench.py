@@ -39,6 +39,7 @@ def test_pipeline_mode_runs_both_loaders_and_writes_its_record(tmp_path, labelle
         figures = record["results"][name]
         assert len(figures["seconds"]) == 2 and figures["pairs_per_s_min"] <= figures["pairs_per_s"] > 0
     assert record["dali_over_reference"] > 0 and record["memory"]["host_peak_rss_MB"] > 0
+    assert record["decode_ceiling"]["images_per_s"] > 0 and len(record["decode_ceiling"]["seconds"]) == 2
     assert record["machine"]["cores"] >= 1
 
 
