@@ -28,6 +28,8 @@ def main() -> int:
     parser.add_argument("--linear", type=Path, default=None)
     parser.add_argument("--linear-wall-s", type=float, default=None)
     parser.add_argument("--linear-init", type=Path, default=None, help="the same probe on the encoder at initialisation")
+    parser.add_argument("--linear-long", type=Path, default=None, help="the probe at its full schedule (100 epochs)")
+    parser.add_argument("--linear-long-wall-s", type=float, default=None)
     parser.add_argument("--command", required=True)
     parser.add_argument("--note", default="")
     parser.add_argument("--out", type=Path, required=True, help="PREFIX: writes PREFIX.json and PREFIX.png")
@@ -51,6 +53,8 @@ def main() -> int:
         "linear": json.loads(args.linear.read_text()) if args.linear else None,
         "linear_wall_s": args.linear_wall_s,
         "linear_at_init": json.loads(args.linear_init.read_text()) if args.linear_init else None,
+        "linear_long": json.loads(args.linear_long.read_text()) if args.linear_long else None,
+        "linear_long_wall_s": args.linear_long_wall_s,
         "note": args.note,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
