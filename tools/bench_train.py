@@ -22,15 +22,11 @@ from typing import Iterator
 
 import torch
 
+from tools.bench import _sync
 from train.config import preset
 from train.step import amp_dtype, backward_step, build_model, build_optimizer, forward_loss
 
 __all__ = ["Contender", "bench_step", "bench_e2e", "print_step", "print_e2e"]
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 class Contender:
@@ -47,7 +43,7 @@ class Contender:
         else:
             config.run.amp, config.run.compile = args.amp, args.compile
         self.config = config
-        self.amp = amp_dtype(config, self.device)
+        self.amp = amp_dtype(config.run.amp, self.device)
         self.channels_last = config.run.channels_last
         # What the data path hands over: float16 views with AMP on a GPU (the engine's rule), else float32.
         self.input_dtype = torch.float16 if self.amp is not None and self.device.type == "cuda" else torch.float32

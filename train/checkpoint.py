@@ -10,25 +10,30 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, BinaryIO, Callable, Optional
 
 import torch
 
-__all__ = ["save", "latest", "load"]
+__all__ = ["save", "latest", "load", "write_atomic"]
 
 _NAME = re.compile(r"^ckpt-(\d{9})\.pt$")
 
 
-def save(out: Path, step: int, state: dict[str, Any], keep_last: int) -> Path:
-    """Write ``state`` as ``out/ckpt-STEP.pt`` atomically; delete all but the newest ``keep_last``."""
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / f"ckpt-{step:09d}.pt"
-    tmp = out / f".{path.name}.tmp"
+def write_atomic(path: Path, write: Callable[[BinaryIO], None]) -> Path:
+    """Call ``write(file)`` on a temporary file beside ``path``, flush it to disk, rename it to ``path``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
     with open(tmp, "wb") as f:
-        torch.save(state, f)
+        write(f)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+    return path
+
+
+def save(out: Path, step: int, state: dict[str, Any], keep_last: int) -> Path:
+    """Write ``state`` as ``out/ckpt-STEP.pt`` atomically; delete all but the newest ``keep_last``."""
+    path = write_atomic(out / f"ckpt-{step:09d}.pt", lambda f: torch.save(state, f))
     for old in sorted(p for p in out.iterdir() if _NAME.match(p.name))[:-keep_last]:
         old.unlink()
     return path

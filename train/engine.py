@@ -91,7 +91,7 @@ def knn_accuracy(model: MoCo, config: Config, device: torch.device) -> dict:
     """Weighted kNN top-1/top-5 of the query backbone on ``data.knn_train`` / ``data.knn_val``."""
     from train.distributed import Dist
 
-    return _knn(model, config, Dist(0, 1, 0, device), device, amp_dtype(config, device))
+    return _knn(model, config, Dist(0, 1, 0, device), device, amp_dtype(config.run.amp, device))
 
 
 def train(config: Config) -> dict:
@@ -108,7 +108,7 @@ def _train(config: Config, stop: _StopSignal) -> dict:
     dist = distributed.setup(config.run.device)
     validate(config, dist.world, torch.cuda.is_available() and config.run.device != "cpu")
     device = dist.device
-    amp = amp_dtype(config, device)
+    amp = amp_dtype(config.run.amp, device)
     out = Path(config.run.out)
     d, m, o, r = config.data, config.model, config.optim, config.run
     random.seed(r.seed + dist.rank)

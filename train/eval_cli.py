@@ -34,13 +34,11 @@ def _device(name: str):
 
 
 def _amp(name: str, device):
-    import torch
+    from train.step import amp_dtype
 
-    if name == "auto":
-        name = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "none"
     if name == "fp16" and device.type != "cuda":
         raise ValueError("--amp fp16 needs a CUDA GPU")
-    return {"bf16": torch.bfloat16, "fp16": torch.float16, "none": None}[name]
+    return amp_dtype(name, device)
 
 
 def _sizes(args, info) -> tuple[int, int]:

@@ -17,7 +17,16 @@ from model.encoders import backbone
 from pipeline.augment import EvalConfig
 from pipeline.loader import LoaderConfig, ViewLoader
 
-__all__ = ["extract_features", "knn_classify"]
+__all__ = ["pooled_features", "extract_features", "knn_classify"]
+
+
+@torch.no_grad()
+def pooled_features(encoder: torch.nn.Module, images: torch.Tensor, amp_dtype: Optional[torch.dtype] = None,
+                    channels_last: bool = True) -> torch.Tensor:
+    """The backbone's pooled features of ``images`` in float32 (autocast as asked), as kNN and the linear probe use."""
+    images = images.contiguous(memory_format=torch.channels_last) if channels_last else images.contiguous()
+    with torch.autocast(images.device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+        return backbone(encoder, images).float()
 
 
 @torch.no_grad()
@@ -35,10 +44,8 @@ def extract_features(encoder: torch.nn.Module, folder: str, eval_cfg: EvalConfig
     features, labels = [], []
     try:
         for batch in loader:
-            images = batch.view_q.to(device)
-            images = images.contiguous(memory_format=torch.channels_last) if channels_last else images.contiguous()
-            with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-                features.append(F.normalize(backbone(encoder, images).float(), dim=1))
+            features.append(F.normalize(pooled_features(encoder, batch.view_q.to(device), amp_dtype, channels_last),
+                                        dim=1))
             labels.append(batch.labels.to(device))
     finally:
         encoder.train(was_training)

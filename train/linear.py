@@ -24,10 +24,11 @@ from torch import nn
 from torch.nn import functional as F
 from tqdm import tqdm
 
-from model.encoders import backbone, feature_dim
+from model.encoders import feature_dim
 from pipeline.augment import EvalConfig, custom
 from pipeline.loader import LoaderConfig, ViewLoader
 from train import checkpoint
+from train.knn import pooled_features
 from train.metrics import Metrics
 from train.pretrained import weights_digest
 from train.schedule import learning_rates
@@ -70,12 +71,6 @@ def _settings(config: dict) -> dict:
     return {k: v for k, v in config.items() if k not in ("threads", "progress", "val_every")}
 
 
-def _features(encoder: nn.Module, images: torch.Tensor, amp_dtype: Optional[torch.dtype]) -> torch.Tensor:
-    images = images.contiguous(memory_format=torch.channels_last)
-    with torch.autocast(images.device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-        return backbone(encoder, images).float()
-
-
 @torch.no_grad()
 def evaluate(encoder: nn.Module, classifier: nn.Module, loader: ViewLoader,
              amp_dtype: Optional[torch.dtype]) -> dict[str, float]:
@@ -83,7 +78,7 @@ def evaluate(encoder: nn.Module, classifier: nn.Module, loader: ViewLoader,
     correct1 = correct5 = seen = 0
     loss = 0.0
     for batch in loader:
-        logits = classifier(_features(encoder, batch.view_q, amp_dtype))
+        logits = classifier(pooled_features(encoder, batch.view_q, amp_dtype))
         loss += F.cross_entropy(logits, batch.labels, reduction="sum").item()
         top = logits.topk(min(5, logits.shape[1]), dim=1).indices
         correct1 += (top[:, 0] == batch.labels).sum().item()
@@ -154,7 +149,7 @@ def linear_probe(encoder: nn.Module, train: str, val: str, cfg: LinearConfig, ou
             for batch in train_loader:
                 for group in optimizer.param_groups:
                     group["lr"] = float(rates[step])
-                logits = classifier(_features(encoder, batch.view_q, amp_dtype))
+                logits = classifier(pooled_features(encoder, batch.view_q, amp_dtype))
                 loss = F.cross_entropy(logits, batch.labels)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()

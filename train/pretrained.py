@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from model.encoders import ARCHS, add_mlp_head, resnet
+from train.checkpoint import write_atomic
 
 __all__ = ["CheckpointError", "Pretrained", "load_encoder", "torchvision_state_dict", "detectron2_weights",
            "export", "weights_digest"]
@@ -147,25 +148,15 @@ def detectron2_weights(encoder: nn.Module) -> dict[str, Any]:
     return {"model": weights, "__author__": "MOCO", "matching_heuristics": True}
 
 
-def _write_atomic(out: Path, write) -> None:
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
-    with open(tmp, "wb") as f:
-        write(f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, out)
-
-
 def export(encoder: nn.Module, fmt: str, out: str | os.PathLike) -> Path:
     """Write the backbone as ``fmt`` ("torchvision" or "detectron2") to ``out``, atomically."""
     out = Path(out)
     if fmt == "torchvision":
         state = torchvision_state_dict(encoder)
-        _write_atomic(out, lambda f: torch.save(state, f))
+        write_atomic(out, lambda f: torch.save(state, f))
     elif fmt == "detectron2":
         weights = detectron2_weights(encoder)
-        _write_atomic(out, lambda f: pickle.dump(weights, f))
+        write_atomic(out, lambda f: pickle.dump(weights, f))
     else:
         raise ValueError(f"--format {fmt!r}: choose torchvision or detectron2")
     return out

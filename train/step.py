@@ -19,9 +19,8 @@ from train.optim import make_optimizer
 __all__ = ["amp_dtype", "build_model", "build_optimizer", "forward_loss", "backward_step"]
 
 
-def amp_dtype(config: Config, device: torch.device) -> Optional[torch.dtype]:
-    """The autocast dtype ``run.amp`` asks for on ``device`` (None: no autocast)."""
-    amp = config.run.amp
+def amp_dtype(amp: str, device: torch.device) -> Optional[torch.dtype]:
+    """The autocast dtype of ``amp`` (``run.amp``: auto, bf16, fp16, none) on ``device``; None: no autocast."""
     if amp == "auto":
         amp = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "none"
     return {"bf16": torch.bfloat16, "fp16": torch.float16, "none": None}[amp]
