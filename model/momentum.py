@@ -24,7 +24,7 @@ from typing import Callable, Sequence
 
 import torch
 
-__all__ = ["IMPLEMENTATIONS", "momentum_update_", "momentum_at", "available_implementations"]
+__all__ = ["IMPLEMENTATIONS", "momentum_update_", "momentum_at", "available_implementations", "resolve_implementation"]
 
 
 def _params(module_or_params) -> list[torch.Tensor]:
@@ -78,6 +78,13 @@ def available_implementations() -> list[str]:
     return names
 
 
+def resolve_implementation(implementation: str) -> str:
+    """``"auto"`` as the implementation it stands for: ``foreach_lerp`` where torch has it, else ``foreach``."""
+    if implementation == "auto":
+        return "foreach_lerp" if hasattr(torch, "_foreach_lerp_") else "foreach"
+    return implementation
+
+
 def momentum_update_(key_encoder, query_encoder, m: float, implementation: str = "auto") -> None:
     """Update ``key_encoder``'s parameters in place towards ``query_encoder``'s.
 
@@ -92,8 +99,7 @@ def momentum_update_(key_encoder, query_encoder, m: float, implementation: str =
     key, query = _params(key_encoder), _params(query_encoder)
     if len(key) != len(query):
         raise ValueError(f"key encoder has {len(key)} parameters, query encoder {len(query)}")
-    if implementation == "auto":
-        implementation = "foreach_lerp" if hasattr(torch, "_foreach_lerp_") else "foreach"
+    implementation = resolve_implementation(implementation)
     if implementation not in IMPLEMENTATIONS:
         raise ValueError(f"unknown momentum implementation {implementation!r}; choose from {sorted(IMPLEMENTATIONS)}")
     IMPLEMENTATIONS[implementation](key, query, m)

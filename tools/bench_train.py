@@ -22,9 +22,10 @@ from typing import Iterator
 
 import torch
 
-from tools.bench import _sync
+from model.momentum import resolve_implementation
+from tools.bench import _forever, _sync
 from train.config import preset
-from train.step import amp_dtype, backward_step, build_model, build_optimizer, forward_loss
+from train.step import amp_dtype, backward_step, build_model, build_optimizer, forward_loss, views_dtype
 
 __all__ = ["Contender", "bench_step", "bench_e2e", "print_step", "print_e2e"]
 
@@ -45,8 +46,9 @@ class Contender:
         self.config = config
         self.amp = amp_dtype(config.run.amp, self.device)
         self.channels_last = config.run.channels_last
-        # What the data path hands over: float16 views with AMP on a GPU (the engine's rule), else float32.
-        self.input_dtype = torch.float16 if self.amp is not None and self.device.type == "cuda" else torch.float32
+        # What the data path hands over, by the engine's rule.
+        self.views_dtype = views_dtype(config.data.dtype, self.amp)
+        self.input_dtype = {"float16": torch.float16, "float32": torch.float32}[self.views_dtype]
         torch.manual_seed(0)
         self.model = build_model(config, self.device, momentum_impl="loop" if reference else "auto")
         if config.run.compile:
@@ -59,8 +61,7 @@ class Contender:
     def describe(self) -> dict:
         return {"amp": str(self.amp).replace("torch.", "") if self.amp else "none",
                 "channels_last": self.channels_last, "input_dtype": str(self.input_dtype).replace("torch.", ""),
-                "momentum_impl": "loop" if self.name == "reference" else
-                ("foreach_lerp" if hasattr(torch, "_foreach_lerp_") else "foreach"),
+                "momentum_impl": resolve_implementation(self.model.momentum_impl),
                 "optimizer": type(self.optimizer).__name__ + (" (fused)" if self.optimizer.defaults.get("fused")
                                                               else " (foreach)" if self.optimizer.defaults.get("foreach")
                                                               else " (torch default)"),
@@ -167,23 +168,16 @@ def bench_e2e(args, shards: str) -> dict:
     device = torch.device(args.device)
     cfg = augment_preset("v2", args.size, hue_space=args.hue_space)
     loader = ViewLoader(shards, cfg, LoaderConfig(batch_size=args.batch, labels=False, threads=args.threads,
-                                                  dtype="float16" if ours.input_dtype == torch.float16 else "float32",
+                                                  dtype=ours.views_dtype,
                                                   hw_decoder_load=args.hw_decoder_load),
                         device_id=(device.index or 0) if device.type == "cuda" else None)
 
-    def dali() -> Iterator:
-        while True:
-            for batch in loader:
-                yield ours.layout(batch.view_q), ours.layout(batch.view_k)
-
-    def torchvision_loader() -> Iterator:
-        while True:
-            for view_q, view_k in reference_loader(shards, cfg, args.batch, workers=args.workers, device=device):
-                yield reference.layout(view_q), reference.layout(view_k)
-
+    dali = _forever(lambda: ((ours.layout(b.view_q), ours.layout(b.view_k)) for b in loader))
+    torchvision = _forever(lambda: ((reference.layout(q), reference.layout(k)) for q, k in
+                                    reference_loader(shards, cfg, args.batch, workers=args.workers, device=device)))
     runs = {"step_ours": (ours, _repeat(ours.synthetic(args.batch, args.size))),
             "step_reference": (reference, _repeat(reference.synthetic(args.batch, args.size))),
-            "e2e_ours": (ours, dali()), "e2e_reference": (reference, torchvision_loader())}
+            "e2e_ours": (ours, dali), "e2e_reference": (reference, torchvision)}
     results = _alternate(runs, args)
     results["e2e_ours"]["peak_memory_MB"] = ours.peak_MB or None
     results["e2e_reference"]["peak_memory_MB"] = reference.peak_MB or None

@@ -31,7 +31,7 @@ from train.config import Config, ConfigError, to_dict, validate
 from train.knn import extract_features, knn_classify
 from train.metrics import Metrics
 from train.schedule import learning_rates
-from train.step import amp_dtype, backward_step, build_model, build_optimizer, forward_loss
+from train.step import amp_dtype, backward_step, build_model, build_optimizer, forward_loss, views_dtype
 
 __all__ = ["train", "build_model", "knn_accuracy", "TrainingStopped"]
 
@@ -115,7 +115,7 @@ def _train(config: Config, stop: _StopSignal) -> dict:
     np.random.seed(r.seed + dist.rank)
     torch.manual_seed(r.seed)  # identical initial weights on every rank
 
-    view_dtype = d.dtype if d.dtype != "auto" else ("float16" if amp is not None else "float32")
+    view_dtype = views_dtype(d.dtype, amp)
     augment_cfg = augment_preset(d.preset, d.size, hue_space=d.hue_space)
     loader_cfg = LoaderConfig(batch_size=d.batch_size // dist.world, dtype=view_dtype, seed=r.seed,
                               threads=d.threads or None, shuffle_buffer=d.shuffle_buffer)
@@ -190,12 +190,14 @@ def _train(config: Config, stop: _StopSignal) -> dict:
         if dist.world > 1:
             torch.distributed.barrier()
 
-    def count_nonfinite(flag: Optional[tuple[int, torch.Tensor]]) -> None:
-        """Read a step's skip flag (a host sync) and keep the streak; stop after ``run.max_nonfinite``."""
-        nonlocal nonfinite, skipped
-        if flag is None:
-            return None
-        at, bad = flag
+    pending: Optional[tuple[int, torch.Tensor]] = None  # (step, skip flag) not read yet
+
+    def settle_nonfinite() -> None:
+        """Read the pending skip flag (a host sync) and keep the streak; stop after ``run.max_nonfinite``."""
+        nonlocal pending, nonfinite, skipped
+        if pending is None:
+            return
+        (at, bad), pending = pending, None
         if bad.item():
             nonfinite += 1
             skipped += 1
@@ -204,10 +206,8 @@ def _train(config: Config, stop: _StopSignal) -> dict:
                                       f"the newest checkpoint in {out} is the last good one")
         else:
             nonfinite = 0
-        return None
 
     # ---- the loop
-    pending: Optional[tuple[int, torch.Tensor]] = None
     last: dict = {}
     window_start, window_wait, window_steps = time.perf_counter(), 0.0, 0
     if device.type == "cuda":
@@ -231,11 +231,11 @@ def _train(config: Config, stop: _StopSignal) -> dict:
                 bad = backward_step(loss, optimizer, scaler)
                 step += 1
                 bar.update(1)
-                count_nonfinite(pending)
+                settle_nonfinite()
                 pending = (step, bad)
                 window_steps += 1
                 if step % r.log_every == 0 or step == total_steps:
-                    pending = count_nonfinite(pending)
+                    settle_nonfinite()
                     elapsed = time.perf_counter() - window_start
                     images = window_steps * d.batch_size
                     last = {
@@ -255,7 +255,7 @@ def _train(config: Config, stop: _StopSignal) -> dict:
                     window_start, window_wait, window_steps = time.perf_counter(), 0.0, 0
                 # No checkpoint inside a streak of non-finite losses: the newest one stays good.
                 if step % r.ckpt_every == 0 or stop.requested:
-                    pending = count_nonfinite(pending)
+                    settle_nonfinite()
                     if nonfinite == 0:
                         save()
                 if stop.requested:
@@ -265,7 +265,7 @@ def _train(config: Config, stop: _StopSignal) -> dict:
                     break
                 ready = time.perf_counter()
             if step % steps_per_epoch == 0:  # a whole epoch: checkpoint, and the kNN monitor when due
-                pending = count_nonfinite(pending)
+                settle_nonfinite()
                 if nonfinite == 0:
                     save()
                 finished_epoch = step // steps_per_epoch
@@ -278,7 +278,7 @@ def _train(config: Config, stop: _StopSignal) -> dict:
                         last = {**last, "knn_top1": result["top1"], "knn_top5": result["top5"]}
                     if dist.world > 1:
                         torch.distributed.barrier()
-        pending = count_nonfinite(pending)
+        settle_nonfinite()
         if step % r.ckpt_every and step % steps_per_epoch and nonfinite == 0:
             save()
         return last

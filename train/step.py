@@ -16,7 +16,7 @@ from model.moco import MoCo
 from train.config import Config
 from train.optim import make_optimizer
 
-__all__ = ["amp_dtype", "build_model", "build_optimizer", "forward_loss", "backward_step"]
+__all__ = ["amp_dtype", "views_dtype", "build_model", "build_optimizer", "forward_loss", "backward_step"]
 
 
 def amp_dtype(amp: str, device: torch.device) -> Optional[torch.dtype]:
@@ -24,6 +24,13 @@ def amp_dtype(amp: str, device: torch.device) -> Optional[torch.dtype]:
     if amp == "auto":
         amp = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "none"
     return {"bf16": torch.bfloat16, "fp16": torch.float16, "none": None}[amp]
+
+
+def views_dtype(dtype: str, amp: Optional[torch.dtype]) -> str:
+    """The views' dtype ``data.dtype`` asks for: float16 or float32, or with "auto" float16 under AMP."""
+    if dtype != "auto":
+        return dtype
+    return "float16" if amp is not None else "float32"
 
 
 def build_model(config: Config, device: torch.device, momentum_impl: str = "auto") -> MoCo:
