@@ -60,9 +60,13 @@ def test_moco_equals_algorithm_1(K, batch):
         grads = [p.grad.clone() for p in model.encoder_q.parameters()]
         optimizer.step()
         ref_loss, ref_grads = reference.step(x_q, x_k)
-        torch.testing.assert_close(loss.detach(), ref_loss, rtol=1e-5, atol=1e-6)
+        # Float32 rounding lets the two trajectories drift apart, to about 1e-5 relative by
+        # the fifth step (up to 1e-4 over 90 seeds and shapes), so single gradient elements
+        # can differ by more than any tight rtol: each tensor is compared as a whole.
+        # T 0.075 instead of 0.07 moves the loss by 10 % and the gradients by 36 % or more.
+        torch.testing.assert_close(loss.detach(), ref_loss, rtol=1e-4, atol=1e-6)
         for g, r in zip(grads, ref_grads):
-            torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-6)
+            assert (g - r).norm() <= 1e-3 * r.norm()
         torch.testing.assert_close(model.queue.oldest_first(), reference.queue.t())
     # Algorithm 1 has already applied the momentum update the model applies next step.
     model._momentum_update_key_encoder()

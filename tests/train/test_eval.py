@@ -146,16 +146,22 @@ def test_knn_cli_classifies_colours_and_writes_json(ckpt, shards, tmp_path, caps
     assert moco_eval(["knn", "--checkpoint", str(ckpt), "--train", str(shards["train"]), "--val", str(shards["val"]),
                       "--k", "20", "--threads", "1", "--json", str(tmp_path / "knn.json")]) == 0
     record = json.loads((tmp_path / "knn.json").read_text())
+    # 100 for every data and model seed tried; unnormalised features give 33 to 67.
     assert record["top1"] >= 90 and record["train_samples"] == 120 and record["val_samples"] == 36
     assert "top-1" in capsys.readouterr().out
 
 
 def test_linear_probe_learns_a_separable_problem_and_resumes_exactly(ckpt, shards, tmp_path):
     encoder, _ = load_encoder(ckpt)
-    cfg = LinearConfig(epochs=4, lr=1.0, batch_size=16, size=32, resize=32, threads=1, progress=False)
+    # A random ResNet-18's features have a norm of about 15: at lr 1 the probe overshoots (training
+    # losses of 50 to 140, top-1 swinging between 33 and 100 from epoch to epoch); at 0.03 it
+    # converges on every seed tried, to top-1 100 and a validation loss under 0.02.
+    cfg = LinearConfig(epochs=4, lr=0.03, batch_size=16, size=32, resize=32, threads=1, progress=False)
     result = linear_probe(encoder, str(shards["train"]), str(shards["val"]), cfg, tmp_path / "a",
                           torch.device("cpu"))
     assert result["top1"] >= 97 and result["backbone_unchanged"]
+    # A classifier that never steps stays near ln 3 = 1.1; one trained at a thirtieth of the rate ends at 0.6 to 0.8.
+    assert result["history"][-1]["val_loss"] < 0.3
     assert len(result["history"]) == 4 and all("val_top1" in r for r in result["history"])
     records = [json.loads(line) for line in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in records] == [1, 2, 3, 4]
@@ -168,7 +174,7 @@ def test_linear_probe_learns_a_separable_problem_and_resumes_exactly(ckpt, shard
                            torch.device("cpu"))
     assert resumed["history"] == result["history"]
 
-    other = LinearConfig(epochs=5, lr=1.0, batch_size=16, size=32, resize=32, threads=1, progress=False)
+    other = LinearConfig(epochs=5, lr=0.03, batch_size=16, size=32, resize=32, threads=1, progress=False)
     with pytest.raises(ValueError, match="other settings"):
         linear_probe(encoder, str(shards["train"]), str(shards["val"]), other, tmp_path / "a", torch.device("cpu"))
 
