@@ -5,7 +5,13 @@ get; ``./dev``, CI and the benchmarks install the exact versions of
 ``requirements.lock`` instead (``./dev upgrade`` moves them, see the README).
 """
 
-from setuptools import find_packages, setup
+from setuptools import setup
+
+# The folders are the packages; installed, they live under one name, moco_dali (a
+# namespace: there is no moco_dali/ folder), so installing moco-dali takes no generic
+# top-level names such as "train" or "tools".
+FOLDERS = ["pipeline", "model", "train", "train/eval", "tools", "tools/shards", "tools/bench"]
+PACKAGES = {"moco_dali." + folder.replace("/", "."): folder for folder in FOLDERS}
 
 setup(
     name="moco-dali",
@@ -14,8 +20,8 @@ setup(
     long_description=open("README.md").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.11",
-    packages=find_packages(include=["pipeline", "pipeline.*", "model", "model.*", "train", "train.*",
-                                    "tools", "tools.*"]),
+    packages=list(PACKAGES),
+    package_dir=PACKAGES,
     install_requires=[
         # One matched pair: torchvision's compiled operators only load beside the torch
         # release they were built against, which its own requirement pins.
@@ -44,7 +50,9 @@ setup(
             "uv>=0.9",
         ],
     },
-    entry_points={"console_scripts": ["moco-shards=tools.shards_cli:main", "moco-demo=tools.demo:main",
-                                    "moco-bench=tools.bench:main", "moco-train=train.cli:main",
-                                    "moco-eval=train.eval_cli:main"]},
+    entry_points={"console_scripts": ["moco-shards=moco_dali.tools.shards.cli:main",
+                                      "moco-demo=moco_dali.tools.demo:main",
+                                      "moco-bench=moco_dali.tools.bench.cli:main",
+                                      "moco-train=moco_dali.train.cli:main",
+                                      "moco-eval=moco_dali.train.eval.cli:main"]},
 )

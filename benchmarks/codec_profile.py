@@ -24,9 +24,9 @@ import simplejpeg
 import webdataset
 from PIL import Image
 
-from pipeline.shards import encode_sample
-from tools.imageprep import parse_jpeg_header
-from tools.machine import describe
+from moco_dali.pipeline.shards import encode_sample
+from moco_dali.tools.shards.imageprep import parse_jpeg_header
+from moco_dali.tools.bench.machine import describe
 
 
 def per_image_ms(fn, items, reps: int) -> float:

@@ -17,7 +17,7 @@ import sys
 import time
 from pathlib import Path
 
-from tools.machine import describe
+from moco_dali.tools.bench.machine import describe
 
 
 def main() -> int:

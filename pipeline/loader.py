@@ -32,10 +32,10 @@ import torch
 from nvidia.dali import fn, pipeline_def, types
 from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
-from pipeline import shards
-from pipeline.augment import AugmentConfig, EvalConfig, augment, eval_view
-from pipeline.scan import first_undecodable
-from pipeline.shards import ShardError
+from moco_dali.pipeline import shards
+from moco_dali.pipeline.augment import AugmentConfig, EvalConfig, augment, eval_view
+from moco_dali.pipeline.scan import first_undecodable
+from moco_dali.pipeline.shards import ShardError
 
 __all__ = ["LoaderConfig", "Batch", "ViewLoader", "decode_pipeline"]
 

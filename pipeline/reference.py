@@ -16,8 +16,8 @@ import webdataset as wds
 from PIL import ImageFilter
 from torchvision import transforms as T
 
-from pipeline import shards
-from pipeline.augment import AugmentConfig
+from moco_dali.pipeline import shards
+from moco_dali.pipeline.augment import AugmentConfig
 
 __all__ = ["GaussianBlur", "TwoCropsTransform", "reference_transform", "reference_loader"]
 

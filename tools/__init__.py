@@ -1,1 +1,2 @@
-"""Command-line entry points: ``moco-shards`` (build, verify, inspect, merge)."""
+"""The commands users run, one sub-package per job: ``shards`` (``moco-shards``), ``bench``
+(``moco-bench``) and ``demo`` (``moco-demo``)."""

@@ -24,8 +24,8 @@ from typing import Optional, Sequence
 import numpy as np
 from PIL import Image, ImageDraw
 
-from tools.build import BuildSettings, build
-from tools.verify import format_inspection, inspect, verify
+from moco_dali.tools.shards.build import BuildSettings, build
+from moco_dali.tools.shards.verify import format_inspection, inspect, verify
 
 __all__ = ["FASHION_MNIST_DIR", "FASHION_MNIST_CLASSES", "load_fashion_mnist", "write_dump", "generated_dump", "main"]
 
@@ -173,7 +173,7 @@ def demo_config(root: Path, steps: int):
     symmetric loss, a cosine schedule over one epoch; otherwise the preset (K 4096,
     m 0.99, T 0.1, lr 0.03 per 256 images, weight decay 5e-4).
     """
-    from train.config import preset
+    from moco_dali.train.config import preset
 
     config = preset("small")
     config.model.small_stem, config.model.symmetric = False, False
@@ -191,8 +191,8 @@ def pretrain(root: Path, steps: int) -> tuple[dict, dict]:
 
     import torch
 
-    from train import checkpoint
-    from train.engine import build_model, knn_accuracy, train
+    from moco_dali.train import checkpoint
+    from moco_dali.train.engine import build_model, knn_accuracy, train
 
     config = demo_config(root, steps)
     shutil.rmtree(config.run.out, ignore_errors=True)

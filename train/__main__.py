@@ -1,7 +1,7 @@
-"""``python -m train`` (and ``torchrun -m train``): the same as ``moco-train``."""
+"""``python -m moco_dali.train`` (and ``torchrun -m moco_dali.train``): the same as ``moco-train``."""
 
 import sys
 
-from train.cli import main
+from moco_dali.train.cli import main
 
 sys.exit(main())

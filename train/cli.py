@@ -1,7 +1,7 @@
 """``moco-train``: pretrain MoCo on a shard folder, on one process or under torchrun.
 
     moco-train --preset v2 --data.train SHARDS [--config run.toml] [--SECTION.KEY VALUE ...]
-    torchrun --nproc_per_node=8 -m train --preset v2 --data.train SHARDS
+    torchrun --nproc_per_node=8 -m moco_dali.train --preset v2 --data.train SHARDS
 
 The only place that turns errors into one line and an exit code: 0 done (or stopped
 by SIGTERM/SIGINT after a checkpoint), 1 stopped by non-finite losses, 2 a
@@ -16,7 +16,7 @@ import logging
 import sys
 from typing import Optional, Sequence
 
-from train.config import (PRESETS, Config, ConfigError, apply_overrides, flat_fields, load_file, preset, to_dict,
+from moco_dali.train.config import (PRESETS, Config, ConfigError, apply_overrides, flat_fields, load_file, preset, to_dict,
                           unknown_key)
 
 __all__ = ["main", "parse"]
@@ -52,8 +52,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if print_only:
             print(json.dumps(to_dict(config), indent=1))
             return 0
-        from pipeline.shards import ShardError
-        from train.engine import TrainingStopped, train
+        from moco_dali.pipeline.shards import ShardError
+        from moco_dali.train.engine import TrainingStopped, train
 
         try:
             train(config)

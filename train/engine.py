@@ -22,16 +22,16 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from model.moco import MoCo
-from model.momentum import momentum_at
-from pipeline.augment import EvalConfig, preset as augment_preset
-from pipeline.loader import LoaderConfig, ViewLoader
-from train import checkpoint, distributed
-from train.config import Config, ConfigError, to_dict, validate
-from train.knn import extract_features, knn_classify
-from train.metrics import Metrics
-from train.schedule import learning_rates
-from train.step import amp_dtype, backward_step, build_model, build_optimizer, forward_loss, views_dtype
+from moco_dali.model.moco import MoCo
+from moco_dali.model.momentum import momentum_at
+from moco_dali.pipeline.augment import EvalConfig, preset as augment_preset
+from moco_dali.pipeline.loader import LoaderConfig, ViewLoader
+from moco_dali.train import checkpoint, distributed
+from moco_dali.train.config import Config, ConfigError, to_dict, validate
+from moco_dali.train.eval.knn import extract_features, knn_classify
+from moco_dali.train.metrics import Metrics
+from moco_dali.train.schedule import learning_rates
+from moco_dali.train.step import amp_dtype, backward_step, build_model, build_optimizer, forward_loss, views_dtype
 
 __all__ = ["train", "build_model", "knn_accuracy", "TrainingStopped"]
 
@@ -89,7 +89,7 @@ def _knn(model: MoCo, config: Config, dist, device, amp) -> Optional[dict]:
 
 def knn_accuracy(model: MoCo, config: Config, device: torch.device) -> dict:
     """Weighted kNN top-1/top-5 of the query backbone on ``data.knn_train`` / ``data.knn_val``."""
-    from train.distributed import Dist
+    from moco_dali.train.distributed import Dist
 
     return _knn(model, config, Dist(0, 1, 0, device), device, amp_dtype(config.run.amp, device))
 

@@ -11,10 +11,10 @@ from typing import Optional
 import torch
 from torch.nn import functional as F
 
-from model.encoders import resnet
-from model.moco import MoCo
-from train.config import Config
-from train.optim import make_optimizer
+from moco_dali.model.encoders import resnet
+from moco_dali.model.moco import MoCo
+from moco_dali.train.config import Config
+from moco_dali.train.optim import make_optimizer
 
 __all__ = ["amp_dtype", "views_dtype", "build_model", "build_optimizer", "forward_loss", "backward_step"]
 

@@ -11,8 +11,8 @@ import torch.multiprocessing as mp
 from torch.nn import functional as F
 from torch.nn.parallel import DistributedDataParallel
 
-from model.moco import MoCo
-from model.shuffle_bn import batch_shuffle_ddp, batch_unshuffle_ddp, gather
+from moco_dali.model.moco import MoCo
+from moco_dali.model.shuffle_bn import batch_shuffle_ddp, batch_unshuffle_ddp, gather
 from tests.model.tiny import TinyEncoder
 
 

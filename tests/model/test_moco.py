@@ -9,8 +9,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from model.encoders import resnet
-from model.moco import MoCo
+from moco_dali.model.encoders import resnet
+from moco_dali.model.moco import MoCo
 from tests.model.tiny import TinyEncoder
 
 

@@ -7,10 +7,10 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from model import momentum
-from model.encoders import resnet
-from model.queue import KeyQueue
-from model.shuffle_bn import SplitBatchNorm2d, batch_shuffle_local, batch_unshuffle_local
+from moco_dali.model import momentum
+from moco_dali.model.encoders import resnet
+from moco_dali.model.queue import KeyQueue
+from moco_dali.model.shuffle_bn import SplitBatchNorm2d, batch_shuffle_local, batch_unshuffle_local
 
 
 # ---------------------------------------------------------------- queue

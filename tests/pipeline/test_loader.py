@@ -9,12 +9,12 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline import shards
-from pipeline.augment import EvalConfig, custom, preset, v1, v2
-from pipeline.loader import LoaderConfig, ViewLoader
-from pipeline.shards import ShardError
+from moco_dali.pipeline import shards
+from moco_dali.pipeline.augment import EvalConfig, custom, preset, v1, v2
+from moco_dali.pipeline.loader import LoaderConfig, ViewLoader
+from moco_dali.pipeline.shards import ShardError
 from tests.conftest import baseline_jpeg, write_files
-from tools.build import BuildSettings, build
+from moco_dali.tools.shards.build import BuildSettings, build
 
 MEAN, STD = np.array([0.485, 0.456, 0.406]) * 255, np.array([0.229, 0.224, 0.225]) * 255
 

@@ -21,11 +21,11 @@ import simplejpeg
 import torch
 from PIL import Image
 
-from pipeline.augment import AugmentConfig, custom, v1, v2
-from pipeline.loader import LoaderConfig, ViewLoader
-from pipeline.reference import reference_transform
+from moco_dali.pipeline.augment import AugmentConfig, custom, v1, v2
+from moco_dali.pipeline.loader import LoaderConfig, ViewLoader
+from moco_dali.pipeline.reference import reference_transform
 from tests.conftest import write_files
-from tools.build import BuildSettings, build
+from moco_dali.tools.shards.build import BuildSettings, build
 
 MEAN = np.array([0.485, 0.456, 0.406]) * 255
 STD = np.array([0.229, 0.224, 0.225]) * 255

@@ -7,8 +7,8 @@ import tarfile
 import pytest
 import webdataset
 
-from pipeline import shards
-from pipeline.shards import ShardError
+from moco_dali.pipeline import shards
+from moco_dali.pipeline.shards import ShardError
 
 
 def write_shard(path, samples):

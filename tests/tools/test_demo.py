@@ -4,8 +4,8 @@ import gzip
 
 import numpy as np
 
-from pipeline import shards
-from tools import demo
+from moco_dali.pipeline import shards
+from moco_dali.tools import demo
 
 
 def test_idx_reader_reads_images_and_labels(tmp_path):

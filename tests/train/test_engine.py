@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from tools.build import BuildSettings, build
-from tools.demo import generated_dump
-from train import checkpoint
+from moco_dali.tools.shards.build import BuildSettings, build
+from moco_dali.tools.demo import generated_dump
+from moco_dali.train import checkpoint
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -41,7 +41,7 @@ def data(tmp_path_factory) -> dict[str, Path]:
 
 
 def moco_train(*args: str, env=None, wait: bool = True):
-    command = [sys.executable, "-m", "train", *args]
+    command = [sys.executable, "-m", "moco_dali.train", *args]
     environment = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
     if not wait:
         return subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
@@ -116,7 +116,7 @@ def test_pretext_task_is_learned_and_outputs_hold_their_fields(data, tmp_path):
     # steps of MoCo do not beat a random encoder's kNN on these drawings).
     knn = [r for r in records if r["kind"] == "knn"]
     assert [r["epoch"] for r in knn] == [4, 8, 12]
-    from train.eval_cli import main as moco_eval
+    from moco_dali.train.eval.cli import main as moco_eval
 
     report = tmp_path / "knn.json"
     assert moco_eval(["knn", "--checkpoint", str(out / "ckpt-000000144.pt"), "--train", str(data["train"]),
@@ -132,26 +132,26 @@ def test_pretext_task_is_learned_and_outputs_hold_their_fields(data, tmp_path):
 
 
 def _no_momentum(monkeypatch):
-    from model.moco import MoCo
+    from moco_dali.model.moco import MoCo
 
     monkeypatch.setattr(MoCo, "_momentum_update_key_encoder", lambda self: None)
 
 
 def _queue_never_written(monkeypatch):
-    from model.queue import KeyQueue
+    from moco_dali.model.queue import KeyQueue
 
     monkeypatch.setattr(KeyQueue, "enqueue", lambda self, keys: None)
 
 
 def _identical_views(monkeypatch):
-    from model.moco import MoCo
+    from moco_dali.model.moco import MoCo
 
     forward = MoCo.forward
     monkeypatch.setattr(MoCo, "forward", lambda self, im_q, im_k: forward(self, im_q, im_q))
 
 
 def _keys_with_gradients(monkeypatch):
-    from model.moco import MoCo
+    from moco_dali.model.moco import MoCo
 
     monkeypatch.setattr(MoCo, "_keys", lambda self, im_k: self._normalize(self.encoder_q(im_k)))
 
@@ -163,8 +163,8 @@ BROKEN = {"no momentum update": _no_momentum, "queue never written": _queue_neve
 @pytest.mark.parametrize("broken", list(BROKEN))
 def test_the_learning_check_fails_a_broken_engine(data, tmp_path, monkeypatch, broken):
     """The same run in this process with one piece of MoCo broken: ``learned`` must object."""
-    from train.cli import parse
-    from train.engine import train
+    from moco_dali.train.cli import parse
+    from moco_dali.train.engine import train
 
     BROKEN[broken](monkeypatch)
     config, _ = parse([*LEARN, "--data.train", str(data["train"]), "--run.out", str(tmp_path / "run")])
@@ -233,7 +233,7 @@ def test_sigterm_writes_a_checkpoint_and_exits_0(data, tmp_path):
 
 def test_two_process_gloo_run_agrees_across_ranks(data, tmp_path):
     out = tmp_path / "ddp"
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "-m", "train", *TINY,
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "-m", "moco_dali.train", *TINY,
                "--data.train", str(data["train"]), "--run.out", str(out), "--run.max_steps", "6",
                "--run.ckpt_every", "3"]
     result = subprocess.run(command, cwd=REPO, capture_output=True, text=True,
@@ -275,7 +275,7 @@ def test_configuration_errors_are_one_line(data, extra, message):
 
 
 def test_batch_not_divisible_by_world_and_missing_shards(data, tmp_path):
-    from train.config import ConfigError, preset, validate
+    from moco_dali.train.config import ConfigError, preset, validate
 
     config = preset("v2")
     config.data.train = str(data["train"])
@@ -288,7 +288,7 @@ def test_batch_not_divisible_by_world_and_missing_shards(data, tmp_path):
 
 
 def test_config_file_and_command_line_precedence(tmp_path):
-    from train.cli import parse
+    from moco_dali.train.cli import parse
 
     (tmp_path / "run.toml").write_text('[optim]\nlr_per_256 = 0.5\nmilestones = [3, 4]\n[run]\nepochs = 7\n')
     (tmp_path / "run.yaml").write_text("model:\n  K: 4096\n  mlp: false\n")

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from train.optim import LARS, make_optimizer
+from moco_dali.train.optim import LARS, make_optimizer
 
 
 def reference_lars(params, grads, buffers, lr, momentum, wd, tc):
@@ -60,7 +60,7 @@ def test_make_optimizer_choices():
 @pytest.mark.parametrize("name", ["sgd", "lars"])
 def test_a_non_finite_gradient_skips_the_step_on_the_device(name):
     """backward_step: weights and momentum buffers untouched by a NaN step, then training goes on."""
-    from train.step import backward_step
+    from moco_dali.train.step import backward_step
 
     torch.manual_seed(0)
     model = torch.nn.Linear(4, 3)

@@ -26,8 +26,8 @@ from typing import Iterable, Iterator, Optional
 
 from tqdm import tqdm
 
-from pipeline import shards
-from tools.imageprep import PrepSettings, Rejected, prepare, sample_metadata
+from moco_dali.pipeline import shards
+from moco_dali.tools.shards.imageprep import PrepSettings, Rejected, prepare, sample_metadata
 
 __all__ = ["BuildError", "BuildSettings", "InputRef", "BuildReport", "enumerate_inputs", "build", "merge"]
 

@@ -13,9 +13,9 @@ from typing import Optional
 import torch
 from torch.nn import functional as F
 
-from model.encoders import backbone
-from pipeline.augment import EvalConfig
-from pipeline.loader import LoaderConfig, ViewLoader
+from moco_dali.model.encoders import backbone
+from moco_dali.pipeline.augment import EvalConfig
+from moco_dali.pipeline.loader import LoaderConfig, ViewLoader
 
 __all__ = ["pooled_features", "extract_features", "knn_classify"]
 

@@ -19,8 +19,8 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
-from model.encoders import ARCHS, add_mlp_head, resnet
-from train.checkpoint import write_atomic
+from moco_dali.model.encoders import ARCHS, add_mlp_head, resnet
+from moco_dali.train.checkpoint import write_atomic
 
 __all__ = ["CheckpointError", "Pretrained", "load_encoder", "torchvision_state_dict", "detectron2_weights",
            "export", "weights_digest"]
@@ -101,8 +101,8 @@ def load_encoder(path: str | os.PathLike, arch: Optional[str] = None, random_ini
     if random_init:
         if info.config is None:
             raise CheckpointError(f"{path}: --random-init needs a moco-train checkpoint (it rebuilds the run's step 0)")
-        from train.config import from_dict
-        from train.engine import build_model
+        from moco_dali.train.config import from_dict
+        from moco_dali.train.engine import build_model
 
         config = from_dict(info.config)
         config.run.channels_last = False

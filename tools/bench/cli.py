@@ -34,10 +34,10 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
-from model import momentum
-from model.encoders import add_mlp_head, resnet
-from model.queue import KeyQueue
-from tools.machine import describe
+from moco_dali.model import momentum
+from moco_dali.model.encoders import add_mlp_head, resnet
+from moco_dali.model.queue import KeyQueue
+from moco_dali.tools.bench.machine import describe
 
 __all__ = ["main", "time_ms", "copy_bandwidth"]
 
@@ -174,9 +174,9 @@ def _peak_memory(device: torch.device) -> dict:
 
 
 def _synthetic_photos(args) -> tuple[Path, dict]:
-    """Generated ImageNet-like JPEGs (``tools.synthetic``), made once per run."""
+    """Generated ImageNet-like JPEGs (``moco_dali.tools.bench.synthetic``), made once per run."""
     if getattr(args, "_photos", None) is None:
-        from tools.synthetic import generate
+        from moco_dali.tools.bench.synthetic import generate
 
         work = Path(tempfile.mkdtemp(prefix="moco-bench-"))
         info = generate(work / "photos", args.synthetic, seed=0)
@@ -189,7 +189,7 @@ def _shards(args) -> tuple[Path, Optional[dict]]:
     if args.shards is not None:
         return args.shards, None
     if getattr(args, "_built", None) is None:
-        from tools.build import BuildSettings, build
+        from moco_dali.tools.shards.build import BuildSettings, build
 
         photos, info = _synthetic_photos(args)
         build([str(photos)], photos.parent / "shards", BuildSettings(max_count=1000), progress=False)
@@ -198,9 +198,9 @@ def _shards(args) -> tuple[Path, Optional[dict]]:
 
 
 def bench_pipeline(args) -> dict:
-    from pipeline.augment import preset
-    from pipeline.loader import LoaderConfig, ViewLoader, decode_pipeline
-    from pipeline.reference import reference_loader
+    from moco_dali.pipeline.augment import preset
+    from moco_dali.pipeline.loader import LoaderConfig, ViewLoader, decode_pipeline
+    from moco_dali.pipeline.reference import reference_loader
 
     device = torch.device(args.device)
     gpu = device.type == "cuda"
@@ -448,11 +448,11 @@ def _run(mode: str, args) -> dict:
     if mode == "momentum":
         return bench_momentum(args)
     if mode in ("step", "e2e"):
-        from tools.bench_train import bench_e2e, bench_step
+        from moco_dali.tools.bench.step import bench_e2e, bench_step
 
         return bench_step(args) if mode == "step" else bench_e2e(args, str(_shards(args)[0]))
     if mode == "shards":
-        from tools.bench_shards import bench_shards
+        from moco_dali.tools.bench.shards import bench_shards
 
         photos, info = (args.photos, None) if args.photos else _synthetic_photos(args)
         workers = [int(w) for w in args.build_workers.split(",")] if args.build_workers else None
@@ -461,8 +461,8 @@ def _run(mode: str, args) -> dict:
 
 
 def _print(record: dict) -> None:
-    from tools.bench_shards import print_shards
-    from tools.bench_train import print_e2e, print_step
+    from moco_dali.tools.bench.shards import print_shards
+    from moco_dali.tools.bench.step import print_e2e, print_step
 
     printers = {"pipeline": print_pipeline, "momentum": print_momentum, "step": print_step, "e2e": print_e2e,
                 "shards": print_shards}

@@ -2,8 +2,8 @@
 
 from PIL import Image
 
-from tests.tools.test_build import run_cli
-from tools.build import BuildSettings, build
+from tests.tools.shards.test_build import run_cli
+from moco_dali.tools.shards.build import BuildSettings, build
 
 
 def test_preview_writes_a_grid_of_originals_and_views(tmp_path, labelled_dump):

@@ -20,8 +20,8 @@ from typing import Optional
 
 from tqdm import tqdm
 
-from pipeline import shards
-from pipeline.shards import ShardError
+from moco_dali.pipeline import shards
+from moco_dali.pipeline.shards import ShardError
 
 __all__ = ["VerifyReport", "verify", "inspect", "format_inspection"]
 
@@ -70,7 +70,7 @@ def verify(folder: str | Path, *, batch_size: int = 64, num_threads: Optional[in
     Raises:
         ShardError: at the first fault, naming the shard (and key where there is one).
     """
-    from pipeline.scan import first_undecodable, scan_shards  # DALI is loaded only when decoding is asked for
+    from moco_dali.pipeline.scan import first_undecodable, scan_shards  # DALI is loaded only when decoding is asked for
 
     started = time.monotonic()
     manifest, pairs = shards.discover(folder)

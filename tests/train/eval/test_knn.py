@@ -7,8 +7,8 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from train.knn import knn_classify
-from train.schedule import learning_rates
+from moco_dali.train.eval.knn import knn_classify
+from moco_dali.train.schedule import learning_rates
 
 
 def brute_force(train_f, train_y, val_f, classes, k, t):

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import simplejpeg
 
-from tools import bench
+from moco_dali.tools.bench import cli as bench
 
 
 def test_momentum_mode_writes_its_record(tmp_path, capsys):
@@ -26,7 +26,7 @@ def test_momentum_mode_writes_its_record(tmp_path, capsys):
 
 
 def test_pipeline_mode_runs_both_loaders_and_writes_its_record(tmp_path, labelled_dump):
-    from tools.build import BuildSettings, build
+    from moco_dali.tools.shards.build import BuildSettings, build
 
     build([str(labelled_dump)], tmp_path / "shards", BuildSettings(), workers=0, progress=False)
     out = tmp_path / "pipeline.json"
@@ -83,7 +83,7 @@ def test_compare_errors_name_the_file(tmp_path, capsys):
 
 
 def test_synthetic_generator_makes_photo_sized_decodable_jpegs(tmp_path):
-    from tools.synthetic import generate
+    from moco_dali.tools.bench.synthetic import generate
 
     info = generate(tmp_path, 6, seed=3)
     sizes = []

@@ -80,13 +80,13 @@ def generate(out: Path, count: int, seed: int = 0, target_kb: float = 110.0) -> 
         (out / f"{i:07d}.jpg").write_bytes(data)
         sizes.append(len(data))
         qualities.append(quality)
-    return {"count": count, "seed": seed, "generator": "tools.synthetic (1/f texture, shapes, gradient)",
+    return {"count": count, "seed": seed, "generator": "moco_dali.tools.bench.synthetic (1/f texture, shapes, gradient)",
             "mean_KB": float(np.mean(sizes)) / 1000 if sizes else 0.0,
             "median_quality": float(np.median(qualities)) if qualities else None, "folder": str(out)}
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m tools.synthetic", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m moco_dali.tools.bench.synthetic", description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--count", type=int, required=True)
     parser.add_argument("--seed", type=int, default=0)

@@ -6,7 +6,7 @@ import simplejpeg
 from PIL import Image
 
 from tests.conftest import awkward_inputs, baseline_jpeg, broken_inputs, encode, exif_jpeg, photo_like
-from tools.imageprep import PrepSettings, Rejected, parse_jpeg_header, prepare, target_size
+from moco_dali.tools.shards.imageprep import PrepSettings, Rejected, parse_jpeg_header, prepare, target_size
 
 DEFAULT = PrepSettings()
 

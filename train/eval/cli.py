@@ -34,7 +34,7 @@ def _device(name: str):
 
 
 def _amp(name: str, device):
-    from train.step import amp_dtype
+    from moco_dali.train.step import amp_dtype
 
     if name == "fp16" and device.type != "cuda":
         raise ValueError("--amp fp16 needs a CUDA GPU")
@@ -52,9 +52,9 @@ def _sizes(args, info) -> tuple[int, int]:
 def _knn(args) -> dict:
     import torch
 
-    from pipeline.augment import EvalConfig
-    from train.knn import extract_features, knn_classify
-    from train.pretrained import load_encoder
+    from moco_dali.pipeline.augment import EvalConfig
+    from moco_dali.train.eval.knn import extract_features, knn_classify
+    from moco_dali.train.eval.pretrained import load_encoder
 
     device = _device(args.device)
     amp = _amp(args.amp, device)
@@ -80,8 +80,8 @@ def _knn(args) -> dict:
 
 
 def _linear(args) -> dict:
-    from train.linear import LinearConfig, linear_probe
-    from train.pretrained import load_encoder
+    from moco_dali.train.eval.linear import LinearConfig, linear_probe
+    from moco_dali.train.eval.pretrained import load_encoder
 
     device = _device(args.device)
     amp = _amp(args.amp, device)
@@ -100,7 +100,7 @@ def _linear(args) -> dict:
 
 
 def _export(args) -> dict:
-    from train.pretrained import export, load_encoder
+    from moco_dali.train.eval.pretrained import export, load_encoder
 
     encoder, info = load_encoder(args.checkpoint, args.arch)
     out = export(encoder, args.format, args.out)
@@ -159,8 +159,8 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     logging.basicConfig(level=logging.INFO, format="moco-eval: %(message)s")
     args = _parser().parse_args(argv)
-    from pipeline.shards import ShardError
-    from train.pretrained import CheckpointError
+    from moco_dali.pipeline.shards import ShardError
+    from moco_dali.train.eval.pretrained import CheckpointError
 
     for name in ("k", "batch_size", "epochs"):
         if getattr(args, name, 1) < 1:

@@ -7,11 +7,11 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import shards
-from pipeline.shards import ShardError
-from tests.tools.test_build import run_cli
-from tools.build import BuildSettings, build
-from tools.verify import format_inspection, inspect, verify
+from moco_dali.pipeline import shards
+from moco_dali.pipeline.shards import ShardError
+from tests.tools.shards.test_build import run_cli
+from moco_dali.tools.shards.build import BuildSettings, build
+from moco_dali.tools.shards.verify import format_inspection, inspect, verify
 
 
 @pytest.fixture

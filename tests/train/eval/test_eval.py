@@ -14,14 +14,14 @@ import torch
 import torchvision
 from torch import nn
 
-from model.encoders import backbone
+from moco_dali.model.encoders import backbone
 from tests.conftest import write_files
-from tools.build import BuildSettings, build
-from train.config import preset, to_dict
-from train.engine import build_model
-from train.eval_cli import main as moco_eval
-from train.linear import LinearConfig, linear_probe
-from train.pretrained import CheckpointError, detectron2_weights, load_encoder
+from moco_dali.tools.shards.build import BuildSettings, build
+from moco_dali.train.config import preset, to_dict
+from moco_dali.train.engine import build_model
+from moco_dali.train.eval.cli import main as moco_eval
+from moco_dali.train.eval.linear import LinearConfig, linear_probe
+from moco_dali.train.eval.pretrained import CheckpointError, detectron2_weights, load_encoder
 
 COLOURS = {"red": (200, 30, 30), "green": (30, 180, 40), "blue": (30, 40, 200)}
 

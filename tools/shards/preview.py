@@ -14,9 +14,9 @@ from typing import Optional
 import numpy as np
 from PIL import Image, ImageDraw
 
-from pipeline import shards
-from pipeline.augment import preset
-from pipeline.loader import LoaderConfig, ViewLoader
+from moco_dali.pipeline import shards
+from moco_dali.pipeline.augment import preset
+from moco_dali.pipeline.loader import LoaderConfig, ViewLoader
 
 __all__ = ["preview"]
 

@@ -14,17 +14,17 @@ from pathlib import Path
 import pytest
 import simplejpeg
 
-from pipeline import shards
-from pipeline.scan import scan_shards
+from moco_dali.pipeline import shards
+from moco_dali.pipeline.scan import scan_shards
 from tests.conftest import awkward_inputs, baseline_jpeg, broken_inputs, photo_like, write_files
-from tools.build import BuildError, BuildSettings, build, enumerate_inputs, merge
-from tools.imageprep import PrepSettings
+from moco_dali.tools.shards.build import BuildError, BuildSettings, build, enumerate_inputs, merge
+from moco_dali.tools.shards.imageprep import PrepSettings
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 
 
 def run_cli(*args: str, check: bool = False) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "tools.shards_cli", *args], cwd=REPO, capture_output=True,
+    return subprocess.run([sys.executable, "-m", "moco_dali.tools.shards.cli", *args], cwd=REPO, capture_output=True,
                           text=True, check=check)
 
 
@@ -145,7 +145,7 @@ def test_resume_after_kill_finishes_without_redoing_finished_shards(tmp_path):
                                     for i in range(60)})
     args = [str(tmp_path / "dump"), "--max-count", "3", "--workers", "1", "--reencode", "always", "--no-progress"]
     out = tmp_path / "killed"
-    proc = subprocess.Popen([sys.executable, "-m", "tools.shards_cli", "build", *args, "--out", str(out)], cwd=REPO,
+    proc = subprocess.Popen([sys.executable, "-m", "moco_dali.tools.shards.cli", "build", *args, "--out", str(out)], cwd=REPO,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     state = out / ".moco-build-shard"
     deadline = time.monotonic() + 120

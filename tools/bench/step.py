@@ -22,10 +22,10 @@ from typing import Iterator
 
 import torch
 
-from model.momentum import resolve_implementation
-from tools.bench import _forever, _sync
-from train.config import preset
-from train.step import amp_dtype, backward_step, build_model, build_optimizer, forward_loss, views_dtype
+from moco_dali.model.momentum import resolve_implementation
+from moco_dali.tools.bench.cli import _forever, _sync
+from moco_dali.train.config import preset
+from moco_dali.train.step import amp_dtype, backward_step, build_model, build_optimizer, forward_loss, views_dtype
 
 __all__ = ["Contender", "bench_step", "bench_e2e", "print_step", "print_e2e"]
 
@@ -159,9 +159,9 @@ def _verdict(e2e: dict, ceiling: dict, device: torch.device) -> tuple[str, str]:
 
 
 def bench_e2e(args, shards: str) -> dict:
-    from pipeline.augment import preset as augment_preset
-    from pipeline.loader import LoaderConfig, ViewLoader
-    from pipeline.reference import reference_loader
+    from moco_dali.pipeline.augment import preset as augment_preset
+    from moco_dali.pipeline.loader import LoaderConfig, ViewLoader
+    from moco_dali.pipeline.reference import reference_loader
 
     contenders = [Contender(args, reference=False), Contender(args, reference=True)]
     ours, reference = contenders

@@ -1,6 +1,6 @@
 """``moco-bench shards``: ``moco-shards build`` against a plain PIL + webdataset.ShardWriter loop.
 
-On a folder of ImageNet-like photographs (``tools.photoset``) it measures, side by
+On a folder of ImageNet-like photographs (``moco_dali.tools.bench.photoset``) it measures, side by
 side and alternating after a warm-up:
 
 * the baseline: one process that opens each file with PIL, converts to RGB, saves a
@@ -31,8 +31,8 @@ from typing import Optional
 import webdataset
 from PIL import Image
 
-from tools.build import BuildSettings, build
-from tools.imageprep import PrepSettings
+from moco_dali.tools.shards.build import BuildSettings, build
+from moco_dali.tools.shards.imageprep import PrepSettings
 
 
 def _cpu_seconds() -> float:

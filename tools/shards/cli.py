@@ -14,9 +14,9 @@ import re
 import sys
 from typing import Optional, Sequence
 
-from pipeline.shards import ShardError
-from tools.build import BuildError, BuildSettings, build, merge
-from tools.imageprep import DEFAULT_MAX_PIXELS, PrepSettings
+from moco_dali.pipeline.shards import ShardError
+from moco_dali.tools.shards.build import BuildError, BuildSettings, build, merge
+from moco_dali.tools.shards.imageprep import DEFAULT_MAX_PIXELS, PrepSettings
 
 __all__ = ["main", "parse_bytes"]
 
@@ -115,20 +115,20 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if args.command == "build":
             return _build(args)
         if args.command == "verify":
-            from tools.verify import verify
+            from moco_dali.tools.shards.verify import verify
 
             report = verify(args.folder, batch_size=args.batch_size, num_threads=args.threads,
                             device_id=args.device_id, progress=not args.no_progress)
             print(f"moco-shards verify: {report.summary()}")
             return 0
         if args.command == "inspect":
-            from tools.verify import format_inspection, inspect
+            from moco_dali.tools.shards.verify import format_inspection, inspect
 
             info = inspect(args.folder)
             print(json.dumps(info, indent=1) if args.json else format_inspection(info))
             return 0
         if args.command == "preview":
-            from tools.preview import preview
+            from moco_dali.tools.shards.preview import preview
 
             path = preview(args.folder, args.out, recipe=args.preset, count=args.count, size=args.size,
                            seed=args.seed, device_id=args.device_id)

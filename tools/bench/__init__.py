@@ -1,0 +1,1 @@
+"""``moco-bench``: throughput, this project's path beside the reference path."""
