@@ -1,1 +1,7 @@
-"""``moco-bench``: throughput, this project's path beside the reference path."""
+"""``moco-bench``: throughput, this project's path beside the reference path, one module per mode.
+
+``cli`` (the command and the record), ``common`` (timing, memory, the data measured
+on), ``pipeline``, ``momentum``, ``step`` (``step`` and ``e2e``), ``shards``,
+``report`` (headline figures, ``--compare``, ``--chart``); the data generators
+``synthetic`` and ``photoset``, and ``machine`` (what the record says it ran on).
+"""

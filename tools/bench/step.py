@@ -23,7 +23,7 @@ from typing import Iterator
 import torch
 
 from moco_dali.model.momentum import resolve_implementation
-from moco_dali.tools.bench.cli import _forever, _sync
+from moco_dali.tools.bench.common import forever, sync
 from moco_dali.train.config import preset
 from moco_dali.train.step import amp_dtype, backward_step, build_model, build_optimizer, forward_loss, views_dtype
 
@@ -85,7 +85,7 @@ class Contender:
         """Seconds for ``steps`` steps over ``batches``, and the seconds spent waiting for them."""
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
-        _sync(self.device)
+        sync(self.device)
         wait = 0.0
         start = time.perf_counter()
         for _ in range(steps):
@@ -93,7 +93,7 @@ class Contender:
             view_q, view_k = next(batches)
             wait += time.perf_counter() - ready
             self.step(view_q, view_k)
-        _sync(self.device)
+        sync(self.device)
         seconds = time.perf_counter() - start
         if self.device.type == "cuda":
             self.peak_MB = max(self.peak_MB, torch.cuda.max_memory_allocated(self.device) / 2**20)
@@ -172,8 +172,8 @@ def bench_e2e(args, shards: str) -> dict:
                                                   hw_decoder_load=args.hw_decoder_load),
                         device_id=(device.index or 0) if device.type == "cuda" else None)
 
-    dali = _forever(lambda: ((ours.layout(b.view_q), ours.layout(b.view_k)) for b in loader))
-    torchvision = _forever(lambda: ((reference.layout(q), reference.layout(k)) for q, k in
+    dali = forever(lambda: ((ours.layout(b.view_q), ours.layout(b.view_k)) for b in loader))
+    torchvision = forever(lambda: ((reference.layout(q), reference.layout(k)) for q, k in
                                     reference_loader(shards, cfg, args.batch, workers=args.workers, device=device)))
     runs = {"step_ours": (ours, _repeat(ours.synthetic(args.batch, args.size))),
             "step_reference": (reference, _repeat(reference.synthetic(args.batch, args.size))),
