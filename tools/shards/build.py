@@ -1,9 +1,9 @@
-"""Build WebDataset shards from an image dump: enumerate, partition, normalise, pack.
+"""Build WebDataset shards from an image dump: normalise and pack, resumably.
 
-Owns the build: which inputs there are and in what order, which part of them this
-machine builds, where shard boundaries fall, the resume records that make a killed
-build finish without redoing finished shards, and the manifest. Per-image work is
-``tools.imageprep``'s; the file format is ``pipeline.shards``'.
+Owns the build: where shard boundaries fall, the worker pool, the resume records that
+make a killed build finish without redoing finished shards, and the manifest. Which
+inputs there are and in what order is ``inputs``'s; per-image work is
+``imageprep``'s; the file format is ``moco_dali.pipeline.shards``'.
 
 Determinism: inputs are enumerated in a stable order, processed by a worker pool
 whose results are consumed in input order, and packed by one writer, so the same
@@ -17,41 +17,24 @@ import json
 import logging
 import multiprocessing
 import os
-import random
-import tarfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Iterable, Iterator, Optional
+from typing import Optional
 
 from tqdm import tqdm
 
 from moco_dali.pipeline import shards
+from moco_dali.tools.shards import BuildError
 from moco_dali.tools.shards.imageprep import PrepSettings, Rejected, prepare, sample_metadata
+from moco_dali.tools.shards.inputs import InputRef, enumerate_inputs, input_digest, packing_order, part_range
 
-__all__ = ["BuildError", "BuildSettings", "InputRef", "BuildReport", "enumerate_inputs", "build", "merge"]
+__all__ = ["BuildSettings", "BuildReport", "build"]
 
 log = logging.getLogger(__name__)
 
-LIST_SUFFIXES = (".txt", ".lst", ".list")
-TAR_SUFFIXES = (".tar",)
 NO_CLASS = "no class folder (--labels folder needs SRC/CLASS/...)"
 _NO_CLASS = -1
-
-
-class BuildError(ValueError):
-    """The build cannot start or continue: a bad source, option or output folder."""
-
-
-@dataclass(frozen=True)
-class InputRef:
-    """One input image: ``source`` names it for people; ``path``/``offset``/``size`` read it."""
-
-    source: str
-    path: str
-    offset: int = -1
-    size: int = -1
-    label: Optional[str] = None
 
 
 @dataclass(frozen=True)
@@ -108,101 +91,6 @@ class BuildReport:
             f"({self.copied} copied, {self.reencoded} re-encoded), {self.rejected} rejected{resumed}; "
             f"{self.seconds:.1f} s, {rate:.0f} img/s; {self.manifest_path}"
         )
-
-
-# --------------------------------------------------------------------------- inputs
-
-def _walk(root: Path) -> Iterator[Path]:
-    """Regular files under ``root`` in a stable order, hidden names skipped."""
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        for name in sorted(filenames):
-            if not name.startswith("."):
-                yield Path(dirpath) / name
-
-
-def _first_folder(relative: str) -> Optional[str]:
-    head, sep, _ = relative.partition("/")
-    return head if sep and head else None
-
-
-def enumerate_inputs(sources: Iterable[str], labels: str = "none") -> list[InputRef]:
-    """Every input of ``sources`` in build order.
-
-    A folder contributes its files recursively (sorted, hidden names skipped); a
-    ``.txt``/``.lst``/``.list`` file lists image paths one per line (relative to the
-    list's folder; blank lines and ``#`` comments skipped); a ``.tar`` archive
-    contributes its regular members; any other file is one image.
-
-    With ``labels="folder"`` the class of an input is its first-level sub-folder
-    below a source folder or archive root, and for list entries and single files the
-    folder that holds the image.
-
-    Raises:
-        BuildError: a source does not exist or cannot be read.
-    """
-    refs: list[InputRef] = []
-    for src in sources:
-        path = Path(src)
-        if path.is_dir():
-            for file in _walk(path):
-                rel = file.relative_to(path).as_posix()
-                label = _first_folder(rel) if labels == "folder" else None
-                refs.append(InputRef(str(file), str(file), label=label))
-        elif path.is_file() and path.name.lower().endswith(TAR_SUFFIXES):
-            try:
-                with tarfile.open(path, "r:") as archive:
-                    for member in archive:
-                        if member.isfile():
-                            label = _first_folder(member.name) if labels == "folder" else None
-                            refs.append(InputRef(f"{src}:{member.name}", str(path), member.offset_data,
-                                                 member.size, label))
-            except (tarfile.TarError, OSError) as exc:
-                raise BuildError(f"{src}: cannot read tar archive: {exc}") from None
-        elif path.is_file() and path.name.lower().endswith(LIST_SUFFIXES):
-            try:
-                lines = path.read_text().splitlines()
-            except (OSError, UnicodeDecodeError) as exc:
-                raise BuildError(f"{src}: cannot read list file: {exc}") from None
-            for line in lines:
-                entry = line.strip()
-                if not entry or entry.startswith("#"):
-                    continue
-                file = Path(entry) if os.path.isabs(entry) else path.parent / entry
-                label = (file.parent.name or None) if labels == "folder" else None
-                refs.append(InputRef(str(file), str(file), label=label))
-        elif path.is_file():
-            label = (path.resolve().parent.name or None) if labels == "folder" else None
-            refs.append(InputRef(str(path), str(path), label=label))
-        else:
-            raise BuildError(f"{src}: no such file or folder")
-    return refs
-
-
-def _input_digest(refs: list[InputRef]) -> str:
-    h = hashlib.sha256()
-    for ref in refs:
-        h.update(f"{ref.source}\0{ref.label or ''}\n".encode())
-    return h.hexdigest()
-
-
-def packing_order(total: int, seed: Optional[int]) -> list[int]:
-    """Input indices in the order they are packed.
-
-    Dumps are usually sorted by class (ImageNet's folders), so packing in listing
-    order gives shards of one or two classes, and a reader's shuffle buffer cannot
-    mix what lies in different shards: MoCo would see single-class batches for long
-    stretches. A seeded shuffle mixes every shard and stays deterministic.
-    """
-    order = list(range(total))
-    if seed is not None:
-        random.Random(seed).shuffle(order)
-    return order
-
-
-def _part_range(total: int, part: int, num_parts: int) -> tuple[int, int]:
-    # Contiguous blocks keep each machine's reads local to its share of the dump.
-    return total * part // num_parts, total * (part + 1) // num_parts
 
 
 # --------------------------------------------------------------------------- workers
@@ -413,8 +301,8 @@ def build(sources: list[str], out: str | os.PathLike, settings: BuildSettings, *
         raise BuildError(f"no input files found in {', '.join(sources)}")
     classes = sorted({r.label for r in all_refs if r.label is not None})
     class_of = {name: i for i, name in enumerate(classes)}
-    digest = _input_digest(all_refs)
-    first, end = _part_range(len(all_refs), settings.part, settings.num_parts)
+    digest = input_digest(all_refs)
+    first, end = part_range(len(all_refs), settings.part, settings.num_parts)
     inputs = end - first
     identity = {"settings": settings.fingerprint(), "input_digest": digest, "sources": list(sources)}
 
@@ -528,73 +416,3 @@ def _report(out: Path, manifest_path: Path, manifest: dict, seconds: float, resu
     )
 
 
-# --------------------------------------------------------------------------- merge
-
-def merge(folders: list[str], out: Optional[str] = None) -> Path:
-    """Merge the part manifests of one multi-part build into one ``manifest.json``.
-
-    Args:
-        folders: folders holding ``manifest.part-*.json`` files (and their shards).
-        out: where to write the merged manifest (default: the first folder); shard
-            paths in it are relative to this folder.
-
-    Raises:
-        BuildError: parts of different builds, a part twice, or a missing part.
-    """
-    if not folders:
-        raise BuildError("give at least one folder with part manifests")
-    parts: dict[int, tuple[Path, dict]] = {}
-    for folder in map(Path, folders):
-        if not folder.is_dir():
-            raise BuildError(f"{folder}: not a folder")
-        for path in sorted(folder.iterdir()):
-            if not shards.PART_MANIFEST_RE.match(path.name):
-                continue
-            data = json.loads(path.read_text())
-            part = data["settings"]["part"]
-            if part in parts:
-                raise BuildError(f"{path}: part {part} also in {parts[part][0]}")
-            parts[part] = (path, data)
-    if not parts:
-        raise BuildError(f"no part manifests (manifest.part-*.json) in {', '.join(folders)}")
-    first_path, first = parts[min(parts)]
-
-    def identity(data: dict) -> tuple:
-        settings = dict(data["settings"], part=None)
-        return data["name"], json.dumps(settings, sort_keys=True), data["input_digest"], data["classes"]
-
-    for path, data in parts.values():
-        if identity(data) != identity(first):
-            raise BuildError(f"{path}: a part of another build than {first_path} (inputs or settings differ)")
-    num_parts = first["settings"]["num_parts"]
-    missing = sorted(set(range(num_parts)) - set(parts))
-    if missing:
-        raise BuildError(f"parts {', '.join(map(str, missing))} of {num_parts} are missing; build them first")
-
-    out_dir = Path(out) if out else Path(folders[0])
-    out_dir.mkdir(parents=True, exist_ok=True)
-    merged_shards, rejected, part_list = [], [], []
-    class_counts = dict.fromkeys(first["classes"], 0)
-    for part in range(num_parts):
-        path, data = parts[part]
-        for entry in data["shards"]:
-            entry = dict(entry)
-            for key in ("tar", "index"):
-                entry[key] = os.path.relpath(path.parent / entry[key], out_dir)
-            merged_shards.append(entry)
-        rejected.extend(data["rejected"])
-        part_list.extend(data["parts"])
-        for name, count in data["class_counts"].items():
-            class_counts[name] += count
-    manifest = dict(first)
-    manifest.update(
-        inputs=sum(parts[p][1]["inputs"] for p in parts),
-        samples=sum(parts[p][1]["samples"] for p in parts),
-        copied=sum(parts[p][1]["copied"] for p in parts),
-        reencoded=sum(parts[p][1]["reencoded"] for p in parts),
-        class_counts=class_counts, shards=merged_shards, rejected=rejected, parts=part_list,
-        settings=dict(first["settings"], part=None),
-    )
-    path = out_dir / shards.MANIFEST_NAME
-    shards.write_json_atomic(path, manifest)
-    return path

@@ -15,7 +15,9 @@ import sys
 from typing import Optional, Sequence
 
 from moco_dali.pipeline.shards import ShardError
-from moco_dali.tools.shards.build import BuildError, BuildSettings, build, merge
+from moco_dali.tools.shards import BuildError
+from moco_dali.tools.shards.build import BuildSettings, build
+from moco_dali.tools.shards.merge import merge
 from moco_dali.tools.shards.imageprep import DEFAULT_MAX_PIXELS, PrepSettings
 
 __all__ = ["main", "parse_bytes"]

@@ -17,7 +17,10 @@ import simplejpeg
 from moco_dali.pipeline import shards
 from moco_dali.pipeline.scan import scan_shards
 from tests.conftest import awkward_inputs, baseline_jpeg, broken_inputs, photo_like, write_files
-from moco_dali.tools.shards.build import BuildError, BuildSettings, build, enumerate_inputs, merge
+from moco_dali.tools.shards import BuildError
+from moco_dali.tools.shards.build import BuildSettings, build
+from moco_dali.tools.shards.inputs import enumerate_inputs
+from moco_dali.tools.shards.merge import merge
 from moco_dali.tools.shards.imageprep import PrepSettings
 
 REPO = Path(__file__).resolve().parents[3]
