@@ -17,7 +17,7 @@ from moco_dali.model.encoders import backbone
 from moco_dali.pipeline.augment import EvalConfig
 from moco_dali.pipeline.loader import LoaderConfig, ViewLoader
 
-__all__ = ["pooled_features", "extract_features", "knn_classify"]
+__all__ = ["pooled_features", "extract_features", "knn_classify", "config_knn"]
 
 
 @torch.no_grad()
@@ -71,3 +71,19 @@ def knn_classify(train_features: torch.Tensor, train_labels: torch.Tensor, val_f
         top5 += (predictions == truth).any(dim=1).sum().item()
     n = val_features.shape[0]
     return {"top1": 100.0 * top1 / n, "top5": 100.0 * top5 / n}
+
+
+def config_knn(encoder: torch.nn.Module, config, world: int, device: torch.device,
+               amp_dtype: Optional[torch.dtype]) -> dict[str, float]:
+    """The kNN monitor of a training configuration: ``data.knn_train`` votes on ``data.knn_val``.
+
+    Views are the run's size after ``data.eval_resize``; the batch is a rank's share of
+    ``data.batch_size``; k and T are ``run.knn_k`` and ``run.knn_t``.
+    """
+    d = config.data
+    eval_cfg = EvalConfig(resize=d.eval_resize, size=d.size)
+    common = dict(batch_size=max(1, d.batch_size // world), device=device, channels_last=config.run.channels_last,
+                  amp_dtype=amp_dtype, threads=d.threads or None)
+    train_f, train_y, classes = extract_features(encoder, d.knn_train, eval_cfg, **common)
+    val_f, val_y, _ = extract_features(encoder, d.knn_val, eval_cfg, **common)
+    return knn_classify(train_f, train_y, val_f, val_y, classes, k=config.run.knn_k, t=config.run.knn_t)

@@ -102,7 +102,7 @@ def load_encoder(path: str | os.PathLike, arch: Optional[str] = None, random_ini
         if info.config is None:
             raise CheckpointError(f"{path}: --random-init needs a moco-train checkpoint (it rebuilds the run's step 0)")
         from moco_dali.train.config import from_dict
-        from moco_dali.train.engine import build_model
+        from moco_dali.train.step import build_model
 
         config = from_dict(info.config)
         config.run.channels_last = False
