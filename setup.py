@@ -48,6 +48,8 @@ setup(
             "pytest-timeout>=2.2",
             # installs and resolves requirements.lock (./dev setup, ./dev upgrade)
             "uv>=0.9",
+            # checks the layout's import arrows (.importlinter, tests/test_layout.py)
+            "import-linter>=2.5",
         ],
     },
     entry_points={"console_scripts": ["moco-shards=moco_dali.tools.shards.cli:main",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.metadata
 import os
 import platform
 import subprocess
@@ -33,12 +34,14 @@ def describe() -> dict:
             info[module] = __import__(module).__version__
         except (ImportError, AttributeError):
             pass
-    try:
-        from nvidia import dali
-
-        info["dali"] = dali.__version__
-    except ImportError:
-        pass
+    # Read from the installed distribution, so describing the machine loads no DALI
+    # (DALI is imported only by moco_dali.pipeline).
+    for dist in ("nvidia-dali-cuda120", "nvidia-dali-cuda130", "nvidia-dali-cuda110"):
+        try:
+            info["dali"] = importlib.metadata.version(dist)
+            break
+        except importlib.metadata.PackageNotFoundError:
+            pass
     try:
         import torch
 

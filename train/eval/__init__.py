@@ -1,1 +1,7 @@
-"""Evaluation and export: weighted kNN, the linear probe, checkpoints as encoders, ``moco-eval``."""
+"""What pretrained features are worth, and taking them elsewhere: weighted kNN (also the
+engine's monitor), the paper's linear probe, checkpoints read as encoders and exported
+for torchvision or detectron2, and the ``moco-eval`` command.
+
+May import ``moco_dali.pipeline``, ``moco_dali.model`` and train's pieces
+(configuration, step, checkpoints); never ``train.engine`` or ``tools``.
+"""
