@@ -29,6 +29,24 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+@pytest.fixture(params=[pytest.param("cpu", id="cpu"), pytest.param("cuda", id="cuda", marks=pytest.mark.gpu)])
+def device(request):
+    """The device a test runs on: the CPU always, and the same assertions on a CUDA GPU where one is present.
+
+    On the GPU, cuDNN's TF32 convolutions are off for the test, so that a float32
+    comparison compares float32 arithmetic.
+    """
+    if request.param == "cpu":
+        yield torch.device("cpu")
+        return
+    with torch.backends.cudnn.flags(enabled=True, benchmark=False, deterministic=False, allow_tf32=False):
+        matmul_tf32, torch.backends.cuda.matmul.allow_tf32 = torch.backends.cuda.matmul.allow_tf32, False
+        try:
+            yield torch.device("cuda", 0)
+        finally:
+            torch.backends.cuda.matmul.allow_tf32 = matmul_tf32
+
+
 def photo_like(width: int, height: int, seed: int = 0) -> np.ndarray:
     """A smooth, textured RGB image (decodes like a photo, unlike noise)."""
     rng = np.random.default_rng(seed)
