@@ -30,7 +30,7 @@ class Algorithm1:
         l_pos = torch.bmm(q.view(n, 1, c), k.view(n, c, 1)).view(n, 1)  # positive logits: Nx1
         l_neg = torch.mm(q.view(n, c), self.queue.view(c, -1))  # negative logits: NxK
         logits = torch.cat([l_pos, l_neg], dim=1)
-        labels = torch.zeros(n, dtype=torch.long)  # positives are the 0-th
+        labels = torch.zeros(n, dtype=torch.long, device=q.device)  # positives are the 0-th
         loss = F.cross_entropy(logits / self.t, labels)
         self.optimizer.zero_grad()
         loss.backward()
@@ -44,13 +44,13 @@ class Algorithm1:
 
 
 @pytest.mark.parametrize("K, batch", [(10, 4), (12, 4), (7, 3)])
-def test_moco_equals_algorithm_1(K, batch):
+def test_moco_equals_algorithm_1(K, batch, device):
     torch.manual_seed(0)
-    model = MoCo(TinyEncoder, dim=16, K=K, m=0.9, T=0.07, shuffle="none")
+    model = MoCo(TinyEncoder, dim=16, K=K, m=0.9, T=0.07, shuffle="none").to(device)
     reference = Algorithm1(copy.deepcopy(model.encoder_q), model.queue.oldest_first().t(), m=0.9, t=0.07, lr=0.5)
     optimizer = torch.optim.SGD(model.encoder_q.parameters(), lr=0.5)
     for step in range(5):
-        x_q, x_k = torch.randn(batch, 3, 8, 8), torch.randn(batch, 3, 8, 8)
+        x_q, x_k = torch.randn(batch, 3, 8, 8, device=device), torch.randn(batch, 3, 8, 8, device=device)
         # The reference code updates the key encoder at the start of forward; Algorithm 1
         # at the end of the previous iteration: the same sequence of key encoders.
         logits, labels = model(x_q, x_k)
@@ -87,9 +87,10 @@ def test_construction_matches_the_reference_contract():
     assert set(v1.state_dict()) >= {"queue.queue", "queue.queue_ptr", "encoder_q.fc.weight", "encoder_k.fc.weight"}
 
 
-def test_key_encoder_gets_no_gradient_and_queue_advances():
-    model = MoCo(TinyEncoder, dim=16, K=20, shuffle="none")
-    logits, labels = model(torch.randn(6, 3, 8, 8), torch.randn(6, 3, 8, 8))
+@pytest.mark.parametrize("shuffle", ["none", "split"])
+def test_key_encoder_gets_no_gradient_and_queue_advances(device, shuffle):
+    model = MoCo(TinyEncoder, dim=16, K=20, shuffle=shuffle, num_splits=2).to(device)
+    logits, labels = model(torch.randn(6, 3, 8, 8, device=device), torch.randn(6, 3, 8, 8, device=device))
     assert logits.shape == (6, 21) and labels.tolist() == [0] * 6
     F.cross_entropy(logits, labels).backward()
     assert all(p.grad is None for p in model.encoder_k.parameters())
@@ -97,12 +98,12 @@ def test_key_encoder_gets_no_gradient_and_queue_advances():
     assert int(model.queue.queue_ptr) == 6
 
 
-def test_logits_are_float32_under_autocast_with_channels_last_inputs():
+def test_logits_are_float32_under_autocast_with_channels_last_inputs(device):
     model = MoCo(resnet("resnet18", small_stem=True), dim=32, K=64, shuffle="split", num_splits=2)
-    model = model.to(memory_format=torch.channels_last)
-    x_q = torch.randn(4, 3, 32, 32).contiguous(memory_format=torch.channels_last)
-    x_k = torch.randn(4, 3, 32, 32).contiguous(memory_format=torch.channels_last)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    model = model.to(device, memory_format=torch.channels_last)
+    x_q = torch.randn(4, 3, 32, 32, device=device).contiguous(memory_format=torch.channels_last)
+    x_k = torch.randn(4, 3, 32, 32, device=device).contiguous(memory_format=torch.channels_last)
+    with torch.autocast(device.type, dtype=torch.bfloat16):
         logits, labels = model(x_q, x_k)
     assert logits.dtype == torch.float32 and logits.shape == (4, 65)
     assert torch.isfinite(logits).all()
@@ -119,9 +120,9 @@ def test_small_stem():
         resnet("vgg16")
 
 
-def test_symmetric_uses_both_views_as_queries():
-    model = MoCo(TinyEncoder, dim=16, K=40, shuffle="none", symmetric=True)
-    x1, x2 = torch.randn(4, 3, 8, 8), torch.randn(4, 3, 8, 8)
+def test_symmetric_uses_both_views_as_queries(device):
+    model = MoCo(TinyEncoder, dim=16, K=40, shuffle="none", symmetric=True).to(device)
+    x1, x2 = torch.randn(4, 3, 8, 8, device=device), torch.randn(4, 3, 8, 8, device=device)
     logits, labels = model(x1, x2)
     assert logits.shape == (8, 41) and labels.shape == (8,)
     assert int(model.queue.queue_ptr) == 8
@@ -131,11 +132,11 @@ def test_symmetric_uses_both_views_as_queries():
     torch.testing.assert_close(logits[:4, 0], (q1 * k2).sum(1) / 0.07, rtol=1e-5, atol=1e-5)
 
 
-def test_split_shuffle_unshuffles_keys_back_to_their_queries():
+def test_split_shuffle_unshuffles_keys_back_to_their_queries(device):
     torch.manual_seed(1)
-    model = MoCo(TinyEncoder, dim=16, K=32, shuffle="split", num_splits=4)
+    model = MoCo(TinyEncoder, dim=16, K=32, shuffle="split", num_splits=4).to(device)
     model.encoder_k.eval()  # per-sample BN: shuffling must then change nothing
-    x = torch.randn(8, 3, 8, 8)
+    x = torch.randn(8, 3, 8, 8, device=device)
     keys = model._keys(x)
     expected = F.normalize(model.encoder_k(x), dim=1)
     torch.testing.assert_close(keys, expected)

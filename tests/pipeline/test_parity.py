@@ -64,9 +64,11 @@ def probes(tmp_path_factory) -> dict[str, tuple[Path, Image.Image]]:
     return made
 
 
-def dali_views(folder: Path, cfg: AugmentConfig, epochs: int = 1) -> np.ndarray:
-    loader = ViewLoader(folder, cfg, LoaderConfig(batch_size=250, dtype="float32", threads=2, shuffle_buffer=64))
-    views = [v for _ in range(epochs) for b in loader for v in (b.view_q, b.view_k)]
+def dali_views(folder: Path, cfg: AugmentConfig, device: torch.device, epochs: int = 1) -> np.ndarray:
+    """Both views of every image as HWC pixel values, made on ``device`` (a GPU: mixed decoder, GPU operators)."""
+    loader = ViewLoader(folder, cfg, LoaderConfig(batch_size=250, dtype="float32", threads=2, shuffle_buffer=64),
+                        device_id=device.index if device.type == "cuda" else None)
+    views = [v.cpu() for _ in range(epochs) for b in loader for v in (b.view_q, b.view_k)]
     return torch.cat(views).permute(0, 2, 3, 1).numpy() * STD + MEAN
 
 
@@ -104,11 +106,11 @@ CROP_ONLY = dict(jitter=(0, 0, 0, 0), jitter_p=0.0, gray_p=0.0, blur_p=0.0, size
 
 
 @pytest.mark.parametrize("scale, ratio", [((0.2, 1.0), (3 / 4, 4 / 3)), ((0.08, 0.5), (0.5, 2.0))])
-def test_crop_area_aspect_and_flip_match(probes, scale, ratio):
+def test_crop_area_aspect_and_flip_match(probes, device, scale, ratio):
     folder, image = probes["coordinates"]
     cfg = custom(crop_scale=scale, crop_ratio=ratio, **CROP_ONLY)
     # 4000 DALI draws; at 32 px the boxes read back from the views agree with the sampled ones.
-    ours, theirs = crop_parameters(dali_views(folder, cfg, epochs=2), cfg.size), reference_crops(image, cfg)
+    ours, theirs = crop_parameters(dali_views(folder, cfg, device, epochs=2), cfg.size), reference_crops(image, cfg)
     # Scale (0.08, 1) instead of (0.2, 1) moves the mean by 0.06 and the 0.1 quantile by 0.1.
     assert abs(ours["area"].mean() - theirs["area"].mean()) < 0.02
     for q in (0.1, 0.5, 0.9):
@@ -120,23 +122,24 @@ def test_crop_area_aspect_and_flip_match(probes, scale, ratio):
 
 
 @pytest.mark.parametrize("make", [v1, v2])
-def test_grayscale_fraction_matches(probes, make):
+def test_grayscale_fraction_matches(probes, device, make):
     folder, image = probes["coordinates"]
     cfg = make(size=32)
     spread = lambda views: (views.max(-1) - views.min(-1)).max(axis=(1, 2))  # noqa: E731
     # DALI's grey views keep a channel spread of up to 3 from rounding, coloured ones have 20 or more.
-    ours, theirs = (spread(dali_views(folder, cfg)) < 10).mean(), (spread(reference_views(image, cfg)) < 10).mean()
+    ours = (spread(dali_views(folder, cfg, device)) < 10).mean()
+    theirs = (spread(reference_views(image, cfg)) < 10).mean()
     assert abs(ours - 0.2) < 0.06 and abs(theirs - 0.2) < 0.06  # p 0.5 would be 0.3 off
 
 
 @pytest.mark.parametrize("make, p", [(v1, 1.0), (v2, 0.8)])
-def test_brightness_factor_range_matches(probes, make, p):
+def test_brightness_factor_range_matches(probes, device, make, p):
     # On a uniform grey image only brightness changes anything: value / stored value
     # is the factor (the stored JPEG decodes to about 128).
     folder, image = probes["grey"]
     stored = np.asarray(image, dtype=np.float64).mean()
     cfg = custom(make(size=16), gray_p=0.0, blur_p=0.0)
-    ours = dali_views(folder, cfg).mean(axis=(1, 2, 3)) / stored
+    ours = dali_views(folder, cfg, device).mean(axis=(1, 2, 3)) / stored
     theirs = reference_views(image, cfg).mean(axis=(1, 2, 3)) / stored
     for factors in (ours, theirs):
         # Within a few uint8 steps of 0.6 and 1.4 however the factor is rounded; 0.5 would not be.
@@ -146,11 +149,11 @@ def test_brightness_factor_range_matches(probes, make, p):
     assert abs(ours.std() - theirs.std()) < 0.025
 
 
-def test_contrast_factor_range_matches(probes):
+def test_contrast_factor_range_matches(probes, device):
     folder, image = probes["squares"]
     cfg = custom(jitter=(0, 0.4, 0, 0), jitter_p=1.0, gray_p=0.0, blur_p=0.0, crop_scale=(0.5, 1.0), size=64)
     factor = lambda views: np.percentile(views[..., 0], 99, axis=(1, 2)) - np.percentile(views[..., 0], 1, axis=(1, 2))  # noqa: E731
-    views = dali_views(folder, cfg)
+    views = dali_views(folder, cfg, device)
     ours, theirs = factor(views) / 128, factor(reference_views(image, cfg)) / 128
     for q in (0.05, 0.95):
         assert abs(np.quantile(ours, q) - np.quantile(theirs, q)) < 0.05  # strength 0.3 or 0.5 would be 0.08 off
@@ -161,11 +164,11 @@ def test_contrast_factor_range_matches(probes):
     assert np.abs(views[..., 0].mean(axis=(1, 2)) - 128).max() < 15
 
 
-def test_saturation_factor_range_matches(probes):
+def test_saturation_factor_range_matches(probes, device):
     folder, image = probes["orange"]
     cfg = custom(jitter=(0, 0, 0.4, 0), jitter_p=1.0, gray_p=0.0, blur_p=0.0, size=16)
     factor = lambda views: (views[..., 0] - views[..., 2]).mean(axis=(1, 2)) / 150  # noqa: E731
-    ours, theirs = factor(dali_views(folder, cfg, epochs=2)), factor(reference_views(image, cfg))
+    ours, theirs = factor(dali_views(folder, cfg, device, epochs=2)), factor(reference_views(image, cfg))
     for q in (0.02, 0.98):
         assert abs(np.quantile(ours, q) - np.quantile(theirs, q)) < 0.04  # strength 0.3 or 0.5 would be 0.09 off
     # The factor is uniform in [0.6, 1.4]: mean 1. The mean varies half as much as the
@@ -180,10 +183,10 @@ def hue_shift(views: np.ndarray) -> np.ndarray:
 
 
 @pytest.mark.parametrize("hue", [0.4, 0.1])
-def test_hue_shift_range_matches(probes, hue):
+def test_hue_shift_range_matches(probes, device, hue):
     folder, image = probes["orange"]
     cfg = custom(jitter=(0, 0, 0, hue), jitter_p=1.0, gray_p=0.0, blur_p=0.0, size=16)
-    ours, theirs = hue_shift(dali_views(folder, cfg)), hue_shift(reference_views(image, cfg, n=600))
+    ours, theirs = hue_shift(dali_views(folder, cfg, device)), hue_shift(reference_views(image, cfg, n=600))
     # torchvision truncates the shift to whole 1/255 turns (up to 0.004 short), so the extents
     # agree to a relative 0.05; the tolerance is 0.2. Degrees read as turns spread the shifts
     # round the circle (0.45 at the 0.9 quantile), turns read as degrees leave them near 0, and
@@ -194,12 +197,12 @@ def test_hue_shift_range_matches(probes, hue):
     assert abs(np.mean(ours > 0) - 0.5) < 0.1  # shifts of one sign only would be 0.5 off
 
 
-def test_blur_probability_matches(probes):
+def test_blur_probability_matches(probes, device):
     folder, image = probes["squares"]
     # A wide sigma makes every blurred view unmistakable; v2's probability is kept.
     cfg = custom(v2(size=64), jitter_p=0.0, gray_p=0.0, blur_sigma=(4.0, 4.0), crop_scale=(0.9, 1.0))
     sharpness = lambda views: np.abs(np.diff(views[..., 0], axis=2)).max(axis=(1, 2))  # noqa: E731
-    ours, theirs = sharpness(dali_views(folder, cfg)), sharpness(reference_views(image, cfg))
+    ours, theirs = sharpness(dali_views(folder, cfg, device)), sharpness(reference_views(image, cfg))
     # Blurred views stay under 13, sharp ones reach 90; p 0.2 instead of 0.5 would be 0.3 off.
     assert abs((ours < 30).mean() - 0.5) < 0.1 and abs((theirs < 30).mean() - 0.5) < 0.1
 
