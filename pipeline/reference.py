@@ -3,13 +3,15 @@
 The same recipes as ``pipeline.augment``, built the way the original MoCo code builds
 them (``main_moco.py`` with ``moco.loader.TwoCropsTransform`` and ``GaussianBlur``),
 reading the same shards through webdataset. It is the ground truth of the parity
-tests and the baseline of ``moco-bench pipeline``.
+tests and the baseline of ``moco-bench pipeline`` and ``e2e``, where it must be a
+fair one: every worker gets data, and the loader is started once and repeats.
 """
 
 from __future__ import annotations
 
+import itertools
 import random
-from typing import Callable, Iterator, Optional
+from typing import Callable, Iterator, Optional, Sequence
 
 import torch
 import webdataset as wds
@@ -19,7 +21,8 @@ from torchvision import transforms as T
 from moco_dali.pipeline import shards
 from moco_dali.pipeline.augment import AugmentConfig
 
-__all__ = ["GaussianBlur", "TwoCropsTransform", "reference_transform", "reference_loader"]
+__all__ = ["GaussianBlur", "TwoCropsTransform", "reference_transform", "worker_split", "reference_samples",
+           "reference_loader"]
 
 
 class GaussianBlur:
@@ -57,24 +60,62 @@ def reference_transform(cfg: AugmentConfig) -> T.Compose:
     return T.Compose(ops)
 
 
+def worker_split(shards_on_rank: int, workers: int) -> str:
+    """How a rank's DataLoader workers share its shards: ``"shards"`` (whole shards each) or ``"samples"``.
+
+    Whole shards when there are at least as many as workers, as webdataset does;
+    with fewer, splitting by shard would leave workers without data, so every worker
+    reads the rank's shards and keeps every ``workers``-th sample.
+    """
+    return "shards" if shards_on_rank >= max(1, workers) else "samples"
+
+
+def _split_samples_by_worker(samples: Iterator[dict]) -> Iterator[dict]:
+    # Every worker reads the same shards in the same order (the shard shuffle is
+    # seeded alike in each), so taking every num_workers-th sample gives disjoint shares.
+    _, _, worker, num_workers = wds.utils.pytorch_worker_info()
+    yield from itertools.islice(samples, worker, None, num_workers)
+
+
+def reference_samples(urls: Sequence[str], *, workers: int, seed: int = 0) -> wds.WebDataset:
+    """The raw samples (dicts of key and file bytes) of ``urls`` as one DataLoader worker of ``workers`` reads them."""
+    by_shard = worker_split(len(urls), workers) == "shards"
+    dataset = wds.WebDataset(list(urls), shardshuffle=len(urls), seed=seed, nodesplitter=None,
+                             workersplitter=wds.split_by_worker if by_shard else None, empty_check=False)
+    if not by_shard:
+        dataset = dataset.compose(_split_samples_by_worker)
+    return dataset
+
+
 def reference_loader(folder, cfg: AugmentConfig, batch_size: int, *, workers: int = 4, rank: int = 0,
                      world: int = 1, seed: int = 0, device: Optional[torch.device] = None,
-                     shuffle_buffer: int = 1000) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Batches of (view_q, view_k) float32 NCHW on ``device``, from PIL and torchvision in workers."""
+                     shuffle_buffer: int = 1000, repeat: bool = False) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Batches of (view_q, view_k) float32 NCHW on ``device``, from PIL and torchvision in workers.
+
+    This rank reads shards ``rank::world``; its workers share them by ``worker_split``.
+    The DataLoader and its workers are started here, before the first batch is asked
+    for; with ``repeat`` every worker loops over its share for ever (one loader for a
+    whole benchmark, no restart between epochs), otherwise one epoch is yielded.
+    """
     _, pairs = shards.discover(folder)
-    urls = [str(tar) for tar, _ in pairs]
+    urls = [str(tar) for tar, _ in pairs][rank::world]
     dataset = (
-        wds.WebDataset(urls, shardshuffle=len(urls), seed=seed, nodesplitter=lambda u: list(u)[rank::world],
-                       workersplitter=wds.split_by_worker, empty_check=False)
+        reference_samples(urls, workers=workers, seed=seed)
         .shuffle(shuffle_buffer)
         .decode("pil")
         .to_tuple("jpg")
         .map_tuple(TwoCropsTransform(reference_transform(cfg)))
     )
+    if repeat:
+        dataset = dataset.repeat()
     pin = device is not None and device.type == "cuda"
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=workers, pin_memory=pin,
                                          drop_last=True, persistent_workers=workers > 0)
-    for ((view_q, view_k),) in loader:
+    return _to_device(iter(loader), device, pin)
+
+
+def _to_device(batches, device: Optional[torch.device], pin: bool) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    for ((view_q, view_k),) in batches:
         if device is not None:
             view_q, view_k = view_q.to(device, non_blocking=pin), view_k.to(device, non_blocking=pin)
         yield view_q, view_k

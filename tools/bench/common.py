@@ -11,12 +11,12 @@ import statistics
 import tempfile
 import time
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Iterable, Iterator, Optional
 
 import torch
 
-__all__ = ["sync", "time_ms", "copy_bandwidth", "summary", "forever", "peak_memory", "synthetic_photos",
-           "shards_for"]
+__all__ = ["sync", "time_ms", "copy_bandwidth", "summary", "forever", "Feed", "settle", "peak_memory",
+           "synthetic_photos", "shards_for", "reference_feed"]
 
 
 def sync(device: torch.device) -> None:
@@ -59,8 +59,56 @@ def summary(times: list[float]) -> dict:
 
 
 def forever(make_iterator):
+    """``make_iterator()``'s items, again and again: for a loader built once, each pass is its next epoch."""
     while True:
         yield from make_iterator()
+
+
+class Feed:
+    """A batch source for a timed loop: built once, outside the timing, and repeating for ever.
+
+    ``backlog`` is how many batches it prepares ahead (DataLoader workers x their
+    prefetch factor, DALI's prefetch queue). After an idle spell those are ready at
+    once, which would make a short timed window look faster than the source is, and
+    refilling them takes the CPU from whatever runs meanwhile: ``settle`` deals with both.
+    """
+
+    def __init__(self, batches: Iterator, backlog: int = 0):
+        self._batches, self.backlog = batches, backlog
+        self.batches_per_s: Optional[float] = None  # last measured rate: how long a refill takes
+        self.refilling = False
+
+    def __iter__(self) -> "Feed":
+        return self
+
+    def __next__(self):
+        return next(self._batches)
+
+    def consumed(self, batches: int, seconds: float) -> None:
+        """Record a timed window: its rate, and that the backlog now refills."""
+        self.batches_per_s = batches / max(seconds, 1e-9)
+        self.refilling = self.backlog > 0
+
+
+def settle(feed: Optional[Feed], feeds: Iterable[Feed], max_wait_s: float = 30.0) -> float:
+    """Bring ``feed`` to its steady state before a timed window; return the seconds spent waiting.
+
+    First wait until every other feed has refilled its backlog after its own last
+    window (its workers then sit idle instead of competing for the CPU), then drain
+    ``feed``'s backlog untimed, so that the window starts with its workers busy and
+    nothing ready: what it then measures is the rate the source sustains.
+    """
+    others = [f for f in feeds if f is not feed]
+    waits = [f.backlog / f.batches_per_s for f in others if f.refilling and f.batches_per_s]
+    wait_s = min(max(waits, default=0.0), max_wait_s)
+    if wait_s > 0:
+        time.sleep(wait_s)
+    for f in others:
+        f.refilling = False
+    if feed is not None:
+        for _ in range(feed.backlog):
+            next(feed)
+    return wait_s
 
 
 def peak_memory(device: torch.device) -> dict:
@@ -96,13 +144,35 @@ def synthetic_photos(args) -> tuple[Path, dict]:
 
 
 def shards_for(args) -> tuple[Path, Optional[dict]]:
-    """The user's shards, or shards built from the synthetic photos (once per run)."""
+    """The user's shards, or shards built from the synthetic photos (once per run).
+
+    Generated photos are cut into at least as many shards as the reference loader has
+    workers, so that each of them reads whole shards of its own, as on a real data set.
+    """
     if args.shards is not None:
         return args.shards, None
     if getattr(args, "_built", None) is None:
         from moco_dali.tools.shards.build import BuildSettings, build
 
         photos, info = synthetic_photos(args)
-        build([str(photos)], photos.parent / "shards", BuildSettings(max_count=1000), progress=False)
+        per_shard = max(1, min(1000, args.synthetic // max(1, getattr(args, "workers", 1) or 1)))
+        build([str(photos)], photos.parent / "shards", BuildSettings(max_count=per_shard), progress=False)
         args._built = (photos.parent / "shards", info)
     return args._built
+
+
+def reference_feed(shards: Path, cfg, batch_size: int, workers: int, device: torch.device,
+                   layout: Optional[Callable[[torch.Tensor], torch.Tensor]] = None) -> tuple[Feed, dict]:
+    """The reference loader as a ``Feed`` (started now, repeating), and how it shares the shards.
+
+    ``layout`` is applied to both views of each batch (the step's dtype and memory format).
+    """
+    from moco_dali.pipeline import shards as shard_format
+    from moco_dali.pipeline.reference import reference_loader, worker_split
+
+    loader = reference_loader(shards, cfg, batch_size, workers=workers, device=device, repeat=True)
+    if layout is not None:
+        loader = ((layout(view_q), layout(view_k)) for view_q, view_k in loader)
+    # DataLoader's default prefetch: two batches per worker.
+    split = worker_split(len(shard_format.discover(shards)[1]), workers)
+    return Feed(loader, backlog=2 * workers), {"reference_workers": workers, "reference_split": split}

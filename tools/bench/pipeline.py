@@ -2,7 +2,9 @@
 
 Both read the same shards, alternating after a warm-up; the ceiling is the same
 reader and decoder with nothing after them; peak memory is reported (host RSS; on a
-GPU torch's and NVML's per-process figure, which includes DALI's pools).
+GPU torch's and NVML's per-process figure, which includes DALI's pools). Each loader
+is built once and repeats; before each timed window the other one has refilled its
+prefetch and this one's is drained, so each window measures a steady rate.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import time
 
 import torch
 
-from moco_dali.tools.bench.common import forever, peak_memory, shards_for, sync
+from moco_dali.tools.bench.common import Feed, forever, peak_memory, reference_feed, settle, shards_for, sync
 
 __all__ = ["bench_pipeline", "print_pipeline"]
 
@@ -20,34 +22,39 @@ __all__ = ["bench_pipeline", "print_pipeline"]
 def bench_pipeline(args) -> dict:
     from moco_dali.pipeline.augment import preset
     from moco_dali.pipeline.loader import LoaderConfig, ViewLoader, decode_pipeline
-    from moco_dali.pipeline.reference import reference_loader
 
     device = torch.device(args.device)
     gpu = device.type == "cuda"
     shards, photoset = shards_for(args)
     cfg = preset(args.preset, args.size, hue_space=args.hue_space)
+    # Both loaders are built and started here, once, and repeat for the whole run.
     dali = ViewLoader(shards, cfg, LoaderConfig(batch_size=args.batch, dtype=args.dtype, threads=args.threads,
                                                      hw_decoder_load=args.hw_decoder_load, labels=False),
                       device_id=device.index or 0 if gpu else None)
-    contenders = {
-        "dali": forever(lambda: ((b.view_q, b.view_k) for b in dali)),
-        "reference": forever(lambda: reference_loader(shards, cfg, args.batch, workers=args.workers,
-                                                       device=device)),
-    }
+    reference, reference_config = reference_feed(shards, cfg, args.batch, args.workers, device)
+    contenders = {"dali": Feed(forever(lambda: ((b.view_q, b.view_k) for b in dali)), backlog=dali.config.prefetch),
+                  "reference": reference}
 
-    def run(stream, batches: int) -> float:
+    def run(feed: Feed, batches: int) -> float:
         start = time.perf_counter()
         for _ in range(batches):
-            next(stream)
+            next(feed)
         sync(device)
-        return time.perf_counter() - start
+        seconds = time.perf_counter() - start
+        feed.consumed(batches, seconds)
+        return seconds
 
-    for stream in contenders.values():
-        run(stream, args.warmup)
+    # Warm-up: every worker started and delivering (the backlog), then a rate to settle by.
+    for feed in contenders.values():
+        for _ in range(feed.backlog):
+            next(feed)
+        run(feed, args.warmup)
     seconds: dict[str, list[float]] = {name: [] for name in contenders}
+    settle_s = 0.0
     for _ in range(args.reps):
-        for name, stream in contenders.items():
-            seconds[name].append(run(stream, args.batches))
+        for name, feed in contenders.items():
+            settle_s += settle(feed, contenders.values())
+            seconds[name].append(run(feed, args.batches))
     pairs = args.batches * args.batch
     results = {name: {"pairs_per_s": statistics.median(pairs / t for t in ts),
                       "pairs_per_s_min": pairs / max(ts), "pairs_per_s_max": pairs / min(ts),
@@ -56,18 +63,25 @@ def bench_pipeline(args) -> dict:
 
     # The ceiling: the same reader and decoder with nothing after them. Timed after the
     # contenders, so that its memory does not count as theirs.
+    settle(None, contenders.values())
     decoder = decode_pipeline(shards, args.batch, threads=args.threads, hw_decoder_load=args.hw_decoder_load,
                               device_id=(device.index or 0) if gpu else None)
-    decoded = forever(lambda: iter(decoder.run, None))
+    decoded = Feed(iter(decoder.run, None), backlog=2)
     run(decoded, args.warmup)
-    decode_s = [run(decoded, args.batches) for _ in range(args.reps)]
+    decode_s = []
+    for _ in range(args.reps):
+        settle(decoded, [decoded])
+        decode_s.append(run(decoded, args.batches))
     return {
         "mode": "pipeline",
-        "config": {"shards": str(shards), "samples": dali.samples, "preset": args.preset, "size": args.size,
+        "config": {"shards": str(shards), "samples": dali.samples, "shard_files": len(dali.pairs),
+                   "preset": args.preset, "size": args.size,
                    "augment": cfg.to_dict(), "batch": args.batch, "batches": args.batches, "warmup": args.warmup,
                    "reps": args.reps, "dtype": args.dtype, "dali_threads": args.threads or "default",
-                   "reference_workers": args.workers, "hw_decoder_load": args.hw_decoder_load if gpu else None,
-                   "device": str(device), "decoder": "mixed (nvJPEG)" if gpu else "cpu (libjpeg-turbo)"},
+                   **reference_config, "hw_decoder_load": args.hw_decoder_load if gpu else None,
+                   "device": str(device), "decoder": "mixed (nvJPEG)" if gpu else "cpu (libjpeg-turbo)",
+                   "timing": "persistent loaders; before each window the other loader refills its prefetch "
+                             "and this one's is drained", "settle_s": settle_s},
         "photoset": photoset,
         "results": results,
         "dali_over_reference": results["dali"]["pairs_per_s"] / results["reference"]["pairs_per_s"],

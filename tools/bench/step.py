@@ -16,14 +16,15 @@ batch, queue and split-BN on one device, and run alternately after a warm-up.
 
 from __future__ import annotations
 
+import itertools
 import statistics
 import time
-from typing import Iterator
+from pathlib import Path
 
 import torch
 
 from moco_dali.model.momentum import resolve_implementation
-from moco_dali.tools.bench.common import forever, sync
+from moco_dali.tools.bench.common import Feed, forever, reference_feed, settle, sync
 from moco_dali.train.config import preset
 from moco_dali.train.step import amp_dtype, backward_step, build_model, build_optimizer, forward_loss, views_dtype
 
@@ -81,7 +82,7 @@ class Contender:
         self.optimizer.zero_grad(set_to_none=True)
         backward_step(loss, self.optimizer, self.scaler, skip_nonfinite=self.name == "ours")
 
-    def timed(self, batches: Iterator, steps: int) -> tuple[float, float]:
+    def timed(self, batches: Feed, steps: int) -> tuple[float, float]:
         """Seconds for ``steps`` steps over ``batches``, and the seconds spent waiting for them."""
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
@@ -95,24 +96,28 @@ class Contender:
             self.step(view_q, view_k)
         sync(self.device)
         seconds = time.perf_counter() - start
+        batches.consumed(steps, seconds)
         if self.device.type == "cuda":
             self.peak_MB = max(self.peak_MB, torch.cuda.max_memory_allocated(self.device) / 2**20)
         return seconds, wait
 
 
-def _repeat(pair):
-    while True:
-        yield pair
+def _repeat(pair) -> Feed:
+    return Feed(itertools.repeat(pair))
 
 
-def _alternate(runs: dict[str, tuple[Contender, Iterator]], args) -> dict[str, dict]:
-    for contender, stream in runs.values():
-        contender.timed(stream, args.warmup)
+def _alternate(runs: dict[str, tuple[Contender, Feed]], args) -> dict[str, dict]:
+    feeds = [feed for _, feed in runs.values()]
+    for contender, feed in runs.values():
+        for _ in range(feed.backlog):  # every worker started and delivering
+            next(feed)
+        contender.timed(feed, args.warmup)
     seconds = {name: [] for name in runs}
     waits = {name: [] for name in runs}
     for _ in range(args.reps):
-        for name, (contender, stream) in runs.items():
-            s, w = contender.timed(stream, args.batches)
+        for name, (contender, feed) in runs.items():
+            settle(feed, feeds)
+            s, w = contender.timed(feed, args.batches)
             seconds[name].append(s)
             waits[name].append(w)
     images = args.batches * args.batch
@@ -161,7 +166,6 @@ def _verdict(e2e: dict, ceiling: dict, device: torch.device) -> tuple[str, str]:
 def bench_e2e(args, shards: str) -> dict:
     from moco_dali.pipeline.augment import preset as augment_preset
     from moco_dali.pipeline.loader import LoaderConfig, ViewLoader
-    from moco_dali.pipeline.reference import reference_loader
 
     contenders = [Contender(args, reference=False), Contender(args, reference=True)]
     ours, reference = contenders
@@ -172,9 +176,11 @@ def bench_e2e(args, shards: str) -> dict:
                                                   hw_decoder_load=args.hw_decoder_load),
                         device_id=(device.index or 0) if device.type == "cuda" else None)
 
-    dali = forever(lambda: ((ours.layout(b.view_q), ours.layout(b.view_k)) for b in loader))
-    torchvision = forever(lambda: ((reference.layout(q), reference.layout(k)) for q, k in
-                                    reference_loader(shards, cfg, args.batch, workers=args.workers, device=device)))
+    # Both loaders are built and started here, once, and repeat for the whole run.
+    dali = Feed(forever(lambda: ((ours.layout(b.view_q), ours.layout(b.view_k)) for b in loader)),
+                backlog=loader.config.prefetch)
+    torchvision, reference_config = reference_feed(Path(shards), cfg, args.batch, args.workers, device,
+                                                   layout=reference.layout)
     runs = {"step_ours": (ours, _repeat(ours.synthetic(args.batch, args.size))),
             "step_reference": (reference, _repeat(reference.synthetic(args.batch, args.size))),
             "e2e_ours": (ours, dali), "e2e_reference": (reference, torchvision)}
@@ -183,9 +189,11 @@ def bench_e2e(args, shards: str) -> dict:
     results["e2e_reference"]["peak_memory_MB"] = reference.peak_MB or None
     verdict, advice = _verdict(results["e2e_ours"], results["step_ours"], device)
     config = _config_record(args, contenders)
-    config.update(shards=str(shards), samples=loader.samples, hue_space=args.hue_space, dali_threads=args.threads
-                  or "default", reference_workers=args.workers,
-                  decoder="mixed (nvJPEG)" if device.type == "cuda" else "cpu (libjpeg-turbo)")
+    config.update(shards=str(shards), samples=loader.samples, shard_files=len(loader.pairs), hue_space=args.hue_space,
+                  dali_threads=args.threads or "default", **reference_config,
+                  decoder="mixed (nvJPEG)" if device.type == "cuda" else "cpu (libjpeg-turbo)",
+                  timing="persistent loaders; before each window the other loader refills its prefetch and "
+                         "this one's is drained")
     return {"mode": "e2e", "config": config, "results": results,
             "e2e_over_step": results["e2e_ours"]["images_per_s"] / results["step_ours"]["images_per_s"],
             "ours_over_reference": results["e2e_ours"]["images_per_s"] / results["e2e_reference"]["images_per_s"],

@@ -43,7 +43,19 @@ def test_pipeline_mode_runs_both_loaders_and_writes_its_record(tmp_path, labelle
     assert record["machine"]["cores"] >= 1
 
 
-def test_all_runs_every_mode_and_compare_and_chart_read_the_record(tmp_path, capsys):
+def test_all_runs_every_mode_and_compare_and_chart_read_the_record(tmp_path, capsys, monkeypatch):
+    import torch.utils.data
+
+    # Each mode builds its reference DataLoader once and keeps it for every window
+    # (the windows below need several epochs of the 24 photos).
+    loaders = []
+
+    class CountedDataLoader(torch.utils.data.DataLoader):
+        def __init__(self, *args, **kwargs):
+            loaders.append(kwargs.get("num_workers"))
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(torch.utils.data, "DataLoader", CountedDataLoader)
     out = tmp_path / "all.json"
     assert bench.main(["all", "--arch", "resnet18", "--size", "32", "--batch", "16", "--batches", "1", "--reps", "2",
                        "--warmup", "1", "--K", "256", "--synthetic", "24", "--workers", "1", "--threads", "1",
@@ -63,6 +75,8 @@ def test_all_runs_every_mode_and_compare_and_chart_read_the_record(tmp_path, cap
     assert e2e["verdict"] in ("input-bound", "compute-bound", "overhead-bound") and e2e["advice"]
     assert all(0 <= r["data_wait"] <= 1 for r in e2e["results"].values()) and e2e["config"]["samples"] == 24
     assert records["shards"]["photos"]["count"] == 24 and records["shards"]["results"]["baseline"]["img_per_s"] > 0
+    assert loaders == [1, 1]  # one reference loader for pipeline, one for e2e
+    assert records["pipeline"]["config"]["reference_split"] == e2e["config"]["reference_split"] == "shards"
     assert (tmp_path / "all.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     printed = capsys.readouterr().out
     assert "verdict:" in printed and "training step" in printed and "shard build" in printed
@@ -98,3 +112,53 @@ def test_synthetic_generator_makes_photo_sized_decodable_jpegs(tmp_path):
     # Not noise: a photograph's neighbouring pixels are strongly correlated.
     image = simplejpeg.decode_jpeg((tmp_path / "0000000.jpg").read_bytes()).astype(float)
     assert np.corrcoef(image[:, :-1].ravel(), image[:, 1:].ravel())[0, 1] > 0.8
+
+
+def test_generated_shards_give_every_reference_worker_its_own(tmp_path, monkeypatch):
+    import argparse
+
+    from moco_dali.pipeline import shards
+    from moco_dali.tools.bench.common import shards_for
+
+    # Formerly one shard per 1,000 photos: 2,000 photos and 16 workers left 14 idle.
+    monkeypatch.setattr("tempfile.mkdtemp", lambda prefix="": str(tmp_path))
+    args = argparse.Namespace(shards=None, synthetic=10, workers=4)
+    folder, info = shards_for(args)
+    manifest, pairs = shards.discover(folder)
+    assert len(pairs) >= 4 and manifest.samples == 10 and info["count"] == 10
+
+
+def test_reference_workers_split_few_shards_by_sample(tmp_path, labelled_dump):
+    from moco_dali.pipeline import shards
+    from moco_dali.pipeline.reference import reference_samples, worker_split
+    from moco_dali.tools.shards.build import BuildSettings, build
+
+    build([str(labelled_dump)], tmp_path / "shards", BuildSettings(), workers=0, progress=False)
+    urls = [str(tar) for tar, _ in shards.discover(tmp_path / "shards")[1]]
+    assert len(urls) == 1 and worker_split(1, 3) == "samples" and worker_split(4, 3) == "shards"
+    shares = []
+    for worker in range(3):  # what each of 3 DataLoader workers reads (webdataset reads these variables)
+        with pytest.MonkeyPatch.context() as env:
+            env.setenv("WORKER", str(worker))
+            env.setenv("NUM_WORKERS", "3")
+            shares.append([sample["__key__"] for sample in reference_samples(urls, workers=3, seed=0)])
+    # Split by shard, workers 1 and 2 would read nothing; by sample, each reads a third.
+    assert [len(share) for share in shares] == [7, 7, 7]
+    assert len(set().union(*shares)) == 21
+
+
+def test_settle_drains_this_feed_and_waits_for_the_others_to_refill(monkeypatch):
+    from moco_dali.tools.bench import common
+
+    slept = []
+    monkeypatch.setattr(common.time, "sleep", slept.append)
+    ours = common.Feed(iter(range(100)), backlog=3)
+    theirs = common.Feed(iter(range(100)), backlog=8)
+    theirs.consumed(batches=10, seconds=2.0)  # 5 batches/s: its 8 prefetched batches take 1.6 s to refill
+    assert common.settle(ours, [ours, theirs]) == pytest.approx(1.6) and slept == [pytest.approx(1.6)]
+    # The window then starts after what this feed had prepared ahead: no free batches in it.
+    assert next(ours) == 3
+    assert common.settle(ours, [ours, theirs]) == 0.0  # the other feed is full and idle now
+    synthetic = common.Feed(iter(range(100)))
+    synthetic.consumed(batches=10, seconds=1.0)
+    assert common.settle(theirs, [ours, theirs, synthetic]) == 0.0 and next(theirs) == 8
