@@ -78,8 +78,8 @@ def main() -> int:
     ax.set_xlabel("epoch")
     ax.set_ylabel("test top-1 (%)")
     m = record["machine"]
-    ax.set_title(f"Fashion-MNIST, {record['config']['model']['arch']}, {m['cores']}-core CPU ({m['cpu']})",
-                 fontsize=9)
+    where = m["gpus"][0] if m.get("gpus") else f"{m['cores']}-core CPU ({m['cpu']})"
+    ax.set_title(f"Fashion-MNIST, {record['config']['model']['arch']}, {where}", fontsize=9)
     ax.legend(fontsize=7, loc="lower right")
     ax.grid(alpha=0.3)
     fig.tight_layout()
