@@ -77,7 +77,8 @@ def quality_stage(session, budget: float) -> dict:
     calib_steps = 2 if dry else 60
     started = time.monotonic()
     code = session.run(session.python("-m", "moco_dali.train", *common, "--run.out", str(work / "calibration"),
-                                      "--run.max_steps", str(calib_steps), "--run.log_every", str(max(1, calib_steps // 4)),
+                                      "--run.max_steps", str(calib_steps),
+                                      "--run.log_every", str(max(1, calib_steps // 4)),
                                       "--run.knn_every", "0"), deadline - time.monotonic())
     rate = _rate(work / "calibration")
     if code or not rate:

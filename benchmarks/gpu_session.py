@@ -217,8 +217,9 @@ class Session:
                 "--build-workers", "1", "--hue-space", "yiq", "--device", "cpu"]
         extra = tiny if self.dry else self.args.bench_args.split()
         code = self.run(self.python("-m", "moco_dali.tools.bench.cli", "all", "--shards", str(self.work / "shards"),
-                                    "--photos", str(self.work / "photos"), *extra, "--out", str(self.out / "bench.json"),
-                                    "--chart", str(self.out / "bench.png")), budget)
+                                    "--photos", str(self.work / "photos"), *extra,
+                                    "--out", str(self.out / "bench.json"), "--chart", str(self.out / "bench.png")),
+                        budget)
         record = {"status": "ok" if code == 0 else "timed_out" if code == 124 else "failed", "exit_code": code,
                   "arguments": extra}
         if code == 0:

@@ -22,7 +22,8 @@ def _session(tmp_path, monkeypatch, outcomes: dict, **overrides) -> gpu_session.
     args.work.mkdir()
     session = gpu_session.Session(args)
     for name in gpu_session.STAGES:
-        monkeypatch.setattr(session, "stage_" + name, lambda budget, name=name: dict(outcomes.get(name, {"status": "ok"})))
+        outcome = outcomes.get(name, {"status": "ok"})
+        monkeypatch.setattr(session, "stage_" + name, lambda budget, outcome=outcome: dict(outcome))
     return session
 
 
