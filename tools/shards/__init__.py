@@ -1,9 +1,11 @@
 """``moco-shards``: image dumps to DALI-ready shards, and the checks and views of a shard folder.
 
-Modules: ``inputs`` (what the inputs are and in what order), ``imageprep`` (one input
-to one stored JPEG), ``build`` (packing, resume, the manifest), ``merge`` (the parts
-of a multi-part build as one manifest), ``verify`` (verify and inspect), ``preview``
-(a picture of a recipe's views), ``cli`` (the command). The on-disk format itself is
+Modules: ``inputs`` (what the inputs are, which part owns each, in what order),
+``imageprep`` (one input to one stored JPEG), ``writer`` (one shard and the log of
+rejected inputs, crash-safe), ``build`` (one part: lock, packing, resume, the
+manifest), ``executor`` (every part as a Ray task), ``merge`` (the parts of a
+multi-part build as one manifest), ``verify`` (verify and inspect), ``preview`` (a
+picture of a recipe's views), ``cli`` (the command). The on-disk format itself is
 ``moco_dali.pipeline.shards``'s, so writer and reader share one contract.
 
 May import ``moco_dali.pipeline`` (the format, the DALI walk of verify, the view
@@ -12,4 +14,4 @@ pipeline of preview); never ``train``, ``model`` or the other tools.
 
 
 class BuildError(ValueError):
-    """The build cannot start or continue: a bad source, option or output folder."""
+    """A command cannot start or continue: a bad source, option or output (one line, exit 2)."""

@@ -257,7 +257,10 @@ def _prepare_folder(out: Path) -> None:
         raise BuildError(f"--out {out}: not a folder") from None
     except OSError as exc:
         raise BuildError(f"--out {out}: cannot create: {exc.strerror}") from None
-    foreign = [p.name for p in out.iterdir() if not _BUILD_FILE_RE.match(p.name)]
+    names = [p.name for p in out.iterdir()]
+    # Shard-like names alone do not make a folder ours: it must also hold a manifest or a build's state.
+    ours = any(n.startswith((".moco-build-", "manifest")) for n in names)
+    foreign = [n for n in names if not (ours and _BUILD_FILE_RE.match(n))]
     if foreign:
         raise BuildError(f"--out {out}: holds files moco-shards build did not write ({printable(min(foreign))}"
                          f"{f' and {len(foreign) - 1} more' if len(foreign) > 1 else ''}); use a new or empty folder")
