@@ -436,7 +436,7 @@ def _pack(out: Path, state: Path, settings: BuildSettings, identity: dict, order
         if ref.label is None:
             return NO_CLASS
         index = class_of.get(ref.label)
-        return index if index is not None else f"class {ref.label!r} is not in --classes"
+        return index if index is not None else f"class not in --classes: {ref.label}"
 
     refs: collections.deque = collections.deque()  # sources of the tasks in flight, for rejection lines
 

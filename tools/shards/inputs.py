@@ -41,9 +41,11 @@ LIST_SUFFIXES = (".txt", ".lst", ".list")
 CSV_SUFFIXES = (".csv",)
 TAR_SUFFIXES = (".tar",)
 
-# A part's share of a list file is dealt in blocks of about 1/16 of its fair share
-# (so a class-sorted list still gives every part every class), between these bounds.
-_MIN_BLOCK_BYTES = 1024
+# A part's share of a list file is dealt in blocks of about 1/256 of its fair share,
+# so a class-sorted list gives every part each class in close to its share (a block
+# is one class's or two); a block costs a seek and half a line read twice.
+_BLOCKS_PER_PART = 256
+_MIN_BLOCK_BYTES = 256
 _MAX_BLOCK_BYTES = 1 << 20
 # The external sort: inputs buffered before a spill, and the most inputs sorted in
 # memory at once (a larger bucket is split again by the hash's next bits).
@@ -163,7 +165,7 @@ def _list_blocks(size: int, part: int, num_parts: int) -> Iterator[tuple[int, in
     if num_parts == 1:
         yield 0, size
         return
-    block = min(max(size // (num_parts * 16), _MIN_BLOCK_BYTES), _MAX_BLOCK_BYTES)
+    block = min(max(size // (num_parts * _BLOCKS_PER_PART), _MIN_BLOCK_BYTES), _MAX_BLOCK_BYTES)
     for start in range(part * block, size, num_parts * block):
         yield start, min(start + block, size)
 
