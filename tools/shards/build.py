@@ -23,7 +23,6 @@ import multiprocessing
 import os
 import re
 import shutil
-import stat
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -33,9 +32,9 @@ from tqdm import tqdm
 
 from moco_dali.pipeline import shards
 from moco_dali.tools.shards import BuildError
-from moco_dali.tools.shards.imageprep import PrepSettings, Rejected, prepare, sample_metadata
+from moco_dali.tools.shards.imageprep import PrepSettings
 from moco_dali.tools.shards.inputs import InputRef, PackingOrder, find_classes, iter_part, printable, source_kind
-from moco_dali.tools.shards.writer import RejectedLog, ShardWriter
+from moco_dali.tools.shards.writer import process_input, reason_kind, write_block
 
 __all__ = ["BuildSettings", "BuildReport", "build", "DEFAULT_MAX_INPUT_BYTES"]
 
@@ -47,7 +46,7 @@ DEFAULT_MAX_INPUT_BYTES = 256 * 1024**2
 # What a build may find in its output folder: its own files and those of other parts
 # or an interrupted run. Anything else means --out points at someone else's folder.
 _BUILD_FILE_RE = re.compile(
-    r"^(?:[^./\s]+-(?:part\d{4}-)?\d{6}\.(?:tar|idx)"
+    r"^(?:[^./\s]+-(?:part\d{4}-)?\d{6}(?:-\d{3})?\.(?:tar|idx)"
     r"|manifest(?:\.part-\d{4}-of-\d{4})?\.json"
     r"|rejected(?:\.part-\d{4}-of-\d{4})?\.jsonl"
     r"|\.moco-build-.+"
@@ -127,97 +126,30 @@ def _init_worker(settings: BuildSettings) -> None:
     _worker_settings = settings
 
 
-def _file_kind(mode: int) -> str:
-    for test, kind in ((stat.S_ISDIR, "folder"), (stat.S_ISFIFO, "FIFO"), (stat.S_ISCHR, "character device"),
-                       (stat.S_ISBLK, "block device"), (stat.S_ISSOCK, "socket")):
-        if test(mode):
-            return kind
-    return "special file"
+def _build_block(task: tuple) -> dict:
+    """Worker: one block of inputs -> its shards on disk and its resume record."""
+    out, stem, block, first_input, items = task
+    settings = _worker_settings
+    return write_block(Path(out), stem, block, first_input, items,
+                       lambda item: process_input(item, settings.prep, settings.max_input_bytes), settings.max_bytes)
 
 
-def _read(ref: InputRef, max_bytes: int) -> bytes:
-    """The input's bytes: regular files only, never more than ``max_bytes``."""
-    too_large = f"too large: over --max-input-bytes ({max_bytes} bytes)"
-    if ref.offset >= 0:  # an archive member, read in place
-        if ref.size > max_bytes:
-            raise Rejected(too_large)
-        try:
-            with open(ref.path, "rb") as f:
-                f.seek(ref.offset)
-                data = f.read(ref.size)
-        except OSError as exc:
-            raise Rejected(f"unreadable: {exc.strerror or exc}") from None
-        if len(data) != ref.size:
-            raise Rejected(f"unreadable: archive member cut short ({len(data)} of {ref.size} bytes)")
-        return data
-    try:
-        # O_NONBLOCK: opening a FIFO must not wait for a writer that never comes.
-        fd = os.open(ref.path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-    except OSError as exc:
-        raise Rejected(f"unreadable: {exc.strerror or exc}") from None
-    try:
-        info = os.fstat(fd)
-        if not stat.S_ISREG(info.st_mode):
-            raise Rejected(f"not a regular file ({_file_kind(info.st_mode)})")
-        if info.st_size > max_bytes:
-            raise Rejected(too_large)
-        chunks, left = [], max_bytes + 1
-        while left and (chunk := os.read(fd, min(left, 1 << 24))):
-            chunks.append(chunk)
-            left -= len(chunk)
-    except OSError as exc:
-        raise Rejected(f"unreadable: {exc.strerror or exc}") from None
-    finally:
-        os.close(fd)
-    data = b"".join(chunks)
-    if len(data) > max_bytes:
-        raise Rejected(too_large)  # it grew while being read
-    return data
-
-
-def _process(task: tuple[str, InputRef, object]):
-    """Worker: one input -> ("ok", blob, members, copied, class) or ("rejected", reason)."""
-    key, ref, label = task
-    if isinstance(label, str):
-        return ("rejected", label)
-    if ref.rejected:
-        return ("rejected", ref.rejected)
-    try:
-        prepared = prepare(_read(ref, _worker_settings.max_input_bytes), _worker_settings.prep)
-    except Rejected as exc:
-        return ("rejected", str(exc))
-    except Exception as exc:  # a decoder bug must cost one input, not the build
-        return ("rejected", f"failed to process: {type(exc).__name__}: {exc}")
-    files = [("jpg", prepared.jpeg)]
-    if label is not None:
-        files.append(("cls", str(label).encode()))
-    files.append(("json", sample_metadata(ref.source, prepared)))
-    blob, members = shards.encode_sample(key, files)
-    return ("ok", blob, members, prepared.copied, label)
-
-
-def _process_many(tasks: list) -> list:
-    return [_process(t) for t in tasks]
-
-
-def _results(tasks: Iterator, settings: BuildSettings, workers: int, chunk: int = 16):
-    """Results of ``tasks`` in order, with at most a window of chunks in flight."""
+def _records(tasks: Iterator[tuple], settings: BuildSettings, workers: int) -> Iterator[dict]:
+    """Each block's record, in block order, with at most two blocks per worker in flight."""
     if workers == 0:
         _init_worker(settings)
-        yield from map(_process, tasks)
+        yield from map(_build_block, tasks)
         return
     # fork keeps worker start-up to milliseconds; the workers touch no threads or GPU.
     ctx = multiprocessing.get_context("fork")
-    with ctx.Pool(workers, initializer=_init_worker, initargs=(settings,)) as pool:
+    with ctx.Pool(workers, initializer=_init_worker, initargs=(settings,), maxtasksperchild=None) as pool:
         window: collections.deque = collections.deque()
-        while True:
-            batch = [t for _, t in zip(range(chunk), tasks)]
-            if batch:
-                window.append(pool.apply_async(_process_many, (batch,)))
-            if window and (len(window) > 4 * workers or not batch):
-                yield from window.popleft().get()
-            if not batch and not window:
-                return
+        for task in tasks:
+            window.append(pool.apply_async(_build_block, (task,)))
+            if len(window) >= 2 * workers:
+                yield window.popleft().get()
+        while window:
+            yield window.popleft().get()
 
 
 # --------------------------------------------------------------------------- the output folder
@@ -278,11 +210,11 @@ def _part_names(settings: BuildSettings) -> tuple[str, str]:
             shards.rejected_name(settings.part, settings.num_parts))
 
 
-def _load_records(state: Path, out: Path, identity: dict) -> list[dict]:
-    """Resume records of shards that are finished and intact, in order."""
+def _load_records(state: Path, out: Path, identity: dict) -> dict[int, dict]:
+    """Resume records of blocks whose shards are all finished and intact, by block."""
     ident_path = state / "build.json"
     if not ident_path.is_file():
-        return []
+        return {}
     try:
         previous = json.loads(ident_path.read_text())
     except ValueError:
@@ -290,36 +222,44 @@ def _load_records(state: Path, out: Path, identity: dict) -> list[dict]:
     if previous != identity:
         raise BuildError(f"{out}: holds an unfinished build with other inputs or settings; "
                          f"use another --out or delete {state}")
-    records, expected_start = [], 0
+    records = {}
     for path in sorted(state.glob("shard-*.json")):
         try:
             record = json.loads(path.read_text())
-            entry = shards.ShardEntry.from_json(record["shard"])
+            entries = [shards.ShardEntry.from_json(e) for e in record["shards"]]
+            block = int(record["block"])
         except (ValueError, KeyError, TypeError):
-            break
-        tar, idx = out / entry.tar, out / entry.index
-        if (record["first_input"] != expected_start or not tar.is_file() or not idx.is_file()
-                or tar.stat().st_size != entry.bytes):
-            break
-        records.append(record)
-        expected_start = record["end_input"]
+            continue
+        if all((out / e.index).is_file() and (out / e.tar).is_file() and (out / e.tar).stat().st_size == e.bytes
+               for e in entries):
+            records[block] = record
     return records
+
+
+def _remove_temporaries(out: Path, settings: BuildSettings) -> None:
+    """Unfinished shards of this part (a killed or failed run's, or other workers' after a failure)."""
+    infix = "" if settings.num_parts == 1 else f"part{settings.part:04d}-"
+    pattern = re.compile(rf"^\.{re.escape(settings.name)}-{infix}\d{{6}}(?:-\d{{3}})?\.(?:tar|idx)\.tmp$")
+    for path in out.iterdir():
+        if pattern.match(path.name):
+            path.unlink(missing_ok=True)
 
 
 # --------------------------------------------------------------------------- build
 
-def _manifest(settings: BuildSettings, identity: dict, records: list[dict], rejected: RejectedLog,
-              rejected_file: str) -> dict:
+def _manifest(settings: BuildSettings, identity: dict, records: list[dict], rejected: int,
+              reasons: dict[str, int], rejected_file: str) -> dict:
     classes = identity["classes"]
     class_counts = [0] * len(classes)
     for record in records:
         for k, v in record["class_counts"].items():
             class_counts[int(k)] += v
-    samples = sum(r["shard"]["samples"] for r in records)
+    entries = [entry for record in records for entry in record["shards"]]
+    samples = sum(e["samples"] for e in entries)
     copied = sum(r["copied"] for r in records)
     inputs = identity["inputs"]
-    if samples + rejected.count != inputs:
-        raise AssertionError(f"accounting broke: {samples} samples + {rejected.count} rejected != {inputs} inputs")
+    if samples + rejected != inputs:
+        raise AssertionError(f"accounting broke: {samples} samples + {rejected} rejected != {inputs} inputs")
     return {
         "format": shards.FORMAT,
         "version": shards.FORMAT_VERSION,
@@ -330,15 +270,15 @@ def _manifest(settings: BuildSettings, identity: dict, records: list[dict], reje
         "reencoded": samples - copied,
         "classes": classes,
         "class_counts": dict(zip(classes, class_counts)),
-        "shards": [r["shard"] for r in records],
-        "rejected": rejected.count,
-        "rejected_reasons": dict(sorted(rejected.reasons.items())),
+        "shards": entries,
+        "rejected": rejected,
+        "rejected_reasons": dict(sorted(reasons.items())),
         "rejected_file": rejected_file,
         "settings": settings.fingerprint(),
         "sources": identity["sources"],
         "input_digest": identity["input_digest"],
         "parts": [{"part": settings.part, "num_parts": settings.num_parts, "inputs": inputs, "samples": samples,
-                   "rejected": rejected.count, "input_digest": identity["input_digest"]}],
+                   "rejected": rejected, "input_digest": identity["input_digest"]}],
     }
 
 
@@ -411,24 +351,13 @@ def _build_locked(sources: list[str], out: Path, state: Path, settings: BuildSet
 def _pack(out: Path, state: Path, settings: BuildSettings, identity: dict, order: PackingOrder,
           workers: Optional[int], progress: bool, manifest_path: Path, rejected_name: str,
           started: float) -> BuildReport:
-    records = _load_records(state, out, identity)
-    resumed = len(records)
-    if resumed:
-        log.info("resuming: %d finished shards kept, continuing at input %d", resumed, records[-1]["end_input"])
+    done = _load_records(state, out, identity)
+    if done:
+        log.info("resuming: %d finished blocks of %d inputs kept", len(done), settings.max_count)
     shards.write_json_atomic(state / "build.json", identity)
-    for stale in state.glob("shard-*.json"):
-        if int(stale.stem.split("-")[1]) >= resumed:
-            stale.unlink()
-    log_path = state / "rejected.jsonl"
-    if not log_path.exists() and (out / rejected_name).exists():
-        os.replace(out / rejected_name, log_path)  # killed between publishing it and writing the manifest
-    last = records[-1] if records else None
-    rejected = RejectedLog(log_path, last["rejected_offset"] if last else 0, last["rejected_count"] if last else 0,
-                           last["rejected_reasons"] if last else {})
-
+    _remove_temporaries(out, settings)
     part = None if settings.num_parts == 1 else settings.part
     class_of = {name: i for i, name in enumerate(identity["classes"])}
-    position = last["end_input"] if last else 0
 
     def label_of(ref: InputRef):
         if settings.labels != "folder":
@@ -438,63 +367,54 @@ def _pack(out: Path, state: Path, settings: BuildSettings, identity: dict, order
         index = class_of.get(ref.label)
         return index if index is not None else f"class not in --classes: {ref.label}"
 
-    refs: collections.deque = collections.deque()  # sources of the tasks in flight, for rejection lines
-
-    def tasks():
+    def tasks() -> Iterator[tuple]:
+        """Blocks of --max-count consecutive positions of the packing order, those not finished yet."""
+        items, block = [], 0
         for pos, ref in enumerate(order):
-            if pos >= position:
-                refs.append(ref.source)
-                key = f"{pos:010d}" if part is None else f"{part:04d}{pos:010d}"
-                yield key, ref, label_of(ref)
+            if block not in done:
+                items.append((f"{pos:010d}" if part is None else f"{part:04d}{pos:010d}", ref, label_of(ref)))
+            if (pos + 1) % settings.max_count == 0 or pos + 1 == order.count:
+                if block not in done:
+                    first = pos + 1 - len(items)
+                    yield str(out), shards.shard_stem(settings.name, block, part), block, first, items
+                items, block = [], block + 1
 
-    writer: Optional[ShardWriter] = None
-
-    def finish_shard(end_input: int) -> None:
-        nonlocal writer
-        offset = rejected.sync()
-        record = writer.close(end_input) | {"rejected_offset": offset, "rejected_count": rejected.count,
-                                            "rejected_reasons": dict(rejected.reasons)}
-        shards.write_json_atomic(state / f"shard-{len(records):06d}.json", record)
-        records.append(record)
-        writer = None
-
-    max_bytes = settings.max_bytes or float("inf")
     workers = (os.cpu_count() or 1) if workers is None else workers
-    shard_start = position
-    bar = tqdm(total=order.count, initial=position, unit="img", desc="build", disable=not progress or None,
-               dynamic_ncols=True, smoothing=0.1)
+    bar = tqdm(total=order.count, unit="img", desc="build", disable=not progress or None, dynamic_ncols=True,
+               smoothing=0.1)
+    bar.update(sum(r["end_input"] - r["first_input"] for r in done.values()))
     try:
-        for index, result in zip(range(position, order.count), _results(tasks(), settings, workers)):
-            bar.update(1)
-            source = refs.popleft()
-            if result[0] == "rejected":
-                rejected.add(source, result[1])
-                continue
-            _, blob, members, copied, class_index = result
-            if writer is not None and (writer.samples + 1 > settings.max_count
-                                       or writer.bytes + len(blob) + len(shards.TAR_END) > max_bytes):
-                finish_shard(index)
-                shard_start = index
-            if writer is None:
-                writer = ShardWriter(out, shards.shard_stem(settings.name, len(records), part), shard_start)
-            writer.add(blob, members, copied, class_index)
-        if writer is not None:
-            finish_shard(order.count)
-        rejected.sync()
+        for record in _records(tasks(), settings, workers):
+            shards.write_json_atomic(state / f"shard-{record['block']:06d}.json", record)
+            bar.update(record["end_input"] - record["first_input"])
     except BaseException:
-        if writer is not None:
-            writer.abandon()
-        rejected.close()
+        _remove_temporaries(out, settings)  # the pool is gone: what its other workers had begun
         raise
     finally:
         bar.close()
-    rejected.close()
 
-    manifest = _manifest(settings, identity, records, rejected, rejected_name)
-    os.replace(log_path, out / rejected_name)
+    # Every block has its record now; read them back in order, one at a time.
+    records, rejected, reasons = [], 0, collections.Counter()
+    log_tmp = out / f".{rejected_name}.tmp"
+    try:
+        with open(log_tmp, "wb") as log_file:
+            for path in sorted(state.glob("shard-*.json")):
+                record = json.loads(path.read_text())
+                for entry in record.pop("rejected"):
+                    log_file.write(json.dumps(entry).encode() + b"\n")
+                    reasons[reason_kind(entry["reason"])] += 1
+                    rejected += 1
+                records.append(record)
+            log_file.flush()
+            os.fsync(log_file.fileno())
+        manifest = _manifest(settings, identity, records, rejected, reasons, rejected_name)
+        os.replace(log_tmp, out / rejected_name)
+    except BaseException:
+        log_tmp.unlink(missing_ok=True)
+        raise
     shards.write_json_atomic(manifest_path, manifest)
     shutil.rmtree(state, ignore_errors=True)
-    return _report(out, manifest_path, manifest, time.monotonic() - started, resumed)
+    return _report(out, manifest_path, manifest, time.monotonic() - started, len(done))
 
 
 def _report(out: Path, manifest_path: Path, manifest: dict, seconds: float, resumed: int) -> BuildReport:

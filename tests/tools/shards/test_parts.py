@@ -53,14 +53,16 @@ def assert_every_shard_holds_every_class_near_its_share(folder: Path) -> None:
 
 
 def test_every_shard_of_a_class_sorted_dump_holds_each_class_near_its_share(tmp_path, fashion_like):
-    build([str(fashion_like)], tmp_path / "one", BuildSettings(labels="folder", max_count=200), workers=2,
+    # Shards of 250 and more: a class's count in one is then within +-5 standard deviations
+    # of its share wherever the bounds below are, so a sound shuffle passes with room to spare.
+    build([str(fashion_like)], tmp_path / "one", BuildSettings(labels="folder", max_count=500), workers=2,
           progress=False)
     assert_every_shard_holds_every_class_near_its_share(tmp_path / "one")
 
     listing = tmp_path / "train.txt"  # the same dump as a class-sorted list, built in 4 parts
     listing.write_text("".join(f"{p}\n" for p in sorted(fashion_like.rglob("*.jpg"))))
     for part in range(4):
-        build([str(listing)], tmp_path / "parts", BuildSettings(labels="folder", max_count=100, num_parts=4, part=part),
+        build([str(listing)], tmp_path / "parts", BuildSettings(labels="folder", max_count=250, num_parts=4, part=part),
               workers=0, progress=False)
     merge([str(tmp_path / "parts")])
     assert_every_shard_holds_every_class_near_its_share(tmp_path / "parts")
