@@ -5,8 +5,9 @@ run, what one part of a P-part build (default P = 1 and 100) costs before it
 processes any image: enumerating its share, spilling it into hash buckets and
 reading it back in packing order (the whole of ``inputs.PackingOrder``; the images
 are never opened, so the figure is the builder's own overhead, which is what grows
-with the source). Peak resident memory is the process's ``ru_maxrss``, with the
-memory after imports reported beside it; time is wall-clock, median over ``--reps``.
+with the source). Peak resident memory is the process's ``VmHWM`` over that work
+(reset after the imports, which are reported beside it); time is wall-clock,
+median over ``--reps``.
 
 Beside it, in the same run, the design it replaced: every part holds the whole
 listing and shuffles positions (``list(iter_part(everything))`` plus a shuffle of
@@ -27,7 +28,6 @@ import json
 import math
 import os
 import random
-import resource
 import shutil
 import statistics
 import subprocess
@@ -60,7 +60,11 @@ def _child(source: str, part: int, num_parts: int, scratch: str, design: str) ->
     from moco_dali.tools.shards import build  # noqa: F401  the builder's imports, as a real build has them
     from moco_dali.tools.shards.inputs import PackingOrder, iter_part
 
-    base_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    # ru_maxrss keeps the peak of the process this one was forked from (exec does not
+    # reset it), so the peak is read from /proc after resetting it (clear_refs 5).
+    base_mb = _rss_mb("VmRSS")
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
     started = time.perf_counter()
     if design == "streaming":
         order = PackingOrder(iter_part([source], "folder", part, num_parts), Path(scratch), seed=0)
@@ -79,8 +83,16 @@ def _child(source: str, part: int, num_parts: int, scratch: str, design: str) ->
         spilled, inputs = 0, len(refs)
     done = time.perf_counter()
     return {"enumerate_s": enumerated - started, "order_s": done - enumerated, "total_s": done - started,
-            "part_inputs": count, "inputs_seen": inputs, "spill_bytes": spilled, "rss_after_imports_mb": base_kb / 1024,
-            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+            "part_inputs": count, "inputs_seen": inputs, "spill_bytes": spilled, "rss_after_imports_mb": base_mb,
+            "peak_rss_mb": _rss_mb("VmHWM")}
+
+
+def _rss_mb(field: str) -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024
+    raise RuntimeError(f"no {field} in /proc/self/status")
 
 
 def _measure(source: Path, part: int, num_parts: int, design: str, scratch: Path) -> dict:

@@ -9,8 +9,9 @@ side and alternating after a warm-up:
   pass-through path (inputs already baseline JPEGs), with 1 worker;
 * both paths with W = 1, 2, 4, ... up to the core count.
 
-"Per core" is reported two ways: images/s with one worker (the writer process rides
-along), and images per CPU-second summed over every process of the run.
+"Per core" is reported two ways: images/s with one worker (each worker reads,
+normalises and writes whole shards; the main process only collects their small
+records), and images per CPU-second summed over every process of the run.
 
     moco-bench shards [--photos DIR] [--reps 3] [--workers 1,2] --out RESULT.json
 """

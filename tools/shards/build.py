@@ -321,13 +321,14 @@ def build(sources: Sequence[str], out: str | os.PathLike, settings: BuildSetting
 
 def _build_locked(sources: list[str], out: Path, state: Path, settings: BuildSettings, workers: Optional[int],
                   progress: bool, classes: Optional[Sequence[str]], started: float) -> BuildReport:
-    class_list = list(classes) if classes is not None else find_classes(sources, settings.labels)
+    class_list = list(classes) if classes is not None else find_classes(sources, settings.labels, skip=[str(out)])
     manifest_name, rejected_name = _part_names(settings)
     manifest_path = out / manifest_name
     state.mkdir(exist_ok=True)
-    order = PackingOrder(iter_part(sources, settings.labels, settings.part, settings.num_parts, skip=[str(out)]),
-                         state / "order", settings.shuffle_seed)
+    order = None
     try:
+        order = PackingOrder(iter_part(sources, settings.labels, settings.part, settings.num_parts, skip=[str(out)]),
+                             state / "order", settings.shuffle_seed)
         if order.count == 0 and settings.num_parts == 1:
             raise BuildError(f"no input files found in {', '.join(map(printable, sources))}")
         identity = {"settings": settings.fingerprint(), "input_digest": order.digest, "classes": class_list,
@@ -343,7 +344,8 @@ def _build_locked(sources: list[str], out: Path, state: Path, settings: BuildSet
             raise BuildError(f"{manifest_path}: the folder holds another build; use another --out")
         return _pack(out, state, settings, identity, order, workers, progress, manifest_path, rejected_name, started)
     finally:
-        order.close()
+        if order is not None:
+            order.close()
         if state.is_dir() and not any(state.iterdir()):
             state.rmdir()
 

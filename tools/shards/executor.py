@@ -51,7 +51,7 @@ def build_on_ray(sources: Sequence[str], out: str | Path, settings: BuildSetting
         raise BuildError("--executor ray needs Ray: pip install 'moco-dali[ray]'") from None
     if workers_per_part < 1:
         raise BuildError(f"--workers must be at least 1 with --executor ray, got {workers_per_part}")
-    class_list = list(classes) if classes is not None else find_classes(list(sources), settings.labels)
+    class_list = list(classes) if classes is not None else find_classes(list(sources), settings.labels, skip=[str(out)])
     started_here = not ray.is_initialized()
     if started_here:
         kwargs = {"address": address} if address else {"num_cpus": num_cpus}

@@ -232,6 +232,12 @@ def _tar_members(src: str, labels: str) -> Iterator[InputRef]:
                     kind = "symlink" if member.issym() else "hard link" if member.islnk() else "special file"
                     yield InputRef(f"{name}:{member_name}", src, label=label,
                                    rejected=f"not a regular file (archive {kind})")
+            # tarfile ends quietly at a damaged header after the first; what follows would vanish unseen.
+            archive.fileobj.seek(archive.offset)
+            if archive.fileobj.read(tarfile.BLOCKSIZE).strip(b"\0"):
+                yield InputRef(f"{name}:@{archive.offset}", src,
+                               rejected=f"damaged archive: no valid header at byte {archive.offset}, "
+                                        f"the members after it cannot be read")
     except (tarfile.TarError, OSError) as exc:
         raise BuildError(f"{name}: cannot read tar archive: {exc}") from None
 
@@ -291,7 +297,7 @@ def read_classes(path: str) -> list[str]:
     return names
 
 
-def find_classes(sources: Sequence[str], labels: str) -> list[str]:
+def find_classes(sources: Sequence[str], labels: str, skip: Iterable[str] = ()) -> list[str]:
     """The sorted class names of a ``--labels folder`` build.
 
     A source folder's first-level sub-folders are its classes (one listing); list
@@ -301,6 +307,7 @@ def find_classes(sources: Sequence[str], labels: str) -> list[str]:
     """
     if labels != "folder":
         return []
+    skipped = {os.path.realpath(p) for p in skip}
     found: set[str] = set()
     for src in sources:
         kind = source_kind(src)
@@ -309,7 +316,8 @@ def find_classes(sources: Sequence[str], labels: str) -> list[str]:
                 with os.scandir(src) as listing:
                     for entry in listing:
                         try:
-                            if not entry.name.startswith(".") and entry.is_dir():
+                            if (not entry.name.startswith(".") and entry.is_dir()
+                                    and os.path.realpath(entry.path) not in skipped):
                                 found.add(printable(entry.name))
                         except OSError:
                             pass
@@ -367,7 +375,11 @@ class PackingOrder:
             digest.update(b"".join(names))
 
         shift = 64 - _BUCKET_BITS
-        self.counts = self._spill(hashed(), self.scratch, None if seed is None else shift)
+        try:
+            self.counts = self._spill(hashed(), self.scratch, None if seed is None else shift)
+        except BaseException:  # an unreadable source or a full disk: leave no spill behind
+            self.close()
+            raise
         self.count, self.digest = count, digest.hexdigest()
         self._shift = shift
 

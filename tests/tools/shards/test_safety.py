@@ -137,12 +137,13 @@ def test_a_read_only_output_ends_in_one_error_and_a_rerun_finishes(tmp_path, lab
 
 
 def test_an_out_inside_the_source_is_never_taken_as_input(tmp_path, labelled_dump):
-    args = ["build", str(labelled_dump), "--out", str(labelled_dump / "shards"), "--no-progress"]
+    args = ["build", str(labelled_dump), "--out", str(labelled_dump / "shards"), "--labels", "folder", "--no-progress"]
     first = run_cli(*args)
     assert first.returncode == 0 and "21 inputs -> 21 samples" in first.stdout
     again = run_cli(*args)
     assert again.returncode == 0 and "21 inputs -> 21 samples" in again.stdout
     assert all("/shards/" not in s for s in stored_sources(labelled_dump / "shards"))
+    assert shards.load_manifest(labelled_dump / "shards").classes == ["cat", "dog", "emu"]
 
 
 def test_a_build_that_rejects_every_input_exits_1_and_says_so(tmp_path):
@@ -199,3 +200,25 @@ def test_verify_a_bad_tar_header_merge_a_broken_part_and_preview_bad_values_end_
                            (["--out", str(tar / "p.png")], "cannot write")):
         result = run_cli("preview", str(out), "--out", str(tmp_path / "p.png"), *flags)  # the last --out counts
         assert result.returncode == 2 and message in one_line(result), flags
+
+
+def test_a_damaged_archive_is_accounted_for_and_an_unreadable_one_ends_in_one_line(tmp_path, labelled_dump):
+    archive = tmp_path / "cut.tar"
+    with tarfile.open(archive, "w") as tar:
+        for i in range(3):
+            tar.add(labelled_dump / "cat" / f"00{i}.jpg", arcname=f"cat/00{i}.jpg")
+    with tarfile.open(archive) as tar:
+        second = tar.getmembers()[1].offset
+    data = bytearray(archive.read_bytes())
+    data[second:second + 512] = b"\x01" * 512  # the second header is garbage: tarfile would stop there quietly
+    archive.write_bytes(bytes(data))
+    result = run_cli("build", str(archive), "--out", str(tmp_path / "out"), "--no-progress")
+    assert result.returncode == 0 and "2 inputs -> 1 samples" in result.stdout
+    (damage,) = rejected_lines(tmp_path / "out")
+    assert damage["input"] == f"{archive}:@{second}" and damage["reason"].startswith("damaged archive")
+
+    data[0:512] = b"\x01" * 512  # now the first one too: nothing can be read
+    archive.write_bytes(bytes(data))
+    result = run_cli("build", str(labelled_dump), str(archive), "--out", str(tmp_path / "out2"), "--no-progress")
+    assert result.returncode == 2 and f"{archive}: cannot read tar archive" in one_line(result)
+    assert not list((tmp_path / "out2").iterdir())
