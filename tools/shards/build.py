@@ -1,16 +1,18 @@
 """Build WebDataset shards from an image dump: normalise and pack, resumably, in bounded memory.
 
-Owns one part's build: the lock on the output folder, where shard boundaries fall,
-the worker pool, the resume records that make a killed build finish without redoing
-finished shards, the stream of rejected inputs and the manifest. Which inputs there
-are and in what order is ``inputs``'s; per-image work is ``imageprep``'s; the file
-format is ``moco_dali.pipeline.shards``'.
+Owns one part's build: the lock on the output folder and what may be in it, the
+blocks (``max_count`` consecutive positions of the packing order, each one shard or
+more) handed to the worker pool, the resume records that make a killed build finish
+without redoing finished blocks, the rejected-input log and the manifest. Which
+inputs there are and in what order is ``inputs``'s; a worker's work on a block is
+``writer``'s, per image ``imageprep``'s; the file format is
+``moco_dali.pipeline.shards``'.
 
-Determinism: the packing order is a pure function of the inputs and the seed;
-results are consumed in that order by one writer, so the same inputs and flags give
+Determinism: the packing order is a pure function of the inputs and the seed, and a
+block's bytes a pure function of its inputs, so the same inputs and flags give
 byte-identical output whatever ``workers`` is. Nothing held grows with the inputs:
-the order is an external sort, rejected inputs stream to a JSONL file, and at most a
-window of tasks is in flight.
+the order is an external sort, at most two blocks per worker are in flight, and the
+rejected inputs are streamed from the block records into one JSONL file.
 """
 
 from __future__ import annotations

@@ -355,6 +355,7 @@ class PackingOrder:
         if self.scratch.exists():
             shutil.rmtree(self.scratch)
         self.scratch.mkdir(parents=True)
+        self._in_memory: Optional[list] = None
         digest = hashlib.sha256()
         key = str(seed).encode()
         count = 0
@@ -383,11 +384,10 @@ class PackingOrder:
         self.count, self.digest = count, digest.hexdigest()
         self._shift = shift
 
-    @staticmethod
-    def _spill(items: Iterator[tuple], folder: Path, shift: Optional[int]) -> dict[int, int]:
+    def _spill(self, items: Iterator[tuple], folder: Path, shift: Optional[int]) -> dict[int, int]:
         buffers: dict[int, list] = defaultdict(list)
         counts: dict[int, int] = defaultdict(int)
-        buffered = 0
+        buffered, spilled = 0, False
 
         def flush() -> None:
             for bucket, chunk in buffers.items():
@@ -402,8 +402,11 @@ class PackingOrder:
             buffered += 1
             if buffered >= _FLUSH_ITEMS:
                 flush()
-                buffered = 0
-        flush()
+                buffered, spilled = 0, True
+        if spilled or folder != self.scratch:
+            flush()
+        else:  # fewer inputs than one spill: sorted in memory, no bucket files
+            self._in_memory = sorted(item for chunk in buffers.values() for item in chunk)
         return dict(counts)
 
     def _sorted(self, folder: Path, counts: dict[int, int], shift: Optional[int]) -> Iterator[tuple]:
@@ -428,7 +431,7 @@ class PackingOrder:
                             except EOFError:
                                 return
 
-                sub_counts = self._spill(items(), sub, shift - _BUCKET_BITS)
+                sub_counts = self._spill(items(), sub, shift - _BUCKET_BITS)  # always to files
                 path.unlink()
                 yield from self._sorted(sub, sub_counts, shift - _BUCKET_BITS)
             else:
@@ -439,7 +442,8 @@ class PackingOrder:
 
     def __iter__(self) -> Iterator[InputRef]:
         shift = None if self.seed is None else self._shift
-        for item in self._sorted(self.scratch, self.counts, shift):
+        items = self._in_memory if self._in_memory is not None else self._sorted(self.scratch, self.counts, shift)
+        for item in items:
             yield InputRef(*item[2:])
 
     def close(self) -> None:

@@ -157,3 +157,33 @@ def test_parts_on_ray_give_the_bytes_of_parts_built_one_by_one(tmp_path, fashion
     merge([str(tmp_path / "local")])
     assert folder_bytes(tmp_path / "ray") == folder_bytes(tmp_path / "local")
     assert run_cli("verify", str(tmp_path / "ray"), "--no-progress").returncode == 0
+
+
+@pytest.mark.parametrize("seed", [0, None])
+def test_the_external_sort_gives_the_order_of_a_sort_in_memory(tmp_path, monkeypatch, seed):
+    listing = tmp_path / "many.txt"
+    names = [f"c{i % 7}/{i:06d}.jpg" for i in range(3000)]
+    listing.write_text("".join(f"{n}\n" for n in names))
+
+    def packing_order() -> list[str]:
+        order = inputs.PackingOrder(inputs.iter_part([str(listing)]), tmp_path / "scratch", seed)
+        sources, split = [], False
+        for ref in order:
+            sources.append(ref.source)
+            split = split or any(p.is_dir() for p in (tmp_path / "scratch").iterdir())
+        order.close()
+        return sources, split
+
+    in_memory, _ = packing_order()
+    # Spill every 50 inputs and sort at most 5 at once: every bucket is split again.
+    monkeypatch.setattr(inputs, "_FLUSH_ITEMS", 50)
+    monkeypatch.setattr(inputs, "_SORT_ITEMS", 5)
+    spilled, split = packing_order()
+    assert spilled == in_memory
+    assert sorted(in_memory) == sorted(f"{tmp_path}/{n}" for n in names)
+    assert split == (seed is not None)
+    if seed is None:
+        assert in_memory == [f"{tmp_path}/{n}" for n in names]
+    else:
+        assert in_memory[:7] != [f"{tmp_path}/{n}" for n in names[:7]]
+    assert not (tmp_path / "scratch").exists()
