@@ -66,8 +66,10 @@ def read_input(ref: InputRef, max_bytes: int) -> bytes:
             raise Rejected(f"not a regular file ({_file_kind(info.st_mode)})")
         if info.st_size > max_bytes:
             raise Rejected(too_large)
+        # Ask for the size the file says it has (and one byte more, to see it grew):
+        # os.read allocates what it is asked for before it reads.
         chunks, left = [], max_bytes + 1
-        while left and (chunk := os.read(fd, min(left, 1 << 24))):
+        while left and (chunk := os.read(fd, min(left, info.st_size + 1 if not chunks else 1 << 24))):
             chunks.append(chunk)
             left -= len(chunk)
     except OSError as exc:
