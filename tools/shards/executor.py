@@ -14,6 +14,7 @@ import dataclasses
 from pathlib import Path
 from typing import Optional, Sequence
 
+from moco_dali.pipeline import shards
 from moco_dali.tools.shards import BuildError
 from moco_dali.tools.shards.build import BuildReport, BuildSettings, build
 from moco_dali.tools.shards.inputs import find_classes
@@ -77,4 +78,6 @@ def build_on_ray(sources: Sequence[str], out: str | Path, settings: BuildSetting
     finally:
         if started_here:
             ray.shutdown()
+    if settings.num_parts == 1:  # one part writes manifest.json itself
+        return Path(out) / shards.MANIFEST_NAME, reports
     return merge([str(out)]), reports

@@ -144,13 +144,17 @@ def test_classes_from_a_file_fix_the_indices_and_reject_what_is_not_listed(tmp_p
 
 def test_parts_on_ray_give_the_bytes_of_parts_built_one_by_one(tmp_path, fashion_like):
     pytest.importorskip("ray")
-    from moco_dali.tools.shards.executor import build_on_ray
-
     sources = [str(fashion_like / "class0"), str(fashion_like / "class1")]
-    settings = BuildSettings(max_count=64, num_parts=3)
-    path, reports = build_on_ray(sources, tmp_path / "ray", settings, num_cpus=2)
-    assert path == tmp_path / "ray" / "manifest.json"
-    assert [r.inputs for r in reports] and sum(r.samples for r in reports) == 400
+    assert "--executor ray builds every part" in run_cli("build", *sources, "--out", str(tmp_path / "x"), "--num-parts",
+                                                        "3", "--part", "1", "--executor", "ray").stderr
+    assert "--ray-address needs --executor ray" in run_cli("build", *sources, "--out", str(tmp_path / "x"),
+                                                          "--ray-address", "auto").stderr
+    # A local Ray instance on this machine's cores, three parts as three tasks, then merged.
+    result = run_cli("build", *sources, "--out", str(tmp_path / "ray"), "--max-count", "64", "--num-parts", "3",
+                     "--executor", "ray")
+    assert result.returncode == 0, result.stderr
+    assert "3 parts on Ray: 400 inputs -> 400 samples" in result.stdout
+    assert (tmp_path / "ray" / "manifest.json").is_file()
     for part in range(3):
         build(sources, tmp_path / "local", BuildSettings(max_count=64, num_parts=3, part=part), workers=0,
               progress=False)
