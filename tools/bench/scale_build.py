@@ -3,7 +3,7 @@
 For sources of N inputs (default 1e5 and 1e6) it measures, in a fresh process per
 run, what one part of a P-part build (default P = 1 and 100) costs before it
 processes any image: enumerating its share, spilling it into hash buckets and
-reading it back in packing order (the whole of ``inputs.PackingOrder``; the images
+reading it back in packing order (the whole of ``order.PackingOrder``; the images
 are never opened, so the figure is the builder's own overhead, which is what grows
 with the source). Peak resident memory is the process's ``VmHWM`` over that work
 (reset after the imports, which are reported beside it); time is wall-clock,
@@ -58,7 +58,8 @@ def _make_folder(root: Path, count: int) -> None:
 def _child(source: str, part: int, num_parts: int, scratch: str, design: str) -> dict:
     """One measurement, in a fresh process: enumerate and order one part, nothing else."""
     from moco_dali.tools.shards import build  # noqa: F401  the builder's imports, as a real build has them
-    from moco_dali.tools.shards.inputs import PackingOrder, iter_part
+    from moco_dali.tools.shards.inputs import iter_part
+    from moco_dali.tools.shards.order import PackingOrder
 
     # ru_maxrss keeps the peak of the process this one was forked from (exec does not
     # reset it), so the peak is read from /proc after resetting it (clear_refs 5).

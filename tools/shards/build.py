@@ -18,12 +18,10 @@ rejected inputs are streamed from the block records into one JSONL file.
 from __future__ import annotations
 
 import collections
-import fcntl
 import json
 import logging
 import multiprocessing
 import os
-import re
 import shutil
 import time
 from dataclasses import asdict, dataclass, field
@@ -35,7 +33,9 @@ from tqdm import tqdm
 from moco_dali.pipeline import shards
 from moco_dali.tools.shards import BuildError
 from moco_dali.tools.shards.imageprep import PrepSettings
-from moco_dali.tools.shards.inputs import InputRef, PackingOrder, find_classes, iter_part, printable, source_kind
+from moco_dali.tools.shards.folder import FolderLock, prepare_folder, remove_temporaries
+from moco_dali.tools.shards.inputs import InputRef, find_classes, iter_part, printable, source_kind
+from moco_dali.tools.shards.order import PackingOrder
 from moco_dali.tools.shards.writer import process_input, reason_kind, write_block
 
 __all__ = ["BuildSettings", "BuildReport", "build", "DEFAULT_MAX_INPUT_BYTES"]
@@ -44,17 +44,6 @@ log = logging.getLogger(__name__)
 
 NO_CLASS = "no class folder (--labels folder needs SRC/CLASS/...)"
 DEFAULT_MAX_INPUT_BYTES = 256 * 1024**2
-
-# What a build may find in its output folder: its own files and those of other parts
-# or an interrupted run. Anything else means --out points at someone else's folder.
-_BUILD_FILE_RE = re.compile(
-    r"^(?:[^./\s]+-(?:part\d{4}-)?\d{6}(?:-\d{3})?\.(?:tar|idx)"
-    r"|manifest(?:\.part-\d{4}-of-\d{4})?\.json"
-    r"|rejected(?:\.part-\d{4}-of-\d{4})?\.jsonl"
-    r"|\.moco-build-.+"
-    r"|\..+\.tmp)$"
-)
-
 
 @dataclass(frozen=True)
 class BuildSettings:
@@ -154,52 +143,6 @@ def _records(tasks: Iterator[tuple], settings: BuildSettings, workers: int) -> I
             yield window.popleft().get()
 
 
-# --------------------------------------------------------------------------- the output folder
-
-class _FolderLock:
-    """An exclusive ``flock`` on the part's lock file in the output folder, for the build's whole life."""
-
-    def __init__(self, path: Path):
-        self.path, self.fd = path, None
-
-    def __enter__(self) -> "_FolderLock":
-        while True:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                os.close(fd)
-                raise BuildError(f"{self.path.parent}: in use by another moco-shards build (it holds {self.path.name}); "
-                                 f"wait for it to end or use another --out") from None
-            try:  # the holder before us may have removed the file between our open and our lock
-                if os.stat(self.path).st_ino == os.fstat(fd).st_ino:
-                    self.fd = fd
-                    return self
-            except FileNotFoundError:
-                pass
-            os.close(fd)
-
-    def __exit__(self, *exc) -> None:
-        self.path.unlink(missing_ok=True)  # still ours: removed before the lock is let go
-        os.close(self.fd)
-
-
-def _prepare_folder(out: Path) -> None:
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except FileExistsError:
-        raise BuildError(f"--out {out}: not a folder") from None
-    except OSError as exc:
-        raise BuildError(f"--out {out}: cannot create: {exc.strerror}") from None
-    names = [p.name for p in out.iterdir()]
-    # Shard-like names alone do not make a folder ours: it must also hold a manifest or a build's state.
-    ours = any(n.startswith((".moco-build-", "manifest")) for n in names)
-    foreign = [n for n in names if not (ours and _BUILD_FILE_RE.match(n))]
-    if foreign:
-        raise BuildError(f"--out {out}: holds files moco-shards build did not write ({printable(min(foreign))}"
-                         f"{f' and {len(foreign) - 1} more' if len(foreign) > 1 else ''}); use a new or empty folder")
-
-
 def _state_dir(out: Path, settings: BuildSettings) -> Path:
     part = "" if settings.num_parts == 1 else f"-part{settings.part:04d}"
     return out / f".moco-build-{settings.name}{part}"
@@ -236,15 +179,6 @@ def _load_records(state: Path, out: Path, identity: dict) -> dict[int, dict]:
                for e in entries):
             records[block] = record
     return records
-
-
-def _remove_temporaries(out: Path, settings: BuildSettings) -> None:
-    """Unfinished shards of this part (a killed or failed run's, or other workers' after a failure)."""
-    infix = "" if settings.num_parts == 1 else f"part{settings.part:04d}-"
-    pattern = re.compile(rf"^\.{re.escape(settings.name)}-{infix}\d{{6}}(?:-\d{{3}})?\.(?:tar|idx)\.tmp$")
-    for path in out.iterdir():
-        if pattern.match(path.name):
-            path.unlink(missing_ok=True)
 
 
 # --------------------------------------------------------------------------- build
@@ -309,11 +243,11 @@ def build(sources: Sequence[str], out: str | os.PathLike, settings: BuildSetting
     for src in sources:
         source_kind(src)
     out = Path(out)
-    _prepare_folder(out)
+    prepare_folder(out)
     state = _state_dir(out, settings)
     try:
-        with _FolderLock(out / f"{state.name}.lock"):
-            _prepare_folder(out)  # again, now that no other build can be writing here
+        with FolderLock(out / f"{state.name}.lock"):
+            prepare_folder(out)  # again, now that no other build can be writing here
             return _build_locked(list(sources), out, state, settings, workers, progress, classes, started)
     except OSError as exc:
         where = printable(exc.filename) if getattr(exc, "filename", None) else str(out)
@@ -359,7 +293,7 @@ def _pack(out: Path, state: Path, settings: BuildSettings, identity: dict, order
     if done:
         log.info("resuming: %d finished blocks of %d inputs kept", len(done), settings.max_count)
     shards.write_json_atomic(state / "build.json", identity)
-    _remove_temporaries(out, settings)
+    remove_temporaries(out, settings.name, None if settings.num_parts == 1 else settings.part)
     part = None if settings.num_parts == 1 else settings.part
     class_of = {name: i for i, name in enumerate(identity["classes"])}
 
@@ -392,7 +326,7 @@ def _pack(out: Path, state: Path, settings: BuildSettings, identity: dict, order
             shards.write_json_atomic(state / f"shard-{record['block']:06d}.json", record)
             bar.update(record["end_input"] - record["first_input"])
     except BaseException:
-        _remove_temporaries(out, settings)  # the pool is gone: what its other workers had begun
+        remove_temporaries(out, settings.name, None if settings.num_parts == 1 else settings.part)  # the pool is gone: what its other workers had begun
         raise
     finally:
         bar.close()

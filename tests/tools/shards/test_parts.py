@@ -13,6 +13,7 @@ import simplejpeg
 
 from moco_dali.pipeline import shards
 from moco_dali.tools.shards import inputs
+from moco_dali.tools.shards import order as packing
 from moco_dali.tools.shards.build import BuildSettings, build
 from moco_dali.tools.shards.merge import merge
 from tests.tools.shards.test_build import folder_bytes, run_cli
@@ -170,7 +171,7 @@ def test_the_external_sort_gives_the_order_of_a_sort_in_memory(tmp_path, monkeyp
     listing.write_text("".join(f"{n}\n" for n in names))
 
     def packing_order() -> list[str]:
-        order = inputs.PackingOrder(inputs.iter_part([str(listing)]), tmp_path / "scratch", seed)
+        order = packing.PackingOrder(inputs.iter_part([str(listing)]), tmp_path / "scratch", seed)
         sources, split = [], False
         for ref in order:
             sources.append(ref.source)
@@ -180,8 +181,8 @@ def test_the_external_sort_gives_the_order_of_a_sort_in_memory(tmp_path, monkeyp
 
     in_memory, _ = packing_order()
     # Spill every 50 inputs and sort at most 5 at once: every bucket is split again.
-    monkeypatch.setattr(inputs, "_FLUSH_ITEMS", 50)
-    monkeypatch.setattr(inputs, "_SORT_ITEMS", 5)
+    monkeypatch.setattr(packing, "_FLUSH_ITEMS", 50)
+    monkeypatch.setattr(packing, "_SORT_ITEMS", 5)
     spilled, split = packing_order()
     assert spilled == in_memory
     assert sorted(in_memory) == sorted(f"{tmp_path}/{n}" for n in names)
