@@ -43,7 +43,13 @@ setup(
         "pyyaml>=6",
     ],
     extras_require={
+        # moco-shards build --executor ray: the parts of a build as tasks on a Ray cluster,
+        # an existing scheduler rather than a home-made launcher (optional: the local
+        # process pool is the default executor)
+        "ray": ["ray>=2.9,<3"],
         "dev": [
+            # the tests start a local Ray instance to run a build's parts as Ray tasks
+            "ray>=2.9,<3",
             "pytest>=8",
             "pytest-timeout>=2.2",
             # installs and resolves requirements.lock (./dev setup, ./dev upgrade)

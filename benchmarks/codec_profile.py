@@ -25,7 +25,9 @@ import webdataset
 from PIL import Image
 
 from moco_dali.pipeline.shards import encode_sample
-from moco_dali.tools.shards.imageprep import parse_jpeg_header
+from moco_dali.tools.shards.imageprep import PrepSettings, parse_jpeg_header
+from moco_dali.tools.shards.inputs import InputRef
+from moco_dali.tools.shards.writer import ShardWriter, process_input, read_input
 from moco_dali.tools.bench.machine import describe
 
 
@@ -64,6 +66,15 @@ def main() -> int:
         blob, _ = encode_sample("0000000000", [("jpg", jpeg), ("json", b"{}")])
         hashlib.sha256(blob).digest()
 
+    paths = [str(p) for p in sorted(args.photos.glob("*.jpg"))[: args.count]]
+    refs = [(f"{i:010d}", InputRef(p, p), None) for i, p in enumerate(paths)]
+    shard = ShardWriter(Path(scratch), "profile")
+    passthrough, reencode = PrepSettings(), PrepSettings(reencode="always")
+
+    def whole(item, prep):
+        result = process_input(item, prep, 1 << 28)
+        shard.add(result[1], result[2])
+
     stages = {
         "baseline: PIL open + decode": (lambda d: Image.open(io.BytesIO(d)).load(), data),
         "baseline: convert('RGB')": (lambda im: im.convert("RGB"), pil_rgb),
@@ -76,9 +87,17 @@ def main() -> int:
             lambda d: simplejpeg.decode_jpeg(d, "RGB", strict=True), data),
         "ours: encode q90 4:2:0 (re-encode path)": (lambda p: simplejpeg.encode_jpeg(p, 90, "RGB", "420"), pixels),
         "ours: tar members + sha256": (members_and_hash, encoded),
+        "ours: strict full decode, fast DCT and upsampling": (
+            lambda d: simplejpeg.decode_jpeg(d, "RGB", fastdct=True, fastupsample=True, strict=True), data),
+        "ours: read the file (page cache, size-capped)": (
+            lambda p: read_input(InputRef(p, p), 1 << 28), paths),
+        "ours: whole pass-through path, one process (read, check, members, sha256, tar write)": (
+            lambda item: whole(item, passthrough), refs),
+        "ours: whole re-encode path, one process": (lambda item: whole(item, reencode), refs),
     }
     results = {name: per_image_ms(fn, items, args.reps) for name, (fn, items) in stages.items()}
     sink.close()
+    shard.abandon()
     record = {
         "benchmark": "codec_profile",
         "date": time.strftime("%Y-%m-%d"),

@@ -10,6 +10,6 @@ mkdir -p "$results"
 for set in q95 110kb; do
   if [ "$set" = q95 ]; then q="--quality 95"; else q="--target-kb 110"; fi
   python3 -m moco_dali.tools.bench.photoset --src "$src" --out "$work/$set" --count "$count" $q
-  python3 -m tools.bench shards --photos "$work/$set/photos" --reps "$reps" --out "$results/shard_build-$set.json"
+  python3 -m moco_dali.tools.bench.cli shards --photos "$work/$set/photos" --reps "$reps" --out "$results/shard_build-$set.json"
 done
 rm -rf "$work"

@@ -2,7 +2,9 @@
 
 Used by ``moco-shards verify``: it proves that the shards read and decode exactly as
 training will read them (same reader, same index files, same decoder), rather than
-through a second implementation of the format.
+through a second implementation of the format. DALI is imported when a scan starts,
+not with this module, so a caller can locate undecodable samples (and fork a child
+to scan) without loading DALI into its own process.
 """
 
 from __future__ import annotations
@@ -13,7 +15,6 @@ from pathlib import Path
 from typing import Iterable, Iterator, Optional, Sequence
 
 import numpy as np
-from nvidia.dali import fn, pipeline_def, types
 
 __all__ = ["DecodedSample", "scan_shards", "first_undecodable"]
 
@@ -27,14 +28,19 @@ class DecodedSample:
     label: bytes
 
 
-@pipeline_def(enable_conditionals=False)
-def _scan_pipeline(tars: Sequence[str], indexes: Sequence[str], decode_device: str):
-    jpeg, metadata, label = fn.readers.webdataset(
-        paths=list(tars), index_paths=list(indexes), ext=["jpg", "json", "cls"],
-        missing_component_behavior="empty", random_shuffle=False, pad_last_batch=True, name="reader",
-    )
-    image = fn.decoders.image(jpeg, device=decode_device, output_type=types.RGB)
-    return image.shape(), metadata, label
+def _scan_pipeline(tars: Sequence[str], indexes: Sequence[str], decode_device: str, **kwargs):
+    from nvidia.dali import fn, pipeline_def, types
+
+    @pipeline_def(enable_conditionals=False)
+    def scan():
+        jpeg, metadata, label = fn.readers.webdataset(
+            paths=list(tars), index_paths=list(indexes), ext=["jpg", "json", "cls"],
+            missing_component_behavior="empty", random_shuffle=False, pad_last_batch=True, name="reader",
+        )
+        image = fn.decoders.image(jpeg, device=decode_device, output_type=types.RGB)
+        return image.shape(), metadata, label
+
+    return scan(**kwargs)
 
 
 def scan_shards(tars: Sequence[Path], indexes: Sequence[Path], *, batch_size: int = 64,
@@ -81,6 +87,8 @@ def first_undecodable(jpegs: Iterable[tuple[Path, str, int, int]]) -> Optional[s
             f.seek(offset)
             data = f.read(size)
         try:
+            # The header alone must be sound too: libjpeg stops at a scan it cannot parse.
+            simplejpeg.decode_jpeg_header(data)
             simplejpeg.decode_jpeg(data, "GRAY", min_factor=8, strict=True)
         except ValueError as exc:
             return f"{tar}: key {key}: does not decode: {exc}"

@@ -7,9 +7,12 @@ it, so the two cannot drift apart.
 A shard folder holds ``NAME-000000.tar`` files, each with its DALI index
 ``NAME-000000.idx`` beside it, and a ``manifest.json`` that lists every shard (samples,
 bytes, sha256), the class names, every rejected input with its reason and the build
-settings. A build split into parts (``--num-parts``) names its shards
-``NAME-part0003-000000.tar`` and writes ``manifest.part-0003-of-0008.json`` until the
-parts are merged into one ``manifest.json``.
+settings; every rejected input with its reason is a line of ``rejected.jsonl``
+beside it (the manifest keeps only counts, so it grows with the shards, never with
+the inputs). A build split into parts (``--num-parts``) names its shards
+``NAME-part0003-000000.tar`` and writes ``manifest.part-0003-of-0008.json`` and
+``rejected.part-0003-of-0008.jsonl`` until the parts are merged into one
+``manifest.json``.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ __all__ = [
     "Manifest",
     "shard_stem",
     "part_manifest_name",
+    "rejected_name",
     "index_header",
     "index_line",
     "read_index",
@@ -45,12 +49,16 @@ __all__ = [
 ]
 
 FORMAT = "moco-dali-shards"
-FORMAT_VERSION = 1
+# 2: ``rejected`` is a count (with ``rejected_reasons`` and ``rejected_file``) instead
+# of a list of every rejected input; shards, counts and classes are as in 1.
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 # The index layout that DALI's fn.readers.webdataset reads (the one its wds2idx writes):
 # a header "v1.2 N", then per sample "ext data_offset size member_name" repeated for
 # each of the sample's files.
 INDEX_VERSION = "v1.2"
 MANIFEST_NAME = "manifest.json"
+REJECTED_NAME = "rejected.jsonl"
 PART_MANIFEST_RE = re.compile(r"^manifest\.part-(\d{4})-of-(\d{4})\.json$")
 
 
@@ -68,6 +76,13 @@ def shard_stem(name: str, index: int, part: int | None = None) -> str:
 def part_manifest_name(part: int, num_parts: int) -> str:
     """Name of the manifest that one part of a multi-part build writes."""
     return f"manifest.part-{part:04d}-of-{num_parts:04d}.json"
+
+
+def rejected_name(part: int | None = None, num_parts: int | None = None) -> str:
+    """Name of the JSONL file of rejected inputs (``{"input": ..., "reason": ...}`` per line)."""
+    if part is None:
+        return REJECTED_NAME
+    return f"rejected.part-{part:04d}-of-{num_parts:04d}.jsonl"
 
 
 def index_header(num_samples: int) -> str:
@@ -179,7 +194,7 @@ def load_manifest(folder: str | os.PathLike, name: str = MANIFEST_NAME) -> Manif
         raise ShardError(f"{path}: unreadable manifest: {exc}") from None
     if data.get("format") != FORMAT:
         raise ShardError(f"{path}: not a {FORMAT} manifest")
-    if data.get("version") != FORMAT_VERSION:
+    if data.get("version") not in READABLE_VERSIONS:
         raise ShardError(f"{path}: manifest version {data.get('version')}, this tool reads {FORMAT_VERSION}")
     return Manifest(root=folder, data=data)
 
@@ -280,9 +295,13 @@ def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
     """
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1, sort_keys=True)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w") as f:
+            json.dump(obj, f, indent=1, sort_keys=True)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # a full disk leaves no temporary file behind
+        raise

@@ -104,6 +104,10 @@ def _parser(gpu: bool, cores: int) -> argparse.ArgumentParser:
     sub.add_parser("e2e", parents=[out, data, model, train], help="shards through the pipeline into the step")
     s = sub.add_parser("shards", parents=[out, shards], help="moco-shards build vs PIL + webdataset.ShardWriter")
     s.add_argument("--synthetic", type=int, default=2000 if gpu else 200, metavar="N")
+    sb = sub.add_parser("scale-build", parents=[out], help="shard builder memory and time per part as the source grows")
+    sb.add_argument("--sizes", default="1e5,1e6", help="comma-separated input counts")
+    sb.add_argument("--parts", default="1,100", help="comma-separated part counts (part 0 is measured)")
+    sb.add_argument("--kinds", default="list", help="comma-separated sources: list (a list file), folder (empty files)")
     sub.add_parser("all", parents=[out, data, model, train, pipe, mom, shards], help="every mode, one record")
     return parser
 
@@ -123,15 +127,20 @@ def _run(mode: str, args) -> dict:
         photos, info = (args.photos, None) if args.photos else synthetic_photos(args)
         workers = [int(w) for w in args.build_workers.split(",")] if args.build_workers else None
         return bench_shards(photos, args.reps, workers, photoset=info)
+    if mode == "scale-build":
+        from moco_dali.tools.bench.scale_build import bench_scale_build
+
+        return bench_scale_build(args)
     raise ValueError(mode)
 
 
 def _print(record: dict) -> None:
+    from moco_dali.tools.bench.scale_build import print_scale_build
     from moco_dali.tools.bench.shards import print_shards
     from moco_dali.tools.bench.step import print_e2e, print_step
 
     printers = {"pipeline": print_pipeline, "momentum": print_momentum, "step": print_step, "e2e": print_e2e,
-                "shards": print_shards}
+                "shards": print_shards, "scale-build": print_scale_build}
     if record["mode"] == "all":
         for sub in record["records"].values():
             printers[sub["mode"]](sub)

@@ -1,41 +1,49 @@
-"""Build WebDataset shards from an image dump: normalise and pack, resumably.
+"""Build WebDataset shards from an image dump: normalise and pack, resumably, in bounded memory.
 
-Owns the build: where shard boundaries fall, the worker pool, the resume records that
-make a killed build finish without redoing finished shards, and the manifest. Which
-inputs there are and in what order is ``inputs``'s; per-image work is
-``imageprep``'s; the file format is ``moco_dali.pipeline.shards``'.
+Owns one part's build: the lock on the output folder and what may be in it, the
+blocks (``max_count`` consecutive positions of the packing order, each one shard or
+more) handed to the worker pool, the resume records that make a killed build finish
+without redoing finished blocks, the rejected-input log and the manifest. Which
+inputs there are and in what order is ``inputs``'s; a worker's work on a block is
+``writer``'s, per image ``imageprep``'s; the file format is
+``moco_dali.pipeline.shards``'.
 
-Determinism: inputs are enumerated in a stable order, processed by a worker pool
-whose results are consumed in input order, and packed by one writer, so the same
-inputs and flags give byte-identical output whatever ``workers`` is.
+Determinism: the packing order is a pure function of the inputs and the seed, and a
+block's bytes a pure function of its inputs, so the same inputs and flags give
+byte-identical output whatever ``workers`` is. Nothing held grows with the inputs:
+the order is an external sort, at most two blocks per worker are in flight, and the
+rejected inputs are streamed from the block records into one JSONL file.
 """
 
 from __future__ import annotations
 
-import hashlib
+import collections
 import json
 import logging
 import multiprocessing
 import os
+import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Iterator, Optional, Sequence
 
 from tqdm import tqdm
 
 from moco_dali.pipeline import shards
 from moco_dali.tools.shards import BuildError
-from moco_dali.tools.shards.imageprep import PrepSettings, Rejected, prepare, sample_metadata
-from moco_dali.tools.shards.inputs import InputRef, enumerate_inputs, input_digest, packing_order, part_range
+from moco_dali.tools.shards.imageprep import PrepSettings
+from moco_dali.tools.shards.folder import FolderLock, prepare_folder, remove_temporaries
+from moco_dali.tools.shards.inputs import InputRef, find_classes, iter_part, printable, source_kind
+from moco_dali.tools.shards.order import PackingOrder
+from moco_dali.tools.shards.writer import process_input, reason_kind, write_block
 
-__all__ = ["BuildSettings", "BuildReport", "build"]
+__all__ = ["BuildSettings", "BuildReport", "build", "DEFAULT_MAX_INPUT_BYTES"]
 
 log = logging.getLogger(__name__)
 
 NO_CLASS = "no class folder (--labels folder needs SRC/CLASS/...)"
-_NO_CLASS = -1
-
+DEFAULT_MAX_INPUT_BYTES = 256 * 1024**2
 
 @dataclass(frozen=True)
 class BuildSettings:
@@ -49,6 +57,8 @@ class BuildSettings:
     part: int = 0
     shuffle_seed: Optional[int] = 0
     """Pack inputs in an order shuffled with this seed (None: in enumeration order)."""
+    max_input_bytes: int = DEFAULT_MAX_INPUT_BYTES
+    """Inputs larger than this are rejected unread (a symlink to /dev/zero never ends)."""
     prep: PrepSettings = field(default_factory=PrepSettings)
 
     def __post_init__(self) -> None:
@@ -60,8 +70,12 @@ class BuildSettings:
             raise BuildError(f"--max-count must be at least 1, got {self.max_count}")
         if self.max_bytes is not None and self.max_bytes < 4096:
             raise BuildError(f"--max-bytes must be at least 4096, got {self.max_bytes}")
-        if self.num_parts < 1 or not 0 <= self.part < self.num_parts:
+        if not 1 <= self.num_parts <= 9999:
+            raise BuildError(f"--num-parts must be in 1..9999, got {self.num_parts}")
+        if not 0 <= self.part < self.num_parts:
             raise BuildError(f"--part must be in 0..{self.num_parts - 1} for --num-parts {self.num_parts}, got {self.part}")
+        if self.max_input_bytes < 1:
+            raise BuildError(f"--max-input-bytes must be positive, got {self.max_input_bytes}")
 
     def fingerprint(self) -> dict:
         """The settings as recorded in manifests and compared on resume and merge."""
@@ -95,171 +109,93 @@ class BuildReport:
 
 # --------------------------------------------------------------------------- workers
 
-_worker_prep: Optional[PrepSettings] = None
+_worker_settings: Optional[BuildSettings] = None
 
 
-def _init_worker(prep: PrepSettings) -> None:
-    global _worker_prep
-    _worker_prep = prep
+def _init_worker(settings: BuildSettings) -> None:
+    global _worker_settings
+    _worker_settings = settings
 
 
-def _read(ref: InputRef) -> bytes:
-    with open(ref.path, "rb") as f:
-        if ref.offset >= 0:
-            f.seek(ref.offset)
-            data = f.read(ref.size)
-            if len(data) != ref.size:
-                raise OSError(f"archive member cut short ({len(data)} of {ref.size} bytes)")
-            return data
-        return f.read()
+def _build_block(task: tuple) -> dict:
+    """Worker: one block of inputs -> its shards on disk and its resume record."""
+    out, stem, block, first_input, items = task
+    settings = _worker_settings
+    return write_block(Path(out), stem, block, first_input, items,
+                       lambda item: process_input(item, settings.prep, settings.max_input_bytes), settings.max_bytes)
 
 
-def _process(task: tuple[int, InputRef, Optional[int]]):
-    """Worker: one input -> ("ok", blob, members, copied, class) or ("rejected", reason)."""
-    index, ref, class_index = task
-    if class_index == _NO_CLASS:
-        return ("rejected", NO_CLASS)
-    try:
-        try:
-            data = _read(ref)
-        except OSError as exc:
-            raise Rejected(f"unreadable: {exc.strerror or exc}") from None
-        prepared = prepare(data, _worker_prep)
-    except Rejected as exc:
-        return ("rejected", str(exc))
-    except Exception as exc:  # a decoder bug must cost one input, not the build
-        return ("rejected", f"failed to process: {type(exc).__name__}: {exc}")
-    files = [("jpg", prepared.jpeg)]
-    if class_index is not None:
-        files.append(("cls", str(class_index).encode()))
-    files.append(("json", sample_metadata(ref.source, prepared)))
-    blob, members = shards.encode_sample(f"{index:010d}", files)
-    return ("ok", blob, members, prepared.copied, class_index)
+def _records(tasks: Iterator[tuple], settings: BuildSettings, workers: int) -> Iterator[dict]:
+    """Each block's record, in block order, with at most two blocks per worker in flight."""
+    if workers == 0:
+        _init_worker(settings)
+        yield from map(_build_block, tasks)
+        return
+    # fork keeps worker start-up to milliseconds; the workers touch no threads or GPU.
+    ctx = multiprocessing.get_context("fork")
+    with ctx.Pool(workers, initializer=_init_worker, initargs=(settings,), maxtasksperchild=None) as pool:
+        window: collections.deque = collections.deque()
+        for task in tasks:
+            window.append(pool.apply_async(_build_block, (task,)))
+            if len(window) >= 2 * workers:
+                yield window.popleft().get()
+        while window:
+            yield window.popleft().get()
 
-
-# --------------------------------------------------------------------------- writer
-
-class _ShardWriter:
-    """Appends encoded samples to one shard; publishes tar and index only when closed."""
-
-    def __init__(self, out: Path, stem: str, first_input: int):
-        self.out, self.stem, self.first_input = out, stem, first_input
-        self.tar_tmp = out / f".{stem}.tar.tmp"
-        self.file = open(self.tar_tmp, "wb")
-        self.sha = hashlib.sha256()
-        self.lines: list[str] = []
-        self.bytes = 0
-        self.copied = 0
-        self.class_counts: dict[int, int] = {}
-        self.rejected: list[dict] = []
-
-    @property
-    def samples(self) -> int:
-        return len(self.lines)
-
-    def add(self, blob: bytes, members, copied: bool, class_index: Optional[int]) -> None:
-        self.file.write(blob)
-        self.sha.update(blob)
-        self.lines.append(shards.index_line((e, self.bytes + o, s, n) for e, o, s, n in members))
-        self.bytes += len(blob)
-        self.copied += copied
-        if class_index is not None:
-            self.class_counts[class_index] = self.class_counts.get(class_index, 0) + 1
-
-    def close(self, end_input: int) -> dict:
-        """Publish the shard (index first, then tar) and return its resume record."""
-        self.file.write(shards.TAR_END)
-        self.sha.update(shards.TAR_END)
-        self.bytes += len(shards.TAR_END)
-        self.file.flush()
-        os.fsync(self.file.fileno())
-        self.file.close()
-        index_text = shards.index_header(self.samples) + "".join(self.lines)
-        idx_tmp = self.out / f".{self.stem}.idx.tmp"
-        with open(idx_tmp, "w") as f:
-            f.write(index_text)
-            f.flush()
-            os.fsync(f.fileno())
-        # The tar is renamed last: a tar under its final name always has its index.
-        os.replace(idx_tmp, self.out / f"{self.stem}.idx")
-        os.replace(self.tar_tmp, self.out / f"{self.stem}.tar")
-        entry = shards.ShardEntry(
-            tar=f"{self.stem}.tar", index=f"{self.stem}.idx", samples=self.samples, bytes=self.bytes,
-            sha256=self.sha.hexdigest(), index_sha256=hashlib.sha256(index_text.encode()).hexdigest(),
-        )
-        return {
-            "shard": asdict(entry),
-            "first_input": self.first_input,
-            "end_input": end_input,
-            "copied": self.copied,
-            "class_counts": {str(k): v for k, v in sorted(self.class_counts.items())},
-            "rejected": self.rejected,
-        }
-
-    def abandon(self) -> None:
-        self.file.close()
-        self.tar_tmp.unlink(missing_ok=True)
-
-
-# --------------------------------------------------------------------------- resume
 
 def _state_dir(out: Path, settings: BuildSettings) -> Path:
     part = "" if settings.num_parts == 1 else f"-part{settings.part:04d}"
     return out / f".moco-build-{settings.name}{part}"
 
 
-def _manifest_name(settings: BuildSettings) -> str:
+def _part_names(settings: BuildSettings) -> tuple[str, str]:
     if settings.num_parts == 1:
-        return shards.MANIFEST_NAME
-    return shards.part_manifest_name(settings.part, settings.num_parts)
+        return shards.MANIFEST_NAME, shards.rejected_name()
+    return (shards.part_manifest_name(settings.part, settings.num_parts),
+            shards.rejected_name(settings.part, settings.num_parts))
 
 
-def _load_records(state: Path, out: Path, identity: dict, start: int) -> list[dict]:
-    """Resume records of shards that are finished and intact, in order."""
+def _load_records(state: Path, out: Path, identity: dict) -> dict[int, dict]:
+    """Resume records of blocks whose shards are all finished and intact, by block."""
     ident_path = state / "build.json"
     if not ident_path.is_file():
-        return []
+        return {}
     try:
         previous = json.loads(ident_path.read_text())
     except ValueError:
         previous = None
     if previous != identity:
-        raise BuildError(
-            f"{out}: holds an unfinished build with other inputs or settings; "
-            f"use another --out or delete {state}"
-        )
-    records = []
-    expected_start = start
+        raise BuildError(f"{out}: holds an unfinished build with other inputs or settings; "
+                         f"use another --out or delete {state}")
+    records = {}
     for path in sorted(state.glob("shard-*.json")):
         try:
             record = json.loads(path.read_text())
-            entry = shards.ShardEntry.from_json(record["shard"])
+            entries = [shards.ShardEntry.from_json(e) for e in record["shards"]]
+            block = int(record["block"])
         except (ValueError, KeyError, TypeError):
-            break
-        tar, idx = out / entry.tar, out / entry.index
-        if (record["first_input"] != expected_start or not tar.is_file() or not idx.is_file()
-                or tar.stat().st_size != entry.bytes):
-            break
-        records.append(record)
-        expected_start = record["end_input"]
+            continue
+        if all((out / e.index).is_file() and (out / e.tar).is_file() and (out / e.tar).stat().st_size == e.bytes
+               for e in entries):
+            records[block] = record
     return records
 
 
 # --------------------------------------------------------------------------- build
 
-def _manifest(settings: BuildSettings, digest: str, classes: list[str], records: list[dict],
-              trailing_rejected: list[dict], inputs: int) -> dict:
+def _manifest(settings: BuildSettings, identity: dict, records: list[dict], rejected: int,
+              reasons: dict[str, int], rejected_file: str) -> dict:
+    classes = identity["classes"]
     class_counts = [0] * len(classes)
-    rejected = []
     for record in records:
         for k, v in record["class_counts"].items():
             class_counts[int(k)] += v
-        rejected.extend(record["rejected"])
-    rejected.extend(trailing_rejected)
-    samples = sum(r["shard"]["samples"] for r in records)
+    entries = [entry for record in records for entry in record["shards"]]
+    samples = sum(e["samples"] for e in entries)
     copied = sum(r["copied"] for r in records)
-    if samples + len(rejected) != inputs:
-        raise AssertionError(f"accounting broke: {samples} samples + {len(rejected)} rejected != {inputs} inputs")
+    inputs = identity["inputs"]
+    if samples + rejected != inputs:
+        raise AssertionError(f"accounting broke: {samples} samples + {rejected} rejected != {inputs} inputs")
     return {
         "format": shards.FORMAT,
         "version": shards.FORMAT_VERSION,
@@ -270,149 +206,159 @@ def _manifest(settings: BuildSettings, digest: str, classes: list[str], records:
         "reencoded": samples - copied,
         "classes": classes,
         "class_counts": dict(zip(classes, class_counts)),
-        "shards": [r["shard"] for r in records],
+        "shards": entries,
         "rejected": rejected,
+        "rejected_reasons": dict(sorted(reasons.items())),
+        "rejected_file": rejected_file,
         "settings": settings.fingerprint(),
-        "input_digest": digest,
-        "parts": [{"part": settings.part, "num_parts": settings.num_parts, "inputs": inputs}],
+        "sources": identity["sources"],
+        "input_digest": identity["input_digest"],
+        "parts": [{"part": settings.part, "num_parts": settings.num_parts, "inputs": inputs, "samples": samples,
+                   "rejected": rejected, "input_digest": identity["input_digest"]}],
     }
 
 
-def build(sources: list[str], out: str | os.PathLike, settings: BuildSettings, *,
-          workers: Optional[int] = None, progress: bool = True) -> BuildReport:
-    """Build (or finish building) the shards of ``sources`` into ``out``.
+def build(sources: Sequence[str], out: str | os.PathLike, settings: BuildSettings, *,
+          workers: Optional[int] = None, progress: bool = True,
+          classes: Optional[Sequence[str]] = None) -> BuildReport:
+    """Build (or finish building) part ``settings.part`` of the shards of ``sources`` into ``out``.
 
     Args:
-        sources: folders, list files and tar archives, in the order to pack them.
-        out: the shard folder; created if missing.
+        sources: folders, list files and tar archives.
+        out: the shard folder; created if missing; locked while the build runs.
         settings: everything that decides the output bytes.
         workers: worker processes (default: all cores); 0 processes in this process.
         progress: show a progress bar on stderr (when it is a terminal).
+        classes: the class names in index order (``--classes``); default: found in
+            the sources (``--labels folder``).
 
     Raises:
-        BuildError: before any work, for bad sources, options or a conflicting folder.
+        BuildError: a bad source, option or output folder, a folder in use, or an
+            output that cannot be written (nothing half-written is left; run again
+            to resume).
     """
     started = time.monotonic()
     if not sources:
         raise BuildError("give at least one SRC folder, list file or tar archive")
+    for src in sources:
+        source_kind(src)
     out = Path(out)
-    all_refs = enumerate_inputs(sources, settings.labels)
-    if not all_refs:
-        raise BuildError(f"no input files found in {', '.join(sources)}")
-    classes = sorted({r.label for r in all_refs if r.label is not None})
-    class_of = {name: i for i, name in enumerate(classes)}
-    digest = input_digest(all_refs)
-    first, end = part_range(len(all_refs), settings.part, settings.num_parts)
-    inputs = end - first
-    identity = {"settings": settings.fingerprint(), "input_digest": digest, "sources": list(sources)}
-
-    out.mkdir(parents=True, exist_ok=True)
-    manifest_path = out / _manifest_name(settings)
-    if manifest_path.is_file():
-        try:
-            existing = json.loads(manifest_path.read_text())
-        except ValueError:
-            existing = None
-        if existing and existing.get("settings") == identity["settings"] and existing.get("input_digest") == digest:
-            log.info("%s: build already complete", manifest_path)
-            return _report(out, manifest_path, existing, time.monotonic() - started, len(existing["shards"]))
-        raise BuildError(f"{manifest_path}: the folder holds another build; use another --out")
-
+    prepare_folder(out)
     state = _state_dir(out, settings)
-    records = _load_records(state, out, identity, first)
-    resumed = len(records)
-    if resumed:
-        log.info("resuming: %d finished shards kept, continuing at input %d", resumed, records[-1]["end_input"])
-    state.mkdir(exist_ok=True)
-    shards.write_json_atomic(state / "build.json", identity)
-    for stale in state.glob("shard-*.json"):
-        if int(stale.stem.split("-")[1]) >= resumed:
-            stale.unlink()
-
-    # Positions in the packing order; records and part ranges are in positions.
-    order = packing_order(len(all_refs), settings.shuffle_seed)
-    position = records[-1]["end_input"] if records else first
-    unlabelled = _NO_CLASS if settings.labels == "folder" else None
-    tasks = (
-        (i, all_refs[i], class_of[all_refs[i].label] if all_refs[i].label is not None else unlabelled)
-        for i in (order[p] for p in range(position, end))
-    )
-    part = None if settings.num_parts == 1 else settings.part
-    writer: Optional[_ShardWriter] = None
-    pending_rejected: list[dict] = []  # rejected before the first sample of the next shard
-
-    def reject(position: int, reason: str) -> None:
-        entry = {"input": all_refs[order[position]].source, "reason": reason}
-        (writer.rejected if writer is not None else pending_rejected).append(entry)
-
-    def open_shard(start_input: int) -> _ShardWriter:
-        w = _ShardWriter(out, shards.shard_stem(settings.name, len(records), part), start_input)
-        w.rejected.extend(pending_rejected)
-        pending_rejected.clear()
-        return w
-
-    def finish_shard(end_input: int) -> None:
-        nonlocal writer
-        record = writer.close(end_input)
-        shards.write_json_atomic(state / f"shard-{len(records):06d}.json", record)
-        records.append(record)
-        writer = None
-
-    max_bytes = settings.max_bytes or float("inf")
-    if workers is None:
-        workers = os.cpu_count() or 1
-    shard_start = position
-    bar = tqdm(total=inputs, initial=position - first, unit="img", desc="build", disable=not progress or None,
-               dynamic_ncols=True, smoothing=0.1)
     try:
-        for index, result in zip(range(position, end), _results(tasks, settings.prep, workers)):
-            bar.update(1)
-            if result[0] == "rejected":
-                reject(index, result[1])
-                continue
-            _, blob, members, copied, class_index = result
-            if writer is not None and (writer.samples + 1 > settings.max_count
-                                       or writer.bytes + len(blob) + len(shards.TAR_END) > max_bytes):
-                finish_shard(index)
-                shard_start = index
-            if writer is None:
-                writer = open_shard(shard_start)
-            writer.add(blob, members, copied, class_index)
-        if writer is not None:
-            finish_shard(end)
+        with FolderLock(out / f"{state.name}.lock"):
+            prepare_folder(out)  # again, now that no other build can be writing here
+            return _build_locked(list(sources), out, state, settings, workers, progress, classes, started)
+    except OSError as exc:
+        where = printable(exc.filename) if getattr(exc, "filename", None) else str(out)
+        raise BuildError(f"{where}: cannot write: {exc.strerror or exc}; nothing half-written was left, "
+                         f"run the same command again to resume") from None
+
+
+def _build_locked(sources: list[str], out: Path, state: Path, settings: BuildSettings, workers: Optional[int],
+                  progress: bool, classes: Optional[Sequence[str]], started: float) -> BuildReport:
+    class_list = list(classes) if classes is not None else find_classes(sources, settings.labels, skip=[str(out)])
+    manifest_name, rejected_name = _part_names(settings)
+    manifest_path = out / manifest_name
+    state.mkdir(exist_ok=True)
+    order = None
+    try:
+        order = PackingOrder(iter_part(sources, settings.labels, settings.part, settings.num_parts, skip=[str(out)]),
+                             state / "order", settings.shuffle_seed)
+        if order.count == 0 and settings.num_parts == 1:
+            raise BuildError(f"no input files found in {', '.join(map(printable, sources))}")
+        identity = {"settings": settings.fingerprint(), "input_digest": order.digest, "classes": class_list,
+                    "sources": [printable(s) for s in sources], "inputs": order.count}
+        if manifest_path.is_file():
+            try:
+                existing = json.loads(manifest_path.read_text())
+            except ValueError:
+                existing = None
+            if existing and all(existing.get(k) == identity[k] for k in ("settings", "input_digest", "classes")):
+                log.info("%s: build already complete", manifest_path)
+                return _report(out, manifest_path, existing, time.monotonic() - started, len(existing["shards"]))
+            raise BuildError(f"{manifest_path}: the folder holds another build; use another --out")
+        return _pack(out, state, settings, identity, order, workers, progress, manifest_path, rejected_name, started)
+    finally:
+        if order is not None:
+            order.close()
+        if state.is_dir() and not any(state.iterdir()):
+            state.rmdir()
+
+
+def _pack(out: Path, state: Path, settings: BuildSettings, identity: dict, order: PackingOrder,
+          workers: Optional[int], progress: bool, manifest_path: Path, rejected_name: str,
+          started: float) -> BuildReport:
+    done = _load_records(state, out, identity)
+    if done:
+        log.info("resuming: %d finished blocks of %d inputs kept", len(done), settings.max_count)
+    shards.write_json_atomic(state / "build.json", identity)
+    remove_temporaries(out, settings.name, None if settings.num_parts == 1 else settings.part)
+    part = None if settings.num_parts == 1 else settings.part
+    class_of = {name: i for i, name in enumerate(identity["classes"])}
+
+    def label_of(ref: InputRef):
+        if settings.labels != "folder":
+            return None
+        if ref.label is None:
+            return NO_CLASS
+        index = class_of.get(ref.label)
+        return index if index is not None else f"class not in --classes: {ref.label}"
+
+    def tasks() -> Iterator[tuple]:
+        """Blocks of --max-count consecutive positions of the packing order, those not finished yet."""
+        items, block = [], 0
+        for pos, ref in enumerate(order):
+            if block not in done:
+                items.append((f"{pos:010d}" if part is None else f"{part:04d}{pos:010d}", ref, label_of(ref)))
+            if (pos + 1) % settings.max_count == 0 or pos + 1 == order.count:
+                if block not in done:
+                    first = pos + 1 - len(items)
+                    yield str(out), shards.shard_stem(settings.name, block, part), block, first, items
+                items, block = [], block + 1
+
+    workers = (os.cpu_count() or 1) if workers is None else workers
+    bar = tqdm(total=order.count, unit="img", desc="build", disable=not progress or None, dynamic_ncols=True,
+               smoothing=0.1)
+    bar.update(sum(r["end_input"] - r["first_input"] for r in done.values()))
+    try:
+        for record in _records(tasks(), settings, workers):
+            shards.write_json_atomic(state / f"shard-{record['block']:06d}.json", record)
+            bar.update(record["end_input"] - record["first_input"])
     except BaseException:
-        if writer is not None:
-            writer.abandon()
+        remove_temporaries(out, settings.name, None if settings.num_parts == 1 else settings.part)  # the pool is gone: what its other workers had begun
         raise
     finally:
         bar.close()
 
-    # Inputs after the last shard that were all rejected belong to no shard record.
-    manifest = _manifest(settings, digest, classes, records, pending_rejected, inputs)
-    manifest["sources"] = list(sources)
+    # Every block has its record now; read them back in order, one at a time.
+    records, rejected, reasons = [], 0, collections.Counter()
+    log_tmp = out / f".{rejected_name}.tmp"
+    try:
+        with open(log_tmp, "wb") as log_file:
+            for path in sorted(state.glob("shard-*.json")):
+                record = json.loads(path.read_text())
+                for entry in record.pop("rejected"):
+                    log_file.write(json.dumps(entry).encode() + b"\n")
+                    reasons[reason_kind(entry["reason"])] += 1
+                    rejected += 1
+                records.append(record)
+            log_file.flush()
+            os.fsync(log_file.fileno())
+        manifest = _manifest(settings, identity, records, rejected, reasons, rejected_name)
+        os.replace(log_tmp, out / rejected_name)
+    except BaseException:
+        log_tmp.unlink(missing_ok=True)
+        raise
     shards.write_json_atomic(manifest_path, manifest)
-    for path in state.glob("*.json"):
-        path.unlink()
-    state.rmdir()
-    return _report(out, manifest_path, manifest, time.monotonic() - started, resumed)
-
-
-def _results(tasks, prep: PrepSettings, workers: int):
-    if workers == 0:
-        _init_worker(prep)
-        yield from map(_process, tasks)
-        return
-    # fork keeps worker start-up to milliseconds; the workers touch no threads or GPU.
-    ctx = multiprocessing.get_context("fork")
-    with ctx.Pool(workers, initializer=_init_worker, initargs=(prep,)) as pool:
-        yield from pool.imap(_process, tasks, chunksize=8)
+    shutil.rmtree(state, ignore_errors=True)
+    return _report(out, manifest_path, manifest, time.monotonic() - started, len(done))
 
 
 def _report(out: Path, manifest_path: Path, manifest: dict, seconds: float, resumed: int) -> BuildReport:
+    rejected = manifest["rejected"]
     return BuildReport(
         out=out, manifest_path=manifest_path, inputs=manifest["inputs"], samples=manifest["samples"],
-        rejected=len(manifest["rejected"]), copied=manifest["copied"], reencoded=manifest["reencoded"],
-        shards=len(manifest["shards"]), seconds=seconds, resumed_shards=resumed,
+        rejected=rejected if isinstance(rejected, int) else len(rejected), copied=manifest["copied"],
+        reencoded=manifest["reencoded"], shards=len(manifest["shards"]), seconds=seconds, resumed_shards=resumed,
     )
-
-

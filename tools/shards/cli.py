@@ -1,8 +1,10 @@
 """``moco-shards``: build, verify, inspect, preview and merge shard folders.
 
 The only place that turns the library's errors into one-line messages and exit
-codes: 0 success, 1 a check failed (verify, or ``--strict`` with rejections),
-2 bad arguments or input.
+codes: 0 success; 1 a check failed (``verify`` found a fault, or ``build`` rejected
+inputs under ``--strict``, or rejected every input); 2 bad arguments or input (a
+missing or unreadable source, a folder in use or not ours, an output that cannot be
+written, a folder that is not a shard folder for ``inspect``/``preview``/``merge``).
 """
 
 from __future__ import annotations
@@ -12,11 +14,13 @@ import json
 import logging
 import re
 import sys
+from pathlib import Path
 from typing import Optional, Sequence
 
 from moco_dali.pipeline.shards import ShardError
 from moco_dali.tools.shards import BuildError
-from moco_dali.tools.shards.build import BuildSettings, build
+from moco_dali.tools.shards.build import DEFAULT_MAX_INPUT_BYTES, BuildSettings, build
+from moco_dali.tools.shards.inputs import read_classes
 from moco_dali.tools.shards.merge import merge
 from moco_dali.tools.shards.imageprep import DEFAULT_MAX_PIXELS, PrepSettings
 
@@ -40,11 +44,14 @@ def _parser() -> argparse.ArgumentParser:
 
     b = sub.add_parser("build", help="pack images into shards", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     b.add_argument("sources", nargs="+", metavar="SRC",
-                   help="folders (recursive), list files (.txt/.lst/.list, one path per line) or .tar archives")
+                   help="folders (recursive), list files (.txt/.lst/.list: one path per line; .csv: PATH,LABEL) "
+                        "or .tar archives")
     b.add_argument("--out", required=True, metavar="DIR", help="shard folder to write")
     b.add_argument("--name", default="shard", help="shard file prefix: NAME-000000.tar")
     b.add_argument("--labels", choices=["none", "folder"], default="none",
-                   help="'folder': first-level sub-folder names are the classes (KEY.cls)")
+                   help="'folder': first-level sub-folder names (or a .csv list's labels) are the classes (KEY.cls)")
+    b.add_argument("--classes", default=None, metavar="FILE",
+                   help="class names, one per line, in index order (default: found in the sources)")
     b.add_argument("--max-count", type=int, default=10000, metavar="N", help="samples per shard at most")
     b.add_argument("--max-bytes", type=parse_bytes, default=None, metavar="SIZE", help="bytes per shard at most (e.g. 1GB)")
     b.add_argument("--max-side", type=int, default=None, metavar="PX", help="shrink so the longer side is at most PX")
@@ -54,12 +61,19 @@ def _parser() -> argparse.ArgumentParser:
                    help="'auto' stores clean baseline JPEGs byte for byte")
     b.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS, metavar="N",
                    help="reject larger images as decompression bombs")
+    b.add_argument("--max-input-bytes", type=parse_bytes, default=DEFAULT_MAX_INPUT_BYTES, metavar="SIZE",
+                   help="reject larger input files unread")
     b.add_argument("--shuffle-seed", type=int, default=0, metavar="SEED",
                    help="pack inputs in an order shuffled with SEED, so class-sorted dumps make mixed shards")
     b.add_argument("--no-shuffle", action="store_true", help="pack inputs in their listing order")
     b.add_argument("--workers", type=int, default=None, metavar="W", help="worker processes (default: all cores)")
     b.add_argument("--num-parts", type=int, default=1, metavar="P", help="split the build into P disjoint parts")
-    b.add_argument("--part", type=int, default=0, metavar="I", help="build part I of P (0-based)")
+    b.add_argument("--part", type=int, default=None, metavar="I", help="build part I of P (0-based; default 0)")
+    b.add_argument("--executor", choices=["local", "ray"], default="local",
+                   help="'local': this process and its worker pool build one part; "
+                        "'ray': every part as a Ray task (--out on a shared file system), then merged")
+    b.add_argument("--ray-address", default=None, metavar="ADDR",
+                   help="with --executor ray: the cluster to join (default: start Ray on this machine)")
     b.add_argument("--strict", action="store_true", help="exit 1 if any input was rejected")
     b.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -96,16 +110,39 @@ def _build(args) -> int:
                             max_pixels=args.max_pixels, reencode=args.reencode)
     except ValueError as exc:
         raise BuildError(str(exc)) from None
+    if args.executor == "ray" and args.part is not None:
+        raise BuildError("--part: --executor ray builds every part; give --num-parts only")
+    if args.executor == "local" and args.ray_address:
+        raise BuildError("--ray-address needs --executor ray")
     settings = BuildSettings(name=args.name, labels=args.labels, max_count=args.max_count, max_bytes=args.max_bytes,
-                             num_parts=args.num_parts, part=args.part, prep=prep,
+                             num_parts=args.num_parts, part=args.part or 0, prep=prep,
+                             max_input_bytes=args.max_input_bytes,
                              shuffle_seed=None if args.no_shuffle else args.shuffle_seed)
     if args.workers is not None and args.workers < 0:
         raise BuildError(f"--workers must be 0 or more, got {args.workers}")
-    report = build(args.sources, args.out, settings, workers=args.workers, progress=not args.no_progress)
-    print(f"moco-shards build: {report.summary()}")
-    if args.strict and report.rejected:
-        print(f"moco-shards build: --strict: {report.rejected} inputs rejected (see 'rejected' in "
-              f"{report.manifest_path})", file=sys.stderr)
+    classes = read_classes(args.classes) if args.classes else None
+    if classes is not None and args.labels != "folder":
+        raise BuildError("--classes needs --labels folder")
+    if args.executor == "ray":
+        from moco_dali.tools.shards.executor import build_on_ray
+
+        manifest, reports = build_on_ray(args.sources, args.out, settings, address=args.ray_address,
+                                         workers_per_part=args.workers or 1, classes=classes)
+        inputs, samples, rejected = (sum(getattr(r, k) for r in reports) for k in ("inputs", "samples", "rejected"))
+        print(f"moco-shards build: {len(reports)} parts on Ray: {inputs} inputs -> {samples} samples in "
+              f"{sum(r.shards for r in reports)} shards, {rejected} rejected; {manifest}")
+    else:
+        report = build(args.sources, args.out, settings, workers=args.workers, progress=not args.no_progress,
+                       classes=classes)
+        inputs, samples, rejected, manifest = report.inputs, report.samples, report.rejected, report.manifest_path
+        print(f"moco-shards build: {report.summary()}")
+    log_name = Path(manifest).parent / (json.loads(Path(manifest).read_text()).get("rejected_file") or "")
+    if inputs and not samples:
+        print(f"moco-shards build: every input was rejected ({rejected}); the reasons are in {log_name}",
+              file=sys.stderr)
+        return 1
+    if args.strict and rejected:
+        print(f"moco-shards build: --strict: {rejected} inputs rejected (see {log_name})", file=sys.stderr)
         return 1
     return 0
 
@@ -116,6 +153,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         if args.command == "build":
             return _build(args)
+        if args.command in ("verify", "inspect", "preview") and not Path(args.folder).is_dir():
+            raise BuildError(f"{args.folder}: no such folder")
         if args.command == "verify":
             from moco_dali.tools.shards.verify import verify
 
@@ -140,8 +179,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             print(f"moco-shards merge: wrote {merge(args.folders, args.out)}")
             return 0
     except ShardError as exc:
-        print(f"moco-shards {args.command}: FAILED: {exc}", file=sys.stderr)
-        return 1
+        if args.command == "verify":  # a fault found in the data: the check failed
+            print(f"moco-shards {args.command}: FAILED: {exc}", file=sys.stderr)
+            return 1
+        print(f"moco-shards {args.command}: error: {exc}", file=sys.stderr)
+        return 2
     except BuildError as exc:
         print(f"moco-shards {args.command}: error: {exc}", file=sys.stderr)
         return 2

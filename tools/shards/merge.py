@@ -1,9 +1,15 @@
-"""``moco-shards merge``: the part manifests of one multi-part build as one ``manifest.json``."""
+"""``moco-shards merge``: the part manifests of one multi-part build as one ``manifest.json``.
+
+Also joins the parts' rejected-input logs into one ``rejected.jsonl``, streamed, so
+merging holds the parts' shard lists and counts, never their inputs.
+"""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import shutil
 from pathlib import Path
 from typing import Optional
 
@@ -12,17 +18,42 @@ from moco_dali.tools.shards import BuildError
 
 __all__ = ["merge"]
 
+_PART_KEYS = ("name", "settings", "classes", "class_counts", "shards", "inputs", "samples", "copied", "reencoded",
+              "rejected",
+              "rejected_reasons", "rejected_file", "input_digest", "sources", "parts")
+
+
+def _read_part(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise BuildError(f"{path}: unreadable part manifest ({getattr(exc, 'strerror', None) or exc}); "
+                         f"build that part again") from None
+    if not isinstance(data, dict) or data.get("format") != shards.FORMAT:
+        raise BuildError(f"{path}: not a {shards.FORMAT} part manifest; build that part again")
+    if data.get("version") != shards.FORMAT_VERSION:
+        raise BuildError(f"{path}: part manifest version {data.get('version')}, this tool merges "
+                         f"{shards.FORMAT_VERSION}; build that part again")
+    missing = [k for k in _PART_KEYS if k not in data]
+    if missing or not isinstance(data["settings"], dict) or "part" not in data["settings"]:
+        raise BuildError(f"{path}: part manifest lacks {', '.join(missing) or 'settings.part'}; build that part again")
+    if data["samples"] + data["rejected"] != data["inputs"]:
+        raise BuildError(f"{path}: {data['samples']} samples + {data['rejected']} rejected != {data['inputs']} inputs; "
+                         f"build that part again")
+    return data
+
 
 def merge(folders: list[str], out: Optional[str] = None) -> Path:
     """Merge the part manifests of one multi-part build into one ``manifest.json``.
 
     Args:
         folders: folders holding ``manifest.part-*.json`` files (and their shards).
-        out: where to write the merged manifest (default: the first folder); shard
-            paths in it are relative to this folder.
+        out: where to write the merged manifest and ``rejected.jsonl`` (default: the
+            first folder); shard paths in it are relative to this folder.
 
     Raises:
-        BuildError: parts of different builds, a part twice, or a missing part.
+        BuildError: an unreadable part manifest, parts of different builds, a part
+            twice, or a missing part.
     """
     if not folders:
         raise BuildError("give at least one folder with part manifests")
@@ -33,7 +64,7 @@ def merge(folders: list[str], out: Optional[str] = None) -> Path:
         for path in sorted(folder.iterdir()):
             if not shards.PART_MANIFEST_RE.match(path.name):
                 continue
-            data = json.loads(path.read_text())
+            data = _read_part(path)
             part = data["settings"]["part"]
             if part in parts:
                 raise BuildError(f"{path}: part {part} also in {parts[part][0]}")
@@ -44,38 +75,68 @@ def merge(folders: list[str], out: Optional[str] = None) -> Path:
 
     def identity(data: dict) -> tuple:
         settings = dict(data["settings"], part=None)
-        return data["name"], json.dumps(settings, sort_keys=True), data["input_digest"], data["classes"]
+        return data["name"], json.dumps(settings, sort_keys=True), data["classes"], data["sources"]
 
     for path, data in parts.values():
         if identity(data) != identity(first):
-            raise BuildError(f"{path}: a part of another build than {first_path} (inputs or settings differ)")
+            raise BuildError(f"{path}: a part of another build than {first_path} (sources or settings differ)")
     num_parts = first["settings"]["num_parts"]
     missing = sorted(set(range(num_parts)) - set(parts))
     if missing:
         raise BuildError(f"parts {', '.join(map(str, missing))} of {num_parts} are missing; build them first")
 
     out_dir = Path(out) if out else Path(folders[0])
-    out_dir.mkdir(parents=True, exist_ok=True)
-    merged_shards, rejected, part_list = [], [], []
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        return _write(out_dir, parts, first, num_parts)
+    except OSError as exc:
+        raise BuildError(f"{exc.filename or out_dir}: cannot write: {exc.strerror or exc}") from None
+
+
+def _write(out_dir: Path, parts: dict, first: dict, num_parts: int) -> Path:
+    merged_shards, part_list = [], []
     class_counts = dict.fromkeys(first["classes"], 0)
-    for part in range(num_parts):
-        path, data = parts[part]
-        for entry in data["shards"]:
-            entry = dict(entry)
-            for key in ("tar", "index"):
-                entry[key] = os.path.relpath(path.parent / entry[key], out_dir)
-            merged_shards.append(entry)
-        rejected.extend(data["rejected"])
-        part_list.extend(data["parts"])
-        for name, count in data["class_counts"].items():
-            class_counts[name] += count
+    reasons: dict[str, int] = {}
+    rejected_path = out_dir / shards.REJECTED_NAME
+    rejected_tmp = out_dir / f".{shards.REJECTED_NAME}.tmp"
+    digest = hashlib.sha256()
+    try:
+        with open(rejected_tmp, "wb") as sink:
+            for part in range(num_parts):
+                path, data = parts[part]
+                for entry in data["shards"]:
+                    entry = dict(entry)
+                    for key in ("tar", "index"):
+                        entry[key] = os.path.relpath(path.parent / entry[key], out_dir)
+                    merged_shards.append(entry)
+                part_list.extend(data["parts"])
+                digest.update(data["input_digest"].encode())
+                for name, count in data["class_counts"].items():
+                    class_counts[name] += count
+                for kind, count in data["rejected_reasons"].items():
+                    reasons[kind] = reasons.get(kind, 0) + count
+                log = path.parent / data["rejected_file"]
+                try:
+                    with open(log, "rb") as source:
+                        shutil.copyfileobj(source, sink, 1 << 20)
+                except FileNotFoundError:
+                    raise BuildError(f"{log}: the rejected inputs of part {part} are missing; build that part again") \
+                        from None
+            sink.flush()
+            os.fsync(sink.fileno())
+        os.replace(rejected_tmp, rejected_path)
+    except BaseException:
+        rejected_tmp.unlink(missing_ok=True)
+        raise
     manifest = dict(first)
     manifest.update(
         inputs=sum(parts[p][1]["inputs"] for p in parts),
         samples=sum(parts[p][1]["samples"] for p in parts),
         copied=sum(parts[p][1]["copied"] for p in parts),
         reencoded=sum(parts[p][1]["reencoded"] for p in parts),
-        class_counts=class_counts, shards=merged_shards, rejected=rejected, parts=part_list,
+        rejected=sum(parts[p][1]["rejected"] for p in parts),
+        rejected_reasons=dict(sorted(reasons.items())), rejected_file=shards.REJECTED_NAME,
+        class_counts=class_counts, shards=merged_shards, parts=part_list, input_digest=digest.hexdigest(),
         settings=dict(first["settings"], part=None),
     )
     path = out_dir / shards.MANIFEST_NAME

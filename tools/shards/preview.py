@@ -8,6 +8,7 @@ grey, blur and flips of a preset on their own shards.
 from __future__ import annotations
 
 import io
+import os
 from pathlib import Path
 from typing import Optional
 
@@ -17,6 +18,7 @@ from PIL import Image, ImageDraw
 from moco_dali.pipeline import shards
 from moco_dali.pipeline.augment import preset
 from moco_dali.pipeline.loader import LoaderConfig, ViewLoader
+from moco_dali.tools.shards import BuildError
 
 __all__ = ["preview"]
 
@@ -39,8 +41,37 @@ def _denormalise(view, mean, std) -> Image.Image:
 
 def preview(folder: str | Path, out: str | Path, *, recipe: str = "v2", count: int = 8, size: int = 224,
             seed: int = 0, device_id: Optional[int] = None) -> Path:
-    """Write the preview grid of ``count`` samples of ``folder`` under ``recipe`` to ``out``."""
+    """Write the preview grid of ``count`` samples of ``folder`` under ``recipe`` to ``out``.
+
+    Raises:
+        BuildError: a count or size below 1, or an ``out`` that cannot be written
+            (found before any work).
+        ShardError: ``folder`` is not a sound shard folder.
+    """
     folder, out = Path(folder), Path(out)
+    if count < 1:
+        raise BuildError(f"--count must be at least 1, got {count}")
+    if size < 8:
+        raise BuildError(f"--size must be at least 8 px, got {size}")
+    if out.is_dir():
+        raise BuildError(f"--out {out}: is a folder; give a FILE.png")
+    try:  # find an unwritable --out before decoding anything
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_name(f".{out.name}.tmp")
+        tmp.touch()
+    except OSError as exc:
+        raise BuildError(f"--out {out}: cannot write: {exc.strerror or exc}") from None
+    try:
+        _draw(folder, tmp, recipe, count, size, seed, device_id)
+        os.replace(tmp, out)
+    except OSError as exc:
+        raise BuildError(f"--out {out}: cannot write: {exc.strerror or exc}") from None
+    finally:
+        tmp.unlink(missing_ok=True)
+    return out
+
+
+def _draw(folder: Path, out: Path, recipe: str, count: int, size: int, seed: int, device_id: Optional[int]) -> None:
     cfg = preset(recipe, size)
     loader = ViewLoader(folder, cfg, LoaderConfig(batch_size=count, dtype="float32", shuffle=False, seed=seed,
                                                   keys=True, labels=False, last_batch="partial"),
@@ -63,6 +94,4 @@ def preview(folder: str | Path, out: str | Path, *, recipe: str = "v2", count: i
         for col, tile in enumerate(tiles):
             grid.paste(tile, (_PAD + col * (size + _PAD), y))
         draw.text((_PAD + 2, y + 2), key, fill=(255, 255, 0))
-    out.parent.mkdir(parents=True, exist_ok=True)
-    grid.save(out)
-    return out
+    grid.save(out, format="PNG")

@@ -11,6 +11,8 @@ from __future__ import annotations
 import collections
 import hashlib
 import json
+import multiprocessing
+import os
 import statistics
 import tarfile
 import time
@@ -22,6 +24,7 @@ from tqdm import tqdm
 
 from moco_dali.pipeline import shards
 from moco_dali.pipeline.shards import ShardError
+from moco_dali.tools.shards import BuildError
 
 __all__ = ["VerifyReport", "verify", "inspect", "format_inspection"]
 
@@ -49,8 +52,11 @@ def _sha256(path: Path) -> str:
 
 def _check_index_against_tar(tar: Path, idx: Path, samples: list) -> None:
     expected = [m for members in samples for m in members]
-    with tarfile.open(tar, "r:") as archive:
-        found = [(m.name, m.offset_data, m.size) for m in archive if m.isfile()]
+    try:
+        with tarfile.open(tar, "r:") as archive:
+            found = [(m.name, m.offset_data, m.size) for m in archive if m.isfile()]
+    except (tarfile.TarError, OSError) as exc:
+        raise ShardError(f"{tar}: not a readable tar archive: {exc}") from None
     if len(found) != len(expected):
         raise ShardError(f"{idx}: lists {len(expected)} files, the tar {tar.name} holds {len(found)}")
     for (ext, offset, size, name), actual in zip(expected, found):
@@ -63,6 +69,64 @@ def _check_index_against_tar(tar: Path, idx: Path, samples: list) -> None:
             raise ShardError(f"{tar}: key {members[0][3].split('.')[0]}: sample lacks .jpg or .json")
 
 
+def _scan_in_child(conn, tars, indexes, batch_size, num_threads, device_id) -> None:
+    """Child process: DALI's walk of the shards, streamed back per batch as plain tuples."""
+    from moco_dali.pipeline.scan import scan_shards
+
+    # DALI's native decoders print their own complaints; the parent says what failed, in one line.
+    os.dup2(os.open(os.devnull, os.O_WRONLY), 2)
+
+    try:
+        batch = []
+        for s in scan_shards(tars, indexes, batch_size=batch_size, num_threads=num_threads, device_id=device_id):
+            batch.append((s.height, s.width, s.channels, s.metadata, s.label))
+            if len(batch) == batch_size:
+                conn.send(("samples", batch))
+                batch = []
+        conn.send(("samples", batch))
+        conn.send(("done", None))
+    except BaseException as exc:  # DALI reports a decode failure as a RuntimeError
+        lines = str(exc).strip().splitlines()
+        conn.send(("error", lines[0] if lines else type(exc).__name__))
+    finally:
+        conn.close()
+
+
+def _decoded(pairs, batch_size, num_threads, device_id):
+    """Every sample as DALI decodes it, from a child process.
+
+    DALI can take the whole process down on some undecodable JPEGs (a segfault, no
+    message); in a child, that costs the child, and the caller can still name the
+    sample. Yields ``(height, width, channels, metadata, label)``; returns ``None``
+    when the walk finished, else what went wrong.
+    """
+    ctx = multiprocessing.get_context("fork")  # this process has not loaded DALI; the child does
+    receiver, sender = ctx.Pipe(duplex=False)
+    child = ctx.Process(target=_scan_in_child, daemon=True,
+                        args=(sender, [str(p[0]) for p in pairs], [str(p[1]) for p in pairs], batch_size,
+                              num_threads, device_id))
+    child.start()
+    sender.close()
+    try:
+        while True:
+            try:
+                kind, payload = receiver.recv()
+            except EOFError:
+                child.join()
+                return f"the DALI reader died (exit {child.exitcode})"
+            if kind == "samples":
+                yield from payload
+            elif kind == "done":
+                return None
+            else:
+                return payload
+    finally:
+        receiver.close()
+        if child.is_alive():
+            child.kill()
+        child.join()
+
+
 def verify(folder: str | Path, *, batch_size: int = 64, num_threads: Optional[int] = None,
            device_id: Optional[int] = None, progress: bool = True) -> VerifyReport:
     """Verify a shard folder end to end.
@@ -70,8 +134,10 @@ def verify(folder: str | Path, *, batch_size: int = 64, num_threads: Optional[in
     Raises:
         ShardError: at the first fault, naming the shard (and key where there is one).
     """
-    from moco_dali.pipeline.scan import first_undecodable, scan_shards  # DALI is loaded only when decoding is asked for
+    from moco_dali.pipeline.scan import first_undecodable
 
+    if batch_size < 1:
+        raise BuildError(f"--batch-size must be at least 1, got {batch_size}")
     started = time.monotonic()
     manifest, pairs = shards.discover(folder)
     for entry, (tar, idx) in zip(manifest.shards, pairs):
@@ -85,31 +151,41 @@ def verify(folder: str | Path, *, batch_size: int = 64, num_threads: Optional[in
     classes = manifest.classes
     class_counts = collections.Counter()
     ordinal = 0
+    walk = _decoded(pairs, batch_size, num_threads, device_id)
     bar = tqdm(total=len(keys), unit="img", desc="verify", disable=not progress or None, dynamic_ncols=True)
     try:
-        for sample in scan_shards([p[0] for p in pairs], [p[1] for p in pairs], batch_size=batch_size,
-                                  num_threads=num_threads, device_id=device_id):
+        while True:
+            try:
+                height, width, channels, metadata, label = next(walk)
+            except StopIteration as stop:
+                failure = stop.value
+                break
+            if ordinal >= len(keys):
+                raise ShardError(f"{manifest.root}: DALI read more samples than the indexes list ({len(keys)})")
             tar, key = keys[ordinal][:2]
-            meta = json.loads(sample.metadata)
-            if sample.channels != 3 or [sample.width, sample.height] != meta["size"]:
-                raise ShardError(f"{tar}: key {key}: decodes to {sample.width}x{sample.height}x{sample.channels}, "
-                                 f"metadata says {meta['size'][0]}x{meta['size'][1]}x3")
+            try:
+                size = json.loads(metadata)["size"]
+            except (ValueError, KeyError, TypeError):
+                raise ShardError(f"{tar}: key {key}: unreadable {key}.json") from None
+            if channels != 3 or [width, height] != size:
+                raise ShardError(f"{tar}: key {key}: decodes to {width}x{height}x{channels}, "
+                                 f"metadata says {size[0]}x{size[1]}x3")
             if classes:
                 try:
-                    label = int(sample.label.decode())
-                    assert 0 <= label < len(classes)
+                    index = int(label.decode())
+                    assert 0 <= index < len(classes)
                 except (ValueError, AssertionError, UnicodeDecodeError):
-                    raise ShardError(f"{tar}: key {key}: class {sample.label!r} is not in 0..{len(classes) - 1}") from None
-                class_counts[classes[label]] += 1
+                    raise ShardError(f"{tar}: key {key}: class {label!r} is not in 0..{len(classes) - 1}") from None
+                class_counts[classes[index]] += 1
             ordinal += 1
             bar.update(1)
-    except RuntimeError as exc:
-        located = first_undecodable(keys[ordinal:])
-        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ShardError(located or f"{keys[min(ordinal, len(keys) - 1)][0]}: DALI failed near sample "
-                                    f"{ordinal}: {first_line}") from None
     finally:
+        walk.close()
         bar.close()
+    if failure is not None:
+        located = first_undecodable(keys[ordinal:])
+        where = keys[min(ordinal, len(keys) - 1)][0] if keys else manifest.root
+        raise ShardError(located or f"{where}: {failure} near sample {ordinal}")
     if ordinal != manifest.samples:
         raise ShardError(f"{manifest.root}: DALI read {ordinal} samples, the manifest says {manifest.samples}")
     if classes and dict(class_counts) != {k: v for k, v in manifest.data["class_counts"].items() if v}:
@@ -122,13 +198,22 @@ def inspect(folder: str | Path) -> dict:
     manifest, pairs = shards.discover(folder)
     widths, heights, sizes = [], [], collections.Counter()
     for tar, _, offset, size in shards.iter_members(pairs, "json"):
-        with open(tar, "rb") as f:
-            f.seek(offset)
-            w, h = json.loads(f.read(size))["size"]
+        try:
+            with open(tar, "rb") as f:
+                f.seek(offset)
+                w, h = json.loads(f.read(size))["size"]
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise ShardError(f"{tar}: sample metadata at byte {offset} unreadable ({exc}); run moco-shards verify") \
+                from None
         widths.append(w)
         heights.append(h)
         sizes[(w, h)] += 1
-    reasons = collections.Counter(r["reason"].split(":")[0] for r in manifest.data["rejected"])
+    rejected = manifest.data["rejected"]
+    if isinstance(rejected, list):  # a version 1 manifest listed every rejected input
+        reasons = collections.Counter(r["reason"].split(":")[0] for r in rejected)
+        rejected = len(rejected)
+    else:
+        reasons = collections.Counter(manifest.data.get("rejected_reasons") or {})
 
     def spread(values):
         return {"min": min(values), "median": statistics.median(values), "max": max(values)} if values else None
@@ -142,7 +227,8 @@ def inspect(folder: str | Path) -> dict:
         "bytes": sum(e.bytes for e in manifest.shards),
         "copied": manifest.data["copied"],
         "reencoded": manifest.data["reencoded"],
-        "rejected": len(manifest.data["rejected"]),
+        "rejected": rejected,
+        "rejected_file": str(manifest.root / manifest.data["rejected_file"]) if "rejected_file" in manifest.data else None,
         "rejected_reasons": dict(reasons.most_common()),
         "classes": manifest.data["class_counts"],
         "width": spread(widths),
@@ -161,6 +247,8 @@ def format_inspection(info: dict) -> str:
     ]
     if info["rejected_reasons"]:
         lines.append("  rejected  " + ", ".join(f"{k}: {v}" for k, v in info["rejected_reasons"].items()))
+        if info.get("rejected_file"):
+            lines.append(f"            each with its input and reason in {info['rejected_file']}")
     if info["width"]:
         w, h = info["width"], info["height"]
         lines.append(f"  width     min {w['min']}, median {w['median']:g}, max {w['max']} px")

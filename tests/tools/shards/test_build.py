@@ -19,7 +19,7 @@ from moco_dali.pipeline.scan import scan_shards
 from tests.conftest import awkward_inputs, baseline_jpeg, broken_inputs, photo_like, write_files
 from moco_dali.tools.shards import BuildError
 from moco_dali.tools.shards.build import BuildSettings, build
-from moco_dali.tools.shards.inputs import enumerate_inputs
+from moco_dali.tools.shards.inputs import iter_part
 from moco_dali.tools.shards.merge import merge
 from moco_dali.tools.shards.imageprep import PrepSettings
 
@@ -33,6 +33,10 @@ def run_cli(*args: str, check: bool = False) -> subprocess.CompletedProcess:
 
 def folder_bytes(folder: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.is_file()}
+
+
+def rejected_lines(folder: Path, name: str = "rejected.jsonl") -> list[dict]:
+    return [json.loads(line) for line in (folder / name).read_text().splitlines()]
 
 
 def test_round_trip_every_sample_decodes_through_dali_to_its_size_and_class(tmp_path, labelled_dump):
@@ -56,10 +60,13 @@ def test_every_input_is_accounted_for(tmp_path):
     bad = write_files(tmp_path / "dump" / "bad", broken_inputs())
     report = build([str(tmp_path / "dump")], tmp_path / "out", BuildSettings(), workers=2, progress=False)
     manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    rejected = rejected_lines(tmp_path / "out")
     assert report.inputs == manifest["inputs"] == len(good) + len(bad)
-    assert manifest["samples"] + len(manifest["rejected"]) == manifest["inputs"]
-    assert sorted(r["input"] for r in manifest["rejected"]) == sorted(map(str, bad))
-    assert all(r["reason"] for r in manifest["rejected"])
+    assert manifest["samples"] + manifest["rejected"] == manifest["inputs"]
+    assert manifest["rejected"] == len(rejected) and manifest["rejected_file"] == "rejected.jsonl"
+    assert sorted(r["input"] for r in rejected) == sorted(map(str, bad))
+    assert all(r["reason"] for r in rejected)
+    assert sum(manifest["rejected_reasons"].values()) == len(bad)
     stored = [json.loads(s.metadata)["source"]
               for s in scan_shards(*zip(*shards.discover(tmp_path / "out")[1]))]
     assert sorted(stored) == sorted(map(str, good))
@@ -69,7 +76,7 @@ def test_all_rejected_still_writes_a_manifest(tmp_path):
     write_files(tmp_path / "dump", broken_inputs())
     report = build([str(tmp_path / "dump")], tmp_path / "out", BuildSettings(), workers=0, progress=False)
     manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
-    assert (report.samples, report.shards, len(manifest["rejected"])) == (0, 0, len(broken_inputs()))
+    assert (report.samples, report.shards, manifest["rejected"]) == (0, 0, len(broken_inputs()))
 
 
 def test_output_is_byte_identical_whatever_the_worker_count(tmp_path, labelled_dump):
@@ -109,13 +116,13 @@ def test_folders_lists_and_tar_archives_mix(tmp_path, labelled_dump):
     listing.parent.mkdir()
     listing.write_text(f"# two cats and a missing file\n{labelled_dump}/cat/000.jpg\n\n"
                        f"../dump/cat/001.jpg\n{tmp_path}/gone/nothing.jpg\n")
-    refs = enumerate_inputs([str(labelled_dump / "dog"), str(listing), str(archive)], labels="folder")
+    refs = list(iter_part([str(labelled_dump / "dog"), str(listing), str(archive)], labels="folder"))
     assert [r.label for r in refs] == [None] * 7 + ["cat", "cat", "gone", "bird", "bird", None]
     report = build([str(labelled_dump / "dog"), str(listing), str(archive)], tmp_path / "out",
                    BuildSettings(), workers=2, progress=False)
     manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
     assert (report.inputs, report.samples) == (13, 11)
-    reasons = {r["input"]: r["reason"] for r in manifest["rejected"]}
+    reasons = {r["input"]: r["reason"] for r in rejected_lines(tmp_path / "out")}
     assert reasons == {f"{tmp_path}/gone/nothing.jpg": "unreadable: No such file or directory",
                        f"{archive}:README": "not an image"}
 
@@ -126,8 +133,9 @@ def test_labels_folder_rejects_files_outside_class_folders(tmp_path, labelled_du
     manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
     assert manifest["classes"] == ["cat", "dog", "emu"]
     assert manifest["class_counts"] == {"cat": 7, "dog": 7, "emu": 7}
-    assert [r["input"] for r in manifest["rejected"]] == [str(labelled_dump / "stray.jpg")]
-    assert "no class folder" in manifest["rejected"][0]["reason"]
+    rejected = rejected_lines(tmp_path / "out")
+    assert [r["input"] for r in rejected] == [str(labelled_dump / "stray.jpg")]
+    assert "no class folder" in rejected[0]["reason"]
 
 
 def test_a_finished_build_is_not_redone_and_a_different_one_refused(tmp_path, labelled_dump):
@@ -194,7 +202,7 @@ def test_parts_are_disjoint_and_merge_into_one_manifest(tmp_path, labelled_dump)
     path = merge([str(tmp_path / "a"), str(tmp_path / "b")])
     merged = shards.load_manifest(tmp_path / "a")
     assert path == tmp_path / "a" / "manifest.json"
-    assert (merged.samples, merged.data["inputs"], len(merged.data["rejected"])) == (
+    assert (merged.samples, merged.data["inputs"], merged.data["rejected"]) == (
         whole.samples, whole.inputs, whole.rejected)
     assert merged.data["class_counts"] == shards.load_manifest(tmp_path / "whole").data["class_counts"]
     _, pairs = shards.discover(tmp_path / "a")

@@ -141,3 +141,15 @@ def test_header_parser_reads_orientation_and_sampling():
         parse_jpeg_header(b"\xff\xd8\xff\xe0\x00")
     with pytest.raises(Rejected):
         parse_jpeg_header(b"\xff\xd8\xff")
+
+
+def test_sample_metadata_is_the_sorted_compact_json_of_its_fields():
+    import json
+
+    from moco_dali.tools.shards.imageprep import Prepared, sample_metadata
+
+    prepared = Prepared(b"", 640, 480, 1280, 960, False)
+    for source in ["dump/cat/1.jpg", 'odd "quoted" \\ name.jpg', "caf\\xe9.jpg", "ü/ß.jpg", "tab\there.jpg"]:
+        expected = json.dumps({"source": source, "size": [640, 480], "source_size": [1280, 960]},
+                              sort_keys=True, separators=(",", ":")).encode()
+        assert sample_metadata(source, prepared) == expected

@@ -112,3 +112,19 @@ def test_verify_catches_an_index_whose_offsets_do_not_match_the_tar(built):
     (built / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(ShardError, match=f"shard-000000.tar: key {name.split('.')[0]}: index says"):
         verify(built, progress=False)
+
+
+def test_inspect_reads_the_rejection_reasons_of_new_and_old_manifests(tmp_path, labelled_dump):
+    from tests.conftest import broken_inputs, write_files
+
+    write_files(labelled_dump / "dog", broken_inputs())
+    out = tmp_path / "out"
+    build([str(labelled_dump)], out, BuildSettings(), workers=0, progress=False)
+    info = inspect(out)
+    assert info["rejected"] == 6 and sum(info["rejected_reasons"].values()) == 6
+    assert info["rejected_file"] == str(out / "rejected.jsonl")
+    assert "each with its input and reason in" in format_inspection(info)
+    manifest = json.loads((out / "manifest.json").read_text())  # as version 1 wrote it: every rejection listed
+    manifest.update(version=1, rejected=[json.loads(line) for line in (out / "rejected.jsonl").read_text().splitlines()])
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    assert inspect(out)["rejected_reasons"] == info["rejected_reasons"]

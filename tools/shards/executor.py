@@ -1,0 +1,83 @@
+"""Run every part of a multi-part build as a Ray task, then merge their manifests.
+
+Ray is an optional dependency (``pip install 'moco-dali[ray]'``): the local process
+pool stays the default executor. Each part is a deterministic function of (sources,
+part, settings), so a Ray task is just ``build()`` for one part; the driver finds the
+classes once and hands them to every part, so no part reads the whole source for
+them. The output folder must be one that every node of the cluster sees (a shared
+file system); each part holds its own lock there.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Optional, Sequence
+
+from moco_dali.pipeline import shards
+from moco_dali.tools.shards import BuildError
+from moco_dali.tools.shards.build import BuildReport, BuildSettings, build
+from moco_dali.tools.shards.inputs import find_classes
+from moco_dali.tools.shards.merge import merge
+
+__all__ = ["build_on_ray"]
+
+
+def _build_part(sources: list[str], out: str, settings: BuildSettings, workers: int,
+                classes: list[str]) -> BuildReport:
+    return build(sources, out, settings, workers=workers, progress=False, classes=classes)
+
+
+def build_on_ray(sources: Sequence[str], out: str | Path, settings: BuildSettings, *, address: Optional[str] = None,
+                 workers_per_part: int = 1, classes: Optional[Sequence[str]] = None,
+                 num_cpus: Optional[int] = None) -> tuple[Path, list[BuildReport]]:
+    """Build parts 0..P-1 of ``settings.num_parts`` as Ray tasks into ``out`` and merge them.
+
+    Args:
+        address: a running cluster (``ray.init(address=...)``); None starts a local
+            Ray instance with ``num_cpus`` CPUs (default: all).
+        workers_per_part: CPUs each task asks for and worker processes it runs
+            (1: the part is built inside the task's own process).
+
+    Returns:
+        The merged manifest's path and each part's report, in part order.
+
+    Raises:
+        BuildError: Ray is not installed, a part failed (its one-line reason), or the
+            parts do not merge.
+    """
+    try:
+        import ray
+    except ImportError:
+        raise BuildError("--executor ray needs Ray: pip install 'moco-dali[ray]'") from None
+    if workers_per_part < 1:
+        raise BuildError(f"--workers must be at least 1 with --executor ray, got {workers_per_part}")
+    class_list = list(classes) if classes is not None else find_classes(list(sources), settings.labels, skip=[str(out)])
+    started_here = not ray.is_initialized()
+    if started_here:
+        kwargs = {"address": address} if address else {"num_cpus": num_cpus}
+        try:
+            ray.init(**kwargs, include_dashboard=False, logging_level="WARNING", log_to_driver=False)
+        except Exception as exc:  # ConnectionError and Ray's own errors for a cluster that is not there
+            raise BuildError(f"--ray-address {address}: cannot join a Ray cluster: {exc}") from None
+    try:
+        task = ray.remote(num_cpus=workers_per_part, max_retries=0)(_build_part)
+        workers = workers_per_part if workers_per_part > 1 else 0
+        pending = [task.remote(list(sources), str(out), dataclasses.replace(settings, part=part), workers, class_list)
+                   for part in range(settings.num_parts)]
+        reports = []
+        for part, ref in enumerate(pending):
+            try:
+                reports.append(ray.get(ref))
+            except ray.exceptions.RayError as exc:
+                cause = getattr(exc, "cause", None) or exc  # the task's own exception
+                if isinstance(cause, BuildError):
+                    raise BuildError(f"part {part}: {cause}") from None
+                lines = str(cause).strip().splitlines() or [""]
+                raise BuildError(f"part {part} failed: {type(cause).__name__}: {lines[-1]}") from None
+    finally:
+        if started_here:
+            ray.shutdown()
+    if settings.num_parts == 1:  # one part writes manifest.json itself
+        return Path(out) / shards.MANIFEST_NAME, reports
+    return merge([str(out)]), reports

@@ -1,0 +1,84 @@
+"""A build's output folder: who may write in it, and what a build may find there.
+
+Owns the rules that keep builds from mixing or losing data in one folder: an
+exclusive ``flock`` on a lock file per part for the build's whole life (a second
+build into the same folder is refused at once), the names a build writes (a folder
+holding anything else is someone else's and is refused), and the removal of the
+temporary files an interrupted or failed build left.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import re
+from pathlib import Path
+from typing import Optional
+
+from moco_dali.tools.shards import BuildError
+from moco_dali.tools.shards.inputs import printable
+
+__all__ = ["FolderLock", "prepare_folder", "remove_temporaries"]
+
+# What a build may find in its output folder: its own files and those of other parts
+# or an interrupted run. Anything else means --out points at someone else's folder.
+BUILD_FILE_RE = re.compile(
+    r"^(?:[^./\s]+-(?:part\d{4}-)?\d{6}(?:-\d{3})?\.(?:tar|idx)"
+    r"|manifest(?:\.part-\d{4}-of-\d{4})?\.json"
+    r"|rejected(?:\.part-\d{4}-of-\d{4})?\.jsonl"
+    r"|\.moco-build-.+"
+    r"|\..+\.tmp)$"
+)
+
+
+class FolderLock:
+    """An exclusive ``flock`` on the part's lock file in the output folder, for the build's whole life."""
+
+    def __init__(self, path: Path):
+        self.path, self.fd = path, None
+
+    def __enter__(self) -> "FolderLock":
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                raise BuildError(f"{self.path.parent}: in use by another moco-shards build (it holds {self.path.name}); "
+                                 f"wait for it to end or use another --out") from None
+            try:  # the holder before us may have removed the file between our open and our lock
+                if os.stat(self.path).st_ino == os.fstat(fd).st_ino:
+                    self.fd = fd
+                    return self
+            except FileNotFoundError:
+                pass
+            os.close(fd)
+
+    def __exit__(self, *exc) -> None:
+        self.path.unlink(missing_ok=True)  # still ours: removed before the lock is let go
+        os.close(self.fd)
+
+
+def prepare_folder(out: Path) -> None:
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        raise BuildError(f"--out {out}: not a folder") from None
+    except OSError as exc:
+        raise BuildError(f"--out {out}: cannot create: {exc.strerror}") from None
+    names = [p.name for p in out.iterdir()]
+    # Shard-like names alone do not make a folder ours: it must also hold a manifest or a build's state.
+    ours = any(n.startswith((".moco-build-", "manifest")) for n in names)
+    foreign = [n for n in names if not (ours and BUILD_FILE_RE.match(n))]
+    if foreign:
+        raise BuildError(f"--out {out}: holds files moco-shards build did not write ({printable(min(foreign))}"
+                         f"{f' and {len(foreign) - 1} more' if len(foreign) > 1 else ''}); use a new or empty folder")
+
+
+def remove_temporaries(out: Path, name: str, part: Optional[int]) -> None:
+    """Unfinished shards of one part (a killed or failed run's, or other workers' after a failure)."""
+    infix = "" if part is None else f"part{part:04d}-"
+    pattern = re.compile(rf"^\.{re.escape(name)}-{infix}\d{{6}}(?:-\d{{3}})?\.(?:tar|idx)\.tmp$")
+    for path in out.iterdir():
+        if pattern.match(path.name):
+            path.unlink(missing_ok=True)
