@@ -88,7 +88,8 @@ def test_pretext_task_is_learned_and_outputs_hold_their_fields(data, tmp_path):
 
     report = tmp_path / "knn.json"
     assert moco_eval(["knn", "--checkpoint", str(out / "ckpt-000000144.pt"), "--train", str(data["train"]),
-                      "--val", str(data["val"]), "--threads", "1", "--batch-size", "32", "--json", str(report)]) == 0
+                      "--val", str(data["val"]), "--threads", "1", "--batch-size", "32", "--device", "cpu",
+                      "--json", str(report)]) == 0
     assert json.loads(report.read_text())["top1"] == knn[-1]["top1"]
     assert json.loads((out / "config.json").read_text())["model"]["arch"] == "resnet18"
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
