@@ -174,8 +174,8 @@ def _folder_for_writing(key: str, path: str) -> None:
             raise ConfigError(f"{key} {path}: {ancestor} is a file, not a folder")
         if not os.access(ancestor, os.W_OK | os.X_OK):
             raise ConfigError(f"{key} {path}: {ancestor} is not writable")
-    except OSError as error:
-        raise ConfigError(f"{key} {path}: {error.strerror or error}") from None
+    except (OSError, ValueError) as error:  # too long, unencodable
+        raise ConfigError(f"{key} {path!r}: {getattr(error, 'strerror', None) or error}") from None
 
 
 def _choices(key: str, value: str, choices) -> None:
@@ -270,7 +270,7 @@ def validate(config: Config, world: int, cuda: bool) -> Config:
     if r.resume not in ("", "auto"):
         try:
             found = Path(r.resume).is_file()
-        except OSError:
+        except (OSError, ValueError):
             found = False
         if not found:
             raise ConfigError(f"run.resume {r.resume}: no such checkpoint")
