@@ -56,6 +56,9 @@ setup(
             "uv>=0.9",
             # checks the layout's import arrows (.importlinter, tests/test_layout.py)
             "import-linter>=2.5",
+            # property-based tests of the configuration rules: any value a key can be given
+            # either validates or ends in one line naming the key (tests/train/test_config.py)
+            "hypothesis>=6.100",
         ],
     },
     entry_points={"console_scripts": ["moco-shards=moco_dali.tools.shards.cli:main",

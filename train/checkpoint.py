@@ -1,51 +1,177 @@
-"""Checkpoints: written atomically, the last K kept, the newest complete one found.
+"""Checkpoints: written atomically, read without running code, checked before they are trusted.
 
 A checkpoint is written to a temporary name, flushed to disk and renamed, so a crash
 at any moment (SIGKILL included) never leaves a truncated file under a checkpoint's
-name: the newest ``ckpt-*.pt`` is always complete.
+name. A file can still be damaged afterwards (a full disk on copy, a flipped bit), so
+nothing is trusted on its name alone: ``load`` reads with ``weights_only=True`` (tensors
+and plain Python values only: a pickled object that would run code is refused, never
+executed), ``check`` verifies that a training checkpoint is complete and its weights
+finite, and ``weights_digest`` recomputes the digest each rank wrote beside its
+weights, so a weight changed after writing is found.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
+import pickle
+import random
 import re
 from pathlib import Path
 from typing import Any, BinaryIO, Callable, Optional
 
+import numpy as np
 import torch
 
-__all__ = ["save", "latest", "load", "write_atomic"]
+__all__ = ["CheckpointError", "FORMAT", "VERSION", "save", "latest", "candidates", "load", "check", "write_atomic",
+           "weights_digest", "rng_state", "set_rng_state"]
 
 _NAME = re.compile(r"^ckpt-(\d{9})\.pt$")
+FORMAT = "moco-dali-checkpoint"
+VERSION = 2
+"""2: every value loadable with ``weights_only=True`` (numpy's random state as a tensor)."""
+_REQUIRED = ("model", "optimizer", "scaler", "step", "skipped", "world", "config", "loader", "rng", "rank_digests")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used as asked; the message names the file and why."""
 
 
 def write_atomic(path: Path, write: Callable[[BinaryIO], None]) -> Path:
-    """Call ``write(file)`` on a temporary file beside ``path``, flush it to disk, rename it to ``path``."""
+    """Call ``write(file)`` on a temporary file beside ``path``, flush it to disk, rename it to ``path``.
+
+    If anything fails (a full disk, a folder in the way), the temporary file is removed
+    and ``path`` is as it was.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
-        write(f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     return path
 
 
 def save(out: Path, step: int, state: dict[str, Any], keep_last: int) -> Path:
     """Write ``state`` as ``out/ckpt-STEP.pt`` atomically; delete all but the newest ``keep_last``."""
+    state = {"format": FORMAT, "version": VERSION, **state}
     path = write_atomic(out / f"ckpt-{step:09d}.pt", lambda f: torch.save(state, f))
     for old in sorted(p for p in out.iterdir() if _NAME.match(p.name))[:-keep_last]:
         old.unlink()
     return path
 
 
-def latest(out: Path) -> Optional[Path]:
-    """The newest complete checkpoint in ``out``, or None."""
+def candidates(out: Path) -> list[Path]:
+    """The checkpoints in ``out``, newest first."""
     if not out.is_dir():
-        return None
-    found = sorted(p for p in out.iterdir() if _NAME.match(p.name))
-    return found[-1] if found else None
+        return []
+    return sorted((p for p in out.iterdir() if _NAME.match(p.name)), reverse=True)
 
 
-def load(path: Path) -> dict[str, Any]:
-    return torch.load(path, map_location="cpu", weights_only=False)
+def latest(out: Path) -> Optional[Path]:
+    """The newest checkpoint in ``out`` by name, or None (not verified: see ``check``)."""
+    found = candidates(out)
+    return found[0] if found else None
+
+
+def load(path: str | os.PathLike) -> Any:
+    """A checkpoint's contents, on the CPU, read without running any code it may carry.
+
+    Raises:
+        CheckpointError: the file is missing, unreadable (truncated, not a checkpoint),
+            or holds pickled Python objects beyond tensors and plain values.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such checkpoint")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        if "WeightsUnpickler error" not in str(error) or "Unsupported operand" in str(error):
+            raise CheckpointError(f"{path}: not a readable checkpoint (not a pickle of tensors)") from None
+        found = re.search(r"Unsupported global: GLOBAL ([^\s]+)", str(error))
+        what = f" ({found.group(1)})" if found else ""
+        raise CheckpointError(f"{path}: refused: it holds a pickled Python object{what} beyond tensors and plain "
+                              "values, and loading it could run code (moco-train checkpoints from before version "
+                              f"{VERSION} are refused too)") from None
+    except Exception as error:  # truncated, empty, not a torch file: whatever the reader says
+        reason = " ".join(str(error).split())[:200] or "empty or truncated"
+        raise CheckpointError(f"{path}: not a readable checkpoint ({type(error).__name__}: {reason})") from None
+
+
+def _tensors(tree: Any):
+    if isinstance(tree, torch.Tensor):
+        yield tree
+    elif isinstance(tree, dict):
+        for value in tree.values():
+            yield from _tensors(value)
+    elif isinstance(tree, (list, tuple)):
+        for value in tree:
+            yield from _tensors(value)
+
+
+def check(state: Any, path: Path) -> dict[str, Any]:
+    """``state`` if it is a complete training checkpoint of this version with finite weights; else CheckpointError."""
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
+        raise CheckpointError(f"{path}: not a moco-train checkpoint")
+    if state.get("version") != VERSION:
+        raise CheckpointError(f"{path}: checkpoint version {state.get('version')}, this moco-train reads {VERSION}")
+    missing = [key for key in _REQUIRED if key not in state]
+    if missing:
+        raise CheckpointError(f"{path}: incomplete, no {', '.join(missing)}")
+    world = state["world"]
+    if not isinstance(world, int) or world < 1 or not isinstance(state["step"], int) or state["step"] < 0:
+        raise CheckpointError(f"{path}: incomplete, world {world!r} and step {state['step']!r}")
+    for key in ("loader", "rng", "rank_digests"):
+        if not isinstance(state[key], list) or len(state[key]) != world:
+            raise CheckpointError(f"{path}: incomplete, {key} does not hold one entry per rank ({world})")
+    if not isinstance(state["model"], dict) or not isinstance(state["optimizer"], dict):
+        raise CheckpointError(f"{path}: incomplete, model or optimizer state is not a state dict")
+    for name, tensor in state["model"].items():
+        if not isinstance(tensor, torch.Tensor):
+            raise CheckpointError(f"{path}: model entry {name} is not a tensor")
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise CheckpointError(f"{path}: {name} holds non-finite values")
+    if not all(bool(torch.isfinite(t).all()) for t in _tensors(state["optimizer"]) if t.is_floating_point()):
+        raise CheckpointError(f"{path}: the optimizer state holds non-finite values")
+    return state
+
+
+def weights_digest(model: torch.nn.Module) -> str:
+    """What MoCo keeps identical on every rank: both encoders' parameters and the queue (sha256, float32 bytes).
+
+    BN statistics are per rank under shuffle-BN and are left out.
+    """
+    h = hashlib.sha256()
+    for tensor in [*model.encoder_q.parameters(), *model.encoder_k.parameters(), model.queue.queue,
+                   model.queue.queue_ptr]:
+        h.update(tensor.detach().float().cpu().numpy().tobytes())
+    return h.hexdigest()
+
+
+def rng_state(device: torch.device) -> dict:
+    """This process's random generators (Python, numpy, torch, CUDA) as plain values and tensors."""
+    kind, keys, position, has_gauss, cached_gaussian = np.random.get_state()
+    state = {"python": random.getstate(), "torch": torch.get_rng_state(),
+             "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "position": int(position),
+                       "has_gauss": int(has_gauss), "cached_gaussian": float(cached_gaussian)}}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def set_rng_state(state: dict, device: torch.device) -> None:
+    """Put back what ``rng_state`` took."""
+    version, keys, gauss = state["python"]
+    random.setstate((version, tuple(keys), gauss))
+    n = state["numpy"]
+    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["position"], n["has_gauss"],
+                         n["cached_gaussian"]))
+    torch.set_rng_state(state["torch"])
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)

@@ -5,7 +5,7 @@
 
 The only place that turns errors into one line and an exit code: 0 done (or stopped
 by SIGTERM/SIGINT after a checkpoint), 1 stopped by non-finite losses, 2 a
-configuration or data error, before any work.
+configuration, data or checkpoint error, before any work.
 """
 
 from __future__ import annotations
@@ -16,21 +16,29 @@ import logging
 import sys
 from typing import Optional, Sequence
 
-from moco_dali.train.config import (PRESETS, Config, ConfigError, apply_overrides, flat_fields, load_file, preset, to_dict,
-                          unknown_key)
+from moco_dali.train.config import (PRESETS, Config, ConfigError, apply_overrides, flat_fields, load_file, preset,
+                                    to_dict, type_name, unknown_key)
 
 __all__ = ["main", "parse"]
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse's own errors (a key without its value) as one line, like every other error."""
+
+    def error(self, message: str):
+        raise ConfigError(f"command line: {message}")
+
+
 def parse(argv: Optional[Sequence[str]] = None) -> tuple[Config, bool]:
-    """The resolved configuration: preset, then the file, then command-line keys."""
-    parser = argparse.ArgumentParser(prog="moco-train", description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    """The resolved configuration: preset, then the file, then command-line keys; unset view keys from data.preset."""
+    # No abbreviations: "--run.ep 5" must not quietly set run.epochs.
+    parser = _Parser(prog="moco-train", description=__doc__.split("\n\n")[0], allow_abbrev=False,
+                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--preset", default="v2", help=f"starting point: {', '.join(PRESETS)}")
     parser.add_argument("--config", default=None, metavar="FILE", help="TOML or YAML file with [section] keys")
     parser.add_argument("--print-config", action="store_true", help="print the resolved configuration and exit")
     for key, (obj, kind) in flat_fields(Config()).items():
-        parser.add_argument(f"--{key}", dest=key, default=None, metavar=kind.__name__.upper())
+        parser.add_argument(f"--{key}", dest=key, default=None, metavar=type_name(kind).upper())
     args, unknown = parser.parse_known_args(argv)
     for token in unknown:
         if token.startswith("--"):
@@ -42,7 +50,9 @@ def parse(argv: Optional[Sequence[str]] = None) -> tuple[Config, bool]:
         apply_overrides(config, load_file(args.config), f"--config {args.config}")
     cli = {key: value for key, value in vars(args).items() if "." in key and value is not None}
     apply_overrides(config, cli)
-    return config, args.print_config
+    from moco_dali.train.validation import resolve_views
+
+    return resolve_views(config), args.print_config
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -53,11 +63,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             print(json.dumps(to_dict(config), indent=1))
             return 0
         from moco_dali.pipeline.shards import ShardError
+        from moco_dali.train.checkpoint import CheckpointError
         from moco_dali.train.engine import TrainingStopped, train
 
         try:
             train(config)
-        except ShardError as exc:
+        except (ShardError, CheckpointError) as exc:
             raise ConfigError(str(exc)) from None
         except TrainingStopped as exc:
             print(f"moco-train: stopped: {exc}", file=sys.stderr)

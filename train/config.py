@@ -1,26 +1,65 @@
 """The training configuration: one typed tree of dataclasses, presets, and how it is set.
 
-Every leaf is settable from the command line (``--optim.lr_per_256 0.06``) and from a
-TOML or YAML file (``--config run.toml``, sections named like the tree); command-line
-values win over the file, the file over the preset. Unknown keys, wrong types and
-impossible combinations raise ``ConfigError`` with one line that says what to fix.
+Every leaf is settable from the command line (``--optim.lr_per_256 0.06``,
+``--data.views.jitter_p 0.8``) and from a TOML or YAML file (``--config run.toml``,
+sections named like the tree, ``[data.views]`` included); command-line values win over
+the file, the file over the preset. Unknown keys and wrong types raise ``ConfigError``
+here; the values' rules are the classes' own, checked by ``train.validation.validate``.
+Which keys a resumed run may change is decided here too (``SAFE_TO_CHANGE``).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
-__all__ = ["ConfigError", "DataConfig", "ModelConfig", "OptimConfig", "RunConfig", "Config", "PRESETS", "preset",
-           "apply_overrides", "unknown_key", "load_file", "to_dict", "flat_fields"]
+__all__ = ["ConfigError", "ViewsConfig", "DataConfig", "ModelConfig", "OptimConfig", "RunConfig", "Config", "PRESETS",
+           "preset", "apply_overrides", "unknown_key", "load_file", "to_dict", "from_dict", "flat_fields", "flatten",
+           "SAFE_TO_CHANGE", "resume_changes"]
 
 
 class ConfigError(ValueError):
     """A configuration that cannot run; the message says which key and why."""
+
+
+@dataclass
+class ViewsConfig:
+    """The view recipe: ``pipeline.augment.AugmentConfig``'s fields (its rules, its units).
+
+    Unset (None) takes the value of ``data.preset``'s recipe; the resolved values are
+    what config.json and checkpoints hold. Hue is in turns, as torchvision's.
+    """
+
+    crop_scale: Optional[tuple[float, ...]] = None
+    """RandomResizedCrop area fraction (min, max)."""
+    crop_ratio: Optional[tuple[float, ...]] = None
+    """RandomResizedCrop aspect ratio (min, max), drawn log-uniformly."""
+    jitter: Optional[tuple[float, ...]] = None
+    """ColorJitter brightness, contrast, saturation, hue (hue in turns, <= 0.5)."""
+    jitter_p: Optional[float] = None
+    """Probability of ColorJitter."""
+    gray_p: Optional[float] = None
+    """Probability of grayscale."""
+    gray_before_jitter: Optional[bool] = None
+    """v1's order (grey, then jitter); v2 jitters first."""
+    hue_space: Optional[str] = None
+    """hsv (exact, as torchvision) or yiq (DALI's operator, cheaper on a CPU)."""
+    blur_p: Optional[float] = None
+    """Probability of Gaussian blur."""
+    blur_sigma: Optional[tuple[float, ...]] = None
+    """Gaussian blur sigma range (min, max) in px."""
+    flip_p: Optional[float] = None
+    """Probability of a horizontal flip."""
+    mean: Optional[tuple[float, ...]] = None
+    """Normalisation mean per RGB channel, in [0, 1] units."""
+    std: Optional[tuple[float, ...]] = None
+    """Normalisation std per RGB channel, in [0, 1] units."""
 
 
 @dataclass
@@ -32,7 +71,7 @@ class DataConfig:
     knn_val: str = ""
     """Labelled shard folder the kNN monitor classifies ("" = off)."""
     preset: str = "v1"
-    """Augmentation recipe: v1 or v2."""
+    """Augmentation recipe the unset ``data.views`` keys come from: v1 or v2."""
     size: int = 224
     """View size in px."""
     eval_resize: int = 256
@@ -45,8 +84,8 @@ class DataConfig:
     """DALI CPU threads per rank (0: the cores per local rank)."""
     shuffle_buffer: int = 4096
     """Samples in the shuffle buffer."""
-    hue_space: str = "hsv"
-    """hsv (exact, as torchvision) or yiq (DALI's operator, cheaper on a CPU)."""
+    views: ViewsConfig = field(default_factory=ViewsConfig)
+    """The view recipe, field by field (``data.views.jitter_p`` ...)."""
 
 
 @dataclass
@@ -108,8 +147,12 @@ class RunConfig:
     compile: bool = False
     """torch.compile the encoders."""
     seed: int = 0
+    """Seeds weights, queue, views and shard order (0 <= seed < 2**31)."""
     device: str = "auto"
     """auto, cpu or cuda."""
+    deterministic: bool = False
+    """Deterministic kernels (cuDNN, cuBLAS, torch.use_deterministic_algorithms): bit-exact resume on a GPU, slower.
+    Off: cuDNN picks the fastest convolution for the fixed shapes (cudnn.benchmark)."""
     out: str = "runs/moco"
     """Folder for checkpoints, config, metrics.jsonl and TensorBoard events."""
     resume: str = ""
@@ -180,18 +223,55 @@ def preset(name: str) -> Config:
 
 # ----------------------------------------------------------------------- setting
 
-def flat_fields(config: Config) -> dict[str, tuple[Any, type]]:
-    """``{"section.key": (section_object, annotated type)}`` for every leaf."""
+def _leaf_type(kind: Any) -> Any:
+    """``Optional[X]`` -> X (None is always accepted for an optional leaf)."""
+    if typing.get_origin(kind) in (typing.Union, types.UnionType):
+        kind = next(k for k in typing.get_args(kind) if k is not type(None))
+    return kind
+
+
+def flat_fields(config: Any, prefix: str = "") -> dict[str, tuple[Any, Any]]:
+    """``{"section.key": (the dataclass holding it, its annotated type)}`` for every leaf, nested sections included."""
     out = {}
-    for section in dataclasses.fields(config):
-        obj = getattr(config, section.name)
-        hints = typing.get_type_hints(type(obj))
-        for leaf in dataclasses.fields(obj):
-            out[f"{section.name}.{leaf.name}"] = (obj, hints[leaf.name])
+    hints = typing.get_type_hints(type(config))
+    for leaf in dataclasses.fields(config):
+        value = getattr(config, leaf.name)
+        if dataclasses.is_dataclass(value):
+            out.update(flat_fields(value, f"{prefix}{leaf.name}."))
+        else:
+            out[f"{prefix}{leaf.name}"] = (config, hints[leaf.name])
     return out
 
 
-def _coerce(key: str, value: Any, kind: type) -> Any:
+def type_name(kind: Any) -> str:
+    """How a leaf's type reads in a message or ``--help``: int, float, str, bool, floats, numbers."""
+    kind = _leaf_type(kind)
+    if typing.get_origin(kind) is tuple:
+        return "floats"
+    return "numbers" if kind is tuple else kind.__name__
+
+
+def _number(key: str, value: Any, kind: type) -> Any:
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise ValueError
+    if kind is int:
+        if isinstance(value, float) and not value.is_integer():
+            raise ValueError
+        number = int(value) if not isinstance(value, str) else int(value.strip())
+        if abs(number) >= 2**63:  # what every consumer (torch, numpy, DALI) can hold
+            raise ConfigError(f"{key}: {value!r} does not fit in 64 bits")
+        return number
+    number = float(value)
+    if not math.isfinite(number):
+        raise ConfigError(f"{key}: expected a finite number, got {value!r}")
+    return number
+
+
+def _coerce(key: str, value: Any, kind: Any) -> Any:
+    optional = _leaf_type(kind) is not kind
+    kind = _leaf_type(kind)
+    if value is None and optional:
+        return None
     try:
         if kind is bool:
             if isinstance(value, bool):
@@ -199,32 +279,38 @@ def _coerce(key: str, value: Any, kind: type) -> Any:
             if isinstance(value, str) and value.lower() in ("true", "1", "yes", "on", "false", "0", "no", "off"):
                 return value.lower() in ("true", "1", "yes", "on")
             raise ValueError
-        if kind is int:
-            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
-                raise ValueError
-            return int(value)
-        if kind is float:
-            if isinstance(value, bool):
-                raise ValueError
-            return float(value)
-        if kind is tuple:
+        if kind in (int, float):
+            return _number(key, value, kind)
+        if kind is tuple or typing.get_origin(kind) is tuple:
             if isinstance(value, str):
-                value = json.loads(value) if value.strip().startswith("[") else [v for v in value.split(",") if v]
-            return tuple(float(v) if "." in str(v) else int(v) for v in value)
+                text = value.strip()
+                value = json.loads(text) if text.startswith("[") else [v for v in text.strip("()").split(",") if v.strip()]
+            if not isinstance(value, (list, tuple)):
+                raise ValueError
+            if kind is tuple:  # milestones: whole numbers stay ints
+                return tuple(_number(key, v, int if str(v).strip().lstrip("-").isdigit() else float) for v in value)
+            return tuple(_number(key, v, float) for v in value)
         if kind is str:
             if not isinstance(value, (str, int, float)) or isinstance(value, bool):
                 raise ValueError
+            if "\0" in str(value):
+                raise ConfigError(f"{key}: a NUL character in {value!r}")
             return str(value)
-    except (TypeError, ValueError):
+    except ConfigError:
+        raise
+    except (TypeError, ValueError, OverflowError, RecursionError):
         pass
-    raise ConfigError(f"{key}: expected {kind.__name__}, got {value!r}")
+    raise ConfigError(f"{key}: expected {type_name(kind)}, got {value!r}")
 
 
 def unknown_key(key: str, source: str) -> ConfigError:
     """The error for a key the tree does not have, with the nearest real key as a hint."""
     import difflib
 
-    close = difflib.get_close_matches(key, list(flat_fields(Config())), n=1)
+    leaves = list(flat_fields(Config()))
+    if any(leaf.startswith(key + ".") for leaf in leaves):
+        return ConfigError(f"{source}: {key!r} is a section of keys, not a value")
+    close = difflib.get_close_matches(key, leaves, n=1)
     hint = f" (did you mean {close[0]}?)" if close else ""
     return ConfigError(f"{source}: unknown key {key!r}{hint}")
 
@@ -236,8 +322,19 @@ def apply_overrides(config: Config, overrides: dict[str, Any], source: str = "co
         if key not in leaves:
             raise unknown_key(key, source)
         obj, kind = leaves[key]
-        setattr(obj, key.split(".", 1)[1], _coerce(key, value, kind))
+        setattr(obj, key.rsplit(".", 1)[1], _coerce(key, value, kind))
     return config
+
+
+def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """A nested ``{"data": {"views": {"flip_p": 0.5}}}`` as ``{"data.views.flip_p": 0.5}``."""
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
 
 
 def load_file(path: str | Path) -> dict[str, Any]:
@@ -259,13 +356,13 @@ def load_file(path: str | Path) -> dict[str, Any]:
     except ConfigError:
         raise
     except Exception as exc:
-        raise ConfigError(f"--config {path}: cannot parse: {exc}") from None
-    flat = {}
+        raise ConfigError(f"--config {path}: cannot parse: {' '.join(str(exc).split())}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"--config {path}: expected sections of keys, got {type(data).__name__}")
     for section, values in data.items():
         if not isinstance(values, dict):
             raise ConfigError(f"--config {path}: {section!r} must be a section of keys")
-        flat.update({f"{section}.{key}": value for key, value in values.items()})
-    return flat
+    return flatten(data)
 
 
 def to_dict(config: Config) -> dict[str, Any]:
@@ -274,45 +371,38 @@ def to_dict(config: Config) -> dict[str, Any]:
 
 def from_dict(data: dict[str, Any]) -> Config:
     config = Config()
-    apply_overrides(config, {f"{s}.{k}": v for s, values in data.items() for k, v in values.items()}, "checkpoint")
+    apply_overrides(config, flatten(data), "checkpoint")
     return config
 
 
-def validate(config: Config, world: int, cuda: bool) -> None:
-    """Combinations that cannot run, checked before any work."""
-    d, m, o, r = config.data, config.model, config.optim, config.run
-    if not d.train:
-        raise ConfigError("data.train: give the shard folder to pretrain on (--data.train DIR)")
-    if d.batch_size % world:
-        raise ConfigError(f"data.batch_size {d.batch_size} is not divisible by the world size {world}")
-    per_step_keys = d.batch_size * (2 if m.symmetric else 1)
-    if m.K < per_step_keys:
-        raise ConfigError(f"model.K {m.K} is smaller than the keys enqueued per step ({per_step_keys}); raise K")
-    if r.amp not in ("auto", "bf16", "fp16", "none"):
-        raise ConfigError(f"run.amp {r.amp!r}: choose auto, bf16, fp16 or none")
-    if r.amp == "fp16" and not cuda:
-        raise ConfigError("run.amp fp16 needs a CUDA GPU; use bf16 or none on a CPU")
-    if r.device not in ("auto", "cpu", "cuda"):
-        raise ConfigError(f"run.device {r.device!r}: choose auto, cpu or cuda")
-    if r.device == "cuda" and not cuda:
-        raise ConfigError("run.device cuda: no CUDA GPU here")
-    if o.name not in ("sgd", "lars"):
-        raise ConfigError(f"optim.name {o.name!r}: choose sgd or lars")
-    if o.trust_coefficient <= 0:
-        raise ConfigError(f"optim.trust_coefficient must be positive, got {o.trust_coefficient}")
-    if o.schedule not in ("step", "cosine"):
-        raise ConfigError(f"optim.schedule {o.schedule!r}: choose step or cosine")
-    if m.momentum_schedule not in ("constant", "cosine"):
-        raise ConfigError(f"model.momentum_schedule {m.momentum_schedule!r}: choose constant or cosine")
-    if m.queue_dtype not in ("float32", "float16", "bfloat16"):
-        raise ConfigError(f"model.queue_dtype {m.queue_dtype!r}: choose float32, float16 or bfloat16")
-    if d.dtype not in ("auto", "float16", "float32"):
-        raise ConfigError(f"data.dtype {d.dtype!r}: choose auto, float16 or float32")
-    if bool(d.knn_train) != bool(d.knn_val):
-        raise ConfigError("data.knn_train and data.knn_val go together (both labelled shard folders, or neither)")
-    for key, value in (("run.epochs", r.epochs), ("run.log_every", r.log_every), ("run.ckpt_every", r.ckpt_every),
-                       ("run.keep_last", r.keep_last), ("run.max_nonfinite", r.max_nonfinite)):
-        if value < 1:
-            raise ConfigError(f"{key} must be at least 1, got {value}")
-    if r.resume not in ("", "auto") and not Path(r.resume).is_file():
-        raise ConfigError(f"run.resume {r.resume}: no such checkpoint")
+# ----------------------------------------------------------------------- resuming
+
+SAFE_TO_CHANGE = frozenset({
+    # when to stop, how often to look and to save: none of them is in the state
+    "run.max_steps", "run.log_every", "run.ckpt_every", "run.keep_last", "run.progress", "run.max_nonfinite",
+    "run.knn_every", "run.knn_k", "run.knn_t", "data.knn_train", "data.knn_val", "data.eval_resize",
+    # where the run lives and how fast it goes, not what it computes
+    "run.out", "run.resume", "run.device", "run.deterministic", "run.channels_last", "data.threads",
+})
+"""Keys a resumed run may change (each change is logged). Every other key changes the
+state's shape (model.*, run.compile's parameter names) or the run's meaning (the data,
+the views, the batch, the optimizer, the schedule over run.epochs, the precision, the
+seeds) and is refused; a key added to the tree later is refused until listed here."""
+
+
+def resume_changes(stored: dict[str, Any], config: Config) -> tuple[dict[str, tuple], dict[str, tuple]]:
+    """``(allowed, refused)``: ``{key: (checkpoint's value, this run's value)}`` where they differ."""
+    current = flatten(to_dict(config))
+    before = {**current, **flatten(stored)} if stored else current
+    allowed, refused = {}, {}
+    for key in sorted(set(current) | set(before)):
+        if key == "run.resume":  # how this run was started, not what it is
+            continue
+        old, new = before.get(key), current.get(key)
+        if key == "data.train" and old and new and Path(old).resolve() == Path(new).resolve():
+            continue
+        if isinstance(old, (list, tuple)) and isinstance(new, (list, tuple)):
+            old, new = tuple(old), tuple(new)
+        if old != new:
+            (allowed if key in SAFE_TO_CHANGE else refused)[key] = (old, new)
+    return allowed, refused

@@ -4,13 +4,16 @@ Resumable state goes through ``state_dict()`` everywhere (model with its queue,
 optimizer, scaler, data loader, random generators), so resuming is one mechanism:
 a run killed at any moment and resumed from its newest checkpoint continues with
 the same losses, step for step, as one never interrupted (same seed and world size).
+A checkpoint is trusted only once verified (``_resume``): read without running code,
+complete, weights finite and equal to the digest written with them, written by the
+same configuration up to the keys ``config.SAFE_TO_CHANGE`` allows.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
+import os
 import random
 import signal
 import time
@@ -25,16 +28,17 @@ from tqdm import tqdm
 
 from moco_dali.model.moco import MoCo
 from moco_dali.model.momentum import momentum_at
-from moco_dali.pipeline.augment import preset as augment_preset
-from moco_dali.pipeline.loader import LoaderConfig, ViewLoader
+from moco_dali.pipeline.loader import ViewLoader
 from moco_dali.train import checkpoint, distributed
-from moco_dali.train.config import Config, ConfigError, to_dict, validate
+from moco_dali.train.checkpoint import CheckpointError
+from moco_dali.train.config import Config, ConfigError, resume_changes, to_dict
 from moco_dali.train.eval.knn import config_knn
 from moco_dali.train.metrics import Metrics
 from moco_dali.train.schedule import learning_rates
-from moco_dali.train.step import amp_dtype, backward_step, build_model, build_optimizer, forward_loss, views_dtype
+from moco_dali.train.step import amp_dtype, backward_step, build_model, build_optimizer, forward_loss
+from moco_dali.train.validation import augment_config, check_knn_folders, check_out, loader_config, validate
 
-__all__ = ["train", "Run", "build_model", "knn_accuracy", "TrainingStopped"]
+__all__ = ["train", "Run", "build_model", "knn_accuracy", "TrainingStopped", "set_determinism"]
 
 log = logging.getLogger("moco-train")
 
@@ -43,19 +47,20 @@ class TrainingStopped(RuntimeError):
     """The run cannot go on (too many non-finite losses); the last good checkpoint stays newest."""
 
 
-def _rng_state(device: torch.device) -> dict:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if device.type == "cuda":
-        state["cuda"] = torch.cuda.get_rng_state(device)
-    return state
+def set_determinism(deterministic: bool) -> None:
+    """``run.deterministic``: deterministic kernels for bit-exact resumes on a GPU, or the fastest ones.
 
-
-def _set_rng_state(state: dict, device: torch.device) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if device.type == "cuda" and "cuda" in state:
-        torch.cuda.set_rng_state(state["cuda"], device)
+    Off, cuDNN benchmarks its convolution algorithms once per shape and keeps the
+    fastest (training shapes are fixed). On, cuDNN and cuBLAS take their
+    deterministic paths and PyTorch warns about any operation that has none (a
+    warning, not an error: the kNN monitor's scatter has none on a GPU).
+    """
+    if deterministic:
+        # cuBLAS reads this when its first handle is made: before any CUDA work.
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.backends.cudnn.benchmark = not deterministic
+    torch.backends.cudnn.deterministic = deterministic
+    torch.use_deterministic_algorithms(deterministic, warn_only=True)
 
 
 class _StopSignal:
@@ -111,23 +116,30 @@ class Run:
 
     def __init__(self, config: Config):
         self.config = config
-        d, r = config.data, config.run
+        r = config.run
+        set_determinism(r.deterministic)  # before any CUDA work
         self.dist = distributed.setup(r.device)
+        try:
+            self._set_up()
+        except BaseException:
+            distributed.teardown()
+            raise
+
+    def _set_up(self) -> None:
+        config, r = self.config, self.config.run
         validate(config, self.dist.world, torch.cuda.is_available() and r.device != "cpu")
         self.device = self.dist.device
         self.amp = amp_dtype(r.amp, self.device)
         self.out = Path(r.out)
+        check_knn_folders(config)
+        if self.dist.main:
+            check_out(self.out)
         random.seed(r.seed + self.dist.rank)
         np.random.seed(r.seed + self.dist.rank)
         torch.manual_seed(r.seed)  # identical initial weights on every rank
-
-        self.resume_path = checkpoint.latest(self.out) if r.resume == "auto" else (Path(r.resume) if r.resume else None)
-        state = checkpoint.load(self.resume_path) if self.resume_path else None
-        if state and state["world"] != self.dist.world:
-            raise ConfigError(f"{self.resume_path}: written by {state['world']} ranks, this run has "
-                              f"{self.dist.world}; an exact resume needs the same world size")
-        self.loader = self._data(state)
         self.model, self.net = self._model()
+        self.resume_path, state, changes = self._resume()  # the model holds the checkpoint's weights from here
+        self.loader = self._data(state)
         self.optimizer = build_optimizer(config, self.model, self.device)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp == torch.float16)
         self.steps_per_epoch = len(self.loader)
@@ -135,15 +147,16 @@ class Run:
         if r.max_steps:
             self.total_steps = min(r.max_steps, self.total_steps)
         o = config.optim
-        self.rates = learning_rates(o.lr_per_256 * d.batch_size / 256, self.steps_per_epoch, r.epochs, o.schedule,
-                                    o.milestones, o.warmup_epochs)
+        self.rates = learning_rates(o.lr_per_256 * config.data.batch_size / 256, self.steps_per_epoch, r.epochs,
+                                    o.schedule, o.milestones, o.warmup_epochs)
         self.step, self.nonfinite, self.skipped = 0, 0, 0
         self.pending: Optional[tuple[int, torch.Tensor]] = None  # (step, skip flag) not read yet
+        self.last_good = self.resume_path  # the newest checkpoint known good: resumed from, or written
         if state:
             self._restore(state)
         self.metrics = Metrics(self.out, self.dist.main)
         if self.dist.main:
-            self._announce(state is not None)
+            self._announce(state is not None, changes)
         self.last: dict = {}
         self.window = _Window(time.perf_counter())
         if self.device.type == "cuda":
@@ -155,15 +168,17 @@ class Run:
 
     def _data(self, state: Optional[dict]) -> ViewLoader:
         d, r = self.config.data, self.config.run
-        augment_cfg = augment_preset(d.preset, d.size, hue_space=d.hue_space)
-        loader_cfg = LoaderConfig(batch_size=d.batch_size // self.dist.world, dtype=views_dtype(d.dtype, self.amp),
-                                  seed=r.seed, threads=d.threads or None, shuffle_buffer=d.shuffle_buffer)
+        augment_cfg = augment_config(self.config)
+        loader_cfg = loader_config(self.config, self.dist.world, self.amp)
         return ViewLoader(d.train, augment_cfg, loader_cfg, rank=self.dist.rank, world=self.dist.world,
                           device_id=self.device.index if self.device.type == "cuda" else None,
                           state=state["loader"][self.dist.rank] if state else None)
 
     def _model(self) -> tuple[MoCo, torch.nn.Module]:
-        model = build_model(self.config, self.device)
+        try:
+            model = build_model(self.config, self.device)
+        except ValueError as error:  # what only the real run can check (a shuffle group of torchrun's nodes)
+            raise ConfigError(f"model: {error}") from None
         if self.config.run.compile:
             model.encoder_q = torch.compile(model.encoder_q)
             model.encoder_k = torch.compile(model.encoder_k)
@@ -174,18 +189,85 @@ class Run:
         return model, DistributedDataParallel(model, device_ids=[self.device.index] if self.device.type == "cuda"
                                               else None, broadcast_buffers=False)
 
+    def _resume(self) -> tuple[Optional[Path], Optional[dict], dict]:
+        """The checkpoint to continue from, verified, its weights loaded into the model; and the keys changed since.
+
+        With ``run.resume auto`` a checkpoint that fails verification is skipped for the
+        next older one, renamed ``*.pt.bad`` (so that rotation never deletes a good one
+        in its favour) and named in the log. A checkpoint of another world size or
+        configuration is refused, not skipped: the older ones were written by the same run.
+        """
+        r = self.config.run
+        if not r.resume:
+            newest = checkpoint.latest(self.out)
+            if newest is not None:
+                raise ConfigError(f"run.out {self.out} holds a run (newest {newest.name}): continue it with "
+                                  "--run.resume auto, or give another run.out")
+            return None, None, {}
+        found = checkpoint.candidates(self.out) if r.resume == "auto" else [Path(r.resume)]
+        chosen, state, changes, skipped = None, None, {}, []
+        for path in found:
+            try:
+                state, changes = self._verified(path)
+                chosen = path
+                break
+            except CheckpointError as error:
+                if r.resume != "auto":
+                    raise
+                skipped.append((path, str(error)))
+        if self.dist.world > 1:  # every rank read the files itself: they must agree
+            chosen_by_rank = [None] * self.dist.world
+            torch.distributed.all_gather_object(chosen_by_rank, str(chosen))
+            if len(set(chosen_by_rank)) > 1:
+                raise CheckpointError(f"run.resume auto: ranks found different good checkpoints ({chosen_by_rank})")
+        if self.dist.main:
+            for path, why in skipped:
+                path.rename(path.with_name(path.name + ".bad"))
+                log.warning("skipped %s (renamed *.bad): %s", path.name, why)
+        if skipped and chosen is None:
+            raise CheckpointError(f"run.resume auto: no good checkpoint in {self.out}; skipped {len(skipped)}, "
+                                  f"newest: {skipped[0][1]}")
+        return chosen, state, changes
+
+    def _verified(self, path: Path) -> tuple[dict, dict]:
+        """A checkpoint's state once it is known good, loaded into the model; the configuration keys changed."""
+        state = checkpoint.check(checkpoint.load(path), path)
+        if state["world"] != self.dist.world:
+            raise ConfigError(f"{path}: written by {state['world']} ranks, this run has {self.dist.world}; "
+                              "an exact resume needs the same world size")
+        allowed, refused = resume_changes(state["config"], self.config)
+        if refused:
+            listed = ", ".join(f"{key} {old!r} -> {new!r}" for key, (old, new) in refused.items())
+            raise ConfigError(f"{path}: written with another configuration: {listed}; these keys change the run's "
+                              "state or meaning: resume with the checkpoint's values, or start another run.out")
+        try:
+            self.model.load_state_dict(state["model"])
+        except RuntimeError as error:
+            first = next((line.strip() for line in str(error).splitlines()[1:] if line.strip()), str(error)[:200])
+            raise CheckpointError(f"{path}: its weights do not fit this model: {first}") from None
+        if checkpoint.weights_digest(self.model) != state["rank_digests"][self.dist.rank]:
+            raise CheckpointError(f"{path}: its weights or queue differ from the digest written with them "
+                                  "(changed after it was written)")
+        return state, allowed
+
     def _restore(self, state: dict) -> None:
-        self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scaler.load_state_dict(state["scaler"])
         self.step, self.skipped = state["step"], state["skipped"]
-        _set_rng_state(state["rng"][self.dist.rank], self.device)
+        checkpoint.set_rng_state(state["rng"][self.dist.rank], self.device)
 
-    def _announce(self, resumed: bool) -> None:
+    def _announce(self, resumed: bool, changes: dict) -> None:
         config = self.config
         self.out.mkdir(parents=True, exist_ok=True)
-        (self.out / "config.json").write_text(json.dumps(to_dict(config), indent=1) + "\n")
+        if not resumed or changes or not (self.out / "config.json").exists():
+            checkpoint.write_atomic(self.out / "config.json",
+                                    lambda f: f.write((json.dumps(to_dict(config), indent=1) + "\n").encode()))
         log.info("configuration: %s", json.dumps(to_dict(config)))
+        if changes:
+            listed = ", ".join(f"{key} {old!r} -> {new!r}" for key, (old, new) in changes.items())
+            log.info("resuming with changed keys (allowed, config.json updated): %s", listed)
+            self.metrics.write("resume", self.step, {"checkpoint": str(self.resume_path),
+                                                     "changed": {k: list(v) for k, v in changes.items()}})
         log.info("%s on %s x%d, AMP %s, %d steps per epoch, %s", config.model.arch, self.device.type,
                  self.dist.world, self.amp or "off", self.steps_per_epoch,
                  f"resuming at step {self.step} from {self.resume_path}" if resumed else "from scratch")
@@ -243,8 +325,8 @@ class Run:
         self.nonfinite += 1
         self.skipped += 1
         if self.nonfinite >= self.config.run.max_nonfinite:
-            raise TrainingStopped(f"{self.nonfinite} non-finite losses in a row at step {at}; stopped, "
-                                  f"the newest checkpoint in {self.out} is the last good one")
+            good = f"the last good checkpoint is {self.last_good}" if self.last_good else "no checkpoint was written"
+            raise TrainingStopped(f"{self.nonfinite} non-finite losses in a row at step {at}; stopped, {good}")
 
     def log(self, epoch: int, loss: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor) -> None:
         """One metrics record over the steps since the last (a host sync)."""
@@ -303,13 +385,14 @@ class Run:
 
     def save(self) -> None:
         """Every rank's loader and random state, gathered; written by rank 0."""
-        gathered = {"loader": self.loader.state_dict(), "rng": _rng_state(self.device), "digest": self.digest()}
+        gathered = {"loader": self.loader.state_dict(), "rng": checkpoint.rng_state(self.device),
+                    "digest": checkpoint.weights_digest(self.model)}
         parts = [gathered]
         if self.dist.world > 1:
             parts = [None] * self.dist.world
             torch.distributed.all_gather_object(parts, gathered)
         if self.dist.main:
-            checkpoint.save(self.out, self.step, {
+            self.last_good = checkpoint.save(self.out, self.step, {
                 "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "scaler": self.scaler.state_dict(), "step": self.step, "skipped": self.skipped,
                 "world": self.dist.world, "config": to_dict(self.config),
@@ -321,18 +404,6 @@ class Run:
                             [p["digest"][:8] for p in parts])
         if self.dist.world > 1:
             torch.distributed.barrier()
-
-    def digest(self) -> str:
-        """What the algorithm keeps identical on every rank: both encoders' weights and the queue.
-
-        BN statistics are per rank under shuffle-BN and are left out.
-        """
-        h = hashlib.sha256()
-        model = self.model
-        for tensor in [*model.encoder_q.parameters(), *model.encoder_k.parameters(), model.queue.queue,
-                       model.queue.queue_ptr]:
-            h.update(tensor.detach().float().cpu().numpy().tobytes())
-        return h.hexdigest()
 
 
 @dataclass

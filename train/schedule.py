@@ -20,7 +20,7 @@ def learning_rates(base_lr: float, steps_per_epoch: int, epochs: int, schedule: 
     elif schedule == "cosine":
         rates = base_lr * 0.5 * (1.0 + np.cos(math.pi * epoch / epochs))
     else:
-        raise ValueError(f"unknown schedule {schedule!r}")
+        raise ValueError(f"unknown schedule {schedule!r}; choose step or cosine")
     if warmup_epochs > 0:
         rates = np.where(epoch < warmup_epochs, base_lr * (epoch + 1.0 / steps_per_epoch) / warmup_epochs, rates)
     return rates.astype(np.float64)

@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
+import torch.distributed as dist
 from torch.nn import functional as F
 
 from moco_dali.model.encoders import resnet
@@ -16,14 +17,20 @@ from moco_dali.model.moco import MoCo
 from moco_dali.train.config import Config
 from moco_dali.train.optim import make_optimizer
 
-__all__ = ["amp_dtype", "views_dtype", "build_model", "build_optimizer", "forward_loss", "backward_step"]
+__all__ = ["AMP_DTYPES", "QUEUE_DTYPES", "amp_dtype", "views_dtype", "build_model", "build_optimizer", "forward_loss",
+           "backward_step"]
+
+AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "none": None}
+"""``run.amp`` (besides "auto") -> the autocast dtype."""
+QUEUE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+"""``model.queue_dtype`` -> the queue's storage dtype."""
 
 
 def amp_dtype(amp: str, device: torch.device) -> Optional[torch.dtype]:
     """The autocast dtype of ``amp`` (``run.amp``: auto, bf16, fp16, none) on ``device``; None: no autocast."""
     if amp == "auto":
         amp = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "none"
-    return {"bf16": torch.bfloat16, "fp16": torch.float16, "none": None}[amp]
+    return AMP_DTYPES[amp]
 
 
 def views_dtype(dtype: str, amp: Optional[torch.dtype]) -> str:
@@ -36,7 +43,7 @@ def views_dtype(dtype: str, amp: Optional[torch.dtype]) -> str:
 def build_model(config: Config, device: torch.device, momentum_impl: str = "auto") -> MoCo:
     """The MoCo model ``config`` describes, on ``device``; seeded by the caller."""
     m = config.model
-    queue_dtype = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[m.queue_dtype]
+    queue_dtype = QUEUE_DTYPES[m.queue_dtype]
     model = MoCo(resnet(m.arch, small_stem=m.small_stem), dim=m.dim, K=m.K, m=m.m, T=m.T, mlp=m.mlp,
                  queue_dtype=queue_dtype, shuffle=m.shuffle, num_splits=m.num_splits,
                  shuffle_group_size=m.shuffle_group_size or None, symmetric=m.symmetric,
@@ -77,23 +84,33 @@ def backward_step(loss: torch.Tensor, optimizer: torch.optim.Optimizer, scaler: 
                   skip_nonfinite: bool = True) -> Optional[torch.Tensor]:
     """Gradients of ``loss`` and one optimizer step, skipped if any gradient is not finite.
 
-    Returns the skip flag as a 0-d bool tensor on the device. The test is on the
-    gradients after DDP's all-reduce, so every rank takes the same decision (a
-    non-finite loss on one rank makes every rank's gradients non-finite), and with a
-    fused optimizer it is applied on the device: no host sync in the step. With fp16
-    the gradient scaler does the same for its own overflow test. ``skip_nonfinite=False``
-    is the reference code's plain step (no test; returns None).
+    Returns the non-finite flag as a 0-d bool tensor on the device, the same on every
+    rank. Without a gradient scaler the test is on the gradients after DDP's
+    all-reduce, so every rank takes the same decision (a non-finite loss on one rank
+    makes every rank's gradients non-finite), and with a fused optimizer it is applied
+    on the device: no host sync in the step. With fp16 the gradient scaler skips the
+    step on its own overflow test, and its overflows are its normal back-off, not a
+    failure: the flag is then the loss's own finiteness, made the same on every rank by
+    a one-element all-reduce on the device. ``skip_nonfinite=False`` is the reference
+    code's plain step (no test; returns None).
     """
     scaler.scale(loss).backward()
     if not skip_nonfinite:
         scaler.step(optimizer)
         scaler.update()
         return None
+    if scaler.is_enabled():
+        bad = ~torch.isfinite(loss.detach())
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            flag = bad.to(torch.int32)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            bad = flag.bool()
+        scaler.step(optimizer)
+        scaler.update()
+        return bad
     grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
     bad = ~torch.isfinite(torch.stack(torch._foreach_norm(grads)).sum())
-    if scaler.is_enabled():
-        scaler.step(optimizer)
-    elif _skips_on_device(optimizer):
+    if _skips_on_device(optimizer):
         optimizer.found_inf = bad.float()
         try:
             optimizer.step()

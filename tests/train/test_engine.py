@@ -18,16 +18,7 @@ import torch
 from moco_dali.tools.shards.build import BuildSettings, build
 from moco_dali.tools.demo import generated_dump
 from moco_dali.train import checkpoint
-
-REPO = Path(__file__).resolve().parents[2]
-
-# A tiny run: ResNet-18 with the standard stem on 32 px views is a few ms per image;
-# 400 images, 12 steps of 32 per epoch; K (64) well under the data set, so an image's
-# own earlier key is never in the queue as a negative.
-TINY = ["--preset", "v2", "--model.arch", "resnet18", "--data.size", "32", "--data.eval_resize", "32",
-        "--data.batch_size", "32", "--model.K", "64", "--model.m", "0.99", "--optim.lr_per_256", "0.24",
-        "--data.threads", "1", "--data.shuffle_buffer", "64", "--run.knn_every", "0", "--run.progress", "false",
-        "--run.log_every", "1"]
+from tests.train.runs import REPO, TINY, losses, metrics, moco_train
 
 
 @pytest.fixture(scope="module")
@@ -38,25 +29,6 @@ def data(tmp_path_factory) -> dict[str, Path]:
     for split in ("train", "val"):
         build([str(root / f"raw-{split}")], root / split, BuildSettings(labels="folder"), workers=0, progress=False)
     return {"train": root / "train", "val": root / "val", "root": root}
-
-
-def moco_train(*args: str, env=None, wait: bool = True):
-    command = [sys.executable, "-m", "moco_dali.train", *args]
-    environment = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
-    if not wait:
-        return subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                env=environment)
-    return subprocess.run(command, cwd=REPO, capture_output=True, text=True, env=environment)
-
-
-def losses(out: Path) -> dict[int, float]:
-    """The last logged loss of every step (a resumed run logs some steps twice)."""
-    found = {}
-    for line in (out / "metrics.jsonl").read_text().splitlines():
-        record = json.loads(line)
-        if record["kind"] == "train":
-            found[record["step"]] = record["loss"]
-    return found
 
 
 # The learning check's run: 160 steps of the tiny run with T 0.1 and plain BN (split
@@ -95,10 +67,6 @@ def learned(records: list[dict], K: int = 64) -> list[str]:
     return faults
 
 
-def metrics(out: Path) -> list[dict]:
-    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-
-
 def test_pretext_task_is_learned_and_outputs_hold_their_fields(data, tmp_path):
     out = tmp_path / "run"
     result = moco_train(*LEARN, "--data.train", str(data["train"]), "--run.out", str(out),
@@ -120,7 +88,8 @@ def test_pretext_task_is_learned_and_outputs_hold_their_fields(data, tmp_path):
 
     report = tmp_path / "knn.json"
     assert moco_eval(["knn", "--checkpoint", str(out / "ckpt-000000144.pt"), "--train", str(data["train"]),
-                      "--val", str(data["val"]), "--threads", "1", "--batch-size", "32", "--json", str(report)]) == 0
+                      "--val", str(data["val"]), "--threads", "1", "--batch-size", "32", "--device", "cpu",
+                      "--json", str(report)]) == 0
     assert json.loads(report.read_text())["top1"] == knn[-1]["top1"]
     assert json.loads((out / "config.json").read_text())["model"]["arch"] == "resnet18"
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -259,23 +228,23 @@ def test_non_finite_losses_stop_the_run_leaving_the_last_good_checkpoint(data, t
 
 @pytest.mark.parametrize("extra, message", [
     (["--data.batch_size", "40", "--model.K", "16"],
-     "model.K 16 is smaller than the keys enqueued per step (40); raise K"),
+     "model.K 16 is smaller than the keys enqueued per step (40, from data.batch_size); raise K"),
     (["--run.amp", "fp16"], "run.amp fp16 needs a CUDA GPU; use bf16 or none on a CPU"),
+    (["--model.m", "2"], "model.m: need 0 <= m <= 1 and T > 0, got m=2.0, T=0.2"),
     (["--model.dims", "3"], "command line: unknown key 'model.dims' (did you mean model.dim?)"),
     (["--run.epochs", "many"], "run.epochs: expected int, got 'many'"),
-    (["--optim.schedule", "linear"], "optim.schedule 'linear': choose step or cosine"),
-    (["--optim.name", "adam"], "optim.name 'adam': choose sgd or lars"),
+    (["--optim.schedule", "linear"], "optim.schedule: unknown schedule 'linear'; choose step or cosine"),
+    (["--optim.name", "adam"], "optim.name: optimizer 'adam': choose sgd or lars"),
 ])
 def test_configuration_errors_are_one_line(data, extra, message):
-    if "fp16" in extra and torch.cuda.is_available():
-        pytest.skip("fp16 is valid on a GPU")
     result = moco_train(*TINY, "--data.train", str(data["train"]), *extra)
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [f"moco-train: error: {message}"]
 
 
 def test_batch_not_divisible_by_world_and_missing_shards(data, tmp_path):
-    from moco_dali.train.config import ConfigError, preset, validate
+    from moco_dali.train.config import ConfigError, preset
+    from moco_dali.train.validation import validate
 
     config = preset("v2")
     config.data.train = str(data["train"])
@@ -296,3 +265,78 @@ def test_config_file_and_command_line_precedence(tmp_path):
     assert (config.optim.lr_per_256, config.optim.milestones, config.run.epochs, config.model.T) == (0.5, (3, 4), 9, 0.07)
     config, _ = parse(["--config", str(tmp_path / "run.yaml")])
     assert (config.model.K, config.model.mlp, config.model.T, config.optim.schedule) == (4096, False, 0.2, "cosine")
+
+
+@pytest.mark.parametrize("folder, message", [
+    ("missing", "data.knn_val: {folder}: not a folder"),
+    ("unlabelled", "data.knn_val {folder}: the kNN monitor needs labelled shards (build with --labels folder)"),
+])
+def test_the_knn_monitors_folders_are_checked_before_the_first_step(data, tmp_path, capsys, folder, message):
+    """Not after an epoch of training: the run below would end (exit 0) before its first kNN pass."""
+    from moco_dali.train.cli import main
+
+    if folder == "unlabelled":
+        build([str(data["root"] / "raw-val")], tmp_path / folder, BuildSettings(), workers=0, progress=False)
+    out = tmp_path / "run"
+    assert main([*TINY, "--data.train", str(data["train"]), "--run.out", str(out), "--run.max_steps", "2",
+                 "--data.knn_train", str(data["train"]), "--data.knn_val", str(tmp_path / folder),
+                 "--run.knn_every", "1"]) == 2
+    assert capsys.readouterr().err.strip() == "moco-train: error: " + message.format(folder=tmp_path / folder)
+    assert not (out / "metrics.jsonl").exists()
+
+
+def test_run_deterministic_is_applied_before_any_work(data, tmp_path, monkeypatch):
+    from moco_dali.train import engine
+    from moco_dali.train.cli import main
+
+    asked = []
+    monkeypatch.setattr(engine, "set_determinism", asked.append)
+    # Refused by the configuration: the switch was applied before, as cuBLAS needs.
+    assert main([*TINY, "--data.train", str(data["train"]), "--run.out", str(tmp_path), "--run.deterministic", "true",
+                 "--model.m", "2"]) == 2
+    assert main([*TINY, "--data.train", str(data["train"]), "--run.out", str(tmp_path), "--model.m", "2"]) == 2
+    assert asked == [True, False]
+
+
+def test_set_determinism_sets_the_kernels_choice(monkeypatch):
+    from moco_dali.train.engine import set_determinism
+
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    saved = (torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic,
+             torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled())
+    try:
+        set_determinism(True)
+        assert (torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic) == (False, True)
+        assert torch.are_deterministic_algorithms_enabled() and os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
+        set_determinism(False)  # shapes are fixed: let cuDNN pick the fastest algorithm once
+        assert (torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic) == (True, False)
+        assert not torch.are_deterministic_algorithms_enabled()
+    finally:
+        torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = saved[:2]
+        torch.use_deterministic_algorithms(saved[2], warn_only=saved[3])
+
+
+@pytest.mark.gpu
+def test_a_deterministic_gpu_run_resumes_with_the_same_losses(data, tmp_path):
+    """On the GPU (bf16 autocast, the mixed decoder) with run.deterministic: stopped at step 7, resumed, equal."""
+    args = [*TINY, "--data.train", str(data["train"]), "--run.device", "cuda", "--run.amp", "bf16",
+            "--run.deterministic", "true", "--run.epochs", "2", "--run.ckpt_every", "7"]
+    clean = moco_train(*args, "--run.out", str(tmp_path / "clean"))
+    assert clean.returncode == 0, clean.stderr[-2000:]
+    out = tmp_path / "stopped"
+    first = moco_train(*args, "--run.out", str(out), "--run.max_steps", "7")
+    assert first.returncode == 0, first.stderr[-2000:]
+    resumed = moco_train(*args, "--run.out", str(out), "--run.resume", "auto")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "resuming at step 7" in resumed.stderr and "cuda x1" in resumed.stderr
+    assert losses(out) == losses(tmp_path / "clean")
+
+
+@pytest.mark.gpu
+def test_fp16_on_the_gpu_counts_no_scaler_back_off_as_a_skipped_step(data, tmp_path):
+    out = tmp_path / "fp16"
+    result = moco_train(*TINY, "--data.train", str(data["train"]), "--run.device", "cuda", "--run.amp", "fp16",
+                        "--run.out", str(out), "--run.max_steps", "12")
+    assert result.returncode == 0, result.stderr[-2000:]
+    records = [r for r in metrics(out) if r["kind"] == "train"]
+    assert all(math.isfinite(r["loss"]) for r in records) and records[-1]["skipped_steps"] == 0

@@ -78,3 +78,39 @@ def test_a_non_finite_gradient_skips_the_step_on_the_device(name):
     assert not backward_step(model(x).square().mean(), optimizer, scaler).item()
     assert not any(torch.equal(a, p) for a, p in zip(before, model.parameters()))
     assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def _scaler_steps(device: torch.device, autocast_dtype):
+    """backward_step with an enabled gradient scaler: an overflow of the scaled gradients, then a NaN loss."""
+    from moco_dali.train.step import backward_step
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 3).to(device)
+    optimizer = make_optimizer("sgd", model.parameters(), 0.1, 0.9, 1e-4, device)
+    # A scale so large that the scaled gradients overflow: the scaler's normal back-off.
+    scaler = torch.amp.GradScaler(device.type, init_scale=2.0**120 if autocast_dtype is None else 2.0**40)
+    x = torch.randn(8, 4, device=device)
+
+    def loss(factor: float = 1.0) -> torch.Tensor:
+        with torch.autocast(device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
+            return model(x).square().mean().float() * factor
+
+    before = [p.detach().clone() for p in model.parameters()]
+    overflow = backward_step(loss(1e6), optimizer, scaler)  # finite, its scaled gradients not
+    assert scaler.get_scale() < (2.0**120 if autocast_dtype is None else 2.0**40), "the scaler did not back off"
+    assert all(torch.equal(a, p) for a, p in zip(before, model.parameters())), "the overflowing step was applied"
+    optimizer.zero_grad()
+    nan = backward_step(loss(float("nan")), optimizer, scaler)
+    return bool(overflow.item()), bool(nan.item())
+
+
+def test_the_scalers_back_off_is_not_a_non_finite_loss():
+    """fp16's loss scaler skips steps whose scaled gradients overflow: normal, not counted; a NaN loss is."""
+    overflow, nan = _scaler_steps(torch.device("cpu"), None)
+    assert (overflow, nan) == (False, True)
+
+
+@pytest.mark.gpu
+def test_the_scalers_back_off_is_not_a_non_finite_loss_in_fp16_on_the_gpu():
+    overflow, nan = _scaler_steps(torch.device("cuda"), torch.float16)
+    assert (overflow, nan) == (False, True)

@@ -4,8 +4,9 @@
     moco-eval linear --checkpoint CKPT --train SHARDS --val SHARDS [--epochs 100 --lr 30]
     moco-eval export --checkpoint CKPT --format torchvision|detectron2 --out FILE
 
-Reads moco-train checkpoints and the reference MoCo code's. Exit codes: 0 done,
-2 a bad checkpoint, shard folder or option (one line naming it).
+Reads moco-train checkpoints and the reference MoCo code's (never running code a file
+carries). Exit codes: 0 done, 2 a bad checkpoint, shard folder, option or output
+(one line naming it).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import sys
 import time
 from pathlib import Path
@@ -110,8 +112,45 @@ def _export(args) -> dict:
     return {"mode": "export", "checkpoint": str(args.checkpoint), "format": args.format, "out": str(out)}
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse's own errors (a missing option, a bad choice) as one line and exit 2, like every other error."""
+
+    def error(self, message: str):
+        print(f"{self.prog}: error: {message}", file=sys.stderr)
+        sys.exit(2)
+
+
+_OPTION_RULES = {
+    "k": (lambda v: v >= 1, "must be at least 1"),
+    "t": (lambda v: math.isfinite(v) and v > 0, "must be a positive number"),
+    "batch_size": (lambda v: v >= 1, "must be at least 1"),
+    "threads": (lambda v: v is None or v >= 1, "must be at least 1"),
+    "size": (lambda v: v is None or v >= 1, "must be at least 1 px"),
+    "resize": (lambda v: v is None or v >= 1, "must be at least 1 px"),
+    "epochs": (lambda v: v >= 1, "must be at least 1"),
+    "lr": (lambda v: math.isfinite(v) and v > 0, "must be a positive number"),
+    "momentum": (lambda v: 0 <= v < 1, "must be in [0, 1)"),
+    "weight_decay": (lambda v: math.isfinite(v) and v >= 0, "must be a number >= 0"),
+    "milestones": (lambda v: all(0 <= m <= 1 for m in v), "are fractions of the epochs, in [0, 1]"),
+    "val_every": (lambda v: v >= 1, "must be at least 1"),
+}
+"""The options no later check refuses before work is done (or at all: kNN with T 0 divides by zero)."""
+
+
+def _check_options(args) -> Optional[str]:
+    """The first impossible option value, as the line to print; None when all can run."""
+    for name, (valid, rule) in _OPTION_RULES.items():
+        if hasattr(args, name) and not valid(getattr(args, name)):
+            return f"--{name.replace('_', '-')} {rule}, got {getattr(args, name)}"
+    if getattr(args, "json", None) and args.json.is_dir():
+        return f"--json {args.json}: a folder; give the file to write"
+    if getattr(args, "size", None) and getattr(args, "resize", None) and args.size > args.resize:
+        return f"--size {args.size} is larger than --resize {args.resize} (the centre crop is taken after the resize)"
+    return None
+
+
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="moco-eval", description=__doc__.split("\n\n")[0],
+    parser = _Parser(prog="moco-eval", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     sub = parser.add_subparsers(dest="mode", required=True)
 
@@ -162,19 +201,27 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from moco_dali.pipeline.shards import ShardError
     from moco_dali.train.eval.pretrained import CheckpointError
 
-    for name in ("k", "batch_size", "epochs"):
-        if getattr(args, name, 1) < 1:
-            print(f"moco-eval: error: --{name.replace('_', '-')} must be at least 1", file=sys.stderr)
-            return 2
+    refused = _check_options(args)
+    if refused:
+        print(f"moco-eval: error: {refused}", file=sys.stderr)
+        return 2
     try:
         record = {"knn": _knn, "linear": _linear, "export": _export}[args.mode](args)
+        if getattr(args, "json", None):
+            _write_json(args.json, record)
     except (CheckpointError, ShardError, ValueError) as exc:
         print(f"moco-eval: error: {exc}", file=sys.stderr)
         return 2
-    if getattr(args, "json", None):
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(record, indent=1) + "\n")
     return 0
+
+
+def _write_json(path: Path, record: dict) -> None:
+    from moco_dali.train.checkpoint import write_atomic
+
+    try:
+        write_atomic(path, lambda f: f.write((json.dumps(record, indent=1) + "\n").encode()))
+    except OSError as error:
+        raise ValueError(f"--json {path}: cannot write ({error.strerror or error})") from None
 
 
 if __name__ == "__main__":

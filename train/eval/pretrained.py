@@ -2,13 +2,16 @@
 
 Reads this project's checkpoints (``moco-train``'s ``ckpt-*.pt``) and the reference
 MoCo code's (``main_moco.py``'s ``checkpoint_*.pth.tar``, keys ``module.encoder_q.*``),
-so that ``moco-eval`` measures and exports either. Exports the query backbone (the
+so that ``moco-eval`` measures and exports either; both are read with
+``weights_only=True`` (``train.checkpoint.load``), so a shared file that carries code
+is refused, never run. Exports the query backbone (the
 projection head dropped) as a plain torchvision ResNet state dict, or as the
 detectron2 pickle that the reference ``convert-pretrain-to-detectron2.py`` writes.
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import pickle
 from collections import OrderedDict
@@ -20,14 +23,11 @@ import torch
 from torch import nn
 
 from moco_dali.model.encoders import ARCHS, add_mlp_head, resnet
-from moco_dali.train.checkpoint import write_atomic
+from moco_dali.train.checkpoint import CheckpointError, write_atomic
+from moco_dali.train.checkpoint import load as load_checkpoint
 
 __all__ = ["CheckpointError", "Pretrained", "load_encoder", "torchvision_state_dict", "detectron2_weights",
            "export", "weights_digest"]
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be used as asked; the message names the file and why."""
 
 
 @dataclass
@@ -44,15 +44,6 @@ class Pretrained:
     step: Optional[int]
     config: Optional[dict]
     """The run's configuration tree (this project's checkpoints only)."""
-
-
-def _read(path: Path) -> Any:
-    if not path.is_file():
-        raise CheckpointError(f"{path}: no such checkpoint")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as exc:
-        raise CheckpointError(f"{path}: not a readable checkpoint ({type(exc).__name__}: {exc})") from None
 
 
 def _query_weights(state: Any, path: Path) -> tuple[dict[str, torch.Tensor], Pretrained]:
@@ -93,7 +84,10 @@ def load_encoder(path: str | os.PathLike, arch: Optional[str] = None, random_ini
     checkpoints only: built from the stored configuration and seed), for baselines.
     """
     path = Path(path)
-    weights, info = _query_weights(_read(path), path)
+    try:
+        weights, info = _query_weights(load_checkpoint(path), path)
+    except (KeyError, TypeError, AttributeError, IndexError) as error:  # plain values, but not where we look
+        raise CheckpointError(f"{path}: malformed checkpoint ({type(error).__name__}: {error})") from None
     if arch is not None and arch != info.arch:
         raise CheckpointError(f"{path}: a {info.arch} checkpoint, not {arch}")
     if info.arch not in ARCHS:
@@ -149,16 +143,25 @@ def detectron2_weights(encoder: nn.Module) -> dict[str, Any]:
 
 
 def export(encoder: nn.Module, fmt: str, out: str | os.PathLike) -> Path:
-    """Write the backbone as ``fmt`` ("torchvision" or "detectron2") to ``out``, atomically."""
+    """Write the backbone as ``fmt`` ("torchvision" or "detectron2") to ``out``, atomically.
+
+    Raises ``ValueError`` naming ``out`` when it cannot be written (a folder, a read-only
+    place, a full disk); no temporary file is left behind.
+    """
     out = Path(out)
     if fmt == "torchvision":
-        state = torchvision_state_dict(encoder)
-        write_atomic(out, lambda f: torch.save(state, f))
+        payload, dump = torchvision_state_dict(encoder), torch.save
     elif fmt == "detectron2":
-        weights = detectron2_weights(encoder)
-        write_atomic(out, lambda f: pickle.dump(weights, f))
+        payload, dump = detectron2_weights(encoder), pickle.dump
     else:
         raise ValueError(f"--format {fmt!r}: choose torchvision or detectron2")
+    if out.is_dir():
+        raise ValueError(f"--out {out}: a folder; give the file to write")
+    try:
+        write_atomic(out, lambda f: dump(payload, f))
+    except OSError as error:
+        reason = error.strerror or os.strerror(error.errno or errno.EIO)
+        raise ValueError(f"--out {out}: cannot write ({reason})") from None
     return out
 
 

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 import pickle
 import shutil
+from collections import OrderedDict
 from pathlib import Path
 
 import numpy as np
@@ -86,13 +88,24 @@ def test_load_encoder_gives_the_query_encoder_and_random_init_the_step_0_one(ckp
     assert not torch.equal(initial.conv1.weight, encoder.conv1.weight)
 
 
-def test_reference_checkpoints_load(ckpt, tmp_path):
-    """main_moco.py's layout: DataParallel/DDP names under state_dict, arch beside it."""
+@pytest.mark.parametrize("zipped", [True, False], ids=["zip format", "legacy format"])
+def test_reference_checkpoints_load(ckpt, tmp_path, zipped):
+    """main_moco.py's layout: DataParallel/DDP names under state_dict, arch, epoch and the SGD state beside them.
+
+    Read with weights_only=True, in the zip format and in the legacy one of the PyTorch the
+    authors published with.
+    """
     ours = torch.load(ckpt, weights_only=False)["model"]
-    reference = {"epoch": 200, "arch": "resnet18", "state_dict": {f"module.{k}": v for k, v in ours.items()}}
-    torch.save(reference, tmp_path / "checkpoint_0199.pth.tar")
+    state_dict = OrderedDict((f"module.{k}", v) for k, v in ours.items())
+    params = [v for k, v in ours.items() if k.startswith("encoder_q.") and v.is_floating_point()]
+    sgd = torch.optim.SGD([p.clone().requires_grad_() for p in params], lr=0.03, momentum=0.9, weight_decay=1e-4)
+    for p in sgd.param_groups[0]["params"]:
+        sgd.state[p]["momentum_buffer"] = torch.zeros_like(p)
+    reference = {"epoch": 200, "arch": "resnet18", "state_dict": state_dict, "optimizer": sgd.state_dict()}
+    torch.save(reference, tmp_path / "checkpoint_0199.pth.tar", _use_new_zipfile_serialization=zipped)
     encoder, info = load_encoder(tmp_path / "checkpoint_0199.pth.tar")
     assert (info.source, info.arch, info.mlp, info.dim, info.small_stem) == ("reference", "resnet18", True, 128, False)
+    assert info.step == 200
     assert torch.equal(encoder.layer4[1].conv2.weight, ours["encoder_q.layer4.1.conv2.weight"])
 
 
@@ -220,3 +233,56 @@ def test_load_encoder_rejects_a_state_dict_without_encoder_q(tmp_path):
     torch.save({"state_dict": {"module.conv1.weight": torch.zeros(1)}}, tmp_path / "sup.pth")
     with pytest.raises(CheckpointError, match="no encoder_q weights"):
         load_encoder(tmp_path / "sup.pth")
+
+
+def _unwritable(tmp_path: Path) -> Path:
+    """A folder this process cannot write in, whether or not it runs as root."""
+    folder = tmp_path / "read-only"
+    folder.mkdir()
+    folder.chmod(0o555)
+    if os.geteuid() != 0:
+        return folder
+    return Path("/sys/fs")  # root writes anywhere but here
+
+
+@pytest.mark.parametrize("where", ["a folder", "a read-only place"])
+def test_export_that_cannot_be_written_is_one_line_and_leaves_no_temporary_file(ckpt, tmp_path, capsys, where):
+    out = tmp_path / "exports" if where == "a folder" else _unwritable(tmp_path) / "r18.pth"
+    (tmp_path / "exports").mkdir()
+    assert moco_eval(["export", "--checkpoint", str(ckpt), "--format", "torchvision", "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"moco-eval: error: --out {out}: ") and "\n" not in err, err
+    assert not list(out.parent.glob(".*.tmp")) and not list((tmp_path / "exports").iterdir())
+
+
+@pytest.mark.parametrize("option, value", [
+    ("--t", "0"), ("--t", "-0.1"), ("--t", "nan"), ("--k", "0"), ("--batch-size", "0"), ("--threads", "0"),
+    ("--size", "0"), ("--resize", "-1"),
+])
+def test_impossible_knn_options_are_refused_in_one_line(ckpt, shards, tmp_path, capsys, option, value):
+    argv = ["knn", "--checkpoint", str(ckpt), "--train", str(shards["train"]), "--val", str(shards["val"]),
+            option, value]
+    assert moco_eval(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"moco-eval: error: {option} ") and "\n" not in err, err
+
+
+@pytest.mark.parametrize("option, value", [
+    ("--lr", "0"), ("--momentum", "1"), ("--weight-decay", "-1"), ("--milestones", "2"), ("--val-every", "0"),
+    ("--epochs", "0"),
+])
+def test_impossible_linear_options_are_refused_in_one_line(ckpt, shards, tmp_path, capsys, option, value):
+    argv = ["linear", "--checkpoint", str(ckpt), "--train", str(shards["train"]), "--val", str(shards["val"]),
+            "--out", str(tmp_path / "lin"), option, value]
+    assert moco_eval(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"moco-eval: error: {option} ") and "\n" not in err, err
+    assert not (tmp_path / "lin").exists()
+
+
+def test_argparse_errors_are_one_line_too(capsys):
+    with pytest.raises(SystemExit) as exited:
+        moco_eval(["export", "--checkpoint", "x.pt", "--format", "onnx", "--out", "y"])
+    assert exited.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("moco-eval export: error: argument --format: invalid choice") and "\n" not in err

@@ -1,0 +1,271 @@
+"""The configuration tree: every impossible value refused in one line naming its key, before any work; the views.
+
+The rules are the classes' own (AugmentConfig, LoaderConfig, EvalConfig, MoCo and its
+parts, the optimizers, the schedules); ``validate`` builds them from the tree (the model
+on the meta device) and names the key. Property tests feed every key every kind of
+value: it validates, or it ends in a ConfigError of one line that names the key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from moco_dali.train.cli import main, parse
+from moco_dali.train.config import (Config, ConfigError, ViewsConfig, apply_overrides, flat_fields, preset,
+                                    resume_changes, to_dict)
+from moco_dali.train.validation import augment_config, validate
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def base(tmp_path: Path) -> list[str]:
+    """A valid command line that does no work unless run: resnet18 keeps the meta-device builds quick."""
+    return ["--preset", "v2", "--model.arch", "resnet18", "--data.train", str(tmp_path / "shards"),
+            "--run.out", str(tmp_path / "out"), "--run.device", "cpu"]
+
+
+def refusal(argv: list[str]) -> str:
+    """The ConfigError ``moco-train`` would print for ``argv`` (parse, then validate as the engine does)."""
+    with pytest.raises(ConfigError) as caught:
+        config, _ = parse(argv)
+        validate(config, world=1, cuda=False)
+    return str(caught.value)
+
+
+# Each of issue #14's impossible values, and the key its line must name.
+IMPOSSIBLE = [
+    (["--optim.lr_per_256", "-0.03"], "optim.lr_per_256"),
+    (["--optim.lr_per_256", "0"], "optim.lr_per_256"),
+    (["--data.size", "0"], "data.size"),
+    (["--data.batch_size", "0"], "data.batch_size"),
+    (["--model.m", "2"], "model.m"),
+    (["--model.T", "0"], "model.T"),
+    (["--data.threads", "-1"], "data.threads"),
+    (["--data.shuffle_buffer", "0"], "data.shuffle_buffer"),
+    (["--model.arch", "resnet5"], "model.arch"),
+    (["--model.dim", "0"], "model.dim"),
+    (["--data.preset", "v3"], "data.preset"),
+    (["--data.views.hue_space", "lab"], "data.views.hue_space"),
+    (["--model.shuffle", "shuffled"], "model.shuffle"),
+    (["--data.batch_size", "12"], "model.num_splits"),  # 8 splits do not divide 12
+    (["--data.batch_size", "8"], "model.num_splits"),  # one sample per split: BN cannot train on it
+    (["--run.max_steps", "-5"], "run.max_steps"),
+    (["--run.seed", "-1"], "run.seed"),
+    (["--data.dtype", "float16", "--run.amp", "none"], "data.dtype"),  # half views into a float32 model
+    (["--model.momentum_schedule", "linear"], "model.momentum_schedule"),
+    (["--optim.momentum", "-0.5"], "optim.momentum"),
+    (["--optim.weight_decay", "-1"], "optim.weight_decay"),
+    (["--optim.name", "lars", "--optim.trust_coefficient", "0"], "optim.trust_coefficient"),
+    (["--model.K", "4611686018427387904"], "model.K"),  # too large even for the meta device
+    (["--data.views.jitter_p", "1.5"], "data.views.jitter_p"),
+    (["--data.views.crop_scale", "0.5,0.2"], "data.views.crop_scale"),
+    (["--data.views.mean", "0.5,0.5"], "data.views.mean"),
+    (["--data.views.blur_sigma", "[0, 2]"], "data.views.blur_sigma"),
+    (["--data.views.jitter", "0.4,0.4,0.4,0.6"], "data.views.jitter"),
+    (["--data.views.flip_p", "nan"], "data.views.flip_p"),
+    (["--data.knn_train", "a", "--data.knn_val", "b", "--run.knn_t", "0"], "run.knn_t"),
+    (["--data.knn_train", "a", "--data.knn_val", "b", "--data.eval_resize", "16", "--data.size", "32"],
+     "data.eval_resize"),
+]
+
+
+@pytest.mark.parametrize("extra, key", IMPOSSIBLE, ids=[" ".join(extra) for extra, _ in IMPOSSIBLE])
+def test_each_impossible_value_is_refused_naming_its_key(tmp_path, extra, key):
+    message = refusal([*base(tmp_path), *extra])
+    assert key in message and "\n" not in message, message
+
+
+@pytest.mark.parametrize("extra, key", [
+    (["--model.T", "0"], "model.T"),
+    (["--data.batch_size", "8"], "model.num_splits"),
+    (["--run.max_steps", "-5"], "run.max_steps"),
+    (["--data.views.gray_p", "2"], "data.views.gray_p"),
+    (["--run.epochs"], "--run.epochs"),  # argparse's own error, one line too
+])
+def test_the_command_prints_one_line_and_exits_2(tmp_path, capsys, extra, key):
+    assert main([*base(tmp_path), *extra]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("moco-train: error: ") and key in err and "\n" not in err, err
+    assert not (tmp_path / "out").exists()  # refused before any work
+
+
+def _unwritable(tmp_path: Path) -> Path:
+    """A folder this process cannot write in, whether or not it runs as root."""
+    folder = tmp_path / "read-only"
+    folder.mkdir()
+    folder.chmod(0o555)
+    try:
+        (folder / "probe").touch()
+    except PermissionError:
+        return folder
+    (folder / "probe").unlink()
+    return Path("/sys/fs")  # root writes anywhere but here
+
+
+def test_run_out_that_is_a_file_or_unwritable_is_refused(tmp_path, capsys):
+    (tmp_path / "file").write_text("")
+    assert main([*base(tmp_path), "--run.out", str(tmp_path / "file")]) == 2
+    assert capsys.readouterr().err.strip() == f"moco-train: error: run.out {tmp_path / 'file'}: a file, not a folder"
+    # Under a read-only folder: found when the run starts (root passes access() and fails only on trying).
+    from moco_dali.train.validation import check_out
+
+    with pytest.raises(ConfigError, match="run.out .*: (cannot write there|.* is not writable)"):
+        config, _ = parse([*base(tmp_path), "--run.out", str(_unwritable(tmp_path) / "run")])
+        validate(config, world=1, cuda=False)
+        check_out(Path(config.run.out))
+
+
+def test_a_subprocess_refusal_has_no_traceback(tmp_path):
+    """The command itself, as a user runs it: exit 2, one line on stderr."""
+    result = subprocess.run([sys.executable, "-m", "moco_dali.train", *base(tmp_path), "--model.m", "2"],
+                            cwd=REPO, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == ["moco-train: error: model.m: need 0 <= m <= 1 and T > 0, got m=2.0, "
+                                                  "T=0.2"]
+
+
+# ----------------------------------------------------------------------- property tests
+
+def _valid(tmp_path: Path) -> Config:
+    config, _ = parse(base(tmp_path))
+    validate(config, world=1, cuda=False)  # the starting point is valid
+    return config
+
+
+LEAVES = sorted(flat_fields(Config()))
+ANY_VALUE = st.one_of(
+    st.none(), st.booleans(), st.integers(), st.integers(min_value=-3, max_value=70000),
+    st.floats(allow_nan=True, allow_infinity=True), st.floats(min_value=-2, max_value=2),
+    st.text(max_size=12), st.sampled_from(["auto", "v1", "v2", "hsv", "yiq", "sgd", "lars", "none", "split",
+                                           "float16", "bf16", "resnet18", "cosine", "0.5,1", "[0.1, 2]", "1e-3"]),
+    st.lists(st.floats(allow_nan=True, allow_infinity=True), max_size=5),
+    st.lists(st.floats(min_value=0, max_value=1.5), min_size=2, max_size=4),
+    st.dictionaries(st.text(max_size=3), st.integers(), max_size=2))
+
+
+def _holds(config_or_error, keys: list[str]) -> None:
+    """It validated, or it is one line naming one of ``keys``."""
+    if isinstance(config_or_error, ConfigError):
+        message = str(config_or_error)
+        assert "\n" not in message
+        assert any(key in message for key in keys), (keys, message)
+
+
+def _try(tmp_path: Path, overrides: dict) -> object:
+    config = preset("v2")
+    apply_overrides(config, {"model.arch": "resnet18", "data.train": str(tmp_path / "shards"),
+                             "run.out": str(tmp_path / "out"), "run.device": "cpu"})
+    try:
+        apply_overrides(config, overrides)
+        return validate(config, world=1, cuda=False)
+    except ConfigError as error:
+        return error
+
+
+@settings(max_examples=400, deadline=None, database=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(key=st.sampled_from(LEAVES), value=ANY_VALUE)
+def test_any_value_of_any_key_validates_or_names_the_key(tmp_path, key, value):
+    if key == "run.resume" and isinstance(value, str) and value not in ("", "auto"):
+        value = str(tmp_path / "no-such-checkpoint")  # never a path that exists by chance
+    _holds(_try(tmp_path, {key: value}), [key])
+
+
+@settings(max_examples=150, deadline=None, database=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(values=st.dictionaries(st.sampled_from([k for k in LEAVES if k != "run.resume"]), ANY_VALUE,
+                              min_size=2, max_size=4))
+def test_several_bad_values_name_one_of_them(tmp_path, values):
+    _holds(_try(tmp_path, values), list(values))
+
+
+def test_the_property_catches_a_rule_that_names_nothing(tmp_path, monkeypatch):
+    """A check that forgets its key fails ``_holds``: the property would catch it."""
+    from moco_dali.train import validation
+
+    monkeypatch.setattr(validation, "_say", lambda key, value, error: str(error))
+    with pytest.raises(AssertionError):
+        _holds(_try(tmp_path, {"model.m": 2}), ["model.m"])
+
+
+# ----------------------------------------------------------------------- the views
+
+def test_views_expose_every_field_of_the_recipe():
+    from moco_dali.pipeline.augment import AugmentConfig
+
+    assert {f.name for f in dataclasses.fields(ViewsConfig)} == {f.name for f in dataclasses.fields(AugmentConfig)} \
+        - {"size"}
+
+
+def test_preset_fills_the_views_and_keys_override_them(tmp_path):
+    from moco_dali.pipeline.augment import v1, v2
+
+    config, _ = parse(base(tmp_path))
+    assert augment_config(config) == v2(224)
+    assert to_dict(config)["data"]["views"]["blur_p"] == 0.5  # resolved, as config.json shows it
+    config, _ = parse([*base(tmp_path), "--data.preset", "v1", "--data.views.jitter_p", "0.8",
+                       "--data.views.crop_scale", "0.08,1", "--data.views.blur_p", "0"])
+    expected = dataclasses.replace(v1(224), jitter_p=0.8, crop_scale=(0.08, 1.0), blur_p=0.0)
+    assert augment_config(config) == expected
+    assert config.data.views.gray_before_jitter is True  # v1's, not v2's
+
+
+def test_views_from_toml_and_yaml_sections(tmp_path):
+    (tmp_path / "run.toml").write_text('[data]\npreset = "v1"\n[data.views]\njitter_p = 0.8\nblur_sigma = [0.5, 1.5]\n')
+    (tmp_path / "run.yaml").write_text("data:\n  views:\n    flip_p: 0.0\n    hue_space: yiq\n")
+    config, _ = parse([*base(tmp_path), "--config", str(tmp_path / "run.toml"), "--data.views.jitter_p", "0.6"])
+    assert (config.data.views.jitter_p, config.data.views.blur_sigma, config.data.views.gray_p) == (0.6, (0.5, 1.5), 0.2)
+    config, _ = parse([*base(tmp_path), "--config", str(tmp_path / "run.yaml")])
+    assert (augment_config(config).flip_p, augment_config(config).hue_space) == (0.0, "yiq")
+    (tmp_path / "bad.toml").write_text('[data.views]\njitter_q = 0.8\n')
+    assert "unknown key 'data.views.jitter_q' (did you mean data.views.jitter_p?)" in refusal(
+        [*base(tmp_path), "--config", str(tmp_path / "bad.toml")])
+    assert "'data.views' is a section" in refusal([*base(tmp_path), "--data.views", "1"])
+
+
+def test_the_resolved_views_survive_a_round_trip_through_config_json(tmp_path):
+    from moco_dali.train.config import from_dict
+
+    config, _ = parse([*base(tmp_path), "--data.views.jitter", "0.2,0.2,0.2,0.05"])
+    again = from_dict(json.loads(json.dumps(to_dict(config))))
+    assert augment_config(again) == augment_config(config)
+    assert resume_changes(to_dict(config), again) == ({}, {})
+
+
+# ----------------------------------------------------------------------- resuming with other keys
+
+def test_keys_that_change_the_state_or_meaning_are_refused_the_others_allowed(tmp_path):
+    stored, _ = parse(base(tmp_path))
+    stored = to_dict(stored)
+    changed, _ = parse([*base(tmp_path), "--model.K", "4096", "--data.batch_size", "128", "--optim.lr_per_256", "0.06",
+                        "--data.views.blur_p", "0", "--run.epochs", "100", "--run.max_steps", "50",
+                        "--run.log_every", "5", "--data.threads", "2"])
+    allowed, refused = resume_changes(stored, changed)
+    assert set(refused) == {"model.K", "data.batch_size", "optim.lr_per_256", "data.views.blur_p", "run.epochs"}
+    assert set(allowed) == {"run.max_steps", "run.log_every", "data.threads"}
+    assert refused["model.K"] == (65536, 4096)
+    # The same shard folder spelled another way is the same folder.
+    relative, _ = parse([*base(tmp_path), "--data.train", os.path.relpath(tmp_path / "shards")])
+    assert resume_changes(stored, relative) == ({}, {})
+
+
+def test_numbers_parse_as_their_types():
+    config = Config()
+    apply_overrides(config, {"run.epochs": "7", "optim.milestones": "[3, 4.5]", "data.views.mean": "0.5, 0.5, 0.5",
+                             "run.knn_t": "0.05"})
+    assert (config.run.epochs, config.optim.milestones, config.data.views.mean) == (7, (3, 4.5), (0.5, 0.5, 0.5))
+    for key, value in (("run.epochs", "7.5"), ("run.epochs", True), ("run.knn_t", "inf"), ("data.views.mean", "a,b"),
+                       ("run.epochs", [1]), ("data.train", "a\0b"), ("run.epochs", 2**70)):
+        with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+            apply_overrides(Config(), {key: value})
+    assert math.isclose(config.run.knn_t, 0.05)
