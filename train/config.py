@@ -128,6 +128,8 @@ class RunConfig:
     """Stop after this many non-finite losses in a row."""
     progress: bool = True
     """Progress bar on rank 0."""
+    dist_timeout_s: int = 1800
+    """Seconds a collective (all-reduce, gather, barrier) waits for the slowest rank before the run fails."""
 
 
 @dataclass
@@ -311,7 +313,8 @@ def validate(config: Config, world: int, cuda: bool) -> None:
     if bool(d.knn_train) != bool(d.knn_val):
         raise ConfigError("data.knn_train and data.knn_val go together (both labelled shard folders, or neither)")
     for key, value in (("run.epochs", r.epochs), ("run.log_every", r.log_every), ("run.ckpt_every", r.ckpt_every),
-                       ("run.keep_last", r.keep_last), ("run.max_nonfinite", r.max_nonfinite)):
+                       ("run.keep_last", r.keep_last), ("run.max_nonfinite", r.max_nonfinite),
+                       ("run.dist_timeout_s", r.dist_timeout_s)):
         if value < 1:
             raise ConfigError(f"{key} must be at least 1, got {value}")
     if r.resume not in ("", "auto") and not Path(r.resume).is_file():
