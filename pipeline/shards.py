@@ -9,7 +9,13 @@ A shard folder holds ``NAME-000000.tar`` files, each with its DALI index
 bytes, sha256), the class names, every rejected input with its reason and the build
 settings; every rejected input with its reason is a line of ``rejected.jsonl``
 beside it (the manifest keeps only counts, so it grows with the shards, never with
-the inputs). A build split into parts (``--num-parts``) names its shards
+the inputs).
+
+Two ways in. A training or evaluation rank reads the manifest (its per-shard counts
+are the only thing it holds for the whole folder) and opens only the shards it reads
+with ``open_shard``, which costs a few small reads per shard whatever its size.
+``discover`` checks every shard and parses every index: O(samples), for ``moco-shards
+verify`` and ``inspect``. A build split into parts (``--num-parts``) names its shards
 ``NAME-part0003-000000.tar`` and writes ``manifest.part-0003-of-0008.json`` and
 ``rejected.part-0003-of-0008.jsonl`` until the parts are merged into one
 ``manifest.json``.
@@ -17,12 +23,15 @@ the inputs). A build split into parts (``--num-parts``) names its shards
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Iterator
+
+import numpy as np
 
 __all__ = [
     "FORMAT",
@@ -45,6 +54,7 @@ __all__ = [
     "ustar_header",
     "encode_sample",
     "TAR_END",
+    "open_shard",
     "discover",
 ]
 
@@ -110,21 +120,20 @@ def read_index(path: str | os.PathLike) -> list[list[tuple[str, int, int, str]]]
     head = lines[0].split()
     if len(head) != 2 or head[0] != INDEX_VERSION or not head[1].isdigit():
         raise ShardError(f"{path}: line 1: expected '{INDEX_VERSION} N', got {lines[0]!r}")
-    samples = []
-    for lineno, line in enumerate(lines[1:], start=2):
-        fields = line.split()
-        if not fields or len(fields) % 4:
-            raise ShardError(f"{path}: line {lineno}: expected groups of 'ext offset size name'")
-        try:
-            samples.append(
-                [(fields[i], int(fields[i + 1]), int(fields[i + 2]), fields[i + 3])
-                 for i in range(0, len(fields), 4)]
-            )
-        except ValueError:
-            raise ShardError(f"{path}: line {lineno}: offset and size must be integers") from None
+    samples = [_index_sample(path, f"line {lineno}", line) for lineno, line in enumerate(lines[1:], start=2)]
     if len(samples) != int(head[1]):
         raise ShardError(f"{path}: header says {head[1]} samples, index lists {len(samples)}")
     return samples
+
+
+def _index_sample(path: Path, where: str, line: str) -> list[tuple[str, int, int, str]]:
+    fields = line.split()
+    if not fields or len(fields) % 4:
+        raise ShardError(f"{path}: {where}: expected groups of 'ext offset size name'")
+    try:
+        return [(fields[i], int(fields[i + 1]), int(fields[i + 2]), fields[i + 3]) for i in range(0, len(fields), 4)]
+    except ValueError:
+        raise ShardError(f"{path}: {where}: offset and size must be integers") from None
 
 
 def iter_members(pairs: Iterable[tuple[Path, Path]], ext: str) -> Iterator[tuple[Path, str, int, int]]:
@@ -169,6 +178,21 @@ class Manifest:
     @property
     def samples(self) -> int:
         return int(self.data["samples"])
+
+    @functools.cached_property
+    def counts(self) -> np.ndarray:
+        """Samples per shard, in manifest order: all a rank holds about the whole folder."""
+        try:
+            return np.array([int(s["samples"]) for s in self.data["shards"]], dtype=np.int64)
+        except (KeyError, TypeError, ValueError):
+            raise ShardError(f"{self.root / MANIFEST_NAME}: a shard entry lacks its sample count") from None
+
+    def entry(self, index: int) -> ShardEntry:
+        """Shard ``index`` of the manifest, without building the whole list."""
+        try:
+            return ShardEntry.from_json(self.data["shards"][index])
+        except (KeyError, TypeError):
+            raise ShardError(f"{self.root / MANIFEST_NAME}: shard entry {index} is incomplete") from None
 
     def path(self, relative: str) -> Path:
         return self.root / relative
@@ -258,12 +282,86 @@ def tar_size_for_index(samples: list[list[tuple[str, int, int, str]]]) -> int:
     return -(-end // TAR_BLOCK) * TAR_BLOCK + len(TAR_END)
 
 
-def discover(folder: str | os.PathLike) -> tuple[Manifest, list[tuple[Path, Path]]]:
-    """The manifest of a shard folder and its ``(tar, index)`` paths, in manifest order.
+_INDEX_END_BYTES = 1 << 16  # an index line is about 40 bytes per member; both ends of an index fit
 
-    Never rebuilds an index. A shard without its index, or whose size no longer
-    matches the manifest and its index (a rewritten tar beside a stale index, which
-    would make DALI read garbage offsets), is an error.
+
+def _index_ends(path: Path) -> tuple[int, list, list]:
+    """The sample count an index declares and its first and last sample lines, from its two ends."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(_INDEX_END_BYTES)
+            size = f.seek(0, os.SEEK_END)
+            f.seek(max(0, size - _INDEX_END_BYTES))
+            tail = f.read()
+    except OSError as exc:
+        raise ShardError(f"{path}: cannot read index: {exc.strerror or exc}") from None
+    lines = head.decode(errors="replace").split("\n", 2)
+    fields = lines[0].split()
+    if len(fields) != 2 or fields[0] != INDEX_VERSION or not fields[1].isdigit():
+        raise ShardError(f"{path}: line 1: expected '{INDEX_VERSION} N', got {lines[0][:80]!r}")
+    count = int(fields[1])
+    if count == 0:
+        return 0, [], []
+    if len(lines) < 2 or (len(lines) == 2 and size > len(head)):
+        raise ShardError(f"{path}: header says {count} samples, the index ends before its first line")
+    last = tail.decode(errors="replace").rstrip("\n").rsplit("\n", 1)[-1]
+    return count, _index_sample(path, "line 2", lines[1]), _index_sample(path, "last line", last)
+
+
+def _tar_member_header(f, tar: Path, member: tuple[str, int, int, str]) -> None:
+    """Check that the tar holds the member the index names where it says (the ustar header before its data)."""
+    ext, offset, size, name = member
+    key = name.split(".")[0]
+    f.seek(offset - TAR_BLOCK)
+    header = f.read(TAR_BLOCK)
+    try:
+        found_name = header[:100].rstrip(b"\0").decode()
+        found_size = int(header[124:136].rstrip(b"\0 ") or b"-1", 8)
+    except ValueError:
+        found_name, found_size = repr(header[:20]), -1
+    if offset < TAR_BLOCK or len(header) != TAR_BLOCK or (found_name, found_size) != (name, size):
+        raise ShardError(f"{tar}: key {key}: the index says {name} ({size} bytes) at {offset}, the tar holds "
+                         f"{found_name or 'no member'} ({found_size} bytes) there; stale index or changed shard")
+
+
+def open_shard(manifest: Manifest, entry: ShardEntry) -> tuple[Path, Path]:
+    """A shard's ``(tar, index)`` after the checks that cost a few small reads, whatever the shard's size.
+
+    Both files exist; the tar has the manifest's size; the index declares the
+    manifest's sample count and ends where the tar's last member ends; the tar's
+    headers of the first and the last member are the ones the index names. What this
+    cannot see (a flipped byte inside a sample) is ``moco-shards verify``'s job: it
+    recomputes every hash and compares every index line with the tar.
+
+    Raises:
+        ShardError: naming the shard or index at fault.
+    """
+    tar, idx = manifest.path(entry.tar), manifest.path(entry.index)
+    if not tar.is_file():
+        raise ShardError(f"{tar}: shard listed in the manifest is missing")
+    if not idx.is_file():
+        raise ShardError(f"{idx}: index of shard {entry.tar} is missing")
+    size = tar.stat().st_size
+    if size != entry.bytes:
+        raise ShardError(f"{tar}: {size} bytes, the manifest says {entry.bytes}; the shard changed after the build")
+    count, first, last = _index_ends(idx)
+    if count != entry.samples or tar_size_for_index([last] if count else []) != size:
+        raise ShardError(f"{idx}: stale index, it does not match its shard {entry.tar}")
+    if count:
+        with open(tar, "rb") as f:
+            _tar_member_header(f, tar, first[0])
+            _tar_member_header(f, tar, last[-1])
+    return tar, idx
+
+
+def discover(folder: str | os.PathLike) -> tuple[Manifest, list[tuple[Path, Path]]]:
+    """The manifest of a shard folder and every shard's ``(tar, index)``, in manifest order, all checked.
+
+    Parses every index: O(samples), for ``moco-shards verify`` and ``inspect``;
+    training and evaluation open only their share with ``open_shard``. Never
+    rebuilds an index. A shard without its index, or whose size no longer matches the
+    manifest and its index (a rewritten tar beside a stale index, which would make
+    DALI read garbage offsets), is an error.
 
     Raises:
         ShardError: naming the folder or shard at fault.
@@ -271,16 +369,9 @@ def discover(folder: str | os.PathLike) -> tuple[Manifest, list[tuple[Path, Path
     manifest = load_manifest(folder)
     pairs = []
     for entry in manifest.shards:
-        tar, idx = manifest.path(entry.tar), manifest.path(entry.index)
-        if not tar.is_file():
-            raise ShardError(f"{tar}: shard listed in the manifest is missing")
-        if not idx.is_file():
-            raise ShardError(f"{idx}: index of shard {entry.tar} is missing")
-        size = tar.stat().st_size
-        if size != entry.bytes:
-            raise ShardError(f"{tar}: {size} bytes, the manifest says {entry.bytes}; the shard changed after the build")
+        tar, idx = open_shard(manifest, entry)
         samples = read_index(idx)
-        if len(samples) != entry.samples or tar_size_for_index(samples) != size:
+        if len(samples) != entry.samples or tar_size_for_index(samples) != entry.bytes:
             raise ShardError(f"{idx}: stale index, it does not match its shard {entry.tar}")
         pairs.append((tar, idx))
     if not pairs:

@@ -171,6 +171,8 @@ class RunConfig:
     """Stop after this many non-finite losses in a row."""
     progress: bool = True
     """Progress bar on rank 0."""
+    dist_timeout_s: int = 1800
+    """Seconds a collective (all-reduce, gather, barrier) waits for the slowest rank before the run fails."""
 
 
 @dataclass
@@ -382,7 +384,8 @@ SAFE_TO_CHANGE = frozenset({
     "run.max_steps", "run.log_every", "run.ckpt_every", "run.keep_last", "run.progress", "run.max_nonfinite",
     "run.knn_every", "run.knn_k", "run.knn_t", "data.knn_train", "data.knn_val", "data.eval_resize",
     # where the run lives and how fast it goes, not what it computes
-    "run.out", "run.resume", "run.device", "run.deterministic", "run.channels_last", "data.threads",
+    "run.out", "run.resume", "run.device", "run.deterministic", "run.dist_timeout_s", "run.channels_last",
+    "data.threads",
 })
 """Keys a resumed run may change (each change is logged). Every other key changes the
 state's shape (model.*, run.compile's parameter names) or the run's meaning (the data,

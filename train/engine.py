@@ -80,7 +80,7 @@ class _StopSignal:
 
 def knn_accuracy(model: MoCo, config: Config, device: torch.device) -> dict:
     """Weighted kNN top-1/top-5 of the query backbone on ``data.knn_train`` / ``data.knn_val``."""
-    return config_knn(model.encoder_q, config, 1, device, amp_dtype(config.run.amp, device))
+    return config_knn(model.encoder_q, config, device, amp_dtype(config.run.amp, device))
 
 
 def train(config: Config) -> dict:
@@ -118,7 +118,7 @@ class Run:
         self.config = config
         r = config.run
         set_determinism(r.deterministic)  # before any CUDA work
-        self.dist = distributed.setup(r.device)
+        self.dist = distributed.setup(r.device, r.dist_timeout_s)
         try:
             self._set_up()
         except BaseException:
@@ -170,8 +170,10 @@ class Run:
         d, r = self.config.data, self.config.run
         augment_cfg = augment_config(self.config)
         loader_cfg = loader_config(self.config, self.dist.world, self.amp)
+        # Each rank opens only the shards dealt to it, a window at a time, and every
+        # epoch deals them anew (see pipeline/partition.py); the loader hands epochs over.
         return ViewLoader(d.train, augment_cfg, loader_cfg, rank=self.dist.rank, world=self.dist.world,
-                          device_id=self.device.index if self.device.type == "cuda" else None,
+                          device_id=distributed.dali_device_id(self.device),
                           state=state["loader"][self.dist.rank] if state else None)
 
     def _model(self) -> tuple[MoCo, torch.nn.Module]:
@@ -356,13 +358,14 @@ class Run:
         finished = self.step // self.steps_per_epoch
         r = self.config.run
         if r.knn_every and finished % r.knn_every == 0 and self.config.data.knn_train:
+            # Every rank extracts its own share of the folders and gets the same result;
+            # no rank waits for another in a barrier while the monitor runs.
+            result = config_knn(self.model.encoder_q, self.config, self.device, self.amp, rank=self.dist.rank,
+                                world=self.dist.world)
             if self.dist.main:
-                result = config_knn(self.model.encoder_q, self.config, self.dist.world, self.device, self.amp)
                 self.metrics.write("knn", self.step, {"epoch": finished, **result},
                                    f"epoch {finished} kNN top-1 {result['top1']:.2f}% top-5 {result['top5']:.2f}%")
-                self.last = {**self.last, "knn_top1": result["top1"], "knn_top5": result["top5"]}
-            if self.dist.world > 1:
-                torch.distributed.barrier()
+            self.last = {**self.last, "knn_top1": result["top1"], "knn_top5": result["top5"]}
 
     def finish(self) -> None:
         """The last checkpoint, unless a periodic or epoch-end one has just been written."""

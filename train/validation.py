@@ -208,6 +208,7 @@ def validate(config: Config, world: int, cuda: bool) -> Config:
                             ("run.epochs", r.epochs, 1), ("run.max_steps", r.max_steps, 0),
                             ("run.log_every", r.log_every, 1), ("run.ckpt_every", r.ckpt_every, 1),
                             ("run.keep_last", r.keep_last, 1), ("run.max_nonfinite", r.max_nonfinite, 1),
+                            ("run.dist_timeout_s", r.dist_timeout_s, 1),
                             ("run.knn_every", r.knn_every, 0), ("run.knn_k", r.knn_k, 1),
                             ("model.shuffle_group_size", m.shuffle_group_size, 0), ("run.seed", r.seed, 0)):
         _at_least(key, value, low)

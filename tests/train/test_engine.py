@@ -26,8 +26,9 @@ def data(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("train")
     generated_dump(root / "raw-train", per_class=40, seed=0)
     generated_dump(root / "raw-val", per_class=10, seed=1)
-    for split in ("train", "val"):
-        build([str(root / f"raw-{split}")], root / split, BuildSettings(labels="folder"), workers=0, progress=False)
+    for split in ("train", "val"):  # shards of 50: ranks are dealt whole shards
+        build([str(root / f"raw-{split}")], root / split, BuildSettings(labels="folder", max_count=50), workers=0,
+              progress=False)
     return {"train": root / "train", "val": root / "val", "root": root}
 
 

@@ -2,6 +2,7 @@
 
 ``cli`` (the command and the record), ``common`` (timing, memory, the data measured
 on), ``pipeline``, ``momentum``, ``step`` (``step`` and ``e2e``), ``shards``,
+``scale`` (a rank's start-up as the data grows),
 ``report`` (headline figures, ``--compare``, ``--chart``); the data generators
 ``synthetic`` and ``photoset``, and ``machine`` (what the record says it ran on).
 """

@@ -14,6 +14,9 @@ Modes:
   configuration, with the data-wait fraction and an input/compute-bound verdict.
 * ``shards``: ``moco-shards build`` against PIL plus
   ``webdataset.ShardWriter``.
+* ``scale``: a training rank's start-up time and host memory as the data set grows
+  (synthetic shard folders of 1e4 to 1e6 samples, up to 1e5 shards; world 1, 8, 64),
+  fitted and extrapolated to 1e9 samples (not part of ``all``).
 * ``all``: every mode in one run, one JSON. ``--compare A.json B.json`` sets the
   headline figures of two records side by side; ``--chart FILE.png`` draws them.
 
@@ -109,6 +112,9 @@ def _parser(gpu: bool, cores: int) -> argparse.ArgumentParser:
     sb.add_argument("--parts", default="1,100", help="comma-separated part counts (part 0 is measured)")
     sb.add_argument("--kinds", default="list", help="comma-separated sources: list (a list file), folder (empty files)")
     sub.add_parser("all", parents=[out, data, model, train, pipe, mom, shards], help="every mode, one record")
+    from moco_dali.tools.bench.scale import add_arguments as scale_arguments
+
+    scale_arguments(sub.add_parser("scale", parents=[out], help="per-rank start-up and memory as the data grows"))
     return parser
 
 
@@ -121,6 +127,10 @@ def _run(mode: str, args) -> dict:
         from moco_dali.tools.bench.step import bench_e2e, bench_step
 
         return bench_step(args) if mode == "step" else bench_e2e(args, str(shards_for(args)[0]))
+    if mode == "scale":
+        from moco_dali.tools.bench.scale import bench_scale
+
+        return bench_scale(args)
     if mode == "shards":
         from moco_dali.tools.bench.shards import bench_shards
 
@@ -135,12 +145,13 @@ def _run(mode: str, args) -> dict:
 
 
 def _print(record: dict) -> None:
+    from moco_dali.tools.bench.scale import print_scale
     from moco_dali.tools.bench.scale_build import print_scale_build
     from moco_dali.tools.bench.shards import print_shards
     from moco_dali.tools.bench.step import print_e2e, print_step
 
     printers = {"pipeline": print_pipeline, "momentum": print_momentum, "step": print_step, "e2e": print_e2e,
-                "shards": print_shards, "scale-build": print_scale_build}
+                "shards": print_shards, "scale": print_scale, "scale-build": print_scale_build}
     if record["mode"] == "all":
         for sub in record["records"].values():
             printers[sub["mode"]](sub)

@@ -28,6 +28,7 @@ from moco_dali.model.encoders import feature_dim
 from moco_dali.pipeline.augment import EvalConfig, custom
 from moco_dali.pipeline.loader import LoaderConfig, ViewLoader
 from moco_dali.train import checkpoint
+from moco_dali.train.distributed import dali_device_id
 from moco_dali.train.eval.knn import pooled_features
 from moco_dali.train.metrics import Metrics
 from moco_dali.train.eval.pretrained import weights_digest
@@ -101,7 +102,7 @@ def linear_probe(encoder: nn.Module, train: str, val: str, cfg: LinearConfig, ou
 
     train_view = custom(size=cfg.size, crop_scale=tuple(cfg.crop_scale), jitter=(0.0, 0.0, 0.0, 0.0), gray_p=0.0,
                         blur_p=0.0, flip_p=0.5)
-    device_id = device.index or 0 if device.type == "cuda" else None
+    device_id = dali_device_id(device)
     train_loader = ViewLoader(train, train_view, LoaderConfig(batch_size=cfg.batch_size, dtype="float32", views=1,
                                                               last_batch="partial", seed=cfg.seed,
                                                               threads=cfg.threads),

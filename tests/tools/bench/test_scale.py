@@ -1,0 +1,50 @@
+"""moco-bench scale: folders in the project's format, written without a build; one rank per process; the fit."""
+
+from __future__ import annotations
+
+import json
+
+from moco_dali.pipeline import shards
+from moco_dali.tools.bench import cli as bench
+from moco_dali.tools.bench.scale import _extrapolate, write_folder
+from moco_dali.tools.shards.verify import verify
+
+
+def test_a_written_folder_is_a_shard_folder_verify_passes(tmp_path):
+    folder = write_folder(tmp_path / "f", samples=103, num_shards=10, classes=4)
+    report = verify(folder, batch_size=16, num_threads=1, progress=False)
+    assert (report.shards, report.samples) == (10, 103)
+    manifest = shards.load_manifest(folder)
+    assert manifest.counts.tolist() == [11, 11, 11] + [10] * 7
+    assert manifest.data["class_counts"] == {"class0": 30, "class1": 30, "class2": 23, "class3": 20}
+
+
+def test_scale_mode_measures_each_rank_in_its_own_process_and_extrapolates(tmp_path, capsys):
+    out = tmp_path / "scale.json"
+    assert bench.main(["scale", "--root", str(tmp_path / "folders"), "--folders", "640:16", "--worlds", "1,4",
+                       "--reps", "1", "--batch", "8", "--threads", "1", "--out", str(out)]) == 0
+    record = json.loads(out.read_text())
+    runs = {(r["world"], r["rank"]): r for r in record["runs"]}
+    assert set(runs) == {(1, 0), (4, 0), (4, 3)}
+    assert runs[(1, 0)]["reader_samples"] == 640 and runs[(1, 0)]["opened_shards"] == 16
+    assert runs[(4, 3)]["reader_samples"] == 160 and runs[(4, 3)]["opened_shards"] == 4  # its share only
+    for run in runs.values():
+        assert 0 < run["construct_s"] <= run["first_batch_s"] and run["peak_rss_MB"] >= run["baseline_rss_MB"] > 0
+    ex = record["extrapolation"]
+    assert ex["target"] == {"samples": 10**9, "shards": 100_000, "world": 64, "reader_samples": 1_000_000}
+    assert set(ex["predicted"]) == {"first_batch_s", "construct_s", "peak_rss_GB"} and ex["assumptions"]
+    assert "extrapolated to 1e+09 samples" in capsys.readouterr().out
+
+
+def test_the_fit_extrapolates_what_grows_and_nothing_else():
+    # start-up of 2 s + 1 ms per shard + 2 us per sample given to the reader; memory 600 MB + 300 B per sample
+    runs = [{"shards": s, "reader_samples": r, "first_batch_s": 2 + 1e-3 * s + 2e-6 * r,
+             "construct_s": 1.5 + 1e-3 * s + 2e-6 * r, "peak_rss_MB": 600 + 3e-4 * r, "window_cap": 10**6}
+            for s, r in ((100, 10_000), (1000, 100_000), (1000, 1_000_000), (100_000, 15_625), (100_000, 1000))]
+    ex = _extrapolate(runs)
+    assert abs(ex["predicted"]["first_batch_s"] - (2 + 100 + 2)) < 1e-6
+    assert abs(ex["predicted"]["peak_rss_GB"] - (600 + 300) / 1024) < 1e-9
+    assert ex["met"] == {"startup_s": False, "peak_rss_GB": True}
+    before = _extrapolate([{**r, "window_cap": None} for r in runs])  # a reader given everything
+    assert before["target"]["reader_samples"] == 10**9
+    assert abs(before["predicted"]["peak_rss_GB"] - (600 + 3e5) / 1024) < 1e-6
