@@ -6,7 +6,7 @@ it, so the two cannot drift apart.
 
 A shard folder holds ``NAME-000000.tar`` files, each with its DALI index
 ``NAME-000000.idx`` beside it, and a ``manifest.json`` that lists every shard (samples,
-bytes, sha256), the class names, every rejected input with its reason and the build
+bytes, sha256), the class names, how many inputs were rejected and the build
 settings; every rejected input with its reason is a line of ``rejected.jsonl``
 beside it (the manifest keeps only counts, so it grows with the shards, never with
 the inputs).
