@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from moco_dali.tools.shards.build import BuildSettings, build
-from moco_dali.tools.demo import generated_dump
+from moco_dali.tools.demo.data import generated_dump
 from moco_dali.train import checkpoint
 
 REPO = Path(__file__).resolve().parents[2]
