@@ -47,7 +47,7 @@ def verdict(result: dict) -> str:
         tail = f"features partly better than a random ResNet-18 after {epochs:.2g} epochs ({figures})"
     else:
         tail = (f"features not yet better than a random ResNet-18 on this data after {epochs:.2g} epochs "
-                f"({figures}); a longer run (--epochs N) shows them overtake it, see docs/demo.md")
+                f"({figures}); --epochs N runs longer with the kNN monitor after each epoch (docs/demo.md)")
     return f"{head}; {tail}"
 
 
