@@ -26,7 +26,8 @@ Faithfulness to torchvision, by step:
   arithmetic, exactly as torchvision does and in its unit (turns), because DALI's
   own hue operator takes degrees and rotates in YIQ space, which moves some colours'
   HSV hue a third further than asked (measured by the parity tests).
-* Grayscale: ITU-R 601 luma (0.299, 0.587, 0.114) replicated to three channels.
+* Grayscale: ITU-R 601 luma (0.299, 0.587, 0.114) replicated to three channels, so
+  a grey view has R = G = B exactly, as torchvision's.
 * Gaussian blur: sigma uniform in ``blur_sigma``.
 * Flip and normalisation are fused into ``crop_mirror_normalize``, which also casts
   to float16 or float32 and keeps the HWC layout that becomes channels-last.
@@ -40,7 +41,7 @@ from typing import Any
 from nvidia.dali import fn, types
 from nvidia.dali import math as dmath
 
-__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "AugmentConfig", "EvalConfig", "v1", "v2", "custom", "preset",
+__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "AugmentConfig", "EvalConfig", "v1", "v2", "cifar", "custom", "preset",
            "augment", "eval_view"]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -131,6 +132,11 @@ def v2(size: int = 224) -> AugmentConfig:
     return AugmentConfig(size=size, jitter=(0.4, 0.4, 0.4, 0.1), jitter_p=0.8, gray_before_jitter=False, blur_p=0.5)
 
 
+def cifar(size: int = 32) -> AugmentConfig:
+    """MoCo's CIFAR-10 demonstration: v2's views without the blur, which ImageNet's 0.1-2 px sigma would make a smear at 32 px."""
+    return replace(v2(size), blur_p=0.0)
+
+
 def custom(base: AugmentConfig | None = None, **fields: Any) -> AugmentConfig:
     """Any recipe: v2's fields (or ``base``'s) overridden by ``fields``."""
     unknown = set(fields) - set(AugmentConfig.__dataclass_fields__)
@@ -140,13 +146,15 @@ def custom(base: AugmentConfig | None = None, **fields: Any) -> AugmentConfig:
 
 
 def preset(name: str, size: int = 224, **fields: Any) -> AugmentConfig:
-    """``"v1"``, ``"v2"`` or ``"custom"`` (v2 overridden by ``fields``)."""
+    """``"v1"``, ``"v2"``, ``"cifar"`` or ``"custom"`` (v2 overridden by ``fields``)."""
     if name == "v1":
         base = v1(size)
     elif name in ("v2", "custom"):
         base = v2(size)
+    elif name == "cifar":
+        base = cifar(size)
     else:
-        raise ValueError(f"unknown augmentation preset {name!r}; choose v1, v2 or custom")
+        raise ValueError(f"unknown augmentation preset {name!r}; choose v1, v2, cifar or custom")
     return custom(base, **fields) if fields else base
 
 
@@ -157,7 +165,11 @@ def _uniform(low: float, high: float):
 
 
 def _grayscale(image):
-    return fn.hsv(image, saturation=0.0)
+    # ITU-R 601 luma in one channel, then repeated: R = G = B exactly, as torchvision's
+    # grey image. fn.hsv with saturation 0 left channels a level apart in a third of
+    # the pixels (its HSV round trip rounds each channel on its own).
+    luma = fn.color_space_conversion(image, image_type=types.RGB, output_type=types.GRAY)
+    return fn.cat(luma, luma, luma, axis=2)
 
 
 def _hue_shift(image, shift):

@@ -1,0 +1,163 @@
+"""``moco-demo``: the built-in default job, on real data where the machine has it.
+
+Unpacks Fashion-MNIST into a raw image dump (or draws shapes where it is absent),
+builds train, test and memory-bank shards with ``moco-shards build``'s code, verifies
+and inspects them, pretrains with ``moco-train``'s engine, and prints what was
+measured in the run: the pretext task's top-1 and loss against chance, kNN and a
+linear probe on frozen features at initialisation and after (raw pixels as the
+baseline row), images/s, and one verdict computed from those figures. Writes every
+printed figure to a JSON file and a picture of the curves and the views.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Optional, Sequence
+
+from moco_dali.tools.demo.data import (FASHION_MNIST_CLASSES, FASHION_MNIST_DIR, generated_dump, load_fashion_mnist,
+                                       subset_list, write_dump)
+from moco_dali.tools.shards.build import BuildSettings, build
+from moco_dali.tools.shards.verify import format_inspection, inspect, verify
+
+__all__ = ["main"]
+
+log = logging.getLogger("moco-demo")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="moco-demo", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", default="demo", metavar="DIR", help="working folder")
+    parser.add_argument("--limit", type=int, default=None, metavar="N",
+                        help="use only the first N training images (test: N/6)")
+    parser.add_argument("--workers", type=int, default=None, help="shard-build worker processes")
+    parser.add_argument("--generated", action="store_true", help="use drawn shapes even if Fashion-MNIST is there")
+    parser.add_argument("--train-steps", type=int, default=200, metavar="N",
+                        help="pretraining steps of 128 images (0: build and verify only)")
+    parser.add_argument("--epochs", type=int, default=0, metavar="N",
+                        help="pretrain N whole epochs instead, with the kNN monitor after each")
+    parser.add_argument("--minutes", type=float, default=None, metavar="M",
+                        help="stop pretraining after M minutes (a checkpoint is written; the figures follow)")
+    parser.add_argument("--bank", type=int, default=10000, metavar="N",
+                        help="training images in the kNN memory bank and the probe's training set")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json", type=Path, default=None, metavar="PATH", help="every figure (default OUT/demo.json)")
+    parser.add_argument("--png", type=Path, default=None, metavar="PATH",
+                        help="curves and views (default OUT/demo.png)")
+    return parser
+
+
+def _shards(args, root: Path, fashion: bool) -> None:
+    name = root.name
+    for split in ("train", "test"):
+        limit = args.limit if split == "train" or args.limit is None else max(args.limit // 6, 10)
+        raw = root / "raw" / split
+        if fashion:
+            images, labels = load_fashion_mnist(FASHION_MNIST_DIR, split)
+            images, labels = images[:limit], labels[:limit]
+            log.info("%s: writing the raw dump (%d PNGs) to %s", split, len(images), raw)
+            write_dump(images, labels, FASHION_MNIST_CLASSES, raw)
+        else:
+            per_class = (limit or (6000 if split == "train" else 1000)) // 10
+            log.info("%s: drawing %d images per class into %s", split, per_class, raw)
+            generated_dump(raw, per_class, seed=0 if split == "train" else 1)
+        builds = [(split, [str(raw)])]
+        if split == "train":  # the kNN memory bank and the probe's training set: a spread subset
+            bank = subset_list(raw, args.bank, root / "raw" / "bank.txt")
+            builds.append(("bank", [str(bank or raw)]))
+        for folder, sources in builds:
+            shard_dir = root / "shards" / folder
+            report = build(sources, shard_dir, BuildSettings(name=f"{name}-{folder}", labels="folder"),
+                           workers=args.workers)
+            print(f"moco-demo: build {folder}: {report.summary()}")
+            print(f"moco-demo: verify {folder}: {verify(shard_dir).summary()}")
+            if folder != "bank":
+                print(format_inspection(inspect(shard_dir)))
+
+
+def _pretrain_and_measure(args, root: Path) -> dict:
+    from moco_dali.tools.demo import report, run
+    from moco_dali.tools.shards.preview import preview
+    from moco_dali.train.config import to_dict
+
+    config = run.demo_config(root, steps=args.train_steps, epochs=args.epochs, seed=args.seed)
+    shutil.rmtree(config.run.out, ignore_errors=True)
+    log.info("measuring raw pixels and the encoder at initialisation (bank %s, queries %s)", config.data.knn_train,
+             config.data.knn_val)
+    pixels = run.pixels(config)
+    init = run.measure(run.initial_encoder(config), config)
+    what = f"{args.epochs} epochs" if args.epochs else f"{args.train_steps} steps"
+    log.info("pretraining for %s of %d images on the CPU", what, config.data.batch_size)
+    trained = run.pretrain(config, args.minutes)
+    after = run.measure(trained.pop("encoder"), config)
+    samples = json.loads((Path(config.data.train) / "manifest.json").read_text())["samples"]
+    first, last = report.pretext_window(trained["curve"], config.model.K, config.data.batch_size)
+    result = {
+        "config": to_dict(config), "steps": trained["steps"], "train_samples": samples,
+        "epochs_seen": trained["steps"] * config.data.batch_size / samples,
+        "pretraining_s": trained["seconds"], "images_per_s": trained["images_per_s"],
+        "pretext": {"chance_top1": 100.0 / (config.model.K + 1), "first": first, "last": last},
+        "curve": trained["curve"], "knn_by_epoch": trained["knn_by_epoch"],
+        "features": {"protocol": f"kNN k {config.run.knn_k} T {config.run.knn_t} and an L-BFGS linear probe on "
+                                 f"frozen pooled features; bank and probe training set {config.data.knn_train}, "
+                                 f"queries {config.data.knn_val}", "pixels": pixels, "init": init, "after": after},
+    }
+    result["verdict"] = report.verdict(result)
+    views = preview(config.data.knn_train, Path(config.run.out) / "views.png", recipe=config.data.preset, count=6,
+                    size=config.data.size * 3, seed=args.seed)
+    result["png"] = str(report.figure(result, views, args.png or Path(args.out) / "demo.png"))
+    return result
+
+
+def _print(result: dict) -> None:
+    from moco_dali.tools.demo import report
+
+    p = result["pretext"]
+    print(f"moco-demo: pretext task ({result['config']['model']['K'] + 1}-way instance discrimination, chance "
+          f"{p['chance_top1']:.3f}%): top-1 {p['first']['pretext_top1']:.1f}% at step {p['first']['step']} "
+          f"(the first logged once real keys fill the queue) -> {p['last']['pretext_top1']:.1f}% at step "
+          f"{p['last']['step']}; loss {p['first']['loss']:.2f} -> {p['last']['loss']:.2f}")
+    for point in result["knn_by_epoch"]:
+        print(f"moco-demo: kNN monitor after epoch {point['epoch']}: top-1 {point['knn_top1']:.2f}%")
+    print(f"moco-demo: frozen features ({result['features']['protocol']}):")
+    print(report.table(result))
+    print(f"moco-demo: pretraining at {result['images_per_s']:.0f} images/s on the CPU, "
+          f"{result['steps']} steps in {result['pretraining_s']:.0f} s")
+    print(f"moco-demo: verdict: {result['verdict']}")
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="moco-demo: %(message)s")
+    for name in ("train_steps", "epochs", "bank"):
+        if getattr(args, name) < 0 or (name == "bank" and args.bank < 10):
+            print(f"moco-demo: error: --{name.replace('_', '-')} {getattr(args, name)} is out of range", file=sys.stderr)
+            return 2
+    started = time.monotonic()
+    fashion = (FASHION_MNIST_DIR / "train-images-idx3-ubyte.gz").is_file() and not args.generated
+    if fashion:
+        log.info("Fashion-MNIST found in %s", FASHION_MNIST_DIR)
+    else:
+        log.info("Fashion-MNIST not found in %s (install the Debian package dataset-fashion-mnist); "
+                 "using generated shapes", FASHION_MNIST_DIR)
+    root = Path(args.out) / ("fashion-mnist" if fashion else "generated-shapes")
+    _shards(args, root, fashion)
+    if args.train_steps > 0 or args.epochs > 0:
+        result = _pretrain_and_measure(args, root)
+        result["data"] = root.name
+        _print(result)
+        path = args.json or Path(args.out) / "demo.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(result, indent=1) + "\n")
+        print(f"moco-demo: wrote {path} and {result['png']}")
+    print(f"moco-demo: done in {time.monotonic() - started:.0f} s; shards in {root / 'shards'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

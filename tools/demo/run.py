@@ -1,0 +1,124 @@
+"""The demo's pretraining and what it measures before and after.
+
+The run is the ``cifar`` preset on a CPU budget (the standard ResNet-18 stem, which
+shrinks 32 px views to 8 px before the blocks, and no symmetric loss: about 20x less
+compute per image), trained by ``moco-train``'s engine. Features are measured on
+the same frozen-feature protocol at initialisation and after: weighted kNN (k 200,
+T 0.1) and a linear probe fitted by L-BFGS, with a subset of the training images as
+the memory bank and the probe's training set and the test images as the queries;
+raw pixels on the same protocol are the baseline row.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+from typing import Optional
+
+import torch
+from torch.nn import functional as F
+
+from moco_dali.pipeline.augment import EvalConfig
+from moco_dali.pipeline.loader import LoaderConfig, ViewLoader
+from moco_dali.train import checkpoint
+from moco_dali.train.config import Config, preset
+from moco_dali.train.engine import build_model, train
+from moco_dali.train.eval.knn import extract_features, knn_classify
+from moco_dali.train.eval.probe import feature_probe
+
+__all__ = ["demo_config", "measure", "pixels", "pretrain"]
+
+log = logging.getLogger("moco-demo")
+
+
+def demo_config(root: Path, *, steps: int, epochs: int, seed: int) -> Config:
+    """The run: ``steps`` steps of 128 images, or ``epochs`` epochs with the kNN monitor after each.
+
+    The cosine schedule spans the whole epochs the steps reach into.
+    """
+    config = preset("cifar")
+    config.model.small_stem, config.model.symmetric = False, False
+    config.data.train = str(root / "shards" / "train")
+    config.data.knn_train, config.data.knn_val = str(root / "shards" / "bank"), str(root / "shards" / "test")
+    config.data.batch_size = 128
+    samples = json.loads((Path(config.data.train) / "manifest.json").read_text())["samples"]
+    steps_per_epoch = max(samples // config.data.batch_size, 1)
+    config.run.epochs = epochs or -(-steps // steps_per_epoch)
+    config.run.max_steps = 0 if epochs else steps
+    config.run.knn_every = 1 if epochs else 0
+    config.run.out, config.run.log_every, config.run.ckpt_every = str(root / "run"), 10, 500
+    config.run.seed, config.run.device = seed, "cpu"
+    return config
+
+
+def _protocol(train_f, train_y, val_f, val_y, classes: int, config: Config) -> dict:
+    knn = knn_classify(train_f, train_y, val_f, val_y, classes, k=config.run.knn_k, t=config.run.knn_t)
+    return {"knn_top1": knn["top1"], "knn_top5": knn["top5"],
+            "linear_top1": feature_probe(train_f, train_y, val_f, val_y, classes)["top1"]}
+
+
+def measure(encoder: torch.nn.Module, config: Config) -> dict:
+    """kNN and linear probe of the frozen query backbone: bank (``data.knn_train``) against ``data.knn_val``."""
+    d = config.data
+    common = dict(batch_size=256, device=torch.device("cpu"), channels_last=config.run.channels_last,
+                  threads=d.threads or None)
+    view = EvalConfig(resize=d.eval_resize, size=d.size)
+    train_f, train_y, classes = extract_features(encoder, d.knn_train, view, **common)
+    val_f, val_y, _ = extract_features(encoder, d.knn_val, view, **common)
+    return _protocol(train_f, train_y, val_f, val_y, classes, config)
+
+
+def _pixel_vectors(folder: str, view: EvalConfig, threads: Optional[int]) -> tuple[torch.Tensor, torch.Tensor, int]:
+    loader = ViewLoader(folder, view, LoaderConfig(batch_size=256, dtype="float32", shuffle=False,
+                                                   last_batch="partial", threads=threads))
+    vectors, labels = [], []
+    for batch in loader:
+        vectors.append(F.normalize(batch.view_q.reshape(len(batch), -1), dim=1))
+        labels.append(batch.labels)
+    return torch.cat(vectors), torch.cat(labels), len(loader.manifest.classes)
+
+
+def pixels(config: Config) -> dict:
+    """The same protocol on the normalised eval views' pixels: what a feature extractor has to beat."""
+    view = EvalConfig(resize=config.data.eval_resize, size=config.data.size)
+    train_f, train_y, classes = _pixel_vectors(config.data.knn_train, view, config.data.threads or None)
+    val_f, val_y, _ = _pixel_vectors(config.data.knn_val, view, config.data.threads or None)
+    return _protocol(train_f, train_y, val_f, val_y, classes, config)
+
+
+def initial_encoder(config: Config) -> torch.nn.Module:
+    torch.manual_seed(config.run.seed)  # as the engine does: the run's own step-0 encoder
+    return build_model(config, torch.device("cpu")).encoder_q
+
+
+def pretrain(config: Config, minutes: Optional[float] = None) -> dict:
+    """Train as ``config`` says (stopping after ``minutes`` through the engine's SIGTERM path); the curves and rate."""
+    timer = None
+    if minutes:
+        # The engine finishes the step, writes a checkpoint and returns on SIGTERM.
+        timer = threading.Timer(minutes * 60, os.kill, (os.getpid(), signal.SIGTERM))
+        timer.daemon = True
+        timer.start()
+    started = time.perf_counter()
+    try:
+        train(config)
+    finally:
+        if timer is not None:
+            timer.cancel()
+    seconds = time.perf_counter() - started
+    out = Path(config.run.out)
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in records if r["kind"] == "train"]
+    model = build_model(config, torch.device("cpu"))
+    state = checkpoint.load(checkpoint.latest(out))
+    model.load_state_dict(state["model"])
+    rates = sorted(r["images_per_s"] for r in steps)
+    return {"encoder": model.encoder_q, "steps": state["step"], "seconds": seconds,
+            "curve": [{"step": r["step"], "loss": r["loss"], "pretext_top1": r["acc1"]} for r in steps],
+            "knn_by_epoch": [{"epoch": r["epoch"], "knn_top1": r["top1"]} for r in records if r["kind"] == "knn"],
+            "images_per_s": rates[len(rates) // 2] if rates else None}
