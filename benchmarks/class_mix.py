@@ -23,7 +23,7 @@ from pathlib import Path
 
 from moco_dali.pipeline import shards
 from moco_dali.tools.bench.machine import describe
-from moco_dali.tools.demo import FASHION_MNIST_CLASSES, load_fashion_mnist, write_dump
+from moco_dali.tools.demo.data import FASHION_MNIST_CLASSES, load_fashion_mnist, write_dump
 from moco_dali.tools.shards.build import BuildSettings, build
 from moco_dali.tools.shards.merge import merge
 

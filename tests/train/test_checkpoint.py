@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from moco_dali.tools.demo import generated_dump
+from moco_dali.tools.demo.data import generated_dump
 from moco_dali.tools.shards.build import BuildSettings, build
 from moco_dali.train import checkpoint
 from moco_dali.train.cli import main as moco_train
