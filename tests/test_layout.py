@@ -79,3 +79,19 @@ def test_a_plain_install_adds_moco_dali_and_the_commands_only(tmp_path):
     where = subprocess.run([str(python), "-c", "import moco_dali.train.eval.cli as m; print(m.__file__)"], cwd=outside,
                            capture_output=True, text=True, check=True).stdout.strip()
     assert Path(where).is_relative_to(fresh)
+
+
+def test_no_merge_conflict_markers_in_tracked_files():
+    """A merge resolved by hand must not leave its markers in code or guides."""
+    listed = subprocess.run(["git", "-C", str(REPO), "ls-files"], capture_output=True, text=True)
+    if listed.returncode != 0:
+        pytest.skip("not a git checkout")
+    marked = []
+    for name in listed.stdout.splitlines():
+        path = REPO / name
+        if path.suffix not in {".py", ".md", ".toml", ".cfg", ".sh", ".txt", ".yaml", ".json"} or not path.is_file():
+            continue
+        lines = path.read_text(errors="replace").splitlines()
+        if any(line.startswith(("<<<<<<< ", ">>>>>>> ")) for line in lines):
+            marked.append(name)
+    assert not marked, marked

@@ -92,8 +92,11 @@ def load(path: str | os.PathLike) -> Any:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
-        if "WeightsUnpickler error" not in str(error) or "Unsupported operand" in str(error):
+        if "WeightsUnpickler error" not in str(error):
             raise CheckpointError(f"{path}: not a readable checkpoint (not a pickle of tensors)") from None
+        if "Unsupported operand" in str(error):  # a plain pickle.dump, not torch.save's archive
+            raise CheckpointError(f"{path}: refused: it holds a pickled Python object stream, not torch.save's "
+                                  "archive of tensors, and loading it could run code") from None
         found = re.search(r"Unsupported global: GLOBAL ([^\s]+)", str(error))
         what = f" ({found.group(1)})" if found else ""
         raise CheckpointError(f"{path}: refused: it holds a pickled Python object{what} beyond tensors and plain "

@@ -174,6 +174,8 @@ def _folder_for_writing(key: str, path: str) -> None:
             raise ConfigError(f"{key} {path}: {ancestor} is a file, not a folder")
         if not os.access(ancestor, os.W_OK | os.X_OK):
             raise ConfigError(f"{key} {path}: {ancestor} is not writable")
+    except ConfigError:
+        raise
     except (OSError, ValueError) as error:  # too long, unencodable
         raise ConfigError(f"{key} {path!r}: {getattr(error, 'strerror', None) or error}") from None
 
