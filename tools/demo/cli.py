@@ -12,6 +12,7 @@ printed figure to a JSON file and a picture of the curves and the views.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import shutil
@@ -84,6 +85,7 @@ def _pretrain_and_measure(args, root: Path) -> dict:
     from moco_dali.tools.demo import report, run
     from moco_dali.tools.shards.preview import preview
     from moco_dali.train.config import to_dict
+    from moco_dali.train.validation import augment_config
 
     config = run.demo_config(root, steps=args.train_steps, epochs=args.epochs, seed=args.seed)
     shutil.rmtree(config.run.out, ignore_errors=True)
@@ -108,8 +110,9 @@ def _pretrain_and_measure(args, root: Path) -> dict:
                                  f"queries {config.data.knn_val}", "pixels": pixels, "init": init, "after": after},
     }
     result["verdict"] = report.verdict(result)
-    views = preview(config.data.knn_train, Path(config.run.out) / "views.png", recipe=config.data.preset, count=6,
-                    size=config.data.size * 3, seed=args.seed)
+    # The run's own views (its preset and data.views), drawn three times larger to be seen.
+    recipe = dataclasses.replace(augment_config(config), size=config.data.size * 3)
+    views = preview(config.data.knn_train, Path(config.run.out) / "views.png", recipe=recipe, count=6, seed=args.seed)
     result["png"] = str(report.figure(result, views, args.png or Path(args.out) / "demo.png"))
     return result
 

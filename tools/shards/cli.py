@@ -10,6 +10,7 @@ written, a folder that is not a shard folder for ``inspect``/``preview``/``merge
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import re
@@ -23,8 +24,11 @@ from moco_dali.tools.shards.build import DEFAULT_MAX_INPUT_BYTES, BuildSettings,
 from moco_dali.tools.shards.inputs import read_classes
 from moco_dali.tools.shards.merge import merge
 from moco_dali.tools.shards.imageprep import DEFAULT_MAX_PIXELS, PrepSettings
+from moco_dali.train.config import ViewsConfig
 
 __all__ = ["main", "parse_bytes"]
+
+VIEW_KEYS = tuple(leaf.name for leaf in dataclasses.fields(ViewsConfig))
 
 _UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "m": 1000**2, "mb": 1000**2, "g": 1000**3, "gb": 1000**3,
           "kib": 1024, "mib": 1024**2, "gib": 1024**3}
@@ -92,9 +96,14 @@ def _parser() -> argparse.ArgumentParser:
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("folder", metavar="DIR")
     p.add_argument("--out", required=True, metavar="FILE.png")
-    p.add_argument("--preset", choices=["v1", "v2"], default="v2", help="augmentation recipe")
+    p.add_argument("--preset", default="v2", help="moco-train preset whose views to draw (v1, v2, small, cifar)")
+    p.add_argument("--config", default=None, metavar="FILE",
+                   help="moco-train's TOML or YAML file: draw the views that run trains on")
     p.add_argument("--count", type=int, default=8, help="samples (rows)")
-    p.add_argument("--size", type=int, default=224, metavar="PX", help="view size")
+    p.add_argument("--size", type=int, default=None, metavar="PX", help="view size (default: data.size)")
+    for name in VIEW_KEYS:  # the same keys as moco-train's, so a recipe can be tried before it is run
+        p.add_argument(f"--data.views.{name}", dest=f"view_{name}", default=None, metavar="VALUE",
+                       help="as in moco-train (docs/training.md)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device-id", type=int, default=None, help="run the pipeline on this GPU (default: CPU)")
 
@@ -147,6 +156,26 @@ def _build(args) -> int:
     return 0
 
 
+def _views(args):
+    """The ``AugmentConfig`` moco-train would resolve from the same preset, file and view keys."""
+    from moco_dali.train.cli import parse
+    from moco_dali.train.config import ConfigError
+    from moco_dali.train.validation import augment_config
+
+    train_args = ["--preset", args.preset, *(["--config", args.config] if args.config else [])]
+    train_args += [token for name in VIEW_KEYS if getattr(args, f"view_{name}") is not None
+                   for token in (f"--data.views.{name}", getattr(args, f"view_{name}"))]
+    if args.size is not None:
+        if args.size < 8:
+            raise BuildError(f"--size must be at least 8 px, got {args.size}")
+        train_args += ["--data.size", str(args.size)]
+    try:
+        config, _ = parse(train_args)
+        return augment_config(config)
+    except ConfigError as exc:
+        raise BuildError(str(exc)) from None
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="moco-shards: %(message)s")
@@ -171,8 +200,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if args.command == "preview":
             from moco_dali.tools.shards.preview import preview
 
-            path = preview(args.folder, args.out, recipe=args.preset, count=args.count, size=args.size,
-                           seed=args.seed, device_id=args.device_id)
+            path = preview(args.folder, args.out, recipe=_views(args), count=args.count, seed=args.seed,
+                           device_id=args.device_id)
             print(f"moco-shards preview: wrote {path}")
             return 0
         if args.command == "merge":

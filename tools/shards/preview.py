@@ -16,7 +16,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from moco_dali.pipeline import shards
-from moco_dali.pipeline.augment import preset
+from moco_dali.pipeline.augment import AugmentConfig, preset
 from moco_dali.pipeline.loader import LoaderConfig, ViewLoader
 from moco_dali.tools.shards import BuildError
 
@@ -39,9 +39,12 @@ def _denormalise(view, mean, std) -> Image.Image:
     return Image.fromarray(np.clip(pixels + 0.5, 0, 255).astype(np.uint8))
 
 
-def preview(folder: str | Path, out: str | Path, *, recipe: str = "v2", count: int = 8, size: int = 224,
-            seed: int = 0, device_id: Optional[int] = None) -> Path:
+def preview(folder: str | Path, out: str | Path, *, recipe: str | AugmentConfig = "v2", count: int = 8,
+            size: int = 224, seed: int = 0, device_id: Optional[int] = None) -> Path:
     """Write the preview grid of ``count`` samples of ``folder`` under ``recipe`` to ``out``.
+
+    ``recipe`` is a preset's name (drawn at ``size``) or a whole ``AugmentConfig``
+    (its own size), such as the one ``moco-train`` resolves from a configuration.
 
     Raises:
         BuildError: a count or size below 1, or an ``out`` that cannot be written
@@ -51,6 +54,8 @@ def preview(folder: str | Path, out: str | Path, *, recipe: str = "v2", count: i
     folder, out = Path(folder), Path(out)
     if count < 1:
         raise BuildError(f"--count must be at least 1, got {count}")
+    if isinstance(recipe, AugmentConfig):
+        size = recipe.size
     if size < 8:
         raise BuildError(f"--size must be at least 8 px, got {size}")
     if out.is_dir():
@@ -71,8 +76,9 @@ def preview(folder: str | Path, out: str | Path, *, recipe: str = "v2", count: i
     return out
 
 
-def _draw(folder: Path, out: Path, recipe: str, count: int, size: int, seed: int, device_id: Optional[int]) -> None:
-    cfg = preset(recipe, size)
+def _draw(folder: Path, out: Path, recipe: str | AugmentConfig, count: int, size: int, seed: int,
+          device_id: Optional[int]) -> None:
+    cfg = recipe if isinstance(recipe, AugmentConfig) else preset(recipe, size)
     loader = ViewLoader(folder, cfg, LoaderConfig(batch_size=count, dtype="float32", shuffle=False, seed=seed,
                                                   keys=True, labels=False, last_batch="partial"),
                         device_id=device_id)
