@@ -9,7 +9,7 @@ a copy: DALI writes HWC and the adapter only permutes the view.
 Sharding and epochs (``pipeline/partition.py``): every epoch the shards are dealt to
 the ranks as whole shards, from the manifest's per-shard counts alone, and a rank
 reads only its own, as consecutive windows of at most ``max_window_samples``
-samples; each window is a DALI reader of its own, given only that window's tars and
+samples and ``max_window_shards`` shards; each window is a DALI reader of its own, given only that window's tars and
 indexes, whose shuffle buffer (``random_shuffle``) mixes the samples. Start-up and
 host memory per rank are therefore bounded by a window, whatever the size of the
 data set; the manifest's list of shards is the only thing a rank reads whole. With
@@ -86,6 +86,8 @@ class LoaderConfig:
     """Random views per image with an ``AugmentConfig``: 2 for MoCo, 1 for a linear probe's training."""
     max_window_samples: int = 1_000_000
     """Samples one DALI reader is given at most (whole shards; at least one): bounds host memory and start-up."""
+    max_window_shards: int = 8192
+    """Shards one DALI reader is given at most: it maps each into memory, under the kernel's per-process limit."""
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:
@@ -96,8 +98,8 @@ class LoaderConfig:
             raise ValueError(f"last_batch must be 'drop' or 'partial', got {self.last_batch!r}")
         if not 0.0 <= self.hw_decoder_load <= 1.0:
             raise ValueError(f"hw_decoder_load must be in [0, 1], got {self.hw_decoder_load}")
-        if self.shuffle_buffer < 1 or self.prefetch < 1 or self.max_window_samples < 1:
-            raise ValueError("shuffle_buffer, prefetch and max_window_samples must be at least 1")
+        if min(self.shuffle_buffer, self.prefetch, self.max_window_samples, self.max_window_shards) < 1:
+            raise ValueError("shuffle_buffer, prefetch, max_window_samples and max_window_shards must be at least 1")
         if self.views not in (1, 2):
             raise ValueError(f"views must be 1 or 2, got {self.views}")
 
@@ -202,7 +204,7 @@ class ViewLoader:
         self.has_labels = config.labels and bool(self.manifest.classes)
         self.device = torch.device("cpu") if device_id is None else torch.device("cuda", device_id)
         self._drop = config.last_batch == "drop"
-        self._per_window = partition.shards_per_window(counts, config.max_window_samples)
+        self._per_window = partition.shards_per_window(counts, config.max_window_samples, config.max_window_shards)
         window_samples = partition.rank_window_samples(counts, world, rank, self._per_window)
         self._window_batches = partition.window_batches(window_samples, config.batch_size, self._drop)
         self._idle = not self._window_batches.sum()  # evaluation on a rank dealt no samples: nothing to read

@@ -57,13 +57,21 @@ def rank_shards(order: np.ndarray, world: int, rank: int) -> np.ndarray:
     return order[rank::world]
 
 
-def shards_per_window(counts, max_window_samples: int) -> int:
-    """Shards per DALI reader: as many of the largest shards as fit ``max_window_samples`` (at least one)."""
+def shards_per_window(counts, max_window_samples: int, max_window_shards: int = 8192) -> int:
+    """Shards per DALI reader: as many of the largest shards as fit ``max_window_samples``, at most
+    ``max_window_shards`` (at least one).
+
+    The shard cap is there because DALI's reader maps every tar of its window into
+    memory, one mapping each, and Linux allows 65,530 per process by default
+    (``vm.max_map_count``): a window of 100,000 small shards cannot be built.
+    """
     counts = _counts(counts)
     if max_window_samples < 1:
         raise ValueError(f"max_window_samples must be at least 1, got {max_window_samples}")
+    if max_window_shards < 1:
+        raise ValueError(f"max_window_shards must be at least 1, got {max_window_shards}")
     largest = int(counts.max()) if len(counts) else 1
-    return max(1, max_window_samples // max(largest, 1))
+    return max(1, min(max_window_samples // max(largest, 1), max_window_shards))
 
 
 def window_bounds(num_shards: int, per_window: int) -> list[tuple[int, int]]:

@@ -128,6 +128,8 @@ def test_a_rank_opens_only_the_shards_dealt_to_it(folder, monkeypatch):
     assert len(opened) == 1
     windowed = ViewLoader(folder, v2(size=16), config(batch_size=4, max_window_samples=16), rank=0, world=2)
     assert len(windowed.pairs) == 1  # one shard of 16 per window
+    capped = ViewLoader(folder, v2(size=16), config(batch_size=4, max_window_shards=1), rank=0, world=2)
+    assert len(capped.pairs) == 1  # one shard per window, however many samples would fit
 
 
 def test_resume_inside_a_later_window_gives_identical_batches(folder):

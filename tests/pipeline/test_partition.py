@@ -125,3 +125,14 @@ def test_bad_arguments():
         partition.rank_shards(np.arange(8), 4, 4)
     with pytest.raises(ValueError, match="max_window_samples"):
         partition.shards_per_window(np.array([3]), 0)
+    with pytest.raises(ValueError, match="max_window_shards"):
+        partition.shards_per_window(np.array([3]), 10, 0)
+
+
+def test_a_window_of_many_small_shards_is_capped_by_their_number():
+    """DALI maps every tar of a window (65,530 maps per process by default): 1e6 samples in
+    100,000 shards of 10 would be one window of 100,000 shards, which DALI cannot build."""
+    counts = np.full(100_000, 10, dtype=np.int64)
+    assert partition.shards_per_window(counts, 1_000_000) == 8192
+    assert partition.shards_per_window(counts, 1_000_000, 500) == 500
+    assert partition.shards_per_window(counts, 2_000, 500) == 200  # the sample bound still holds
