@@ -28,7 +28,8 @@ def run_ours(args, work: Path) -> dict:
     command = [sys.executable, "-m", "moco_dali.train", "--preset", "cifar", "--data.train", str(args.train),
                "--data.knn_train", str(args.train), "--data.knn_val", str(args.val), "--run.epochs", str(args.epochs),
                "--run.out", str(out), "--run.seed", str(args.seed), "--run.progress", "false", "--run.log_every", "10",
-               "--data.threads", str(args.threads), "--run.device", "cpu", *args.ours_extra]
+               "--data.threads", str(args.threads), "--run.device", "cpu",
+               "--model.small_stem", str(args.stem == "small").lower(), *args.ours_extra]
     started = time.perf_counter()
     subprocess.run(command, check=True, env={**os.environ, "OMP_NUM_THREADS": str(args.threads)})
     seconds = time.perf_counter() - started
@@ -52,7 +53,7 @@ def run_reference(args, work: Path) -> dict:
     out = work / "reference.json"
     command = [sys.executable, "-m", "benchmarks.plain_moco", "--train", str(args.train), "--val", str(args.val),
                "--epochs", str(args.epochs), "--seed", str(args.seed), "--threads", str(args.threads),
-               "--out", str(out)]
+               "--stem", args.stem, "--out", str(out)]
     started = time.perf_counter()
     subprocess.run(command, check=True, env={**os.environ, "OMP_NUM_THREADS": str(args.threads)})
     record = json.loads(out.read_text())
@@ -76,7 +77,8 @@ def chart(record: dict, path: Path) -> None:
                 label=f"{name} ({record[name]['images_per_s_median']:.0f} img/s)")
     ax.set_xlabel("epoch")
     ax.set_ylabel("kNN top-1 (%), k 200, T 0.1")
-    ax.set_title(f"cifar recipe on {record['train_samples']} Fashion-MNIST images, {record['machine']}", fontsize=8)
+    ax.set_title(f"cifar recipe ({record['stem']} stem) on {record['train_samples']} Fashion-MNIST images, "
+                 f"{record['machine']}", fontsize=8)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -91,6 +93,8 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=5)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--stem", choices=["small", "standard"], default="small",
+                        help="the recipe's small stem, or torchvision's standard one on a CPU budget (both sides)")
     parser.add_argument("--work", type=Path, default=Path(".runs/parity"))
     parser.add_argument("--ours-extra", nargs=argparse.REMAINDER, default=[],
                         help="further moco-train settings (last on the line)")
@@ -104,7 +108,7 @@ def main() -> None:
     record = {"date": time.strftime("%Y-%m-%d"), "machine_facts": machine,
               "machine": f"{machine['cores']}-core {machine['cpu']}" + (f", {machine['gpus'][0]}" if machine.get("gpus")
                                                                       else ""),
-              "epochs": args.epochs, "train": str(args.train), "val": str(args.val),
+              "epochs": args.epochs, "stem": args.stem, "train": str(args.train), "val": str(args.val),
               "train_samples": json.loads((args.train / "manifest.json").read_text())["samples"],
               "val_samples": json.loads((args.val / "manifest.json").read_text())["samples"],
               "goal": f"ours >= reference - {GOAL_POINTS} points at every epoch"}

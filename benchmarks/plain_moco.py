@@ -75,10 +75,11 @@ class SplitBN(nn.BatchNorm2d):
         return y.view(n, c, h, w)
 
 
-def encoder(dim: int) -> nn.Module:
+def encoder(dim: int, small_stem: bool = True) -> nn.Module:
     net = torchvision.models.resnet18(num_classes=dim, norm_layer=partial(SplitBN, splits=8))
-    net.conv1 = nn.Conv2d(3, 64, 3, 1, 1, bias=False)  # 32 px images: no 7x7/2 stem, no max-pool
-    net.maxpool = nn.Identity()
+    if small_stem:  # 32 px images: no 7x7/2 stem, no max-pool
+        net.conv1 = nn.Conv2d(3, 64, 3, 1, 1, bias=False)
+        net.maxpool = nn.Identity()
     return net
 
 
@@ -115,6 +116,8 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--stem", choices=["small", "standard"], default="small",
+                        help="standard: torchvision's 7x7/2 stem and max-pool (about 16x less compute at 32 px)")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     torch.manual_seed(args.seed)
@@ -136,8 +139,8 @@ def main() -> None:
 
     bank, val = eval_loader(train_images, train_labels), eval_loader(val_images, val_labels)
 
-    f_q = encoder(128)
-    f_k = encoder(128)
+    f_q = encoder(128, args.stem == "small")
+    f_k = encoder(128, args.stem == "small")
     f_k.load_state_dict(f_q.state_dict())  # f_k.params = f_q.params
     for p in f_k.parameters():
         p.requires_grad = False
