@@ -20,6 +20,23 @@ def test_a_written_folder_is_a_shard_folder_verify_passes(tmp_path):
     assert manifest.data["class_counts"] == {"class0": 30, "class1": 30, "class2": 23, "class3": 20}
 
 
+def test_a_written_folder_has_a_built_folders_manifest_and_moco_shards_reads_it(tmp_path, labelled_dump, capsys):
+    from moco_dali.tools.shards import cli as shards_cli
+    from moco_dali.tools.shards.build import BuildSettings, build
+
+    build([str(labelled_dump)], tmp_path / "built", BuildSettings(labels="folder"), workers=0, progress=False)
+    built = shards.load_manifest(tmp_path / "built").data
+    written = shards.load_manifest(write_folder(tmp_path / "f", samples=40, num_shards=4, classes=4)).data
+    assert set(written) == set(built)
+    assert {k: type(v) for k, v in written.items()} == {k: type(v) for k, v in built.items()}
+    assert written["version"] == 2 and written["rejected"] == 0 and written["rejected_reasons"] == {}
+    assert (tmp_path / "f" / written["rejected_file"]).read_text() == ""
+    assert shards_cli.main(["inspect", str(tmp_path / "f"), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert (info["samples"], info["shards"], info["rejected"], info["rejected_reasons"]) == (40, 4, 0, {})
+    assert shards_cli.main(["verify", str(tmp_path / "f")]) == 0
+
+
 def test_scale_mode_measures_each_rank_in_its_own_process_and_extrapolates(tmp_path, capsys):
     out = tmp_path / "scale.json"
     assert bench.main(["scale", "--root", str(tmp_path / "folders"), "--folders", "640:16", "--worlds", "1,4",
