@@ -146,7 +146,7 @@ def test_reference_workers_split_few_shards_by_sample(tmp_path, labelled_dump):
     from moco_dali.pipeline.reference import reference_samples, worker_split
     from moco_dali.tools.shards.build import BuildSettings, build
 
-    build([str(labelled_dump)], tmp_path / "shards", BuildSettings(max_count=5), workers=0, progress=False)
+    build([str(labelled_dump)], tmp_path / "shards", BuildSettings(), workers=0, progress=False)
     urls = [str(tar) for tar, _ in shards.discover(tmp_path / "shards")[1]]
     assert len(urls) == 1 and worker_split(1, 3) == "samples" and worker_split(4, 3) == "shards"
     shares = []
