@@ -142,7 +142,7 @@ def build_shards(source: str, out: Path, limit: int | None, workers: int) -> Non
     """Raw dumps (one PNG per image, a folder per class) and shards of both splits, as ``moco-demo`` builds them."""
     import shutil
 
-    from moco_dali.tools import demo
+    from moco_dali.tools.demo import data as demo
     from moco_dali.tools.shards.build import BuildSettings, build
 
     shutil.rmtree(out, ignore_errors=True)

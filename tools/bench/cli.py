@@ -17,12 +17,16 @@ Modes:
 * ``scale``: a training rank's start-up time and host memory as the data set grows
   (synthetic shard folders of 1e4 to 1e6 samples, up to 1e5 shards; world 1, 8, 64),
   fitted and extrapolated to 1e9 samples (not part of ``all``).
+* ``scale-build``: one part of a shard build, its memory and time to enumerate and
+  order its share as the source grows (1e5 and 1e6 inputs), beside the design that
+  held the whole listing, extrapolated to 1e9 inputs (not part of ``all``).
 * ``all``: every mode in one run, one JSON. ``--compare A.json B.json`` sets the
   headline figures of two records side by side; ``--chart FILE.png`` draws them.
 
 Every mode warms up, alternates the contenders, reports medians with their spread,
 prints a table and writes JSON with the machine and the configuration. Each mode is a
-module of its own (``momentum``, ``pipeline``, ``step``, ``shards``); this one parses
+module of its own (``momentum``, ``pipeline``, ``step``, ``shards``, ``scale``,
+``scale_build``); this one parses
 the command line, runs them and writes the record.
 """
 
@@ -204,7 +208,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         args.out.write_text(json.dumps(record, indent=1) + "\n")
         print(f"wrote {args.out}")
     if args.chart:
-        print(f"wrote {chart(record, args.chart)}")
+        try:
+            print(f"wrote {chart(record, args.chart)}")
+        except (ValueError, OSError) as exc:
+            print(f"moco-bench: error: --chart {args.chart}: {exc}", file=sys.stderr)
+            return 2
     return 0
 
 

@@ -15,7 +15,7 @@ from typing import Callable, Iterable, Iterator, Optional
 
 import torch
 
-__all__ = ["sync", "time_ms", "copy_bandwidth", "summary", "forever", "Feed", "settle", "peak_memory",
+__all__ = ["sync", "time_ms", "copy_bandwidth", "summary", "Feed", "settle", "peak_memory",
            "synthetic_photos", "shards_for", "reference_feed"]
 
 
@@ -56,12 +56,6 @@ def copy_bandwidth(device: torch.device, reps: int, mib: int = 1024) -> float:
 
 def summary(times: list[float]) -> dict:
     return {"median_ms": statistics.median(times), "min_ms": min(times), "max_ms": max(times), "calls": len(times)}
-
-
-def forever(make_iterator):
-    """``make_iterator()``'s items, again and again: for a loader built once, each pass is its next epoch."""
-    while True:
-        yield from make_iterator()
 
 
 class Feed:

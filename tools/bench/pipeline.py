@@ -4,7 +4,9 @@ Both read the same shards, alternating after a warm-up; the ceiling is the same
 reader and decoder with nothing after them; peak memory is reported (host RSS; on a
 GPU torch's and NVML's per-process figure, which includes DALI's pools). Each loader
 is built once and repeats; before each timed window the other one has refilled its
-prefetch and this one's is drained, so each window measures a steady rate.
+prefetch and this one's is drained, so each window measures a steady rate. The DALI
+loader reads one long epoch spanning every window (``tools.bench.epochs``); what a
+new epoch costs it is measured apart and reported beside the rates.
 """
 
 from __future__ import annotations
@@ -14,26 +16,40 @@ import time
 
 import torch
 
-from moco_dali.tools.bench.common import Feed, forever, peak_memory, reference_feed, settle, shards_for, sync
+from moco_dali.tools.bench.common import Feed, peak_memory, reference_feed, settle, shards_for, sync
+from moco_dali.tools.bench.epochs import Epochs, draws, epoch_reopens, view_folder
 
-__all__ = ["bench_pipeline", "print_pipeline"]
+__all__ = ["bench_pipeline", "print_pipeline", "print_reopen", "TIMING"]
+
+TIMING = ("persistent loaders: DALI reads one epoch spanning every timed window (each shard listed "
+          "dali_data.copies times under linked names), the reference DataLoader's workers loop over the shards; "
+          "before each window the other loader refills its prefetch and this one's is drained; a new DALI epoch's "
+          "cost is measured apart (dali_epoch_reopen_s)")
 
 
 def bench_pipeline(args) -> dict:
+    from moco_dali.pipeline import shards as shard_format
     from moco_dali.pipeline.augment import preset
     from moco_dali.pipeline.loader import LoaderConfig, ViewLoader, decode_pipeline
 
     device = torch.device(args.device)
     gpu = device.type == "cuda"
     shards, photoset = shards_for(args)
+    original = shard_format.load_manifest(shards)  # what the record describes, whatever the DALI view lists
     cfg = preset(args.preset, args.size, hue_space=args.hue_space)
-    # Both loaders are built and started here, once, and repeat for the whole run.
-    dali = ViewLoader(shards, cfg, LoaderConfig(batch_size=args.batch, dtype=args.dtype, threads=args.threads,
-                                                     hw_decoder_load=args.hw_decoder_load, labels=False),
-                      device_id=device.index or 0 if gpu else None)
+    loader_config = LoaderConfig(batch_size=args.batch, dtype=args.dtype, threads=args.threads,
+                                 hw_decoder_load=args.hw_decoder_load, labels=False)
+
+    def make_loader(folder):
+        return ViewLoader(folder, cfg, loader_config, device_id=device.index or 0 if gpu else None)
+
+    # Both loaders are built and started here, once, and repeat for the whole run; DALI's
+    # one epoch holds every batch the run draws, so that no window pays for a new epoch.
+    view, view_info = view_folder(shards, draws(args, loader_config.prefetch) * args.batch)
+    dali = make_loader(view)
+    epochs = Epochs(dali, lambda b: (b.view_q, b.view_k))
     reference, reference_config = reference_feed(shards, cfg, args.batch, args.workers, device)
-    contenders = {"dali": Feed(forever(lambda: ((b.view_q, b.view_k) for b in dali)), backlog=dali.config.prefetch),
-                  "reference": reference}
+    contenders = {"dali": Feed(iter(epochs), backlog=loader_config.prefetch), "reference": reference}
 
     def run(feed: Feed, batches: int) -> float:
         start = time.perf_counter()
@@ -51,15 +67,21 @@ def bench_pipeline(args) -> dict:
         run(feed, args.warmup)
     seconds: dict[str, list[float]] = {name: [] for name in contenders}
     settle_s = 0.0
+    opened = epochs.opened
     for _ in range(args.reps):
         for name, feed in contenders.items():
             settle_s += settle(feed, contenders.values())
             seconds[name].append(run(feed, args.batches))
+    opened_while_timing = epochs.opened - opened
     pairs = args.batches * args.batch
     results = {name: {"pairs_per_s": statistics.median(pairs / t for t in ts),
                       "pairs_per_s_min": pairs / max(ts), "pairs_per_s_max": pairs / min(ts),
                       "seconds": ts} for name, ts in seconds.items()}
     memory = peak_memory(device)  # before the decode-only pipeline adds its own buffers
+
+    # What a new epoch costs, which the timed windows above no longer include.
+    settle(None, contenders.values())
+    reopen = epoch_reopens(make_loader, shards, args.batch, loader_config.prefetch, lambda: sync(device))
 
     # The ceiling: the same reader and decoder with nothing after them. Timed after the
     # contenders, so that its memory does not count as theirs.
@@ -74,14 +96,15 @@ def bench_pipeline(args) -> dict:
         decode_s.append(run(decoded, args.batches))
     return {
         "mode": "pipeline",
-        "config": {"shards": str(shards), "samples": dali.samples, "shard_files": len(dali.pairs),
+        "config": {"shards": str(shards), "samples": original.samples, "shard_files": len(original.counts),
                    "preset": args.preset, "size": args.size,
                    "augment": cfg.to_dict(), "batch": args.batch, "batches": args.batches, "warmup": args.warmup,
                    "reps": args.reps, "dtype": args.dtype, "dali_threads": args.threads or "default",
                    **reference_config, "hw_decoder_load": args.hw_decoder_load if gpu else None,
                    "device": str(device), "decoder": "mixed (nvJPEG)" if gpu else "cpu (libjpeg-turbo)",
-                   "timing": "persistent loaders; before each window the other loader refills its prefetch "
-                             "and this one's is drained", "settle_s": settle_s},
+                   "timing": TIMING, "settle_s": settle_s, "dali_data": {**view_info, "epoch_batches": len(dali)}},
+        "dali_pipelines_opened_while_timing": opened_while_timing,
+        "dali_epoch_reopen_s": reopen.pop("dali_epoch_reopen_s"), "dali_epoch_reopen": reopen,
         "photoset": photoset,
         "results": results,
         "dali_over_reference": results["dali"]["pairs_per_s"] / results["reference"]["pairs_per_s"],
@@ -105,5 +128,17 @@ def print_pipeline(r: dict) -> None:
     if d:
         print(f"{'decode only':12s} {d['images_per_s']:10.0f} {d['images_per_s_min']:10.0f} "
               f"{d['images_per_s_max']:10.0f}   (images/s: the ceiling of the pairs above)")
+    print_reopen(r)
     print(f"DALI / reference: {r['dali_over_reference']:.2f}x; memory: "
           + ", ".join(f"{k} {v:.0f}" if isinstance(v, (int, float)) else f"{k} {v}" for k, v in r["memory"].items()))
+
+
+def print_reopen(r: dict) -> None:
+    """The cost of a new DALI epoch, and whether one fell in a timed window."""
+    if "dali_epoch_reopen_s" not in r:  # records from before it was measured
+        return
+    e, opened = r["dali_epoch_reopen"], r["dali_pipelines_opened_while_timing"]
+    print(f"a new DALI epoch costs {r['dali_epoch_reopen_s']:.3f} s more than a steady batch "
+          f"({e['dali_steady_batch_s']:.3f} s; median of {len(e['dali_epoch_first_batch_s'])} epochs of "
+          f"{e['batches_per_epoch']} batches), once per epoch; "
+          + (f"{opened} new epochs fell in the timed windows" if opened else "none fell in a timed window"))

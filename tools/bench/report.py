@@ -40,6 +40,21 @@ def headline(record: dict) -> list[dict]:
         return [{"figure": f"shard build {path} img/s (1 worker)", "ours": r[f"{path}_w1"]["img_per_s"],
                  "reference": r["baseline"]["img_per_s"], "higher_is_better": True,
                  "labels": ["ours", "PIL + ShardWriter"]} for path in ("reencode", "passthrough")]
+    if mode == "scale":  # the fitted extrapolation to the target, beside the goal
+        ex = record["extrapolation"]
+        predicted, goals, target = ex["predicted"], ex["goals"], ex["target"]
+        at = f"at {target['samples']:.0e} samples, world {target['world']}"
+        return [{"figure": f"rank start-up s {at}", "ours": predicted["first_batch_s"],
+                 "reference": goals["startup_s"], "higher_is_better": False, "labels": ["extrapolated", "goal"]},
+                {"figure": f"rank peak GB {at}", "ours": predicted["peak_rss_GB"],
+                 "reference": goals["peak_rss_GB"], "higher_is_better": False, "labels": ["extrapolated", "goal"]}]
+    if mode == "scale-build":  # one part's memory at 1e9 inputs, beside the design it replaced
+        fits = record["fits"]
+        return [{"figure": f"build MB per part at 1e9 ({name.replace('/streaming/', ', ')})",
+                 "ours": fit["peak_rss_mb"]["at_1e9"],
+                 "reference": fits[name.replace("/streaming/", "/whole-listing/")]["peak_rss_mb"]["at_1e9"],
+                 "higher_is_better": False, "labels": ["streaming", "whole listing"]}
+                for name, fit in fits.items() if "/streaming/" in name]
     raise ValueError(f"unknown benchmark mode {mode!r}")
 
 

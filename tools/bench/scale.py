@@ -91,11 +91,17 @@ def write_folder(out: Path, samples: int, num_shards: int, classes: int = 10) ->
     names = [f"class{c}" for c in range(classes)]
     # every shard holds its samples' classes in turn from class 0: sample i of a shard is class i % classes
     per_class = [sum(e["samples"] // classes + (c < e["samples"] % classes) for e in entries) for c in range(classes)]
-    shards.write_json_atomic(out / shards.MANIFEST_NAME, {
-        "format": shards.FORMAT, "version": shards.FORMAT_VERSION, "name": "synthetic", "inputs": samples,
-        "samples": samples, "copied": samples, "reencoded": 0, "classes": names,
-        "class_counts": dict(zip(names, per_class)), "shards": entries, "rejected": [],
-        "settings": {"generator": "moco-bench scale"}, "input_digest": "", "parts": []})
+    # The builder's own manifest writer, so that the folder has exactly a build's fields
+    # (version 2: a rejected count, its reasons and the log beside it, here empty).
+    from moco_dali.tools.shards.build import BuildSettings, _manifest
+
+    identity = {"classes": names, "inputs": samples, "sources": ["moco-bench scale (generated)"], "input_digest": ""}
+    record = {"class_counts": dict(enumerate(per_class)), "shards": entries, "copied": samples}
+    manifest = _manifest(BuildSettings(name="synthetic", labels="folder", max_count=max(base + (extra > 0), 1)),
+                         identity, [record], 0, {}, shards.rejected_name())
+    manifest["settings"]["generator"] = "moco-bench scale"
+    (out / shards.rejected_name()).write_text("")
+    shards.write_json_atomic(out / shards.MANIFEST_NAME, manifest)
     return out
 
 

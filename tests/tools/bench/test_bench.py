@@ -28,7 +28,7 @@ def test_momentum_mode_writes_its_record(tmp_path, capsys):
 def test_pipeline_mode_runs_both_loaders_and_writes_its_record(tmp_path, labelled_dump):
     from moco_dali.tools.shards.build import BuildSettings, build
 
-    build([str(labelled_dump)], tmp_path / "shards", BuildSettings(), workers=0, progress=False)
+    build([str(labelled_dump)], tmp_path / "shards", BuildSettings(max_count=5), workers=0, progress=False)
     out = tmp_path / "pipeline.json"
     assert bench.main(["pipeline", "--shards", str(tmp_path / "shards"), "--size", "32", "--batch", "4",
                        "--batches", "2", "--warmup", "1", "--reps", "2", "--workers", "1", "--threads", "1",
@@ -41,6 +41,16 @@ def test_pipeline_mode_runs_both_loaders_and_writes_its_record(tmp_path, labelle
     assert record["dali_over_reference"] > 0 and record["memory"]["host_peak_rss_MB"] > 0
     assert record["decode_ceiling"]["images_per_s"] > 0 and len(record["decode_ceiling"]["seconds"]) == 2
     assert record["machine"]["cores"] >= 1
+    # 21 samples in 5 shards: 5 batches of 4 per epoch, fewer than the 12 the run draws. DALI
+    # reads them as one epoch of 3 copies, so that no new epoch (a pipeline built, a shuffle
+    # buffer filled) falls in a timed window; what one costs is measured apart.
+    config = record["config"]
+    assert (config["samples"], config["shard_files"]) == (21, 5)
+    assert record["dali_pipelines_opened_while_timing"] == 0
+    assert config["dali_data"]["copies"] == 3 and config["dali_data"]["epoch_batches"] == 15
+    reopen = record["dali_epoch_reopen"]
+    assert len(reopen["dali_epoch_first_batch_s"]) == 3 and reopen["dali_steady_batch_s"] > 0
+    assert reopen["batches_per_epoch"] >= 7 and isinstance(record["dali_epoch_reopen_s"], float)
 
 
 def test_all_runs_every_mode_and_compare_and_chart_read_the_record(tmp_path, capsys, monkeypatch):
@@ -77,6 +87,9 @@ def test_all_runs_every_mode_and_compare_and_chart_read_the_record(tmp_path, cap
     assert records["shards"]["photos"]["count"] == 24 and records["shards"]["results"]["baseline"]["img_per_s"] > 0
     assert loaders == [1, 1]  # one reference loader for pipeline, one for e2e
     assert records["pipeline"]["config"]["reference_split"] == e2e["config"]["reference_split"] == "shards"
+    for sub in (records["pipeline"], e2e):  # 24 photos: one batch of 16 per epoch, read as one long epoch
+        assert sub["dali_pipelines_opened_while_timing"] == 0 and sub["config"]["dali_data"]["copies"] > 1
+        assert sub["config"]["shard_files"] == 1 and len(sub["dali_epoch_reopen"]["dali_epoch_first_batch_s"]) == 3
     assert (tmp_path / "all.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     printed = capsys.readouterr().out
     assert "verdict:" in printed and "training step" in printed and "shard build" in printed
