@@ -42,45 +42,78 @@ from typing import Optional, Sequence
 
 import torch
 
+from moco_dali.model.encoders import ARCHS
 from moco_dali.tools.bench.common import shards_for, synthetic_photos
 from moco_dali.tools.bench.machine import describe
 from moco_dali.tools.bench.momentum import bench_momentum, print_momentum
 from moco_dali.tools.bench.pipeline import bench_pipeline, print_pipeline
-from moco_dali.tools.bench.report import chart, compare
+from moco_dali.tools.bench.report import chart, compare, headline
 
-__all__ = ["main"]
+__all__ = ["main", "positive_int"]
 
 MODES = ("pipeline", "momentum", "step", "e2e", "shards")
 
 
+class UsageError(ValueError):
+    """A user mistake on the command line, found before any work: one line, exit 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with its errors on one line (``moco-bench MODE: error: ...``), exit 2, and no usage block."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def positive_int(text: str) -> int:
+    """An argparse type: a whole number of at least 1 (counts, sizes, repetitions)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {text!r}") from None
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1], got {value}")
+    return value
+
+
 def _parser(gpu: bool, cores: int) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="moco-bench", description=__doc__.split("\n\n")[0],
+    parser = _Parser(prog="moco-bench", description=__doc__.split("\n\n")[0],
                                      epilog="moco-bench --compare A.json B.json: two records side by side")
     sub = parser.add_subparsers(dest="mode", required=True)
 
     out = argparse.ArgumentParser(add_help=False)
     out.add_argument("--device", default="cuda:0" if gpu else "cpu")
-    out.add_argument("--reps", type=int, default=3, help="alternating repetitions (median reported)")
+    out.add_argument("--reps", type=positive_int, default=3, help="alternating repetitions (median reported)")
     out.add_argument("--out", type=Path, default=None, help="write the JSON record here")
     out.add_argument("--chart", type=Path, default=None, help="draw the headline figures as a PNG here")
 
     data = argparse.ArgumentParser(add_help=False)
     data.add_argument("--shards", type=Path, default=None, help="shard folder (default: --synthetic photos)")
-    data.add_argument("--synthetic", type=int, default=2000 if gpu else 200, metavar="N",
+    data.add_argument("--synthetic", type=positive_int, default=2000 if gpu else 200, metavar="N",
                       help="without --shards: generate N ImageNet-like JPEGs (~500x375, ~110 KB) and shard them")
-    data.add_argument("--batch", type=int, default=256 if gpu else 16)
-    data.add_argument("--size", type=int, default=224 if gpu else 112, help="view size in px")
-    data.add_argument("--batches", type=int, default=50 if gpu else 3, help="timed batches per rep")
-    data.add_argument("--warmup", type=int, default=10 if gpu else 1)
+    data.add_argument("--batch", type=positive_int, default=256 if gpu else 16)
+    data.add_argument("--size", type=positive_int, default=224 if gpu else 112, help="view size in px")
+    data.add_argument("--batches", type=positive_int, default=50 if gpu else 3, help="timed batches per rep")
+    data.add_argument("--warmup", type=positive_int, default=10 if gpu else 1)
     data.add_argument("--hue-space", choices=["hsv", "yiq"], default="hsv",
                       help="DALI hue: exact HSV shift (default) or DALI's cheaper YIQ rotation")
-    data.add_argument("--threads", type=int, default=None, help="DALI CPU threads (default: all cores)")
-    data.add_argument("--workers", type=int, default=cores, help="reference DataLoader workers")
-    data.add_argument("--hw-decoder-load", type=float, default=0.75)
+    data.add_argument("--threads", type=positive_int, default=None, help="DALI CPU threads (default: all cores)")
+    data.add_argument("--workers", type=positive_int, default=cores, help="reference DataLoader workers")
+    data.add_argument("--hw-decoder-load", type=_fraction, default=0.75)
 
     model = argparse.ArgumentParser(add_help=False)
-    model.add_argument("--arch", default="resnet50" if gpu else "resnet18")
-    model.add_argument("--K", type=int, default=65536 if gpu else 4096, help="queue size")
+    model.add_argument("--arch", choices=ARCHS, default="resnet50" if gpu else "resnet18")
+    model.add_argument("--K", type=positive_int, default=65536 if gpu else 4096, help="queue size")
 
     train = argparse.ArgumentParser(add_help=False)
     train.add_argument("--amp", choices=["auto", "bf16", "fp16", "none"], default="auto", help="ours: autocast dtype")
@@ -92,8 +125,8 @@ def _parser(gpu: bool, cores: int) -> argparse.ArgumentParser:
 
     mom = argparse.ArgumentParser(add_help=False)
     mom.add_argument("--mlp", action=argparse.BooleanOptionalAction, default=True, help="MoCo v2's MLP head")
-    mom.add_argument("--calls", type=int, default=20 if gpu else 5, help="timed calls per rep")
-    mom.add_argument("--copy-mib", type=int, default=1024 if gpu else 256, help="size of the bandwidth probe")
+    mom.add_argument("--calls", type=positive_int, default=20 if gpu else 5, help="timed calls per rep")
+    mom.add_argument("--copy-mib", type=positive_int, default=1024 if gpu else 256, help="size of the bandwidth probe")
 
     shards = argparse.ArgumentParser(add_help=False)
     shards.add_argument("--photos", type=Path, default=None,
@@ -104,13 +137,13 @@ def _parser(gpu: bool, cores: int) -> argparse.ArgumentParser:
     sub.add_parser("pipeline", parents=[out, data, pipe],
                    help="view pairs/s of the DALI pipeline beside the reference loader")
     m = sub.add_parser("momentum", parents=[out, mom], help="momentum update vs the per-parameter loop and the floor")
-    m.add_argument("--arch", default="resnet50")
-    m.add_argument("--K", type=int, default=65536)
-    m.add_argument("--batch", type=int, default=256, help="keys enqueued per step (the global batch)")
+    m.add_argument("--arch", choices=ARCHS, default="resnet50")
+    m.add_argument("--K", type=positive_int, default=65536)
+    m.add_argument("--batch", type=positive_int, default=256, help="keys enqueued per step (the global batch)")
     sub.add_parser("step", parents=[out, data, model, train], help="training step on synthetic tensors, ours vs reference")
     sub.add_parser("e2e", parents=[out, data, model, train], help="shards through the pipeline into the step")
     s = sub.add_parser("shards", parents=[out, shards], help="moco-shards build vs PIL + webdataset.ShardWriter")
-    s.add_argument("--synthetic", type=int, default=2000 if gpu else 200, metavar="N")
+    s.add_argument("--synthetic", type=positive_int, default=2000 if gpu else 200, metavar="N")
     sb = sub.add_parser("scale-build", parents=[out], help="shard builder memory and time per part as the source grows")
     sb.add_argument("--sizes", default="1e5,1e6", help="comma-separated input counts")
     sb.add_argument("--parts", default="1,100", help="comma-separated part counts (part 0 is measured)")
@@ -164,27 +197,153 @@ def _print(record: dict) -> None:
         printers[record["mode"]](record)
 
 
+def _writable(option: str, path: Path) -> None:
+    """Find an ``--out``/``--chart`` that cannot be written before the run, leaving nothing behind."""
+    if path.is_dir():
+        raise UsageError(f"{option} {path}: is a folder; give a file")
+    if path.exists() and not os.access(path, os.W_OK):
+        raise UsageError(f"{option} {path}: cannot write: read-only file")
+    missing, parent = [], path.parent
+    while not parent.exists() and parent != parent.parent:
+        missing.append(parent)
+        parent = parent.parent
+    if not parent.is_dir():
+        raise UsageError(f"{option} {path}: {parent} is not a folder")
+    probe = path.with_name(f".{path.name}.{os.getpid()}.probe")
+    try:
+        for folder in reversed(missing):
+            folder.mkdir()
+        probe.touch(exist_ok=False)
+    except OSError as exc:
+        raise UsageError(f"{option} {path}: cannot write: {exc.strerror or exc}") from None
+    finally:
+        probe.unlink(missing_ok=True)
+        for folder in missing:  # deepest first: the run makes them again when it writes
+            try:
+                folder.rmdir()
+            except OSError:
+                pass
+
+
+def _counts(option: str, text: str, parse=int) -> list[int]:
+    """A comma-separated list of counts of at least 1 (``--build-workers 1,2``, ``--sizes 1e5,1e6``)."""
+    try:
+        values = [parse(part) for part in str(text).split(",")]
+    except ValueError:
+        raise UsageError(f"{option} {text}: expected comma-separated whole numbers") from None
+    if not all(value >= 1 for value in values):
+        raise UsageError(f"{option} {text}: every value must be at least 1")
+    return values
+
+
+def _validate(args, gpu: bool) -> None:
+    """Every check of the parsed arguments that argparse's types cannot make, before any work.
+
+    Raises:
+        UsageError: naming the option (and file) at fault.
+    """
+    try:
+        device = torch.device(args.device)
+    except RuntimeError:
+        raise UsageError(f"--device {args.device}: not a device; give cpu, cuda or cuda:N") from None
+    if device.type not in ("cpu", "cuda"):
+        raise UsageError(f"--device {args.device}: moco-bench measures on cpu or cuda")
+    if device.type == "cuda" and not gpu:
+        raise UsageError(f"--device {args.device}: no CUDA GPU here")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise UsageError(f"--device {args.device}: this machine has {torch.cuda.device_count()} GPU(s)")
+    mode = args.mode
+    if getattr(args, "shards", None) is not None:
+        from moco_dali.pipeline.shards import ShardError, discover
+
+        try:  # the pipeline's own reading: manifest, every shard present, no stale index
+            discover(args.shards)
+        except ShardError as exc:
+            where = str(exc) if str(exc).startswith(str(args.shards)) else f"{args.shards}: {exc}"
+            raise UsageError(f"--shards {where}") from None
+    if getattr(args, "photos", None) is not None and mode in ("shards", "all"):
+        if not args.photos.is_dir():
+            raise UsageError(f"--photos {args.photos}: no such folder")
+        if next(args.photos.glob("*.jpg"), None) is None:
+            raise UsageError(f"--photos {args.photos}: no *.jpg files to build shards from")
+    if getattr(args, "build_workers", None):
+        _counts("--build-workers", args.build_workers)
+    if mode in ("momentum", "step", "e2e", "all") and args.K < args.batch:
+        # the queue's rule (KeyQueue.enqueue): a step enqueues the whole batch
+        raise UsageError(f"--K {args.K}: the queue must hold at least one batch (--batch {args.batch})")
+    if mode in ("step", "e2e", "all"):
+        from moco_dali.train.config import preset
+
+        splits = preset("v2").model.num_splits  # the step measures split-BN over this many sub-batches
+        if args.batch % splits or args.batch < 2 * splits:
+            raise UsageError(f"--batch {args.batch}: split batch norm needs a multiple of {splits} with at least "
+                             f"2 samples per split (e.g. {2 * splits})")
+    if mode == "scale":
+        if args.batch < 1 or args.threads < 1:
+            option, value = ("--batch", args.batch) if args.batch < 1 else ("--threads", args.threads)
+            raise UsageError(f"{option} {value}: must be at least 1")
+        _counts("--worlds", args.worlds)
+        for folder in (args.folders.split(",") if args.folders else []):
+            samples, _, shards = folder.partition(":")
+            counts = _counts("--folders", f"{samples},{shards}", lambda t: int(float(t)))
+            if counts[1] > counts[0]:
+                raise UsageError(f"--folders {folder}: more shards than samples")
+        if args.root is not None and args.root.exists() and not args.root.is_dir():
+            raise UsageError(f"--root {args.root}: not a folder")
+        if args.pipeline_from is not None and not (args.pipeline_from / "pipeline" / "__init__.py").is_file():
+            raise UsageError(f"--pipeline-from {args.pipeline_from}: no pipeline/ package in it")
+    if mode == "scale-build":
+        _counts("--sizes", args.sizes, lambda t: int(float(t)))
+        _counts("--parts", args.parts)
+        unknown = set(args.kinds.split(",")) - {"list", "folder"}
+        if unknown:
+            raise UsageError(f"--kinds {args.kinds}: unknown source {sorted(unknown)[0]!r}; choose list or folder")
+    for option, path in (("--out", args.out), ("--chart", args.chart)):
+        if path is not None:
+            _writable(option, path)
+
+
+def _record(path: Path) -> None:
+    """Check that ``path`` holds a moco-bench record whose headline figures ``compare`` can set side by side."""
+    try:
+        record = json.loads(Path(path).read_text())
+        rows = headline(record)
+    except FileNotFoundError:
+        raise UsageError(f"{path}: no such file") from None
+    except OSError as exc:
+        raise UsageError(f"{path}: cannot read: {exc.strerror or exc}") from None
+    except (ValueError, KeyError, TypeError, AttributeError, IndexError) as exc:
+        raise UsageError(f"{path}: not a moco-bench record ({type(exc).__name__}: {exc})") from None
+    for row in rows:
+        for key in ("ours", "reference"):
+            value = row.get(key)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+                raise UsageError(f"{path}: not a moco-bench record ({row.get('figure')}: {key} is {value!r})")
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    """``moco-bench``: 0 when the record is made; 2 for a user mistake, in one line, before any work."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["--compare"]:
         if len(argv) != 3:
             print("moco-bench: error: --compare takes two JSON records: --compare A.json B.json", file=sys.stderr)
             return 2
         try:
+            _record(Path(argv[1]))
+            _record(Path(argv[2]))
             compare(Path(argv[1]), Path(argv[2]))
         except ValueError as exc:
-            print(f"moco-bench: error: {exc}", file=sys.stderr)
+            print(f"moco-bench: error: --compare {exc}", file=sys.stderr)
             return 2
         return 0
     gpu = torch.cuda.is_available()
     parser = _parser(gpu, len(os.sched_getaffinity(0)))
     args = parser.parse_args(argv)
-    if args.device.startswith("cuda") and not gpu:
-        parser.error("--device cuda: no CUDA GPU here")
-    if getattr(args, "shards", None) is not None and not args.shards.is_dir():
-        parser.error(f"--shards {args.shards}: no such folder")
-    if getattr(args, "photos", None) is not None and not args.photos.is_dir():
-        parser.error(f"--photos {args.photos}: no such folder")
+    try:
+        _validate(args, gpu)
+    except UsageError as exc:
+        print(f"moco-bench {args.mode}: error: {exc}", file=sys.stderr)
+        return 2
     try:
         if args.mode == "all":
             records = {}
@@ -204,8 +363,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             sub["machine"] = record["machine"]
     _print(record)
     if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(record, indent=1) + "\n")
+        try:  # checked before the run; this is a disk that filled or a folder that went meanwhile
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            args.out.write_text(json.dumps(record, indent=1) + "\n")
+        except OSError as exc:
+            print(f"moco-bench: error: --out {args.out}: cannot write: {exc.strerror or exc}", file=sys.stderr)
+            return 2
         print(f"wrote {args.out}")
     if args.chart:
         try:
