@@ -228,7 +228,8 @@ class ViewLoader:
         poorest = int(np.argmin(shares))
         raise ShardError(f"{self.manifest.root}: a batch of {self.config.batch_size} is larger than rank {poorest}'s "
                          f"share of {shares[poorest]} samples per epoch ({len(counts)} shards dealt whole to "
-                         f"{self.world} ranks); use fewer ranks or a smaller batch, or build smaller shards")
+                         f"{self.world} ranks); " + ("use a smaller batch or more samples" if self.world == 1 else
+                                                     "use fewer ranks or a smaller batch, or build smaller shards"))
 
     # ------------------------------------------------------------------ the deal
 

@@ -31,6 +31,8 @@ FORMAT = "moco-dali-checkpoint"
 VERSION = 2
 """2: every value loadable with ``weights_only=True`` (numpy's random state as a tensor)."""
 _REQUIRED = ("model", "optimizer", "scaler", "step", "skipped", "world", "config", "loader", "rng", "rank_digests")
+_LOADER_COUNTERS = ("epoch", "step_in_epoch", "window", "window_step", "rank", "world")
+"""A rank's data position (``ViewLoader.state_dict``): these counters, ``assignment`` and ``dali``."""
 
 
 class CheckpointError(ValueError):
@@ -133,6 +135,8 @@ def check(state: Any, path: Path) -> dict[str, Any]:
     for key in ("loader", "rng", "rank_digests"):
         if not isinstance(state[key], list) or len(state[key]) != world:
             raise CheckpointError(f"{path}: incomplete, {key} does not hold one entry per rank ({world})")
+    for rank, position in enumerate(state["loader"]):
+        _check_position(position, rank, world, path)
     if not isinstance(state["model"], dict) or not isinstance(state["optimizer"], dict):
         raise CheckpointError(f"{path}: incomplete, model or optimizer state is not a state dict")
     for name, tensor in state["model"].items():
@@ -143,6 +147,26 @@ def check(state: Any, path: Path) -> dict[str, Any]:
     if not all(bool(torch.isfinite(t).all()) for t in _tensors(state["optimizer"]) if t.is_floating_point()):
         raise CheckpointError(f"{path}: the optimizer state holds non-finite values")
     return state
+
+
+def _check_position(position: Any, rank: int, world: int, path: Path) -> None:
+    """Rank ``rank``'s loader entry is a data position of that rank of ``world``, as the loader will read it."""
+    if not isinstance(position, dict):
+        raise CheckpointError(f"{path}: loader entry {rank} is not a data position")
+    missing = [key for key in (*_LOADER_COUNTERS, "assignment", "dali") if key not in position]
+    if missing:
+        raise CheckpointError(f"{path}: incomplete, loader entry {rank} has no {', '.join(missing)}")
+    for key in _LOADER_COUNTERS:
+        value = position[key]
+        if type(value) is not int or value < 0:
+            raise CheckpointError(f"{path}: loader entry {rank}: {key} {value!r} is not a count")
+    if (position["rank"], position["world"]) != (rank, world):
+        raise CheckpointError(f"{path}: loader entry {rank} is the data position of rank {position['rank']} of "
+                              f"{position['world']}, not of rank {rank} of {world}")
+    if not isinstance(position["assignment"], str):
+        raise CheckpointError(f"{path}: loader entry {rank}: assignment {position['assignment']!r} is not a digest")
+    if not isinstance(position["dali"], (str, bytes, type(None))):
+        raise CheckpointError(f"{path}: loader entry {rank}: dali is not a DALI reader checkpoint")
 
 
 def weights_digest(model: torch.nn.Module) -> str:

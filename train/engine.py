@@ -36,7 +36,8 @@ from moco_dali.train.eval.knn import config_knn
 from moco_dali.train.metrics import Metrics
 from moco_dali.train.schedule import learning_rates
 from moco_dali.train.step import amp_dtype, backward_step, build_model, build_optimizer, forward_loss
-from moco_dali.train.validation import augment_config, check_knn_folders, check_out, loader_config, validate
+from moco_dali.train.validation import (augment_config, check_knn_folders, check_out, check_train_folder, loader_config,
+                                        validate)
 
 __all__ = ["train", "Run", "build_model", "knn_accuracy", "TrainingStopped", "set_determinism"]
 
@@ -131,6 +132,7 @@ class Run:
         self.device = self.dist.device
         self.amp = amp_dtype(r.amp, self.device)
         self.out = Path(r.out)
+        check_train_folder(config, self.dist.world)  # before any checkpoint is read or set aside
         check_knn_folders(config)
         if self.dist.main:
             check_out(self.out)

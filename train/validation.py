@@ -24,8 +24,8 @@ import torch
 
 from moco_dali.train.config import Config, ConfigError, ModelConfig, OptimConfig, ViewsConfig
 
-__all__ = ["validate", "augment_config", "loader_config", "resolve_views", "shuffle_mode", "check_knn_folders",
-           "check_out"]
+__all__ = ["validate", "augment_config", "loader_config", "resolve_views", "shuffle_mode", "check_train_folder",
+           "check_knn_folders", "check_out"]
 
 T = TypeVar("T")
 _BUILD_ERRORS = (ValueError, OverflowError, RuntimeError)
@@ -214,7 +214,9 @@ def validate(config: Config, world: int, cuda: bool) -> Config:
                             ("run.knn_every", r.knn_every, 0), ("run.knn_k", r.knn_k, 1),
                             ("model.shuffle_group_size", m.shuffle_group_size, 0), ("run.seed", r.seed, 0)):
         _at_least(key, value, low)
-    if r.seed >= 2**31:  # numpy seeds each rank with seed + rank, DALI with seed * 1000 + rank
+    # numpy's global generator takes seed + rank, which must stay below 2**32: 2**31 leaves room for any world
+    # size. The views' DALI seeds come from SeedSequence([seed, epoch, rank, window]), which takes any size.
+    if r.seed >= 2**31:
         raise ConfigError(f"run.seed must be below 2**31, got {r.seed}")
     if d.batch_size % world:
         raise ConfigError(f"data.batch_size {d.batch_size} is not divisible by the world size {world}")
@@ -278,6 +280,37 @@ def validate(config: Config, world: int, cuda: bool) -> Config:
         if not found:
             raise ConfigError(f"run.resume {r.resume}: no such checkpoint")
     return config
+
+
+def check_train_folder(config: Config, world: int) -> None:
+    """``data.train`` is a shard folder whose manifest reads, holding a whole batch for every rank of ``world``.
+
+    Known before any checkpoint is touched or any model built. Reads the manifest only
+    (O(shards)); the shards and their indexes are opened by the loader, each by the
+    rank dealt it.
+    """
+    from moco_dali.pipeline import partition
+    from moco_dali.pipeline.loader import LoaderConfig
+    from moco_dali.pipeline.shards import ShardError, load_manifest
+
+    d = config.data
+    try:
+        counts = load_manifest(d.train).counts
+    except ShardError as error:
+        raise ConfigError(f"data.train: {error}") from None
+    samples = int(counts.sum())
+    if not len(counts):
+        raise ConfigError(f"data.train {d.train}: the manifest lists no shards")
+    # The loader's own rule (whole batches, shards dealt whole, windows of shards), from the counts alone.
+    per_window = partition.shards_per_window(counts, LoaderConfig().max_window_samples)
+    if partition.steps_per_epoch(counts, world, d.batch_size // world, per_window) >= 1:
+        return
+    if world == 1:
+        raise ConfigError(f"data.batch_size {d.batch_size} is larger than the {samples} samples of data.train "
+                          f"{d.train}: use a smaller batch or more samples")
+    raise ConfigError(f"data.batch_size {d.batch_size} leaves a rank of {world} no whole batch of {d.batch_size // world} "
+                      f"per epoch in data.train {d.train} ({samples} samples in {len(counts)} shards dealt "
+                      "whole to the ranks); use fewer ranks or a smaller batch, or build smaller shards")
 
 
 def check_knn_folders(config: Config) -> None:

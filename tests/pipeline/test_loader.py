@@ -199,6 +199,8 @@ def test_clear_errors(tmp_path, folder):
         ViewLoader(folder, v2(size=16), config(batch_size=20), rank=1, world=3)
     with pytest.raises(ShardError, match="larger than rank 4's share of 0 samples"):
         ViewLoader(folder, v2(size=16), config(batch_size=1), rank=0, world=5)
+    with pytest.raises(ShardError, match=r"share of 50 samples .*\); use a smaller batch or more samples$"):
+        ViewLoader(folder, v2(size=16), config(batch_size=64))  # one rank: smaller shards cannot help
     with pytest.raises(ValueError, match="dtype must be one of"):
         config(dtype="int8")
     with pytest.raises(ValueError, match="last_batch must be"):

@@ -79,3 +79,100 @@ def test_the_verdict_is_computed_from_the_figures():
     assert "features better than a random ResNet-18" in report.verdict(_result((80, 83), (85, 86)))
     assert "features partly better" in report.verdict(_result((80, 83), (79, 86)))
     assert report.verdict(_result((80, 83), (80, 83), first=2.0, last=2.5)).startswith("not learning yet")
+
+
+# ---------------------------------------------------------------- refusals: one line, exit 2, before any work
+
+def _file(tmp_path):
+    (tmp_path / "file").write_text("")
+    return tmp_path / "file"
+
+
+@pytest.mark.parametrize("extra, says", [
+    (lambda t: ["--limit", "50", "--train-steps", "2"], "--limit 50: pretraining takes batches of 128 images; give at "
+                                                        "least 130 (or --train-steps 0 to build the shards only)"),
+    (lambda t: ["--limit", "5", "--train-steps", "0"], "--limit 5: give at least 10 (one image per class)"),
+    (lambda t: ["--minutes", "0"], "--minutes 0.0 must be positive"),
+    (lambda t: ["--workers", "-1"], "--workers -1 is out of range"),
+    (lambda t: ["--out", str(_file(t))], "--out {t}/file: a file, not a folder"),
+    (lambda t: ["--json", str(_file(t) / "demo.json")], "--json {t}/file/demo.json: {t}/file is a file, not a folder"),
+    (lambda t: ["--png", str(t)], "--png {t}: a folder, not a file"),
+], ids=["limit below a batch", "limit below a class each", "minutes", "workers", "out a file", "json under a file",
+        "png a folder"])
+def test_a_bad_command_line_is_refused_in_one_line_before_any_work(tmp_path, capsys, extra, says):
+    argv = ["--generated", "--out", str(tmp_path / "out"), *extra(tmp_path)]
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err == f"moco-demo: error: {says.format(t=tmp_path)}\n"
+    assert not (tmp_path / "out" / "generated-shapes").exists()  # nothing drawn, nothing built
+
+
+def _batch_of_256(monkeypatch):
+    from moco_dali.tools.demo import run
+
+    monkeypatch.setattr(run, "BATCH_SIZE", 256)  # more than the 130 training images: what the loader would refuse
+
+
+@pytest.mark.parametrize("extra, change, says", [
+    (["--seed", str(2**31)], lambda monkeypatch: None, "run.seed must be below 2**31, got 2147483648"),
+    ([], _batch_of_256, "data.batch_size 256 is larger than the 130 samples of data.train {root}/shards/train: use a "
+                        "smaller batch or more samples"),
+], ids=["configuration", "batch larger than the training images"])
+def test_what_moco_train_would_refuse_is_refused_before_measuring(tmp_path, capsys, monkeypatch, extra, change, says):
+    """After the shards (the data's own checks), before the pixels and the initial encoder are measured."""
+    from moco_dali.tools.demo import run
+
+    change(monkeypatch)
+    measured = []
+    monkeypatch.setattr(run, "pixels", lambda config: measured.append("pixels"))
+    argv = ["--generated", "--limit", "130", "--bank", "10", "--workers", "0", "--train-steps", "2",
+            "--out", str(tmp_path), *extra]
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err == f"moco-demo: error: {says.format(root=tmp_path / 'generated-shapes')}\n"
+    assert not measured
+
+
+# ---------------------------------------------------------------- a stop before the first logged step
+
+def _stopped_early(tmp_path) -> dict:
+    """What the demo measured when ``--minutes`` stopped it at step 3, before the first log at step 10."""
+    features = {"pixels": {"knn_top1": 50.0, "knn_top5": 90.0, "linear_top1": 60.0},
+                "init": {"knn_top1": 40.0, "knn_top5": 80.0, "linear_top1": 45.0},
+                "after": {"knn_top1": 41.0, "knn_top5": 81.0, "linear_top1": 46.0}, "protocol": "kNN"}
+    first, last = report.pretext_window([], K=4096, batch=128)
+    result = {"config": {"model": {"K": 4096}, "data": {"batch_size": 128}, "run": {"log_every": 10}},
+              "steps": 3, "train_samples": 130, "epochs_seen": 3 * 128 / 130, "pretraining_s": 2.0,
+              "images_per_s": None, "pretext": {"chance_top1": 100 / 4097, "first": first, "last": last},
+              "curve": [], "knn_by_epoch": [], "features": features}
+    result["verdict"] = report.verdict(result)
+    return result
+
+
+def test_a_stop_before_the_first_logged_step_is_reported_as_such(tmp_path, capsys):
+    from PIL import Image
+
+    result = _stopped_early(tmp_path)
+    assert result["pretext"]["first"] is None and result["pretext"]["last"] is None
+    assert result["verdict"].startswith("no step was logged: pretraining stopped (--minutes) at step 3, before its "
+                                        "first log at step 10, so the pretext task and images/s were not measured; ")
+    assert "kNN 40.00% -> 41.00%" in result["verdict"]  # the features were measured, and are said
+    cli._print(result)
+    out = capsys.readouterr().out
+    assert "pretext task (4097-way instance discrimination, chance 0.024%): not measured, no step was logged" in out
+    assert "moco-demo: pretraining images/s not measured (no step was logged), 3 steps in 2 s" in out
+    Image.new("RGB", (8, 8)).save(tmp_path / "views.png")
+    assert report.figure(result, tmp_path / "views.png", tmp_path / "demo.png").stat().st_size > 0
+    assert json.loads(json.dumps(result))["images_per_s"] is None
+
+
+def test_minutes_that_end_before_the_first_logged_step_give_an_honest_report(tmp_path, capsys):
+    """The stop (SIGTERM after 60 ms) comes during set-up: one step, a checkpoint, no train record."""
+    argv = ["--generated", "--limit", "130", "--bank", "10", "--workers", "0", "--train-steps", "20",
+            "--minutes", "0.001", "--out", str(tmp_path)]
+    assert cli.main(argv) == 0
+    result = json.loads((tmp_path / "demo.json").read_text())
+    assert 1 <= result["steps"] < 10 and result["curve"] == [] and result["images_per_s"] is None
+    assert result["pretext"]["first"] is None and result["pretext"]["last"] is None
+    assert result["verdict"].startswith(f"no step was logged: pretraining stopped (--minutes) at step {result['steps']}")
+    assert "not measured, no step was logged" in capsys.readouterr().out

@@ -88,10 +88,31 @@ def _missing_key(path: Path) -> None:
     torch.save(state, path)
 
 
+def _loader_without_world(path: Path) -> None:
+    state = torch.load(path, weights_only=True)
+    del state["loader"][0]["world"]
+    torch.save(state, path)
+
+
+def _loader_of_another_rank(path: Path) -> None:
+    state = torch.load(path, weights_only=True)
+    state["loader"][0]["rank"] = 1
+    torch.save(state, path)
+
+
+def _loader_step_as_text(path: Path) -> None:
+    state = torch.load(path, weights_only=True)
+    state["loader"][0]["window_step"] = "3"
+    torch.save(state, path)
+
+
 DAMAGE = {"truncated": (_truncate, "not a readable checkpoint"), "empty": (_empty, "not a readable checkpoint"),
           "a weight flipped to 1e30": (_huge_weight, "differ from the digest written with them"),
           "NaN in the queue": (_nan_in_the_queue, "queue.queue holds non-finite values"),
-          "incomplete": (_missing_key, "incomplete, no optimizer")}
+          "incomplete": (_missing_key, "incomplete, no optimizer"),
+          "a data position without its world": (_loader_without_world, "incomplete, loader entry 0 has no world"),
+          "another rank's data position": (_loader_of_another_rank, "loader entry 0 is the data position of rank 1"),
+          "a data position counter as text": (_loader_step_as_text, "loader entry 0: window_step '3' is not a count")}
 
 
 @pytest.mark.parametrize("damage", list(DAMAGE))
@@ -157,6 +178,39 @@ def test_resuming_with_keys_that_change_the_state_or_meaning_is_refused(trained,
     assert all(key in err for key in keys), err
     assert (out / "config.json").read_bytes() == config_json  # not rewritten
     assert [p.name for p in checkpoint.candidates(out)] == ["ckpt-000000006.pt", "ckpt-000000003.pt"]
+
+
+def _without_manifest(trained, tmp_path) -> Path:
+    folder = tmp_path / "copied-train"
+    shutil.copytree(trained["train"], folder)
+    (folder / "manifest.json").unlink()
+    return folder
+
+
+@pytest.mark.parametrize("folder, says", [
+    (lambda trained, tmp_path: tmp_path / "missing", "missing: not a folder"),
+    (_without_manifest, "manifest.json: no manifest"),
+], ids=["missing", "no manifest"])
+def test_a_bad_training_folder_is_refused_before_any_checkpoint_is_touched(trained, tmp_path, capsys, folder, says):
+    out = copy(trained, tmp_path)
+    _truncate(out / "ckpt-000000006.pt")  # would be set aside as *.bad once checkpoints were read
+    train = folder(trained, tmp_path)
+    assert moco_train([*TINY, "--data.train", str(train), "--run.out", str(out), "--run.resume", "auto"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("moco-train: error: data.train: ") and says in err and "\n" not in err, err
+    assert [p.name for p in checkpoint.candidates(out)] == ["ckpt-000000006.pt", "ckpt-000000003.pt"]
+    assert not list(out.glob("*.bad"))
+
+
+def test_a_batch_larger_than_the_training_folder_is_refused_before_any_checkpoint_is_touched(trained, tmp_path,
+                                                                                             capsys):
+    out = copy(trained, tmp_path)
+    _truncate(out / "ckpt-000000006.pt")
+    assert run(trained["root"], out, "--run.resume", "auto", "--data.batch_size", "512", "--model.K", "1024") == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (f"moco-train: error: data.batch_size 512 is larger than the 400 samples of data.train "
+                   f"{trained['train']}: use a smaller batch or more samples")
+    assert not list(out.glob("*.bad"))
 
 
 def test_another_shard_folder_is_refused(trained, tmp_path, capsys):

@@ -269,3 +269,29 @@ def test_numbers_parse_as_their_types():
         with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
             apply_overrides(Config(), {key: value})
     assert math.isclose(config.run.knn_t, 0.05)
+
+
+def test_the_training_folder_is_checked_from_its_manifest_alone(tmp_path):
+    """A whole batch for every rank, from the shard counts: what the loader would refuse, before any work."""
+    from moco_dali.tools.demo.data import generated_dump
+    from moco_dali.tools.shards.build import BuildSettings, build
+    from moco_dali.train.validation import check_train_folder
+
+    generated_dump(tmp_path / "raw", per_class=3, seed=0)  # 30 images
+    build([str(tmp_path / "raw")], tmp_path / "train", BuildSettings(max_count=10), workers=0, progress=False)
+    config = Config()
+    config.data.train = str(tmp_path / "train")
+    config.data.batch_size = 30
+    check_train_folder(config, world=1)
+    check_train_folder(config, world=3)  # a shard of 10 for each rank
+    with pytest.raises(ConfigError, match=r"^data.batch_size 30 leaves a rank of 2 no whole batch of 15 per epoch in "
+                                          r"data.train .* \(30 samples in 3 shards dealt whole to the ranks\); use fewer"):
+        check_train_folder(config, world=2)  # shards are dealt whole: 20 and 10
+    config.data.batch_size = 32
+    with pytest.raises(ConfigError, match=r"^data.batch_size 32 is larger than the 30 samples of data.train .*: use a "
+                                          "smaller batch or more samples$"):
+        check_train_folder(config, world=1)
+    for shard in (tmp_path / "train").glob("*.tar"):
+        shard.unlink()  # the shards are not opened: the loader's ranks open their own
+    config.data.batch_size = 30
+    check_train_folder(config, world=1)

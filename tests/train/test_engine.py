@@ -254,7 +254,8 @@ def test_batch_not_divisible_by_world_and_missing_shards(data, tmp_path):
     result = moco_train(*TINY, "--data.train", str(tmp_path))
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
-        f"moco-train: error: {tmp_path / 'manifest.json'}: no manifest; is this a folder written by 'moco-shards build'?"]
+        f"moco-train: error: data.train: {tmp_path / 'manifest.json'}: no manifest; is this a folder written by "
+        "'moco-shards build'?"]
 
 
 def test_config_file_and_command_line_precedence(tmp_path):

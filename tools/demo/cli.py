@@ -17,12 +17,15 @@ import json
 import logging
 import shutil
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Optional, Sequence
 
+from moco_dali.pipeline.shards import ShardError, load_manifest
 from moco_dali.tools.demo.data import (FASHION_MNIST_CLASSES, FASHION_MNIST_DIR, generated_dump, load_fashion_mnist,
                                        subset_list, write_dump)
+from moco_dali.tools.shards import BuildError
 from moco_dali.tools.shards.build import BuildSettings, build
 from moco_dali.tools.shards.verify import format_inspection, inspect, verify
 
@@ -85,10 +88,14 @@ def _pretrain_and_measure(args, root: Path) -> dict:
     from moco_dali.tools.demo import report, run
     from moco_dali.tools.shards.preview import preview
     from moco_dali.train.config import to_dict
-    from moco_dali.train.validation import augment_config
+    from moco_dali.train.validation import augment_config, check_knn_folders, check_train_folder, validate
 
     config = run.demo_config(root, steps=args.train_steps, epochs=args.epochs, seed=args.seed)
     shutil.rmtree(config.run.out, ignore_errors=True)
+    # moco-train's own checks, before the minutes of measuring that come first.
+    validate(config, world=1, cuda=False)
+    check_train_folder(config, world=1)
+    check_knn_folders(config)
     log.info("measuring raw pixels and the encoder at initialisation (bank %s, queries %s)", config.data.knn_train,
              config.data.knn_val)
     pixels = run.pixels(config)
@@ -97,7 +104,7 @@ def _pretrain_and_measure(args, root: Path) -> dict:
     log.info("pretraining for %s of %d images on the CPU", what, config.data.batch_size)
     trained = run.pretrain(config, args.minutes)
     after = run.measure(trained.pop("encoder"), config)
-    samples = json.loads((Path(config.data.train) / "manifest.json").read_text())["samples"]
+    samples = load_manifest(config.data.train).samples
     first, last = report.pretext_window(trained["curve"], config.model.K, config.data.batch_size)
     result = {
         "config": to_dict(config), "steps": trained["steps"], "train_samples": samples,
@@ -120,27 +127,93 @@ def _pretrain_and_measure(args, root: Path) -> dict:
 def _print(result: dict) -> None:
     from moco_dali.tools.demo import report
 
-    p = result["pretext"]
-    print(f"moco-demo: pretext task ({result['config']['model']['K'] + 1}-way instance discrimination, chance "
-          f"{p['chance_top1']:.3f}%): top-1 {p['first']['pretext_top1']:.1f}% at step {p['first']['step']} "
-          f"(the first logged once real keys fill the queue) -> {p['last']['pretext_top1']:.1f}% at step "
-          f"{p['last']['step']}; loss {p['first']['loss']:.2f} -> {p['last']['loss']:.2f}")
+    p, why = result["pretext"], report.not_logged(result)
+    task = (f"moco-demo: pretext task ({result['config']['model']['K'] + 1}-way instance discrimination, chance "
+            f"{p['chance_top1']:.3f}%)")
+    if why:
+        print(f"{task}: not measured, {why}")
+    else:
+        print(f"{task}: top-1 {p['first']['pretext_top1']:.1f}% at step {p['first']['step']} (the first logged once "
+              f"real keys fill the queue) -> {p['last']['pretext_top1']:.1f}% at step {p['last']['step']}; loss "
+              f"{p['first']['loss']:.2f} -> {p['last']['loss']:.2f}")
     for point in result["knn_by_epoch"]:
         print(f"moco-demo: kNN monitor after epoch {point['epoch']}: top-1 {point['knn_top1']:.2f}%")
     print(f"moco-demo: frozen features ({result['features']['protocol']}):")
     print(report.table(result))
-    print(f"moco-demo: pretraining at {result['images_per_s']:.0f} images/s on the CPU, "
-          f"{result['steps']} steps in {result['pretraining_s']:.0f} s")
+    rate = "images/s not measured (no step was logged)" if result["images_per_s"] is None else \
+        f"at {result['images_per_s']:.0f} images/s on the CPU"
+    print(f"moco-demo: pretraining {rate}, {result['steps']} steps in {result['pretraining_s']:.0f} s")
     print(f"moco-demo: verdict: {result['verdict']}")
+
+
+MIN_LIMIT = 10
+"""One image per class."""
+MIN_TRAIN_LIMIT = 130
+"""Ten classes of 13 drawn images: one batch of 128 (``run.BATCH_SIZE``) to pretrain on."""
+
+
+def _writable(option: str, path: Path, folder: bool) -> Optional[str]:
+    """Why ``path`` (a folder, or a file) cannot be written, made if need be; None when it can."""
+    try:
+        if path.exists() and path.is_dir() != folder:
+            return f"{option} {path}: {'a file, not a folder' if folder else 'a folder, not a file'}"
+        where = path if folder else path.parent
+        if where.exists() and not where.is_dir():
+            return f"{option} {path}: {where} is a file, not a folder"
+        where.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=where):
+            pass
+    except OSError as error:
+        return f"{option} {path}: cannot write there ({error.strerror or error})"
+    return None
+
+
+def _refusal(args) -> Optional[str]:
+    """What is wrong with the command line, found before any work; None when nothing is."""
+    for name in ("train_steps", "epochs", "bank"):
+        if getattr(args, name) < 0 or (name == "bank" and args.bank < 10):
+            return f"--{name.replace('_', '-')} {getattr(args, name)} is out of range"
+    if args.workers is not None and args.workers < 0:
+        return f"--workers {args.workers} is out of range"
+    if args.minutes is not None and not args.minutes > 0:
+        return f"--minutes {args.minutes} must be positive"
+    training = args.train_steps > 0 or args.epochs > 0
+    if args.limit is not None and args.limit < (MIN_TRAIN_LIMIT if training else MIN_LIMIT):
+        if training:
+            return (f"--limit {args.limit}: pretraining takes batches of 128 images; give at least {MIN_TRAIN_LIMIT} "
+                    "(or --train-steps 0 to build the shards only)")
+        return f"--limit {args.limit}: give at least {MIN_LIMIT} (one image per class)"
+    files = [("--out", Path(args.out), True)]
+    if training:
+        files += [("--json", args.json, False), ("--png", args.png, False)]
+    for option, path, folder in files:
+        if path is not None and (why := _writable(option, path, folder)):
+            return why
+    return None
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="moco-demo: %(message)s")
-    for name in ("train_steps", "epochs", "bank"):
-        if getattr(args, name) < 0 or (name == "bank" and args.bank < 10):
-            print(f"moco-demo: error: --{name.replace('_', '-')} {getattr(args, name)} is out of range", file=sys.stderr)
-            return 2
+    refusal = _refusal(args)
+    if refusal:
+        print(f"moco-demo: error: {refusal}", file=sys.stderr)
+        return 2
+    from moco_dali.train.checkpoint import CheckpointError
+    from moco_dali.train.config import ConfigError
+    from moco_dali.train.engine import TrainingStopped
+
+    try:
+        return _demo(args)
+    except (ShardError, BuildError, ConfigError, CheckpointError) as error:
+        print(f"moco-demo: error: {' '.join(str(error).split())}", file=sys.stderr)
+        return 2
+    except TrainingStopped as error:
+        print(f"moco-demo: stopped: {error}", file=sys.stderr)
+        return 1
+
+
+def _demo(args) -> int:
     started = time.monotonic()
     fashion = (FASHION_MNIST_DIR / "train-images-idx3-ubyte.gz").is_file() and not args.generated
     if fashion:

@@ -8,18 +8,30 @@ not yet better than at initialisation).
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Optional
 
-__all__ = ["pretext_window", "verdict", "table", "figure"]
+__all__ = ["pretext_window", "not_logged", "verdict", "table", "figure"]
 
 # Below this many points of difference the demo calls two accuracies the same: a few
 # images of 10,000, and the spread of a repeated run with another seed.
 SAME_POINTS = 0.5
 
 
-def pretext_window(curve: list[dict], K: int, batch: int) -> tuple[dict, dict]:
-    """The first logged step once real keys fill the queue (before it, the random start makes the task easy), and the last."""
+def pretext_window(curve: list[dict], K: int, batch: int) -> tuple[Optional[dict], Optional[dict]]:
+    """The first logged step once real keys fill the queue (before it, the random start makes the task easy), and the last.
+
+    ``(None, None)`` when no step was logged.
+    """
     filled = [p for p in curve if p["step"] * batch >= K] or curve
-    return filled[0], filled[-1]
+    return (filled[0], filled[-1]) if filled else (None, None)
+
+
+def not_logged(result: dict) -> Optional[str]:
+    """Why the pretext task and the rate were not measured (no step was logged), or None when they were."""
+    if result["pretext"]["first"] is not None:
+        return None
+    return (f"no step was logged: pretraining stopped (--minutes) at step {result['steps']}, before its first log at "
+            f"step {result['config']['run']['log_every']}, so the pretext task and images/s were not measured")
 
 
 def _compare(name: str, before: float, after: float) -> str:
@@ -30,11 +42,14 @@ def verdict(result: dict) -> str:
     """One line from the figures: does the pretext task learn, and are the features better than at initialisation."""
     first, last = result["pretext"]["first"], result["pretext"]["last"]
     chance = result["pretext"]["chance_top1"]
-    learning = last["pretext_top1"] >= max(5 * chance, first["pretext_top1"] + 2.0)
-    head = (f"learning: pretext top-1 {first['pretext_top1']:.1f}% -> {last['pretext_top1']:.1f}% "
-            f"(chance {chance:.2f}%)" if learning else
-            f"not learning yet: pretext top-1 {first['pretext_top1']:.1f}% -> {last['pretext_top1']:.1f}% "
-            f"(chance {chance:.2f}%)")
+    if first is None:
+        head = not_logged(result)
+    else:
+        learning = last["pretext_top1"] >= max(5 * chance, first["pretext_top1"] + 2.0)
+        head = (f"learning: pretext top-1 {first['pretext_top1']:.1f}% -> {last['pretext_top1']:.1f}% "
+                f"(chance {chance:.2f}%)" if learning else
+                f"not learning yet: pretext top-1 {first['pretext_top1']:.1f}% -> {last['pretext_top1']:.1f}% "
+                f"(chance {chance:.2f}%)")
     init, after = result["features"]["init"], result["features"]["after"]
     knn_gain = after["knn_top1"] - init["knn_top1"]
     linear_gain = after["linear_top1"] - init["linear_top1"]

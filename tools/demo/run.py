@@ -25,15 +25,19 @@ from torch.nn import functional as F
 
 from moco_dali.pipeline.augment import EvalConfig
 from moco_dali.pipeline.loader import LoaderConfig, ViewLoader
+from moco_dali.pipeline.shards import load_manifest
 from moco_dali.train import checkpoint
 from moco_dali.train.config import Config, preset
 from moco_dali.train.engine import build_model, train
 from moco_dali.train.eval.knn import extract_features, knn_classify
 from moco_dali.train.eval.probe import feature_probe
 
-__all__ = ["demo_config", "measure", "pixels", "pretrain"]
+__all__ = ["BATCH_SIZE", "demo_config", "measure", "pixels", "pretrain"]
 
 log = logging.getLogger("moco-demo")
+
+BATCH_SIZE = 128
+"""Images per pretraining step: the training images must hold at least one batch."""
 
 
 def demo_config(root: Path, *, steps: int, epochs: int, seed: int) -> Config:
@@ -45,8 +49,8 @@ def demo_config(root: Path, *, steps: int, epochs: int, seed: int) -> Config:
     config.model.small_stem, config.model.symmetric = False, False
     config.data.train = str(root / "shards" / "train")
     config.data.knn_train, config.data.knn_val = str(root / "shards" / "bank"), str(root / "shards" / "test")
-    config.data.batch_size = 128
-    samples = json.loads((Path(config.data.train) / "manifest.json").read_text())["samples"]
+    config.data.batch_size = BATCH_SIZE
+    samples = load_manifest(config.data.train).samples
     steps_per_epoch = max(samples // config.data.batch_size, 1)
     config.run.epochs = epochs or -(-steps // steps_per_epoch)
     config.run.max_steps = 0 if epochs else steps
@@ -97,7 +101,10 @@ def initial_encoder(config: Config) -> torch.nn.Module:
 
 
 def pretrain(config: Config, minutes: Optional[float] = None) -> dict:
-    """Train as ``config`` says (stopping after ``minutes`` through the engine's SIGTERM path); the curves and rate."""
+    """Train as ``config`` says (stopping after ``minutes`` through the engine's SIGTERM path); the curves and rate.
+
+    A stop before the first logged step leaves the curve empty and the rate None.
+    """
     timer = None
     if minutes:
         # The engine finishes the step, writes a checkpoint and returns on SIGTERM.
