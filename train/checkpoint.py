@@ -96,6 +96,10 @@ def load(path: str | os.PathLike) -> Any:
     except pickle.UnpicklingError as error:
         if "WeightsUnpickler error" not in str(error):
             raise CheckpointError(f"{path}: not a readable checkpoint (not a pickle of tensors)") from None
+        with open(path, "rb") as f:  # pickle protocol 2 and later open with PROTO (0x80); junk does not
+            pickled = f.read(1) == b"\x80"
+        if "Unsupported operand" in str(error) and not pickled:
+            raise CheckpointError(f"{path}: not a readable checkpoint (not a pickle of tensors)") from None
         if "Unsupported operand" in str(error):  # a plain pickle.dump, not torch.save's archive
             raise CheckpointError(f"{path}: refused: it holds a pickled Python object stream, not torch.save's "
                                   "archive of tensors, and loading it could run code") from None
