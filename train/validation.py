@@ -302,7 +302,8 @@ def check_train_folder(config: Config, world: int) -> None:
     if not len(counts):
         raise ConfigError(f"data.train {d.train}: the manifest lists no shards")
     # The loader's own rule (whole batches, shards dealt whole, windows of shards), from the counts alone.
-    per_window = partition.shards_per_window(counts, LoaderConfig().max_window_samples)
+    loader = LoaderConfig()
+    per_window = partition.shards_per_window(counts, loader.max_window_samples, loader.max_window_shards)
     if partition.steps_per_epoch(counts, world, d.batch_size // world, per_window) >= 1:
         return
     if world == 1:

@@ -27,8 +27,10 @@ _HEADER = 18
 
 
 def _fit(image: Image.Image, side: int) -> Image.Image:
-    image = image.copy()
-    image.thumbnail((side, side), Image.Resampling.BICUBIC)
+    """The stored image scaled to fit the tile, up as well as down (a 28 px image beside 96 px views)."""
+    scale = side / max(image.width, image.height)
+    image = image.resize((max(1, round(image.width * scale)), max(1, round(image.height * scale))),
+                         Image.Resampling.BICUBIC)
     canvas = Image.new("RGB", (side, side), (32, 32, 32))
     canvas.paste(image, ((side - image.width) // 2, (side - image.height) // 2))
     return canvas
