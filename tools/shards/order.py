@@ -30,14 +30,14 @@ _SORT_ITEMS = 1 << 18
 _BUCKET_BITS = 8
 
 
-def _load(path: Path) -> list:
-    items: list = []
+def _records(path: Path) -> Iterator[tuple]:
+    """A spill file's records, one pickled chunk at a time."""
     with open(path, "rb") as f:
         while True:
             try:
-                items.extend(pickle.load(f))
+                yield from pickle.load(f)
             except EOFError:
-                return items
+                return
 
 
 class PackingOrder:
@@ -113,29 +113,15 @@ class PackingOrder:
         for bucket in sorted(counts):
             path = folder / f"{bucket:03d}.spill"
             if shift is None:  # enumeration order: one spill file, read back in chunks
-                with open(path, "rb") as f:
-                    while True:
-                        try:
-                            yield from pickle.load(f)
-                        except EOFError:
-                            break
+                yield from _records(path)
             elif counts[bucket] > _SORT_ITEMS and shift >= _BUCKET_BITS:
                 sub = folder / f"{bucket:03d}"
                 sub.mkdir()
-
-                def items(path=path):
-                    with open(path, "rb") as f:
-                        while True:
-                            try:
-                                yield from pickle.load(f)
-                            except EOFError:
-                                return
-
-                sub_counts = self._spill(items(), sub, shift - _BUCKET_BITS)  # always to files
+                sub_counts = self._spill(_records(path), sub, shift - _BUCKET_BITS)  # always to files
                 path.unlink()
                 yield from self._sorted(sub, sub_counts, shift - _BUCKET_BITS)
             else:
-                chunk = _load(path)
+                chunk = list(_records(path))
                 chunk.sort()  # (hash, enumeration index): no ties
                 yield from chunk
                 del chunk
