@@ -56,7 +56,7 @@ def test_demo_json_holds_every_printed_figure_and_a_computed_verdict(two_runs, c
     p = result["pretext"]
     assert p["chance_top1"] == pytest.approx(100 / (result["config"]["model"]["K"] + 1))
     # The window starts once real keys have replaced the queue's random start.
-    assert p["first"]["step"] * result["config"]["data"]["batch_size"] >= result["config"]["model"]["K"]
+    assert p["first"]["steps"][0] * result["config"]["data"]["batch_size"] >= result["config"]["model"]["K"]
     assert result["steps"] == 40 and result["images_per_s"] > 0 and [p["step"] for p in result["curve"]] == [10, 20, 30, 40]
     assert result["verdict"] == report.verdict(result)
     assert (root / "a.png").stat().st_size > 10_000
@@ -68,8 +68,9 @@ def test_a_second_run_with_the_same_seed_gives_the_same_figures(two_runs):
     assert a["features"] == b["features"] and a["curve"] == b["curve"] and a["verdict"] == b["verdict"]
 
 
-def _result(init, after, first=2.0, last=9.0):
-    return {"pretext": {"chance_top1": 0.02, "first": {"pretext_top1": first}, "last": {"pretext_top1": last}},
+def _result(init, after, first=2.0, last=9.0, first_loss=7.0, last_loss=6.9):
+    return {"pretext": {"chance_top1": 0.02, "first": {"pretext_top1": first, "loss": first_loss},
+                        "last": {"pretext_top1": last, "loss": last_loss}},
             "features": {"init": dict(zip(FIGURES, init)), "after": dict(zip(FIGURES, after))}, "epochs_seen": 0.4}
 
 
@@ -79,6 +80,21 @@ def test_the_verdict_is_computed_from_the_figures():
     assert "features better than a random ResNet-18" in report.verdict(_result((80, 83), (85, 86)))
     assert "features partly better" in report.verdict(_result((80, 83), (79, 86)))
     assert report.verdict(_result((80, 83), (80, 83), first=2.0, last=2.5)).startswith("not learning yet")
+    # a falling loss is learning even when the top-1 drifts down (a later epoch's harder negatives)
+    assert report.verdict(_result((80, 83), (80, 83), first=3.1, last=2.3, first_loss=7.1,
+                                  last_loss=5.7)).startswith("learning: pretext top-1 3.1% -> 2.3%")
+
+
+def test_the_pretext_window_averages_each_end_so_one_noisy_batch_cannot_flip_it():
+    # the queue (K 512, batch 64) is full from step 8; a rising curve whose last logged
+    # batch happens to read low
+    curve = [{"step": s, "loss": 7.0 - s / 100, "pretext_top1": 1.0 + s / 10} for s in range(0, 100, 4)]
+    curve[-1]["pretext_top1"] = 0.0
+    first, last = report.pretext_window(curve, K=512, batch=64)
+    assert first["steps"] == [8, 24] and last["steps"] == [80, 96]  # 23 points: windows of 5
+    assert first["pretext_top1"] == pytest.approx(1.0 + 16 / 10)
+    assert last["pretext_top1"] > first["pretext_top1"] + 2.0
+    assert report.pretext_window([], K=512, batch=64) == (None, None)
 
 
 # ---------------------------------------------------------------- refusals: one line, exit 2, before any work

@@ -133,9 +133,10 @@ def _print(result: dict) -> None:
     if why:
         print(f"{task}: not measured, {why}")
     else:
-        print(f"{task}: top-1 {p['first']['pretext_top1']:.1f}% at step {p['first']['step']} (the first logged once "
-              f"real keys fill the queue) -> {p['last']['pretext_top1']:.1f}% at step {p['last']['step']}; loss "
-              f"{p['first']['loss']:.2f} -> {p['last']['loss']:.2f}")
+        first, last = p["first"]["steps"], p["last"]["steps"]
+        print(f"{task}: top-1 {p['first']['pretext_top1']:.1f}% over steps {first[0]}-{first[1]} (the first logged "
+              f"once real keys fill the queue) -> {p['last']['pretext_top1']:.1f}% over steps {last[0]}-{last[1]}; "
+              f"loss {p['first']['loss']:.2f} -> {p['last']['loss']:.2f}")
     for point in result["knn_by_epoch"]:
         print(f"moco-demo: kNN monitor after epoch {point['epoch']}: top-1 {point['knn_top1']:.2f}%")
     print(f"moco-demo: frozen features ({result['features']['protocol']}):")
