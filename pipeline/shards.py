@@ -29,7 +29,7 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, BinaryIO, Callable, Iterable, Iterator
 
 import numpy as np
 
@@ -49,6 +49,7 @@ __all__ = [
     "read_index",
     "iter_members",
     "load_manifest",
+    "write_atomic",
     "write_json_atomic",
     "tar_size_for_index",
     "ustar_header",
@@ -379,20 +380,27 @@ def discover(folder: str | os.PathLike) -> tuple[Manifest, list[tuple[Path, Path
     return manifest, pairs
 
 
-def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
-    """Write ``obj`` as stable, sorted JSON via a temporary file and a rename.
+def write_atomic(path: str | os.PathLike, write: Callable[[BinaryIO], None]) -> Path:
+    """Call ``write(file)`` on a temporary file beside ``path``, flush it to disk, rename it to ``path``.
 
-    A reader never sees a half-written file, whatever kills the writer.
+    A reader never sees a half-written file, whatever kills the writer; if anything
+    fails (a full disk, a folder in the way) the temporary file is removed and ``path``
+    is as it was.
     """
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp")
     try:
-        with open(tmp, "w") as f:
-            json.dump(obj, f, indent=1, sort_keys=True)
-            f.write("\n")
+        with open(tmp, "wb") as f:
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
-        tmp.unlink(missing_ok=True)  # a full disk leaves no temporary file behind
+        tmp.unlink(missing_ok=True)
         raise
+    return path
+
+
+def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
+    """Write ``obj`` as stable, sorted JSON through ``write_atomic``."""
+    write_atomic(path, lambda f: f.write((json.dumps(obj, indent=1, sort_keys=True) + "\n").encode()))

@@ -23,6 +23,8 @@ from typing import Any, BinaryIO, Callable, Optional
 import numpy as np
 import torch
 
+from moco_dali.pipeline import shards
+
 __all__ = ["CheckpointError", "FORMAT", "VERSION", "save", "latest", "candidates", "load", "check", "write_atomic",
            "weights_digest", "rng_state", "set_rng_state"]
 
@@ -40,23 +42,13 @@ class CheckpointError(ValueError):
 
 
 def write_atomic(path: Path, write: Callable[[BinaryIO], None]) -> Path:
-    """Call ``write(file)`` on a temporary file beside ``path``, flush it to disk, rename it to ``path``.
+    """``shards.write_atomic`` into a folder made first if it is missing.
 
     If anything fails (a full disk, a folder in the way), the temporary file is removed
     and ``path`` is as it was.
     """
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return path
+    return shards.write_atomic(path, write)
 
 
 def save(out: Path, step: int, state: dict[str, Any], keep_last: int) -> Path:

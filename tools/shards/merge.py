@@ -98,36 +98,31 @@ def _write(out_dir: Path, parts: dict, first: dict, num_parts: int) -> Path:
     class_counts = dict.fromkeys(first["classes"], 0)
     reasons: dict[str, int] = {}
     rejected_path = out_dir / shards.REJECTED_NAME
-    rejected_tmp = out_dir / f".{shards.REJECTED_NAME}.tmp"
     digest = hashlib.sha256()
-    try:
-        with open(rejected_tmp, "wb") as sink:
-            for part in range(num_parts):
-                path, data = parts[part]
-                for entry in data["shards"]:
-                    entry = dict(entry)
-                    for key in ("tar", "index"):
-                        entry[key] = os.path.relpath(path.parent / entry[key], out_dir)
-                    merged_shards.append(entry)
-                part_list.extend(data["parts"])
-                digest.update(data["input_digest"].encode())
-                for name, count in data["class_counts"].items():
-                    class_counts[name] += count
-                for kind, count in data["rejected_reasons"].items():
-                    reasons[kind] = reasons.get(kind, 0) + count
-                log = path.parent / data["rejected_file"]
-                try:
-                    with open(log, "rb") as source:
-                        shutil.copyfileobj(source, sink, 1 << 20)
-                except FileNotFoundError:
-                    raise BuildError(f"{log}: the rejected inputs of part {part} are missing; build that part again") \
-                        from None
-            sink.flush()
-            os.fsync(sink.fileno())
-        os.replace(rejected_tmp, rejected_path)
-    except BaseException:
-        rejected_tmp.unlink(missing_ok=True)
-        raise
+
+    def gather(sink) -> None:  # the parts' shards, counts and rejected logs, the logs into one
+        for part in range(num_parts):
+            path, data = parts[part]
+            for entry in data["shards"]:
+                entry = dict(entry)
+                for key in ("tar", "index"):
+                    entry[key] = os.path.relpath(path.parent / entry[key], out_dir)
+                merged_shards.append(entry)
+            part_list.extend(data["parts"])
+            digest.update(data["input_digest"].encode())
+            for name, count in data["class_counts"].items():
+                class_counts[name] += count
+            for kind, count in data["rejected_reasons"].items():
+                reasons[kind] = reasons.get(kind, 0) + count
+            log = path.parent / data["rejected_file"]
+            try:
+                with open(log, "rb") as source:
+                    shutil.copyfileobj(source, sink, 1 << 20)
+            except FileNotFoundError:
+                raise BuildError(f"{log}: the rejected inputs of part {part} are missing; build that part again") \
+                    from None
+
+    shards.write_atomic(rejected_path, gather)
     manifest = dict(first)
     manifest.update(
         inputs=sum(parts[p][1]["inputs"] for p in parts),
