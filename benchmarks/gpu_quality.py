@@ -2,7 +2,7 @@
 
 Builds train and test shards from the four Fashion-MNIST ``.gz`` files (carried in
 ``.gpu/fmnist``, else ``$FASHION_MNIST_DIR`` or Debian's package), measures the
-``small`` recipe's rate in a short calibration run, picks the number of epochs that
+recipe's rate (``--quality-preset``, default ``cifar``) in a short calibration run, picks the number of epochs that
 fits the time left (cosine schedule over them, kNN every epoch), pretrains, measures
 the kNN of the same encoder at initialisation and, time permitting, a short linear
 probe, and writes ``quality.json`` and ``quality.png`` with ``benchmarks.quality_record``.
@@ -67,7 +67,7 @@ def quality_stage(session, budget: float) -> dict:
         return {"status": "failed", "reason": "building the Fashion-MNIST shards"}
     train, test = work / "shards" / "train", work / "shards" / "test"
     samples = json.loads((train / "manifest.json").read_text())["samples"]
-    common = ["--preset", "small", "--data.train", str(train), "--data.knn_train", str(train),
+    common = ["--preset", session.args.quality_preset, "--data.train", str(train), "--data.knn_train", str(train),
               "--data.knn_val", str(test), "--run.progress", "false"]
     if dry:  # the standard stem and one direction: the small stem costs 16x the compute at 32 px
         common += ["--data.batch_size", "32", "--model.small_stem", "false", "--model.symmetric", "false",

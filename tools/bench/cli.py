@@ -20,8 +20,10 @@ Modes:
 * ``scale-build``: one part of a shard build, its memory and time to enumerate and
   order its share as the source grows (1e5 and 1e6 inputs), beside the design that
   held the whole listing, extrapolated to 1e9 inputs (not part of ``all``).
-* ``all``: every mode in one run, one JSON. ``--compare A.json B.json`` sets the
-  headline figures of two records side by side; ``--chart FILE.png`` draws them.
+* ``all``: every mode in one run, one JSON (``--modes`` picks some). A mode that
+  fails is recorded with its error and the others still run (exit 1).
+  ``--compare A.json B.json`` sets the headline figures of two records side by side;
+  ``--chart FILE.png`` draws them.
 
 Every mode warms up, alternates the contenders, reports medians with their spread,
 prints a table and writes JSON with the machine and the configuration. Each mode is a
@@ -148,11 +150,38 @@ def _parser(gpu: bool, cores: int) -> argparse.ArgumentParser:
     sb.add_argument("--sizes", default="1e5,1e6", help="comma-separated input counts")
     sb.add_argument("--parts", default="1,100", help="comma-separated part counts (part 0 is measured)")
     sb.add_argument("--kinds", default="list", help="comma-separated sources: list (a list file), folder (empty files)")
-    sub.add_parser("all", parents=[out, data, model, train, pipe, mom, shards], help="every mode, one record")
+    every = sub.add_parser("all", parents=[out, data, model, train, pipe, mom, shards], help="every mode, one record")
+    every.add_argument("--modes", default=",".join(MODES), help=f"comma-separated subset of {','.join(MODES)}")
     from moco_dali.tools.bench.scale import add_arguments as scale_arguments
 
     scale_arguments(sub.add_parser("scale", parents=[out], help="per-rank start-up and memory as the data grows"))
     return parser
+
+
+def _write_partial(path: Path, record: dict) -> None:
+    from moco_dali.pipeline.shards import write_atomic
+
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        data = (json.dumps(record, indent=1) + "\n").encode()
+        write_atomic(path, lambda f: f.write(data))
+    except OSError:
+        pass  # the final write reports an unwritable --out; this copy is only insurance
+
+
+def _run_one(mode: str, args) -> dict:
+    """One mode of ``all``: a failure is recorded with its error, so the modes after it still run.
+
+    A first run on new hardware (a GPU never used before) is where a mode breaks;
+    losing every other mode's figures with it would waste the machine's time.
+    """
+    try:
+        return _run(mode, args)
+    except Exception as exc:  # noqa: BLE001 - any failure of one mode, reported in its record
+        import traceback
+
+        traceback.print_exc()
+        return {"mode": mode, "error": f"{type(exc).__name__}: {exc}".splitlines()[0][:500]}
 
 
 def _run(mode: str, args) -> dict:
@@ -191,7 +220,10 @@ def _print(record: dict) -> None:
                 "shards": print_shards, "scale": print_scale, "scale-build": print_scale_build}
     if record["mode"] == "all":
         for sub in record["records"].values():
-            printers[sub["mode"]](sub)
+            if "error" in sub:
+                print(f"{sub['mode']}: FAILED: {sub['error']}")
+            else:
+                printers[sub["mode"]](sub)
             print()
     else:
         printers[record["mode"]](record)
@@ -266,6 +298,10 @@ def _validate(args, gpu: bool) -> None:
             raise UsageError(f"--photos {args.photos}: no such folder")
         if next(args.photos.glob("*.jpg"), None) is None:
             raise UsageError(f"--photos {args.photos}: no *.jpg files to build shards from")
+    if mode == "all":
+        unknown = [m for m in args.modes.split(",") if m not in MODES]
+        if unknown or not args.modes:
+            raise UsageError(f"--modes {args.modes}: choose from {','.join(MODES)}")
     if getattr(args, "build_workers", None):
         _counts("--build-workers", args.build_workers)
     if mode in ("momentum", "step", "e2e", "all") and args.K < args.batch:
@@ -347,10 +383,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         if args.mode == "all":
             records = {}
-            for mode in MODES:
+            for mode in [m for m in MODES if m in args.modes.split(",")]:
                 print(f"moco-bench all: {mode}", file=sys.stderr, flush=True)
-                records[mode] = _run(mode, args)
+                records[mode] = _run_one(mode, args)
                 records[mode].update(date=time.strftime("%Y-%m-%d"))
+                if args.out:  # a run stopped part-way still leaves the modes that finished
+                    _write_partial(args.out, {"mode": "all", "records": records, "partial": True,
+                                              "machine": describe()})
             record = {"mode": "all", "records": records}
         else:
             record = _run(args.mode, args)
@@ -376,6 +415,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         except (ValueError, OSError) as exc:
             print(f"moco-bench: error: --chart {args.chart}: {exc}", file=sys.stderr)
             return 2
+    failed = [sub["mode"] for sub in record.get("records", {}).values() if "error" in sub]
+    if failed:
+        print(f"moco-bench all: {', '.join(failed)} failed (their errors are in the record)", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -12,7 +12,7 @@ def headline(record: dict) -> list[dict]:
     """The figures a record is judged by: ours, the reference (or baseline) and, where one applies, the ceiling."""
     mode = record["mode"]
     if mode == "all":
-        return [row for r in record["records"].values() for row in headline(r)]
+        return [row for r in record["records"].values() if "error" not in r for row in headline(r)]
     if mode == "pipeline":
         r = record["results"]
         row = {"figure": "pipeline pairs/s", "ours": r["dali"]["pairs_per_s"],

@@ -102,6 +102,46 @@ def test_all_runs_every_mode_and_compare_and_chart_read_the_record(tmp_path, cap
     assert " 1.00 " in table
 
 
+def test_all_records_a_failing_mode_and_still_runs_the_others(tmp_path, capsys, monkeypatch):
+    """A first run on new hardware must not lose every figure to one broken mode."""
+    from benchmarks.gpu_session import headline as session_headline
+
+    def broken(args):
+        raise RuntimeError("CUDA error: no kernel image is available\nsecond line")
+
+    monkeypatch.setattr(bench, "bench_momentum", broken)
+    out = tmp_path / "all.json"
+    assert bench.main(["all", "--modes", "momentum,step", "--arch", "resnet18", "--size", "32", "--batch", "16",
+                       "--batches", "1", "--reps", "1", "--warmup", "1", "--K", "256", "--device", "cpu",
+                       "--out", str(out), "--chart", str(tmp_path / "all.png")]) == 1
+    records = json.loads(out.read_text())["records"]
+    assert list(records) == ["momentum", "step"]  # the asked modes only, in the usual order
+    assert records["momentum"]["error"] == "RuntimeError: CUDA error: no kernel image is available"
+    assert records["step"]["results"]["ours"]["images_per_s"] > 0
+    assert (tmp_path / "all.png").is_file()  # drawn from the modes that ran
+    captured = capsys.readouterr()
+    assert "momentum: FAILED: RuntimeError" in captured.out and "momentum failed" in captured.err
+    figures = session_headline(json.loads(out.read_text()))
+    assert figures["momentum_error"].startswith("RuntimeError") and figures["step_images_per_s"] > 0
+    assert "pipeline_pairs_per_s" not in figures
+
+
+def test_all_stopped_part_way_leaves_the_modes_that_finished(tmp_path, monkeypatch):
+    def stopped(args):
+        raise KeyboardInterrupt  # what a budget's SIGTERM or a ^C does mid-run
+
+    from moco_dali.tools.bench import step
+
+    monkeypatch.setattr(step, "bench_step", stopped)
+    out = tmp_path / "all.json"
+    with pytest.raises(KeyboardInterrupt):
+        bench.main(["all", "--modes", "step,momentum", "--arch", "resnet18", "--K", "256", "--batch", "16",
+                    "--calls", "1", "--reps", "1", "--device", "cpu", "--out", str(out)])
+    record = json.loads(out.read_text())
+    assert record["partial"] and list(record["records"]) == ["momentum"]  # momentum runs before step
+    assert record["records"]["momentum"]["floor_ms"] > 0 and record["machine"]["cores"] >= 1
+
+
 def test_compare_errors_name_the_file(tmp_path, capsys):
     (tmp_path / "bad.json").write_text("{}")
     assert bench.main(["--compare", str(tmp_path / "bad.json"), str(tmp_path / "none.json")]) == 2

@@ -53,6 +53,8 @@ HOSTILE = [
     (["e2e", "--K", "0"], "--K"),
     (["e2e", "--batches", "-3"], "--batches"),
     (["all", "--reps", "0"], "--reps"),
+    (["all", "--modes", "pipeline,bogus"], "--modes"),
+    (["all", "--modes", ""], "--modes"),
     (["all", "--size", "-1"], "--size"),
     (["scale", "--batch", "0"], "--batch 0"),
     (["scale", "--threads", "-1"], "--threads -1"),
