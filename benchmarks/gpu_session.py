@@ -227,7 +227,7 @@ class Session:
 
     def stage_bench(self, budget: float) -> dict:
         tiny = ["--arch", "resnet18", "--size", "32", "--batch", "16", "--batches", "1", "--reps", "1",
-                "--warmup", "1", "--K", "256", "--workers", "1", "--threads", "1", "--calls", "1", "--copy-mib", "8",
+                "--warmup", "1", "--K", "256", "--workers", "1", "--threads", "1", "--calls", "1",
                 "--modes", "pipeline,momentum,step,e2e", "--hue-space", "yiq", "--device", "cpu"]
         extra = tiny if self.dry else self.args.bench_args.split()
         code = self.run(self.python("-m", "moco_dali.tools.bench.cli", "all", "--shards", str(self.work / "shards"),

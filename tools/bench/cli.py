@@ -128,7 +128,6 @@ def _parser(gpu: bool, cores: int) -> argparse.ArgumentParser:
     mom = argparse.ArgumentParser(add_help=False)
     mom.add_argument("--mlp", action=argparse.BooleanOptionalAction, default=True, help="MoCo v2's MLP head")
     mom.add_argument("--calls", type=positive_int, default=20 if gpu else 5, help="timed calls per rep")
-    mom.add_argument("--copy-mib", type=positive_int, default=1024 if gpu else 256, help="size of the bandwidth probe")
 
     shards = argparse.ArgumentParser(add_help=False)
     shards.add_argument("--photos", type=Path, default=None,

@@ -15,7 +15,7 @@ from typing import Callable, Iterable, Iterator, Optional
 
 import torch
 
-__all__ = ["sync", "time_ms", "copy_bandwidth", "summary", "Feed", "settle", "peak_memory",
+__all__ = ["sync", "time_ms", "summary", "Feed", "settle", "peak_memory",
            "synthetic_photos", "shards_for", "reference_feed"]
 
 
@@ -43,15 +43,6 @@ def time_ms(fn: Callable[[], object], device: torch.device, reps: int, warmup: i
             fn()
             times.append((time.perf_counter() - t0) * 1e3)
     return times
-
-
-def copy_bandwidth(device: torch.device, reps: int, mib: int = 1024) -> float:
-    """Measured device copy bandwidth in bytes/s, counting bytes read plus bytes written."""
-    n = mib * 2**20 // 4
-    src, dst = torch.empty(n, device=device), torch.empty(n, device=device)
-    src.uniform_()
-    ms = statistics.median(time_ms(lambda: dst.copy_(src), device, reps))
-    return 2 * n * 4 / (ms / 1e3)
 
 
 def summary(times: list[float]) -> dict:

@@ -42,7 +42,6 @@ HOSTILE = [
     (["shards", "--photos", "{tmp}/none"], "--photos {tmp}/none"),
     (["shards", "--photos", "{tmp}/empty"], "--photos {tmp}/empty"),
     (["momentum", "--calls", "0"], "--calls"),
-    (["momentum", "--copy-mib", "0"], "--copy-mib"),
     (["momentum", "--K", "0"], "--K"),
     (["momentum", "--K", "64", "--batch", "256"], "--K 64"),
     (["momentum", "--batch", "0"], "--batch"),
