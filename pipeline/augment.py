@@ -161,7 +161,7 @@ def preset(name: str, size: int = 224, **fields: Any) -> AugmentConfig:
 # ----------------------------------------------------------------------- DALI functions
 
 def _uniform(low: float, high: float):
-    return fn.random.uniform(range=[low, high]) if high > low else low
+    return fn.random.uniform(range=[low, high]) if high > low else float(low)
 
 
 def _grayscale(image):
@@ -197,7 +197,9 @@ def _hue_shift(image, shift):
 
 def _on(node, like):
     """``node`` on the device of ``like``: arithmetic with GPU images takes GPU operands."""
-    return node.gpu() if getattr(like, "device", "cpu") == "gpu" and not isinstance(node, float) else node
+    # A constant (a factor whose range is one point: max(0.0, 1 - 0) is the int 1) stays
+    # a Python number: DALI broadcasts it on either device. Seen on the first GPU run.
+    return node.gpu() if getattr(like, "device", "cpu") == "gpu" and not isinstance(node, (int, float)) else node
 
 
 def _jitter(image, cfg: AugmentConfig):

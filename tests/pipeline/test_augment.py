@@ -37,3 +37,27 @@ def test_the_cifar_recipe_is_v2_without_blur():
     assert cifar() == custom(v2(32), blur_p=0.0) and preset("cifar", 32) == cifar()
     assert (cifar().jitter, cifar().jitter_p, cifar().gray_p, cifar().crop_scale) == ((0.4, 0.4, 0.4, 0.1), 0.8,
                                                                                       0.2, (0.2, 1.0))
+
+
+def test_constant_jitter_factors_stay_numbers_beside_gpu_images():
+    """A factor with an empty range (brightness 0: the int 1 from max(0.0, 1 - 0)) is a
+    constant, not a DALI node: moving it to the GPU broke every GPU view with only some
+    jitter factors set (the first GPU run's parity test). The GPU branch needs a GPU;
+    the rule it relies on is checked here."""
+    from moco_dali.pipeline import augment
+
+    class GpuNode:
+        device = "gpu"
+
+    class CpuNode:
+        device = "cpu"
+
+        def gpu(self):
+            return "moved"
+
+    for constant in (1, 1.0, augment._uniform(1, 1), augment._uniform(max(0.0, 1 - 0), 1 + 0)):
+        assert augment._on(constant, GpuNode()) == constant
+    assert isinstance(augment._uniform(max(0.0, 1 - 0), 1 + 0), float)
+    assert augment._on(CpuNode(), GpuNode()) == "moved"
+    node = CpuNode()
+    assert augment._on(node, CpuNode()) is node

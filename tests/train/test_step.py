@@ -21,13 +21,17 @@ def _step(device: torch.device, amp: str, views: tuple[torch.Tensor, torch.Tenso
     model = build_model(config, device)
     optimizer = build_optimizer(config, model, device)
     dtype = amp_dtype(amp, device)
-    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+    # A scale the first step does not overflow: at the default 65536 the scaler's first
+    # step backs off (its normal start) and leaves non-finite gradients to compare, as
+    # the first GPU run found. Gradients left multiplied by 256 still fail the norm check.
+    scaler = torch.amp.GradScaler(device.type, init_scale=2.0**8, enabled=dtype == torch.float16)
     computed_in = []
     model.encoder_q.fc.register_forward_hook(lambda module, inputs, output: computed_in.append(output.dtype))
     torch.manual_seed(1)  # the same key shuffle for every contender
     view_q, view_k = (v.to(device).contiguous(memory_format=torch.channels_last) for v in views)
     loss, logits, _ = forward_loss(model, view_q, view_k, dtype)
     skipped = backward_step(loss, optimizer, scaler)
+    assert not scaler.is_enabled() or scaler.get_scale() == 2.0**8, "the scaler backed off: no gradients to compare"
     grads = torch.cat([p.grad.flatten() for p in model.encoder_q.parameters()])
     return loss.detach(), logits, grads, bool(skipped), computed_in[0]
 

@@ -388,7 +388,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 records[mode].update(date=time.strftime("%Y-%m-%d"))
                 if args.out:  # a run stopped part-way still leaves the modes that finished
                     _write_partial(args.out, {"mode": "all", "records": records, "partial": True,
-                                              "machine": describe()})
+                                              "date": time.strftime("%Y-%m-%d"), "machine": describe()})
             record = {"mode": "all", "records": records}
         else:
             record = _run(args.mode, args)
