@@ -36,8 +36,8 @@ STAGES = ("install", "tests", "splitbn", "data", "bench", "quality")
 # data 25 s; 200 s of bench held pipeline, momentum and step but not e2e, whose
 # reference loader (480 pairs/s) is drained and refilled around every window. So the
 # defaults fill one call without quality, which takes a call of its own
-# (--stages quality).
-BUDGETS_S = {"install": 60, "tests": 150, "splitbn": 30, "data": 45, "bench": 330, "quality": 0}
+# (--stages quality). The bench now also times the view operators one by one (views).
+BUDGETS_S = {"install": 60, "tests": 150, "splitbn": 20, "data": 30, "bench": 350, "quality": 0}
 NEEDS = {"tests": "install", "data": "install", "bench": "data", "quality": "install"}
 
 
@@ -233,7 +233,7 @@ class Session:
     def stage_bench(self, budget: float) -> dict:
         tiny = ["--arch", "resnet18", "--size", "32", "--batch", "16", "--batches", "1", "--reps", "1",
                 "--warmup", "1", "--K", "256", "--workers", "1", "--threads", "1", "--calls", "1",
-                "--modes", "pipeline,momentum,step,e2e", "--hue-space", "yiq", "--device", "cpu"]
+                "--modes", "pipeline,views,momentum,step,e2e", "--hue-space", "yiq", "--device", "cpu"]
         extra = tiny if self.dry else self.args.bench_args.split()
         code = self.run(self.python("-m", "moco_dali.tools.bench.cli", "all", "--shards", str(self.work / "shards"),
                                     "--photos", str(self.work / "photos"), *extra,
@@ -264,6 +264,8 @@ def headline(record: dict) -> dict:
     if "e2e" in ok:
         figures.update(e2e_images_per_s=ok["e2e"]["results"]["e2e_ours"]["images_per_s"],
                        e2e_over_step=ok["e2e"]["e2e_over_step"], e2e_over_reference=ok["e2e"]["ours_over_reference"])
+    if "views" in ok:
+        figures["views_share"] = {name: round(cost["share"], 3) for name, cost in ok["views"]["costs"].items()}
     if "momentum" in ok:
         figures.update(momentum_ms=ok["momentum"]["momentum"][ok["momentum"]["best"]]["median_ms"],
                        momentum_floor_ms=ok["momentum"]["floor_ms"])
@@ -302,7 +304,8 @@ def main() -> int:
     parser.add_argument("--min-stage-s", type=float, default=20.0, help="skip a stage given less than this")
     parser.add_argument("--photos", type=int, default=None, help="generated photos (default 2000; 32 dry)")
     # The shard build is CPU work, measured in the CPU records: the device's minutes go to the GPU's figures.
-    parser.add_argument("--bench-args", default="--modes pipeline,momentum,step,e2e --reps 3 --batches 20 --warmup 5",
+    parser.add_argument("--bench-args", default="--modes pipeline,views,momentum,step,e2e --reps 3 --batches 20 "
+                        "--warmup 5",
                         help="moco-bench all arguments beside its GPU defaults (default: sized to fit its budget)")
     parser.add_argument("--quality-min-s", type=float, default=120.0,
                         help="the least time the quality stage needs to be worth starting (GPU)")

@@ -14,6 +14,8 @@ Modes:
   configuration, with the data-wait fraction and an input/compute-bound verdict.
 * ``shards``: ``moco-shards build`` against PIL plus
   ``webdataset.ShardWriter``.
+* ``views``: what each view operator costs: the DALI pipeline timed with one left
+  out at a time (not part of ``all`` unless ``--modes`` names it).
 * ``scale``: a training rank's start-up time and host memory as the data set grows
   (synthetic shard folders of 1e4 to 1e6 samples, up to 1e5 shards; world 1, 8, 64),
   fitted and extrapolated to 1e9 samples (not part of ``all``).
@@ -54,6 +56,7 @@ from moco_dali.tools.bench.report import chart, compare, headline
 __all__ = ["main", "positive_int"]
 
 MODES = ("pipeline", "momentum", "step", "e2e", "shards")
+OPTIONAL_MODES = ("views",)  # ``all --modes`` may name them; plain ``all`` leaves them out
 
 
 class UsageError(ValueError):
@@ -137,6 +140,8 @@ def _parser(gpu: bool, cores: int) -> argparse.ArgumentParser:
 
     sub.add_parser("pipeline", parents=[out, data, pipe],
                    help="view pairs/s of the DALI pipeline beside the reference loader")
+    sub.add_parser("views", parents=[out, data, pipe],
+                   help="what each view operator costs: the DALI pipeline with one left out at a time")
     m = sub.add_parser("momentum", parents=[out, mom], help="momentum update vs the per-parameter loop and the floor")
     m.add_argument("--arch", choices=ARCHS, default="resnet50")
     m.add_argument("--K", type=positive_int, default=65536)
@@ -150,7 +155,8 @@ def _parser(gpu: bool, cores: int) -> argparse.ArgumentParser:
     sb.add_argument("--parts", default="1,100", help="comma-separated part counts (part 0 is measured)")
     sb.add_argument("--kinds", default="list", help="comma-separated sources: list (a list file), folder (empty files)")
     every = sub.add_parser("all", parents=[out, data, model, train, pipe, mom, shards], help="every mode, one record")
-    every.add_argument("--modes", default=",".join(MODES), help=f"comma-separated subset of {','.join(MODES)}")
+    every.add_argument("--modes", default=",".join(MODES),
+                       help=f"comma-separated, from {','.join(MODES + OPTIONAL_MODES)} (default {','.join(MODES)})")
     from moco_dali.tools.bench.scale import add_arguments as scale_arguments
 
     scale_arguments(sub.add_parser("scale", parents=[out], help="per-rank start-up and memory as the data grows"))
@@ -188,6 +194,10 @@ def _run(mode: str, args) -> dict:
         return bench_pipeline(args)
     if mode == "momentum":
         return bench_momentum(args)
+    if mode == "views":
+        from moco_dali.tools.bench.views import bench_views
+
+        return bench_views(args)
     if mode in ("step", "e2e"):
         from moco_dali.tools.bench.step import bench_e2e, bench_step
 
@@ -215,7 +225,10 @@ def _print(record: dict) -> None:
     from moco_dali.tools.bench.shards import print_shards
     from moco_dali.tools.bench.step import print_e2e, print_step
 
-    printers = {"pipeline": print_pipeline, "momentum": print_momentum, "step": print_step, "e2e": print_e2e,
+    from moco_dali.tools.bench.views import print_views
+
+    printers = {"pipeline": print_pipeline, "views": print_views, "momentum": print_momentum, "step": print_step,
+                "e2e": print_e2e,
                 "shards": print_shards, "scale": print_scale, "scale-build": print_scale_build}
     if record["mode"] == "all":
         for sub in record["records"].values():
@@ -298,9 +311,9 @@ def _validate(args, gpu: bool) -> None:
         if next(args.photos.glob("*.jpg"), None) is None:
             raise UsageError(f"--photos {args.photos}: no *.jpg files to build shards from")
     if mode == "all":
-        unknown = [m for m in args.modes.split(",") if m not in MODES]
+        unknown = [m for m in args.modes.split(",") if m not in MODES + OPTIONAL_MODES]
         if unknown or not args.modes:
-            raise UsageError(f"--modes {args.modes}: choose from {','.join(MODES)}")
+            raise UsageError(f"--modes {args.modes}: choose from {','.join(MODES + OPTIONAL_MODES)}")
     if getattr(args, "build_workers", None):
         _counts("--build-workers", args.build_workers)
     if mode in ("momentum", "step", "e2e", "all") and args.K < args.batch:
@@ -382,7 +395,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         if args.mode == "all":
             records = {}
-            for mode in [m for m in MODES if m in args.modes.split(",")]:
+            for mode in [m for m in ("pipeline", "views") + MODES[1:] if m in args.modes.split(",")]:
                 print(f"moco-bench all: {mode}", file=sys.stderr, flush=True)
                 records[mode] = _run_one(mode, args)
                 records[mode].update(date=time.strftime("%Y-%m-%d"))

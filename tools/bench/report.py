@@ -21,6 +21,12 @@ def headline(record: dict) -> list[dict]:
         if "decode_ceiling" in record:  # records before the ceiling was measured lack it
             row["ceiling"] = record["decode_ceiling"]["images_per_s"]
         return [row]
+    if mode == "views":  # the whole recipe beside the crop alone (or the one operator it has)
+        r = record["results"]
+        other = "crop only" if "crop only" in r else next((n for n in r if n != "whole recipe"), "whole recipe")
+        return [{"figure": "view recipe pairs/s", "ours": r["whole recipe"]["pairs_per_s"],
+                 "reference": r[other]["pairs_per_s"], "higher_is_better": True,
+                 "labels": ["whole recipe", other]}]
     if mode == "momentum":
         m = record["momentum"]
         return [{"figure": "momentum update ms", "ours": m[record["best"]]["median_ms"],

@@ -88,6 +88,39 @@ def test_pipeline_mode_runs_both_loaders_and_writes_its_record(tmp_path, labelle
     assert reopen["batches_per_epoch"] >= 7 and isinstance(record["dali_epoch_reopen_s"], float)
 
 
+def test_views_mode_times_the_recipe_with_each_operator_left_out(tmp_path, labelled_dump, capsys):
+    from moco_dali.pipeline.augment import cifar, v2
+    from moco_dali.tools.bench.views import variants
+    from moco_dali.tools.shards.build import BuildSettings, build
+
+    # Only the operators a recipe applies get a variant: cifar has no blur.
+    assert list(variants(v2(32))) == ["whole recipe", "without jitter", "without grayscale", "without blur",
+                                      "without flip", "crop only"]
+    assert "without blur" not in variants(cifar(32))
+    crop_only = variants(v2(32))["crop only"]
+    assert (crop_only.jitter_p, crop_only.gray_p, crop_only.blur_p, crop_only.flip_p) == (0, 0, 0, 0)
+    assert crop_only.crop_scale == v2(32).crop_scale and variants(v2(32))["without blur"].jitter_p == 0.8
+
+    build([str(labelled_dump)], tmp_path / "shards", BuildSettings(max_count=5), workers=0, progress=False)
+    out = tmp_path / "views.json"
+    assert bench.main(["views", "--shards", str(tmp_path / "shards"), "--size", "32", "--batch", "4",
+                       "--batches", "2", "--warmup", "1", "--reps", "2", "--threads", "1", "--device", "cpu",
+                       "--hue-space", "yiq", "--out", str(out), "--chart", str(tmp_path / "views.png")]) == 0
+    record = json.loads(out.read_text())
+    assert record["mode"] == "views" and set(record["results"]) == set(variants(v2(32)))
+    for figures in record["results"].values():
+        assert len(figures["seconds"]) == 2 and figures["pairs_per_s_min"] <= figures["pairs_per_s"] > 0
+    whole = 1e6 / record["results"]["whole recipe"]["pairs_per_s"]
+    assert record["whole_us_per_pair"] == pytest.approx(whole)
+    jitter = record["costs"]["jitter"]
+    assert jitter["us_per_pair"] == pytest.approx(whole - 1e6 / record["results"]["without jitter"]["pairs_per_s"])
+    assert jitter["share"] == pytest.approx(jitter["us_per_pair"] / whole)
+    assert set(record["costs"]) == {"jitter", "grayscale", "blur", "flip", "all but the crop"}
+    assert record["dali_pipelines_opened_while_timing"] == 0
+    assert record["config"]["variants"]["crop only"]["blur_p"] == 0
+    assert "of which:" in capsys.readouterr().out
+
+
 def test_all_runs_every_mode_and_compare_and_chart_read_the_record(tmp_path, capsys, monkeypatch):
     import torch.utils.data
 

@@ -57,7 +57,7 @@ def test_a_stage_that_raises_is_recorded_and_the_others_still_run(tmp_path, monk
     session = _session(tmp_path, monkeypatch, {})
     monkeypatch.setattr(session, "stage_splitbn", lambda budget: 1 / 0)
     summary = _run_all(session)
-    assert summary["stages"]["splitbn"] == {"budget_s": 30, "status": "failed",
+    assert summary["stages"]["splitbn"] == {"budget_s": gpu_session.BUDGETS_S["splitbn"], "status": "failed",
                                             "reason": "ZeroDivisionError: division by zero",
                                             "seconds": summary["stages"]["splitbn"]["seconds"]}
     assert summary["stages"]["quality"]["status"] == "ok"

@@ -1,0 +1,116 @@
+"""``moco-bench views``: what each view operator costs, from the pipeline timed with one left out at a time.
+
+The first GPU record found the view pipeline at 5,371 pairs/s where its decoder alone
+gives 18,631 images/s: the operators after decoding are the limit, and this says
+which. Variants of the same recipe, each a DALI loader over the same shards, built
+once and alternating (as ``pipeline`` times its contenders): the whole recipe, then
+without the colour jitter, the grayscale, the blur, the flip (each one's probability
+set to 0, so DALI's conditionals skip it), and the crop alone. An operator's cost is
+the time per pair it adds: 1/rate(whole) - 1/rate(without it), and its share of the
+whole recipe's time per pair. Operators the recipe already leaves out have no variant.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import replace
+
+import torch
+
+from moco_dali.tools.bench.common import Feed, settle, shards_for, sync
+from moco_dali.tools.bench.epochs import Epochs, draws, view_folder
+
+__all__ = ["bench_views", "print_views", "variants"]
+
+# The probability that turns each operator off; "crop only" turns off all of them.
+OPERATORS = {"jitter": "jitter_p", "grayscale": "gray_p", "blur": "blur_p", "flip": "flip_p"}
+
+
+def variants(cfg) -> dict:
+    """The recipe, the recipe without each operator it applies, and the crop alone."""
+    present = {name: field for name, field in OPERATORS.items() if getattr(cfg, field) > 0}
+    out = {"whole recipe": cfg}
+    out.update({f"without {name}": replace(cfg, **{field: 0.0}) for name, field in present.items()})
+    if len(present) > 1:
+        out["crop only"] = replace(cfg, **{field: 0.0 for field in present.values()})
+    return out
+
+
+def bench_views(args) -> dict:
+    from moco_dali.pipeline import shards as shard_format
+    from moco_dali.pipeline.augment import preset
+    from moco_dali.pipeline.loader import LoaderConfig, ViewLoader
+
+    device = torch.device(args.device)
+    gpu = device.type == "cuda"
+    shards, _ = shards_for(args)
+    original = shard_format.load_manifest(shards)
+    cfg = preset(args.preset, args.size, hue_space=args.hue_space)
+    loader_config = LoaderConfig(batch_size=args.batch, dtype=args.dtype, threads=args.threads,
+                                 hw_decoder_load=args.hw_decoder_load, labels=False)
+    view, view_info = view_folder(shards, draws(args, loader_config.prefetch) * args.batch)
+    recipes = variants(cfg)
+    feeds, epochs = {}, {}
+    for name, recipe in recipes.items():
+        loader = ViewLoader(view, recipe, loader_config, device_id=device.index or 0 if gpu else None)
+        epochs[name] = Epochs(loader, lambda b: (b.view_q, b.view_k))
+        feeds[name] = Feed(iter(epochs[name]), backlog=loader_config.prefetch)
+
+    def run(feed: Feed, batches: int) -> float:
+        start = time.perf_counter()
+        for _ in range(batches):
+            next(feed)
+        sync(device)
+        seconds = time.perf_counter() - start
+        feed.consumed(batches, seconds)
+        return seconds
+
+    for feed in feeds.values():
+        for _ in range(feed.backlog):
+            next(feed)
+        run(feed, args.warmup)
+    seconds: dict[str, list[float]] = {name: [] for name in feeds}
+    opened = sum(e.opened for e in epochs.values())
+    for _ in range(args.reps):
+        for name, feed in feeds.items():
+            settle(feed, feeds.values())
+            seconds[name].append(run(feed, args.batches))
+    pairs = args.batches * args.batch
+    results = {name: {"pairs_per_s": statistics.median(pairs / t for t in ts),
+                      "pairs_per_s_min": pairs / max(ts), "pairs_per_s_max": pairs / min(ts), "seconds": ts}
+               for name, ts in seconds.items()}
+    whole_us = 1e6 / results["whole recipe"]["pairs_per_s"]
+    costs = {}
+    for name in results:
+        if name.startswith("without "):
+            cost = whole_us - 1e6 / results[name]["pairs_per_s"]
+            costs[name[len("without "):]] = {"us_per_pair": cost, "share": cost / whole_us}
+    if "crop only" in results:
+        rest = whole_us - 1e6 / results["crop only"]["pairs_per_s"]
+        costs["all but the crop"] = {"us_per_pair": rest, "share": rest / whole_us}
+    return {
+        "mode": "views",
+        "config": {"shards": str(shards), "samples": original.samples, "preset": args.preset, "size": args.size,
+                   "augment": cfg.to_dict(), "batch": args.batch, "batches": args.batches, "warmup": args.warmup,
+                   "reps": args.reps, "dtype": args.dtype, "dali_threads": args.threads or "default",
+                   "hw_decoder_load": args.hw_decoder_load if gpu else None, "device": str(device),
+                   "decoder": "mixed (nvJPEG)" if gpu else "cpu (libjpeg-turbo)",
+                   "dali_data": view_info, "variants": {name: r.to_dict() for name, r in recipes.items()}},
+        "dali_pipelines_opened_while_timing": sum(e.opened for e in epochs.values()) - opened,
+        "results": results,
+        "whole_us_per_pair": whole_us,
+        "costs": costs,
+    }
+
+
+def print_views(r: dict) -> None:
+    c = r["config"]
+    print(f"view operators, {c['preset']} at {c['size']} px, batch {c['batch']}, {c['batches']} batches x "
+          f"{c['reps']} reps, {c['device']} ({c['decoder']}), {c['samples']} samples")
+    print(f"{'variant':20s} {'pairs/s':>10s} {'min':>10s} {'max':>10s}")
+    for name, s in r["results"].items():
+        print(f"{name:20s} {s['pairs_per_s']:10.0f} {s['pairs_per_s_min']:10.0f} {s['pairs_per_s_max']:10.0f}")
+    print(f"the whole recipe: {r['whole_us_per_pair']:.1f} us per pair, of which:")
+    for name, cost in r["costs"].items():
+        print(f"  {name:18s} {cost['us_per_pair']:8.1f} us  {100 * cost['share']:5.1f}%")
