@@ -21,14 +21,23 @@ set -euo pipefail
 repo=$(cd "$(dirname "$0")/.." && pwd)
 out=${1:-$repo/.gpu/carry}; mib=${2:-60}
 fmnist=${FASHION_MNIST_DIR:-/usr/share/datasets/fashion-mnist}
-pin() { grep -E "^$1==" "$repo/requirements.lock" | sed 's/ .*//'; }
-dali_version=$(pin nvidia-dali-cuda120 | cut -d= -f3)
-codec_version=$(pin nvidia-nvimgcodec-cu12 | cut -d= -f3)
+# OUT_DIR is emptied first: refuse one that holds anything this script did not write.
+if [ -d "$out" ] && find "$out" -mindepth 1 ! -name 'part-*' ! -name SHA256SUMS ! -name assemble.sh | grep -q .; then
+  echo "gpu_carry: $out holds other files; give an empty or new folder" >&2; exit 2
+fi
+# One pin per name; the lock may list a name twice (one version per Python): then the first.
+pin() {
+  local line; line=$(grep -E "^$1==" "$repo/requirements.lock" | sed 's/ .*//' | head -1 || true)
+  [ -n "$line" ] || { echo "gpu_carry: $1 is not pinned in requirements.lock" >&2; exit 2; }
+  echo "$line"
+}
+dali=$(pin nvidia-dali-cuda120); dali_version=${dali#*==}
+codec=$(pin nvidia-nvimgcodec-cu12); codec_version=${codec#*==}
 # nvJPEG of CUDA 13.0, the driver's own minor version: nothing relies on minor-version
 # compatibility.
 reqs=("nvidia-dali-cuda130==$dali_version" "nvidia-nvimgcodec-cu13==$codec_version" "nvidia-nvjpeg==13.0.4.44")
 for name in astunparse gast optree nvtx makefun libcst webdataset braceexpand simplejpeg; do
-  line=$(pin "$name"); [ -n "$line" ] || { echo "gpu_carry: $name is not in requirements.lock" >&2; exit 2; }
+  line=$(pin "$name")
   reqs+=("$line")
 done
 for f in train-images-idx3-ubyte train-labels-idx1-ubyte t10k-images-idx3-ubyte t10k-labels-idx1-ubyte; do
@@ -59,8 +68,10 @@ here=$(cd "$(dirname "$0")" && pwd)
 site=${1:?usage: assemble.sh SITE_DIR [FMNIST_DIR]}; fmnist=${2:-}
 ( cd "$here" && sha256sum -c --quiet SHA256SUMS )
 tmp=$(mktemp -d); trap 'rm -rf "$tmp"' EXIT
-if command -v xz >/dev/null; then cat "$here"/part-* | xz -dc -T0 | tar -C "$tmp" -xf -
-else cat "$here"/part-* | python3 -c 'import lzma, shutil, sys; shutil.copyfileobj(lzma.open(sys.stdin.buffer), sys.stdout.buffer)' | tar -C "$tmp" -xf -; fi
+# The parts SHA256SUMS lists, in its order: a stray part left on a warm machine is not read.
+parts=(); while read -r _ name; do parts+=("$here/$name"); done < "$here/SHA256SUMS"
+if command -v xz >/dev/null; then cat "${parts[@]}" | xz -dc -T0 | tar -C "$tmp" -xf -
+else cat "${parts[@]}" | python3 -c 'import lzma, shutil, sys; shutil.copyfileobj(lzma.open(sys.stdin.buffer), sys.stdout.buffer)' | tar -C "$tmp" -xf -; fi
 mkdir -p "$site" && cp -a "$tmp/site/." "$site/"
 if [ -n "$fmnist" ]; then mkdir -p "$fmnist"; for f in "$tmp"/fmnist/*; do gzip -1 -c "$f" > "$fmnist/$(basename "$f").gz"; done; fi
 echo "installed into $site: $(tr '\n' ' ' < "$site/CARRIED.txt")"

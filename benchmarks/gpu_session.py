@@ -22,6 +22,7 @@ import importlib.util
 import json
 import os
 import platform
+import shlex
 import shutil
 import subprocess
 import sys
@@ -41,6 +42,7 @@ STAGES = ("install", "tests", "splitbn", "data", "bench", "quality")
 # (--stages quality), and split BN, measured once, runs when asked for.
 BUDGETS_S = {"install": 60, "tests": 120, "splitbn": 20, "data": 30, "bench": 400, "quality": 0}
 DEFAULT_STAGES = ("install", "tests", "data", "bench", "quality")
+GRACE_S = 20.0  # after SIGTERM, before SIGKILL: moco-train checkpoints in it
 NEEDS = {"tests": "install", "data": "install", "bench": "data", "quality": "install"}
 
 
@@ -65,7 +67,7 @@ class Session:
         self.log.write(stamp + "\n")
         self.log.flush()
 
-    def run(self, command: list[str], timeout_s: float, grace_s: float = 20.0) -> int:
+    def run(self, command: list[str], timeout_s: float, grace_s: float = GRACE_S) -> int:
         """Run ``command``, its output into the log; 124 if it ran past ``timeout_s``.
 
         Past its time it gets SIGTERM first (moco-train then checkpoints and exits 0)
@@ -97,8 +99,12 @@ class Session:
 
     def stage(self, name: str) -> None:
         budget = self.args.budget.get(name, BUDGETS_S[name])
+        # Every stage ends inside the total (a call's limit kills everything at once):
+        # what it leaves, less the summary's time and a stopped command's grace.
+        room = self.left_s() - 15 - GRACE_S
         if name == "quality" or budget <= 0:
-            budget = self.left_s() - 15  # what the total leaves, with time to write the summary
+            budget = room
+        budget = min(budget, room)
         record = {"budget_s": round(budget)}
         need = NEEDS.get(name)
         if name not in self.args.stages and name != "install":  # the others need what it installs
@@ -126,7 +132,8 @@ class Session:
         notes = []
         carry = REPO / ".gpu" / "carry" / "assemble.sh"  # benchmarks/gpu_carry.sh: the fewest parts
         if carry.is_file() and self.dry:  # built for the device's Python 3.12: only the parts are checked here
-            if self.run(["bash", "-c", f"cd {carry.parent} && sha256sum -c --quiet SHA256SUMS"], budget / 2):
+            if self.run(["bash", "-c", f"cd {shlex.quote(str(carry.parent))} && sha256sum -c --quiet SHA256SUMS"],
+                        budget / 2):
                 return {"status": "failed", "reason": ".gpu/carry: a part is missing or damaged"}
             notes.append(".gpu/carry parts checked (not installed in a dry run)")
         elif carry.is_file():
@@ -245,7 +252,10 @@ class Session:
         record = {"status": "ok" if code == 0 else "timed_out" if code == 124 else "failed", "exit_code": code,
                   "arguments": extra}
         if (self.out / "bench.json").is_file():  # exit 1 still writes the modes that ran
-            record["headline"] = headline(json.loads((self.out / "bench.json").read_text()))
+            try:
+                record["headline"] = headline(json.loads((self.out / "bench.json").read_text()))
+            except (ValueError, KeyError) as exc:
+                record["headline"] = f"bench.json unreadable: {type(exc).__name__}: {exc}"
         return record
 
     def stage_quality(self, budget: float) -> dict:
@@ -310,7 +320,9 @@ def main() -> int:
     # The shard build is CPU work, measured in the CPU records: the device's minutes go to the GPU's figures.
     parser.add_argument("--bench-args", default="--modes pipeline,views,momentum,step,e2e --reps 3 --batches 20 "
                         "--warmup 5",
-                        help="moco-bench all arguments beside its GPU defaults (default: sized to fit its budget)")
+                        help="moco-bench all arguments beside its GPU defaults (default: sized to fit its budget); "
+                        "they replace the default whole, --modes included: without --modes, all runs every mode "
+                        "but views, the shard builds too")
     parser.add_argument("--quality-min-s", type=float, default=120.0,
                         help="the least time the quality stage needs to be worth starting (GPU)")
     parser.add_argument("--quality-preset", default="cifar", choices=["cifar", "small"],

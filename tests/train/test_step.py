@@ -48,7 +48,7 @@ def test_an_amp_step_follows_the_float32_step(device, amp):
     # At initialisation the contrastive gradient is a small difference of large terms:
     # bf16 rounding moves the loss by under 0.4 % but turns the gradient of a ResNet-18
     # by a cosine of 0.86-0.89 (measured over seeds on a CPU) while keeping its norm
-    # within 3 %. Gradients left multiplied by fp16's loss scale (65536), or of another
+    # within 3 %. Gradients left multiplied by fp16's loss scale (256 here), or of another
     # step's views (cosine near 0), are far outside.
     assert abs(loss.item() - loss_fp32.item()) < 0.02 * abs(loss_fp32.item())
     cosine = torch.nn.functional.cosine_similarity(grads.double(), grads_fp32.double(), dim=0)

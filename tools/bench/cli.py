@@ -163,13 +163,17 @@ def _parser(gpu: bool, cores: int) -> argparse.ArgumentParser:
     return parser
 
 
-def _write_partial(path: Path, record: dict) -> None:
+def _write_atomic(path: Path, record: dict) -> None:
     from moco_dali.pipeline.shards import write_atomic
 
+    data = (json.dumps(record, indent=1) + "\n").encode()
+    write_atomic(path, lambda f: f.write(data))
+
+
+def _write_partial(path: Path, record: dict) -> None:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        data = (json.dumps(record, indent=1) + "\n").encode()
-        write_atomic(path, lambda f: f.write(data))
+        _write_atomic(path, record)
     except OSError:
         pass  # the final write reports an unwritable --out; this copy is only insurance
 
@@ -370,7 +374,8 @@ def _record(path: Path) -> None:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """``moco-bench``: 0 when the record is made; 2 for a user mistake, in one line, before any work."""
+    """``moco-bench``: 0 when the record is made; 1 when ``all`` made it but a mode failed (its error is in
+    the record); 2 for a user mistake, in one line, before any work."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["--compare"]:
         if len(argv) != 3:
@@ -395,7 +400,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         if args.mode == "all":
             records = {}
-            for mode in [m for m in ("pipeline", "views") + MODES[1:] if m in args.modes.split(",")]:
+            # views last: it only explains the pipeline's figure, the others are the goals
+            for mode in [m for m in MODES + OPTIONAL_MODES if m in args.modes.split(",")]:
                 print(f"moco-bench all: {mode}", file=sys.stderr, flush=True)
                 records[mode] = _run_one(mode, args)
                 records[mode].update(date=time.strftime("%Y-%m-%d"))
@@ -416,12 +422,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.out:
         try:  # checked before the run; this is a disk that filled or a folder that went meanwhile
             args.out.parent.mkdir(parents=True, exist_ok=True)
-            args.out.write_text(json.dumps(record, indent=1) + "\n")
+            _write_atomic(args.out, record)  # a run stopped while writing leaves the last whole record
         except OSError as exc:
             print(f"moco-bench: error: --out {args.out}: cannot write: {exc.strerror or exc}", file=sys.stderr)
             return 2
         print(f"wrote {args.out}")
-    if args.chart:
+    if args.chart and not headline(record):
+        print(f"no chart: no mode made a figure ({args.chart} not written)", file=sys.stderr)
+    elif args.chart:
         try:
             print(f"wrote {chart(record, args.chart)}")
         except (ValueError, OSError) as exc:

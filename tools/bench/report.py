@@ -78,7 +78,10 @@ def _load(path: Path) -> dict:
 def _where(record: dict) -> str:
     m = record.get("machine", {})
     gpus = m.get("gpus") or []
-    return f"{record.get('date', '?')}, {gpus[0] + ' x' + str(len(gpus)) if gpus else 'no GPU'}, {m.get('cores')} cores"
+    # A record written part-way (``all`` stopped before its last mode) dates its modes only.
+    date = record.get("date") or next((r.get("date") for r in record.get("records", {}).values() if r.get("date")), "?")
+    partial = ", partial: the run stopped before its last mode" if record.get("partial") else ""
+    return f"{date}, {gpus[0] + ' x' + str(len(gpus)) if gpus else 'no GPU'}, {m.get('cores')} cores{partial}"
 
 
 def compare(a_path: Path, b_path: Path) -> dict:

@@ -5,7 +5,8 @@ gives 18,631 images/s: the operators after decoding are the limit, and this says
 which. Variants of the same recipe, each a DALI loader over the same shards, built
 once and alternating (as ``pipeline`` times its contenders): the whole recipe, then
 without the colour jitter, the grayscale, the blur, the flip (each one's probability
-set to 0, so DALI's conditionals skip it), and the crop alone. An operator's cost is
+set to 0, which leaves the operator out of the graph when it is built), and the crop
+alone. An operator's cost is
 the time per pair it adds: 1/rate(whole) - 1/rate(without it), and its share of the
 whole recipe's time per pair. Operators the recipe already leaves out have no variant.
 """

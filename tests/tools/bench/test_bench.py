@@ -193,21 +193,29 @@ def test_all_records_a_failing_mode_and_still_runs_the_others(tmp_path, capsys, 
     assert figures["momentum_error"].startswith("RuntimeError") and figures["step_images_per_s"] > 0
     assert "pipeline_pairs_per_s" not in figures
 
+    # Every asked mode failed: the record still says why, and no empty chart is drawn.
+    assert bench.main(["all", "--modes", "momentum", "--arch", "resnet18", "--K", "256", "--batch", "16",
+                       "--device", "cpu", "--out", str(out), "--chart", str(tmp_path / "none.png")]) == 1
+    assert json.loads(out.read_text())["records"]["momentum"]["error"].startswith("RuntimeError")
+    assert not (tmp_path / "none.png").exists() and "no chart" in capsys.readouterr().err
 
-def test_all_stopped_part_way_leaves_the_modes_that_finished(tmp_path, monkeypatch):
+
+def test_all_stopped_part_way_leaves_the_modes_that_finished(tmp_path, monkeypatch, capsys):
     def stopped(args):
-        raise KeyboardInterrupt  # what a budget's SIGTERM or a ^C does mid-run
+        raise KeyboardInterrupt
 
     from moco_dali.tools.bench import step
 
     monkeypatch.setattr(step, "bench_step", stopped)
     out = tmp_path / "all.json"
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(KeyboardInterrupt):  # a ^C; a SIGTERM kills outright, after the same writes
         bench.main(["all", "--modes", "step,momentum", "--arch", "resnet18", "--K", "256", "--batch", "16",
                     "--calls", "1", "--reps", "1", "--device", "cpu", "--out", str(out)])
     record = json.loads(out.read_text())
     assert record["partial"] and list(record["records"]) == ["momentum"]  # momentum runs before step
     assert record["records"]["momentum"]["floor_ms"] > 0 and record["machine"]["cores"] >= 1
+    assert bench.main(["--compare", str(out), str(out)]) == 0  # said to be partial wherever it is shown
+    assert "partial: the run stopped before its last mode" in capsys.readouterr().out
 
 
 def test_compare_errors_name_the_file(tmp_path, capsys):

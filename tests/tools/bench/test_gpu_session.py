@@ -44,12 +44,23 @@ def test_a_failed_install_skips_what_needs_it_and_says_why(tmp_path, monkeypatch
 
 
 def test_stages_not_asked_for_or_without_time_are_skipped(tmp_path, monkeypatch):
-    session = _session(tmp_path, monkeypatch, {}, stages=["bench", "quality"], total_s=30.0)
+    session = _session(tmp_path, monkeypatch, {}, stages=["bench", "quality"], total_s=300.0)
+    clock = {"left": 300.0}
+    monkeypatch.setattr(session, "left_s", lambda: clock["left"])
+
+    def bench(budget):  # the bench takes most of what is left
+        clock["left"] = 50.0
+        return {"status": "ok"}
+
+    monkeypatch.setattr(session, "stage_bench", bench)
     stages = _run_all(session)["stages"]
     assert stages["install"]["status"] == "ok"  # always: the others need what it installs
     assert stages["tests"]["reason"] == "not asked for (--stages)"
     assert stages["bench"]["status"] == "ok"  # data was not asked for: its shards are already there
-    # quality gets what the total leaves (30 s less 15 for the summary): under --min-stage-s
+    # every stage ends inside the total: the bench's 400 s are cut to what is left, less the
+    # summary's 15 s and a stopped command's grace
+    assert stages["bench"]["budget_s"] == 300 - 15 - gpu_session.GRACE_S
+    # quality gets what the total leaves (50 s less 35): under --min-stage-s
     assert stages["quality"]["status"] == "skipped" and "left of the total budget" in stages["quality"]["reason"]
 
 
