@@ -15,7 +15,7 @@ from typing import Callable, Iterable, Iterator, Optional
 
 import torch
 
-__all__ = ["sync", "time_ms", "summary", "Feed", "settle", "peak_memory",
+__all__ = ["sync", "time_ms", "summary", "Feed", "timed_window", "warm_up", "settle", "peak_memory",
            "synthetic_photos", "shards_for", "reference_feed"]
 
 
@@ -73,6 +73,25 @@ class Feed:
         """Record a timed window: its rate, and that the backlog now refills."""
         self.batches_per_s = batches / max(seconds, 1e-9)
         self.refilling = self.backlog > 0
+
+
+def timed_window(feed: Feed, batches: int, device: torch.device) -> float:
+    """Seconds for ``feed`` to give ``batches`` batches, the device's queued work included; kept as its rate."""
+    start = time.perf_counter()
+    for _ in range(batches):
+        next(feed)
+    sync(device)
+    seconds = time.perf_counter() - start
+    feed.consumed(batches, seconds)
+    return seconds
+
+
+def warm_up(feeds: Iterable[Feed], batches: int, device: torch.device) -> None:
+    """Every feed's workers started and delivering (its backlog taken), then a rate to settle by."""
+    for feed in feeds:
+        for _ in range(feed.backlog):
+            next(feed)
+        timed_window(feed, batches, device)
 
 
 def settle(feed: Optional[Feed], feeds: Iterable[Feed], max_wait_s: float = 30.0) -> float:

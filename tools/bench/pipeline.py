@@ -12,11 +12,11 @@ new epoch costs it is measured apart and reported beside the rates.
 from __future__ import annotations
 
 import statistics
-import time
 
 import torch
 
-from moco_dali.tools.bench.common import Feed, peak_memory, reference_feed, settle, shards_for, sync
+from moco_dali.tools.bench.common import (Feed, peak_memory, reference_feed, settle, shards_for, sync, timed_window,
+                                          warm_up)
 from moco_dali.tools.bench.epochs import Epochs, draws, epoch_reopens, view_folder
 
 __all__ = ["bench_pipeline", "print_pipeline", "print_reopen", "TIMING"]
@@ -51,27 +51,14 @@ def bench_pipeline(args) -> dict:
     reference, reference_config = reference_feed(shards, cfg, args.batch, args.workers, device)
     contenders = {"dali": Feed(iter(epochs), backlog=loader_config.prefetch), "reference": reference}
 
-    def run(feed: Feed, batches: int) -> float:
-        start = time.perf_counter()
-        for _ in range(batches):
-            next(feed)
-        sync(device)
-        seconds = time.perf_counter() - start
-        feed.consumed(batches, seconds)
-        return seconds
-
-    # Warm-up: every worker started and delivering (the backlog), then a rate to settle by.
-    for feed in contenders.values():
-        for _ in range(feed.backlog):
-            next(feed)
-        run(feed, args.warmup)
+    warm_up(contenders.values(), args.warmup, device)
     seconds: dict[str, list[float]] = {name: [] for name in contenders}
     settle_s = 0.0
     opened = epochs.opened
     for _ in range(args.reps):
         for name, feed in contenders.items():
             settle_s += settle(feed, contenders.values())
-            seconds[name].append(run(feed, args.batches))
+            seconds[name].append(timed_window(feed, args.batches, device))
     opened_while_timing = epochs.opened - opened
     pairs = args.batches * args.batch
     results = {name: {"pairs_per_s": statistics.median(pairs / t for t in ts),
@@ -89,11 +76,11 @@ def bench_pipeline(args) -> dict:
     decoder = decode_pipeline(shards, args.batch, threads=args.threads, hw_decoder_load=args.hw_decoder_load,
                               device_id=(device.index or 0) if gpu else None)
     decoded = Feed(iter(decoder.run, None), backlog=2)
-    run(decoded, args.warmup)
+    timed_window(decoded, args.warmup, device)
     decode_s = []
     for _ in range(args.reps):
         settle(decoded, [decoded])
-        decode_s.append(run(decoded, args.batches))
+        decode_s.append(timed_window(decoded, args.batches, device))
     return {
         "mode": "pipeline",
         "config": {"shards": str(shards), "samples": original.samples, "shard_files": len(original.counts),

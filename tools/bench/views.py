@@ -14,12 +14,11 @@ whole recipe's time per pair. Operators the recipe already leaves out have no va
 from __future__ import annotations
 
 import statistics
-import time
 from dataclasses import replace
 
 import torch
 
-from moco_dali.tools.bench.common import Feed, settle, shards_for, sync
+from moco_dali.tools.bench.common import Feed, settle, shards_for, timed_window, warm_up
 from moco_dali.tools.bench.epochs import Epochs, draws, view_folder
 
 __all__ = ["bench_views", "print_views", "variants"]
@@ -58,25 +57,13 @@ def bench_views(args) -> dict:
         epochs[name] = Epochs(loader, lambda b: (b.view_q, b.view_k))
         feeds[name] = Feed(iter(epochs[name]), backlog=loader_config.prefetch)
 
-    def run(feed: Feed, batches: int) -> float:
-        start = time.perf_counter()
-        for _ in range(batches):
-            next(feed)
-        sync(device)
-        seconds = time.perf_counter() - start
-        feed.consumed(batches, seconds)
-        return seconds
-
-    for feed in feeds.values():
-        for _ in range(feed.backlog):
-            next(feed)
-        run(feed, args.warmup)
+    warm_up(feeds.values(), args.warmup, device)
     seconds: dict[str, list[float]] = {name: [] for name in feeds}
     opened = sum(e.opened for e in epochs.values())
     for _ in range(args.reps):
         for name, feed in feeds.items():
             settle(feed, feeds.values())
-            seconds[name].append(run(feed, args.batches))
+            seconds[name].append(timed_window(feed, args.batches, device))
     pairs = args.batches * args.batch
     results = {name: {"pairs_per_s": statistics.median(pairs / t for t in ts),
                       "pairs_per_s_min": pairs / max(ts), "pairs_per_s_max": pairs / min(ts), "seconds": ts}
