@@ -397,6 +397,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except UsageError as exc:
         print(f"moco-bench {args.mode}: error: {exc}", file=sys.stderr)
         return 2
+    machine = describe()
     try:
         if args.mode == "all":
             records = {}
@@ -407,14 +408,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 records[mode].update(date=time.strftime("%Y-%m-%d"))
                 if args.out:  # a run stopped part-way still leaves the modes that finished
                     _write_partial(args.out, {"mode": "all", "records": records, "partial": True,
-                                              "date": time.strftime("%Y-%m-%d"), "machine": describe()})
+                                              "date": time.strftime("%Y-%m-%d"), "machine": machine})
             record = {"mode": "all", "records": records}
         else:
             record = _run(args.mode, args)
     except ValueError as exc:
         print(f"moco-bench: error: {exc}", file=sys.stderr)
         return 2
-    record.update(date=time.strftime("%Y-%m-%d"), machine=describe())
+    record.update(date=time.strftime("%Y-%m-%d"), machine=machine)
     if record["mode"] == "all":
         for sub in record["records"].values():
             sub["machine"] = record["machine"]

@@ -15,7 +15,7 @@ from typing import Callable, Iterable, Iterator, Optional
 
 import torch
 
-__all__ = ["sync", "time_ms", "summary", "Feed", "timed_window", "warm_up", "settle", "peak_memory",
+__all__ = ["sync", "time_ms", "summary", "rates", "Feed", "timed_window", "warm_up", "settle", "peak_memory",
            "synthetic_photos", "shards_for", "reference_feed"]
 
 
@@ -47,6 +47,12 @@ def time_ms(fn: Callable[[], object], device: torch.device, reps: int, warmup: i
 
 def summary(times: list[float]) -> dict:
     return {"median_ms": statistics.median(times), "min_ms": min(times), "max_ms": max(times), "calls": len(times)}
+
+
+def rates(count: int, seconds: list[float], unit: str) -> dict:
+    """``count`` items per window of ``seconds``: the median rate with its spread (``{unit}_per_s`` and its min, max)."""
+    return {f"{unit}_per_s": statistics.median(count / t for t in seconds), f"{unit}_per_s_min": count / max(seconds),
+            f"{unit}_per_s_max": count / min(seconds), "seconds": seconds}
 
 
 class Feed:

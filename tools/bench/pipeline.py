@@ -11,12 +11,11 @@ new epoch costs it is measured apart and reported beside the rates.
 
 from __future__ import annotations
 
-import statistics
 
 import torch
 
-from moco_dali.tools.bench.common import (Feed, peak_memory, reference_feed, settle, shards_for, sync, timed_window,
-                                          warm_up)
+from moco_dali.tools.bench.common import (Feed, peak_memory, rates, reference_feed, settle, shards_for, sync,
+                                          timed_window, warm_up)
 from moco_dali.tools.bench.epochs import Epochs, draws, epoch_reopens, view_folder
 
 __all__ = ["bench_pipeline", "print_pipeline", "print_reopen", "TIMING"]
@@ -61,9 +60,7 @@ def bench_pipeline(args) -> dict:
             seconds[name].append(timed_window(feed, args.batches, device))
     opened_while_timing = epochs.opened - opened
     pairs = args.batches * args.batch
-    results = {name: {"pairs_per_s": statistics.median(pairs / t for t in ts),
-                      "pairs_per_s_min": pairs / max(ts), "pairs_per_s_max": pairs / min(ts),
-                      "seconds": ts} for name, ts in seconds.items()}
+    results = {name: rates(pairs, ts, "pairs") for name, ts in seconds.items()}
     memory = peak_memory(device)  # before the decode-only pipeline adds its own buffers
 
     # What a new epoch costs, which the timed windows above no longer include.
@@ -95,9 +92,7 @@ def bench_pipeline(args) -> dict:
         "photoset": photoset,
         "results": results,
         "dali_over_reference": results["dali"]["pairs_per_s"] / results["reference"]["pairs_per_s"],
-        "decode_ceiling": {"images_per_s": statistics.median(pairs / t for t in decode_s),
-                           "images_per_s_min": pairs / max(decode_s), "images_per_s_max": pairs / min(decode_s),
-                           "seconds": decode_s},
+        "decode_ceiling": rates(pairs, decode_s, "images"),
         "memory": memory,
         "goals": {"gpu_pairs_per_s": 8000, "gpu_dali_over_reference": 5.0, "cpu_dali_over_reference": 1.0},
     }

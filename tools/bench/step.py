@@ -25,7 +25,7 @@ from typing import Callable
 import torch
 
 from moco_dali.model.momentum import resolve_implementation
-from moco_dali.tools.bench.common import Feed, reference_feed, settle, sync
+from moco_dali.tools.bench.common import Feed, rates, reference_feed, settle, sync
 from moco_dali.tools.bench.epochs import Epochs, draws, epoch_reopens, view_folder
 from moco_dali.tools.bench.pipeline import TIMING, print_reopen
 from moco_dali.train.config import preset
@@ -126,9 +126,8 @@ def _alternate(runs: dict[str, tuple[Contender, Feed]], args, timing_starts: Cal
             seconds[name].append(s)
             waits[name].append(w)
     images = args.batches * args.batch
-    return {name: {"images_per_s": statistics.median(images / s for s in ts),
-                   "images_per_s_min": images / max(ts), "images_per_s_max": images / min(ts),
-                   "data_wait": statistics.median(w / s for w, s in zip(waits[name], ts)), "seconds": ts}
+    return {name: {**rates(images, ts, "images"),
+                   "data_wait": statistics.median(w / s for w, s in zip(waits[name], ts))}
             for name, ts in seconds.items()}
 
 

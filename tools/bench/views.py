@@ -6,19 +6,18 @@ which. Variants of the same recipe, each a DALI loader over the same shards, bui
 once and alternating (as ``pipeline`` times its contenders): the whole recipe, then
 without the colour jitter, the grayscale, the blur, the flip (each one's probability
 set to 0, which leaves the operator out of the graph when it is built), and the crop
-alone. An operator's cost is
-the time per pair it adds: 1/rate(whole) - 1/rate(without it), and its share of the
-whole recipe's time per pair. Operators the recipe already leaves out have no variant.
+alone. An operator's cost is the time per pair it adds: 1/rate(whole) - 1/rate(without
+it), and its share of the whole recipe's time per pair. Operators the recipe already
+leaves out have no variant.
 """
 
 from __future__ import annotations
 
-import statistics
 from dataclasses import replace
 
 import torch
 
-from moco_dali.tools.bench.common import Feed, settle, shards_for, timed_window, warm_up
+from moco_dali.tools.bench.common import Feed, rates, settle, shards_for, timed_window, warm_up
 from moco_dali.tools.bench.epochs import Epochs, draws, view_folder
 
 __all__ = ["bench_views", "print_views", "variants"]
@@ -65,18 +64,14 @@ def bench_views(args) -> dict:
             settle(feed, feeds.values())
             seconds[name].append(timed_window(feed, args.batches, device))
     pairs = args.batches * args.batch
-    results = {name: {"pairs_per_s": statistics.median(pairs / t for t in ts),
-                      "pairs_per_s_min": pairs / max(ts), "pairs_per_s_max": pairs / min(ts), "seconds": ts}
-               for name, ts in seconds.items()}
+    results = {name: rates(pairs, ts, "pairs") for name, ts in seconds.items()}
     whole_us = 1e6 / results["whole recipe"]["pairs_per_s"]
-    costs = {}
-    for name in results:
-        if name.startswith("without "):
-            cost = whole_us - 1e6 / results[name]["pairs_per_s"]
-            costs[name[len("without "):]] = {"us_per_pair": cost, "share": cost / whole_us}
-    if "crop only" in results:
-        rest = whole_us - 1e6 / results["crop only"]["pairs_per_s"]
-        costs["all but the crop"] = {"us_per_pair": rest, "share": rest / whole_us}
+    costs = {}  # what leaving a part out saves is what it costs
+    parts = {f"without {name}": name for name in OPERATORS} | {"crop only": "all but the crop"}
+    for variant, part in parts.items():
+        if variant in results:
+            cost = whole_us - 1e6 / results[variant]["pairs_per_s"]
+            costs[part] = {"us_per_pair": cost, "share": cost / whole_us}
     return {
         "mode": "views",
         "config": {"shards": str(shards), "samples": original.samples, "preset": args.preset, "size": args.size,
