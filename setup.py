@@ -59,6 +59,8 @@ setup(
             # property-based tests of the configuration rules: any value a key can be given
             # either validates or ends in one line naming the key (tests/train/test_config.py)
             "hypothesis>=6.100",
+            # formats and lints the tree (ruff.toml; tests/test_layout.py runs both checks)
+            "ruff>=0.15",
         ],
     },
     entry_points={"console_scripts": ["moco-shards=moco_dali.tools.shards.cli:main",
