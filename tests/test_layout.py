@@ -30,7 +30,7 @@ def test_imports_follow_the_arrows():
 
 def test_no_module_is_longer_than_a_reader_takes_in():
     long = {str(p.relative_to(REPO)): n for package in PACKAGES for p in (REPO / package).rglob("*.py")
-            if (n := len(p.read_text().splitlines())) > 450}
+            if (n := len(p.read_text().splitlines())) > 600}
     assert long == {}
 
 
