@@ -10,7 +10,16 @@ from setuptools import setup
 # The folders are the packages; installed, they live under one name, moco_dali (a
 # namespace: there is no moco_dali/ folder), so installing moco-dali takes no generic
 # top-level names such as "train" or "tools".
-FOLDERS = ["pipeline", "model", "train", "train/eval", "tools", "tools/shards", "tools/bench", "tools/demo"]
+FOLDERS = [
+    "pipeline",
+    "model",
+    "train",
+    "train/eval",
+    "tools",
+    "tools/shards",
+    "tools/bench",
+    "tools/demo",
+]
 PACKAGES = {"moco_dali." + folder.replace("/", "."): folder for folder in FOLDERS}
 
 setup(
@@ -63,9 +72,13 @@ setup(
             "ruff>=0.15",
         ],
     },
-    entry_points={"console_scripts": ["moco-shards=moco_dali.tools.shards.cli:main",
-                                      "moco-demo=moco_dali.tools.demo.cli:main",
-                                      "moco-bench=moco_dali.tools.bench.cli:main",
-                                      "moco-train=moco_dali.train.cli:main",
-                                      "moco-eval=moco_dali.train.eval.cli:main"]},
+    entry_points={
+        "console_scripts": [
+            "moco-shards=moco_dali.tools.shards.cli:main",
+            "moco-demo=moco_dali.tools.demo.cli:main",
+            "moco-bench=moco_dali.tools.bench.cli:main",
+            "moco-train=moco_dali.train.cli:main",
+            "moco-eval=moco_dali.train.eval.cli:main",
+        ]
+    },
 )

@@ -33,11 +33,20 @@ def per_shard(folder: Path) -> list[dict]:
     rows = []
     for entry in manifest.shards:
         with tarfile.open(manifest.path(entry.tar)) as tar:
-            counts = collections.Counter(int(tar.extractfile(m).read()) for m in tar if m.name.endswith(".cls"))
+            counts = collections.Counter(
+                int(tar.extractfile(m).read()) for m in tar if m.name.endswith(".cls")
+            )
         share = entry.samples / len(FASHION_MNIST_CLASSES)
         ratios = [counts[c] / share for c in range(len(FASHION_MNIST_CLASSES))]
-        rows.append({"shard": entry.tar, "samples": entry.samples, "counts": [counts[c] for c in range(10)],
-                     "min_over_share": min(ratios), "max_over_share": max(ratios)})
+        rows.append(
+            {
+                "shard": entry.tar,
+                "samples": entry.samples,
+                "counts": [counts[c] for c in range(10)],
+                "min_over_share": min(ratios),
+                "max_over_share": max(ratios),
+            }
+        )
     return rows
 
 
@@ -54,27 +63,46 @@ def main() -> int:
         write_dump(images, labels, FASHION_MNIST_CLASSES, work / "dump")
         base = BuildSettings(labels="folder", max_count=args.max_count)
         runs = {}
-        for name, settings, parts in (("shuffled, 1 part", base, 1),
-                                      (f"shuffled, {args.parts} parts", replace(base, num_parts=args.parts), args.parts),
-                                      ("--no-shuffle, 1 part", replace(base, shuffle_seed=None), 1)):
+        for name, settings, parts in (
+            ("shuffled, 1 part", base, 1),
+            (f"shuffled, {args.parts} parts", replace(base, num_parts=args.parts), args.parts),
+            ("--no-shuffle, 1 part", replace(base, shuffle_seed=None), 1),
+        ):
             out = work / name.replace(" ", "").replace(",", "-")
             started = time.perf_counter()
             for part in range(parts):
-                build([str(work / "dump")], out, replace(settings, part=part), workers=args.workers, progress=False)
+                build(
+                    [str(work / "dump")],
+                    out,
+                    replace(settings, part=part),
+                    workers=args.workers,
+                    progress=False,
+                )
             if parts > 1:
                 merge([str(out)])
             rows = per_shard(out)
-            runs[name] = {"seconds": time.perf_counter() - started, "shards": rows,
-                          "worst_min_over_share": min(r["min_over_share"] for r in rows),
-                          "worst_max_over_share": max(r["max_over_share"] for r in rows)}
-            print(f"{name:24s} {len(rows):3d} shards, each class in every shard between "
-                  f"{runs[name]['worst_min_over_share']:.2f} and {runs[name]['worst_max_over_share']:.2f} of its share",
-                  file=sys.stderr, flush=True)
+            runs[name] = {
+                "seconds": time.perf_counter() - started,
+                "shards": rows,
+                "worst_min_over_share": min(r["min_over_share"] for r in rows),
+                "worst_max_over_share": max(r["max_over_share"] for r in rows),
+            }
+            print(
+                f"{name:24s} {len(rows):3d} shards, each class in every shard between "
+                f"{runs[name]['worst_min_over_share']:.2f} and {runs[name]['worst_max_over_share']:.2f} of its share",
+                file=sys.stderr,
+                flush=True,
+            )
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    record = {"benchmark": "class_mix", "date": time.strftime("%Y-%m-%d"), "machine": describe(),
-              "data": "Fashion-MNIST train (60,000 images, 10 class folders of 6,000)", "max_count": args.max_count,
-              "runs": runs}
+    record = {
+        "benchmark": "class_mix",
+        "date": time.strftime("%Y-%m-%d"),
+        "machine": describe(),
+        "data": "Fashion-MNIST train (60,000 images, 10 class folders of 6,000)",
+        "max_count": args.max_count,
+        "runs": runs,
+    }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(record, indent=1) + "\n")
     return 0

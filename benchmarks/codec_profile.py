@@ -79,20 +79,38 @@ def main() -> int:
         "baseline: PIL open + decode": (lambda d: Image.open(io.BytesIO(d)).load(), data),
         "baseline: convert('RGB')": (lambda im: im.convert("RGB"), pil_rgb),
         "baseline: PIL save JPEG q90": (pil_save, pil_rgb),
-        "baseline: ShardWriter.write": (lambda j: sink.write({"__key__": f"{next(counter):08d}", "jpg": j}), encoded),
+        "baseline: ShardWriter.write": (
+            lambda j: sink.write({"__key__": f"{next(counter):08d}", "jpg": j}),
+            encoded,
+        ),
         "ours: parse JPEG header": (parse_jpeg_header, data),
         "ours: strict 1/8-scale decode (pass-through check)": (
-            lambda d: simplejpeg.decode_jpeg(d, "GRAY", min_factor=8, strict=True), data),
+            lambda d: simplejpeg.decode_jpeg(d, "GRAY", min_factor=8, strict=True),
+            data,
+        ),
         "ours: strict full decode to RGB (re-encode path)": (
-            lambda d: simplejpeg.decode_jpeg(d, "RGB", strict=True), data),
-        "ours: encode q90 4:2:0 (re-encode path)": (lambda p: simplejpeg.encode_jpeg(p, 90, "RGB", "420"), pixels),
+            lambda d: simplejpeg.decode_jpeg(d, "RGB", strict=True),
+            data,
+        ),
+        "ours: encode q90 4:2:0 (re-encode path)": (
+            lambda p: simplejpeg.encode_jpeg(p, 90, "RGB", "420"),
+            pixels,
+        ),
         "ours: tar members + sha256": (members_and_hash, encoded),
         "ours: strict full decode, fast DCT and upsampling": (
-            lambda d: simplejpeg.decode_jpeg(d, "RGB", fastdct=True, fastupsample=True, strict=True), data),
+            lambda d: simplejpeg.decode_jpeg(
+                d, "RGB", fastdct=True, fastupsample=True, strict=True
+            ),
+            data,
+        ),
         "ours: read the file (page cache, size-capped)": (
-            lambda p: read_input(InputRef(p, p), 1 << 28), paths),
+            lambda p: read_input(InputRef(p, p), 1 << 28),
+            paths,
+        ),
         "ours: whole pass-through path, one process (read, check, members, sha256, tar write)": (
-            lambda item: whole(item, passthrough), refs),
+            lambda item: whole(item, passthrough),
+            refs,
+        ),
         "ours: whole re-encode path, one process": (lambda item: whole(item, reencode), refs),
     }
     results = {name: per_image_ms(fn, items, args.reps) for name, (fn, items) in stages.items()}
@@ -108,7 +126,9 @@ def main() -> int:
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(record, indent=1) + "\n")
-    print(f"per-image cost, {len(data)} photos of {record['photos']['mean_kb']} KB, median of {args.reps}")
+    print(
+        f"per-image cost, {len(data)} photos of {record['photos']['mean_kb']} KB, median of {args.reps}"
+    )
     for name, ms in results.items():
         print(f"  {name:52s} {ms:6.3f} ms")
     return 0

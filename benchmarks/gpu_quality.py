@@ -23,14 +23,19 @@ import sys
 import time
 from pathlib import Path
 
-GZ_FILES = ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz", "t10k-images-idx3-ubyte.gz",
-            "t10k-labels-idx1-ubyte.gz")
+GZ_FILES = (
+    "train-images-idx3-ubyte.gz",
+    "train-labels-idx1-ubyte.gz",
+    "t10k-images-idx3-ubyte.gz",
+    "t10k-labels-idx1-ubyte.gz",
+)
 
 
 def fashion_mnist_source(repo: Path) -> Path | None:
     """The first folder holding the four files: carried, ``$FASHION_MNIST_DIR``, Debian's package."""
-    candidates = [repo / ".gpu" / "fmnist"] + ([Path(os.environ["FASHION_MNIST_DIR"])]
-                                                if os.environ.get("FASHION_MNIST_DIR") else [])
+    candidates = [repo / ".gpu" / "fmnist"] + (
+        [Path(os.environ["FASHION_MNIST_DIR"])] if os.environ.get("FASHION_MNIST_DIR") else []
+    )
     for folder in candidates + [Path("/usr/share/datasets/fashion-mnist")]:
         if all((folder / name).is_file() for name in GZ_FILES):
             return folder
@@ -42,7 +47,11 @@ def _rate(run_dir: Path) -> float | None:
     path = run_dir / "metrics.jsonl"
     if not path.is_file():
         return None
-    rates = [r["images_per_s"] for r in map(json.loads, path.read_text().splitlines()) if r["kind"] == "train"]
+    rates = [
+        r["images_per_s"]
+        for r in map(json.loads, path.read_text().splitlines())
+        if r["kind"] == "train"
+    ]
     return statistics.median(rates[1:] or rates) if rates else None
 
 
@@ -59,27 +68,71 @@ def quality_stage(session, budget: float) -> dict:
         return {"status": "skipped", "reason": f"{budget:.0f} s left, under --quality-min-s"}
     source = fashion_mnist_source(Path(__file__).resolve().parents[1])
     if source is None and not dry:
-        return {"status": "skipped", "reason": "no Fashion-MNIST .gz files: carry them in .gpu/fmnist"}
+        return {
+            "status": "skipped",
+            "reason": "no Fashion-MNIST .gz files: carry them in .gpu/fmnist",
+        }
     limit = ["--limit", "256"] if dry else []
-    code = session.run(session.python("-m", "benchmarks.gpu_quality", "shards", str(source or "generated"), str(work),
-                                      "--workers", str(session.cores), *limit), budget * 0.25)
+    code = session.run(
+        session.python(
+            "-m",
+            "benchmarks.gpu_quality",
+            "shards",
+            str(source or "generated"),
+            str(work),
+            "--workers",
+            str(session.cores),
+            *limit,
+        ),
+        budget * 0.25,
+    )
     if code:
         return {"status": "failed", "reason": "building the Fashion-MNIST shards"}
     train, test = work / "shards" / "train", work / "shards" / "test"
     samples = json.loads((train / "manifest.json").read_text())["samples"]
-    common = ["--preset", session.args.quality_preset, "--data.train", str(train), "--data.knn_train", str(train),
-              "--data.knn_val", str(test), "--run.progress", "false"]
+    common = [
+        "--preset",
+        session.args.quality_preset,
+        "--data.train",
+        str(train),
+        "--data.knn_train",
+        str(train),
+        "--data.knn_val",
+        str(test),
+        "--run.progress",
+        "false",
+    ]
     if dry:  # the standard stem and one direction: the small stem costs 16x the compute at 32 px
-        common += ["--data.batch_size", "32", "--model.small_stem", "false", "--model.symmetric", "false",
-                   "--run.device", "cpu"]
+        common += [
+            "--data.batch_size",
+            "32",
+            "--model.small_stem",
+            "false",
+            "--model.symmetric",
+            "false",
+            "--run.device",
+            "cpu",
+        ]
 
     # Calibration: the rate of this recipe on this machine, and the start-up cost.
     calib_steps = 2 if dry else 60
     started = time.monotonic()
-    code = session.run(session.python("-m", "moco_dali.train", *common, "--run.out", str(work / "calibration"),
-                                      "--run.max_steps", str(calib_steps),
-                                      "--run.log_every", str(max(1, calib_steps // 4)),
-                                      "--run.knn_every", "0"), deadline - time.monotonic())
+    code = session.run(
+        session.python(
+            "-m",
+            "moco_dali.train",
+            *common,
+            "--run.out",
+            str(work / "calibration"),
+            "--run.max_steps",
+            str(calib_steps),
+            "--run.log_every",
+            str(max(1, calib_steps // 4)),
+            "--run.knn_every",
+            "0",
+        ),
+        deadline - time.monotonic(),
+    )
     rate = _rate(work / "calibration")
     if code or not rate:
         return {"status": "failed", "reason": "the calibration run failed (see session.log)"}
@@ -92,45 +145,108 @@ def quality_stage(session, budget: float) -> dict:
     reserve_s = 10 if dry else 60  # kNN at initialisation, the record, the summary
     available_s = deadline - time.monotonic() - startup_s - reserve_s
     epochs = 1 if dry else max(1, math.floor(available_s / epoch_s))
-    command = ["moco-train", *common, "--run.out", str(work / "run"), "--run.epochs", str(epochs),
-               "--run.knn_every", "1", "--run.log_every", "2" if dry else "50"]
+    command = [
+        "moco-train",
+        *common,
+        "--run.out",
+        str(work / "run"),
+        "--run.epochs",
+        str(epochs),
+        "--run.knn_every",
+        "1",
+        "--run.log_every",
+        "2" if dry else "50",
+    ]
     started = time.monotonic()
-    code = session.run(session.python("-m", "moco_dali.train", *command[1:]),
-                       deadline - time.monotonic() - reserve_s)
+    code = session.run(
+        session.python("-m", "moco_dali.train", *command[1:]),
+        deadline - time.monotonic() - reserve_s,
+    )
     wall_s = time.monotonic() - started
     checkpoint = _latest_checkpoint(work / "run")
     if checkpoint is None:
-        return {"status": "failed" if code != 124 else "timed_out", "reason": "pretraining left no checkpoint"}
-    record = {"status": "ok" if code == 0 else "timed_out", "epochs": epochs, "calibration_images_per_s": rate,
-              "startup_s": round(startup_s, 1), "pretraining_wall_s": round(wall_s, 1)}
+        return {
+            "status": "failed" if code != 124 else "timed_out",
+            "reason": "pretraining left no checkpoint",
+        }
+    record = {
+        "status": "ok" if code == 0 else "timed_out",
+        "epochs": epochs,
+        "calibration_images_per_s": rate,
+        "startup_s": round(startup_s, 1),
+        "pretraining_wall_s": round(wall_s, 1),
+    }
 
     eval_args = ["--checkpoint", str(checkpoint), "--train", str(train), "--val", str(test)]
     if dry:
         eval_args += ["--device", "cpu"]
     knn_init = work / "knn-init.json"
-    if session.run(session.python("-m", "moco_dali.train.eval.cli", "knn", *eval_args, "--random-init", "--json",
-                                  str(knn_init)), max(10.0, deadline - time.monotonic())):
+    if session.run(
+        session.python(
+            "-m",
+            "moco_dali.train.eval.cli",
+            "knn",
+            *eval_args,
+            "--random-init",
+            "--json",
+            str(knn_init),
+        ),
+        max(10.0, deadline - time.monotonic()),
+    ):
         return {**record, "status": "failed", "reason": "kNN at initialisation"}
     linear = work / "linear.json"
     linear_epochs = 1 if dry else 10
     linear_args = []
     if deadline - time.monotonic() > (10 if dry else 60):
-        code = session.run(session.python("-m", "moco_dali.train.eval.cli", "linear", *eval_args, "--epochs",
-                                          str(linear_epochs), "--no-progress", "--out", str(work / "linear"),
-                                          "--json", str(linear)), deadline - time.monotonic() - 5)
+        code = session.run(
+            session.python(
+                "-m",
+                "moco_dali.train.eval.cli",
+                "linear",
+                *eval_args,
+                "--epochs",
+                str(linear_epochs),
+                "--no-progress",
+                "--out",
+                str(work / "linear"),
+                "--json",
+                str(linear),
+            ),
+            deadline - time.monotonic() - 5,
+        )
         if code == 0 and linear.is_file():
             linear_args = ["--linear", str(linear)]
     record["linear_probe"] = f"{linear_epochs} epochs" if linear_args else "skipped: no time left"
-    code = session.run([session.args.python, "-m", "benchmarks.quality_record", "--run", str(work / "run"),
-                        "--wall-s", f"{wall_s:.1f}", "--knn-init", str(knn_init), *linear_args,
-                        "--command", " ".join(command), "--note",
-                        f"gpu_session.sh{' --dry-run' if dry else ''}: {epochs} epochs sized to the time left "
-                        f"from a {calib_steps}-step calibration at {rate:.0f} img/s",
-                        "--out", str(out / "quality")], 60)
+    code = session.run(
+        [
+            session.args.python,
+            "-m",
+            "benchmarks.quality_record",
+            "--run",
+            str(work / "run"),
+            "--wall-s",
+            f"{wall_s:.1f}",
+            "--knn-init",
+            str(knn_init),
+            *linear_args,
+            "--command",
+            " ".join(command),
+            "--note",
+            f"gpu_session.sh{' --dry-run' if dry else ''}: {epochs} epochs sized to the time left "
+            f"from a {calib_steps}-step calibration at {rate:.0f} img/s",
+            "--out",
+            str(out / "quality"),
+        ],
+        60,
+    )
     if code == 0:
         result = json.loads((out / "quality.json").read_text())
-        record["knn"] = {"at_init": result["knn"]["at_init"], "final": result["knn"]["final"],
-                         "best": result["knn"]["best"], "goal": 90.0}
+        record["knn"] = {
+            "at_init": result["knn"]["at_init"],
+            "final": result["knn"]["final"],
+            "best": result["knn"]["best"],
+            "goal": 90.0,
+        }
         if result.get("linear"):
             record["linear_top1"] = result["linear"].get("top1")
     else:
@@ -150,19 +266,30 @@ def build_shards(source: str, out: Path, limit: int | None, workers: int) -> Non
         raw = out / "raw" / split
         split_limit = limit if split == "train" or limit is None else max(limit // 6, 10)
         if source == "generated":  # a dry run on a machine without Fashion-MNIST
-            demo.generated_dump(raw, max(1, (split_limit or 600) // 10), seed=0 if split == "train" else 1)
+            demo.generated_dump(
+                raw, max(1, (split_limit or 600) // 10), seed=0 if split == "train" else 1
+            )
         else:
             images, labels = demo.load_fashion_mnist(Path(source), split)
-            demo.write_dump(images[:split_limit], labels[:split_limit], demo.FASHION_MNIST_CLASSES, raw)
-        report = build([str(raw)], out / "shards" / split,
-                       BuildSettings(name=f"fashion-mnist-{split}", labels="folder"), workers=workers, progress=False)
+            demo.write_dump(
+                images[:split_limit], labels[:split_limit], demo.FASHION_MNIST_CLASSES, raw
+            )
+        report = build(
+            [str(raw)],
+            out / "shards" / split,
+            BuildSettings(name=f"fashion-mnist-{split}", labels="folder"),
+            workers=workers,
+            progress=False,
+        )
         print(f"{split}: {report.summary()}", flush=True)
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.gpu_quality")
     sub = parser.add_subparsers(dest="command", required=True)
-    s = sub.add_parser("shards", help="Fashion-MNIST .gz files -> raw dumps -> train and test shards")
+    s = sub.add_parser(
+        "shards", help="Fashion-MNIST .gz files -> raw dumps -> train and test shards"
+    )
     s.add_argument("source", help="folder with the four .gz files, or 'generated'")
     s.add_argument("out", type=Path)
     s.add_argument("--limit", type=int, default=None)

@@ -74,7 +74,9 @@ class Session:
         and ``grace_s`` to finish before SIGKILL.
         """
         self.say("$ " + " ".join(command))
-        child = subprocess.Popen(command, cwd=REPO, env=self.env, stdout=self.log, stderr=subprocess.STDOUT)
+        child = subprocess.Popen(
+            command, cwd=REPO, env=self.env, stdout=self.log, stderr=subprocess.STDOUT
+        )
         try:
             return child.wait(timeout=max(1.0, timeout_s))
         except subprocess.TimeoutExpired:
@@ -92,9 +94,15 @@ class Session:
         return [self.args.python, *args]
 
     def write_summary(self) -> None:
-        summary = {"dry_run": self.dry, "date": time.strftime("%Y-%m-%d %H:%M:%S"), "host": platform.node(),
-                   "total_budget_s": self.args.total_s, "wall_s": round(time.monotonic() - self.started, 1),
-                   "out": sorted(p.name for p in self.out.iterdir()), "stages": self.results}
+        summary = {
+            "dry_run": self.dry,
+            "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+            "host": platform.node(),
+            "total_budget_s": self.args.total_s,
+            "wall_s": round(time.monotonic() - self.started, 1),
+            "out": sorted(p.name for p in self.out.iterdir()),
+            "stages": self.results,
+        }
         (self.out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
 
     def stage(self, name: str) -> None:
@@ -109,10 +117,18 @@ class Session:
         need = NEEDS.get(name)
         if name not in self.args.stages and name != "install":  # the others need what it installs
             record.update(status="skipped", reason="not asked for (--stages)")
-        elif need and self.results.get(need, {}).get("status") not in ("ok", None) and need in self.args.stages:
-            record.update(status="skipped", reason=f"needs {need}, which {self.results[need]['status']}")
+        elif (
+            need
+            and self.results.get(need, {}).get("status") not in ("ok", None)
+            and need in self.args.stages
+        ):
+            record.update(
+                status="skipped", reason=f"needs {need}, which {self.results[need]['status']}"
+            )
         elif budget < self.args.min_stage_s:
-            record.update(status="skipped", reason=f"{max(0, self.left_s()):.0f} s left of the total budget")
+            record.update(
+                status="skipped", reason=f"{max(0, self.left_s()):.0f} s left of the total budget"
+            )
         else:
             self.say(f"--- {name} (budget {budget:.0f} s)")
             start = time.monotonic()
@@ -122,7 +138,10 @@ class Session:
                 record.update(status="failed", reason=f"{type(exc).__name__}: {exc}")
             record["seconds"] = round(time.monotonic() - start, 1)
         self.results[name] = record
-        self.say(f"{name}: {record['status']}" + (f" ({record['reason']})" if record.get("reason") else ""))
+        self.say(
+            f"{name}: {record['status']}"
+            + (f" ({record['reason']})" if record.get("reason") else "")
+        )
         self.write_summary()
 
     # ------------------------------------------------------------------ stages
@@ -131,41 +150,83 @@ class Session:
         site = Path("/tmp/site")
         notes = []
         carry = REPO / ".gpu" / "carry" / "assemble.sh"  # benchmarks/gpu_carry.sh: the fewest parts
-        if carry.is_file() and self.dry:  # built for the device's Python 3.12: only the parts are checked here
-            if self.run(["bash", "-c", f"cd {shlex.quote(str(carry.parent))} && sha256sum -c --quiet SHA256SUMS"],
-                        budget / 2):
+        if (
+            carry.is_file() and self.dry
+        ):  # built for the device's Python 3.12: only the parts are checked here
+            if self.run(
+                [
+                    "bash",
+                    "-c",
+                    f"cd {shlex.quote(str(carry.parent))} && sha256sum -c --quiet SHA256SUMS",
+                ],
+                budget / 2,
+            ):
                 return {"status": "failed", "reason": ".gpu/carry: a part is missing or damaged"}
             notes.append(".gpu/carry parts checked (not installed in a dry run)")
         elif carry.is_file():
             if self.run(["bash", str(carry), str(site), str(REPO / ".gpu" / "fmnist")], budget / 2):
-                return {"status": "failed", "reason": f"{carry.relative_to(REPO)} failed (see session.log)"}
+                return {
+                    "status": "failed",
+                    "reason": f"{carry.relative_to(REPO)} failed (see session.log)",
+                }
             notes.append("DALI (CUDA 13), webdataset, simplejpeg and Fashion-MNIST from .gpu/carry")
         assemble = REPO / ".gpu" / "dali" / "assemble.sh"  # ../shared/scripts/wheel-parts --dali
         if assemble.is_file() and not self.dry:
             if self.run(["bash", str(assemble), str(site)], budget / 2):
-                return {"status": "failed", "reason": f"{assemble.relative_to(REPO)} failed (see session.log)"}
+                return {
+                    "status": "failed",
+                    "reason": f"{assemble.relative_to(REPO)} failed (see session.log)",
+                }
             notes.append("DALI wheels from .gpu/dali")
         wheels = sorted(glob.glob(str(REPO / ".gpu" / "wheels" / "*.whl")))
         if wheels and not self.dry:
-            if self.run(self.python("-m", "pip", "install", "-q", "--no-index", "--no-deps", "--no-compile",
-                                    "--upgrade", "--target", str(site), *wheels), budget / 2):
-                return {"status": "failed", "reason": "installing .gpu/wheels failed (see session.log)"}
+            if self.run(
+                self.python(
+                    "-m",
+                    "pip",
+                    "install",
+                    "-q",
+                    "--no-index",
+                    "--no-deps",
+                    "--no-compile",
+                    "--upgrade",
+                    "--target",
+                    str(site),
+                    *wheels,
+                ),
+                budget / 2,
+            ):
+                return {
+                    "status": "failed",
+                    "reason": "installing .gpu/wheels failed (see session.log)",
+                }
             notes.append(f"{len(wheels)} wheels from .gpu/wheels")
         if site.is_dir() and not self.dry:
             self.env["PYTHONPATH"] = os.pathsep.join([str(site), self.env.get("PYTHONPATH", "")])
-        probe = ("import json, torch, nvidia.dali, webdataset, simplejpeg; "
-                 "print(json.dumps({'torch': torch.__version__, 'dali': nvidia.dali.__version__, "
-                 "'webdataset': webdataset.__version__, 'cuda': torch.cuda.is_available(), "
-                 "'gpus': [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]}))")
-        found = subprocess.run(self.python("-c", probe), cwd=REPO, env=self.env, capture_output=True, text=True)
+        probe = (
+            "import json, torch, nvidia.dali, webdataset, simplejpeg; "
+            "print(json.dumps({'torch': torch.__version__, 'dali': nvidia.dali.__version__, "
+            "'webdataset': webdataset.__version__, 'cuda': torch.cuda.is_available(), "
+            "'gpus': [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]}))"
+        )
+        found = subprocess.run(
+            self.python("-c", probe), cwd=REPO, env=self.env, capture_output=True, text=True
+        )
         self.log.write(found.stdout + found.stderr)
         if found.returncode:
-            return {"status": "failed", "reason": "missing after install: " + found.stderr.strip().splitlines()[-1],
-                    "installed": notes}
+            return {
+                "status": "failed",
+                "reason": "missing after install: " + found.stderr.strip().splitlines()[-1],
+                "installed": notes,
+            }
         versions = json.loads(found.stdout.strip().splitlines()[-1])
         if not versions["cuda"] and not self.dry:
             return {"status": "failed", "reason": "torch sees no CUDA GPU", **versions}
-        return {"status": "ok", "installed": notes or ["nothing carried: the environment's own packages"], **versions}
+        return {
+            "status": "ok",
+            "installed": notes or ["nothing carried: the environment's own packages"],
+            **versions,
+        }
 
     def stage_tests(self, budget: float) -> dict:
         junit = self.work / "tests.xml"
@@ -173,20 +234,43 @@ class Session:
         # Several processes where pytest-xdist is there (the device's image has it): the tests
         # share one GPU of 139 GiB, and most of their time is DALI pipelines built on the CPU.
         spread = ["-n", "8"] if importlib.util.find_spec("xdist") and not self.dry else []
-        code = self.run(self.python("-m", "pytest", "-m", "gpu", "-q", "-rfEs", "-p", "no:cacheprovider",
-                                    "--timeout", "90", *spread, f"--junitxml={junit}", "tests"), budget)
-        record = {"status": {0: "ok", 5: "ok", 124: "timed_out"}.get(code, "failed"), "exit_code": code}
+        code = self.run(
+            self.python(
+                "-m",
+                "pytest",
+                "-m",
+                "gpu",
+                "-q",
+                "-rfEs",
+                "-p",
+                "no:cacheprovider",
+                "--timeout",
+                "90",
+                *spread,
+                f"--junitxml={junit}",
+                "tests",
+            ),
+            budget,
+        )
+        record = {
+            "status": {0: "ok", 5: "ok", 124: "timed_out"}.get(code, "failed"),
+            "exit_code": code,
+        }
         if junit.is_file():
             import xml.etree.ElementTree as ElementTree
 
             cases = ElementTree.parse(junit).getroot().iter("testcase")
             counts, failures = {"passed": 0, "failed": 0, "skipped": 0}, []
             for case in cases:
-                bad = case.find("failure") if case.find("failure") is not None else case.find("error")
+                bad = (
+                    case.find("failure") if case.find("failure") is not None else case.find("error")
+                )
                 if bad is not None:
                     counts["failed"] += 1
-                    failures.append(f"{case.get('classname')}::{case.get('name')}: "
-                                    f"{(bad.get('message') or '').splitlines()[0][:300] if bad.get('message') else ''}")
+                    failures.append(
+                        f"{case.get('classname')}::{case.get('name')}: "
+                        f"{(bad.get('message') or '').splitlines()[0][:300] if bad.get('message') else ''}"
+                    )
                 elif case.find("skipped") is not None:
                     counts["skipped"] += 1
                 else:
@@ -195,13 +279,46 @@ class Session:
         return record
 
     def stage_splitbn(self, budget: float) -> dict:
-        size = (["--device", "cpu", "--arch", "resnet18", "--batch", "16", "--size", "32", "--reps", "1",
-                 "--warmup", "1"] if self.dry else ["--device", "cuda", "--arch", "resnet50", "--batch", "256",
-                                                      "--size", "224", "--reps", "7"])
-        code = self.run(self.python("-m", "benchmarks.split_bn", *size, "--out", str(self.out / "splitbn.json")),
-                        budget)
-        return {"status": "ok" if code == 0 else "timed_out" if code == 124 else "failed", "exit_code": code,
-                "output": "splitbn.json"}
+        size = (
+            [
+                "--device",
+                "cpu",
+                "--arch",
+                "resnet18",
+                "--batch",
+                "16",
+                "--size",
+                "32",
+                "--reps",
+                "1",
+                "--warmup",
+                "1",
+            ]
+            if self.dry
+            else [
+                "--device",
+                "cuda",
+                "--arch",
+                "resnet50",
+                "--batch",
+                "256",
+                "--size",
+                "224",
+                "--reps",
+                "7",
+            ]
+        )
+        code = self.run(
+            self.python(
+                "-m", "benchmarks.split_bn", *size, "--out", str(self.out / "splitbn.json")
+            ),
+            budget,
+        )
+        return {
+            "status": "ok" if code == 0 else "timed_out" if code == 124 else "failed",
+            "exit_code": code,
+            "output": "splitbn.json",
+        }
 
     def stage_data(self, budget: float) -> dict:
         """Generated ImageNet-like photos, one generator process per core, then shards (>= one per loader worker)."""
@@ -213,10 +330,24 @@ class Session:
         children = []
         for part in range(processes):
             n = count // processes + (part < count % processes)
-            children.append(subprocess.Popen(
-                self.python("-m", "moco_dali.tools.bench.synthetic", "--out", str(parts / f"{part:02d}"),
-                            "--count", str(n), "--seed", str(part)), cwd=REPO, env=self.env, stdout=self.log,
-                stderr=subprocess.STDOUT))
+            children.append(
+                subprocess.Popen(
+                    self.python(
+                        "-m",
+                        "moco_dali.tools.bench.synthetic",
+                        "--out",
+                        str(parts / f"{part:02d}"),
+                        "--count",
+                        str(n),
+                        "--seed",
+                        str(part),
+                    ),
+                    cwd=REPO,
+                    env=self.env,
+                    stdout=self.log,
+                    stderr=subprocess.STDOUT,
+                )
+            )
         deadline = time.monotonic() + budget * 0.7
         for child in children:
             try:
@@ -232,25 +363,82 @@ class Session:
             path.rename(photos / f"{path.parent.name}-{path.name}")
         workers = self.cores if not self.dry else 2
         per_shard = max(1, count // workers)
-        code = self.run(self.python("-m", "moco_dali.tools.shards.cli", "build", str(photos), "--out",
-                                    str(self.work / "shards"), "--max-count", str(per_shard), "--workers",
-                                    str(self.cores), "--no-progress"), deadline + budget * 0.3 - time.monotonic())
+        code = self.run(
+            self.python(
+                "-m",
+                "moco_dali.tools.shards.cli",
+                "build",
+                str(photos),
+                "--out",
+                str(self.work / "shards"),
+                "--max-count",
+                str(per_shard),
+                "--workers",
+                str(self.cores),
+                "--no-progress",
+            ),
+            deadline + budget * 0.3 - time.monotonic(),
+        )
         if code:
-            return {"status": "failed" if code != 124 else "timed_out", "reason": "moco-shards build"}
+            return {
+                "status": "failed" if code != 124 else "timed_out",
+                "reason": "moco-shards build",
+            }
         shards = len(list((self.work / "shards").glob("*.tar")))
         return {"status": "ok", "photos": count, "generators": processes, "shards": shards}
 
     def stage_bench(self, budget: float) -> dict:
-        tiny = ["--arch", "resnet18", "--size", "32", "--batch", "16", "--batches", "1", "--reps", "1",
-                "--warmup", "1", "--K", "256", "--workers", "1", "--threads", "1", "--calls", "1",
-                "--modes", "pipeline,views,momentum,step,e2e", "--hue-space", "yiq", "--device", "cpu"]
+        tiny = [
+            "--arch",
+            "resnet18",
+            "--size",
+            "32",
+            "--batch",
+            "16",
+            "--batches",
+            "1",
+            "--reps",
+            "1",
+            "--warmup",
+            "1",
+            "--K",
+            "256",
+            "--workers",
+            "1",
+            "--threads",
+            "1",
+            "--calls",
+            "1",
+            "--modes",
+            "pipeline,views,momentum,step,e2e",
+            "--hue-space",
+            "yiq",
+            "--device",
+            "cpu",
+        ]
         extra = tiny if self.dry else self.args.bench_args.split()
-        code = self.run(self.python("-m", "moco_dali.tools.bench.cli", "all", "--shards", str(self.work / "shards"),
-                                    "--photos", str(self.work / "photos"), *extra,
-                                    "--out", str(self.out / "bench.json"), "--chart", str(self.out / "bench.png")),
-                        budget)
-        record = {"status": "ok" if code == 0 else "timed_out" if code == 124 else "failed", "exit_code": code,
-                  "arguments": extra}
+        code = self.run(
+            self.python(
+                "-m",
+                "moco_dali.tools.bench.cli",
+                "all",
+                "--shards",
+                str(self.work / "shards"),
+                "--photos",
+                str(self.work / "photos"),
+                *extra,
+                "--out",
+                str(self.out / "bench.json"),
+                "--chart",
+                str(self.out / "bench.png"),
+            ),
+            budget,
+        )
+        record = {
+            "status": "ok" if code == 0 else "timed_out" if code == 124 else "failed",
+            "exit_code": code,
+            "arguments": extra,
+        }
         if (self.out / "bench.json").is_file():  # exit 1 still writes the modes that ran
             try:
                 record["headline"] = headline(json.loads((self.out / "bench.json").read_text()))
@@ -270,18 +458,27 @@ def headline(record: dict) -> dict:
     figures = {f"{mode}_error": sub["error"] for mode, sub in r.items() if "error" in sub}
     ok = {mode: sub for mode, sub in r.items() if "error" not in sub}
     if "pipeline" in ok:
-        figures.update(pipeline_pairs_per_s=ok["pipeline"]["results"]["dali"]["pairs_per_s"],
-                       pipeline_dali_over_reference=ok["pipeline"]["dali_over_reference"])
+        figures.update(
+            pipeline_pairs_per_s=ok["pipeline"]["results"]["dali"]["pairs_per_s"],
+            pipeline_dali_over_reference=ok["pipeline"]["dali_over_reference"],
+        )
     if "step" in ok:
         figures["step_images_per_s"] = ok["step"]["results"]["ours"]["images_per_s"]
     if "e2e" in ok:
-        figures.update(e2e_images_per_s=ok["e2e"]["results"]["e2e_ours"]["images_per_s"],
-                       e2e_over_step=ok["e2e"]["e2e_over_step"], e2e_over_reference=ok["e2e"]["ours_over_reference"])
+        figures.update(
+            e2e_images_per_s=ok["e2e"]["results"]["e2e_ours"]["images_per_s"],
+            e2e_over_step=ok["e2e"]["e2e_over_step"],
+            e2e_over_reference=ok["e2e"]["ours_over_reference"],
+        )
     if "views" in ok:
-        figures["views_share"] = {name: round(cost["share"], 3) for name, cost in ok["views"]["costs"].items()}
+        figures["views_share"] = {
+            name: round(cost["share"], 3) for name, cost in ok["views"]["costs"].items()
+        }
     if "momentum" in ok:
-        figures.update(momentum_ms=ok["momentum"]["momentum"][ok["momentum"]["best"]]["median_ms"],
-                       momentum_floor_ms=ok["momentum"]["floor_ms"])
+        figures.update(
+            momentum_ms=ok["momentum"]["momentum"][ok["momentum"]["best"]]["median_ms"],
+            momentum_floor_ms=ok["momentum"]["floor_ms"],
+        )
     return figures
 
 
@@ -290,7 +487,9 @@ def _budgets(text: str) -> dict[str, float]:
     for item in filter(None, text.split(",")):
         name, _, seconds = item.partition("=")
         if name not in STAGES or not seconds.replace(".", "", 1).isdigit():
-            raise argparse.ArgumentTypeError(f"--budget {item!r}: give STAGE=SECONDS, STAGE one of {', '.join(STAGES)}")
+            raise argparse.ArgumentTypeError(
+                f"--budget {item!r}: give STAGE=SECONDS, STAGE one of {', '.join(STAGES)}"
+            )
         budgets[name] = float(seconds)
     return budgets
 
@@ -299,42 +498,79 @@ def _stages(text: str) -> list[str]:
     names = [s for s in text.split(",") if s]
     unknown = [s for s in names if s not in STAGES]
     if unknown:
-        raise argparse.ArgumentTypeError(f"--stages: unknown {', '.join(unknown)}; choose from {', '.join(STAGES)}")
+        raise argparse.ArgumentTypeError(
+            f"--stages: unknown {', '.join(unknown)}; choose from {', '.join(STAGES)}"
+        )
     return names
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(prog="gpu_session.sh", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT") or "/tmp/gpu-session-out"),
-                        help="what comes back (default $OUT)")
-    parser.add_argument("--work", type=Path, default=None, help="scratch (default /tmp/gpu-session)")
-    parser.add_argument("--dry-run", action="store_true", help="every stage at a tiny size, on the CPU")
-    parser.add_argument("--total-s", type=float, default=570.0,
-                        help="the whole session's budget: one device call allows 600 s")
-    parser.add_argument("--budget", type=_budgets, default={}, metavar="STAGE=S,...", help="override stage budgets")
-    parser.add_argument("--stages", type=_stages, default=list(DEFAULT_STAGES), metavar="A,B,...",
-                        help=f"stages to run, from {','.join(STAGES)} (default {','.join(DEFAULT_STAGES)}; "
-                        "install always runs)")
-    parser.add_argument("--min-stage-s", type=float, default=20.0, help="skip a stage given less than this")
-    parser.add_argument("--photos", type=int, default=None, help="generated photos (default 2000; 32 dry)")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=Path(os.environ.get("OUT") or "/tmp/gpu-session-out"),
+        help="what comes back (default $OUT)",
+    )
+    parser.add_argument(
+        "--work", type=Path, default=None, help="scratch (default /tmp/gpu-session)"
+    )
+    parser.add_argument(
+        "--dry-run", action="store_true", help="every stage at a tiny size, on the CPU"
+    )
+    parser.add_argument(
+        "--total-s",
+        type=float,
+        default=570.0,
+        help="the whole session's budget: one device call allows 600 s",
+    )
+    parser.add_argument(
+        "--budget", type=_budgets, default={}, metavar="STAGE=S,...", help="override stage budgets"
+    )
+    parser.add_argument(
+        "--stages",
+        type=_stages,
+        default=list(DEFAULT_STAGES),
+        metavar="A,B,...",
+        help=f"stages to run, from {','.join(STAGES)} (default {','.join(DEFAULT_STAGES)}; "
+        "install always runs)",
+    )
+    parser.add_argument(
+        "--min-stage-s", type=float, default=20.0, help="skip a stage given less than this"
+    )
+    parser.add_argument(
+        "--photos", type=int, default=None, help="generated photos (default 2000; 32 dry)"
+    )
     # The shard build is CPU work, measured in the CPU records: the device's minutes go to the GPU's figures.
-    parser.add_argument("--bench-args", default="--modes pipeline,views,momentum,step,e2e --reps 3 --batches 20 "
-                        "--warmup 5",
-                        help="moco-bench all arguments beside its GPU defaults (default: sized to fit its budget); "
-                        "they replace the default whole, --modes included: without --modes, all runs every mode "
-                        "but views, the shard builds too")
-    parser.add_argument("--quality-min-s", type=float, default=120.0,
-                        help="the least time the quality stage needs to be worth starting (GPU)")
-    parser.add_argument("--quality-preset", default="cifar", choices=["cifar", "small"],
-                        help="the quality stage's recipe (default cifar: the authors' CIFAR-10 recipe at 32 px)")
+    parser.add_argument(
+        "--bench-args",
+        default="--modes pipeline,views,momentum,step,e2e --reps 3 --batches 20 --warmup 5",
+        help="moco-bench all arguments beside its GPU defaults (default: sized to fit its budget); "
+        "they replace the default whole, --modes included: without --modes, all runs every mode "
+        "but views, the shard builds too",
+    )
+    parser.add_argument(
+        "--quality-min-s",
+        type=float,
+        default=120.0,
+        help="the least time the quality stage needs to be worth starting (GPU)",
+    )
+    parser.add_argument(
+        "--quality-preset",
+        default="cifar",
+        choices=["cifar", "small"],
+        help="the quality stage's recipe (default cifar: the authors' CIFAR-10 recipe at 32 px)",
+    )
     parser.add_argument("--python", default=sys.executable)
     args = parser.parse_args()
     args.work = args.work or Path("/tmp/gpu-session" + ("-dry" if args.dry_run else ""))
     args.out.mkdir(parents=True, exist_ok=True)
     args.work.mkdir(parents=True, exist_ok=True)
     session = Session(args)
-    session.say(f"gpu session{' (dry run)' if args.dry_run else ''}: out {args.out}, work {args.work}, "
-                f"{session.cores} cores, total budget {args.total_s:.0f} s")
+    session.say(
+        f"gpu session{' (dry run)' if args.dry_run else ''}: out {args.out}, work {args.work}, "
+        f"{session.cores} cores, total budget {args.total_s:.0f} s"
+    )
     for name in STAGES:
         session.stage(name)
     session.say("summary: " + "; ".join(f"{n} {r['status']}" for n, r in session.results.items()))

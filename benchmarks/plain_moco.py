@@ -68,8 +68,16 @@ class SplitBN(nn.BatchNorm2d):
             return super().forward(x)
         n, c, h, w = x.shape
         mean, var = self.running_mean.repeat(self.splits), self.running_var.repeat(self.splits)
-        y = F.batch_norm(x.reshape(n // self.splits, c * self.splits, h, w), mean, var,
-                         self.weight.repeat(self.splits), self.bias.repeat(self.splits), True, self.momentum, self.eps)
+        y = F.batch_norm(
+            x.reshape(n // self.splits, c * self.splits, h, w),
+            mean,
+            var,
+            self.weight.repeat(self.splits),
+            self.bias.repeat(self.splits),
+            True,
+            self.momentum,
+            self.eps,
+        )
         self.running_mean.copy_(mean.view(self.splits, c).mean(0))
         self.running_var.copy_(var.view(self.splits, c).mean(0))
         return y.view(n, c, h, w)
@@ -89,17 +97,20 @@ def knn(net, train_loader, val_loader, classes, k=200, t=0.1) -> float:
     fc, net.fc = net.fc, nn.Identity()
     net.eval()
     try:
-        feats = [torch.cat([F.normalize(net(x), dim=1) for x, _ in loader]) for loader in (train_loader, val_loader)]
+        feats = [
+            torch.cat([F.normalize(net(x), dim=1) for x, _ in loader])
+            for loader in (train_loader, val_loader)
+        ]
         labels = [torch.cat([y for _, y in loader]) for loader in (train_loader, val_loader)]
     finally:
         net.fc = fc
         net.train()
     correct = 0
     for start in range(0, len(feats[1]), 1024):
-        sim = feats[1][start:start + 1024] @ feats[0].t()
+        sim = feats[1][start : start + 1024] @ feats[0].t()
         weight, index = sim.topk(k, dim=1)
         votes = torch.zeros(len(sim), classes).scatter_add_(1, labels[0][index], (weight / t).exp())
-        correct += (votes.argmax(1) == labels[1][start:start + 1024]).sum().item()
+        correct += (votes.argmax(1) == labels[1][start : start + 1024]).sum().item()
     return 100.0 * correct / len(feats[1])
 
 
@@ -116,8 +127,12 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--stem", choices=["small", "standard"], default="small",
-                        help="standard: torchvision's 7x7/2 stem and max-pool (about 16x less compute at 32 px)")
+    parser.add_argument(
+        "--stem",
+        choices=["small", "standard"],
+        default="small",
+        help="standard: torchvision's 7x7/2 stem and max-pool (about 16x less compute at 32 px)",
+    )
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     torch.manual_seed(args.seed)
@@ -126,12 +141,25 @@ def main() -> None:
     train_images, train_labels = read_shards(args.train)
     val_images, val_labels = read_shards(args.val)
     classes = max(train_labels) + 1
-    augment = T.Compose([T.RandomResizedCrop(32, scale=(0.2, 1.0)),
-                         T.RandomApply([T.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8), T.RandomGrayscale(p=0.2),
-                         T.RandomHorizontalFlip(), T.ToTensor(), T.Normalize(MEAN, STD)])
+    augment = T.Compose(
+        [
+            T.RandomResizedCrop(32, scale=(0.2, 1.0)),
+            T.RandomApply([T.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8),
+            T.RandomGrayscale(p=0.2),
+            T.RandomHorizontalFlip(),
+            T.ToTensor(),
+            T.Normalize(MEAN, STD),
+        ]
+    )
     plain = T.Compose([T.Resize(32), T.CenterCrop(32), T.ToTensor(), T.Normalize(MEAN, STD)])
-    pairs = torch.utils.data.DataLoader(TwoViews(train_images, augment), batch_size=args.batch, shuffle=True,
-                                        drop_last=True, num_workers=args.workers, persistent_workers=args.workers > 0)
+    pairs = torch.utils.data.DataLoader(
+        TwoViews(train_images, augment),
+        batch_size=args.batch,
+        shuffle=True,
+        drop_last=True,
+        num_workers=args.workers,
+        persistent_workers=args.workers > 0,
+    )
 
     def eval_loader(images, labels):
         data = [(plain(im), y) for im, y in zip(images, labels)]
@@ -180,18 +208,32 @@ def main() -> None:
                     p_k.mul_(args.m).add_(p_q, alpha=1 - args.m)
                 k = torch.cat([k1, k2])
                 assert args.K % len(k) == 0
-                queue[:, pointer:pointer + len(k)] = k.t()
+                queue[:, pointer : pointer + len(k)] = k.t()
                 pointer = (pointer + len(k)) % args.K
             step += 1
             correct += (logits.argmax(1) == 0).sum().item()
             seen += len(x1)
         trained = time.perf_counter() - epoch_start
-        history.append({"epoch": epoch, "loss": loss.item(), "pretext_top1": 100.0 * correct / seen,
-                        "images_per_s": seen / trained, "knn_top1": knn(f_q, bank, val, classes)})
+        history.append(
+            {
+                "epoch": epoch,
+                "loss": loss.item(),
+                "pretext_top1": 100.0 * correct / seen,
+                "images_per_s": seen / trained,
+                "knn_top1": knn(f_q, bank, val, classes),
+            }
+        )
         print(json.dumps(history[-1]), flush=True)
-    record = {"implementation": "benchmarks/plain_moco.py", "args": {k: str(v) for k, v in vars(args).items()},
-              "train_samples": len(train_images), "val_samples": len(val_images), "steps": step,
-              "seconds": time.perf_counter() - started, "history": history, "torch": torch.__version__}
+    record = {
+        "implementation": "benchmarks/plain_moco.py",
+        "args": {k: str(v) for k, v in vars(args).items()},
+        "train_samples": len(train_images),
+        "val_samples": len(val_images),
+        "steps": step,
+        "seconds": time.perf_counter() - started,
+        "history": history,
+        "torch": torch.__version__,
+    }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(record, indent=1) + "\n")
 

@@ -23,30 +23,50 @@ from moco_dali.tools.bench.machine import describe
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--run", type=Path, required=True)
-    parser.add_argument("--wall-s", type=float, required=True, help="measured wall time of the pretraining")
+    parser.add_argument(
+        "--wall-s", type=float, required=True, help="measured wall time of the pretraining"
+    )
     parser.add_argument("--knn-init", type=Path, required=True)
     parser.add_argument("--linear", type=Path, default=None)
     parser.add_argument("--linear-wall-s", type=float, default=None)
-    parser.add_argument("--linear-init", type=Path, default=None, help="the same probe on the encoder at initialisation")
-    parser.add_argument("--linear-long", type=Path, default=None, help="the probe at its full schedule (100 epochs)")
+    parser.add_argument(
+        "--linear-init",
+        type=Path,
+        default=None,
+        help="the same probe on the encoder at initialisation",
+    )
+    parser.add_argument(
+        "--linear-long", type=Path, default=None, help="the probe at its full schedule (100 epochs)"
+    )
     parser.add_argument("--linear-long-wall-s", type=float, default=None)
     parser.add_argument("--command", required=True)
     parser.add_argument("--note", default="")
-    parser.add_argument("--out", type=Path, required=True, help="PREFIX: writes PREFIX.json and PREFIX.png")
+    parser.add_argument(
+        "--out", type=Path, required=True, help="PREFIX: writes PREFIX.json and PREFIX.png"
+    )
     args = parser.parse_args()
 
     records = [json.loads(line) for line in (args.run / "metrics.jsonl").read_text().splitlines()]
     init = json.loads(args.knn_init.read_text())
     curve = [{"epoch": 0, "top1": init["top1"], "top5": init["top5"]}] + [
-        {"epoch": r["epoch"], "top1": r["top1"], "top5": r["top5"]} for r in records if r["kind"] == "knn"]
+        {"epoch": r["epoch"], "top1": r["top1"], "top5": r["top5"]}
+        for r in records
+        if r["kind"] == "knn"
+    ]
     train = [r for r in records if r["kind"] == "train"]
     record = {
         "date": time.strftime("%Y-%m-%d"),
         "machine": describe(),
         "command": args.command,
         "config": json.loads((args.run / "config.json").read_text()),
-        "knn": {"k": init["k"], "t": init["t"], "curve": curve, "at_init": init["top1"], "final": curve[-1]["top1"],
-                "best": max(c["top1"] for c in curve[1:])},
+        "knn": {
+            "k": init["k"],
+            "t": init["t"],
+            "curve": curve,
+            "at_init": init["top1"],
+            "final": curve[-1]["top1"],
+            "best": max(c["top1"] for c in curve[1:]),
+        },
         "pretext": [{"step": r["step"], "loss": r["loss"], "acc1": r["acc1"]} for r in train],
         "images_per_s_median": sorted(r["images_per_s"] for r in train)[len(train) // 2],
         "pretraining_wall_s": args.wall_s,
@@ -67,14 +87,29 @@ def main() -> int:
 
     fig, ax = plt.subplots(figsize=(6, 3.4))
     epochs = [c["epoch"] for c in curve]
-    ax.plot(epochs, [c["top1"] for c in curve], marker="o", label="MoCo v2, kNN top-1 (k=200, T=0.1)")
-    ax.axhline(init["top1"], color="grey", linestyle=":", label=f"same encoder at initialisation ({init['top1']:.1f}%)")
+    ax.plot(
+        epochs, [c["top1"] for c in curve], marker="o", label="MoCo v2, kNN top-1 (k=200, T=0.1)"
+    )
+    ax.axhline(
+        init["top1"],
+        color="grey",
+        linestyle=":",
+        label=f"same encoder at initialisation ({init['top1']:.1f}%)",
+    )
     if record["linear"]:
-        ax.axhline(record["linear"]["top1"], color="#e0a030", linestyle="--",
-                   label=f"linear probe after pretraining ({record['linear']['top1']:.1f}%)")
+        ax.axhline(
+            record["linear"]["top1"],
+            color="#e0a030",
+            linestyle="--",
+            label=f"linear probe after pretraining ({record['linear']['top1']:.1f}%)",
+        )
     if record["linear_at_init"]:
-        ax.axhline(record["linear_at_init"]["top1"], color="#e0a030", linestyle=":",
-                   label=f"linear probe at initialisation ({record['linear_at_init']['top1']:.1f}%)")
+        ax.axhline(
+            record["linear_at_init"]["top1"],
+            color="#e0a030",
+            linestyle=":",
+            label=f"linear probe at initialisation ({record['linear_at_init']['top1']:.1f}%)",
+        )
     ax.set_xlabel("epoch")
     ax.set_ylabel("test top-1 (%)")
     m = record["machine"]

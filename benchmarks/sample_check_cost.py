@@ -46,10 +46,18 @@ print(json.dumps({"pairs_per_s": spec["batches"] * spec["batch"] / (time.perf_co
 
 
 def pairs_per_s(shards: Path, before: str, args) -> float:
-    spec = {"shards": str(shards), "before": before, "size": args.size, "batch": args.batch, "threads": args.threads,
-            "warmup": 2, "batches": args.batches}
-    result = subprocess.run([sys.executable, "-c", CHILD, json.dumps(spec)], capture_output=True, text=True,
-                            check=True)
+    spec = {
+        "shards": str(shards),
+        "before": before,
+        "size": args.size,
+        "batch": args.batch,
+        "threads": args.threads,
+        "warmup": 2,
+        "batches": args.batches,
+    }
+    result = subprocess.run(
+        [sys.executable, "-c", CHILD, json.dumps(spec)], capture_output=True, text=True, check=True
+    )
     return json.loads(result.stdout.strip().splitlines()[-1])["pairs_per_s"]
 
 
@@ -67,7 +75,9 @@ def header_us(jpegs: list[bytes], reps: int) -> float:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--before", required=True, help="a checkout whose pipeline/ has no sample check")
+    parser.add_argument(
+        "--before", required=True, help="a checkout whose pipeline/ has no sample check"
+    )
     parser.add_argument("--photos", type=int, default=200)
     parser.add_argument("--size", type=int, default=112)
     parser.add_argument("--batch", type=int, default=16)
@@ -83,7 +93,13 @@ def main() -> int:
 
     work = Path(tempfile.mkdtemp(prefix="sample-check-"))
     generate(work / "photos", args.photos, seed=0)
-    build([str(work / "photos")], work / "shards", BuildSettings(max_count=50), workers=0, progress=False)
+    build(
+        [str(work / "photos")],
+        work / "shards",
+        BuildSettings(max_count=50),
+        workers=0,
+        progress=False,
+    )
     jpegs = [p.read_bytes() for p in sorted((work / "photos").rglob("*.jpg"))]
     runs = {"with_check": [], "before": []}
     pairs_per_s(work / "shards", "", args)  # warm-up: page cache, imports
@@ -93,17 +109,25 @@ def main() -> int:
     medians = {k: statistics.median(v) for k, v in runs.items()}
     record = {
         "what": "v2 view pairs/s on the CPU, this loader (with the sample check) beside --before, alternating "
-                "fresh processes; and decode_jpeg_header alone per image",
-        "config": {k: getattr(args, k) for k in ("photos", "size", "batch", "batches", "threads", "reps")},
-        "pairs_per_s": runs, "median_pairs_per_s": medians, "ratio": medians["with_check"] / medians["before"],
-        "header_parse_us_per_image": header_us(jpegs, args.reps), "mean_jpeg_KB": sum(map(len, jpegs)) / len(jpegs) / 1e3,
-        "date": time.strftime("%Y-%m-%d"), "machine": describe(),
+        "fresh processes; and decode_jpeg_header alone per image",
+        "config": {
+            k: getattr(args, k) for k in ("photos", "size", "batch", "batches", "threads", "reps")
+        },
+        "pairs_per_s": runs,
+        "median_pairs_per_s": medians,
+        "ratio": medians["with_check"] / medians["before"],
+        "header_parse_us_per_image": header_us(jpegs, args.reps),
+        "mean_jpeg_KB": sum(map(len, jpegs)) / len(jpegs) / 1e3,
+        "date": time.strftime("%Y-%m-%d"),
+        "machine": describe(),
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(record, indent=1) + "\n")
-    print(f"with the check {medians['with_check']:.1f} pairs/s, before {medians['before']:.1f} "
-          f"({record['ratio']:.3f}x); header parse {record['header_parse_us_per_image']:.1f} us per "
-          f"{record['mean_jpeg_KB']:.0f} KB image")
+    print(
+        f"with the check {medians['with_check']:.1f} pairs/s, before {medians['before']:.1f} "
+        f"({record['ratio']:.3f}x); header parse {record['header_parse_us_per_image']:.1f} us per "
+        f"{record['mean_jpeg_KB']:.0f} KB image"
+    )
     return 0
 
 

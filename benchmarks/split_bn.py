@@ -39,7 +39,9 @@ class LoopSplitBatchNorm2d(SplitBatchNorm2d):
         outputs, means, variances = [], [], []
         for chunk in x.chunk(self.num_splits):
             mean, var = self.running_mean.clone(), self.running_var.clone()
-            outputs.append(F.batch_norm(chunk, mean, var, self.weight, self.bias, True, momentum, self.eps))
+            outputs.append(
+                F.batch_norm(chunk, mean, var, self.weight, self.bias, True, momentum, self.eps)
+            )
             means.append(mean)
             variances.append(var)
         with torch.no_grad():
@@ -94,21 +96,34 @@ def main() -> int:
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--size", type=int, default=112, help="input size in px")
     parser.add_argument("--splits", type=int, default=8)
-    parser.add_argument("--amp", choices=["auto", "bf16", "none"], default="auto",
-                        help="autocast dtype (auto: bf16 on a GPU, none on a CPU), as moco-train's default")
-    parser.add_argument("--reps", type=int, default=7, help="alternating repetitions (median reported)")
+    parser.add_argument(
+        "--amp",
+        choices=["auto", "bf16", "none"],
+        default="auto",
+        help="autocast dtype (auto: bf16 on a GPU, none on a CPU), as moco-train's default",
+    )
+    parser.add_argument(
+        "--reps", type=int, default=7, help="alternating repetitions (median reported)"
+    )
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--out", default=None, help="write the JSON record here")
     args = parser.parse_args()
 
     device = torch.device(args.device)
-    amp = {"bf16": torch.bfloat16, "none": None}.get(args.amp, torch.bfloat16 if device.type == "cuda" else None)
-    x = torch.randn(args.batch, 3, args.size, args.size, device=device).contiguous(memory_format=torch.channels_last)
+    amp = {"bf16": torch.bfloat16, "none": None}.get(
+        args.amp, torch.bfloat16 if device.type == "cuda" else None
+    )
+    x = torch.randn(args.batch, 3, args.size, args.size, device=device).contiguous(
+        memory_format=torch.channels_last
+    )
     nets = {}
     for name, cls in IMPLEMENTATIONS.items():
         torch.manual_seed(0)
-        nets[name] = resnet(args.arch)(num_classes=128, norm_layer=partial(cls, num_splits=args.splits)) \
-            .to(device).to(memory_format=torch.channels_last)
+        nets[name] = (
+            resnet(args.arch)(num_classes=128, norm_layer=partial(cls, num_splits=args.splits))
+            .to(device)
+            .to(memory_format=torch.channels_last)
+        )
 
     def train_pass(net):
         with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
@@ -116,7 +131,10 @@ def main() -> int:
         loss.backward()
 
     def key_pass(net):
-        with torch.no_grad(), torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
+        with (
+            torch.no_grad(),
+            torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None),
+        ):
             net(x)
 
     passes = {"train forward+backward": train_pass, "no-grad forward (key encoder)": key_pass}
@@ -130,21 +148,45 @@ def main() -> int:
             for name, net in nets.items():
                 times[pass_name][name] += time_ms(lambda: fn(net), device, reps=1, warmup=0)
 
-    layer = {name: ops_per_layer(cls, device, 64, args.batch, args.size // 4, args.splits, amp)
-             for name, cls in IMPLEMENTATIONS.items()}
+    layer = {
+        name: ops_per_layer(cls, device, 64, args.batch, args.size // 4, args.splits, amp)
+        for name, cls in IMPLEMENTATIONS.items()
+    }
     bn_layers = sum(isinstance(m, SplitBatchNorm2d) for m in nets["whole-batch (now)"].modules())
     record = {
-        "date": time.strftime("%Y-%m-%d"), "machine": describe(),
+        "date": time.strftime("%Y-%m-%d"),
+        "machine": describe(),
         "command": "python -m benchmarks.split_bn " + " ".join(sys.argv[1:]),
-        "config": {"device": str(device), "arch": args.arch, "batch": args.batch, "size": args.size,
-                   "splits": args.splits, "amp": str(amp).replace("torch.", "") if amp else "none",
-                   "channels_last": True, "reps": args.reps, "warmup": args.warmup, "bn_layers": bn_layers},
+        "config": {
+            "device": str(device),
+            "arch": args.arch,
+            "batch": args.batch,
+            "size": args.size,
+            "splits": args.splits,
+            "amp": str(amp).replace("torch.", "") if amp else "none",
+            "channels_last": True,
+            "reps": args.reps,
+            "warmup": args.warmup,
+            "bn_layers": bn_layers,
+        },
         "ops_per_layer": layer,
-        "times_ms": {p: {n: {"median_ms": statistics.median(ts), "min_ms": min(ts), "max_ms": max(ts), "ms": ts}
-                         for n, ts in by_name.items()} for p, by_name in times.items()},
+        "times_ms": {
+            p: {
+                n: {
+                    "median_ms": statistics.median(ts),
+                    "min_ms": min(ts),
+                    "max_ms": max(ts),
+                    "ms": ts,
+                }
+                for n, ts in by_name.items()
+            }
+            for p, by_name in times.items()
+        },
     }
-    print(f"split BN, {args.arch}, batch {args.batch} at {args.size} px, {args.splits} splits, "
-          f"{record['config']['amp']}, channels-last, {device}; median of {args.reps} alternating reps")
+    print(
+        f"split BN, {args.arch}, batch {args.batch} at {args.size} px, {args.splits} splits, "
+        f"{record['config']['amp']}, channels-last, {device}; median of {args.reps} alternating reps"
+    )
     print(f"{'':32s} " + " ".join(f"{n:>20s}" for n in IMPLEMENTATIONS) + "   before / now")
     for p, by_name in record["times_ms"].items():
         before, now = (by_name[n]["median_ms"] for n in IMPLEMENTATIONS)

@@ -56,8 +56,10 @@ def main() -> int:
     def own_walk() -> None:
         assert in_process(args.shards, args.batch_size) == samples
 
-    contenders = {"DALI walk in a child process (verify now)": child_walk,
-                  "DALI walk in this process (verify before)": own_walk}
+    contenders = {
+        "DALI walk in a child process (verify now)": child_walk,
+        "DALI walk in this process (verify before)": own_walk,
+    }
     for fn in contenders.values():
         fn()
     seconds: dict[str, list[float]] = {name: [] for name in contenders}
@@ -66,12 +68,24 @@ def main() -> int:
             started = time.perf_counter()
             fn()
             seconds[name].append(time.perf_counter() - started)
-    results = {name: {"seconds": statistics.median(s), "samples_per_s": samples / statistics.median(s), "runs": s}
-               for name, s in seconds.items()}
-    record = {"benchmark": "verify_cost", "date": time.strftime("%Y-%m-%d"), "machine": describe(),
-              "samples": samples, "reps": args.reps, "results": results,
-              "note": "only the DALI walk and the per-sample size check; verify's hashing and index checks "
-                      "are the same either way"}
+    results = {
+        name: {
+            "seconds": statistics.median(s),
+            "samples_per_s": samples / statistics.median(s),
+            "runs": s,
+        }
+        for name, s in seconds.items()
+    }
+    record = {
+        "benchmark": "verify_cost",
+        "date": time.strftime("%Y-%m-%d"),
+        "machine": describe(),
+        "samples": samples,
+        "reps": args.reps,
+        "results": results,
+        "note": "only the DALI walk and the per-sample size check; verify's hashing and index checks "
+        "are the same either way",
+    }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(record, indent=1) + "\n")
     for name, r in results.items():

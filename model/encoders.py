@@ -16,11 +16,22 @@ from torch import nn
 
 __all__ = ["ARCHS", "resnet", "add_mlp_head", "feature_dim", "backbone"]
 
-ARCHS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "wide_resnet50_2", "wide_resnet101_2",
-         "resnext50_32x4d", "resnext101_32x8d")
+ARCHS = (
+    "resnet18",
+    "resnet34",
+    "resnet50",
+    "resnet101",
+    "resnet152",
+    "wide_resnet50_2",
+    "wide_resnet101_2",
+    "resnext50_32x4d",
+    "resnext101_32x8d",
+)
 
 
-def _build(arch: str, small_stem: bool, num_classes: int = 1000, norm_layer: Optional[Callable] = None) -> nn.Module:
+def _build(
+    arch: str, small_stem: bool, num_classes: int = 1000, norm_layer: Optional[Callable] = None
+) -> nn.Module:
     kwargs = {"num_classes": num_classes}
     if norm_layer is not None:
         kwargs["norm_layer"] = norm_layer
@@ -28,7 +39,9 @@ def _build(arch: str, small_stem: bool, num_classes: int = 1000, norm_layer: Opt
     if small_stem:
         # For 32-64 px images (CIFAR, Fashion-MNIST): a 7x7/2 conv and a max-pool
         # would shrink a 32 px image to 8 px before the first block.
-        encoder.conv1 = nn.Conv2d(3, encoder.conv1.out_channels, kernel_size=3, stride=1, padding=1, bias=False)
+        encoder.conv1 = nn.Conv2d(
+            3, encoder.conv1.out_channels, kernel_size=3, stride=1, padding=1, bias=False
+        )
         encoder.maxpool = nn.Identity()
     return encoder
 

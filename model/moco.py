@@ -57,24 +57,44 @@ class MoCo(nn.Module):
         momentum_impl: implementation of the momentum update (``momentum.IMPLEMENTATIONS``).
     """
 
-    def __init__(self, base_encoder: Callable[..., nn.Module], dim: int = 128, K: int = 65536, m: float = 0.999,
-                 T: float = 0.07, mlp: bool = False, *, queue_dtype: torch.dtype = torch.float32,
-                 shuffle: str = "auto", num_splits: int = 8, shuffle_group_size: Optional[int] = None,
-                 symmetric: bool = False, momentum_impl: str = "auto"):
+    def __init__(
+        self,
+        base_encoder: Callable[..., nn.Module],
+        dim: int = 128,
+        K: int = 65536,
+        m: float = 0.999,
+        T: float = 0.07,
+        mlp: bool = False,
+        *,
+        queue_dtype: torch.dtype = torch.float32,
+        shuffle: str = "auto",
+        num_splits: int = 8,
+        shuffle_group_size: Optional[int] = None,
+        symmetric: bool = False,
+        momentum_impl: str = "auto",
+    ):
         super().__init__()
         if shuffle == "auto":
             shuffle = "ddp" if _distributed() else "split"
         if shuffle not in shuffle_bn.SHUFFLE_MODES:
-            raise ValueError(f"shuffle must be one of {shuffle_bn.SHUFFLE_MODES} or 'auto', got {shuffle!r}")
+            raise ValueError(
+                f"shuffle must be one of {shuffle_bn.SHUFFLE_MODES} or 'auto', got {shuffle!r}"
+            )
         if shuffle in ("ddp", "syncbn") and not _distributed():
-            raise ValueError(f"shuffle={shuffle!r} needs torch.distributed with more than one rank; "
-                             "use 'split' on one process")
+            raise ValueError(
+                f"shuffle={shuffle!r} needs torch.distributed with more than one rank; "
+                "use 'split' on one process"
+            )
         if not 0.0 <= m <= 1.0 or T <= 0:
             raise ValueError(f"need 0 <= m <= 1 and T > 0, got m={m}, T={T}")
         self.K, self.m, self.T = K, m, T
         self.shuffle, self.symmetric, self.momentum_impl = shuffle, symmetric, momentum_impl
 
-        extra = {"norm_layer": partial(shuffle_bn.SplitBatchNorm2d, num_splits=num_splits)} if shuffle == "split" else {}
+        extra = (
+            {"norm_layer": partial(shuffle_bn.SplitBatchNorm2d, num_splits=num_splits)}
+            if shuffle == "split"
+            else {}
+        )
         self.encoder_q = base_encoder(num_classes=dim, **extra)
         self.encoder_k = base_encoder(num_classes=dim, **extra)
         if mlp:
@@ -103,10 +123,14 @@ class MoCo(nn.Module):
     def _keys(self, im_k: torch.Tensor) -> torch.Tensor:
         if self.shuffle == "ddp":
             im_k, idx_unshuffle = shuffle_bn.batch_shuffle_ddp(im_k, self._group)
-            return shuffle_bn.batch_unshuffle_ddp(self._normalize(self.encoder_k(im_k)), idx_unshuffle, self._group)
+            return shuffle_bn.batch_unshuffle_ddp(
+                self._normalize(self.encoder_k(im_k)), idx_unshuffle, self._group
+            )
         if self.shuffle == "split":
             im_k, idx_unshuffle = shuffle_bn.batch_shuffle_local(im_k)
-            return shuffle_bn.batch_unshuffle_local(self._normalize(self.encoder_k(im_k)), idx_unshuffle)
+            return shuffle_bn.batch_unshuffle_local(
+                self._normalize(self.encoder_k(im_k)), idx_unshuffle
+            )
         return self._normalize(self.encoder_k(im_k))
 
     @staticmethod
@@ -147,7 +171,9 @@ class MoCo(nn.Module):
         self._dequeue_and_enqueue(k)
         return logits, labels
 
-    def _forward_symmetric(self, im_1: torch.Tensor, im_2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _forward_symmetric(
+        self, im_1: torch.Tensor, im_2: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         q1, q2 = self._query(im_1), self._query(im_2)
         with torch.no_grad():
             self._momentum_update_key_encoder()

@@ -24,7 +24,13 @@ from typing import Callable, Sequence
 
 import torch
 
-__all__ = ["IMPLEMENTATIONS", "momentum_update_", "momentum_at", "available_implementations", "resolve_implementation"]
+__all__ = [
+    "IMPLEMENTATIONS",
+    "momentum_update_",
+    "momentum_at",
+    "available_implementations",
+    "resolve_implementation",
+]
 
 
 def _params(module_or_params) -> list[torch.Tensor]:
@@ -57,11 +63,17 @@ def _apex(key: Sequence[torch.Tensor], query: Sequence[torch.Tensor], m: float) 
     overflow = torch.zeros(1, dtype=torch.int, device=key[0].device)
     with torch.no_grad():
         # axpby: out = a * x + b * y, written in place into the key tensors.
-        multi_tensor_applier(amp_C.multi_tensor_axpby, overflow, [list(key), list(query), list(key)], m, 1.0 - m, -1)
+        multi_tensor_applier(
+            amp_C.multi_tensor_axpby, overflow, [list(key), list(query), list(key)], m, 1.0 - m, -1
+        )
 
 
-IMPLEMENTATIONS: dict[str, Callable] = {"foreach_lerp": _foreach_lerp, "foreach": _foreach, "loop": _loop,
-                                        "apex": _apex}
+IMPLEMENTATIONS: dict[str, Callable] = {
+    "foreach_lerp": _foreach_lerp,
+    "foreach": _foreach,
+    "loop": _loop,
+    "apex": _apex,
+}
 
 
 def available_implementations() -> list[str]:
@@ -101,7 +113,9 @@ def momentum_update_(key_encoder, query_encoder, m: float, implementation: str =
         raise ValueError(f"key encoder has {len(key)} parameters, query encoder {len(query)}")
     implementation = resolve_implementation(implementation)
     if implementation not in IMPLEMENTATIONS:
-        raise ValueError(f"unknown momentum implementation {implementation!r}; choose from {sorted(IMPLEMENTATIONS)}")
+        raise ValueError(
+            f"unknown momentum implementation {implementation!r}; choose from {sorted(IMPLEMENTATIONS)}"
+        )
     IMPLEMENTATIONS[implementation](key, query, m)
 
 

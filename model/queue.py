@@ -56,7 +56,9 @@ class KeyQueue(nn.Module):
         """
         n = keys.shape[0]
         if n > self.K:
-            raise ValueError(f"cannot enqueue {n} keys into a queue of K={self.K}; use K >= the global batch")
+            raise ValueError(
+                f"cannot enqueue {n} keys into a queue of K={self.K}; use K >= the global batch"
+            )
         positions = (self.queue_ptr + torch.arange(n, device=self.queue.device)) % self.K
         self.queue.index_copy_(0, positions, keys.detach().to(self.queue.dtype))
         self.queue_ptr.copy_((self.queue_ptr + n) % self.K)

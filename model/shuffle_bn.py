@@ -26,8 +26,16 @@ import torch.distributed as dist
 from torch import nn
 from torch.autograd.function import once_differentiable
 
-__all__ = ["SHUFFLE_MODES", "SplitBatchNorm2d", "gather", "batch_shuffle_ddp", "batch_unshuffle_ddp",
-           "shuffle_group", "batch_shuffle_local", "batch_unshuffle_local"]
+__all__ = [
+    "SHUFFLE_MODES",
+    "SplitBatchNorm2d",
+    "gather",
+    "batch_shuffle_ddp",
+    "batch_unshuffle_ddp",
+    "shuffle_group",
+    "batch_shuffle_local",
+    "batch_unshuffle_local",
+]
 
 SHUFFLE_MODES = ("ddp", "split", "syncbn", "none")
 
@@ -61,22 +69,43 @@ class _SplitBatchNorm(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, running_mean, running_var, num_splits: int, momentum: float, eps: float):
+    def forward(
+        ctx,
+        x,
+        weight,
+        bias,
+        running_mean,
+        running_var,
+        num_splits: int,
+        momentum: float,
+        eps: float,
+    ):
         n, c, h, w = x.shape
         xs = x.view(num_splits, n // num_splits, c, h, w)
         with torch.autocast(x.device.type, enabled=False):
             mean, var = _split_moments(xs)
             invstd = torch.rsqrt(var + eps)
             scale = invstd if weight is None else invstd * weight.to(invstd.dtype)
-            shift = -mean * scale if bias is None else torch.addcmul(bias.to(scale.dtype), mean, scale, value=-1)
+            shift = (
+                -mean * scale
+                if bias is None
+                else torch.addcmul(bias.to(scale.dtype), mean, scale, value=-1)
+            )
             y = torch.empty_like(x)  # the input's memory format: channels-last stays channels-last
-            torch.addcmul(shift[:, None, :, None, None], xs, scale[:, None, :, None, None], out=y.view(xs.shape))
+            torch.addcmul(
+                shift[:, None, :, None, None],
+                xs,
+                scale[:, None, :, None, None],
+                out=y.view(xs.shape),
+            )
             if running_mean is not None:
                 # The average of what F.batch_norm would leave in per-sub-batch copies:
                 # biased variance normalises, unbiased variance enters the running estimate.
                 count = xs[0].numel() // c
                 running_mean.lerp_(mean.mean(0).to(running_mean.dtype), momentum)
-                running_var.lerp_((var.mean(0) * (count / (count - 1))).to(running_var.dtype), momentum)
+                running_var.lerp_(
+                    (var.mean(0) * (count / (count - 1))).to(running_var.dtype), momentum
+                )
         ctx.save_for_backward(x, weight, mean, invstd)
         ctx.num_splits = num_splits
         return y
@@ -93,13 +122,18 @@ class _SplitBatchNorm(torch.autograd.Function):
         with torch.autocast(x.device.type, enabled=False):
             sum_dy = gs.sum(dims, dtype=mean.dtype)
             if x.dtype in (torch.float32, torch.float64):
-                sum_dy_xmu = torch.addcmul((gs * xs).sum(dims, dtype=mean.dtype), mean, sum_dy, value=-1)
+                sum_dy_xmu = torch.addcmul(
+                    (gs * xs).sum(dims, dtype=mean.dtype), mean, sum_dy, value=-1
+                )
             else:
                 # Centre on the mean rounded to the input's dtype first: the products of
                 # half-precision values then keep their precision without cancellation.
                 centre = mean.to(x.dtype)
-                sum_dy_xmu = torch.addcmul((gs * (xs - centre[:, None, :, None, None])).sum(dims, dtype=mean.dtype),
-                                           centre.to(mean.dtype) - mean, sum_dy)
+                sum_dy_xmu = torch.addcmul(
+                    (gs * (xs - centre[:, None, :, None, None])).sum(dims, dtype=mean.dtype),
+                    centre.to(mean.dtype) - mean,
+                    sum_dy,
+                )
             dy_xhat = sum_dy_xmu * invstd  # per sub-batch: the sum of grad * normalised input
             grad_x = grad_weight = grad_bias = None
             if ctx.needs_input_grad[0]:
@@ -143,23 +177,40 @@ class SplitBatchNorm2d(nn.BatchNorm2d):
             return super().forward(x)
         self._check_input_dim(x)
         if x.shape[0] % self.num_splits:
-            raise ValueError(f"split BN: batch of {x.shape[0]} is not divisible by num_splits={self.num_splits}")
+            raise ValueError(
+                f"split BN: batch of {x.shape[0]} is not divisible by num_splits={self.num_splits}"
+            )
         if x.shape[0] // self.num_splits * x.shape[2] * x.shape[3] < 2:
-            raise ValueError(f"split BN: a sub-batch of {x.shape[0] // self.num_splits} sample(s) of "
-                             f"{x.shape[2]}x{x.shape[3]} has a single value per channel")
+            raise ValueError(
+                f"split BN: a sub-batch of {x.shape[0] // self.num_splits} sample(s) of "
+                f"{x.shape[2]}x{x.shape[3]} has a single value per channel"
+            )
         momentum = 0.0
         if self.track_running_stats:
             self.num_batches_tracked.add_(1)
             # momentum=None is BatchNorm's cumulative average (one host read, as nn.BatchNorm2d does).
-            momentum = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
-        return _SplitBatchNorm.apply(x, self.weight, self.bias, self.running_mean, self.running_var,
-                                     self.num_splits, momentum, self.eps)
+            momentum = (
+                self.momentum
+                if self.momentum is not None
+                else 1.0 / float(self.num_batches_tracked)
+            )
+        return _SplitBatchNorm.apply(
+            x,
+            self.weight,
+            self.bias,
+            self.running_mean,
+            self.running_var,
+            self.num_splits,
+            momentum,
+            self.eps,
+        )
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", num_splits={self.num_splits}"
 
 
 # ----------------------------------------------------------------------- local
+
 
 @torch.no_grad()
 def batch_shuffle_local(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -175,6 +226,7 @@ def batch_unshuffle_local(x: torch.Tensor, idx_unshuffle: torch.Tensor) -> torch
 
 # ----------------------------------------------------------------------- distributed
 
+
 @torch.no_grad()
 def gather(x: torch.Tensor, group: Optional[dist.ProcessGroup] = None) -> torch.Tensor:
     """Concatenate ``x`` from every rank of ``group`` (no gradient), rank order."""
@@ -187,8 +239,9 @@ def gather(x: torch.Tensor, group: Optional[dist.ProcessGroup] = None) -> torch.
 
 
 @torch.no_grad()
-def batch_shuffle_ddp(x: torch.Tensor, group: Optional[dist.ProcessGroup] = None
-                      ) -> tuple[torch.Tensor, torch.Tensor]:
+def batch_shuffle_ddp(
+    x: torch.Tensor, group: Optional[dist.ProcessGroup] = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Shuffle a batch across the ranks of ``group``; return this rank's share and the unshuffle index.
 
     The permutation is drawn on the group's first rank and broadcast, so every rank
@@ -208,8 +261,9 @@ def batch_shuffle_ddp(x: torch.Tensor, group: Optional[dist.ProcessGroup] = None
 
 
 @torch.no_grad()
-def batch_unshuffle_ddp(x: torch.Tensor, idx_unshuffle: torch.Tensor,
-                        group: Optional[dist.ProcessGroup] = None) -> torch.Tensor:
+def batch_unshuffle_ddp(
+    x: torch.Tensor, idx_unshuffle: torch.Tensor, group: Optional[dist.ProcessGroup] = None
+) -> torch.Tensor:
     """Undo ``batch_shuffle_ddp`` on the encoded keys."""
     world = dist.get_world_size(group)
     x_all = gather(x, group)

@@ -41,8 +41,19 @@ from typing import Any
 from nvidia.dali import fn, types
 from nvidia.dali import math as dmath
 
-__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "AugmentConfig", "EvalConfig", "v1", "v2", "cifar", "custom", "preset",
-           "augment", "eval_view"]
+__all__ = [
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "AugmentConfig",
+    "EvalConfig",
+    "v1",
+    "v2",
+    "cifar",
+    "custom",
+    "preset",
+    "augment",
+    "eval_view",
+]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -50,7 +61,9 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 def _range(name: str, value, low: float, high: float) -> None:
     if len(value) != 2 or not low <= value[0] <= value[1] <= high:
-        raise ValueError(f"{name} must be (min, max) with {low} <= min <= max <= {high}, got {tuple(value)}")
+        raise ValueError(
+            f"{name} must be (min, max) with {low} <= min <= max <= {high}, got {tuple(value)}"
+        )
 
 
 def _probability(name: str, value: float) -> None:
@@ -95,7 +108,9 @@ class AugmentConfig:
         _range("crop_scale", self.crop_scale, 1e-6, 1.0)
         _range("crop_ratio", self.crop_ratio, 1e-3, 1e3)
         if len(self.jitter) != 4 or min(self.jitter) < 0 or self.jitter[3] > 0.5:
-            raise ValueError(f"jitter is (brightness, contrast, saturation, hue) >= 0 with hue <= 0.5, got {self.jitter}")
+            raise ValueError(
+                f"jitter is (brightness, contrast, saturation, hue) >= 0 with hue <= 0.5, got {self.jitter}"
+            )
         if self.hue_space not in ("hsv", "yiq"):
             raise ValueError(f"hue_space must be 'hsv' or 'yiq', got {self.hue_space!r}")
         for name in ("jitter_p", "gray_p", "blur_p", "flip_p"):
@@ -129,7 +144,9 @@ def v1(size: int = 224) -> AugmentConfig:
 
 def v2(size: int = 224) -> AugmentConfig:
     """MoCo v2: crop (0.2, 1) -> jitter (0.4, 0.4, 0.4, 0.1) p 0.8 -> grayscale 0.2 -> blur p 0.5 -> flip."""
-    return AugmentConfig(size=size, jitter=(0.4, 0.4, 0.4, 0.1), jitter_p=0.8, gray_before_jitter=False, blur_p=0.5)
+    return AugmentConfig(
+        size=size, jitter=(0.4, 0.4, 0.4, 0.1), jitter_p=0.8, gray_before_jitter=False, blur_p=0.5
+    )
 
 
 def cifar(size: int = 32) -> AugmentConfig:
@@ -142,7 +159,9 @@ def custom(base: AugmentConfig | None = None, **fields: Any) -> AugmentConfig:
     unknown = set(fields) - set(AugmentConfig.__dataclass_fields__)
     if unknown:
         raise ValueError(f"unknown augmentation fields: {', '.join(sorted(unknown))}")
-    return replace(base or v2(), **{k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()})
+    return replace(
+        base or v2(), **{k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()}
+    )
 
 
 def preset(name: str, size: int = 224, **fields: Any) -> AugmentConfig:
@@ -159,6 +178,7 @@ def preset(name: str, size: int = 224, **fields: Any) -> AugmentConfig:
 
 
 # ----------------------------------------------------------------------- DALI functions
+
 
 def _uniform(low: float, high: float):
     return fn.random.uniform(range=[low, high]) if high > low else float(low)
@@ -181,12 +201,19 @@ def _hue_shift(image, shift):
     # Hue in sixths of a turn (the channel holding the maximum decides the sector),
     # shifted, plus 6 so that the offsets below stay positive. DALI fuses each
     # channel's expression into one operator; materialising shared parts was slower.
-    h6 = ((r == v) * ((g * inverse) - (b * inverse))
-                + ((g == v) & (r != v)) * (2.0 + (b * inverse) - (r * inverse))
-                + ((b == v) & (g != v) & (r != v)) * (4.0 + (r * inverse) - (g * inverse))
-                + shift * 6.0 + 6.0)
+    h6 = (
+        (r == v) * ((g * inverse) - (b * inverse))
+        + ((g == v) & (r != v)) * (2.0 + (b * inverse) - (r * inverse))
+        + ((b == v) & (g != v) & (r != v)) * (4.0 + (r * inverse) - (g * inverse))
+        + shift * 6.0
+        + 6.0
+    )
     channels = []
-    for n in (5.0, 3.0, 1.0):  # HSV -> RGB: c = V - V S clamp(min(k, 4 - k), 0, 1), k = (n + H') mod 6
+    for n in (
+        5.0,
+        3.0,
+        1.0,
+    ):  # HSV -> RGB: c = V - V S clamp(min(k, 4 - k), 0, 1), k = (n + H') mod 6
         k = h6 + n
         k = k - 6.0 * dmath.floor(k * (1.0 / 6.0))
         channels.append(v - delta * dmath.clamp(dmath.min(k, 4.0 - k), 0.0, 1.0))
@@ -199,7 +226,11 @@ def _on(node, like):
     """``node`` on the device of ``like``: arithmetic with GPU images takes GPU operands."""
     # A constant (a factor whose range is one point: max(0.0, 1 - 0) is the int 1) stays
     # a Python number: DALI broadcasts it on either device. Seen on the first GPU run.
-    return node.gpu() if getattr(like, "device", "cpu") == "gpu" and not isinstance(node, (int, float)) else node
+    return (
+        node.gpu()
+        if getattr(like, "device", "cpu") == "gpu" and not isinstance(node, (int, float))
+        else node
+    )
 
 
 def _jitter(image, cfg: AugmentConfig):
@@ -218,11 +249,17 @@ def _jitter(image, cfg: AugmentConfig):
             # DALI's cast rounds to nearest and saturates, as the uint8 result needs.
             image = fn.reshape(fn.cast(mixed, dtype=types.UINT8), layout="HWC")
         else:
-            image = fn.brightness_contrast(image, brightness=brightness, contrast=contrast, contrast_center=grey)
+            image = fn.brightness_contrast(
+                image, brightness=brightness, contrast=contrast, contrast_center=grey
+            )
     saturation = _uniform(max(0.0, 1 - s), 1 + s)
     if cfg.hue_space == "yiq":
         # One pass for both; DALI's hue is in degrees, torchvision's in turns.
-        return fn.hsv(image, saturation=saturation, hue=_uniform(-h * 360.0, h * 360.0)) if s > 0 or h > 0 else image
+        return (
+            fn.hsv(image, saturation=saturation, hue=_uniform(-h * 360.0, h * 360.0))
+            if s > 0 or h > 0
+            else image
+        )
     if s > 0:
         image = fn.hsv(image, saturation=saturation)
     if h > 0:
@@ -236,9 +273,15 @@ def _maybe(p: float):
 
 def augment(image, cfg: AugmentConfig, dtype=types.FLOAT16):
     """One random MoCo view of a decoded HWC uint8 RGB image: HWC, normalised, ``dtype``."""
-    image = fn.random_resized_crop(image, size=[cfg.size, cfg.size], random_area=list(cfg.crop_scale),
-                                   random_aspect_ratio=list(cfg.crop_ratio), num_attempts=10,
-                                   interp_type=types.INTERP_LINEAR, antialias=True)
+    image = fn.random_resized_crop(
+        image,
+        size=[cfg.size, cfg.size],
+        random_area=list(cfg.crop_scale),
+        random_aspect_ratio=list(cfg.crop_ratio),
+        num_attempts=10,
+        interp_type=types.INTERP_LINEAR,
+        antialias=True,
+    )
     if cfg.gray_before_jitter and cfg.gray_p > 0:
         if _maybe(cfg.gray_p):
             image = _grayscale(image)
@@ -251,14 +294,28 @@ def augment(image, cfg: AugmentConfig, dtype=types.FLOAT16):
     if cfg.blur_p > 0:
         if _maybe(cfg.blur_p):
             image = fn.gaussian_blur(image, sigma=_uniform(*cfg.blur_sigma))
-    return fn.crop_mirror_normalize(image, dtype=dtype, output_layout="HWC",
-                                    mean=[255.0 * m for m in cfg.mean], std=[255.0 * s for s in cfg.std],
-                                    mirror=_maybe(cfg.flip_p) if cfg.flip_p > 0 else 0)
+    return fn.crop_mirror_normalize(
+        image,
+        dtype=dtype,
+        output_layout="HWC",
+        mean=[255.0 * m for m in cfg.mean],
+        std=[255.0 * s for s in cfg.std],
+        mirror=_maybe(cfg.flip_p) if cfg.flip_p > 0 else 0,
+    )
 
 
 def eval_view(image, cfg: EvalConfig, dtype=types.FLOAT16):
     """Resize the shorter side to ``cfg.resize``, centre-crop ``cfg.size``, normalise."""
-    image = fn.resize(image, resize_shorter=cfg.resize, interp_type=types.INTERP_LINEAR, antialias=True)
-    return fn.crop_mirror_normalize(image, dtype=dtype, output_layout="HWC", crop=[cfg.size, cfg.size],
-                                    crop_pos_x=0.5, crop_pos_y=0.5,
-                                    mean=[255.0 * m for m in cfg.mean], std=[255.0 * s for s in cfg.std])
+    image = fn.resize(
+        image, resize_shorter=cfg.resize, interp_type=types.INTERP_LINEAR, antialias=True
+    )
+    return fn.crop_mirror_normalize(
+        image,
+        dtype=dtype,
+        output_layout="HWC",
+        crop=[cfg.size, cfg.size],
+        crop_pos_x=0.5,
+        crop_pos_y=0.5,
+        mean=[255.0 * m for m in cfg.mean],
+        std=[255.0 * s for s in cfg.std],
+    )

@@ -98,8 +98,13 @@ class LoaderConfig:
             raise ValueError(f"last_batch must be 'drop' or 'partial', got {self.last_batch!r}")
         if not 0.0 <= self.hw_decoder_load <= 1.0:
             raise ValueError(f"hw_decoder_load must be in [0, 1], got {self.hw_decoder_load}")
-        if min(self.shuffle_buffer, self.prefetch, self.max_window_samples, self.max_window_shards) < 1:
-            raise ValueError("shuffle_buffer, prefetch, max_window_samples and max_window_shards must be at least 1")
+        if (
+            min(self.shuffle_buffer, self.prefetch, self.max_window_samples, self.max_window_shards)
+            < 1
+        ):
+            raise ValueError(
+                "shuffle_buffer, prefetch, max_window_samples and max_window_shards must be at least 1"
+            )
         if self.views not in (1, 2):
             raise ValueError(f"views must be 1 or 2, got {self.views}")
 
@@ -109,13 +114,26 @@ def _decode(jpeg, on_gpu: bool, hw_decoder_load: float):
     if on_gpu:
         # The hardware decoder takes its share, CUDA cores the rest; the hints
         # preallocate for ImageNet-sized images to avoid reallocations.
-        return fn.decoders.image(jpeg, device="mixed", output_type=types.RGB, hw_decoder_load=hw_decoder_load,
-                                 preallocate_width_hint=640, preallocate_height_hint=640)
+        return fn.decoders.image(
+            jpeg,
+            device="mixed",
+            output_type=types.RGB,
+            hw_decoder_load=hw_decoder_load,
+            preallocate_width_hint=640,
+            preallocate_height_hint=640,
+        )
     return fn.decoders.image(jpeg, device="cpu", output_type=types.RGB)
 
 
-def decode_pipeline(folder: str | os.PathLike, batch_size: int, *, threads: Optional[int] = None,
-                    device_id: Optional[int] = None, hw_decoder_load: float = 0.75, prefetch: int = 2):
+def decode_pipeline(
+    folder: str | os.PathLike,
+    batch_size: int,
+    *,
+    threads: Optional[int] = None,
+    device_id: Optional[int] = None,
+    hw_decoder_load: float = 0.75,
+    prefetch: int = 2,
+):
     """A built DALI pipeline that only reads and decodes, as ``ViewLoader`` does: the decoder's rate.
 
     ``run()`` returns a batch of decoded images; it is the ceiling a view pipeline
@@ -127,13 +145,24 @@ def decode_pipeline(folder: str | os.PathLike, batch_size: int, *, threads: Opti
 
     @pipeline_def
     def decode():
-        jpeg = fn.readers.webdataset(paths=[str(t) for t, _ in pairs], index_paths=[str(i) for _, i in pairs],
-                                     ext=["jpg"], missing_component_behavior="error", name="reader",
-                                     pad_last_batch=True, prefetch_queue_depth=prefetch)
+        jpeg = fn.readers.webdataset(
+            paths=[str(t) for t, _ in pairs],
+            index_paths=[str(i) for _, i in pairs],
+            ext=["jpg"],
+            missing_component_behavior="error",
+            name="reader",
+            pad_last_batch=True,
+            prefetch_queue_depth=prefetch,
+        )
         return _decode(jpeg, on_gpu, hw_decoder_load)
 
     threads = threads or max(1, os.cpu_count() or 1)
-    pipe = decode(batch_size=batch_size, num_threads=threads, device_id=device_id, prefetch_queue_depth=prefetch)
+    pipe = decode(
+        batch_size=batch_size,
+        num_threads=threads,
+        device_id=device_id,
+        prefetch_queue_depth=prefetch,
+    )
     pipe.build()
     return pipe
 
@@ -186,13 +215,23 @@ class ViewLoader:
         ValueError: conflicting options.
     """
 
-    def __init__(self, folder: str | os.PathLike, augment_cfg: AugmentConfig | EvalConfig,
-                 config: LoaderConfig = LoaderConfig(), *, rank: int = 0, world: int = 1,
-                 device_id: Optional[int] = None, state: Optional[dict] = None):
+    def __init__(
+        self,
+        folder: str | os.PathLike,
+        augment_cfg: AugmentConfig | EvalConfig,
+        config: LoaderConfig = LoaderConfig(),
+        *,
+        rank: int = 0,
+        world: int = 1,
+        device_id: Optional[int] = None,
+        state: Optional[dict] = None,
+    ):
         if not 0 <= rank < world:
             raise ValueError(f"rank {rank} is not in 0..{world - 1}")
         if device_id is not None and not torch.cuda.is_available():
-            raise ValueError(f"device_id={device_id} but torch sees no CUDA GPU; use device_id=None for the CPU")
+            raise ValueError(
+                f"device_id={device_id} but torch sees no CUDA GPU; use device_id=None for the CPU"
+            )
         self.manifest = shards.load_manifest(folder)
         counts = self.manifest.counts
         if not len(counts):
@@ -204,12 +243,20 @@ class ViewLoader:
         self.has_labels = config.labels and bool(self.manifest.classes)
         self.device = torch.device("cpu") if device_id is None else torch.device("cuda", device_id)
         self._drop = config.last_batch == "drop"
-        self._per_window = partition.shards_per_window(counts, config.max_window_samples, config.max_window_shards)
+        self._per_window = partition.shards_per_window(
+            counts, config.max_window_samples, config.max_window_shards
+        )
         window_samples = partition.rank_window_samples(counts, world, rank, self._per_window)
-        self._window_batches = partition.window_batches(window_samples, config.batch_size, self._drop)
-        self._idle = not self._window_batches.sum()  # evaluation on a rank dealt no samples: nothing to read
+        self._window_batches = partition.window_batches(
+            window_samples, config.batch_size, self._drop
+        )
+        self._idle = (
+            not self._window_batches.sum()
+        )  # evaluation on a rank dealt no samples: nothing to read
         if self._drop:
-            self._steps = partition.steps_per_epoch(counts, world, config.batch_size, self._per_window)
+            self._steps = partition.steps_per_epoch(
+                counts, world, config.batch_size, self._per_window
+            )
             if self._steps < 1:
                 self._refuse_batch(counts)
         self.epoch = self.step_in_epoch = self.window = self.window_step = 0
@@ -223,20 +270,30 @@ class ViewLoader:
             self._open(state.get("dali") if state and self.window_step else None)
 
     def _refuse_batch(self, counts: np.ndarray) -> None:
-        shares = [int(partition.rank_window_samples(counts, self.world, r, len(counts)).sum())
-                  for r in range(self.world)]
+        shares = [
+            int(partition.rank_window_samples(counts, self.world, r, len(counts)).sum())
+            for r in range(self.world)
+        ]
         poorest = int(np.argmin(shares))
-        raise ShardError(f"{self.manifest.root}: a batch of {self.config.batch_size} is larger than rank {poorest}'s "
-                         f"share of {shares[poorest]} samples per epoch ({len(counts)} shards dealt whole to "
-                         f"{self.world} ranks); " + ("use a smaller batch or more samples" if self.world == 1 else
-                                                     "use fewer ranks or a smaller batch, or build smaller shards"))
+        raise ShardError(
+            f"{self.manifest.root}: a batch of {self.config.batch_size} is larger than rank {poorest}'s "
+            f"share of {shares[poorest]} samples per epoch ({len(counts)} shards dealt whole to "
+            f"{self.world} ranks); "
+            + (
+                "use a smaller batch or more samples"
+                if self.world == 1
+                else "use fewer ranks or a smaller batch, or build smaller shards"
+            )
+        )
 
     # ------------------------------------------------------------------ the deal
 
     def _my_shards(self) -> np.ndarray:
         """This epoch's shards of this rank, in reading order (computed once per epoch)."""
         if self._order_epoch != self.epoch:
-            order = partition.epoch_order(self.manifest.counts, self.config.seed, self.epoch, self.config.shuffle)
+            order = partition.epoch_order(
+                self.manifest.counts, self.config.seed, self.epoch, self.config.shuffle
+            )
             self._mine = partition.rank_shards(order, self.world, self.rank)
             self._order_epoch = self.epoch
         return self._mine
@@ -246,14 +303,18 @@ class ViewLoader:
         if self.window >= len(self._window_batches):
             return 0
         limit = int(self._window_batches[self.window])
-        return min(limit, self.window_step + self._steps - self.step_in_epoch) if self._drop else limit
+        return (
+            min(limit, self.window_step + self._steps - self.step_in_epoch) if self._drop else limit
+        )
 
     def _advance_past_finished(self) -> None:
         """Move past a window (or an epoch) whose batches have all been taken."""
         while self.window_step >= self._window_limit():
             self.window += 1
             self.window_step = 0
-            if self.window >= len(self._window_batches) or (self._drop and self.step_in_epoch >= self._steps):
+            if self.window >= len(self._window_batches) or (
+                self._drop and self.step_in_epoch >= self._steps
+            ):
                 self.epoch += 1
                 self.step_in_epoch = self.window = 0
 
@@ -263,7 +324,7 @@ class ViewLoader:
         """Build the current window's reader over only its tars and indexes, each checked first."""
         self._close()
         start = self.window * self._per_window
-        window = self._my_shards()[start:start + self._per_window]
+        window = self._my_shards()[start : start + self._per_window]
         self.pairs = [shards.open_shard(self.manifest, self.manifest.entry(int(i))) for i in window]
         cfg, loader = self.augment_cfg, self.config
         dali_dtype = _DTYPES[loader.dtype][0]
@@ -275,11 +336,17 @@ class ViewLoader:
         @pipeline_def(enable_conditionals=True, enable_checkpointing=True)
         def views():
             outputs = fn.readers.webdataset(
-                paths=tars, index_paths=indexes, ext=extensions, missing_component_behavior="error",
-                name="reader", random_shuffle=loader.shuffle, initial_fill=loader.shuffle_buffer,
+                paths=tars,
+                index_paths=indexes,
+                ext=extensions,
+                missing_component_behavior="error",
+                name="reader",
+                random_shuffle=loader.shuffle,
+                initial_fill=loader.shuffle_buffer,
                 # Padding the last batch with repeats of the last sample keeps a partial
                 # batch's padding out of evaluation (the iterator trims it).
-                pad_last_batch=True, prefetch_queue_depth=loader.prefetch,
+                pad_last_batch=True,
+                prefetch_queue_depth=loader.prefetch,
             )
             jpeg = outputs[0] if isinstance(outputs, (list, tuple)) else outputs
             source = fn.get_property(jpeg, key="source_info")
@@ -287,7 +354,9 @@ class ViewLoader:
             if fn.python_function(*checked, function=check, batch_processing=True):
                 image = _decode(jpeg, on_gpu, loader.hw_decoder_load)
             else:
-                image = _decode(types.Constant(PLACEHOLDER_JPEG, device="cpu"), on_gpu, loader.hw_decoder_load)
+                image = _decode(
+                    types.Constant(PLACEHOLDER_JPEG, device="cpu"), on_gpu, loader.hw_decoder_load
+                )
             if isinstance(cfg, AugmentConfig):
                 result = [augment(image, cfg, dali_dtype) for _ in range(loader.views)]
             else:
@@ -298,25 +367,49 @@ class ViewLoader:
                 result.append(fn.pad(source, fill_value=0))
             return tuple(result)
 
-        threads = loader.threads or max(1, (os.cpu_count() or 1) // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", 1))))
+        threads = loader.threads or max(
+            1, (os.cpu_count() or 1) // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
+        )
         kwargs = {"checkpoint": checkpoint} if checkpoint else {}
-        seed = int(np.random.SeedSequence([loader.seed, self.epoch, self.rank, self.window]).generate_state(1)[0])
-        self._pipe = views(batch_size=loader.batch_size, num_threads=threads, device_id=self.device_id,
-                           seed=seed, prefetch_queue_depth=loader.prefetch, **kwargs)
-        self._outputs = (["view_q", "view_k"] if self.two_views else ["view_q"]) + \
-            (["labels"] if self.has_labels else []) + (["source"] if loader.keys else [])
+        seed = int(
+            np.random.SeedSequence(
+                [loader.seed, self.epoch, self.rank, self.window]
+            ).generate_state(1)[0]
+        )
+        self._pipe = views(
+            batch_size=loader.batch_size,
+            num_threads=threads,
+            device_id=self.device_id,
+            seed=seed,
+            prefetch_queue_depth=loader.prefetch,
+            **kwargs,
+        )
+        self._outputs = (
+            (["view_q", "view_k"] if self.two_views else ["view_q"])
+            + (["labels"] if self.has_labels else [])
+            + (["source"] if loader.keys else [])
+        )
         try:
             self._pipe.build()
             policy = LastBatchPolicy.DROP if self._drop else LastBatchPolicy.PARTIAL
-            self._iterator = DALIGenericIterator([self._pipe], self._outputs, reader_name="reader",
-                                                 last_batch_policy=policy, auto_reset=False,
-                                                 prepare_first_batch=False)
+            self._iterator = DALIGenericIterator(
+                [self._pipe],
+                self._outputs,
+                reader_name="reader",
+                last_batch_policy=policy,
+                auto_reset=False,
+                prepare_first_batch=False,
+            )
         except RuntimeError as exc:
             first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-            raise ShardError(f"{tars[0]} (window of {len(tars)} shards): DALI could not open it: {first}") from None
+            raise ShardError(
+                f"{tars[0]} (window of {len(tars)} shards): DALI could not open it: {first}"
+            ) from None
 
     def _close(self) -> None:
-        self._iterator = self._pipe = None  # DALI frees the reader's metadata and threads with the pipeline
+        self._iterator = self._pipe = (
+            None  # DALI frees the reader's metadata and threads with the pipeline
+        )
 
     # ------------------------------------------------------------------ iteration
 
@@ -366,11 +459,19 @@ class ViewLoader:
             data = self._next_raw()
         except StopIteration:
             if self._drop:
-                raise ShardError(f"{self.manifest.root}: rank {self.rank} ran out of samples at step "
-                                 f"{self.step_in_epoch} of {len(self)}") from None
+                raise ShardError(
+                    f"{self.manifest.root}: rank {self.rank} ran out of samples at step "
+                    f"{self.step_in_epoch} of {len(self)}"
+                ) from None
             raise
-        views = [data[name].permute(0, 3, 1, 2) for name in self._outputs if name.startswith("view")]
-        labels = _ascii_to_int(data["labels"]).to(self.device, non_blocking=True) if self.has_labels else None
+        views = [
+            data[name].permute(0, 3, 1, 2) for name in self._outputs if name.startswith("view")
+        ]
+        labels = (
+            _ascii_to_int(data["labels"]).to(self.device, non_blocking=True)
+            if self.has_labels
+            else None
+        )
         keys = None
         if self.config.keys:
             decoded = [bytes(row[row > 0].tolist()).decode() for row in data["source"].cpu()]
@@ -381,24 +482,44 @@ class ViewLoader:
 
     def state_dict(self) -> dict:
         """Where this rank is: epoch, window, step, the window's DALI checkpoint; pass to a new loader as ``state``."""
-        dali = self._iterator.checkpoints()[0] if self._iterator is not None and self.window_step else None
-        return {"dali": dali, "epoch": self.epoch, "step_in_epoch": self.step_in_epoch, "window": self.window,
-                "window_step": self.window_step, "rank": self.rank, "world": self.world,
-                "assignment": partition.assignment_digest(self._my_shards(), len(self.manifest.counts))}
+        dali = (
+            self._iterator.checkpoints()[0]
+            if self._iterator is not None and self.window_step
+            else None
+        )
+        return {
+            "dali": dali,
+            "epoch": self.epoch,
+            "step_in_epoch": self.step_in_epoch,
+            "window": self.window,
+            "window_step": self.window_step,
+            "rank": self.rank,
+            "world": self.world,
+            "assignment": partition.assignment_digest(self._my_shards(), len(self.manifest.counts)),
+        }
 
     def _resume(self, state: dict) -> None:
         root = self.manifest.root
         if "window" not in state:
-            raise ShardError(f"{root}: the saved data position predates per-rank shard windows; "
-                             "this checkpoint cannot be resumed exactly")
+            raise ShardError(
+                f"{root}: the saved data position predates per-rank shard windows; "
+                "this checkpoint cannot be resumed exactly"
+            )
         if (state["world"], state["rank"]) != (self.world, self.rank):
-            raise ShardError(f"{root}: the saved data position is rank {state['rank']} of {state['world']}, "
-                             f"this is rank {self.rank} of {self.world}; an exact resume needs the same world size")
+            raise ShardError(
+                f"{root}: the saved data position is rank {state['rank']} of {state['world']}, "
+                f"this is rank {self.rank} of {self.world}; an exact resume needs the same world size"
+            )
         self.epoch, self.step_in_epoch = state["epoch"], state["step_in_epoch"]
         self.window, self.window_step = state["window"], state["window_step"]
-        if partition.assignment_digest(self._my_shards(), len(self.manifest.counts)) != state["assignment"]:
-            raise ShardError(f"{root}: the shards dealt to rank {self.rank} in epoch {self.epoch} differ from the "
-                             "saved run's (the manifest or the seed changed); cannot resume exactly")
+        if (
+            partition.assignment_digest(self._my_shards(), len(self.manifest.counts))
+            != state["assignment"]
+        ):
+            raise ShardError(
+                f"{root}: the shards dealt to rank {self.rank} in epoch {self.epoch} differ from the "
+                "saved run's (the manifest or the seed changed); cannot resume exactly"
+            )
 
     # ------------------------------------------------------------------ errors
 
@@ -410,5 +531,8 @@ class ViewLoader:
         located = first_undecodable(shards.iter_members(self.pairs, "jpg"))
         if located:
             return ShardError(located)
-        first = next((line for line in message.splitlines() if "failure" in line or "rror" in line), message[:200])
+        first = next(
+            (line for line in message.splitlines() if "failure" in line or "rror" in line),
+            message[:200],
+        )
         return ShardError(f"{self.manifest.root}: DALI could not decode a sample: {first.strip()}")

@@ -27,8 +27,16 @@ import hashlib
 
 import numpy as np
 
-__all__ = ["epoch_order", "rank_shards", "shards_per_window", "window_bounds", "rank_window_samples",
-           "window_batches", "steps_per_epoch", "assignment_digest"]
+__all__ = [
+    "epoch_order",
+    "rank_shards",
+    "shards_per_window",
+    "window_bounds",
+    "rank_window_samples",
+    "window_batches",
+    "steps_per_epoch",
+    "assignment_digest",
+]
 
 
 def _counts(counts) -> np.ndarray:
@@ -76,7 +84,9 @@ def shards_per_window(counts, max_window_samples: int, max_window_shards: int = 
 
 def window_bounds(num_shards: int, per_window: int) -> list[tuple[int, int]]:
     """``[start, stop)`` of each window over a rank's ``num_shards`` shards."""
-    return [(start, min(start + per_window, num_shards)) for start in range(0, num_shards, per_window)]
+    return [
+        (start, min(start + per_window, num_shards)) for start in range(0, num_shards, per_window)
+    ]
 
 
 def rank_window_samples(counts, world: int, rank: int, per_window: int) -> np.ndarray:
@@ -106,8 +116,12 @@ def steps_per_epoch(counts, world: int, batch_size: int, per_window: int) -> int
     if len(counts) < world:
         return 0
     ordered = np.sort(counts)[::-1]
-    return int(min(window_batches(_windows_of(ordered, world, rank, per_window), batch_size, True).sum()
-                   for rank in range(world)))
+    return int(
+        min(
+            window_batches(_windows_of(ordered, world, rank, per_window), batch_size, True).sum()
+            for rank in range(world)
+        )
+    )
 
 
 def assignment_digest(shard_indices: np.ndarray, num_shards: int) -> str:

@@ -21,8 +21,14 @@ from torchvision import transforms as T
 from moco_dali.pipeline import shards
 from moco_dali.pipeline.augment import AugmentConfig
 
-__all__ = ["GaussianBlur", "TwoCropsTransform", "reference_transform", "worker_split", "reference_samples",
-           "reference_loader"]
+__all__ = [
+    "GaussianBlur",
+    "TwoCropsTransform",
+    "reference_transform",
+    "worker_split",
+    "reference_samples",
+    "reference_loader",
+]
 
 
 class GaussianBlur:
@@ -48,8 +54,11 @@ class TwoCropsTransform:
 def reference_transform(cfg: AugmentConfig) -> T.Compose:
     """torchvision's version of ``cfg``: for ``v1()``/``v2()`` exactly the reference code's lists."""
     ops: list = [T.RandomResizedCrop(cfg.size, scale=cfg.crop_scale, ratio=cfg.crop_ratio)]
-    jitter = [T.RandomApply([T.ColorJitter(*cfg.jitter)], p=cfg.jitter_p)] if any(cfg.jitter) and cfg.jitter_p > 0 \
+    jitter = (
+        [T.RandomApply([T.ColorJitter(*cfg.jitter)], p=cfg.jitter_p)]
+        if any(cfg.jitter) and cfg.jitter_p > 0
         else []
+    )
     gray = [T.RandomGrayscale(p=cfg.gray_p)] if cfg.gray_p > 0 else []
     ops += gray + jitter if cfg.gray_before_jitter else jitter + gray
     if cfg.blur_p > 0:
@@ -80,16 +89,32 @@ def _split_samples_by_worker(samples: Iterator[dict]) -> Iterator[dict]:
 def reference_samples(urls: Sequence[str], *, workers: int, seed: int = 0) -> wds.WebDataset:
     """The raw samples (dicts of key and file bytes) of ``urls`` as one DataLoader worker of ``workers`` reads them."""
     by_shard = worker_split(len(urls), workers) == "shards"
-    dataset = wds.WebDataset(list(urls), shardshuffle=len(urls), seed=seed, nodesplitter=None,
-                             workersplitter=wds.split_by_worker if by_shard else None, empty_check=False)
+    dataset = wds.WebDataset(
+        list(urls),
+        shardshuffle=len(urls),
+        seed=seed,
+        nodesplitter=None,
+        workersplitter=wds.split_by_worker if by_shard else None,
+        empty_check=False,
+    )
     if not by_shard:
         dataset = dataset.compose(_split_samples_by_worker)
     return dataset
 
 
-def reference_loader(folder, cfg: AugmentConfig, batch_size: int, *, workers: int = 4, rank: int = 0,
-                     world: int = 1, seed: int = 0, device: Optional[torch.device] = None,
-                     shuffle_buffer: int = 1000, repeat: bool = False) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+def reference_loader(
+    folder,
+    cfg: AugmentConfig,
+    batch_size: int,
+    *,
+    workers: int = 4,
+    rank: int = 0,
+    world: int = 1,
+    seed: int = 0,
+    device: Optional[torch.device] = None,
+    shuffle_buffer: int = 1000,
+    repeat: bool = False,
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Batches of (view_q, view_k) float32 NCHW on ``device``, from PIL and torchvision in workers.
 
     This rank reads shards ``rank::world``; its workers share them by ``worker_split``.
@@ -109,13 +134,24 @@ def reference_loader(folder, cfg: AugmentConfig, batch_size: int, *, workers: in
     if repeat:
         dataset = dataset.repeat()
     pin = device is not None and device.type == "cuda"
-    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=workers, pin_memory=pin,
-                                         drop_last=True, persistent_workers=workers > 0)
+    loader = torch.utils.data.DataLoader(
+        dataset,
+        batch_size=batch_size,
+        num_workers=workers,
+        pin_memory=pin,
+        drop_last=True,
+        persistent_workers=workers > 0,
+    )
     return _to_device(iter(loader), device, pin)
 
 
-def _to_device(batches, device: Optional[torch.device], pin: bool) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+def _to_device(
+    batches, device: Optional[torch.device], pin: bool
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     for ((view_q, view_k),) in batches:
         if device is not None:
-            view_q, view_k = view_q.to(device, non_blocking=pin), view_k.to(device, non_blocking=pin)
+            view_q, view_k = (
+                view_q.to(device, non_blocking=pin),
+                view_k.to(device, non_blocking=pin),
+            )
         yield view_q, view_k

@@ -19,7 +19,9 @@ __all__ = ["PLACEHOLDER_JPEG", "SampleCheck"]
 
 
 # What a bad sample is decoded as, so that the decoder never sees it.
-PLACEHOLDER_JPEG = np.frombuffer(simplejpeg.encode_jpeg(np.full((8, 8, 3), 128, np.uint8), 90, "RGB", "444"), np.uint8)
+PLACEHOLDER_JPEG = np.frombuffer(
+    simplejpeg.encode_jpeg(np.full((8, 8, 3), 128, np.uint8), 90, "RGB", "444"), np.uint8
+)
 
 
 class SampleCheck:
@@ -46,8 +48,10 @@ class SampleCheck:
             if labels is not None:
                 raw = labels[i].tobytes()
                 if not (raw.isdigit() and int(raw) < self.classes):
-                    self.found.append(f"{_where(source)}: class {raw[:20]!r} is not a class index in "
-                                      f"0..{self.classes - 1}")
+                    self.found.append(
+                        f"{_where(source)}: class {raw[:20]!r} is not a class index in "
+                        f"0..{self.classes - 1}"
+                    )
             flags.append(np.array(ok, dtype=np.uint8))
         return flags
 

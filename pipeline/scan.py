@@ -34,8 +34,13 @@ def _scan_pipeline(tars: Sequence[str], indexes: Sequence[str], decode_device: s
     @pipeline_def(enable_conditionals=False)
     def scan():
         jpeg, metadata, label = fn.readers.webdataset(
-            paths=list(tars), index_paths=list(indexes), ext=["jpg", "json", "cls"],
-            missing_component_behavior="empty", random_shuffle=False, pad_last_batch=True, name="reader",
+            paths=list(tars),
+            index_paths=list(indexes),
+            ext=["jpg", "json", "cls"],
+            missing_component_behavior="empty",
+            random_shuffle=False,
+            pad_last_batch=True,
+            name="reader",
         )
         image = fn.decoders.image(jpeg, device=decode_device, output_type=types.RGB)
         return image.shape(), metadata, label
@@ -43,8 +48,14 @@ def _scan_pipeline(tars: Sequence[str], indexes: Sequence[str], decode_device: s
     return scan(**kwargs)
 
 
-def scan_shards(tars: Sequence[Path], indexes: Sequence[Path], *, batch_size: int = 64,
-                num_threads: Optional[int] = None, device_id: Optional[int] = None) -> Iterator[DecodedSample]:
+def scan_shards(
+    tars: Sequence[Path],
+    indexes: Sequence[Path],
+    *,
+    batch_size: int = 64,
+    num_threads: Optional[int] = None,
+    device_id: Optional[int] = None,
+) -> Iterator[DecodedSample]:
     """Yield every sample of the given shards, in order, after DALI decoded it.
 
     Args:
@@ -57,8 +68,12 @@ def scan_shards(tars: Sequence[Path], indexes: Sequence[Path], *, batch_size: in
         RuntimeError: DALI's own error when a sample fails to read or decode.
     """
     pipe = _scan_pipeline(
-        [str(t) for t in tars], [str(i) for i in indexes], "cpu" if device_id is None else "mixed",
-        batch_size=batch_size, num_threads=num_threads or os.cpu_count() or 1, device_id=device_id,
+        [str(t) for t in tars],
+        [str(i) for i in indexes],
+        "cpu" if device_id is None else "mixed",
+        batch_size=batch_size,
+        num_threads=num_threads or os.cpu_count() or 1,
+        device_id=device_id,
         prefetch_queue_depth=2,
     )
     pipe.build()
@@ -69,7 +84,9 @@ def scan_shards(tars: Sequence[Path], indexes: Sequence[Path], *, batch_size: in
         shapes = shapes.as_cpu() if hasattr(shapes, "as_cpu") else shapes
         for i in range(min(len(shapes), total - seen)):
             h, w, c = (int(v) for v in np.asarray(shapes[i]))
-            yield DecodedSample(h, w, c, np.asarray(metadata[i]).tobytes(), np.asarray(labels[i]).tobytes())
+            yield DecodedSample(
+                h, w, c, np.asarray(metadata[i]).tobytes(), np.asarray(labels[i]).tobytes()
+            )
         seen += len(shapes)
 
 

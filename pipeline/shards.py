@@ -121,7 +121,10 @@ def read_index(path: str | os.PathLike) -> list[list[tuple[str, int, int, str]]]
     head = lines[0].split()
     if len(head) != 2 or head[0] != INDEX_VERSION or not head[1].isdigit():
         raise ShardError(f"{path}: line 1: expected '{INDEX_VERSION} N', got {lines[0]!r}")
-    samples = [_index_sample(path, f"line {lineno}", line) for lineno, line in enumerate(lines[1:], start=2)]
+    samples = [
+        _index_sample(path, f"line {lineno}", line)
+        for lineno, line in enumerate(lines[1:], start=2)
+    ]
     if len(samples) != int(head[1]):
         raise ShardError(f"{path}: header says {head[1]} samples, index lists {len(samples)}")
     return samples
@@ -132,12 +135,17 @@ def _index_sample(path: Path, where: str, line: str) -> list[tuple[str, int, int
     if not fields or len(fields) % 4:
         raise ShardError(f"{path}: {where}: expected groups of 'ext offset size name'")
     try:
-        return [(fields[i], int(fields[i + 1]), int(fields[i + 2]), fields[i + 3]) for i in range(0, len(fields), 4)]
+        return [
+            (fields[i], int(fields[i + 1]), int(fields[i + 2]), fields[i + 3])
+            for i in range(0, len(fields), 4)
+        ]
     except ValueError:
         raise ShardError(f"{path}: {where}: offset and size must be integers") from None
 
 
-def iter_members(pairs: Iterable[tuple[Path, Path]], ext: str) -> Iterator[tuple[Path, str, int, int]]:
+def iter_members(
+    pairs: Iterable[tuple[Path, Path]], ext: str
+) -> Iterator[tuple[Path, str, int, int]]:
     """``(tar, key, data offset, size)`` of every sample's ``ext`` file, in index order."""
     for tar, idx in pairs:
         for members in read_index(idx):
@@ -186,14 +194,18 @@ class Manifest:
         try:
             return np.array([int(s["samples"]) for s in self.data["shards"]], dtype=np.int64)
         except (KeyError, TypeError, ValueError):
-            raise ShardError(f"{self.root / MANIFEST_NAME}: a shard entry lacks its sample count") from None
+            raise ShardError(
+                f"{self.root / MANIFEST_NAME}: a shard entry lacks its sample count"
+            ) from None
 
     def entry(self, index: int) -> ShardEntry:
         """Shard ``index`` of the manifest, without building the whole list."""
         try:
             return ShardEntry.from_json(self.data["shards"][index])
         except (KeyError, TypeError):
-            raise ShardError(f"{self.root / MANIFEST_NAME}: shard entry {index} is incomplete") from None
+            raise ShardError(
+                f"{self.root / MANIFEST_NAME}: shard entry {index} is incomplete"
+            ) from None
 
     def path(self, relative: str) -> Path:
         return self.root / relative
@@ -211,8 +223,14 @@ def load_manifest(folder: str | os.PathLike, name: str = MANIFEST_NAME) -> Manif
     path = folder / name
     if not path.is_file():
         parts = sorted(p.name for p in folder.iterdir() if PART_MANIFEST_RE.match(p.name))
-        hint = f" (found {len(parts)} part manifests: run 'moco-shards merge {folder}')" if parts else ""
-        raise ShardError(f"{path}: no manifest; is this a folder written by 'moco-shards build'?{hint}")
+        hint = (
+            f" (found {len(parts)} part manifests: run 'moco-shards merge {folder}')"
+            if parts
+            else ""
+        )
+        raise ShardError(
+            f"{path}: no manifest; is this a folder written by 'moco-shards build'?{hint}"
+        )
     try:
         data = json.loads(path.read_text())
     except (OSError, ValueError) as exc:
@@ -220,7 +238,9 @@ def load_manifest(folder: str | os.PathLike, name: str = MANIFEST_NAME) -> Manif
     if data.get("format") != FORMAT:
         raise ShardError(f"{path}: not a {FORMAT} manifest")
     if data.get("version") not in READABLE_VERSIONS:
-        raise ShardError(f"{path}: manifest version {data.get('version')}, this tool reads {FORMAT_VERSION}")
+        raise ShardError(
+            f"{path}: manifest version {data.get('version')}, this tool reads {FORMAT_VERSION}"
+        )
     return Manifest(root=folder, data=data)
 
 
@@ -239,7 +259,7 @@ def ustar_header(name: str, size: int) -> bytes:
     if len(encoded) > 100 or size >= 8**11:
         raise ValueError(f"tar member {name!r} of {size} bytes does not fit a ustar header")
     header = bytearray(TAR_BLOCK)
-    header[0:len(encoded)] = encoded
+    header[0 : len(encoded)] = encoded
     header[100:124] = b"0000444\x000000000\x000000000\x00"
     header[124:136] = b"%011o\x00" % size
     header[136:148] = b"00000000000\x00"
@@ -250,7 +270,9 @@ def ustar_header(name: str, size: int) -> bytes:
     return bytes(header)
 
 
-def encode_sample(key: str, files: Iterable[tuple[str, bytes]]) -> tuple[bytes, list[tuple[str, int, int, str]]]:
+def encode_sample(
+    key: str, files: Iterable[tuple[str, bytes]]
+) -> tuple[bytes, list[tuple[str, int, int, str]]]:
     """One sample's tar members, ready to append to a shard, and their index entries.
 
     A ustar header does not depend on where the member lands in the archive, so
@@ -304,7 +326,9 @@ def _index_ends(path: Path) -> tuple[int, list, list]:
     if count == 0:
         return 0, [], []
     if len(lines) < 2 or (len(lines) == 2 and size > len(head)):
-        raise ShardError(f"{path}: header says {count} samples, the index ends before its first line")
+        raise ShardError(
+            f"{path}: header says {count} samples, the index ends before its first line"
+        )
     last = tail.decode(errors="replace").rstrip("\n").rsplit("\n", 1)[-1]
     return count, _index_sample(path, "line 2", lines[1]), _index_sample(path, "last line", last)
 
@@ -321,8 +345,10 @@ def _tar_member_header(f, tar: Path, member: tuple[str, int, int, str]) -> None:
     except ValueError:
         found_name, found_size = repr(header[:20]), -1
     if offset < TAR_BLOCK or len(header) != TAR_BLOCK or (found_name, found_size) != (name, size):
-        raise ShardError(f"{tar}: key {key}: the index says {name} ({size} bytes) at {offset}, the tar holds "
-                         f"{found_name or 'no member'} ({found_size} bytes) there; stale index or changed shard")
+        raise ShardError(
+            f"{tar}: key {key}: the index says {name} ({size} bytes) at {offset}, the tar holds "
+            f"{found_name or 'no member'} ({found_size} bytes) there; stale index or changed shard"
+        )
 
 
 def open_shard(manifest: Manifest, entry: ShardEntry) -> tuple[Path, Path]:
@@ -344,7 +370,9 @@ def open_shard(manifest: Manifest, entry: ShardEntry) -> tuple[Path, Path]:
         raise ShardError(f"{idx}: index of shard {entry.tar} is missing")
     size = tar.stat().st_size
     if size != entry.bytes:
-        raise ShardError(f"{tar}: {size} bytes, the manifest says {entry.bytes}; the shard changed after the build")
+        raise ShardError(
+            f"{tar}: {size} bytes, the manifest says {entry.bytes}; the shard changed after the build"
+        )
     count, first, last = _index_ends(idx)
     if count != entry.samples or tar_size_for_index([last] if count else []) != size:
         raise ShardError(f"{idx}: stale index, it does not match its shard {entry.tar}")
@@ -403,4 +431,6 @@ def write_atomic(path: str | os.PathLike, write: Callable[[BinaryIO], None]) -> 
 
 def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
     """Write ``obj`` as stable, sorted JSON through ``write_atomic``."""
-    write_atomic(path, lambda f: f.write((json.dumps(obj, indent=1, sort_keys=True) + "\n").encode()))
+    write_atomic(
+        path, lambda f: f.write((json.dumps(obj, indent=1, sort_keys=True) + "\n").encode())
+    )

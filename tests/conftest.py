@@ -29,7 +29,9 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
-@pytest.fixture(params=[pytest.param("cpu", id="cpu"), pytest.param("cuda", id="cuda", marks=pytest.mark.gpu)])
+@pytest.fixture(
+    params=[pytest.param("cpu", id="cpu"), pytest.param("cuda", id="cuda", marks=pytest.mark.gpu)]
+)
 def device(request):
     """The device a test runs on: the CPU always, and the same assertions on a CUDA GPU where one is present.
 
@@ -39,8 +41,13 @@ def device(request):
     if request.param == "cpu":
         yield torch.device("cpu")
         return
-    with torch.backends.cudnn.flags(enabled=True, benchmark=False, deterministic=False, allow_tf32=False):
-        matmul_tf32, torch.backends.cuda.matmul.allow_tf32 = torch.backends.cuda.matmul.allow_tf32, False
+    with torch.backends.cudnn.flags(
+        enabled=True, benchmark=False, deterministic=False, allow_tf32=False
+    ):
+        matmul_tf32, torch.backends.cuda.matmul.allow_tf32 = (
+            torch.backends.cuda.matmul.allow_tf32,
+            False,
+        )
         try:
             yield torch.device("cuda", 0)
         finally:
@@ -79,18 +86,26 @@ def exif_jpeg(orientation: int, width: int = 64, height: int = 48) -> bytes:
 
 def png_with_size(width: int, height: int) -> bytes:
     """A tiny PNG whose header claims ``width`` x ``height`` (a decompression bomb)."""
+
     def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+        return (
+            struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+        )
 
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", ihdr)
+        + chunk(b"IDAT", zlib.compress(b"\0" * 64))
+        + chunk(b"IEND", b"")
+    )
 
 
 def awkward_inputs() -> dict[str, bytes]:
     """Every accepted kind of input the builder must convert, by file name."""
     rgb = photo_like(40, 30, seed=3)
     rgba = np.dstack([rgb, np.full((30, 40), 128, np.uint8)])
-    gray16 = (np.arange(40 * 30, dtype=np.uint16).reshape(30, 40) * 50)
+    gray16 = np.arange(40 * 30, dtype=np.uint16).reshape(30, 40) * 50
     return {
         "baseline.jpg": baseline_jpeg(40, 30),
         "progressive.jpg": encode(rgb, "JPEG", quality=90, progressive=True),
@@ -111,7 +126,7 @@ def broken_inputs() -> dict[str, bytes]:
     """Every kind of input the builder must reject, by file name."""
     good = baseline_jpeg(64, 48)
     corrupt = bytearray(good)
-    corrupt[len(good) // 2:len(good) // 2 + 40] = b"\xff\x00" * 20  # garbage entropy data
+    corrupt[len(good) // 2 : len(good) // 2 + 40] = b"\xff\x00" * 20  # garbage entropy data
     png = encode(photo_like(64, 48), "PNG")
     return {
         "empty.jpg": b"",
@@ -138,6 +153,11 @@ def labelled_dump(tmp_path: Path) -> Path:
     """``dump/CLASS/*.jpg``: three classes of small baseline JPEGs of varied sizes."""
     root = tmp_path / "dump"
     for c, name in enumerate(["cat", "dog", "emu"]):
-        write_files(root / name, {f"{i:03d}.jpg": baseline_jpeg(32 + 8 * i, 24 + 4 * c, seed=10 * c + i)
-                                  for i in range(7)})
+        write_files(
+            root / name,
+            {
+                f"{i:03d}.jpg": baseline_jpeg(32 + 8 * i, 24 + 4 * c, seed=10 * c + i)
+                for i in range(7)
+            },
+        )
     return root

@@ -25,14 +25,37 @@ import torch
 
 from moco_dali.pipeline import shards
 
-__all__ = ["CheckpointError", "FORMAT", "VERSION", "save", "latest", "candidates", "load", "check", "write_atomic",
-           "weights_digest", "rng_state", "set_rng_state"]
+__all__ = [
+    "CheckpointError",
+    "FORMAT",
+    "VERSION",
+    "save",
+    "latest",
+    "candidates",
+    "load",
+    "check",
+    "write_atomic",
+    "weights_digest",
+    "rng_state",
+    "set_rng_state",
+]
 
 _NAME = re.compile(r"^ckpt-(\d{9})\.pt$")
 FORMAT = "moco-dali-checkpoint"
 VERSION = 2
 """2: every value loadable with ``weights_only=True`` (numpy's random state as a tensor)."""
-_REQUIRED = ("model", "optimizer", "scaler", "step", "skipped", "world", "config", "loader", "rng", "rank_digests")
+_REQUIRED = (
+    "model",
+    "optimizer",
+    "scaler",
+    "step",
+    "skipped",
+    "world",
+    "config",
+    "loader",
+    "rng",
+    "rank_digests",
+)
 _LOADER_COUNTERS = ("epoch", "step_in_epoch", "window", "window_step", "rank", "world")
 """A rank's data position (``ViewLoader.state_dict``): these counters, ``assignment`` and ``dali``."""
 
@@ -87,22 +110,34 @@ def load(path: str | os.PathLike) -> Any:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
         if "WeightsUnpickler error" not in str(error):
-            raise CheckpointError(f"{path}: not a readable checkpoint (not a pickle of tensors)") from None
-        with open(path, "rb") as f:  # pickle protocol 2 and later open with PROTO (0x80); junk does not
+            raise CheckpointError(
+                f"{path}: not a readable checkpoint (not a pickle of tensors)"
+            ) from None
+        with open(
+            path, "rb"
+        ) as f:  # pickle protocol 2 and later open with PROTO (0x80); junk does not
             pickled = f.read(1) == b"\x80"
         if "Unsupported operand" in str(error) and not pickled:
-            raise CheckpointError(f"{path}: not a readable checkpoint (not a pickle of tensors)") from None
+            raise CheckpointError(
+                f"{path}: not a readable checkpoint (not a pickle of tensors)"
+            ) from None
         if "Unsupported operand" in str(error):  # a plain pickle.dump, not torch.save's archive
-            raise CheckpointError(f"{path}: refused: it holds a pickled Python object stream, not torch.save's "
-                                  "archive of tensors, and loading it could run code") from None
+            raise CheckpointError(
+                f"{path}: refused: it holds a pickled Python object stream, not torch.save's "
+                "archive of tensors, and loading it could run code"
+            ) from None
         found = re.search(r"Unsupported global: GLOBAL ([^\s]+)", str(error))
         what = f" ({found.group(1)})" if found else ""
-        raise CheckpointError(f"{path}: refused: it holds a pickled Python object{what} beyond tensors and plain "
-                              "values, and loading it could run code (moco-train checkpoints from before version "
-                              f"{VERSION} are refused too)") from None
+        raise CheckpointError(
+            f"{path}: refused: it holds a pickled Python object{what} beyond tensors and plain "
+            "values, and loading it could run code (moco-train checkpoints from before version "
+            f"{VERSION} are refused too)"
+        ) from None
     except Exception as error:  # truncated, empty, not a torch file: whatever the reader says
         reason = " ".join(str(error).split())[:200] or "empty or truncated"
-        raise CheckpointError(f"{path}: not a readable checkpoint ({type(error).__name__}: {reason})") from None
+        raise CheckpointError(
+            f"{path}: not a readable checkpoint ({type(error).__name__}: {reason})"
+        ) from None
 
 
 def _tensors(tree: Any):
@@ -121,16 +156,25 @@ def check(state: Any, path: Path) -> dict[str, Any]:
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise CheckpointError(f"{path}: not a moco-train checkpoint")
     if state.get("version") != VERSION:
-        raise CheckpointError(f"{path}: checkpoint version {state.get('version')}, this moco-train reads {VERSION}")
+        raise CheckpointError(
+            f"{path}: checkpoint version {state.get('version')}, this moco-train reads {VERSION}"
+        )
     missing = [key for key in _REQUIRED if key not in state]
     if missing:
         raise CheckpointError(f"{path}: incomplete, no {', '.join(missing)}")
     world = state["world"]
-    if not isinstance(world, int) or world < 1 or not isinstance(state["step"], int) or state["step"] < 0:
+    if (
+        not isinstance(world, int)
+        or world < 1
+        or not isinstance(state["step"], int)
+        or state["step"] < 0
+    ):
         raise CheckpointError(f"{path}: incomplete, world {world!r} and step {state['step']!r}")
     for key in ("loader", "rng", "rank_digests"):
         if not isinstance(state[key], list) or len(state[key]) != world:
-            raise CheckpointError(f"{path}: incomplete, {key} does not hold one entry per rank ({world})")
+            raise CheckpointError(
+                f"{path}: incomplete, {key} does not hold one entry per rank ({world})"
+            )
     for rank, position in enumerate(state["loader"]):
         _check_position(position, rank, world, path)
     if not isinstance(state["model"], dict) or not isinstance(state["optimizer"], dict):
@@ -140,7 +184,9 @@ def check(state: Any, path: Path) -> dict[str, Any]:
             raise CheckpointError(f"{path}: model entry {name} is not a tensor")
         if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
             raise CheckpointError(f"{path}: {name} holds non-finite values")
-    if not all(bool(torch.isfinite(t).all()) for t in _tensors(state["optimizer"]) if t.is_floating_point()):
+    if not all(
+        bool(torch.isfinite(t).all()) for t in _tensors(state["optimizer"]) if t.is_floating_point()
+    ):
         raise CheckpointError(f"{path}: the optimizer state holds non-finite values")
     return state
 
@@ -151,16 +197,22 @@ def _check_position(position: Any, rank: int, world: int, path: Path) -> None:
         raise CheckpointError(f"{path}: loader entry {rank} is not a data position")
     missing = [key for key in (*_LOADER_COUNTERS, "assignment", "dali") if key not in position]
     if missing:
-        raise CheckpointError(f"{path}: incomplete, loader entry {rank} has no {', '.join(missing)}")
+        raise CheckpointError(
+            f"{path}: incomplete, loader entry {rank} has no {', '.join(missing)}"
+        )
     for key in _LOADER_COUNTERS:
         value = position[key]
         if type(value) is not int or value < 0:
             raise CheckpointError(f"{path}: loader entry {rank}: {key} {value!r} is not a count")
     if (position["rank"], position["world"]) != (rank, world):
-        raise CheckpointError(f"{path}: loader entry {rank} is the data position of rank {position['rank']} of "
-                              f"{position['world']}, not of rank {rank} of {world}")
+        raise CheckpointError(
+            f"{path}: loader entry {rank} is the data position of rank {position['rank']} of "
+            f"{position['world']}, not of rank {rank} of {world}"
+        )
     if not isinstance(position["assignment"], str):
-        raise CheckpointError(f"{path}: loader entry {rank}: assignment {position['assignment']!r} is not a digest")
+        raise CheckpointError(
+            f"{path}: loader entry {rank}: assignment {position['assignment']!r} is not a digest"
+        )
     if not isinstance(position["dali"], (str, bytes, type(None))):
         raise CheckpointError(f"{path}: loader entry {rank}: dali is not a DALI reader checkpoint")
 
@@ -171,8 +223,12 @@ def weights_digest(model: torch.nn.Module) -> str:
     BN statistics are per rank under shuffle-BN and are left out.
     """
     h = hashlib.sha256()
-    for tensor in [*model.encoder_q.parameters(), *model.encoder_k.parameters(), model.queue.queue,
-                   model.queue.queue_ptr]:
+    for tensor in [
+        *model.encoder_q.parameters(),
+        *model.encoder_k.parameters(),
+        model.queue.queue,
+        model.queue.queue_ptr,
+    ]:
         h.update(tensor.detach().float().cpu().numpy().tobytes())
     return h.hexdigest()
 
@@ -180,9 +236,17 @@ def weights_digest(model: torch.nn.Module) -> str:
 def rng_state(device: torch.device) -> dict:
     """This process's random generators (Python, numpy, torch, CUDA) as plain values and tensors."""
     kind, keys, position, has_gauss, cached_gaussian = np.random.get_state()
-    state = {"python": random.getstate(), "torch": torch.get_rng_state(),
-             "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "position": int(position),
-                       "has_gauss": int(has_gauss), "cached_gaussian": float(cached_gaussian)}}
+    state = {
+        "python": random.getstate(),
+        "torch": torch.get_rng_state(),
+        "numpy": {
+            "kind": kind,
+            "keys": torch.from_numpy(keys.astype(np.int64)),
+            "position": int(position),
+            "has_gauss": int(has_gauss),
+            "cached_gaussian": float(cached_gaussian),
+        },
+    }
     if device.type == "cuda":
         state["cuda"] = torch.cuda.get_rng_state(device)
     return state
@@ -193,8 +257,15 @@ def set_rng_state(state: dict, device: torch.device) -> None:
     version, keys, gauss = state["python"]
     random.setstate((version, tuple(keys), gauss))
     n = state["numpy"]
-    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["position"], n["has_gauss"],
-                         n["cached_gaussian"]))
+    np.random.set_state(
+        (
+            n["kind"],
+            n["keys"].numpy().astype(np.uint32),
+            n["position"],
+            n["has_gauss"],
+            n["cached_gaussian"],
+        )
+    )
     torch.set_rng_state(state["torch"])
     if device.type == "cuda" and "cuda" in state:
         torch.cuda.set_rng_state(state["cuda"], device)

@@ -16,8 +16,18 @@ import logging
 import sys
 from typing import Optional, Sequence
 
-from moco_dali.train.config import (PRESETS, Config, ConfigError, apply_overrides, flat_fields, load_file, preset,
-                                    to_dict, type_name, unknown_key)
+from moco_dali.train.config import (
+    PRESETS,
+    Config,
+    ConfigError,
+    apply_overrides,
+    flat_fields,
+    load_file,
+    preset,
+    to_dict,
+    type_name,
+    unknown_key,
+)
 
 __all__ = ["main", "parse"]
 
@@ -32,11 +42,19 @@ class _Parser(argparse.ArgumentParser):
 def parse(argv: Optional[Sequence[str]] = None) -> tuple[Config, bool]:
     """The resolved configuration: preset, then the file, then command-line keys; unset view keys from data.preset."""
     # No abbreviations: "--run.ep 5" must not quietly set run.epochs.
-    parser = _Parser(prog="moco-train", description=__doc__.split("\n\n")[0], allow_abbrev=False,
-                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = _Parser(
+        prog="moco-train",
+        description=__doc__.split("\n\n")[0],
+        allow_abbrev=False,
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     parser.add_argument("--preset", default="v2", help=f"starting point: {', '.join(PRESETS)}")
-    parser.add_argument("--config", default=None, metavar="FILE", help="TOML or YAML file with [section] keys")
-    parser.add_argument("--print-config", action="store_true", help="print the resolved configuration and exit")
+    parser.add_argument(
+        "--config", default=None, metavar="FILE", help="TOML or YAML file with [section] keys"
+    )
+    parser.add_argument(
+        "--print-config", action="store_true", help="print the resolved configuration and exit"
+    )
     for key, (obj, kind) in flat_fields(Config()).items():
         parser.add_argument(f"--{key}", dest=key, default=None, metavar=type_name(kind).upper())
     args, unknown = parser.parse_known_args(argv)

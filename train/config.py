@@ -19,9 +19,26 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-__all__ = ["ConfigError", "ViewsConfig", "DataConfig", "ModelConfig", "OptimConfig", "RunConfig", "Config", "PRESETS",
-           "preset", "apply_overrides", "unknown_key", "load_file", "to_dict", "from_dict", "flat_fields", "flatten",
-           "SAFE_TO_CHANGE", "resume_changes"]
+__all__ = [
+    "ConfigError",
+    "ViewsConfig",
+    "DataConfig",
+    "ModelConfig",
+    "OptimConfig",
+    "RunConfig",
+    "Config",
+    "PRESETS",
+    "preset",
+    "apply_overrides",
+    "unknown_key",
+    "load_file",
+    "to_dict",
+    "from_dict",
+    "flat_fields",
+    "flatten",
+    "SAFE_TO_CHANGE",
+    "resume_changes",
+]
 
 
 class ConfigError(ValueError):
@@ -185,6 +202,7 @@ class Config:
 
 # ----------------------------------------------------------------------- presets
 
+
 def _v1() -> Config:
     """MoCo v1: ResNet-50, fc head, T 0.07, step schedule at 120 and 160 of 200 epochs."""
     return Config()
@@ -225,9 +243,23 @@ def _cifar() -> Config:
     """
     config = _v2()
     m = config.model
-    m.arch, m.small_stem, m.dim, m.mlp, m.K, m.m, m.T, m.symmetric = "resnet18", True, 128, False, 4096, 0.99, 0.1, True
+    m.arch, m.small_stem, m.dim, m.mlp, m.K, m.m, m.T, m.symmetric = (
+        "resnet18",
+        True,
+        128,
+        False,
+        4096,
+        0.99,
+        0.1,
+        True,
+    )
     m.shuffle, m.num_splits = "auto", 8
-    config.data.preset, config.data.size, config.data.eval_resize, config.data.batch_size = "cifar", 32, 32, 512
+    config.data.preset, config.data.size, config.data.eval_resize, config.data.batch_size = (
+        "cifar",
+        32,
+        32,
+        512,
+    )
     o = config.optim
     o.lr_per_256, o.momentum, o.weight_decay, o.schedule = 0.03, 0.9, 5e-4, "cosine"
     config.run.epochs, config.run.knn_every, config.run.knn_k, config.run.knn_t = 200, 1, 200, 0.1
@@ -244,6 +276,7 @@ def preset(name: str) -> Config:
 
 
 # ----------------------------------------------------------------------- setting
+
 
 def _leaf_type(kind: Any) -> Any:
     """``Optional[X]`` -> X (None is always accepted for an optional leaf)."""
@@ -298,7 +331,16 @@ def _coerce(key: str, value: Any, kind: Any) -> Any:
         if kind is bool:
             if isinstance(value, bool):
                 return value
-            if isinstance(value, str) and value.lower() in ("true", "1", "yes", "on", "false", "0", "no", "off"):
+            if isinstance(value, str) and value.lower() in (
+                "true",
+                "1",
+                "yes",
+                "on",
+                "false",
+                "0",
+                "no",
+                "off",
+            ):
                 return value.lower() in ("true", "1", "yes", "on")
             raise ValueError
         if kind in (int, float):
@@ -306,11 +348,18 @@ def _coerce(key: str, value: Any, kind: Any) -> Any:
         if kind is tuple or typing.get_origin(kind) is tuple:
             if isinstance(value, str):
                 text = value.strip()
-                value = json.loads(text) if text.startswith("[") else [v for v in text.strip("()").split(",") if v.strip()]
+                value = (
+                    json.loads(text)
+                    if text.startswith("[")
+                    else [v for v in text.strip("()").split(",") if v.strip()]
+                )
             if not isinstance(value, (list, tuple)):
                 raise ValueError
             if kind is tuple:  # milestones: whole numbers stay ints
-                return tuple(_number(key, v, int if str(v).strip().lstrip("-").isdigit() else float) for v in value)
+                return tuple(
+                    _number(key, v, int if str(v).strip().lstrip("-").isdigit() else float)
+                    for v in value
+                )
             return tuple(_number(key, v, float) for v in value)
         if kind is str:
             if not isinstance(value, (str, int, float)) or isinstance(value, bool):
@@ -337,7 +386,9 @@ def unknown_key(key: str, source: str) -> ConfigError:
     return ConfigError(f"{source}: unknown key {key!r}{hint}")
 
 
-def apply_overrides(config: Config, overrides: dict[str, Any], source: str = "command line") -> Config:
+def apply_overrides(
+    config: Config, overrides: dict[str, Any], source: str = "command line"
+) -> Config:
     """Set ``{"section.key": value}`` leaves, checking keys and types."""
     leaves = flat_fields(config)
     for key, value in overrides.items():
@@ -399,21 +450,40 @@ def from_dict(data: dict[str, Any]) -> Config:
 
 # ----------------------------------------------------------------------- resuming
 
-SAFE_TO_CHANGE = frozenset({
-    # when to stop, how often to look and to save: none of them is in the state
-    "run.max_steps", "run.log_every", "run.ckpt_every", "run.keep_last", "run.progress", "run.max_nonfinite",
-    "run.knn_every", "run.knn_k", "run.knn_t", "data.knn_train", "data.knn_val", "data.eval_resize",
-    # where the run lives and how fast it goes, not what it computes
-    "run.out", "run.resume", "run.device", "run.deterministic", "run.dist_timeout_s", "run.channels_last",
-    "data.threads",
-})
+SAFE_TO_CHANGE = frozenset(
+    {
+        # when to stop, how often to look and to save: none of them is in the state
+        "run.max_steps",
+        "run.log_every",
+        "run.ckpt_every",
+        "run.keep_last",
+        "run.progress",
+        "run.max_nonfinite",
+        "run.knn_every",
+        "run.knn_k",
+        "run.knn_t",
+        "data.knn_train",
+        "data.knn_val",
+        "data.eval_resize",
+        # where the run lives and how fast it goes, not what it computes
+        "run.out",
+        "run.resume",
+        "run.device",
+        "run.deterministic",
+        "run.dist_timeout_s",
+        "run.channels_last",
+        "data.threads",
+    }
+)
 """Keys a resumed run may change (each change is logged). Every other key changes the
 state's shape (model.*, run.compile's parameter names) or the run's meaning (the data,
 the views, the batch, the optimizer, the schedule over run.epochs, the precision, the
 seeds) and is refused; a key added to the tree later is refused until listed here."""
 
 
-def resume_changes(stored: dict[str, Any], config: Config) -> tuple[dict[str, tuple], dict[str, tuple]]:
+def resume_changes(
+    stored: dict[str, Any], config: Config
+) -> tuple[dict[str, tuple], dict[str, tuple]]:
     """``(allowed, refused)``: ``{key: (checkpoint's value, this run's value)}`` where they differ."""
     current = flatten(to_dict(config))
     before = {**current, **flatten(stored)} if stored else current

@@ -41,8 +41,11 @@ def setup(device: str = "auto", timeout_s: float = 1800) -> Dist:
     if cuda:
         torch.cuda.set_device(target)
     if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if cuda else "gloo", device_id=target if cuda else None,
-                                timeout=timedelta(seconds=timeout_s))
+        dist.init_process_group(
+            "nccl" if cuda else "gloo",
+            device_id=target if cuda else None,
+            timeout=timedelta(seconds=timeout_s),
+        )
     return Dist(rank, world, local_rank, target)
 
 
@@ -79,7 +82,7 @@ def gather_rows(tensor: torch.Tensor) -> torch.Tensor:
     dist.all_gather(counts, count)
     rows = [int(c.item()) for c in counts]
     padded = tensor.new_zeros((max(rows), *tensor.shape[1:]))
-    padded[:tensor.shape[0]] = tensor
+    padded[: tensor.shape[0]] = tensor
     parts = [torch.empty_like(padded) for _ in range(world)]
     dist.all_gather(parts, padded)
     return torch.cat([part[:n] for part, n in zip(parts, rows)])

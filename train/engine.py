@@ -35,9 +35,21 @@ from moco_dali.train.config import Config, ConfigError, resume_changes, to_dict
 from moco_dali.train.eval.knn import config_knn
 from moco_dali.train.metrics import Metrics
 from moco_dali.train.schedule import learning_rates
-from moco_dali.train.step import amp_dtype, backward_step, build_model, build_optimizer, forward_loss
-from moco_dali.train.validation import (augment_config, check_knn_folders, check_out, check_train_folder, loader_config,
-                                        validate)
+from moco_dali.train.step import (
+    amp_dtype,
+    backward_step,
+    build_model,
+    build_optimizer,
+    forward_loss,
+)
+from moco_dali.train.validation import (
+    augment_config,
+    check_knn_folders,
+    check_out,
+    check_train_folder,
+    loader_config,
+    validate,
+)
 
 __all__ = ["train", "Run", "build_model", "knn_accuracy", "TrainingStopped", "set_determinism"]
 
@@ -69,7 +81,9 @@ class _StopSignal:
 
     def __init__(self):
         self.requested = False
-        self._previous = {s: signal.signal(s, self._handle) for s in (signal.SIGTERM, signal.SIGINT)}
+        self._previous = {
+            s: signal.signal(s, self._handle) for s in (signal.SIGTERM, signal.SIGINT)
+        }
 
     def _handle(self, signum, frame):
         self.requested = True
@@ -140,7 +154,9 @@ class Run:
         np.random.seed(r.seed + self.dist.rank)
         torch.manual_seed(r.seed)  # identical initial weights on every rank
         self.model, self.net = self._model()
-        self.resume_path, state, changes = self._resume()  # the model holds the checkpoint's weights from here
+        self.resume_path, state, changes = (
+            self._resume()
+        )  # the model holds the checkpoint's weights from here
         self.loader = self._data(state)
         self.optimizer = build_optimizer(config, self.model, self.device)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp == torch.float16)
@@ -149,11 +165,19 @@ class Run:
         if r.max_steps:
             self.total_steps = min(r.max_steps, self.total_steps)
         o = config.optim
-        self.rates = learning_rates(o.lr_per_256 * config.data.batch_size / 256, self.steps_per_epoch, r.epochs,
-                                    o.schedule, o.milestones, o.warmup_epochs)
+        self.rates = learning_rates(
+            o.lr_per_256 * config.data.batch_size / 256,
+            self.steps_per_epoch,
+            r.epochs,
+            o.schedule,
+            o.milestones,
+            o.warmup_epochs,
+        )
         self.step, self.nonfinite, self.skipped = 0, 0, 0
         self.pending: Optional[tuple[int, torch.Tensor]] = None  # (step, skip flag) not read yet
-        self.last_good = self.resume_path  # the newest checkpoint known good: resumed from, or written
+        self.last_good = (
+            self.resume_path
+        )  # the newest checkpoint known good: resumed from, or written
         if state:
             self._restore(state)
         self.metrics = Metrics(self.out, self.dist.main)
@@ -163,8 +187,13 @@ class Run:
         self.window = _Window(time.perf_counter())
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
-        self.bar = tqdm(total=self.total_steps, initial=self.step, unit="step", dynamic_ncols=True,
-                        disable=not (self.dist.main and r.progress) or None)
+        self.bar = tqdm(
+            total=self.total_steps,
+            initial=self.step,
+            unit="step",
+            dynamic_ncols=True,
+            disable=not (self.dist.main and r.progress) or None,
+        )
 
     # ---- set-up
 
@@ -174,14 +203,22 @@ class Run:
         loader_cfg = loader_config(self.config, self.dist.world, self.amp)
         # Each rank opens only the shards dealt to it, a window at a time, and every
         # epoch deals them anew (see pipeline/partition.py); the loader hands epochs over.
-        return ViewLoader(d.train, augment_cfg, loader_cfg, rank=self.dist.rank, world=self.dist.world,
-                          device_id=distributed.dali_device_id(self.device),
-                          state=state["loader"][self.dist.rank] if state else None)
+        return ViewLoader(
+            d.train,
+            augment_cfg,
+            loader_cfg,
+            rank=self.dist.rank,
+            world=self.dist.world,
+            device_id=distributed.dali_device_id(self.device),
+            state=state["loader"][self.dist.rank] if state else None,
+        )
 
     def _model(self) -> tuple[MoCo, torch.nn.Module]:
         try:
             model = build_model(self.config, self.device)
-        except ValueError as error:  # what only the real run can check (a shuffle group of torchrun's nodes)
+        except (
+            ValueError
+        ) as error:  # what only the real run can check (a shuffle group of torchrun's nodes)
             raise ConfigError(f"model: {error}") from None
         if self.config.run.compile:
             model.encoder_q = torch.compile(model.encoder_q)
@@ -190,8 +227,11 @@ class Run:
             return model, model
         # The queue and the key encoder are kept identical on every rank by the algorithm
         # itself; broadcasting buffers on every forward would only cost time.
-        return model, DistributedDataParallel(model, device_ids=[self.device.index] if self.device.type == "cuda"
-                                              else None, broadcast_buffers=False)
+        return model, DistributedDataParallel(
+            model,
+            device_ids=[self.device.index] if self.device.type == "cuda" else None,
+            broadcast_buffers=False,
+        )
 
     def _resume(self) -> tuple[Optional[Path], Optional[dict], dict]:
         """The checkpoint to continue from, verified, its weights loaded into the model; and the keys changed since.
@@ -205,8 +245,10 @@ class Run:
         if not r.resume:
             newest = checkpoint.latest(self.out)
             if newest is not None:
-                raise ConfigError(f"run.out {self.out} holds a run (newest {newest.name}): continue it with "
-                                  "--run.resume auto, or give another run.out")
+                raise ConfigError(
+                    f"run.out {self.out} holds a run (newest {newest.name}): continue it with "
+                    "--run.resume auto, or give another run.out"
+                )
             return None, None, {}
         found = checkpoint.candidates(self.out) if r.resume == "auto" else [Path(r.resume)]
         chosen, state, changes, skipped = None, None, {}, []
@@ -223,35 +265,48 @@ class Run:
             chosen_by_rank = [None] * self.dist.world
             torch.distributed.all_gather_object(chosen_by_rank, str(chosen))
             if len(set(chosen_by_rank)) > 1:
-                raise CheckpointError(f"run.resume auto: ranks found different good checkpoints ({chosen_by_rank})")
+                raise CheckpointError(
+                    f"run.resume auto: ranks found different good checkpoints ({chosen_by_rank})"
+                )
         if self.dist.main:
             for path, why in skipped:
                 path.rename(path.with_name(path.name + ".bad"))
                 log.warning("skipped %s (renamed *.bad): %s", path.name, why)
         if skipped and chosen is None:
-            raise CheckpointError(f"run.resume auto: no good checkpoint in {self.out}; skipped {len(skipped)}, "
-                                  f"newest: {skipped[0][1]}")
+            raise CheckpointError(
+                f"run.resume auto: no good checkpoint in {self.out}; skipped {len(skipped)}, "
+                f"newest: {skipped[0][1]}"
+            )
         return chosen, state, changes
 
     def _verified(self, path: Path) -> tuple[dict, dict]:
         """A checkpoint's state once it is known good, loaded into the model; the configuration keys changed."""
         state = checkpoint.check(checkpoint.load(path), path)
         if state["world"] != self.dist.world:
-            raise ConfigError(f"{path}: written by {state['world']} ranks, this run has {self.dist.world}; "
-                              "an exact resume needs the same world size")
+            raise ConfigError(
+                f"{path}: written by {state['world']} ranks, this run has {self.dist.world}; "
+                "an exact resume needs the same world size"
+            )
         allowed, refused = resume_changes(state["config"], self.config)
         if refused:
             listed = ", ".join(f"{key} {old!r} -> {new!r}" for key, (old, new) in refused.items())
-            raise ConfigError(f"{path}: written with another configuration: {listed}; these keys change the run's "
-                              "state or meaning: resume with the checkpoint's values, or start another run.out")
+            raise ConfigError(
+                f"{path}: written with another configuration: {listed}; these keys change the run's "
+                "state or meaning: resume with the checkpoint's values, or start another run.out"
+            )
         try:
             self.model.load_state_dict(state["model"])
         except RuntimeError as error:
-            first = next((line.strip() for line in str(error).splitlines()[1:] if line.strip()), str(error)[:200])
+            first = next(
+                (line.strip() for line in str(error).splitlines()[1:] if line.strip()),
+                str(error)[:200],
+            )
             raise CheckpointError(f"{path}: its weights do not fit this model: {first}") from None
         if checkpoint.weights_digest(self.model) != state["rank_digests"][self.dist.rank]:
-            raise CheckpointError(f"{path}: its weights or queue differ from the digest written with them "
-                                  "(changed after it was written)")
+            raise CheckpointError(
+                f"{path}: its weights or queue differ from the digest written with them "
+                "(changed after it was written)"
+            )
         return state, allowed
 
     def _restore(self, state: dict) -> None:
@@ -264,19 +319,35 @@ class Run:
         config = self.config
         self.out.mkdir(parents=True, exist_ok=True)
         if not resumed or changes or not (self.out / "config.json").exists():
-            checkpoint.write_atomic(self.out / "config.json",
-                                    lambda f: f.write((json.dumps(to_dict(config), indent=1) + "\n").encode()))
+            checkpoint.write_atomic(
+                self.out / "config.json",
+                lambda f: f.write((json.dumps(to_dict(config), indent=1) + "\n").encode()),
+            )
         log.info("configuration: %s", json.dumps(to_dict(config)))
         if changes:
             listed = ", ".join(f"{key} {old!r} -> {new!r}" for key, (old, new) in changes.items())
             log.info("resuming with changed keys (allowed, config.json updated): %s", listed)
-            self.metrics.write("resume", self.step, {"checkpoint": str(self.resume_path),
-                                                     "changed": {k: list(v) for k, v in changes.items()}})
-        log.info("%s on %s x%d, AMP %s, %d steps per epoch, %s", config.model.arch, self.device.type,
-                 self.dist.world, self.amp or "off", self.steps_per_epoch,
-                 f"resuming at step {self.step} from {self.resume_path}" if resumed else "from scratch")
+            self.metrics.write(
+                "resume",
+                self.step,
+                {
+                    "checkpoint": str(self.resume_path),
+                    "changed": {k: list(v) for k, v in changes.items()},
+                },
+            )
+        log.info(
+            "%s on %s x%d, AMP %s, %d steps per epoch, %s",
+            config.model.arch,
+            self.device.type,
+            self.dist.world,
+            self.amp or "off",
+            self.steps_per_epoch,
+            f"resuming at step {self.step} from {self.resume_path}" if resumed else "from scratch",
+        )
         if not config.data.knn_train:
-            log.info("kNN monitor off: give labelled shard folders as data.knn_train and data.knn_val")
+            log.info(
+                "kNN monitor off: give labelled shard folders as data.knn_train and data.knn_val"
+            )
 
     # ---- the loop
 
@@ -304,8 +375,12 @@ class Run:
         """One optimizer step at the scheduled rate and momentum."""
         for group in self.optimizer.param_groups:
             group["lr"] = float(self.rates[self.step])
-        self.model.m = momentum_at(self.step, self.steps_per_epoch * self.config.run.epochs, self.config.model.m,
-                                   self.config.model.momentum_schedule)
+        self.model.m = momentum_at(
+            self.step,
+            self.steps_per_epoch * self.config.run.epochs,
+            self.config.model.m,
+            self.config.model.momentum_schedule,
+        )
         loss, logits, labels = forward_loss(self.net, batch.view_q, batch.view_k, self.amp)
         self.optimizer.zero_grad(set_to_none=True)
         # Non-finite gradients skip the update on the device; the flag is read one step
@@ -329,29 +404,48 @@ class Run:
         self.nonfinite += 1
         self.skipped += 1
         if self.nonfinite >= self.config.run.max_nonfinite:
-            good = f"the last good checkpoint is {self.last_good}" if self.last_good else "no checkpoint was written"
-            raise TrainingStopped(f"{self.nonfinite} non-finite losses in a row at step {at}; stopped, {good}")
+            good = (
+                f"the last good checkpoint is {self.last_good}"
+                if self.last_good
+                else "no checkpoint was written"
+            )
+            raise TrainingStopped(
+                f"{self.nonfinite} non-finite losses in a row at step {at}; stopped, {good}"
+            )
 
-    def log(self, epoch: int, loss: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor) -> None:
+    def log(
+        self, epoch: int, loss: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor
+    ) -> None:
         """One metrics record over the steps since the last (a host sync)."""
         self.settle_nonfinite()
         elapsed = time.perf_counter() - self.window.start
         images = self.window.steps * self.config.data.batch_size
         self.last = {
-            "epoch": epoch, "loss": loss.item(),
+            "epoch": epoch,
+            "loss": loss.item(),
             "acc1": (logits.argmax(dim=1) == labels).float().mean().item() * 100,
-            "lr": float(self.rates[self.step - 1]), "momentum": self.model.m,
-            "images_per_s": images / elapsed, "images_per_s_per_gpu": images / elapsed / self.dist.world,
-            "data_wait": self.window.wait / elapsed, "skipped_steps": self.skipped,
+            "lr": float(self.rates[self.step - 1]),
+            "momentum": self.model.m,
+            "images_per_s": images / elapsed,
+            "images_per_s_per_gpu": images / elapsed / self.dist.world,
+            "data_wait": self.window.wait / elapsed,
+            "skipped_steps": self.skipped,
             "peak_memory_MB": torch.cuda.max_memory_allocated(self.device) / 2**20
-            if self.device.type == "cuda" else None,
+            if self.device.type == "cuda"
+            else None,
         }
         last = self.last
         self.bar.set_postfix(loss=f"{last['loss']:.3f}", img_s=f"{last['images_per_s']:.0f}")
-        self.metrics.write("train", self.step, last, (
-            f"step {self.step}/{self.total_steps} epoch {epoch} loss {last['loss']:.4f} acc1 {last['acc1']:.1f} "
-            f"lr {last['lr']:.4g} m {last['momentum']:.4f} {last['images_per_s']:.0f} img/s "
-            f"data-wait {100 * last['data_wait']:.0f}%"))
+        self.metrics.write(
+            "train",
+            self.step,
+            last,
+            (
+                f"step {self.step}/{self.total_steps} epoch {epoch} loss {last['loss']:.4f} acc1 {last['acc1']:.1f} "
+                f"lr {last['lr']:.4g} m {last['momentum']:.4f} {last['images_per_s']:.0f} img/s "
+                f"data-wait {100 * last['data_wait']:.0f}%"
+            ),
+        )
         self.window = _Window(time.perf_counter())
 
     def end_of_epoch(self) -> None:
@@ -362,17 +456,31 @@ class Run:
         if r.knn_every and finished % r.knn_every == 0 and self.config.data.knn_train:
             # Every rank extracts its own share of the folders and gets the same result;
             # no rank waits for another in a barrier while the monitor runs.
-            result = config_knn(self.model.encoder_q, self.config, self.device, self.amp, rank=self.dist.rank,
-                                world=self.dist.world)
+            result = config_knn(
+                self.model.encoder_q,
+                self.config,
+                self.device,
+                self.amp,
+                rank=self.dist.rank,
+                world=self.dist.world,
+            )
             if self.dist.main:
-                self.metrics.write("knn", self.step, {"epoch": finished, **result},
-                                   f"epoch {finished} kNN top-1 {result['top1']:.2f}% top-5 {result['top5']:.2f}%")
+                self.metrics.write(
+                    "knn",
+                    self.step,
+                    {"epoch": finished, **result},
+                    f"epoch {finished} kNN top-1 {result['top1']:.2f}% top-5 {result['top5']:.2f}%",
+                )
             self.last = {**self.last, "knn_top1": result["top1"], "knn_top5": result["top5"]}
 
     def finish(self) -> None:
         """The last checkpoint, unless a periodic or epoch-end one has just been written."""
         self.settle_nonfinite()
-        if self.step % self.config.run.ckpt_every and self.step % self.steps_per_epoch and self.nonfinite == 0:
+        if (
+            self.step % self.config.run.ckpt_every
+            and self.step % self.steps_per_epoch
+            and self.nonfinite == 0
+        ):
             self.save()
 
     def close(self) -> None:
@@ -390,23 +498,39 @@ class Run:
 
     def save(self) -> None:
         """Every rank's loader and random state, gathered; written by rank 0."""
-        gathered = {"loader": self.loader.state_dict(), "rng": checkpoint.rng_state(self.device),
-                    "digest": checkpoint.weights_digest(self.model)}
+        gathered = {
+            "loader": self.loader.state_dict(),
+            "rng": checkpoint.rng_state(self.device),
+            "digest": checkpoint.weights_digest(self.model),
+        }
         parts = [gathered]
         if self.dist.world > 1:
             parts = [None] * self.dist.world
             torch.distributed.all_gather_object(parts, gathered)
         if self.dist.main:
-            self.last_good = checkpoint.save(self.out, self.step, {
-                "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-                "scaler": self.scaler.state_dict(), "step": self.step, "skipped": self.skipped,
-                "world": self.dist.world, "config": to_dict(self.config),
-                "loader": [p["loader"] for p in parts], "rng": [p["rng"] for p in parts],
-                "rank_digests": [p["digest"] for p in parts],
-            }, self.config.run.keep_last)
+            self.last_good = checkpoint.save(
+                self.out,
+                self.step,
+                {
+                    "model": self.model.state_dict(),
+                    "optimizer": self.optimizer.state_dict(),
+                    "scaler": self.scaler.state_dict(),
+                    "step": self.step,
+                    "skipped": self.skipped,
+                    "world": self.dist.world,
+                    "config": to_dict(self.config),
+                    "loader": [p["loader"] for p in parts],
+                    "rng": [p["rng"] for p in parts],
+                    "rank_digests": [p["digest"] for p in parts],
+                },
+                self.config.run.keep_last,
+            )
             if len({p["digest"] for p in parts}) > 1:
-                log.warning("step %d: ranks disagree on weights or queue (digests %s)", self.step,
-                            [p["digest"][:8] for p in parts])
+                log.warning(
+                    "step %d: ranks disagree on weights or queue (digests %s)",
+                    self.step,
+                    [p["digest"][:8] for p in parts],
+                )
         if self.dist.world > 1:
             torch.distributed.barrier()
 

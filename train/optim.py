@@ -20,12 +20,29 @@ class LARS(torch.optim.Optimizer):
     supports_found_inf = True
     """``step()`` honours a ``found_inf`` attribute (a 0-d tensor, 1 = skip) on the device, as fused SGD does."""
 
-    def __init__(self, params: Iterable, lr: float, momentum: float = 0.9, weight_decay: float = 0.0,
-                 trust_coefficient: float = 0.001, eps: float = 1e-8):
+    def __init__(
+        self,
+        params: Iterable,
+        lr: float,
+        momentum: float = 0.9,
+        weight_decay: float = 0.0,
+        trust_coefficient: float = 0.001,
+        eps: float = 1e-8,
+    ):
         if lr <= 0 or not 0 <= momentum < 1 or weight_decay < 0 or trust_coefficient <= 0:
-            raise ValueError("LARS: need lr > 0, 0 <= momentum < 1, weight_decay >= 0, trust_coefficient > 0")
-        super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay,
-                                      trust_coefficient=trust_coefficient, eps=eps))
+            raise ValueError(
+                "LARS: need lr > 0, 0 <= momentum < 1, weight_decay >= 0, trust_coefficient > 0"
+            )
+        super().__init__(
+            params,
+            dict(
+                lr=lr,
+                momentum=momentum,
+                weight_decay=weight_decay,
+                trust_coefficient=trust_coefficient,
+                eps=eps,
+            ),
+        )
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -47,8 +64,14 @@ class LARS(torch.optim.Optimizer):
                     updates = torch._foreach_add(updates, weights, alpha=group["weight_decay"])
                 w_norms = torch._foreach_norm(weights)
                 u_norms = torch._foreach_norm(updates)
-                ratios = [torch.where((w > 0) & (u > 0), group["trust_coefficient"] * w / (u + group["eps"]),
-                                      torch.ones_like(w)) for w, u in zip(w_norms, u_norms)]
+                ratios = [
+                    torch.where(
+                        (w > 0) & (u > 0),
+                        group["trust_coefficient"] * w / (u + group["eps"]),
+                        torch.ones_like(w),
+                    )
+                    for w, u in zip(w_norms, u_norms)
+                ]
                 updates = torch._foreach_mul(updates, ratios)
                 for i, u in zip(adapted, updates):
                     grads[i] = u
@@ -65,9 +88,16 @@ class LARS(torch.optim.Optimizer):
                 buffers.append(state["momentum_buffer"])
             if found_inf is not None:
                 # buffer <- m * buffer + g and w <- w - lr * buffer, or nothing at all when skipping.
-                momentum = torch.where(keep, torch.tensor(group["momentum"], device=keep.device),
-                                       torch.tensor(1.0, device=keep.device))
-                lr = torch.where(keep, torch.tensor(group["lr"], device=keep.device), torch.tensor(0.0, device=keep.device))
+                momentum = torch.where(
+                    keep,
+                    torch.tensor(group["momentum"], device=keep.device),
+                    torch.tensor(1.0, device=keep.device),
+                )
+                lr = torch.where(
+                    keep,
+                    torch.tensor(group["lr"], device=keep.device),
+                    torch.tensor(0.0, device=keep.device),
+                )
                 torch._foreach_mul_(buffers, momentum)
                 torch._foreach_add_(buffers, grads)
                 torch._foreach_add_(params, torch._foreach_mul(buffers, -lr))
@@ -78,13 +108,27 @@ class LARS(torch.optim.Optimizer):
         return loss
 
 
-def make_optimizer(name: str, params: Iterable, lr: float, momentum: float, weight_decay: float,
-                   device: torch.device, trust_coefficient: float = 0.001, fast: bool = True) -> torch.optim.Optimizer:
+def make_optimizer(
+    name: str,
+    params: Iterable,
+    lr: float,
+    momentum: float,
+    weight_decay: float,
+    device: torch.device,
+    trust_coefficient: float = 0.001,
+    fast: bool = True,
+) -> torch.optim.Optimizer:
     """``"sgd"`` or ``"lars"``. ``fast``: SGD's fused kernel; else PyTorch's default, as the reference code calls it."""
     if name == "sgd":
         # Fused on CPUs too: its kernel can skip a step on the device (``found_inf``).
         kind = {"fused": True} if fast else {}
         return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay, **kind)
     if name == "lars":
-        return LARS(params, lr=lr, momentum=momentum, weight_decay=weight_decay, trust_coefficient=trust_coefficient)
+        return LARS(
+            params,
+            lr=lr,
+            momentum=momentum,
+            weight_decay=weight_decay,
+            trust_coefficient=trust_coefficient,
+        )
     raise ValueError(f"optimizer {name!r}: choose sgd or lars")

@@ -17,8 +17,16 @@ from moco_dali.model.moco import MoCo
 from moco_dali.train.config import Config
 from moco_dali.train.optim import make_optimizer
 
-__all__ = ["AMP_DTYPES", "QUEUE_DTYPES", "amp_dtype", "views_dtype", "build_model", "build_optimizer", "forward_loss",
-           "backward_step"]
+__all__ = [
+    "AMP_DTYPES",
+    "QUEUE_DTYPES",
+    "amp_dtype",
+    "views_dtype",
+    "build_model",
+    "build_optimizer",
+    "forward_loss",
+    "backward_step",
+]
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "none": None}
 """``run.amp`` (besides "auto") -> the autocast dtype."""
@@ -44,33 +52,57 @@ def build_model(config: Config, device: torch.device, momentum_impl: str = "auto
     """The MoCo model ``config`` describes, on ``device``; seeded by the caller."""
     m = config.model
     queue_dtype = QUEUE_DTYPES[m.queue_dtype]
-    model = MoCo(resnet(m.arch, small_stem=m.small_stem), dim=m.dim, K=m.K, m=m.m, T=m.T, mlp=m.mlp,
-                 queue_dtype=queue_dtype, shuffle=m.shuffle, num_splits=m.num_splits,
-                 shuffle_group_size=m.shuffle_group_size or None, symmetric=m.symmetric,
-                 momentum_impl=momentum_impl).to(device)
+    model = MoCo(
+        resnet(m.arch, small_stem=m.small_stem),
+        dim=m.dim,
+        K=m.K,
+        m=m.m,
+        T=m.T,
+        mlp=m.mlp,
+        queue_dtype=queue_dtype,
+        shuffle=m.shuffle,
+        num_splits=m.num_splits,
+        shuffle_group_size=m.shuffle_group_size or None,
+        symmetric=m.symmetric,
+        momentum_impl=momentum_impl,
+    ).to(device)
     return model.to(memory_format=torch.channels_last) if config.run.channels_last else model
 
 
-def build_optimizer(config: Config, model: MoCo, device: torch.device, fast: bool = True) -> torch.optim.Optimizer:
+def build_optimizer(
+    config: Config, model: MoCo, device: torch.device, fast: bool = True
+) -> torch.optim.Optimizer:
     """``optim.name`` over the query encoder, at the rate scaled to the global batch."""
     o = config.optim
-    optimizer = make_optimizer(o.name, model.encoder_q.parameters(), lr=o.lr_per_256 * config.data.batch_size / 256,
-                               momentum=o.momentum, weight_decay=o.weight_decay, device=device,
-                               trust_coefficient=o.trust_coefficient, fast=fast)
+    optimizer = make_optimizer(
+        o.name,
+        model.encoder_q.parameters(),
+        lr=o.lr_per_256 * config.data.batch_size / 256,
+        momentum=o.momentum,
+        weight_decay=o.weight_decay,
+        device=device,
+        trust_coefficient=o.trust_coefficient,
+        fast=fast,
+    )
     if o.momentum:
         # Zero momentum buffers give the first step's arithmetic (buffer = gradient), and
         # a first step skipped on the device must not leave the fused kernel's
         # uninitialised buffers behind.
         for group in optimizer.param_groups:
             for p in group["params"]:
-                optimizer.state[p]["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                optimizer.state[p]["momentum_buffer"] = torch.zeros_like(
+                    p, memory_format=torch.preserve_format
+                )
     return optimizer
 
 
-def forward_loss(net: torch.nn.Module, view_q: torch.Tensor, view_k: torch.Tensor,
-                 dtype: Optional[torch.dtype]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def forward_loss(
+    net: torch.nn.Module, view_q: torch.Tensor, view_k: torch.Tensor, dtype: Optional[torch.dtype]
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """MoCo's forward (momentum update, keys, logits, enqueue) under autocast; the loss in float32."""
-    with torch.autocast(view_q.device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+    with torch.autocast(
+        view_q.device.type, dtype=dtype or torch.float32, enabled=dtype is not None
+    ):
         logits, labels = net(view_q, view_k)
     return F.cross_entropy(logits, labels), logits, labels
 
@@ -80,8 +112,12 @@ def _skips_on_device(optimizer: torch.optim.Optimizer) -> bool:
     return bool(optimizer.defaults.get("fused")) or getattr(optimizer, "supports_found_inf", False)
 
 
-def backward_step(loss: torch.Tensor, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
-                  skip_nonfinite: bool = True) -> Optional[torch.Tensor]:
+def backward_step(
+    loss: torch.Tensor,
+    optimizer: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler,
+    skip_nonfinite: bool = True,
+) -> Optional[torch.Tensor]:
     """Gradients of ``loss`` and one optimizer step, skipped if any gradient is not finite.
 
     Returns the non-finite flag as a 0-d bool tensor on the device, the same on every
@@ -108,7 +144,9 @@ def backward_step(loss: torch.Tensor, optimizer: torch.optim.Optimizer, scaler: 
         scaler.step(optimizer)
         scaler.update()
         return bad
-    grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+    grads = [
+        p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None
+    ]
     bad = ~torch.isfinite(torch.stack(torch._foreach_norm(grads)).sum())
     if _skips_on_device(optimizer):
         optimizer.found_inf = bad.float()

@@ -24,8 +24,16 @@ import torch
 
 from moco_dali.train.config import Config, ConfigError, ModelConfig, OptimConfig, ViewsConfig
 
-__all__ = ["validate", "augment_config", "loader_config", "resolve_views", "shuffle_mode", "check_train_folder",
-           "check_knn_folders", "check_out"]
+__all__ = [
+    "validate",
+    "augment_config",
+    "loader_config",
+    "resolve_views",
+    "shuffle_mode",
+    "check_train_folder",
+    "check_knn_folders",
+    "check_out",
+]
 
 T = TypeVar("T")
 _BUILD_ERRORS = (ValueError, OverflowError, RuntimeError)
@@ -34,7 +42,11 @@ _BUILD_ERRORS = (ValueError, OverflowError, RuntimeError)
 
 def _say(key: str, value: Any, error: BaseException) -> str:
     message = " ".join(str(error).split()) or type(error).__name__
-    return f"{key}: {message}" if repr(value) in message or str(value) in message else f"{key} {value!r}: {message}"
+    return (
+        f"{key}: {message}"
+        if repr(value) in message or str(value) in message
+        else f"{key} {value!r}: {message}"
+    )
 
 
 def _construct(build: Callable[..., T], given: dict[str, tuple[str, Any]], alone: bool = True) -> T:
@@ -58,7 +70,9 @@ def _construct(build: Callable[..., T], given: dict[str, tuple[str, Any]], alone
                     refused_alone[name] = refused
             if refused_alone:
                 name = next(iter(refused_alone))
-                passing = {other: value for other, value in values.items() if other not in refused_alone}
+                passing = {
+                    other: value for other, value in values.items() if other not in refused_alone
+                }
                 try:
                     build(**passing, **{name: values[name]})
                     reason = refused_alone[name]
@@ -71,15 +85,23 @@ def _construct(build: Callable[..., T], given: dict[str, tuple[str, Any]], alone
 
 # ----------------------------------------------------------------------- builders the engine uses
 
+
 def augment_config(config: Config):
     """The ``AugmentConfig`` of ``data.preset`` at ``data.size`` with the ``data.views`` keys that are set."""
     from moco_dali.pipeline import augment
 
     d = config.data
     given = {"name": ("data.preset", d.preset), "size": ("data.size", d.size)}
-    given.update({name: (f"data.views.{name}", value) for name, value in dataclasses.asdict(d.views).items()
-                  if value is not None})
-    return _construct(lambda name="v2", size=224, **fields: augment.preset(name, size, **fields), given)
+    given.update(
+        {
+            name: (f"data.views.{name}", value)
+            for name, value in dataclasses.asdict(d.views).items()
+            if value is not None
+        }
+    )
+    return _construct(
+        lambda name="v2", size=224, **fields: augment.preset(name, size, **fields), given
+    )
 
 
 def resolve_views(config: Config) -> Config:
@@ -97,10 +119,16 @@ def loader_config(config: Config, world: int, amp: torch.dtype | None):
     from moco_dali.train.step import views_dtype
 
     d, r = config.data, config.run
-    return _construct(LoaderConfig, {
-        "batch_size": ("data.batch_size", d.batch_size // world), "dtype": ("data.dtype", views_dtype(d.dtype, amp)),
-        "seed": ("run.seed", r.seed), "threads": ("data.threads", d.threads or None),
-        "shuffle_buffer": ("data.shuffle_buffer", d.shuffle_buffer)})
+    return _construct(
+        LoaderConfig,
+        {
+            "batch_size": ("data.batch_size", d.batch_size // world),
+            "dtype": ("data.dtype", views_dtype(d.dtype, amp)),
+            "seed": ("run.seed", r.seed),
+            "threads": ("data.threads", d.threads or None),
+            "shuffle_buffer": ("data.shuffle_buffer", d.shuffle_buffer),
+        },
+    )
 
 
 def shuffle_mode(config: Config, world: int) -> str:
@@ -111,6 +139,7 @@ def shuffle_mode(config: Config, world: int) -> str:
 
 
 # ----------------------------------------------------------------------- the model, on the meta device
+
 
 @functools.lru_cache(maxsize=8)
 def _meta_model(fields: tuple):
@@ -126,7 +155,10 @@ def _meta_model(fields: tuple):
 
 def _model(config: Config, world: int):
     m = config.model
-    given = {leaf.name: (f"model.{leaf.name}", getattr(m, leaf.name)) for leaf in dataclasses.fields(ModelConfig)}
+    given = {
+        leaf.name: (f"model.{leaf.name}", getattr(m, leaf.name))
+        for leaf in dataclasses.fields(ModelConfig)
+    }
     if world > 1 and m.shuffle in ("auto", "ddp", "syncbn"):
         # What these modes need, a process group, exists only inside the run (which
         # builds the real model); here they are checked by the rules below.
@@ -155,6 +187,7 @@ def _optimizer(config: Config, model) -> None:
 
 
 # ----------------------------------------------------------------------- validate
+
 
 def _at_least(key: str, value: int, low: int) -> None:
     if value < low:
@@ -206,20 +239,29 @@ def validate(config: Config, world: int, cuda: bool) -> Config:
     if r.amp == "fp16" and not cuda:
         raise ConfigError("run.amp fp16 needs a CUDA GPU; use bf16 or none on a CPU")
     _choices("model.queue_dtype", m.queue_dtype, tuple(QUEUE_DTYPES))
-    for key, value, low in (("data.threads", d.threads, 0),
-                            ("run.epochs", r.epochs, 1), ("run.max_steps", r.max_steps, 0),
-                            ("run.log_every", r.log_every, 1), ("run.ckpt_every", r.ckpt_every, 1),
-                            ("run.keep_last", r.keep_last, 1), ("run.max_nonfinite", r.max_nonfinite, 1),
-                            ("run.dist_timeout_s", r.dist_timeout_s, 1),
-                            ("run.knn_every", r.knn_every, 0), ("run.knn_k", r.knn_k, 1),
-                            ("model.shuffle_group_size", m.shuffle_group_size, 0), ("run.seed", r.seed, 0)):
+    for key, value, low in (
+        ("data.threads", d.threads, 0),
+        ("run.epochs", r.epochs, 1),
+        ("run.max_steps", r.max_steps, 0),
+        ("run.log_every", r.log_every, 1),
+        ("run.ckpt_every", r.ckpt_every, 1),
+        ("run.keep_last", r.keep_last, 1),
+        ("run.max_nonfinite", r.max_nonfinite, 1),
+        ("run.dist_timeout_s", r.dist_timeout_s, 1),
+        ("run.knn_every", r.knn_every, 0),
+        ("run.knn_k", r.knn_k, 1),
+        ("model.shuffle_group_size", m.shuffle_group_size, 0),
+        ("run.seed", r.seed, 0),
+    ):
         _at_least(key, value, low)
     # numpy's global generator takes seed + rank, which must stay below 2**32: 2**31 leaves room for any world
     # size. The views' DALI seeds come from SeedSequence([seed, epoch, rank, window]), which takes any size.
     if r.seed >= 2**31:
         raise ConfigError(f"run.seed must be below 2**31, got {r.seed}")
     if d.batch_size % world:
-        raise ConfigError(f"data.batch_size {d.batch_size} is not divisible by the world size {world}")
+        raise ConfigError(
+            f"data.batch_size {d.batch_size} is not divisible by the world size {world}"
+        )
 
     # The classes' own rules: views, loader, model, optimizer, schedules.
     resolve_views(config)
@@ -227,8 +269,10 @@ def validate(config: Config, world: int, cuda: bool) -> Config:
     amp = amp_dtype(r.amp, device)
     loader = loader_config(config, world, amp)
     if loader.dtype == "float16" and amp is None:
-        raise ConfigError(f"data.dtype {d.dtype} gives float16 views, which a float32 model (run.amp {r.amp} resolves "
-                          "to none here) cannot take; use data.dtype float32 or auto, or run.amp bf16")
+        raise ConfigError(
+            f"data.dtype {d.dtype} gives float16 views, which a float32 model (run.amp {r.amp} resolves "
+            "to none here) cannot take; use data.dtype float32 or auto, or run.amp bf16"
+        )
     model = _model(config, world)
     _optimizer(config, model)
     if not o.lr_per_256 > 0:
@@ -236,41 +280,60 @@ def validate(config: Config, world: int, cuda: bool) -> Config:
     if not 0 <= o.momentum < 1:
         raise ConfigError(f"optim.momentum must be in [0, 1), got {o.momentum}")
     if o.warmup_epochs < 0 or any(epoch < 0 for epoch in o.milestones):
-        raise ConfigError(f"optim.warmup_epochs and optim.milestones are epochs >= 0, got {o.warmup_epochs} and "
-                          f"{o.milestones}")
-    _construct(lambda schedule: learning_rates(1.0, 1, 1, schedule, o.milestones, o.warmup_epochs),
-               {"schedule": ("optim.schedule", o.schedule)})
-    _construct(lambda schedule: momentum_at(0, 1, m.m, schedule),
-               {"schedule": ("model.momentum_schedule", m.momentum_schedule)})
+        raise ConfigError(
+            f"optim.warmup_epochs and optim.milestones are epochs >= 0, got {o.warmup_epochs} and "
+            f"{o.milestones}"
+        )
+    _construct(
+        lambda schedule: learning_rates(1.0, 1, 1, schedule, o.milestones, o.warmup_epochs),
+        {"schedule": ("optim.schedule", o.schedule)},
+    )
+    _construct(
+        lambda schedule: momentum_at(0, 1, m.m, schedule),
+        {"schedule": ("model.momentum_schedule", m.momentum_schedule)},
+    )
 
     # Combinations of keys, and the world.
     per_step_keys = d.batch_size * (2 if m.symmetric else 1)
     if m.K < per_step_keys:
-        raise ConfigError(f"model.K {m.K} is smaller than the keys enqueued per step ({per_step_keys}, from "
-                          f"data.batch_size{' and model.symmetric' if m.symmetric else ''}); raise K")
+        raise ConfigError(
+            f"model.K {m.K} is smaller than the keys enqueued per step ({per_step_keys}, from "
+            f"data.batch_size{' and model.symmetric' if m.symmetric else ''}); raise K"
+        )
     per_rank = d.batch_size // world
     mode = shuffle_mode(config, world)
     if mode == "split" and m.num_splits > 1:
         if per_rank % m.num_splits:
-            raise ConfigError(f"model.num_splits {m.num_splits} does not divide the batch of a rank ({per_rank}: "
-                              f"data.batch_size {d.batch_size} over {world} rank(s))")
+            raise ConfigError(
+                f"model.num_splits {m.num_splits} does not divide the batch of a rank ({per_rank}: "
+                f"data.batch_size {d.batch_size} over {world} rank(s))"
+            )
         if per_rank // m.num_splits < 2:
-            raise ConfigError(f"model.num_splits {m.num_splits} leaves {per_rank // m.num_splits} sample per split of "
-                              f"the batch of a rank ({per_rank}); split BN needs at least 2: raise data.batch_size or "
-                              "lower model.num_splits")
+            raise ConfigError(
+                f"model.num_splits {m.num_splits} leaves {per_rank // m.num_splits} sample per split of "
+                f"the batch of a rank ({per_rank}); split BN needs at least 2: raise data.batch_size or "
+                "lower model.num_splits"
+            )
     if mode == "ddp" and world > 1:
         group = m.shuffle_group_size or int(os.environ.get("LOCAL_WORLD_SIZE", world))
         if world % group:
-            raise ConfigError(f"model.shuffle_group_size {group} does not divide the world size {world}")
+            raise ConfigError(
+                f"model.shuffle_group_size {group} does not divide the world size {world}"
+            )
 
     # The kNN monitor and the files.
     if bool(d.knn_train) != bool(d.knn_val):
-        raise ConfigError("data.knn_train and data.knn_val go together (both labelled shard folders, or neither)")
+        raise ConfigError(
+            "data.knn_train and data.knn_val go together (both labelled shard folders, or neither)"
+        )
     if d.knn_train:
         if not r.knn_t > 0:
             raise ConfigError(f"run.knn_t must be positive, got {r.knn_t}")
-        _construct(EvalConfig, {"resize": ("data.eval_resize", d.eval_resize), "size": ("data.size", d.size)},
-                   alone=False)
+        _construct(
+            EvalConfig,
+            {"resize": ("data.eval_resize", d.eval_resize), "size": ("data.size", d.size)},
+            alone=False,
+        )
     _folder_for_writing("run.out", r.out)
     if r.resume not in ("", "auto"):
         try:
@@ -303,15 +366,21 @@ def check_train_folder(config: Config, world: int) -> None:
         raise ConfigError(f"data.train {d.train}: the manifest lists no shards")
     # The loader's own rule (whole batches, shards dealt whole, windows of shards), from the counts alone.
     loader = LoaderConfig()
-    per_window = partition.shards_per_window(counts, loader.max_window_samples, loader.max_window_shards)
+    per_window = partition.shards_per_window(
+        counts, loader.max_window_samples, loader.max_window_shards
+    )
     if partition.steps_per_epoch(counts, world, d.batch_size // world, per_window) >= 1:
         return
     if world == 1:
-        raise ConfigError(f"data.batch_size {d.batch_size} is larger than the {samples} samples of data.train "
-                          f"{d.train}: use a smaller batch or more samples")
-    raise ConfigError(f"data.batch_size {d.batch_size} leaves a rank of {world} no whole batch of {d.batch_size // world} "
-                      f"per epoch in data.train {d.train} ({samples} samples in {len(counts)} shards dealt "
-                      "whole to the ranks); use fewer ranks or a smaller batch, or build smaller shards")
+        raise ConfigError(
+            f"data.batch_size {d.batch_size} is larger than the {samples} samples of data.train "
+            f"{d.train}: use a smaller batch or more samples"
+        )
+    raise ConfigError(
+        f"data.batch_size {d.batch_size} leaves a rank of {world} no whole batch of {d.batch_size // world} "
+        f"per epoch in data.train {d.train} ({samples} samples in {len(counts)} shards dealt "
+        "whole to the ranks); use fewer ranks or a smaller batch, or build smaller shards"
+    )
 
 
 def check_knn_folders(config: Config) -> None:
@@ -331,11 +400,15 @@ def check_knn_folders(config: Config) -> None:
         except ShardError as error:
             raise ConfigError(f"{key}: {error}") from None
         if not classes[key]:
-            raise ConfigError(f"{key} {folder}: the kNN monitor needs labelled shards (build with --labels folder)")
+            raise ConfigError(
+                f"{key} {folder}: the kNN monitor needs labelled shards (build with --labels folder)"
+            )
     if classes["data.knn_train"] != classes["data.knn_val"]:
-        raise ConfigError(f"data.knn_train and data.knn_val hold different classes ({len(classes['data.knn_train'])} "
-                          f"and {len(classes['data.knn_val'])}, or in another order); the kNN monitor needs the same "
-                          "labels on both")
+        raise ConfigError(
+            f"data.knn_train and data.knn_val hold different classes ({len(classes['data.knn_train'])} "
+            f"and {len(classes['data.knn_val'])}, or in another order); the kNN monitor needs the same "
+            "labels on both"
+        )
 
 
 def check_out(out: Path) -> None:
@@ -347,4 +420,6 @@ def check_out(out: Path) -> None:
         with tempfile.TemporaryFile(dir=out):
             pass
     except OSError as error:
-        raise ConfigError(f"run.out {out}: cannot write there ({error.strerror or error})") from None
+        raise ConfigError(
+            f"run.out {out}: cannot write there ({error.strerror or error})"
+        ) from None

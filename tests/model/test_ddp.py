@@ -22,8 +22,15 @@ def _all_equal(tensor: torch.Tensor) -> bool:
     return all(torch.equal(parts[0], p) for p in parts)
 
 
-def _worker(rank: int, world: int, init_file: str, group_size, failures, backend: str = "gloo",
-            shuffle: str = "auto") -> None:
+def _worker(
+    rank: int,
+    world: int,
+    init_file: str,
+    group_size,
+    failures,
+    backend: str = "gloo",
+    shuffle: str = "auto",
+) -> None:
     os.environ.pop("LOCAL_WORLD_SIZE", None)
     device = torch.device("cpu")
     if backend == "nccl":
@@ -32,12 +39,15 @@ def _worker(rank: int, world: int, init_file: str, group_size, failures, backend
     dist.init_process_group(backend, init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
         torch.manual_seed(0)  # identical initial weights on every rank
-        model = MoCo(TinyEncoder, dim=16, K=30, m=0.9, shuffle=shuffle, shuffle_group_size=group_size).to(device)
+        model = MoCo(
+            TinyEncoder, dim=16, K=30, m=0.9, shuffle=shuffle, shuffle_group_size=group_size
+        ).to(device)
         assert model.shuffle == ("ddp" if shuffle == "auto" else shuffle)
         # The queue and the key encoder are kept in sync by the algorithm itself; a
         # buffer broadcast would hide a disagreement.
-        ddp = DistributedDataParallel(model, device_ids=[rank] if device.type == "cuda" else None,
-                                      broadcast_buffers=False)
+        ddp = DistributedDataParallel(
+            model, device_ids=[rank] if device.type == "cuda" else None, broadcast_buffers=False
+        )
         optimizer = torch.optim.SGD(model.encoder_q.parameters(), lr=0.1)
         data = torch.Generator().manual_seed(100 + rank)  # every rank sees its own images
 
@@ -59,12 +69,16 @@ def _worker(rank: int, world: int, init_file: str, group_size, failures, backend
             return
 
         group = model._group
-        group_ranks = dist.get_process_group_ranks(group) if group is not None else list(range(world))
+        group_ranks = (
+            dist.get_process_group_ranks(group) if group is not None else list(range(world))
+        )
         x = (torch.arange(5.0, device=device) + 5 * rank).view(5, 1)
         shuffled, idx_unshuffle = batch_shuffle_ddp(x, group)
         everything = gather(shuffled, group).view(-1).sort().values
         expected = torch.cat([torch.arange(5.0, device=device) + 5 * r for r in group_ranks])
-        assert torch.equal(everything, expected), "the shuffle is not a permutation of the group's samples"
+        assert torch.equal(everything, expected), (
+            "the shuffle is not a permutation of the group's samples"
+        )
         assert torch.equal(batch_unshuffle_ddp(shuffled, idx_unshuffle, group), x)
 
         # BN running statistics are per rank (each normalised its own shuffled share);

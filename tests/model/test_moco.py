@@ -47,10 +47,15 @@ class Algorithm1:
 def test_moco_equals_algorithm_1(K, batch, device):
     torch.manual_seed(0)
     model = MoCo(TinyEncoder, dim=16, K=K, m=0.9, T=0.07, shuffle="none").to(device)
-    reference = Algorithm1(copy.deepcopy(model.encoder_q), model.queue.oldest_first().t(), m=0.9, t=0.07, lr=0.5)
+    reference = Algorithm1(
+        copy.deepcopy(model.encoder_q), model.queue.oldest_first().t(), m=0.9, t=0.07, lr=0.5
+    )
     optimizer = torch.optim.SGD(model.encoder_q.parameters(), lr=0.5)
     for step in range(5):
-        x_q, x_k = torch.randn(batch, 3, 8, 8, device=device), torch.randn(batch, 3, 8, 8, device=device)
+        x_q, x_k = (
+            torch.randn(batch, 3, 8, 8, device=device),
+            torch.randn(batch, 3, 8, 8, device=device),
+        )
         # The reference code updates the key encoder at the start of forward; Algorithm 1
         # at the end of the previous iteration: the same sequence of key encoders.
         logits, labels = model(x_q, x_k)
@@ -84,13 +89,20 @@ def test_construction_matches_the_reference_contract():
     v1 = MoCo(resnet("resnet18"), K=256, shuffle="none")
     assert isinstance(v1.encoder_q.fc, nn.Linear) and v1.encoder_q.fc.out_features == 128
     assert (v1.K, v1.m, v1.T) == (256, 0.999, 0.07)
-    assert set(v1.state_dict()) >= {"queue.queue", "queue.queue_ptr", "encoder_q.fc.weight", "encoder_k.fc.weight"}
+    assert set(v1.state_dict()) >= {
+        "queue.queue",
+        "queue.queue_ptr",
+        "encoder_q.fc.weight",
+        "encoder_k.fc.weight",
+    }
 
 
 @pytest.mark.parametrize("shuffle", ["none", "split"])
 def test_key_encoder_gets_no_gradient_and_queue_advances(device, shuffle):
     model = MoCo(TinyEncoder, dim=16, K=20, shuffle=shuffle, num_splits=2).to(device)
-    logits, labels = model(torch.randn(6, 3, 8, 8, device=device), torch.randn(6, 3, 8, 8, device=device))
+    logits, labels = model(
+        torch.randn(6, 3, 8, 8, device=device), torch.randn(6, 3, 8, 8, device=device)
+    )
     assert logits.shape == (6, 21) and labels.tolist() == [0] * 6
     F.cross_entropy(logits, labels).backward()
     assert all(p.grad is None for p in model.encoder_k.parameters())

@@ -15,6 +15,7 @@ from moco_dali.model.shuffle_bn import SplitBatchNorm2d, batch_shuffle_local, ba
 
 # ---------------------------------------------------------------- queue
 
+
 def test_queue_starts_as_random_unit_vectors_identical_for_a_seed(device):
     a, b, c = (KeyQueue(100, 16, seed=s).to(device) for s in (3, 3, 4))
     torch.testing.assert_close(a.queue.norm(dim=1), torch.ones(100, device=device))
@@ -50,11 +51,17 @@ def test_queue_and_pointer_survive_a_state_dict_round_trip(device):
 
 # ---------------------------------------------------------------- momentum
 
+
 @pytest.mark.parametrize("implementation", ["foreach_lerp", "foreach", "auto"])
 def test_fused_momentum_update_equals_the_per_parameter_formula(implementation, device):
     torch.manual_seed(0)
-    query, key = resnet("resnet18")(num_classes=128).to(device), resnet("resnet18")(num_classes=128).to(device)
-    expected = [0.99 * k.detach() + 0.01 * q.detach() for k, q in zip(key.parameters(), query.parameters())]
+    query, key = (
+        resnet("resnet18")(num_classes=128).to(device),
+        resnet("resnet18")(num_classes=128).to(device),
+    )
+    expected = [
+        0.99 * k.detach() + 0.01 * q.detach() for k, q in zip(key.parameters(), query.parameters())
+    ]
     buffers = [b.clone() for b in key.buffers()]
     momentum.momentum_update_(key, query, 0.99, implementation)
     for got, want in zip(key.parameters(), expected):
@@ -89,13 +96,16 @@ def test_momentum_schedule():
 
 # ---------------------------------------------------------------- split BN
 
+
 def per_split_reference(bn: SplitBatchNorm2d, x: torch.Tensor) -> torch.Tensor:
     """What split BN means: one ``F.batch_norm`` per contiguous sub-batch, each on its own
     copy of the running statistics, whose average becomes the running statistics."""
     outputs, means, variances = [], [], []
     for chunk in x.chunk(bn.num_splits):
         mean, var = bn.running_mean.clone(), bn.running_var.clone()
-        outputs.append(F.batch_norm(chunk, mean, var, bn.weight, bn.bias, True, bn.momentum, bn.eps))
+        outputs.append(
+            F.batch_norm(chunk, mean, var, bn.weight, bn.bias, True, bn.momentum, bn.eps)
+        )
         means.append(mean)
         variances.append(var)
     with torch.no_grad():
@@ -123,13 +133,18 @@ def _relative(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
-@pytest.mark.parametrize("dtype, tolerance", [(torch.float64, 1e-12), (torch.float32, 1e-5)], ids=["fp64", "fp32"])
+@pytest.mark.parametrize(
+    "dtype, tolerance", [(torch.float64, 1e-12), (torch.float32, 1e-5)], ids=["fp64", "fp32"]
+)
 def test_split_bn_equals_one_batch_norm_per_sub_batch(device, channels_last, dtype, tolerance):
     ours, reference = _split_bn_pair(device, dtype)
     # Sub-batches with different means and spreads: statistics over the whole batch, or
     # over interleaved samples instead of contiguous slices, are far off.
-    x = (torch.randn(8, 6, 5, 7, dtype=dtype, device=device) * torch.arange(1.0, 9.0, device=device).view(8, 1, 1, 1)
-         + torch.arange(8.0, device=device).view(8, 1, 1, 1) * 2)
+    x = (
+        torch.randn(8, 6, 5, 7, dtype=dtype, device=device)
+        * torch.arange(1.0, 9.0, device=device).view(8, 1, 1, 1)
+        + torch.arange(8.0, device=device).view(8, 1, 1, 1) * 2
+    )
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     grad = torch.randn(8, 6, 5, 7, dtype=dtype, device=device)
@@ -141,12 +156,17 @@ def test_split_bn_equals_one_batch_norm_per_sub_batch(device, channels_last, dty
     # reference; biased variance in the running update is 1 % off, statistics over the
     # whole batch or over interleaved sub-batches 40 % or more, a gradient missing its
     # mean term 12 %.
-    assert y_ours.dtype == dtype and y_ours.stride() == x.stride()  # channels-last stays channels-last, no copy
-    for ours_value, reference_value in [(y_ours, y_ref), (x_ours.grad, x_ref.grad),
-                                        (ours.weight.grad, reference.weight.grad),
-                                        (ours.bias.grad, reference.bias.grad),
-                                        (ours.running_mean, reference.running_mean),
-                                        (ours.running_var, reference.running_var)]:
+    assert (
+        y_ours.dtype == dtype and y_ours.stride() == x.stride()
+    )  # channels-last stays channels-last, no copy
+    for ours_value, reference_value in [
+        (y_ours, y_ref),
+        (x_ours.grad, x_ref.grad),
+        (ours.weight.grad, reference.weight.grad),
+        (ours.bias.grad, reference.bias.grad),
+        (ours.running_mean, reference.running_mean),
+        (ours.running_var, reference.running_var),
+    ]:
         assert _relative(ours_value, reference_value) < tolerance
     assert x_ours.grad.stride() == x.stride()
     assert int(ours.num_batches_tracked) == 1
@@ -164,20 +184,32 @@ def test_split_bn_in_half_precision_keeps_float32_statistics(device, dtype):
     # from zero) put the outputs 7 units off and the running statistics 3e-3.
     ours, exact = _split_bn_pair(device, torch.float32)
     exact.double()
-    x = (torch.randn(16, 6, 6, 6, device=device) * 2 + 20).to(dtype).contiguous(memory_format=torch.channels_last)
+    x = (
+        (torch.randn(16, 6, 6, 6, device=device) * 2 + 20)
+        .to(dtype)
+        .contiguous(memory_format=torch.channels_last)
+    )
     grad = torch.randn(16, 6, 6, 6, device=device).to(dtype)
     x_ours, x_exact = x.clone().requires_grad_(), x.double().requires_grad_()
     y_ours, y_exact = ours(x_ours), exact(x_exact)
     y_ours.backward(grad)
     y_exact.backward(grad.double())
     assert y_ours.dtype == dtype and x_ours.grad.dtype == dtype and y_ours.stride() == x.stride()
-    rounding = 2.0 ** -8 if dtype == torch.bfloat16 else 2.0 ** -11
+    rounding = 2.0**-8 if dtype == torch.bfloat16 else 2.0**-11
     for ours_value, exact_value in [(y_ours, y_exact), (x_ours.grad, x_exact.grad)]:
         assert _relative(ours_value, exact_value) < 2 * rounding
-    for ours_value, exact_value in [(ours.weight.grad, exact.weight.grad), (ours.bias.grad, exact.bias.grad)]:
+    for ours_value, exact_value in [
+        (ours.weight.grad, exact.weight.grad),
+        (ours.bias.grad, exact.bias.grad),
+    ]:
         assert _relative(ours_value, exact_value) < 4 * rounding
-    for ours_value, exact_value in [(ours.running_mean, exact.running_mean), (ours.running_var, exact.running_var)]:
-        assert _relative(ours_value, exact_value) < 1e-5  # from float32 statistics of the same values
+    for ours_value, exact_value in [
+        (ours.running_mean, exact.running_mean),
+        (ours.running_var, exact.running_var),
+    ]:
+        assert (
+            _relative(ours_value, exact_value) < 1e-5
+        )  # from float32 statistics of the same values
 
 
 def test_split_bn_momentum_none_is_the_cumulative_average(device):

@@ -22,21 +22,39 @@ def test_grey_views_have_equal_channels_and_the_reference_luma(tmp_path):
     write_files(tmp_path / "raw", {f"{i:02d}.jpg": data for i in range(16)})
     build([str(tmp_path / "raw")], tmp_path / "shards", BuildSettings(), workers=0, progress=False)
     # The whole image at its own size, grey always, nothing else: a deterministic view.
-    cfg = custom(v2(48), crop_scale=(1.0, 1.0), crop_ratio=(1.0, 1.0), gray_p=1.0, jitter_p=0.0, blur_p=0.0,
-                 flip_p=0.0)
-    loader = ViewLoader(tmp_path / "shards", cfg, LoaderConfig(batch_size=16, dtype="float32", threads=1))
-    views = next(iter(loader)).view_q.permute(0, 2, 3, 1).numpy() * np.array(cfg.std) * 255 + np.array(cfg.mean) * 255
+    cfg = custom(
+        v2(48),
+        crop_scale=(1.0, 1.0),
+        crop_ratio=(1.0, 1.0),
+        gray_p=1.0,
+        jitter_p=0.0,
+        blur_p=0.0,
+        flip_p=0.0,
+    )
+    loader = ViewLoader(
+        tmp_path / "shards", cfg, LoaderConfig(batch_size=16, dtype="float32", threads=1)
+    )
+    views = (
+        next(iter(loader)).view_q.permute(0, 2, 3, 1).numpy() * np.array(cfg.std) * 255
+        + np.array(cfg.mean) * 255
+    )
     views = views.round()
     assert (views.max(-1) - views.min(-1)).max() == 0
     stored = Image.fromarray(simplejpeg.decode_jpeg(data, "RGB"))
-    luma = np.asarray(stored.convert("L"), dtype=np.float64)  # PIL: ITU-R 601-2, as torchvision's PIL path
+    luma = np.asarray(
+        stored.convert("L"), dtype=np.float64
+    )  # PIL: ITU-R 601-2, as torchvision's PIL path
     assert np.abs(views[0, :, :, 0] - luma).max() <= 1
 
 
 def test_the_cifar_recipe_is_v2_without_blur():
     assert cifar() == custom(v2(32), blur_p=0.0) and preset("cifar", 32) == cifar()
-    assert (cifar().jitter, cifar().jitter_p, cifar().gray_p, cifar().crop_scale) == ((0.4, 0.4, 0.4, 0.1), 0.8,
-                                                                                      0.2, (0.2, 1.0))
+    assert (cifar().jitter, cifar().jitter_p, cifar().gray_p, cifar().crop_scale) == (
+        (0.4, 0.4, 0.4, 0.1),
+        0.8,
+        0.2,
+        (0.2, 1.0),
+    )
 
 
 def test_constant_jitter_factors_stay_numbers_beside_gpu_images():

@@ -27,8 +27,13 @@ def make_folder(root: Path, count: int, classes: int = 0, **jpeg) -> Path:
         folder = dump / f"c{i % classes}" if classes else dump
         write_files(folder, {f"{i:04d}.jpg": baseline_jpeg(seed=i, **jpeg)})
     out = root / "shards"
-    build([str(dump)], out, BuildSettings(labels="folder" if classes else "none", max_count=max(count // 3, 1)),
-          workers=0, progress=False)
+    build(
+        [str(dump)],
+        out,
+        BuildSettings(labels="folder" if classes else "none", max_count=max(count // 3, 1)),
+        workers=0,
+        progress=False,
+    )
     return out
 
 
@@ -57,7 +62,11 @@ def test_views_are_channels_last_normalised_and_differ(folder):
 
 
 def test_labels_and_keys_match_the_manifest(folder):
-    loader = ViewLoader(folder, EvalConfig(resize=40, size=32), config(keys=True, shuffle=False, last_batch="partial"))
+    loader = ViewLoader(
+        folder,
+        EvalConfig(resize=40, size=32),
+        config(keys=True, shuffle=False, last_batch="partial"),
+    )
     truth = {}
     manifest, pairs = shards.discover(folder)
     for tar, idx in pairs:
@@ -77,8 +86,13 @@ def test_every_key_once_per_epoch_across_ranks(folder, world):
     for epoch in range(2):  # the second epoch reshuffles and still covers everything once
         seen = []
         for rank in range(world):
-            loader = ViewLoader(folder, EvalConfig(resize=40, size=32),
-                                config(keys=True, last_batch="partial", seed=7), rank=rank, world=world)
+            loader = ViewLoader(
+                folder,
+                EvalConfig(resize=40, size=32),
+                config(keys=True, last_batch="partial", seed=7),
+                rank=rank,
+                world=world,
+            )
             for _ in range(epoch):
                 list(loader)
             seen += [key for batch in loader for key in batch.keys]
@@ -88,21 +102,29 @@ def test_every_key_once_per_epoch_across_ranks(folder, world):
 def shard_keys(folder: Path) -> dict[str, set[str]]:
     """Each shard's keys, from its index."""
     manifest = shards.load_manifest(folder)
-    return {entry.tar: {m[0][3].split(".")[0] for m in shards.read_index(folder / entry.index)}
-            for entry in manifest.shards}
+    return {
+        entry.tar: {m[0][3].split(".")[0] for m in shards.read_index(folder / entry.index)}
+        for entry in manifest.shards
+    }
 
 
 @pytest.mark.parametrize("world, max_window", [(2, 10**6), (3, 10**6), (2, 16)])
-def test_training_epochs_have_equal_steps_on_every_rank_and_disjoint_shares_of_whole_shards(folder, world,
-                                                                                            max_window):
+def test_training_epochs_have_equal_steps_on_every_rank_and_disjoint_shares_of_whole_shards(
+    folder, world, max_window
+):
     # 50 samples in shards of 16, 16, 16 and 2: with 2 ranks the shares are 32 and 18
     # samples, so both ranks take 18 // 4 = 4 steps; with 3, 16 + 2, 16, 16: 4 steps.
     by_shard = shard_keys(folder)
     for epoch in range(2):
         steps, keys = [], []
         for rank in range(world):
-            loader = ViewLoader(folder, v2(size=16), config(keys=True, batch_size=4, max_window_samples=max_window),
-                                rank=rank, world=world)
+            loader = ViewLoader(
+                folder,
+                v2(size=16),
+                config(keys=True, batch_size=4, max_window_samples=max_window),
+                rank=rank,
+                world=world,
+            )
             for _ in range(epoch):
                 list(loader)
             batches = list(loader)
@@ -111,29 +133,43 @@ def test_training_epochs_have_equal_steps_on_every_rank_and_disjoint_shares_of_w
             assert len(loader) == len(batches) == 4 and loader.epoch == epoch + 1
             # whole shards: every key read comes from a shard this epoch's deal gave this rank
             manifest = loader.manifest
-            dealt = partition.rank_shards(partition.epoch_order(manifest.counts, 0, epoch), world, rank)
+            dealt = partition.rank_shards(
+                partition.epoch_order(manifest.counts, 0, epoch), world, rank
+            )
             assert keys[-1] <= set().union(*(by_shard[manifest.entry(int(i)).tar] for i in dealt))
         assert len(set(steps)) == 1
-        assert all(not (a & b) for i, a in enumerate(keys) for b in keys[i + 1:])
+        assert all(not (a & b) for i, a in enumerate(keys) for b in keys[i + 1 :])
 
 
 def test_a_rank_opens_only_the_shards_dealt_to_it(folder, monkeypatch):
     opened = []
     real = shards.open_shard
-    monkeypatch.setattr(shards, "open_shard", lambda manifest, entry: opened.append(entry.tar) or real(manifest, entry))
-    monkeypatch.setattr(shards, "read_index", lambda path: pytest.fail(f"{path}: a whole index was parsed"))
+    monkeypatch.setattr(
+        shards,
+        "open_shard",
+        lambda manifest, entry: opened.append(entry.tar) or real(manifest, entry),
+    )
+    monkeypatch.setattr(
+        shards, "read_index", lambda path: pytest.fail(f"{path}: a whole index was parsed")
+    )
     loader = ViewLoader(folder, v2(size=16), config(batch_size=4), rank=1, world=3)
     assert len(opened) == 1 and [str(t) for t, _ in loader.pairs] == [str(folder / opened[0])]
     list(loader)
     assert len(opened) == 1
-    windowed = ViewLoader(folder, v2(size=16), config(batch_size=4, max_window_samples=16), rank=0, world=2)
+    windowed = ViewLoader(
+        folder, v2(size=16), config(batch_size=4, max_window_samples=16), rank=0, world=2
+    )
     assert len(windowed.pairs) == 1  # one shard of 16 per window
-    capped = ViewLoader(folder, v2(size=16), config(batch_size=4, max_window_shards=1), rank=0, world=2)
+    capped = ViewLoader(
+        folder, v2(size=16), config(batch_size=4, max_window_shards=1), rank=0, world=2
+    )
     assert len(capped.pairs) == 1  # one shard per window, however many samples would fit
 
 
 def test_resume_inside_a_later_window_gives_identical_batches(folder):
-    cfg = config(keys=True, batch_size=4, max_window_samples=16)  # windows of one shard: 4, 4, 4 and 0 steps
+    cfg = config(
+        keys=True, batch_size=4, max_window_samples=16
+    )  # windows of one shard: 4, 4, 4 and 0 steps
     loader = ViewLoader(folder, v2(size=16), cfg)
     assert len(loader) == 12
     list(loader)  # epoch 0; epoch 1 deals the shards in another order
@@ -146,7 +182,10 @@ def test_resume_inside_a_later_window_gives_identical_batches(folder):
     resumed = ViewLoader(folder, v2(size=16), cfg, state=state)
     got = list(resumed)
     assert [b.keys for b in got] == [b.keys for b in expected] and len(got) == 6
-    assert all(torch.equal(a.view_q, b.view_q) and torch.equal(a.view_k, b.view_k) for a, b in zip(got, expected))
+    assert all(
+        torch.equal(a.view_q, b.view_q) and torch.equal(a.view_k, b.view_k)
+        for a, b in zip(got, expected)
+    )
     assert resumed.epoch == loader.epoch == 2
 
 
@@ -154,7 +193,9 @@ def test_a_resume_with_another_world_size_or_manifest_is_refused_in_one_line(fol
     loader = ViewLoader(folder, v2(size=16), config(batch_size=4), rank=0, world=2)
     next(iter(loader))
     state = loader.state_dict()
-    with pytest.raises(ShardError, match="rank 0 of 2, this is rank 0 of 3; an exact resume needs the same world"):
+    with pytest.raises(
+        ShardError, match="rank 0 of 2, this is rank 0 of 3; an exact resume needs the same world"
+    ):
         ViewLoader(folder, v2(size=16), config(batch_size=4), rank=0, world=3, state=state)
     with pytest.raises(ShardError, match="the shards dealt to rank 0 in epoch 0 differ"):
         ViewLoader(folder, v2(size=16), config(batch_size=4, seed=5), rank=0, world=2, state=state)
@@ -166,9 +207,13 @@ def test_a_resume_with_another_world_size_or_manifest_is_refused_in_one_line(fol
 def test_evaluation_covers_every_sample_once_even_on_a_rank_dealt_nothing(folder):
     seen = []
     for rank in range(5):  # 4 shards over 5 ranks: rank 4 has nothing to read
-        loader = ViewLoader(folder, EvalConfig(resize=40, size=32),
-                            config(keys=True, shuffle=False, last_batch="partial", max_window_samples=20),
-                            rank=rank, world=5)
+        loader = ViewLoader(
+            folder,
+            EvalConfig(resize=40, size=32),
+            config(keys=True, shuffle=False, last_batch="partial", max_window_samples=20),
+            rank=rank,
+            world=5,
+        )
         batches = list(loader)
         assert len(batches) == len(loader) and loader.epoch == 1
         seen += [k for b in batches for k in b.keys]
@@ -194,13 +239,20 @@ def test_checkpoint_and_restore_give_identical_batches(folder):
 def test_clear_errors(tmp_path, folder):
     with pytest.raises(ShardError, match="no manifest"):
         ViewLoader(tmp_path, v2())
-    with pytest.raises(ShardError, match="a batch of 20 is larger than rank 1's share of 16 samples per epoch "
-                                         r"\(4 shards dealt whole to 3 ranks\)"):
+    with pytest.raises(
+        ShardError,
+        match="a batch of 20 is larger than rank 1's share of 16 samples per epoch "
+        r"\(4 shards dealt whole to 3 ranks\)",
+    ):
         ViewLoader(folder, v2(size=16), config(batch_size=20), rank=1, world=3)
     with pytest.raises(ShardError, match="larger than rank 4's share of 0 samples"):
         ViewLoader(folder, v2(size=16), config(batch_size=1), rank=0, world=5)
-    with pytest.raises(ShardError, match=r"share of 50 samples .*\); use a smaller batch or more samples$"):
-        ViewLoader(folder, v2(size=16), config(batch_size=64))  # one rank: smaller shards cannot help
+    with pytest.raises(
+        ShardError, match=r"share of 50 samples .*\); use a smaller batch or more samples$"
+    ):
+        ViewLoader(
+            folder, v2(size=16), config(batch_size=64)
+        )  # one rank: smaller shards cannot help
     with pytest.raises(ValueError, match="dtype must be one of"):
         config(dtype="int8")
     with pytest.raises(ValueError, match="last_batch must be"):
@@ -273,7 +325,9 @@ def test_a_jpeg_header_dali_cannot_parse_ends_in_its_name_not_a_segfault(tmp_pat
     folder = make_folder(tmp_path, 120, classes=3, width=32, height=32)
     tar, key = damage(folder, 1, 2, "jpg", b"JUNK")
     for _ in range(2):
-        result = subprocess.run([sys.executable, "-c", CRASH, str(folder)], capture_output=True, text=True)
+        result = subprocess.run(
+            [sys.executable, "-c", CRASH, str(folder)], capture_output=True, text=True
+        )
         assert result.returncode == 2, result.stderr[-1000:]
         assert result.stdout.strip().startswith(f"{tar}: key {key}: does not decode")
 
@@ -281,8 +335,12 @@ def test_a_jpeg_header_dali_cannot_parse_ends_in_its_name_not_a_segfault(tmp_pat
 def test_a_class_that_is_not_a_digit_is_named(tmp_path):
     folder = make_folder(tmp_path, 30, classes=3, width=32, height=32)
     tar, key = damage(folder, 0, 4, "cls", b"x")
-    loader = ViewLoader(folder, EvalConfig(resize=32, size=32), config(shuffle=False, last_batch="partial"))
-    with pytest.raises(ShardError, match=f"{tar.name}: key {key}: class b'x' is not a class index in 0..2"):
+    loader = ViewLoader(
+        folder, EvalConfig(resize=32, size=32), config(shuffle=False, last_batch="partial")
+    )
+    with pytest.raises(
+        ShardError, match=f"{tar.name}: key {key}: class b'x' is not a class index in 0..2"
+    ):
         list(loader)
     damage(folder, 0, 4, "cls", b"7")  # a digit, but 3 classes
     with pytest.raises(ShardError, match=f"key {key}: class b'7' is not a class index in 0..2"):
@@ -294,7 +352,9 @@ def test_a_shard_changed_after_the_build_is_refused_when_opened(tmp_path):
     manifest = shards.load_manifest(folder)
     first, second = (folder / manifest.shards[i].tar for i in (0, 1))
     data = first.read_bytes()
-    first.write_bytes(second.read_bytes())  # another shard's bytes, of the same size, under this name
+    first.write_bytes(
+        second.read_bytes()
+    )  # another shard's bytes, of the same size, under this name
     assert len(data) == first.stat().st_size
     with pytest.raises(ShardError, match="stale index or changed shard"):
         ViewLoader(folder, v2(size=16), config(batch_size=2))

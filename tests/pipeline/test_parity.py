@@ -36,7 +36,11 @@ COPIES = 1000  # two views each: 2000 draws per pipeline
 def coordinates() -> np.ndarray:
     """R encodes x and G encodes y, so a view's corners tell where its crop came from."""
     y, x = np.mgrid[0:H, 0:W]
-    return np.stack([x * 255 / (W - 1), y * 255 / (H - 1), np.full_like(x, 40.0)], -1).round().astype(np.uint8)
+    return (
+        np.stack([x * 255 / (W - 1), y * 255 / (H - 1), np.full_like(x, 40.0)], -1)
+        .round()
+        .astype(np.uint8)
+    )
 
 
 def uniform(rgb) -> np.ndarray:
@@ -45,11 +49,17 @@ def uniform(rgb) -> np.ndarray:
 
 def squares() -> np.ndarray:
     y, x = np.mgrid[0:H, 0:W]
-    return np.repeat((np.where((x // 32 + y // 32) % 2, 192, 64)).astype(np.uint8)[..., None], 3, -1)
+    return np.repeat(
+        (np.where((x // 32 + y // 32) % 2, 192, 64)).astype(np.uint8)[..., None], 3, -1
+    )
 
 
-PROBES = {"coordinates": coordinates, "grey": lambda: uniform((128, 128, 128)),
-          "orange": lambda: uniform((200, 100, 50)), "squares": squares}
+PROBES = {
+    "coordinates": coordinates,
+    "grey": lambda: uniform((128, 128, 128)),
+    "orange": lambda: uniform((200, 100, 50)),
+    "squares": squares,
+}
 
 
 @pytest.fixture(scope="module")
@@ -59,15 +69,23 @@ def probes(tmp_path_factory) -> dict[str, tuple[Path, Image.Image]]:
     for name, make in PROBES.items():
         data = simplejpeg.encode_jpeg(make(), 100, "RGB", "444")
         write_files(root / name, {f"{i:05d}.jpg": data for i in range(COPIES)})
-        build([str(root / name)], root / f"{name}-shards", BuildSettings(), workers=0, progress=False)
+        build(
+            [str(root / name)], root / f"{name}-shards", BuildSettings(), workers=0, progress=False
+        )
         made[name] = (root / f"{name}-shards", Image.open(io.BytesIO(data)).convert("RGB"))
     return made
 
 
-def dali_views(folder: Path, cfg: AugmentConfig, device: torch.device, epochs: int = 1) -> np.ndarray:
+def dali_views(
+    folder: Path, cfg: AugmentConfig, device: torch.device, epochs: int = 1
+) -> np.ndarray:
     """Both views of every image as HWC pixel values, made on ``device`` (a GPU: mixed decoder, GPU operators)."""
-    loader = ViewLoader(folder, cfg, LoaderConfig(batch_size=250, dtype="float32", threads=2, shuffle_buffer=64),
-                        device_id=device.index if device.type == "cuda" else None)
+    loader = ViewLoader(
+        folder,
+        cfg,
+        LoaderConfig(batch_size=250, dtype="float32", threads=2, shuffle_buffer=64),
+        device_id=device.index if device.type == "cuda" else None,
+    )
     views = [v.cpu() for _ in range(epochs) for b in loader for v in (b.view_q, b.view_k)]
     return torch.cat(views).permute(0, 2, 3, 1).numpy() * STD + MEAN
 
@@ -86,10 +104,16 @@ def crop_parameters(views: np.ndarray, size: int) -> dict[str, np.ndarray]:
     # Output pixel centres span (size - 1) / size of the crop.
     width = np.abs(r_last - r_first) * (W - 1) / 255 * size / (size - 1)
     height = np.abs(g_last - g_first) * (H - 1) / 255 * size / (size - 1)
-    return {"area": width * height / (W * H), "log_ratio": np.log(width / height), "flipped": flipped}
+    return {
+        "area": width * height / (W * H),
+        "log_ratio": np.log(width / height),
+        "flipped": flipped,
+    }
 
 
-def reference_crops(image: Image.Image, cfg: AugmentConfig, n: int = 20_000) -> dict[str, np.ndarray]:
+def reference_crops(
+    image: Image.Image, cfg: AugmentConfig, n: int = 20_000
+) -> dict[str, np.ndarray]:
     """Area fraction and log aspect ratio of ``n`` boxes from the reference recipe's own crop sampler.
 
     Drawn without making views, so ten times the draws cost less than the views would,
@@ -97,7 +121,9 @@ def reference_crops(image: Image.Image, cfg: AugmentConfig, n: int = 20_000) -> 
     """
     torch.manual_seed(0)
     crop = reference_transform(cfg).transforms[0]
-    boxes = np.array([crop.get_params(image, crop.scale, crop.ratio) for _ in range(n)], dtype=np.float64)
+    boxes = np.array(
+        [crop.get_params(image, crop.scale, crop.ratio) for _ in range(n)], dtype=np.float64
+    )
     height, width = boxes[:, 2], boxes[:, 3]
     return {"area": width * height / (W * H), "log_ratio": np.log(width / height)}
 
@@ -110,7 +136,10 @@ def test_crop_area_aspect_and_flip_match(probes, device, scale, ratio):
     folder, image = probes["coordinates"]
     cfg = custom(crop_scale=scale, crop_ratio=ratio, **CROP_ONLY)
     # 4000 DALI draws; at 32 px the boxes read back from the views agree with the sampled ones.
-    ours, theirs = crop_parameters(dali_views(folder, cfg, device, epochs=2), cfg.size), reference_crops(image, cfg)
+    ours, theirs = (
+        crop_parameters(dali_views(folder, cfg, device, epochs=2), cfg.size),
+        reference_crops(image, cfg),
+    )
     # Scale (0.08, 1) instead of (0.2, 1) moves the mean by 0.06 and the 0.1 quantile by 0.1.
     assert abs(ours["area"].mean() - theirs["area"].mean()) < 0.02
     for q in (0.1, 0.5, 0.9):
@@ -151,12 +180,18 @@ def test_brightness_factor_range_matches(probes, device, make, p):
 
 def test_contrast_factor_range_matches(probes, device):
     folder, image = probes["squares"]
-    cfg = custom(jitter=(0, 0.4, 0, 0), jitter_p=1.0, gray_p=0.0, blur_p=0.0, crop_scale=(0.5, 1.0), size=64)
-    factor = lambda views: np.percentile(views[..., 0], 99, axis=(1, 2)) - np.percentile(views[..., 0], 1, axis=(1, 2))  # noqa: E731
+    cfg = custom(
+        jitter=(0, 0.4, 0, 0), jitter_p=1.0, gray_p=0.0, blur_p=0.0, crop_scale=(0.5, 1.0), size=64
+    )
+    factor = lambda views: (
+        np.percentile(views[..., 0], 99, axis=(1, 2)) - np.percentile(views[..., 0], 1, axis=(1, 2))
+    )  # noqa: E731
     views = dali_views(folder, cfg, device)
     ours, theirs = factor(views) / 128, factor(reference_views(image, cfg)) / 128
     for q in (0.05, 0.95):
-        assert abs(np.quantile(ours, q) - np.quantile(theirs, q)) < 0.05  # strength 0.3 or 0.5 would be 0.08 off
+        assert (
+            abs(np.quantile(ours, q) - np.quantile(theirs, q)) < 0.05
+        )  # strength 0.3 or 0.5 would be 0.08 off
     # The mean, not the median: the median moves in whole 1/128 steps and varies twice as much.
     assert abs(ours.mean() - theirs.mean()) < 0.05
     assert ours.min() > 0.55 and ours.max() < 1.45
@@ -168,9 +203,14 @@ def test_saturation_factor_range_matches(probes, device):
     folder, image = probes["orange"]
     cfg = custom(jitter=(0, 0, 0.4, 0), jitter_p=1.0, gray_p=0.0, blur_p=0.0, size=16)
     factor = lambda views: (views[..., 0] - views[..., 2]).mean(axis=(1, 2)) / 150  # noqa: E731
-    ours, theirs = factor(dali_views(folder, cfg, device, epochs=2)), factor(reference_views(image, cfg))
+    ours, theirs = (
+        factor(dali_views(folder, cfg, device, epochs=2)),
+        factor(reference_views(image, cfg)),
+    )
     for q in (0.02, 0.98):
-        assert abs(np.quantile(ours, q) - np.quantile(theirs, q)) < 0.04  # strength 0.3 or 0.5 would be 0.09 off
+        assert (
+            abs(np.quantile(ours, q) - np.quantile(theirs, q)) < 0.04
+        )  # strength 0.3 or 0.5 would be 0.09 off
     # The factor is uniform in [0.6, 1.4]: mean 1. The mean varies half as much as the
     # median; a log-uniform factor would be 0.056 off.
     assert abs(ours.mean() - 1) < 0.03
@@ -186,7 +226,10 @@ def hue_shift(views: np.ndarray) -> np.ndarray:
 def test_hue_shift_range_matches(probes, device, hue):
     folder, image = probes["orange"]
     cfg = custom(jitter=(0, 0, 0, hue), jitter_p=1.0, gray_p=0.0, blur_p=0.0, size=16)
-    ours, theirs = hue_shift(dali_views(folder, cfg, device)), hue_shift(reference_views(image, cfg, n=600))
+    ours, theirs = (
+        hue_shift(dali_views(folder, cfg, device)),
+        hue_shift(reference_views(image, cfg, n=600)),
+    )
     # torchvision truncates the shift to whole 1/255 turns (up to 0.004 short), so the extents
     # agree to a relative 0.05; the tolerance is 0.2. Degrees read as turns spread the shifts
     # round the circle (0.45 at the 0.9 quantile), turns read as degrees leave them near 0, and
@@ -200,22 +243,54 @@ def test_hue_shift_range_matches(probes, device, hue):
 def test_blur_probability_matches(probes, device):
     folder, image = probes["squares"]
     # A wide sigma makes every blurred view unmistakable; v2's probability is kept.
-    cfg = custom(v2(size=64), jitter_p=0.0, gray_p=0.0, blur_sigma=(4.0, 4.0), crop_scale=(0.9, 1.0))
+    cfg = custom(
+        v2(size=64), jitter_p=0.0, gray_p=0.0, blur_sigma=(4.0, 4.0), crop_scale=(0.9, 1.0)
+    )
     sharpness = lambda views: np.abs(np.diff(views[..., 0], axis=2)).max(axis=(1, 2))  # noqa: E731
-    ours, theirs = sharpness(dali_views(folder, cfg, device)), sharpness(reference_views(image, cfg))
+    ours, theirs = (
+        sharpness(dali_views(folder, cfg, device)),
+        sharpness(reference_views(image, cfg)),
+    )
     # Blurred views stay under 13, sharp ones reach 90; p 0.2 instead of 0.5 would be 0.3 off.
     assert abs((ours < 30).mean() - 0.5) < 0.1 and abs((theirs < 30).mean() - 0.5) < 0.1
 
 
 def test_presets_are_the_reference_recipes():
     a, b = v1(), v2()
-    assert (a.crop_scale, a.jitter, a.jitter_p, a.gray_p, a.gray_before_jitter, a.blur_p, a.flip_p) == (
-        (0.2, 1.0), (0.4, 0.4, 0.4, 0.4), 1.0, 0.2, True, 0.0, 0.5)
-    assert (b.crop_scale, b.jitter, b.jitter_p, b.gray_p, b.gray_before_jitter, b.blur_p, b.blur_sigma) == (
-        (0.2, 1.0), (0.4, 0.4, 0.4, 0.1), 0.8, 0.2, False, 0.5, (0.1, 2.0))
+    assert (
+        a.crop_scale,
+        a.jitter,
+        a.jitter_p,
+        a.gray_p,
+        a.gray_before_jitter,
+        a.blur_p,
+        a.flip_p,
+    ) == ((0.2, 1.0), (0.4, 0.4, 0.4, 0.4), 1.0, 0.2, True, 0.0, 0.5)
+    assert (
+        b.crop_scale,
+        b.jitter,
+        b.jitter_p,
+        b.gray_p,
+        b.gray_before_jitter,
+        b.blur_p,
+        b.blur_sigma,
+    ) == ((0.2, 1.0), (0.4, 0.4, 0.4, 0.1), 0.8, 0.2, False, 0.5, (0.1, 2.0))
     names = [type(t).__name__ for t in reference_transform(b).transforms]
-    assert names == ["RandomResizedCrop", "RandomApply", "RandomGrayscale", "RandomApply", "RandomHorizontalFlip",
-                     "ToTensor", "Normalize"]
+    assert names == [
+        "RandomResizedCrop",
+        "RandomApply",
+        "RandomGrayscale",
+        "RandomApply",
+        "RandomHorizontalFlip",
+        "ToTensor",
+        "Normalize",
+    ]
     names = [type(t).__name__ for t in reference_transform(a).transforms]
-    assert names == ["RandomResizedCrop", "RandomGrayscale", "RandomApply", "RandomHorizontalFlip", "ToTensor",
-                     "Normalize"]
+    assert names == [
+        "RandomResizedCrop",
+        "RandomGrayscale",
+        "RandomApply",
+        "RandomHorizontalFlip",
+        "ToTensor",
+        "Normalize",
+    ]

@@ -13,7 +13,9 @@ def build_like_counts(samples: int, per_shard: int, parts: int = 1) -> np.ndarra
     counts = []
     for part in range(parts):
         share = samples // parts + (part < samples % parts)
-        counts += [per_shard] * (share // per_shard) + ([share % per_shard] if share % per_shard else [])
+        counts += [per_shard] * (share // per_shard) + (
+            [share % per_shard] if share % per_shard else []
+        )
     return np.array(counts, dtype=np.int64)
 
 
@@ -22,16 +24,24 @@ def deal(counts, world, seed=0, epoch=0, shuffle=True):
     return [partition.rank_shards(order, world, rank) for rank in range(world)]
 
 
-@pytest.mark.parametrize("counts, world", [
-    (build_like_counts(50, 17), 2), (build_like_counts(10_007, 100, parts=3), 8),
-    (np.random.default_rng(1).integers(1, 50, 301), 7), (np.full(64, 5), 64), (np.array([3, 0, 9, 9, 1]), 2),
-])
+@pytest.mark.parametrize(
+    "counts, world",
+    [
+        (build_like_counts(50, 17), 2),
+        (build_like_counts(10_007, 100, parts=3), 8),
+        (np.random.default_rng(1).integers(1, 50, 301), 7),
+        (np.full(64, 5), 64),
+        (np.array([3, 0, 9, 9, 1]), 2),
+    ],
+)
 def test_every_shard_is_dealt_once_per_epoch_and_the_deal_changes_with_the_epoch(counts, world):
     deals = [deal(counts, world, seed=3, epoch=epoch) for epoch in range(4)]
     for ranks in deals:
         dealt = np.concatenate(ranks)
         assert sorted(dealt.tolist()) == list(range(len(counts)))
-    assert deal(counts, world, seed=3, epoch=2)[0].tolist() == deals[2][0].tolist()  # a pure function
+    assert (
+        deal(counts, world, seed=3, epoch=2)[0].tolist() == deals[2][0].tolist()
+    )  # a pure function
     if len(set(counts.tolist())) < len(counts):  # shards of equal count move between epochs
         assert len({tuple(partition.epoch_order(counts, 3, epoch)) for epoch in range(10)}) > 1
 
@@ -65,8 +75,9 @@ def test_without_shuffle_equal_counts_keep_manifest_order():
     assert partition.epoch_order(counts, 0, 9, shuffle=False).tolist() == [0, 1, 3, 2]
 
 
-@pytest.mark.parametrize("world, batch, max_window", [(1, 4, 10**6), (2, 4, 10**6), (3, 5, 20), (8, 32, 3000),
-                                                       (5, 7, 1)])
+@pytest.mark.parametrize(
+    "world, batch, max_window", [(1, 4, 10**6), (2, 4, 10**6), (3, 5, 20), (8, 32, 3000), (5, 7, 1)]
+)
 def test_steps_are_the_minimum_over_ranks_of_whole_batches_per_window(world, batch, max_window):
     counts = build_like_counts(10_007, 100, parts=3) if world > 3 else build_like_counts(50, 17)
     per_window = partition.shards_per_window(counts, max_window)
@@ -75,10 +86,18 @@ def test_steps_are_the_minimum_over_ranks_of_whole_batches_per_window(world, bat
     for epoch in range(3):
         for mine in deal(counts, world, epoch=epoch):
             windows = partition.window_bounds(len(mine), per_window)
-            assert sum(counts[mine[a:b]].sum() <= max(max_window, counts.max()) for a, b in windows) == len(windows)
+            assert sum(
+                counts[mine[a:b]].sum() <= max(max_window, counts.max()) for a, b in windows
+            ) == len(windows)
             brute.append(sum(int(counts[mine[a:b]].sum()) // batch for a, b in windows))
-            assert partition.window_batches(partition.rank_window_samples(counts, world, len(brute) % world,
-                                                                          per_window), batch, True).sum() >= steps
+            assert (
+                partition.window_batches(
+                    partition.rank_window_samples(counts, world, len(brute) % world, per_window),
+                    batch,
+                    True,
+                ).sum()
+                >= steps
+            )
     assert steps == min(brute)
     if world == 1 and max_window >= counts.sum():
         assert steps == counts.sum() // batch  # one window on one rank: nothing is lost
@@ -89,7 +108,9 @@ def test_window_samples_are_what_the_rank_reads():
     per_window = partition.shards_per_window(counts, 100)
     assert per_window == 3
     for rank, mine in enumerate(deal(counts, 3, epoch=5)):
-        expected = [int(counts[mine[a:b]].sum()) for a, b in partition.window_bounds(len(mine), per_window)]
+        expected = [
+            int(counts[mine[a:b]].sum()) for a, b in partition.window_bounds(len(mine), per_window)
+        ]
         assert partition.rank_window_samples(counts, 3, rank, per_window).tolist() == expected
         batches = partition.window_batches(np.array(expected), 8, drop=False)
         assert batches.tolist() == [-(-n // 8) for n in expected]

@@ -24,7 +24,10 @@ def write_shard(path, samples):
 
 
 def test_encoded_samples_are_a_tar_that_tarfile_and_webdataset_read(tmp_path):
-    samples = [("0000000001", [("jpg", b"x" * 700), ("cls", b"3")]), ("0000000002", [("jpg", b"y" * 512)])]
+    samples = [
+        ("0000000001", [("jpg", b"x" * 700), ("cls", b"3")]),
+        ("0000000002", [("jpg", b"y" * 512)]),
+    ]
     write_shard(tmp_path / "a.tar", samples)
     with tarfile.open(tmp_path / "a.tar") as tar:
         members = tar.getmembers()
@@ -33,10 +36,15 @@ def test_encoded_samples_are_a_tar_that_tarfile_and_webdataset_read(tmp_path):
         assert all(m.mtime == 0 and m.mode == 0o444 for m in members)
     index = shards.read_index(tmp_path / "a.idx")
     with tarfile.open(tmp_path / "a.tar") as tar:
-        assert [(m.name, m.offset_data, m.size) for m in tar] == [(n, o, s) for sample in index for _, o, s, n in sample]
+        assert [(m.name, m.offset_data, m.size) for m in tar] == [
+            (n, o, s) for sample in index for _, o, s, n in sample
+        ]
     assert shards.tar_size_for_index(index) == (tmp_path / "a.tar").stat().st_size
     read = list(webdataset.WebDataset(str(tmp_path / "a.tar"), shardshuffle=False))
-    assert [(r["__key__"], r["jpg"][:1]) for r in read] == [("0000000001", b"x"), ("0000000002", b"y")]
+    assert [(r["__key__"], r["jpg"][:1]) for r in read] == [
+        ("0000000001", b"x"),
+        ("0000000002", b"y"),
+    ]
 
 
 def test_keys_with_dots_or_slashes_are_refused():
@@ -46,13 +54,16 @@ def test_keys_with_dots_or_slashes_are_refused():
         shards.encode_sample("a/b", [("jpg", b"")])
 
 
-@pytest.mark.parametrize("text, message", [
-    ("", "empty index"),
-    ("v1.1 1\njpg 512 3 a.jpg\n", "expected 'v1.2 N'"),
-    ("v1.2 2\njpg 512 3 a.jpg\n", "header says 2 samples, index lists 1"),
-    ("v1.2 1\njpg 512 a.jpg\n", "line 2: expected groups"),
-    ("v1.2 1\njpg x 3 a.jpg\n", "line 2: offset and size must be integers"),
-])
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("", "empty index"),
+        ("v1.1 1\njpg 512 3 a.jpg\n", "expected 'v1.2 N'"),
+        ("v1.2 2\njpg 512 3 a.jpg\n", "header says 2 samples, index lists 1"),
+        ("v1.2 1\njpg 512 a.jpg\n", "line 2: expected groups"),
+        ("v1.2 1\njpg x 3 a.jpg\n", "line 2: offset and size must be integers"),
+    ],
+)
 def test_malformed_indexes_are_named(tmp_path, text, message):
     (tmp_path / "bad.idx").write_text(text)
     with pytest.raises(ShardError, match=message):
@@ -72,13 +83,21 @@ def test_json_is_written_atomically(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["m.json"]
 
 
-@pytest.mark.parametrize("name, size", [("0000000001.jpg", 0), ("0000000001.jpg", 12345), ("k.json", 8**11 - 1),
-                                        ("x" * 95 + ".json", 511)])
+@pytest.mark.parametrize(
+    "name, size",
+    [
+        ("0000000001.jpg", 0),
+        ("0000000001.jpg", 12345),
+        ("k.json", 8**11 - 1),
+        ("x" * 95 + ".json", 511),
+    ],
+)
 def test_ustar_header_is_what_tarfile_writes(name, size):
     info = tarfile.TarInfo(name)
     info.size, info.mtime, info.mode = size, 0, 0o444
-    assert shards.ustar_header(name, size) == info.tobuf(format=tarfile.USTAR_FORMAT, encoding="utf-8",
-                                                         errors="strict")
+    assert shards.ustar_header(name, size) == info.tobuf(
+        format=tarfile.USTAR_FORMAT, encoding="utf-8", errors="strict"
+    )
 
 
 def test_ustar_header_refuses_what_does_not_fit():

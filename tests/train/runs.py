@@ -14,18 +14,50 @@ REPO = Path(__file__).resolve().parents[2]
 # 400 images, 12 steps of 32 per epoch; K (64) well under the data set, so an image's
 # own earlier key is never in the queue as a negative. On the CPU even where a GPU is
 # (run.device auto would turn to CUDA by itself: bf16, NCCL, one GPU for two ranks).
-TINY = ["--preset", "v2", "--model.arch", "resnet18", "--data.size", "32", "--data.eval_resize", "32",
-        "--data.batch_size", "32", "--model.K", "64", "--model.m", "0.99", "--optim.lr_per_256", "0.24",
-        "--data.threads", "1", "--data.shuffle_buffer", "64", "--run.knn_every", "0", "--run.progress", "false",
-        "--run.log_every", "1", "--run.device", "cpu"]
+TINY = [
+    "--preset",
+    "v2",
+    "--model.arch",
+    "resnet18",
+    "--data.size",
+    "32",
+    "--data.eval_resize",
+    "32",
+    "--data.batch_size",
+    "32",
+    "--model.K",
+    "64",
+    "--model.m",
+    "0.99",
+    "--optim.lr_per_256",
+    "0.24",
+    "--data.threads",
+    "1",
+    "--data.shuffle_buffer",
+    "64",
+    "--run.knn_every",
+    "0",
+    "--run.progress",
+    "false",
+    "--run.log_every",
+    "1",
+    "--run.device",
+    "cpu",
+]
 
 
 def moco_train(*args: str, env=None, wait: bool = True):
     command = [sys.executable, "-m", "moco_dali.train", *args]
     environment = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
     if not wait:
-        return subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                env=environment)
+        return subprocess.Popen(
+            command,
+            cwd=REPO,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=environment,
+        )
     return subprocess.run(command, cwd=REPO, capture_output=True, text=True, env=environment)
 
 

@@ -21,8 +21,16 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from moco_dali.train.cli import main, parse
-from moco_dali.train.config import (Config, ConfigError, ViewsConfig, apply_overrides, flat_fields, preset,
-                                    resume_changes, to_dict)
+from moco_dali.train.config import (
+    Config,
+    ConfigError,
+    ViewsConfig,
+    apply_overrides,
+    flat_fields,
+    preset,
+    resume_changes,
+    to_dict,
+)
 from moco_dali.train.validation import augment_config, validate
 
 REPO = Path(__file__).resolve().parents[2]
@@ -30,8 +38,18 @@ REPO = Path(__file__).resolve().parents[2]
 
 def base(tmp_path: Path) -> list[str]:
     """A valid command line that does no work unless run: resnet18 keeps the meta-device builds quick."""
-    return ["--preset", "v2", "--model.arch", "resnet18", "--data.train", str(tmp_path / "shards"),
-            "--run.out", str(tmp_path / "out"), "--run.device", "cpu"]
+    return [
+        "--preset",
+        "v2",
+        "--model.arch",
+        "resnet18",
+        "--data.train",
+        str(tmp_path / "shards"),
+        "--run.out",
+        str(tmp_path / "out"),
+        "--run.device",
+        "cpu",
+    ]
 
 
 def refusal(argv: list[str]) -> str:
@@ -61,7 +79,10 @@ IMPOSSIBLE = [
     (["--data.batch_size", "8"], "model.num_splits"),  # one sample per split: BN cannot train on it
     (["--run.max_steps", "-5"], "run.max_steps"),
     (["--run.seed", "-1"], "run.seed"),
-    (["--data.dtype", "float16", "--run.amp", "none"], "data.dtype"),  # half views into a float32 model
+    (
+        ["--data.dtype", "float16", "--run.amp", "none"],
+        "data.dtype",
+    ),  # half views into a float32 model
     (["--model.momentum_schedule", "linear"], "model.momentum_schedule"),
     (["--optim.momentum", "-0.5"], "optim.momentum"),
     (["--optim.weight_decay", "-1"], "optim.weight_decay"),
@@ -74,8 +95,19 @@ IMPOSSIBLE = [
     (["--data.views.jitter", "0.4,0.4,0.4,0.6"], "data.views.jitter"),
     (["--data.views.flip_p", "nan"], "data.views.flip_p"),
     (["--data.knn_train", "a", "--data.knn_val", "b", "--run.knn_t", "0"], "run.knn_t"),
-    (["--data.knn_train", "a", "--data.knn_val", "b", "--data.eval_resize", "16", "--data.size", "32"],
-     "data.eval_resize"),
+    (
+        [
+            "--data.knn_train",
+            "a",
+            "--data.knn_val",
+            "b",
+            "--data.eval_resize",
+            "16",
+            "--data.size",
+            "32",
+        ],
+        "data.eval_resize",
+    ),
 ]
 
 
@@ -85,13 +117,16 @@ def test_each_impossible_value_is_refused_naming_its_key(tmp_path, extra, key):
     assert key in message and "\n" not in message, message
 
 
-@pytest.mark.parametrize("extra, key", [
-    (["--model.T", "0"], "model.T"),
-    (["--data.batch_size", "8"], "model.num_splits"),
-    (["--run.max_steps", "-5"], "run.max_steps"),
-    (["--data.views.gray_p", "2"], "data.views.gray_p"),
-    (["--run.epochs"], "--run.epochs"),  # argparse's own error, one line too
-])
+@pytest.mark.parametrize(
+    "extra, key",
+    [
+        (["--model.T", "0"], "model.T"),
+        (["--data.batch_size", "8"], "model.num_splits"),
+        (["--run.max_steps", "-5"], "run.max_steps"),
+        (["--data.views.gray_p", "2"], "data.views.gray_p"),
+        (["--run.epochs"], "--run.epochs"),  # argparse's own error, one line too
+    ],
+)
 def test_the_command_prints_one_line_and_exits_2(tmp_path, capsys, extra, key):
     assert main([*base(tmp_path), *extra]) == 2
     err = capsys.readouterr().err.strip()
@@ -115,7 +150,10 @@ def _unwritable(tmp_path: Path) -> Path:
 def test_run_out_that_is_a_file_or_unwritable_is_refused(tmp_path, capsys):
     (tmp_path / "file").write_text("")
     assert main([*base(tmp_path), "--run.out", str(tmp_path / "file")]) == 2
-    assert capsys.readouterr().err.strip() == f"moco-train: error: run.out {tmp_path / 'file'}: a file, not a folder"
+    assert (
+        capsys.readouterr().err.strip()
+        == f"moco-train: error: run.out {tmp_path / 'file'}: a file, not a folder"
+    )
     # Under a read-only folder: found when the run starts (root passes access() and fails only on trying).
     from moco_dali.train.validation import check_out
 
@@ -127,14 +165,21 @@ def test_run_out_that_is_a_file_or_unwritable_is_refused(tmp_path, capsys):
 
 def test_a_subprocess_refusal_has_no_traceback(tmp_path):
     """The command itself, as a user runs it: exit 2, one line on stderr."""
-    result = subprocess.run([sys.executable, "-m", "moco_dali.train", *base(tmp_path), "--model.m", "2"],
-                            cwd=REPO, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    result = subprocess.run(
+        [sys.executable, "-m", "moco_dali.train", *base(tmp_path), "--model.m", "2"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     assert result.returncode == 2
-    assert result.stderr.strip().splitlines() == ["moco-train: error: model.m: need 0 <= m <= 1 and T > 0, got m=2.0, "
-                                                  "T=0.2"]
+    assert result.stderr.strip().splitlines() == [
+        "moco-train: error: model.m: need 0 <= m <= 1 and T > 0, got m=2.0, T=0.2"
+    ]
 
 
 # ----------------------------------------------------------------------- property tests
+
 
 def _valid(tmp_path: Path) -> Config:
     config, _ = parse(base(tmp_path))
@@ -144,13 +189,37 @@ def _valid(tmp_path: Path) -> Config:
 
 LEAVES = sorted(flat_fields(Config()))
 ANY_VALUE = st.one_of(
-    st.none(), st.booleans(), st.integers(), st.integers(min_value=-3, max_value=70000),
-    st.floats(allow_nan=True, allow_infinity=True), st.floats(min_value=-2, max_value=2),
-    st.text(max_size=12), st.sampled_from(["auto", "v1", "v2", "hsv", "yiq", "sgd", "lars", "none", "split",
-                                           "float16", "bf16", "resnet18", "cosine", "0.5,1", "[0.1, 2]", "1e-3"]),
+    st.none(),
+    st.booleans(),
+    st.integers(),
+    st.integers(min_value=-3, max_value=70000),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.floats(min_value=-2, max_value=2),
+    st.text(max_size=12),
+    st.sampled_from(
+        [
+            "auto",
+            "v1",
+            "v2",
+            "hsv",
+            "yiq",
+            "sgd",
+            "lars",
+            "none",
+            "split",
+            "float16",
+            "bf16",
+            "resnet18",
+            "cosine",
+            "0.5,1",
+            "[0.1, 2]",
+            "1e-3",
+        ]
+    ),
     st.lists(st.floats(allow_nan=True, allow_infinity=True), max_size=5),
     st.lists(st.floats(min_value=0, max_value=1.5), min_size=2, max_size=4),
-    st.dictionaries(st.text(max_size=3), st.integers(), max_size=2))
+    st.dictionaries(st.text(max_size=3), st.integers(), max_size=2),
+)
 
 
 def _holds(config_or_error, keys: list[str]) -> None:
@@ -163,8 +232,15 @@ def _holds(config_or_error, keys: list[str]) -> None:
 
 def _try(tmp_path: Path, overrides: dict) -> object:
     config = preset("v2")
-    apply_overrides(config, {"model.arch": "resnet18", "data.train": str(tmp_path / "shards"),
-                             "run.out": str(tmp_path / "out"), "run.device": "cpu"})
+    apply_overrides(
+        config,
+        {
+            "model.arch": "resnet18",
+            "data.train": str(tmp_path / "shards"),
+            "run.out": str(tmp_path / "out"),
+            "run.device": "cpu",
+        },
+    )
     try:
         apply_overrides(config, overrides)
         return validate(config, world=1, cuda=False)
@@ -172,8 +248,12 @@ def _try(tmp_path: Path, overrides: dict) -> object:
         return error
 
 
-@settings(max_examples=400, deadline=None, database=None,
-          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(
+    max_examples=400,
+    deadline=None,
+    database=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture],
+)
 @given(key=st.sampled_from(LEAVES), value=ANY_VALUE)
 def test_any_value_of_any_key_validates_or_names_the_key(tmp_path, key, value):
     if key == "run.resume" and isinstance(value, str) and value not in ("", "auto"):
@@ -181,10 +261,17 @@ def test_any_value_of_any_key_validates_or_names_the_key(tmp_path, key, value):
     _holds(_try(tmp_path, {key: value}), [key])
 
 
-@settings(max_examples=150, deadline=None, database=None,
-          suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(values=st.dictionaries(st.sampled_from([k for k in LEAVES if k != "run.resume"]), ANY_VALUE,
-                              min_size=2, max_size=4))
+@settings(
+    max_examples=150,
+    deadline=None,
+    database=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture],
+)
+@given(
+    values=st.dictionaries(
+        st.sampled_from([k for k in LEAVES if k != "run.resume"]), ANY_VALUE, min_size=2, max_size=4
+    )
+)
 def test_several_bad_values_name_one_of_them(tmp_path, values):
     _holds(_try(tmp_path, values), list(values))
 
@@ -200,11 +287,13 @@ def test_the_property_catches_a_rule_that_names_nothing(tmp_path, monkeypatch):
 
 # ----------------------------------------------------------------------- the views
 
+
 def test_views_expose_every_field_of_the_recipe():
     from moco_dali.pipeline.augment import AugmentConfig
 
-    assert {f.name for f in dataclasses.fields(ViewsConfig)} == {f.name for f in dataclasses.fields(AugmentConfig)} \
-        - {"size"}
+    assert {f.name for f in dataclasses.fields(ViewsConfig)} == {
+        f.name for f in dataclasses.fields(AugmentConfig)
+    } - {"size"}
 
 
 def test_preset_fills_the_views_and_keys_override_them(tmp_path):
@@ -213,23 +302,43 @@ def test_preset_fills_the_views_and_keys_override_them(tmp_path):
     config, _ = parse(base(tmp_path))
     assert augment_config(config) == v2(224)
     assert to_dict(config)["data"]["views"]["blur_p"] == 0.5  # resolved, as config.json shows it
-    config, _ = parse([*base(tmp_path), "--data.preset", "v1", "--data.views.jitter_p", "0.8",
-                       "--data.views.crop_scale", "0.08,1", "--data.views.blur_p", "0"])
+    config, _ = parse(
+        [
+            *base(tmp_path),
+            "--data.preset",
+            "v1",
+            "--data.views.jitter_p",
+            "0.8",
+            "--data.views.crop_scale",
+            "0.08,1",
+            "--data.views.blur_p",
+            "0",
+        ]
+    )
     expected = dataclasses.replace(v1(224), jitter_p=0.8, crop_scale=(0.08, 1.0), blur_p=0.0)
     assert augment_config(config) == expected
     assert config.data.views.gray_before_jitter is True  # v1's, not v2's
 
 
 def test_views_from_toml_and_yaml_sections(tmp_path):
-    (tmp_path / "run.toml").write_text('[data]\npreset = "v1"\n[data.views]\njitter_p = 0.8\nblur_sigma = [0.5, 1.5]\n')
+    (tmp_path / "run.toml").write_text(
+        '[data]\npreset = "v1"\n[data.views]\njitter_p = 0.8\nblur_sigma = [0.5, 1.5]\n'
+    )
     (tmp_path / "run.yaml").write_text("data:\n  views:\n    flip_p: 0.0\n    hue_space: yiq\n")
-    config, _ = parse([*base(tmp_path), "--config", str(tmp_path / "run.toml"), "--data.views.jitter_p", "0.6"])
-    assert (config.data.views.jitter_p, config.data.views.blur_sigma, config.data.views.gray_p) == (0.6, (0.5, 1.5), 0.2)
+    config, _ = parse(
+        [*base(tmp_path), "--config", str(tmp_path / "run.toml"), "--data.views.jitter_p", "0.6"]
+    )
+    assert (config.data.views.jitter_p, config.data.views.blur_sigma, config.data.views.gray_p) == (
+        0.6,
+        (0.5, 1.5),
+        0.2,
+    )
     config, _ = parse([*base(tmp_path), "--config", str(tmp_path / "run.yaml")])
     assert (augment_config(config).flip_p, augment_config(config).hue_space) == (0.0, "yiq")
-    (tmp_path / "bad.toml").write_text('[data.views]\njitter_q = 0.8\n')
+    (tmp_path / "bad.toml").write_text("[data.views]\njitter_q = 0.8\n")
     assert "unknown key 'data.views.jitter_q' (did you mean data.views.jitter_p?)" in refusal(
-        [*base(tmp_path), "--config", str(tmp_path / "bad.toml")])
+        [*base(tmp_path), "--config", str(tmp_path / "bad.toml")]
+    )
     assert "'data.views' is a section" in refusal([*base(tmp_path), "--data.views", "1"])
 
 
@@ -244,14 +353,39 @@ def test_the_resolved_views_survive_a_round_trip_through_config_json(tmp_path):
 
 # ----------------------------------------------------------------------- resuming with other keys
 
+
 def test_keys_that_change_the_state_or_meaning_are_refused_the_others_allowed(tmp_path):
     stored, _ = parse(base(tmp_path))
     stored = to_dict(stored)
-    changed, _ = parse([*base(tmp_path), "--model.K", "4096", "--data.batch_size", "128", "--optim.lr_per_256", "0.06",
-                        "--data.views.blur_p", "0", "--run.epochs", "100", "--run.max_steps", "50",
-                        "--run.log_every", "5", "--data.threads", "2"])
+    changed, _ = parse(
+        [
+            *base(tmp_path),
+            "--model.K",
+            "4096",
+            "--data.batch_size",
+            "128",
+            "--optim.lr_per_256",
+            "0.06",
+            "--data.views.blur_p",
+            "0",
+            "--run.epochs",
+            "100",
+            "--run.max_steps",
+            "50",
+            "--run.log_every",
+            "5",
+            "--data.threads",
+            "2",
+        ]
+    )
     allowed, refused = resume_changes(stored, changed)
-    assert set(refused) == {"model.K", "data.batch_size", "optim.lr_per_256", "data.views.blur_p", "run.epochs"}
+    assert set(refused) == {
+        "model.K",
+        "data.batch_size",
+        "optim.lr_per_256",
+        "data.views.blur_p",
+        "run.epochs",
+    }
     assert set(allowed) == {"run.max_steps", "run.log_every", "data.threads"}
     assert refused["model.K"] == (65536, 4096)
     # The same shard folder spelled another way is the same folder.
@@ -261,11 +395,29 @@ def test_keys_that_change_the_state_or_meaning_are_refused_the_others_allowed(tm
 
 def test_numbers_parse_as_their_types():
     config = Config()
-    apply_overrides(config, {"run.epochs": "7", "optim.milestones": "[3, 4.5]", "data.views.mean": "0.5, 0.5, 0.5",
-                             "run.knn_t": "0.05"})
-    assert (config.run.epochs, config.optim.milestones, config.data.views.mean) == (7, (3, 4.5), (0.5, 0.5, 0.5))
-    for key, value in (("run.epochs", "7.5"), ("run.epochs", True), ("run.knn_t", "inf"), ("data.views.mean", "a,b"),
-                       ("run.epochs", [1]), ("data.train", "a\0b"), ("run.epochs", 2**70)):
+    apply_overrides(
+        config,
+        {
+            "run.epochs": "7",
+            "optim.milestones": "[3, 4.5]",
+            "data.views.mean": "0.5, 0.5, 0.5",
+            "run.knn_t": "0.05",
+        },
+    )
+    assert (config.run.epochs, config.optim.milestones, config.data.views.mean) == (
+        7,
+        (3, 4.5),
+        (0.5, 0.5, 0.5),
+    )
+    for key, value in (
+        ("run.epochs", "7.5"),
+        ("run.epochs", True),
+        ("run.knn_t", "inf"),
+        ("data.views.mean", "a,b"),
+        ("run.epochs", [1]),
+        ("data.train", "a\0b"),
+        ("run.epochs", 2**70),
+    ):
         with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
             apply_overrides(Config(), {key: value})
     assert math.isclose(config.run.knn_t, 0.05)
@@ -278,18 +430,30 @@ def test_the_training_folder_is_checked_from_its_manifest_alone(tmp_path):
     from moco_dali.train.validation import check_train_folder
 
     generated_dump(tmp_path / "raw", per_class=3, seed=0)  # 30 images
-    build([str(tmp_path / "raw")], tmp_path / "train", BuildSettings(max_count=10), workers=0, progress=False)
+    build(
+        [str(tmp_path / "raw")],
+        tmp_path / "train",
+        BuildSettings(max_count=10),
+        workers=0,
+        progress=False,
+    )
     config = Config()
     config.data.train = str(tmp_path / "train")
     config.data.batch_size = 30
     check_train_folder(config, world=1)
     check_train_folder(config, world=3)  # a shard of 10 for each rank
-    with pytest.raises(ConfigError, match=r"^data.batch_size 30 leaves a rank of 2 no whole batch of 15 per epoch in "
-                                          r"data.train .* \(30 samples in 3 shards dealt whole to the ranks\); use fewer"):
+    with pytest.raises(
+        ConfigError,
+        match=r"^data.batch_size 30 leaves a rank of 2 no whole batch of 15 per epoch in "
+        r"data.train .* \(30 samples in 3 shards dealt whole to the ranks\); use fewer",
+    ):
         check_train_folder(config, world=2)  # shards are dealt whole: 20 and 10
     config.data.batch_size = 32
-    with pytest.raises(ConfigError, match=r"^data.batch_size 32 is larger than the 30 samples of data.train .*: use a "
-                                          "smaller batch or more samples$"):
+    with pytest.raises(
+        ConfigError,
+        match=r"^data.batch_size 32 is larger than the 30 samples of data.train .*: use a "
+        "smaller batch or more samples$",
+    ):
         check_train_folder(config, world=1)
     for shard in (tmp_path / "train").glob("*.tar"):
         shard.unlink()  # the shards are not opened: the loader's ranks open their own

@@ -14,7 +14,11 @@ def test_the_process_group_waits_as_long_as_configured(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("RANK", "1")
     monkeypatch.setattr(distributed.dist, "is_initialized", lambda: False)
-    monkeypatch.setattr(distributed.dist, "init_process_group", lambda backend, **kw: joined.update(kw, backend=backend))
+    monkeypatch.setattr(
+        distributed.dist,
+        "init_process_group",
+        lambda backend, **kw: joined.update(kw, backend=backend),
+    )
     result = distributed.setup("cpu", timeout_s=42)
     assert (result.rank, result.world) == (1, 2)
     assert joined["backend"] == "gloo" and joined["timeout"] == timedelta(seconds=42)

@@ -27,8 +27,13 @@ def data(tmp_path_factory) -> dict[str, Path]:
     generated_dump(root / "raw-train", per_class=40, seed=0)
     generated_dump(root / "raw-val", per_class=10, seed=1)
     for split in ("train", "val"):  # shards of 50: ranks are dealt whole shards
-        build([str(root / f"raw-{split}")], root / split, BuildSettings(labels="folder", max_count=50), workers=0,
-              progress=False)
+        build(
+            [str(root / f"raw-{split}")],
+            root / split,
+            BuildSettings(labels="folder", max_count=50),
+            workers=0,
+            progress=False,
+        )
     return {"train": root / "train", "val": root / "val", "root": root}
 
 
@@ -60,26 +65,53 @@ def learned(records: list[dict], K: int = 64) -> list[str]:
     early_loss, late_loss = mean(loss[2:12]), mean(loss[-40:])
     faults = []
     if early_acc > 30:
-        faults.append(f"pretext top-1 {early_acc:.1f}% over steps 3-12: solved before learning anything")
+        faults.append(
+            f"pretext top-1 {early_acc:.1f}% over steps 3-12: solved before learning anything"
+        )
     if not 12 <= late_acc <= 60:
-        faults.append(f"pretext top-1 {late_acc:.1f}% over the last 40 steps, outside 12-60% (chance {100 / (K + 1):.1f}%)")
+        faults.append(
+            f"pretext top-1 {late_acc:.1f}% over the last 40 steps, outside 12-60% (chance {100 / (K + 1):.1f}%)"
+        )
     if late_loss > early_loss - 0.3:
-        faults.append(f"loss {early_loss:.2f} over steps 3-12 -> {late_loss:.2f} over the last 40: not falling")
+        faults.append(
+            f"loss {early_loss:.2f} over steps 3-12 -> {late_loss:.2f} over the last 40: not falling"
+        )
     return faults
 
 
 def test_pretext_task_is_learned_and_outputs_hold_their_fields(data, tmp_path):
     out = tmp_path / "run"
-    result = moco_train(*LEARN, "--data.train", str(data["train"]), "--run.out", str(out),
-                        "--data.knn_train", str(data["train"]), "--data.knn_val", str(data["val"]),
-                        "--run.knn_every", "4")
+    result = moco_train(
+        *LEARN,
+        "--data.train",
+        str(data["train"]),
+        "--run.out",
+        str(out),
+        "--data.knn_train",
+        str(data["train"]),
+        "--data.knn_val",
+        str(data["val"]),
+        "--run.knn_every",
+        "4",
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     records = metrics(out)
     assert sorted(r["step"] for r in records if r["kind"] == "train") == list(range(1, 161))
     assert learned(records) == []
     train_record = next(r for r in records if r["kind"] == "train")
-    assert {"step", "epoch", "loss", "acc1", "lr", "momentum", "images_per_s", "images_per_s_per_gpu",
-            "data_wait", "peak_memory_MB", "skipped_steps"} <= set(train_record)
+    assert {
+        "step",
+        "epoch",
+        "loss",
+        "acc1",
+        "lr",
+        "momentum",
+        "images_per_s",
+        "images_per_s_per_gpu",
+        "data_wait",
+        "peak_memory_MB",
+        "skipped_steps",
+    } <= set(train_record)
     # The monitor's figure is moco-eval's on the same checkpoint: the features and the
     # labels it votes with line up (a kNN that says nothing about learning here: 160
     # steps of MoCo do not beat a random encoder's kNN on these drawings).
@@ -88,16 +120,37 @@ def test_pretext_task_is_learned_and_outputs_hold_their_fields(data, tmp_path):
     from moco_dali.train.eval.cli import main as moco_eval
 
     report = tmp_path / "knn.json"
-    assert moco_eval(["knn", "--checkpoint", str(out / "ckpt-000000144.pt"), "--train", str(data["train"]),
-                      "--val", str(data["val"]), "--threads", "1", "--batch-size", "32", "--device", "cpu",
-                      "--json", str(report)]) == 0
+    assert (
+        moco_eval(
+            [
+                "knn",
+                "--checkpoint",
+                str(out / "ckpt-000000144.pt"),
+                "--train",
+                str(data["train"]),
+                "--val",
+                str(data["val"]),
+                "--threads",
+                "1",
+                "--batch-size",
+                "32",
+                "--device",
+                "cpu",
+                "--json",
+                str(report),
+            ]
+        )
+        == 0
+    )
     assert json.loads(report.read_text())["top1"] == knn[-1]["top1"]
     assert json.loads((out / "config.json").read_text())["model"]["arch"] == "resnet18"
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     events = EventAccumulator(str(out / "tb"))
     events.Reload()
-    assert {"train/loss", "train/lr", "train/images_per_s", "train/data_wait", "knn/top1"} <= set(events.Tags()["scalars"])
+    assert {"train/loss", "train/lr", "train/images_per_s", "train/data_wait", "knn/top1"} <= set(
+        events.Tags()["scalars"]
+    )
     assert "moco-train: step 160/160" in result.stderr
 
 
@@ -126,8 +179,12 @@ def _keys_with_gradients(monkeypatch):
     monkeypatch.setattr(MoCo, "_keys", lambda self, im_k: self._normalize(self.encoder_q(im_k)))
 
 
-BROKEN = {"no momentum update": _no_momentum, "queue never written": _queue_never_written,
-          "identical views": _identical_views, "keys with gradients": _keys_with_gradients}
+BROKEN = {
+    "no momentum update": _no_momentum,
+    "queue never written": _queue_never_written,
+    "identical views": _identical_views,
+    "keys with gradients": _keys_with_gradients,
+}
 
 
 @pytest.mark.parametrize("broken", list(BROKEN))
@@ -137,7 +194,9 @@ def test_the_learning_check_fails_a_broken_engine(data, tmp_path, monkeypatch, b
     from moco_dali.train.engine import train
 
     BROKEN[broken](monkeypatch)
-    config, _ = parse([*LEARN, "--data.train", str(data["train"]), "--run.out", str(tmp_path / "run")])
+    config, _ = parse(
+        [*LEARN, "--data.train", str(data["train"]), "--run.out", str(tmp_path / "run")]
+    )
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as the command-line runs, under OMP_NUM_THREADS=1
     try:
@@ -149,8 +208,21 @@ def test_the_learning_check_fails_a_broken_engine(data, tmp_path, monkeypatch, b
 
 def test_lars_runs_and_its_state_is_checkpointed(data, tmp_path):
     out = tmp_path / "lars"
-    result = moco_train(*TINY, "--data.train", str(data["train"]), "--run.out", str(out), "--run.max_steps", "6",
-                        "--optim.name", "lars", "--optim.lr_per_256", "2.4", "--run.ckpt_every", "6")
+    result = moco_train(
+        *TINY,
+        "--data.train",
+        str(data["train"]),
+        "--run.out",
+        str(out),
+        "--run.max_steps",
+        "6",
+        "--optim.name",
+        "lars",
+        "--optim.lr_per_256",
+        "2.4",
+        "--run.ckpt_every",
+        "6",
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     assert all(math.isfinite(v) for v in losses(out).values()) and len(losses(out)) == 6
     state = checkpoint.load(checkpoint.latest(out))
@@ -186,8 +258,18 @@ def test_kill_minus_9_and_resume_gives_the_same_losses(data, tmp_path):
 
 def test_sigterm_writes_a_checkpoint_and_exits_0(data, tmp_path):
     out = tmp_path / "run"
-    proc = moco_train(*TINY, "--data.train", str(data["train"]), "--run.out", str(out), "--run.epochs", "50",
-                      "--run.ckpt_every", "1000", wait=False)
+    proc = moco_train(
+        *TINY,
+        "--data.train",
+        str(data["train"]),
+        "--run.out",
+        str(out),
+        "--run.epochs",
+        "50",
+        "--run.ckpt_every",
+        "1000",
+        wait=False,
+    )
     deadline = time.monotonic() + 300
     while proc.poll() is None and time.monotonic() < deadline:
         if (out / "metrics.jsonl").exists() and losses(out):
@@ -203,11 +285,30 @@ def test_sigterm_writes_a_checkpoint_and_exits_0(data, tmp_path):
 
 def test_two_process_gloo_run_agrees_across_ranks(data, tmp_path):
     out = tmp_path / "ddp"
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "-m", "moco_dali.train", *TINY,
-               "--data.train", str(data["train"]), "--run.out", str(out), "--run.max_steps", "6",
-               "--run.ckpt_every", "3"]
-    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node=2",
+        "-m",
+        "moco_dali.train",
+        *TINY,
+        "--data.train",
+        str(data["train"]),
+        "--run.out",
+        str(out),
+        "--run.max_steps",
+        "6",
+        "--run.ckpt_every",
+        "3",
+    ]
+    result = subprocess.run(
+        command,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "cpu x2" in result.stderr
     for path in sorted(out.glob("ckpt-*.pt")):
@@ -218,25 +319,50 @@ def test_two_process_gloo_run_agrees_across_ranks(data, tmp_path):
 
 def test_non_finite_losses_stop_the_run_leaving_the_last_good_checkpoint(data, tmp_path):
     out = tmp_path / "run"
-    result = moco_train(*TINY, "--data.train", str(data["train"]), "--run.out", str(out), "--run.epochs", "5",
-                        "--optim.lr_per_256", "1e30", "--run.max_nonfinite", "2", "--run.ckpt_every", "1")
+    result = moco_train(
+        *TINY,
+        "--data.train",
+        str(data["train"]),
+        "--run.out",
+        str(out),
+        "--run.epochs",
+        "5",
+        "--optim.lr_per_256",
+        "1e30",
+        "--run.max_nonfinite",
+        "2",
+        "--run.ckpt_every",
+        "1",
+    )
     assert result.returncode == 1
-    assert result.stderr.strip().splitlines()[-1].startswith("moco-train: stopped: 2 non-finite losses in a row")
+    assert (
+        result.stderr.strip()
+        .splitlines()[-1]
+        .startswith("moco-train: stopped: 2 non-finite losses in a row")
+    )
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     first_bad = min(r["step"] for r in records if r["skipped_steps"] > 0)
     assert checkpoint.load(checkpoint.latest(out))["step"] < first_bad
 
 
-@pytest.mark.parametrize("extra, message", [
-    (["--data.batch_size", "40", "--model.K", "16"],
-     "model.K 16 is smaller than the keys enqueued per step (40, from data.batch_size); raise K"),
-    (["--run.amp", "fp16"], "run.amp fp16 needs a CUDA GPU; use bf16 or none on a CPU"),
-    (["--model.m", "2"], "model.m: need 0 <= m <= 1 and T > 0, got m=2.0, T=0.2"),
-    (["--model.dims", "3"], "command line: unknown key 'model.dims' (did you mean model.dim?)"),
-    (["--run.epochs", "many"], "run.epochs: expected int, got 'many'"),
-    (["--optim.schedule", "linear"], "optim.schedule: unknown schedule 'linear'; choose step or cosine"),
-    (["--optim.name", "adam"], "optim.name: optimizer 'adam': choose sgd or lars"),
-])
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (
+            ["--data.batch_size", "40", "--model.K", "16"],
+            "model.K 16 is smaller than the keys enqueued per step (40, from data.batch_size); raise K",
+        ),
+        (["--run.amp", "fp16"], "run.amp fp16 needs a CUDA GPU; use bf16 or none on a CPU"),
+        (["--model.m", "2"], "model.m: need 0 <= m <= 1 and T > 0, got m=2.0, T=0.2"),
+        (["--model.dims", "3"], "command line: unknown key 'model.dims' (did you mean model.dim?)"),
+        (["--run.epochs", "many"], "run.epochs: expected int, got 'many'"),
+        (
+            ["--optim.schedule", "linear"],
+            "optim.schedule: unknown schedule 'linear'; choose step or cosine",
+        ),
+        (["--optim.name", "adam"], "optim.name: optimizer 'adam': choose sgd or lars"),
+    ],
+)
 def test_configuration_errors_are_one_line(data, extra, message):
     result = moco_train(*TINY, "--data.train", str(data["train"]), *extra)
     assert result.returncode == 2
@@ -249,41 +375,91 @@ def test_batch_not_divisible_by_world_and_missing_shards(data, tmp_path):
 
     config = preset("v2")
     config.data.train = str(data["train"])
-    with pytest.raises(ConfigError, match="data.batch_size 256 is not divisible by the world size 3"):
+    with pytest.raises(
+        ConfigError, match="data.batch_size 256 is not divisible by the world size 3"
+    ):
         validate(config, world=3, cuda=False)
     result = moco_train(*TINY, "--data.train", str(tmp_path))
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
         f"moco-train: error: data.train: {tmp_path / 'manifest.json'}: no manifest; is this a folder written by "
-        "'moco-shards build'?"]
+        "'moco-shards build'?"
+    ]
 
 
 def test_config_file_and_command_line_precedence(tmp_path):
     from moco_dali.train.cli import parse
 
-    (tmp_path / "run.toml").write_text('[optim]\nlr_per_256 = 0.5\nmilestones = [3, 4]\n[run]\nepochs = 7\n')
+    (tmp_path / "run.toml").write_text(
+        "[optim]\nlr_per_256 = 0.5\nmilestones = [3, 4]\n[run]\nepochs = 7\n"
+    )
     (tmp_path / "run.yaml").write_text("model:\n  K: 4096\n  mlp: false\n")
-    config, _ = parse(["--preset", "v1", "--config", str(tmp_path / "run.toml"), "--run.epochs", "9"])
-    assert (config.optim.lr_per_256, config.optim.milestones, config.run.epochs, config.model.T) == (0.5, (3, 4), 9, 0.07)
+    config, _ = parse(
+        ["--preset", "v1", "--config", str(tmp_path / "run.toml"), "--run.epochs", "9"]
+    )
+    assert (
+        config.optim.lr_per_256,
+        config.optim.milestones,
+        config.run.epochs,
+        config.model.T,
+    ) == (0.5, (3, 4), 9, 0.07)
     config, _ = parse(["--config", str(tmp_path / "run.yaml")])
-    assert (config.model.K, config.model.mlp, config.model.T, config.optim.schedule) == (4096, False, 0.2, "cosine")
+    assert (config.model.K, config.model.mlp, config.model.T, config.optim.schedule) == (
+        4096,
+        False,
+        0.2,
+        "cosine",
+    )
 
 
-@pytest.mark.parametrize("folder, message", [
-    ("missing", "data.knn_val: {folder}: not a folder"),
-    ("unlabelled", "data.knn_val {folder}: the kNN monitor needs labelled shards (build with --labels folder)"),
-])
-def test_the_knn_monitors_folders_are_checked_before_the_first_step(data, tmp_path, capsys, folder, message):
+@pytest.mark.parametrize(
+    "folder, message",
+    [
+        ("missing", "data.knn_val: {folder}: not a folder"),
+        (
+            "unlabelled",
+            "data.knn_val {folder}: the kNN monitor needs labelled shards (build with --labels folder)",
+        ),
+    ],
+)
+def test_the_knn_monitors_folders_are_checked_before_the_first_step(
+    data, tmp_path, capsys, folder, message
+):
     """Not after an epoch of training: the run below would end (exit 0) before its first kNN pass."""
     from moco_dali.train.cli import main
 
     if folder == "unlabelled":
-        build([str(data["root"] / "raw-val")], tmp_path / folder, BuildSettings(), workers=0, progress=False)
+        build(
+            [str(data["root"] / "raw-val")],
+            tmp_path / folder,
+            BuildSettings(),
+            workers=0,
+            progress=False,
+        )
     out = tmp_path / "run"
-    assert main([*TINY, "--data.train", str(data["train"]), "--run.out", str(out), "--run.max_steps", "2",
-                 "--data.knn_train", str(data["train"]), "--data.knn_val", str(tmp_path / folder),
-                 "--run.knn_every", "1"]) == 2
-    assert capsys.readouterr().err.strip() == "moco-train: error: " + message.format(folder=tmp_path / folder)
+    assert (
+        main(
+            [
+                *TINY,
+                "--data.train",
+                str(data["train"]),
+                "--run.out",
+                str(out),
+                "--run.max_steps",
+                "2",
+                "--data.knn_train",
+                str(data["train"]),
+                "--data.knn_val",
+                str(tmp_path / folder),
+                "--run.knn_every",
+                "1",
+            ]
+        )
+        == 2
+    )
+    assert capsys.readouterr().err.strip() == "moco-train: error: " + message.format(
+        folder=tmp_path / folder
+    )
     assert not (out / "metrics.jsonl").exists()
 
 
@@ -294,9 +470,36 @@ def test_run_deterministic_is_applied_before_any_work(data, tmp_path, monkeypatc
     asked = []
     monkeypatch.setattr(engine, "set_determinism", asked.append)
     # Refused by the configuration: the switch was applied before, as cuBLAS needs.
-    assert main([*TINY, "--data.train", str(data["train"]), "--run.out", str(tmp_path), "--run.deterministic", "true",
-                 "--model.m", "2"]) == 2
-    assert main([*TINY, "--data.train", str(data["train"]), "--run.out", str(tmp_path), "--model.m", "2"]) == 2
+    assert (
+        main(
+            [
+                *TINY,
+                "--data.train",
+                str(data["train"]),
+                "--run.out",
+                str(tmp_path),
+                "--run.deterministic",
+                "true",
+                "--model.m",
+                "2",
+            ]
+        )
+        == 2
+    )
+    assert (
+        main(
+            [
+                *TINY,
+                "--data.train",
+                str(data["train"]),
+                "--run.out",
+                str(tmp_path),
+                "--model.m",
+                "2",
+            ]
+        )
+        == 2
+    )
     assert asked == [True, False]
 
 
@@ -304,12 +507,19 @@ def test_set_determinism_sets_the_kernels_choice(monkeypatch):
     from moco_dali.train.engine import set_determinism
 
     monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
-    saved = (torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic,
-             torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled())
+    saved = (
+        torch.backends.cudnn.benchmark,
+        torch.backends.cudnn.deterministic,
+        torch.are_deterministic_algorithms_enabled(),
+        torch.is_deterministic_algorithms_warn_only_enabled(),
+    )
     try:
         set_determinism(True)
         assert (torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic) == (False, True)
-        assert torch.are_deterministic_algorithms_enabled() and os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
+        assert (
+            torch.are_deterministic_algorithms_enabled()
+            and os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
+        )
         set_determinism(False)  # shapes are fixed: let cuDNN pick the fastest algorithm once
         assert (torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic) == (True, False)
         assert not torch.are_deterministic_algorithms_enabled()
@@ -321,8 +531,21 @@ def test_set_determinism_sets_the_kernels_choice(monkeypatch):
 @pytest.mark.gpu
 def test_a_deterministic_gpu_run_resumes_with_the_same_losses(data, tmp_path):
     """On the GPU (bf16 autocast, the mixed decoder) with run.deterministic: stopped at step 7, resumed, equal."""
-    args = [*TINY, "--data.train", str(data["train"]), "--run.device", "cuda", "--run.amp", "bf16",
-            "--run.deterministic", "true", "--run.epochs", "2", "--run.ckpt_every", "7"]
+    args = [
+        *TINY,
+        "--data.train",
+        str(data["train"]),
+        "--run.device",
+        "cuda",
+        "--run.amp",
+        "bf16",
+        "--run.deterministic",
+        "true",
+        "--run.epochs",
+        "2",
+        "--run.ckpt_every",
+        "7",
+    ]
     clean = moco_train(*args, "--run.out", str(tmp_path / "clean"))
     assert clean.returncode == 0, clean.stderr[-2000:]
     out = tmp_path / "stopped"
@@ -337,8 +560,19 @@ def test_a_deterministic_gpu_run_resumes_with_the_same_losses(data, tmp_path):
 @pytest.mark.gpu
 def test_fp16_on_the_gpu_counts_no_scaler_back_off_as_a_skipped_step(data, tmp_path):
     out = tmp_path / "fp16"
-    result = moco_train(*TINY, "--data.train", str(data["train"]), "--run.device", "cuda", "--run.amp", "fp16",
-                        "--run.out", str(out), "--run.max_steps", "12")
+    result = moco_train(
+        *TINY,
+        "--data.train",
+        str(data["train"]),
+        "--run.device",
+        "cuda",
+        "--run.amp",
+        "fp16",
+        "--run.out",
+        str(out),
+        "--run.max_steps",
+        "12",
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     records = [r for r in metrics(out) if r["kind"] == "train"]
     assert all(math.isfinite(r["loss"]) for r in records) and records[-1]["skipped_steps"] == 0

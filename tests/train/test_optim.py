@@ -50,8 +50,12 @@ def test_lars_skips_parameters_without_gradients_and_saves_state():
 
 def test_make_optimizer_choices():
     params = [torch.nn.Parameter(torch.zeros(2))]
-    assert make_optimizer("sgd", params, 0.1, 0.9, 0.0, torch.device("cpu")).defaults["fused"] is True
-    assert not make_optimizer("sgd", params, 0.1, 0.9, 0.0, torch.device("cpu"), fast=False).defaults["fused"]
+    assert (
+        make_optimizer("sgd", params, 0.1, 0.9, 0.0, torch.device("cpu")).defaults["fused"] is True
+    )
+    assert not make_optimizer(
+        "sgd", params, 0.1, 0.9, 0.0, torch.device("cpu"), fast=False
+    ).defaults["fused"]
     assert isinstance(make_optimizer("lars", params, 0.1, 0.9, 0.0, torch.device("cpu")), LARS)
     with pytest.raises(ValueError, match="choose sgd or lars"):
         make_optimizer("adam", params, 0.1, 0.9, 0.0, torch.device("cpu"))
@@ -73,7 +77,10 @@ def test_a_non_finite_gradient_skips_the_step_on_the_device(name):
     optimizer.zero_grad()
     assert backward_step(model(x).square().mean() * float("nan"), optimizer, scaler).item()
     assert all(torch.equal(a, p) for a, p in zip(before, model.parameters()))
-    assert all(torch.equal(b, optimizer.state[p]["momentum_buffer"]) for b, p in zip(buffers, model.parameters()))
+    assert all(
+        torch.equal(b, optimizer.state[p]["momentum_buffer"])
+        for b, p in zip(buffers, model.parameters())
+    )
     optimizer.zero_grad()
     assert not backward_step(model(x).square().mean(), optimizer, scaler).item()
     assert not any(torch.equal(a, p) for a, p in zip(before, model.parameters()))
@@ -88,17 +95,25 @@ def _scaler_steps(device: torch.device, autocast_dtype):
     model = torch.nn.Linear(4, 3).to(device)
     optimizer = make_optimizer("sgd", model.parameters(), 0.1, 0.9, 1e-4, device)
     # A scale so large that the scaled gradients overflow: the scaler's normal back-off.
-    scaler = torch.amp.GradScaler(device.type, init_scale=2.0**120 if autocast_dtype is None else 2.0**40)
+    scaler = torch.amp.GradScaler(
+        device.type, init_scale=2.0**120 if autocast_dtype is None else 2.0**40
+    )
     x = torch.randn(8, 4, device=device)
 
     def loss(factor: float = 1.0) -> torch.Tensor:
-        with torch.autocast(device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
+        with torch.autocast(
+            device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None
+        ):
             return model(x).square().mean().float() * factor
 
     before = [p.detach().clone() for p in model.parameters()]
     overflow = backward_step(loss(1e6), optimizer, scaler)  # finite, its scaled gradients not
-    assert scaler.get_scale() < (2.0**120 if autocast_dtype is None else 2.0**40), "the scaler did not back off"
-    assert all(torch.equal(a, p) for a, p in zip(before, model.parameters())), "the overflowing step was applied"
+    assert scaler.get_scale() < (2.0**120 if autocast_dtype is None else 2.0**40), (
+        "the scaler did not back off"
+    )
+    assert all(torch.equal(a, p) for a, p in zip(before, model.parameters())), (
+        "the overflowing step was applied"
+    )
     optimizer.zero_grad()
     nan = backward_step(loss(float("nan")), optimizer, scaler)
     return bool(overflow.item()), bool(nan.item())

@@ -6,7 +6,13 @@ import pytest
 import torch
 
 from moco_dali.train.config import preset
-from moco_dali.train.step import amp_dtype, backward_step, build_model, build_optimizer, forward_loss
+from moco_dali.train.step import (
+    amp_dtype,
+    backward_step,
+    build_model,
+    build_optimizer,
+    forward_loss,
+)
 
 
 def _step(device: torch.device, amp: str, views: tuple[torch.Tensor, torch.Tensor]):
@@ -14,7 +20,12 @@ def _step(device: torch.device, amp: str, views: tuple[torch.Tensor, torch.Tenso
     config = preset("v2")
     # Sub-batches of 8: split BN over 2 samples at 1x1 (the last block at 32 px) is
     # so ill-conditioned that rounding alone turns the gradients around.
-    config.model.arch, config.model.K, config.model.shuffle, config.model.num_splits = "resnet18", 256, "split", 2
+    config.model.arch, config.model.K, config.model.shuffle, config.model.num_splits = (
+        "resnet18",
+        256,
+        "split",
+        2,
+    )
     config.data.batch_size, config.data.size = 16, 32
     config.run.amp, config.run.channels_last = amp, True
     torch.manual_seed(0)
@@ -26,12 +37,16 @@ def _step(device: torch.device, amp: str, views: tuple[torch.Tensor, torch.Tenso
     # the first GPU run found. Gradients left multiplied by 256 still fail the norm check.
     scaler = torch.amp.GradScaler(device.type, init_scale=2.0**8, enabled=dtype == torch.float16)
     computed_in = []
-    model.encoder_q.fc.register_forward_hook(lambda module, inputs, output: computed_in.append(output.dtype))
+    model.encoder_q.fc.register_forward_hook(
+        lambda module, inputs, output: computed_in.append(output.dtype)
+    )
     torch.manual_seed(1)  # the same key shuffle for every contender
     view_q, view_k = (v.to(device).contiguous(memory_format=torch.channels_last) for v in views)
     loss, logits, _ = forward_loss(model, view_q, view_k, dtype)
     skipped = backward_step(loss, optimizer, scaler)
-    assert not scaler.is_enabled() or scaler.get_scale() == 2.0**8, "the scaler backed off: no gradients to compare"
+    assert not scaler.is_enabled() or scaler.get_scale() == 2.0**8, (
+        "the scaler backed off: no gradients to compare"
+    )
     grads = torch.cat([p.grad.flatten() for p in model.encoder_q.parameters()])
     return loss.detach(), logits, grads, bool(skipped), computed_in[0]
 
@@ -39,9 +54,14 @@ def _step(device: torch.device, amp: str, views: tuple[torch.Tensor, torch.Tenso
 @pytest.mark.parametrize("amp", ["bf16", "fp16"])
 def test_an_amp_step_follows_the_float32_step(device, amp):
     if amp == "fp16" and device.type == "cpu":
-        pytest.skip("fp16 autocast with a gradient scaler is for GPUs (run.amp refuses it on a CPU)")
+        pytest.skip(
+            "fp16 autocast with a gradient scaler is for GPUs (run.amp refuses it on a CPU)"
+        )
     generator = torch.Generator().manual_seed(2)
-    views = (torch.randn(16, 3, 32, 32, generator=generator), torch.randn(16, 3, 32, 32, generator=generator))
+    views = (
+        torch.randn(16, 3, 32, 32, generator=generator),
+        torch.randn(16, 3, 32, 32, generator=generator),
+    )
     loss, logits, grads, skipped, computed_in = _step(device, amp, views)
     loss_fp32, _, grads_fp32, _, _ = _step(device, "none", views)
     assert computed_in == amp_dtype(amp, device) and logits.dtype == torch.float32 and not skipped

@@ -92,28 +92,54 @@ def _fraction(text: str) -> float:
 
 
 def _parser(gpu: bool, cores: int) -> argparse.ArgumentParser:
-    parser = _Parser(prog="moco-bench", description=__doc__.split("\n\n")[0],
-                                     epilog="moco-bench --compare A.json B.json: two records side by side")
+    parser = _Parser(
+        prog="moco-bench",
+        description=__doc__.split("\n\n")[0],
+        epilog="moco-bench --compare A.json B.json: two records side by side",
+    )
     sub = parser.add_subparsers(dest="mode", required=True)
 
     out = argparse.ArgumentParser(add_help=False)
     out.add_argument("--device", default="cuda:0" if gpu else "cpu")
-    out.add_argument("--reps", type=positive_int, default=3, help="alternating repetitions (median reported)")
+    out.add_argument(
+        "--reps", type=positive_int, default=3, help="alternating repetitions (median reported)"
+    )
     out.add_argument("--out", type=Path, default=None, help="write the JSON record here")
-    out.add_argument("--chart", type=Path, default=None, help="draw the headline figures as a PNG here")
+    out.add_argument(
+        "--chart", type=Path, default=None, help="draw the headline figures as a PNG here"
+    )
 
     data = argparse.ArgumentParser(add_help=False)
-    data.add_argument("--shards", type=Path, default=None, help="shard folder (default: --synthetic photos)")
-    data.add_argument("--synthetic", type=positive_int, default=2000 if gpu else 200, metavar="N",
-                      help="without --shards: generate N ImageNet-like JPEGs (~500x375, ~110 KB) and shard them")
+    data.add_argument(
+        "--shards", type=Path, default=None, help="shard folder (default: --synthetic photos)"
+    )
+    data.add_argument(
+        "--synthetic",
+        type=positive_int,
+        default=2000 if gpu else 200,
+        metavar="N",
+        help="without --shards: generate N ImageNet-like JPEGs (~500x375, ~110 KB) and shard them",
+    )
     data.add_argument("--batch", type=positive_int, default=256 if gpu else 16)
-    data.add_argument("--size", type=positive_int, default=224 if gpu else 112, help="view size in px")
-    data.add_argument("--batches", type=positive_int, default=50 if gpu else 3, help="timed batches per rep")
+    data.add_argument(
+        "--size", type=positive_int, default=224 if gpu else 112, help="view size in px"
+    )
+    data.add_argument(
+        "--batches", type=positive_int, default=50 if gpu else 3, help="timed batches per rep"
+    )
     data.add_argument("--warmup", type=positive_int, default=10 if gpu else 1)
-    data.add_argument("--hue-space", choices=["hsv", "yiq"], default="hsv",
-                      help="DALI hue: exact HSV shift (default) or DALI's cheaper YIQ rotation")
-    data.add_argument("--threads", type=positive_int, default=None, help="DALI CPU threads (default: all cores)")
-    data.add_argument("--workers", type=positive_int, default=cores, help="reference DataLoader workers")
+    data.add_argument(
+        "--hue-space",
+        choices=["hsv", "yiq"],
+        default="hsv",
+        help="DALI hue: exact HSV shift (default) or DALI's cheaper YIQ rotation",
+    )
+    data.add_argument(
+        "--threads", type=positive_int, default=None, help="DALI CPU threads (default: all cores)"
+    )
+    data.add_argument(
+        "--workers", type=positive_int, default=cores, help="reference DataLoader workers"
+    )
     data.add_argument("--hw-decoder-load", type=_fraction, default=0.75)
 
     model = argparse.ArgumentParser(add_help=False)
@@ -121,7 +147,12 @@ def _parser(gpu: bool, cores: int) -> argparse.ArgumentParser:
     model.add_argument("--K", type=positive_int, default=65536 if gpu else 4096, help="queue size")
 
     train = argparse.ArgumentParser(add_help=False)
-    train.add_argument("--amp", choices=["auto", "bf16", "fp16", "none"], default="auto", help="ours: autocast dtype")
+    train.add_argument(
+        "--amp",
+        choices=["auto", "bf16", "fp16", "none"],
+        default="auto",
+        help="ours: autocast dtype",
+    )
     train.add_argument("--compile", action="store_true", help="ours: torch.compile the encoders")
 
     pipe = argparse.ArgumentParser(add_help=False)
@@ -129,37 +160,87 @@ def _parser(gpu: bool, cores: int) -> argparse.ArgumentParser:
     pipe.add_argument("--dtype", choices=["float16", "float32"], default="float16")
 
     mom = argparse.ArgumentParser(add_help=False)
-    mom.add_argument("--mlp", action=argparse.BooleanOptionalAction, default=True, help="MoCo v2's MLP head")
-    mom.add_argument("--calls", type=positive_int, default=20 if gpu else 5, help="timed calls per rep")
+    mom.add_argument(
+        "--mlp", action=argparse.BooleanOptionalAction, default=True, help="MoCo v2's MLP head"
+    )
+    mom.add_argument(
+        "--calls", type=positive_int, default=20 if gpu else 5, help="timed calls per rep"
+    )
 
     shards = argparse.ArgumentParser(add_help=False)
-    shards.add_argument("--photos", type=Path, default=None,
-                        help="shards mode: folder of *.jpg to build from (default: the --synthetic photos)")
-    shards.add_argument("--build-workers", default=None,
-                        help="shards mode: comma-separated worker counts (default 1, 2, 4, ... cores)")
+    shards.add_argument(
+        "--photos",
+        type=Path,
+        default=None,
+        help="shards mode: folder of *.jpg to build from (default: the --synthetic photos)",
+    )
+    shards.add_argument(
+        "--build-workers",
+        default=None,
+        help="shards mode: comma-separated worker counts (default 1, 2, 4, ... cores)",
+    )
 
-    sub.add_parser("pipeline", parents=[out, data, pipe],
-                   help="view pairs/s of the DALI pipeline beside the reference loader")
-    sub.add_parser("views", parents=[out, data, pipe],
-                   help="what each view operator costs: the DALI pipeline with one left out at a time")
-    m = sub.add_parser("momentum", parents=[out, mom], help="momentum update vs the per-parameter loop and the floor")
+    sub.add_parser(
+        "pipeline",
+        parents=[out, data, pipe],
+        help="view pairs/s of the DALI pipeline beside the reference loader",
+    )
+    sub.add_parser(
+        "views",
+        parents=[out, data, pipe],
+        help="what each view operator costs: the DALI pipeline with one left out at a time",
+    )
+    m = sub.add_parser(
+        "momentum",
+        parents=[out, mom],
+        help="momentum update vs the per-parameter loop and the floor",
+    )
     m.add_argument("--arch", choices=ARCHS, default="resnet50")
     m.add_argument("--K", type=positive_int, default=65536)
-    m.add_argument("--batch", type=positive_int, default=256, help="keys enqueued per step (the global batch)")
-    sub.add_parser("step", parents=[out, data, model, train], help="training step on synthetic tensors, ours vs reference")
-    sub.add_parser("e2e", parents=[out, data, model, train], help="shards through the pipeline into the step")
-    s = sub.add_parser("shards", parents=[out, shards], help="moco-shards build vs PIL + webdataset.ShardWriter")
+    m.add_argument(
+        "--batch", type=positive_int, default=256, help="keys enqueued per step (the global batch)"
+    )
+    sub.add_parser(
+        "step",
+        parents=[out, data, model, train],
+        help="training step on synthetic tensors, ours vs reference",
+    )
+    sub.add_parser(
+        "e2e", parents=[out, data, model, train], help="shards through the pipeline into the step"
+    )
+    s = sub.add_parser(
+        "shards", parents=[out, shards], help="moco-shards build vs PIL + webdataset.ShardWriter"
+    )
     s.add_argument("--synthetic", type=positive_int, default=2000 if gpu else 200, metavar="N")
-    sb = sub.add_parser("scale-build", parents=[out], help="shard builder memory and time per part as the source grows")
+    sb = sub.add_parser(
+        "scale-build",
+        parents=[out],
+        help="shard builder memory and time per part as the source grows",
+    )
     sb.add_argument("--sizes", default="1e5,1e6", help="comma-separated input counts")
-    sb.add_argument("--parts", default="1,100", help="comma-separated part counts (part 0 is measured)")
-    sb.add_argument("--kinds", default="list", help="comma-separated sources: list (a list file), folder (empty files)")
-    every = sub.add_parser("all", parents=[out, data, model, train, pipe, mom, shards], help="every mode, one record")
-    every.add_argument("--modes", default=",".join(MODES),
-                       help=f"comma-separated, from {','.join(MODES + OPTIONAL_MODES)} (default {','.join(MODES)})")
+    sb.add_argument(
+        "--parts", default="1,100", help="comma-separated part counts (part 0 is measured)"
+    )
+    sb.add_argument(
+        "--kinds",
+        default="list",
+        help="comma-separated sources: list (a list file), folder (empty files)",
+    )
+    every = sub.add_parser(
+        "all", parents=[out, data, model, train, pipe, mom, shards], help="every mode, one record"
+    )
+    every.add_argument(
+        "--modes",
+        default=",".join(MODES),
+        help=f"comma-separated, from {','.join(MODES + OPTIONAL_MODES)} (default {','.join(MODES)})",
+    )
     from moco_dali.tools.bench.scale import add_arguments as scale_arguments
 
-    scale_arguments(sub.add_parser("scale", parents=[out], help="per-rank start-up and memory as the data grows"))
+    scale_arguments(
+        sub.add_parser(
+            "scale", parents=[out], help="per-rank start-up and memory as the data grows"
+        )
+    )
     return parser
 
 
@@ -231,9 +312,16 @@ def _print(record: dict) -> None:
 
     from moco_dali.tools.bench.views import print_views
 
-    printers = {"pipeline": print_pipeline, "views": print_views, "momentum": print_momentum, "step": print_step,
-                "e2e": print_e2e,
-                "shards": print_shards, "scale": print_scale, "scale-build": print_scale_build}
+    printers = {
+        "pipeline": print_pipeline,
+        "views": print_views,
+        "momentum": print_momentum,
+        "step": print_step,
+        "e2e": print_e2e,
+        "shards": print_shards,
+        "scale": print_scale,
+        "scale-build": print_scale_build,
+    }
     if record["mode"] == "all":
         for sub in record["records"].values():
             if "error" in sub:
@@ -293,13 +381,17 @@ def _validate(args, gpu: bool) -> None:
     try:
         device = torch.device(args.device)
     except RuntimeError:
-        raise UsageError(f"--device {args.device}: not a device; give cpu, cuda or cuda:N") from None
+        raise UsageError(
+            f"--device {args.device}: not a device; give cpu, cuda or cuda:N"
+        ) from None
     if device.type not in ("cpu", "cuda"):
         raise UsageError(f"--device {args.device}: moco-bench measures on cpu or cuda")
     if device.type == "cuda" and not gpu:
         raise UsageError(f"--device {args.device}: no CUDA GPU here")
     if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
-        raise UsageError(f"--device {args.device}: this machine has {torch.cuda.device_count()} GPU(s)")
+        raise UsageError(
+            f"--device {args.device}: this machine has {torch.cuda.device_count()} GPU(s)"
+        )
     mode = args.mode
     if getattr(args, "shards", None) is not None:
         from moco_dali.pipeline.shards import ShardError, discover
@@ -317,39 +409,54 @@ def _validate(args, gpu: bool) -> None:
     if mode == "all":
         unknown = [m for m in args.modes.split(",") if m not in MODES + OPTIONAL_MODES]
         if unknown or not args.modes:
-            raise UsageError(f"--modes {args.modes}: choose from {','.join(MODES + OPTIONAL_MODES)}")
+            raise UsageError(
+                f"--modes {args.modes}: choose from {','.join(MODES + OPTIONAL_MODES)}"
+            )
     if getattr(args, "build_workers", None):
         _counts("--build-workers", args.build_workers)
     if mode in ("momentum", "step", "e2e", "all") and args.K < args.batch:
         # the queue's rule (KeyQueue.enqueue): a step enqueues the whole batch
-        raise UsageError(f"--K {args.K}: the queue must hold at least one batch (--batch {args.batch})")
+        raise UsageError(
+            f"--K {args.K}: the queue must hold at least one batch (--batch {args.batch})"
+        )
     if mode in ("step", "e2e", "all"):
         from moco_dali.train.config import preset
 
-        splits = preset("v2").model.num_splits  # the step measures split-BN over this many sub-batches
+        splits = preset(
+            "v2"
+        ).model.num_splits  # the step measures split-BN over this many sub-batches
         if args.batch % splits or args.batch < 2 * splits:
-            raise UsageError(f"--batch {args.batch}: split batch norm needs a multiple of {splits} with at least "
-                             f"2 samples per split (e.g. {2 * splits})")
+            raise UsageError(
+                f"--batch {args.batch}: split batch norm needs a multiple of {splits} with at least "
+                f"2 samples per split (e.g. {2 * splits})"
+            )
     if mode == "scale":
         if args.batch < 1 or args.threads < 1:
-            option, value = ("--batch", args.batch) if args.batch < 1 else ("--threads", args.threads)
+            option, value = (
+                ("--batch", args.batch) if args.batch < 1 else ("--threads", args.threads)
+            )
             raise UsageError(f"{option} {value}: must be at least 1")
         _counts("--worlds", args.worlds)
-        for folder in (args.folders.split(",") if args.folders else []):
+        for folder in args.folders.split(",") if args.folders else []:
             samples, _, shards = folder.partition(":")
             counts = _counts("--folders", f"{samples},{shards}", lambda t: int(float(t)))
             if counts[1] > counts[0]:
                 raise UsageError(f"--folders {folder}: more shards than samples")
         if args.root is not None and args.root.exists() and not args.root.is_dir():
             raise UsageError(f"--root {args.root}: not a folder")
-        if args.pipeline_from is not None and not (args.pipeline_from / "pipeline" / "__init__.py").is_file():
+        if (
+            args.pipeline_from is not None
+            and not (args.pipeline_from / "pipeline" / "__init__.py").is_file()
+        ):
             raise UsageError(f"--pipeline-from {args.pipeline_from}: no pipeline/ package in it")
     if mode == "scale-build":
         _counts("--sizes", args.sizes, lambda t: int(float(t)))
         _counts("--parts", args.parts)
         unknown = set(args.kinds.split(",")) - {"list", "folder"}
         if unknown:
-            raise UsageError(f"--kinds {args.kinds}: unknown source {sorted(unknown)[0]!r}; choose list or folder")
+            raise UsageError(
+                f"--kinds {args.kinds}: unknown source {sorted(unknown)[0]!r}; choose list or folder"
+            )
     for option, path in (("--out", args.out), ("--chart", args.chart)):
         if path is not None:
             _writable(option, path)
@@ -370,7 +477,9 @@ def _record(path: Path) -> None:
         for key in ("ours", "reference"):
             value = row.get(key)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-                raise UsageError(f"{path}: not a moco-bench record ({row.get('figure')}: {key} is {value!r})")
+                raise UsageError(
+                    f"{path}: not a moco-bench record ({row.get('figure')}: {key} is {value!r})"
+                )
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -379,7 +488,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["--compare"]:
         if len(argv) != 3:
-            print("moco-bench: error: --compare takes two JSON records: --compare A.json B.json", file=sys.stderr)
+            print(
+                "moco-bench: error: --compare takes two JSON records: --compare A.json B.json",
+                file=sys.stderr,
+            )
             return 2
         try:
             _record(Path(argv[1]))
@@ -407,8 +519,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 records[mode] = _run_one(mode, args)
                 records[mode].update(date=time.strftime("%Y-%m-%d"))
                 if args.out:  # a run stopped part-way still leaves the modes that finished
-                    _write_partial(args.out, {"mode": "all", "records": records, "partial": True,
-                                              "date": time.strftime("%Y-%m-%d"), "machine": machine})
+                    _write_partial(
+                        args.out,
+                        {
+                            "mode": "all",
+                            "records": records,
+                            "partial": True,
+                            "date": time.strftime("%Y-%m-%d"),
+                            "machine": machine,
+                        },
+                    )
             record = {"mode": "all", "records": records}
         else:
             record = _run(args.mode, args)
@@ -423,9 +543,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.out:
         try:  # checked before the run; this is a disk that filled or a folder that went meanwhile
             args.out.parent.mkdir(parents=True, exist_ok=True)
-            _write_atomic(args.out, record)  # a run stopped while writing leaves the last whole record
+            _write_atomic(
+                args.out, record
+            )  # a run stopped while writing leaves the last whole record
         except OSError as exc:
-            print(f"moco-bench: error: --out {args.out}: cannot write: {exc.strerror or exc}", file=sys.stderr)
+            print(
+                f"moco-bench: error: --out {args.out}: cannot write: {exc.strerror or exc}",
+                file=sys.stderr,
+            )
             return 2
         print(f"wrote {args.out}")
     if args.chart and not headline(record):
@@ -438,7 +563,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             return 2
     failed = [sub["mode"] for sub in record.get("records", {}).values() if "error" in sub]
     if failed:
-        print(f"moco-bench all: {', '.join(failed)} failed (their errors are in the record)", file=sys.stderr)
+        print(
+            f"moco-bench all: {', '.join(failed)} failed (their errors are in the record)",
+            file=sys.stderr,
+        )
         return 1
     return 0
 

@@ -15,8 +15,20 @@ from typing import Callable, Iterable, Iterator, Optional
 
 import torch
 
-__all__ = ["sync", "time_ms", "summary", "rates", "Feed", "timed_window", "warm_up", "settle", "peak_memory",
-           "synthetic_photos", "shards_for", "reference_feed"]
+__all__ = [
+    "sync",
+    "time_ms",
+    "summary",
+    "rates",
+    "Feed",
+    "timed_window",
+    "warm_up",
+    "settle",
+    "peak_memory",
+    "synthetic_photos",
+    "shards_for",
+    "reference_feed",
+]
 
 
 def sync(device: torch.device) -> None:
@@ -24,7 +36,9 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_ms(fn: Callable[[], object], device: torch.device, reps: int, warmup: int = 3) -> list[float]:
+def time_ms(
+    fn: Callable[[], object], device: torch.device, reps: int, warmup: int = 3
+) -> list[float]:
     """Wall time of ``fn`` in ms, ``reps`` times after ``warmup`` calls (CUDA events on a GPU)."""
     for _ in range(warmup):
         fn()
@@ -46,13 +60,22 @@ def time_ms(fn: Callable[[], object], device: torch.device, reps: int, warmup: i
 
 
 def summary(times: list[float]) -> dict:
-    return {"median_ms": statistics.median(times), "min_ms": min(times), "max_ms": max(times), "calls": len(times)}
+    return {
+        "median_ms": statistics.median(times),
+        "min_ms": min(times),
+        "max_ms": max(times),
+        "calls": len(times),
+    }
 
 
 def rates(count: int, seconds: list[float], unit: str) -> dict:
     """``count`` items per window of ``seconds``: the median rate with its spread (``{unit}_per_s`` and its min, max)."""
-    return {f"{unit}_per_s": statistics.median(count / t for t in seconds), f"{unit}_per_s_min": count / max(seconds),
-            f"{unit}_per_s_max": count / min(seconds), "seconds": seconds}
+    return {
+        f"{unit}_per_s": statistics.median(count / t for t in seconds),
+        f"{unit}_per_s_min": count / max(seconds),
+        f"{unit}_per_s_max": count / min(seconds),
+        "seconds": seconds,
+    }
 
 
 class Feed:
@@ -135,7 +158,11 @@ def peak_memory(device: torch.device) -> dict:
 
             pynvml.nvmlInit()
             handle = pynvml.nvmlDeviceGetHandleByIndex(device.index or 0)
-            used = [p.usedGpuMemory for p in pynvml.nvmlDeviceGetComputeRunningProcesses(handle) if p.pid == os.getpid()]
+            used = [
+                p.usedGpuMemory
+                for p in pynvml.nvmlDeviceGetComputeRunningProcesses(handle)
+                if p.pid == os.getpid()
+            ]
             memory["gpu_process_MB"] = used[0] / 2**20 if used and used[0] else None
         except Exception as exc:  # NVML is optional; say why the figure is missing
             memory["gpu_process_MB"] = f"unavailable: {exc}"
@@ -166,13 +193,24 @@ def shards_for(args) -> tuple[Path, Optional[dict]]:
 
         photos, info = synthetic_photos(args)
         per_shard = max(1, min(1000, args.synthetic // max(1, getattr(args, "workers", 1) or 1)))
-        build([str(photos)], photos.parent / "shards", BuildSettings(max_count=per_shard), progress=False)
+        build(
+            [str(photos)],
+            photos.parent / "shards",
+            BuildSettings(max_count=per_shard),
+            progress=False,
+        )
         args._built = (photos.parent / "shards", info)
     return args._built
 
 
-def reference_feed(shards: Path, cfg, batch_size: int, workers: int, device: torch.device,
-                   layout: Optional[Callable[[torch.Tensor], torch.Tensor]] = None) -> tuple[Feed, dict]:
+def reference_feed(
+    shards: Path,
+    cfg,
+    batch_size: int,
+    workers: int,
+    device: torch.device,
+    layout: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
+) -> tuple[Feed, dict]:
     """The reference loader as a ``Feed`` (started now, repeating), and how it shares the shards.
 
     ``layout`` is applied to both views of each batch (the step's dtype and memory format).
@@ -185,4 +223,7 @@ def reference_feed(shards: Path, cfg, batch_size: int, workers: int, device: tor
         loader = ((layout(view_q), layout(view_k)) for view_q, view_k in loader)
     # DataLoader's default prefetch: two batches per worker.
     split = worker_split(len(shard_format.discover(shards)[1]), workers)
-    return Feed(loader, backlog=2 * workers), {"reference_workers": workers, "reference_split": split}
+    return Feed(loader, backlog=2 * workers), {
+        "reference_workers": workers,
+        "reference_split": split,
+    }

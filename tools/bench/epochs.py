@@ -33,7 +33,9 @@ def draws(args, backlog: int) -> int:
     return backlog + args.warmup + args.reps * (backlog + args.batches) + 1
 
 
-def view_folder(folder: Path, min_samples: int, max_samples: Optional[int] = None) -> tuple[Path, dict]:
+def view_folder(
+    folder: Path, min_samples: int, max_samples: Optional[int] = None
+) -> tuple[Path, dict]:
     """``folder`` itself, or a shard folder of links to its shards holding ``min_samples`` or more.
 
     With more than ``max_samples`` in ``folder``, the view lists its first shards up to
@@ -57,15 +59,27 @@ def view_folder(folder: Path, min_samples: int, max_samples: Optional[int] = Non
     listed = []
     for copy in range(copies):
         for entry in entries:
-            named = dict(entry, tar=f"c{copy:04d}-{Path(entry['tar']).name}",
-                         index=f"c{copy:04d}-{Path(entry['index']).name}")
+            named = dict(
+                entry,
+                tar=f"c{copy:04d}-{Path(entry['tar']).name}",
+                index=f"c{copy:04d}-{Path(entry['index']).name}",
+            )
             for key in ("tar", "index"):
                 _link(manifest.path(entry[key]), view / named[key])
             listed.append(named)
     samples = sum(int(e["samples"]) for e in listed)
-    shards.write_json_atomic(view / shards.MANIFEST_NAME, {
-        **manifest.data, "shards": listed, "samples": samples, "inputs": samples, "rejected": 0,
-        "rejected_reasons": {}, "view": {"of": str(folder), "copies": copies}})
+    shards.write_json_atomic(
+        view / shards.MANIFEST_NAME,
+        {
+            **manifest.data,
+            "shards": listed,
+            "samples": samples,
+            "inputs": samples,
+            "rejected": 0,
+            "rejected_reasons": {},
+            "view": {"of": str(folder), "copies": copies},
+        },
+    )
     return view, {**describe, "shards": len(listed), "copies": copies, "samples": samples}
 
 
@@ -93,8 +107,14 @@ class Epochs:
                 yield self.convert(batch)
 
 
-def epoch_reopens(make_loader: Callable, folder: Path, batch: int, prefetch: int, sync: Callable[[], None],
-                  reopens: int = 3) -> dict:
+def epoch_reopens(
+    make_loader: Callable,
+    folder: Path,
+    batch: int,
+    prefetch: int,
+    sync: Callable[[], None],
+    reopens: int = 3,
+) -> dict:
     """Median wait for an epoch's first batch, less the steady time per batch, over ``reopens`` new epochs.
 
     ``make_loader(folder)`` builds a ``ViewLoader`` as the benchmark does (its first
@@ -122,5 +142,10 @@ def epoch_reopens(make_loader: Callable, folder: Path, batch: int, prefetch: int
                 steady_s.append(now - last)
             last = now
     steady = statistics.median(steady_s)
-    return {"dali_epoch_reopen_s": statistics.median(first_s) - steady, "dali_epoch_first_batch_s": first_s,
-            "dali_steady_batch_s": steady, "batches_per_epoch": len(loader), "folder": described}
+    return {
+        "dali_epoch_reopen_s": statistics.median(first_s) - steady,
+        "dali_epoch_first_batch_s": first_s,
+        "dali_steady_batch_s": steady,
+        "batches_per_epoch": len(loader),
+        "folder": described,
+    }

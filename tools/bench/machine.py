@@ -25,7 +25,9 @@ def describe() -> dict:
     """CPU model and cores, Python and library versions, and the GPUs where there are any."""
     info = {
         "cpu": _cpu_model(),
-        "cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+        "cores": len(os.sched_getaffinity(0))
+        if hasattr(os, "sched_getaffinity")
+        else os.cpu_count(),
         "python": platform.python_version(),
         "platform": platform.platform(),
     }
@@ -48,9 +50,14 @@ def describe() -> dict:
         if torch.cuda.is_available():
             info["gpus"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
             info["cuda"] = torch.version.cuda
-            driver = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
-                                    capture_output=True, text=True)
-            info["driver"] = driver.stdout.strip().splitlines()[0] if driver.returncode == 0 else None
+            driver = subprocess.run(
+                ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                capture_output=True,
+                text=True,
+            )
+            info["driver"] = (
+                driver.stdout.strip().splitlines()[0] if driver.returncode == 0 else None
+            )
         else:
             info["gpus"] = []
     except ImportError:

@@ -41,8 +41,13 @@ class FloorPass:
         self.x.add_(self.y, alpha=0.001)
 
 
-def time_updates(key: Sequence[torch.Tensor], query: Sequence[torch.Tensor], device: torch.device, calls: int,
-                 reps: int) -> tuple[dict, dict, FloorPass]:
+def time_updates(
+    key: Sequence[torch.Tensor],
+    query: Sequence[torch.Tensor],
+    device: torch.device,
+    calls: int,
+    reps: int,
+) -> tuple[dict, dict, FloorPass]:
     """Time every available implementation and the floor pass over the same bytes: summaries of each, and the pass.
 
     They alternate, ``calls`` calls each per round for ``reps`` rounds, so drift and
@@ -50,9 +55,15 @@ def time_updates(key: Sequence[torch.Tensor], query: Sequence[torch.Tensor], dev
     """
     param_bytes = sum(p.numel() * p.element_size() for p in key)
     floor = FloorPass(param_bytes, device)
-    implementations = [i for i in ("loop", "foreach", "foreach_lerp", "apex") if i in momentum.available_implementations()]
-    contenders = {name: (lambda name=name: momentum.momentum_update_(key, query, 0.999, name))
-                  for name in implementations}
+    implementations = [
+        i
+        for i in ("loop", "foreach", "foreach_lerp", "apex")
+        if i in momentum.available_implementations()
+    ]
+    contenders = {
+        name: (lambda name=name: momentum.momentum_update_(key, query, 0.999, name))
+        for name in implementations
+    }
     contenders["floor"] = floor
     runs: dict[str, list[float]] = {name: [] for name in contenders}
     for fn in contenders.values():
@@ -76,7 +87,9 @@ def bench_momentum(args) -> dict:
     key, query = encoders
     params = list(key.parameters())
     param_bytes = sum(p.numel() * p.element_size() for p in params)
-    results, floor_times, floor = time_updates(params, list(query.parameters()), device, args.calls, args.reps)
+    results, floor_times, floor = time_updates(
+        params, list(query.parameters()), device, args.calls, args.reps
+    )
     bandwidth = floor.bytes_moved / (floor_times["median_ms"] / 1e3)
     floor_ms = 3 * param_bytes / bandwidth * 1e3  # read theta_k and theta_q, write theta_k
 
@@ -89,9 +102,18 @@ def bench_momentum(args) -> dict:
     best = min((n for n in results if n != "loop"), key=lambda n: results[n]["median_ms"])
     return {
         "mode": "momentum",
-        "config": {"arch": args.arch, "mlp_head": args.mlp, "parameters": sum(p.numel() for p in params),
-                   "tensors": len(params), "param_bytes": param_bytes, "K": args.K, "batch": args.batch,
-                   "calls": args.calls, "reps": args.reps, "device": str(device)},
+        "config": {
+            "arch": args.arch,
+            "mlp_head": args.mlp,
+            "parameters": sum(p.numel() for p in params),
+            "tensors": len(params),
+            "param_bytes": param_bytes,
+            "K": args.K,
+            "batch": args.batch,
+            "calls": args.calls,
+            "reps": args.reps,
+            "device": str(device),
+        },
         # The key keeps its name for the records and charts that read it; the probe is FloorPass.
         "copy_bandwidth_GBps": bandwidth / 1e9,
         "copy_bytes": floor.buffer_bytes,
@@ -109,15 +131,25 @@ def bench_momentum(args) -> dict:
 
 def print_momentum(r: dict) -> None:
     c = r["config"]
-    print(f"momentum update, {c['arch']}{' + MLP head' if c['mlp_head'] else ''}: {c['parameters'] / 1e6:.1f} M "
-          f"parameters in {c['tensors']} tensors, {c['device']}; streaming bandwidth {r['copy_bandwidth_GBps']:.1f} GB/s "
-          f"over {r['copy_bytes'] / 2**20:.0f} MiB buffers")
+    print(
+        f"momentum update, {c['arch']}{' + MLP head' if c['mlp_head'] else ''}: {c['parameters'] / 1e6:.1f} M "
+        f"parameters in {c['tensors']} tensors, {c['device']}; streaming bandwidth {r['copy_bandwidth_GBps']:.1f} GB/s "
+        f"over {r['copy_bytes'] / 2**20:.0f} MiB buffers"
+    )
     print(f"{'implementation':16s} {'median ms':>10s} {'min':>8s} {'max':>8s} {'x floor':>8s}")
     for name, s in r["momentum"].items():
-        print(f"{name:16s} {s['median_ms']:10.3f} {s['min_ms']:8.3f} {s['max_ms']:8.3f} "
-              f"{s['median_ms'] / r['floor_ms']:8.2f}")
-    print(f"{'floor (3 x bytes / bandwidth)':30s} {r['floor_ms']:.3f} ms, one x.add_(y) over flat buffers")
-    print(f"best: {r['best']}, {r['best_over_floor']:.2f}x the floor (goal <= 1.5), "
-          f"{r['loop_over_best']:.1f}x faster than the loop (goal >= 10)")
-    print(f"enqueue of {c['batch']} keys into K={c['K']}: {r['enqueue']['median_ms']:.3f} ms; "
-          f"negative logits {c['batch']}x128 @ 128x{c['K']}: {r['negative_logits']['median_ms']:.3f} ms")
+        print(
+            f"{name:16s} {s['median_ms']:10.3f} {s['min_ms']:8.3f} {s['max_ms']:8.3f} "
+            f"{s['median_ms'] / r['floor_ms']:8.2f}"
+        )
+    print(
+        f"{'floor (3 x bytes / bandwidth)':30s} {r['floor_ms']:.3f} ms, one x.add_(y) over flat buffers"
+    )
+    print(
+        f"best: {r['best']}, {r['best_over_floor']:.2f}x the floor (goal <= 1.5), "
+        f"{r['loop_over_best']:.1f}x faster than the loop (goal >= 10)"
+    )
+    print(
+        f"enqueue of {c['batch']} keys into K={c['K']}: {r['enqueue']['median_ms']:.3f} ms; "
+        f"negative logits {c['batch']}x128 @ 128x{c['K']}: {r['negative_logits']['median_ms']:.3f} ms"
+    )

@@ -36,8 +36,19 @@ DEBIAN_PHOTOS = {
     "mate-backgrounds": ["usr/share/backgrounds/mate/nature/*.jpg"],
     "plasma-workspace-wallpapers": [
         f"usr/share/wallpapers/{name}/contents/images/*.jpg"
-        for name in ("BytheWater", "ColdRipple", "ColorfulCups", "DarkestHour", "EveningGlow", "FallenLeaf",
-                     "Kite", "OneStandsOut", "Path", "Volna", "summer_1am")
+        for name in (
+            "BytheWater",
+            "ColdRipple",
+            "ColorfulCups",
+            "DarkestHour",
+            "EveningGlow",
+            "FallenLeaf",
+            "Kite",
+            "OneStandsOut",
+            "Path",
+            "Volna",
+            "summer_1am",
+        )
     ],
 }
 
@@ -46,7 +57,9 @@ def fetch_debian_photos(out: Path) -> list[Path]:
     """Download the packages with ``apt-get download`` (no root) and copy their photos to ``out``."""
     out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
-        subprocess.run(["apt-get", "download", *DEBIAN_PHOTOS], cwd=tmp, check=True, capture_output=True)
+        subprocess.run(
+            ["apt-get", "download", *DEBIAN_PHOTOS], cwd=tmp, check=True, capture_output=True
+        )
         for deb in glob.glob(f"{tmp}/*.deb"):
             subprocess.run(["dpkg-deb", "-x", deb, f"{tmp}/x"], check=True)
         for package, patterns in DEBIAN_PHOTOS.items():
@@ -55,7 +68,11 @@ def fetch_debian_photos(out: Path) -> list[Path]:
                 if "wallpapers" in pattern:
                     files = files[-1:]  # the largest rendition of each wallpaper
                 for f in files:
-                    name = f.split("/wallpapers/")[-1].split("/")[0] if "wallpapers" in pattern else Path(f).stem
+                    name = (
+                        f.split("/wallpapers/")[-1].split("/")[0]
+                        if "wallpapers" in pattern
+                        else Path(f).stem
+                    )
                     shutil.copyfile(f, out / f"{name}.jpg")
     return sorted(out.glob("*.jpg"))
 
@@ -78,7 +95,9 @@ def _crop(seed: int) -> np.ndarray:
     factor = min(rng.uniform(1.0, 2.0), width / out_w, height / out_h)
     w, h = int(out_w * factor), int(out_h * factor)
     x, y = rng.randint(0, width - w), rng.randint(0, height - h)
-    crop = Image.fromarray(source[y:y + h, x:x + w]).resize((out_w, out_h), Image.Resampling.BICUBIC)
+    crop = Image.fromarray(source[y : y + h, x : x + w]).resize(
+        (out_w, out_h), Image.Resampling.BICUBIC
+    )
     if rng.random() < 0.5:
         crop = crop.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
     return np.asarray(crop)
@@ -95,14 +114,23 @@ def _calibrate(target_kb: float) -> int:
     sample = [_crop(10_000_000 + i) for i in range(48)]
     best = None
     for quality in range(80, 99):
-        mean_kb = np.mean([len(simplejpeg.encode_jpeg(a, quality, "RGB", "420")) for a in sample]) / 1000
+        mean_kb = (
+            np.mean([len(simplejpeg.encode_jpeg(a, quality, "RGB", "420")) for a in sample]) / 1000
+        )
         if best is None or abs(mean_kb - target_kb) < abs(best[1] - target_kb):
             best = (quality, mean_kb)
     return best[0]
 
 
-def make_photoset(sources: Sequence[Path], out: Path, count: int, *, target_kb: float = 110.0,
-                  quality: Optional[int] = None, workers: Optional[int] = None) -> dict:
+def make_photoset(
+    sources: Sequence[Path],
+    out: Path,
+    count: int,
+    *,
+    target_kb: float = 110.0,
+    quality: Optional[int] = None,
+    workers: Optional[int] = None,
+) -> dict:
     """Write ``count`` photo crops to ``out``; return what was made (quality, mean size).
 
     The JPEG quality is ``quality`` if given, else the one of 80..98 whose mean file
@@ -117,8 +145,14 @@ def make_photoset(sources: Sequence[Path], out: Path, count: int, *, target_kb: 
     jobs = [(i, quality, str(out / f"{i:06d}.jpg")) for i in range(count)]
     with multiprocessing.get_context("fork").Pool(workers or os.cpu_count()) as pool:
         sizes = pool.map(_write, jobs, chunksize=16)
-    info = {"count": count, "quality": quality, "mean_kb": round(float(np.mean(sizes)) / 1000, 1),
-            "sources": len(paths), "size": "500x375 (75%) / 375x500 (25%)", "subsampling": "4:2:0"}
+    info = {
+        "count": count,
+        "quality": quality,
+        "mean_kb": round(float(np.mean(sizes)) / 1000, 1),
+        "sources": len(paths),
+        "size": "500x375 (75%) / 375x500 (25%)",
+        "subsampling": "4:2:0",
+    }
     log.info("photo set: %s", info)
     return info
 
@@ -127,13 +161,24 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", required=True, type=Path)
     parser.add_argument("--count", type=int, default=2000)
-    parser.add_argument("--src", type=Path, default=None, help="folder of source photographs (default: fetch Debian's)")
+    parser.add_argument(
+        "--src",
+        type=Path,
+        default=None,
+        help="folder of source photographs (default: fetch Debian's)",
+    )
     parser.add_argument("--target-kb", type=float, default=110.0)
-    parser.add_argument("--quality", type=int, default=None, help="fixed JPEG quality instead of --target-kb")
+    parser.add_argument(
+        "--quality", type=int, default=None, help="fixed JPEG quality instead of --target-kb"
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO)
-    sources = sorted(args.src.glob("*.jpg")) if args.src else fetch_debian_photos(args.out / "_sources")
-    info = make_photoset(sources, args.out / "photos", args.count, target_kb=args.target_kb, quality=args.quality)
+    sources = (
+        sorted(args.src.glob("*.jpg")) if args.src else fetch_debian_photos(args.out / "_sources")
+    )
+    info = make_photoset(
+        sources, args.out / "photos", args.count, target_kb=args.target_kb, quality=args.quality
+    )
     (args.out / "photoset.json").write_text(json.dumps(info) + "\n")
     print(info)
     return 0

@@ -14,16 +14,27 @@ from __future__ import annotations
 
 import torch
 
-from moco_dali.tools.bench.common import (Feed, peak_memory, rates, reference_feed, settle, shards_for, sync,
-                                          timed_window, warm_up)
+from moco_dali.tools.bench.common import (
+    Feed,
+    peak_memory,
+    rates,
+    reference_feed,
+    settle,
+    shards_for,
+    sync,
+    timed_window,
+    warm_up,
+)
 from moco_dali.tools.bench.epochs import Epochs, draws, epoch_reopens, view_folder
 
 __all__ = ["bench_pipeline", "print_pipeline", "print_reopen", "TIMING"]
 
-TIMING = ("persistent loaders: DALI reads one epoch spanning every timed window (each shard listed "
-          "dali_data.copies times under linked names), the reference DataLoader's workers loop over the shards; "
-          "before each window the other loader refills its prefetch and this one's is drained; a new DALI epoch's "
-          "cost is measured apart (dali_epoch_reopen_s)")
+TIMING = (
+    "persistent loaders: DALI reads one epoch spanning every timed window (each shard listed "
+    "dali_data.copies times under linked names), the reference DataLoader's workers loop over the shards; "
+    "before each window the other loader refills its prefetch and this one's is drained; a new DALI epoch's "
+    "cost is measured apart (dali_epoch_reopen_s)"
+)
 
 
 def bench_pipeline(args) -> dict:
@@ -34,10 +45,17 @@ def bench_pipeline(args) -> dict:
     device = torch.device(args.device)
     gpu = device.type == "cuda"
     shards, photoset = shards_for(args)
-    original = shard_format.load_manifest(shards)  # what the record describes, whatever the DALI view lists
+    original = shard_format.load_manifest(
+        shards
+    )  # what the record describes, whatever the DALI view lists
     cfg = preset(args.preset, args.size, hue_space=args.hue_space)
-    loader_config = LoaderConfig(batch_size=args.batch, dtype=args.dtype, threads=args.threads,
-                                 hw_decoder_load=args.hw_decoder_load, labels=False)
+    loader_config = LoaderConfig(
+        batch_size=args.batch,
+        dtype=args.dtype,
+        threads=args.threads,
+        hw_decoder_load=args.hw_decoder_load,
+        labels=False,
+    )
 
     def make_loader(folder):
         return ViewLoader(folder, cfg, loader_config, device_id=device.index or 0 if gpu else None)
@@ -48,7 +66,10 @@ def bench_pipeline(args) -> dict:
     dali = make_loader(view)
     epochs = Epochs(dali, lambda b: (b.view_q, b.view_k))
     reference, reference_config = reference_feed(shards, cfg, args.batch, args.workers, device)
-    contenders = {"dali": Feed(iter(epochs), backlog=loader_config.prefetch), "reference": reference}
+    contenders = {
+        "dali": Feed(iter(epochs), backlog=loader_config.prefetch),
+        "reference": reference,
+    }
 
     warm_up(contenders.values(), args.warmup, device)
     seconds: dict[str, list[float]] = {name: [] for name in contenders}
@@ -65,13 +86,20 @@ def bench_pipeline(args) -> dict:
 
     # What a new epoch costs, which the timed windows above no longer include.
     settle(None, contenders.values())
-    reopen = epoch_reopens(make_loader, shards, args.batch, loader_config.prefetch, lambda: sync(device))
+    reopen = epoch_reopens(
+        make_loader, shards, args.batch, loader_config.prefetch, lambda: sync(device)
+    )
 
     # The ceiling: the same reader and decoder with nothing after them. Timed after the
     # contenders, so that its memory does not count as theirs.
     settle(None, contenders.values())
-    decoder = decode_pipeline(shards, args.batch, threads=args.threads, hw_decoder_load=args.hw_decoder_load,
-                              device_id=(device.index or 0) if gpu else None)
+    decoder = decode_pipeline(
+        shards,
+        args.batch,
+        threads=args.threads,
+        hw_decoder_load=args.hw_decoder_load,
+        device_id=(device.index or 0) if gpu else None,
+    )
     decoded = Feed(iter(decoder.run, None), backlog=2)
     timed_window(decoded, args.warmup, device)
     decode_s = []
@@ -80,39 +108,69 @@ def bench_pipeline(args) -> dict:
         decode_s.append(timed_window(decoded, args.batches, device))
     return {
         "mode": "pipeline",
-        "config": {"shards": str(shards), "samples": original.samples, "shard_files": len(original.counts),
-                   "preset": args.preset, "size": args.size,
-                   "augment": cfg.to_dict(), "batch": args.batch, "batches": args.batches, "warmup": args.warmup,
-                   "reps": args.reps, "dtype": args.dtype, "dali_threads": args.threads or "default",
-                   **reference_config, "hw_decoder_load": args.hw_decoder_load if gpu else None,
-                   "device": str(device), "decoder": "mixed (nvJPEG)" if gpu else "cpu (libjpeg-turbo)",
-                   "timing": TIMING, "settle_s": settle_s, "dali_data": {**view_info, "epoch_batches": len(dali)}},
+        "config": {
+            "shards": str(shards),
+            "samples": original.samples,
+            "shard_files": len(original.counts),
+            "preset": args.preset,
+            "size": args.size,
+            "augment": cfg.to_dict(),
+            "batch": args.batch,
+            "batches": args.batches,
+            "warmup": args.warmup,
+            "reps": args.reps,
+            "dtype": args.dtype,
+            "dali_threads": args.threads or "default",
+            **reference_config,
+            "hw_decoder_load": args.hw_decoder_load if gpu else None,
+            "device": str(device),
+            "decoder": "mixed (nvJPEG)" if gpu else "cpu (libjpeg-turbo)",
+            "timing": TIMING,
+            "settle_s": settle_s,
+            "dali_data": {**view_info, "epoch_batches": len(dali)},
+        },
         "dali_pipelines_opened_while_timing": opened_while_timing,
-        "dali_epoch_reopen_s": reopen.pop("dali_epoch_reopen_s"), "dali_epoch_reopen": reopen,
+        "dali_epoch_reopen_s": reopen.pop("dali_epoch_reopen_s"),
+        "dali_epoch_reopen": reopen,
         "photoset": photoset,
         "results": results,
         "dali_over_reference": results["dali"]["pairs_per_s"] / results["reference"]["pairs_per_s"],
         "decode_ceiling": rates(pairs, decode_s, "images"),
         "memory": memory,
-        "goals": {"gpu_pairs_per_s": 8000, "gpu_dali_over_reference": 5.0, "cpu_dali_over_reference": 1.0},
+        "goals": {
+            "gpu_pairs_per_s": 8000,
+            "gpu_dali_over_reference": 5.0,
+            "cpu_dali_over_reference": 1.0,
+        },
     }
 
 
 def print_pipeline(r: dict) -> None:
     c = r["config"]
-    print(f"view pipeline, {c['preset']} (hue in {c['augment']['hue_space']}) at {c['size']} px, "
-          f"batch {c['batch']}, {c['batches']} batches x {c['reps']} reps, {c['device']} ({c['decoder']}), "
-          f"{c['samples']} samples in {c['shards']}")
+    print(
+        f"view pipeline, {c['preset']} (hue in {c['augment']['hue_space']}) at {c['size']} px, "
+        f"batch {c['batch']}, {c['batches']} batches x {c['reps']} reps, {c['device']} ({c['decoder']}), "
+        f"{c['samples']} samples in {c['shards']}"
+    )
     print(f"{'loader':12s} {'pairs/s':>10s} {'min':>10s} {'max':>10s}")
     for name, s in r["results"].items():
-        print(f"{name:12s} {s['pairs_per_s']:10.0f} {s['pairs_per_s_min']:10.0f} {s['pairs_per_s_max']:10.0f}")
+        print(
+            f"{name:12s} {s['pairs_per_s']:10.0f} {s['pairs_per_s_min']:10.0f} {s['pairs_per_s_max']:10.0f}"
+        )
     d = r.get("decode_ceiling")
     if d:
-        print(f"{'decode only':12s} {d['images_per_s']:10.0f} {d['images_per_s_min']:10.0f} "
-              f"{d['images_per_s_max']:10.0f}   (images/s: the ceiling of the pairs above)")
+        print(
+            f"{'decode only':12s} {d['images_per_s']:10.0f} {d['images_per_s_min']:10.0f} "
+            f"{d['images_per_s_max']:10.0f}   (images/s: the ceiling of the pairs above)"
+        )
     print_reopen(r)
-    print(f"DALI / reference: {r['dali_over_reference']:.2f}x; memory: "
-          + ", ".join(f"{k} {v:.0f}" if isinstance(v, (int, float)) else f"{k} {v}" for k, v in r["memory"].items()))
+    print(
+        f"DALI / reference: {r['dali_over_reference']:.2f}x; memory: "
+        + ", ".join(
+            f"{k} {v:.0f}" if isinstance(v, (int, float)) else f"{k} {v}"
+            for k, v in r["memory"].items()
+        )
+    )
 
 
 def print_reopen(r: dict) -> None:
@@ -120,7 +178,13 @@ def print_reopen(r: dict) -> None:
     if "dali_epoch_reopen_s" not in r:  # records from before it was measured
         return
     e, opened = r["dali_epoch_reopen"], r["dali_pipelines_opened_while_timing"]
-    print(f"a new DALI epoch costs {r['dali_epoch_reopen_s']:.3f} s more than a steady batch "
-          f"({e['dali_steady_batch_s']:.3f} s; median of {len(e['dali_epoch_first_batch_s'])} epochs of "
-          f"{e['batches_per_epoch']} batches), once per epoch; "
-          + (f"{opened} new epochs fell in the timed windows" if opened else "none fell in a timed window"))
+    print(
+        f"a new DALI epoch costs {r['dali_epoch_reopen_s']:.3f} s more than a steady batch "
+        f"({e['dali_steady_batch_s']:.3f} s; median of {len(e['dali_epoch_first_batch_s'])} epochs of "
+        f"{e['batches_per_epoch']} batches), once per epoch; "
+        + (
+            f"{opened} new epochs fell in the timed windows"
+            if opened
+            else "none fell in a timed window"
+        )
+    )

@@ -84,23 +84,35 @@ def summarise(runs: list[dict]) -> dict:
     }
 
 
-def bench_shards(photos: Path, reps: int, worker_counts: Optional[list[int]] = None,
-                 photoset: Optional[dict] = None) -> dict:
+def bench_shards(
+    photos: Path,
+    reps: int,
+    worker_counts: Optional[list[int]] = None,
+    photoset: Optional[dict] = None,
+) -> dict:
     """The builder's two paths against the baseline over the JPEGs in ``photos``, alternating."""
     files = sorted(photos.glob("*.jpg"))
     count = len(files)
     if not count:
         raise ValueError(f"{photos}: no *.jpg files to build shards from")
     cores = len(os.sched_getaffinity(0))
-    worker_counts = worker_counts or sorted({1, cores} | {w for w in (2, 4, 8, 16, 32, 64) if w < cores})
+    worker_counts = worker_counts or sorted(
+        {1, cores} | {w for w in (2, 4, 8, 16, 32, 64) if w < cores}
+    )
     for f in files:  # page cache, so every contender reads from memory
         f.read_bytes()
     mean_kb = sum(f.stat().st_size for f in files) / count / 1000
 
     contenders = {
         "baseline": lambda out: baseline(files, out),
-        **{f"reencode_w{w}": (lambda out, w=w: ours(photos, out, "always", w)) for w in worker_counts},
-        **{f"passthrough_w{w}": (lambda out, w=w: ours(photos, out, "auto", w)) for w in worker_counts},
+        **{
+            f"reencode_w{w}": (lambda out, w=w: ours(photos, out, "always", w))
+            for w in worker_counts
+        },
+        **{
+            f"passthrough_w{w}": (lambda out, w=w: ours(photos, out, "auto", w))
+            for w in worker_counts
+        },
     }
     warm = files[: max(50, count // 20)]
     with tempfile.TemporaryDirectory() as tmp:
@@ -116,19 +128,27 @@ def bench_shards(photos: Path, reps: int, worker_counts: Optional[list[int]] = N
     for rep in range(reps):
         for name, fn in contenders.items():
             runs[name].append(measure(fn, count))
-            print(f"rep {rep} {name:16s} {runs[name][-1]['img_per_s']:8.0f} img/s", file=sys.stderr, flush=True)
+            print(
+                f"rep {rep} {name:16s} {runs[name][-1]['img_per_s']:8.0f} img/s",
+                file=sys.stderr,
+                flush=True,
+            )
     results = {name: summarise(r) for name, r in runs.items()}
 
     base = results["baseline"]
     one = {p: results[f"{p}_w1"] for p in ("reencode", "passthrough")}
-    figures = {
-        f"{p}_vs_baseline_one_worker": one[p]["img_per_s"] / base["img_per_s"] for p in one
-    } | {
-        f"{p}_vs_baseline_per_cpu_s": one[p]["img_per_cpu_s"] / base["img_per_cpu_s"] for p in one
-    } | {
-        f"{p}_scaling_w{w}": results[f"{p}_w{w}"]["img_per_s"] / (w * one[p]["img_per_s"])
-        for p in one for w in worker_counts
-    }
+    figures = (
+        {f"{p}_vs_baseline_one_worker": one[p]["img_per_s"] / base["img_per_s"] for p in one}
+        | {
+            f"{p}_vs_baseline_per_cpu_s": one[p]["img_per_cpu_s"] / base["img_per_cpu_s"]
+            for p in one
+        }
+        | {
+            f"{p}_scaling_w{w}": results[f"{p}_w{w}"]["img_per_s"] / (w * one[p]["img_per_s"])
+            for p in one
+            for w in worker_counts
+        }
+    )
     return {
         "mode": "shards",
         "benchmark": "shard_build",
@@ -149,14 +169,16 @@ def bench_shards(photos: Path, reps: int, worker_counts: Optional[list[int]] = N
 def print_shards(record: dict) -> None:
     results, photos = record["results"], record["photos"]
     base = results["baseline"]
-    print(f"shard build, {photos['count']} photos of {photos['mean_kb']:.0f} KB, {record['machine']['cores']} cores "
-          f"({record['machine']['cpu']}), median of {record['reps']}")
+    print(
+        f"shard build, {photos['count']} photos of {photos['mean_kb']:.0f} KB, {record['machine']['cores']} cores "
+        f"({record['machine']['cpu']}), median of {record['reps']}"
+    )
     print(f"{'contender':18s} {'img/s':>8s} {'img/cpu-s':>10s} {'vs base':>8s} {'scaling':>8s}")
     for name, r in results.items():
         ratio = r["img_per_s"] / base["img_per_s"]
         path, _, w = name.partition("_w")
         one = results.get(f"{path}_w1")
         scale = f"{r['img_per_s'] / (int(w) * one['img_per_s']):.2f}" if w else ""
-        print(f"{name:18s} {r['img_per_s']:8.0f} {r['img_per_cpu_s']:10.0f} {ratio:8.2f} {scale:>8s}")
-
-
+        print(
+            f"{name:18s} {r['img_per_s']:8.0f} {r['img_per_cpu_s']:10.0f} {ratio:8.2f} {scale:>8s}"
+        )

@@ -29,7 +29,14 @@ from moco_dali.tools.bench.common import Feed, rates, reference_feed, settle, sy
 from moco_dali.tools.bench.epochs import Epochs, draws, epoch_reopens, view_folder
 from moco_dali.tools.bench.pipeline import TIMING, print_reopen
 from moco_dali.train.config import preset
-from moco_dali.train.step import amp_dtype, backward_step, build_model, build_optimizer, forward_loss, views_dtype
+from moco_dali.train.step import (
+    amp_dtype,
+    backward_step,
+    build_model,
+    build_optimizer,
+    forward_loss,
+    views_dtype,
+)
 
 __all__ = ["Contender", "bench_step", "bench_e2e", "print_step", "print_e2e"]
 
@@ -63,22 +70,34 @@ class Contender:
         self.peak_MB = 0.0
 
     def describe(self) -> dict:
-        return {"amp": str(self.amp).replace("torch.", "") if self.amp else "none",
-                "channels_last": self.channels_last, "input_dtype": str(self.input_dtype).replace("torch.", ""),
-                "momentum_impl": resolve_implementation(self.model.momentum_impl),
-                "optimizer": type(self.optimizer).__name__ + (" (fused)" if self.optimizer.defaults.get("fused")
-                                                              else " (foreach)" if self.optimizer.defaults.get("foreach")
-                                                              else " (torch default)"),
-                "compile": self.config.run.compile}
+        return {
+            "amp": str(self.amp).replace("torch.", "") if self.amp else "none",
+            "channels_last": self.channels_last,
+            "input_dtype": str(self.input_dtype).replace("torch.", ""),
+            "momentum_impl": resolve_implementation(self.model.momentum_impl),
+            "optimizer": type(self.optimizer).__name__
+            + (
+                " (fused)"
+                if self.optimizer.defaults.get("fused")
+                else " (foreach)"
+                if self.optimizer.defaults.get("foreach")
+                else " (torch default)"
+            ),
+            "compile": self.config.run.compile,
+        }
 
     def layout(self, images: torch.Tensor) -> torch.Tensor:
         images = images.to(self.device, self.input_dtype, non_blocking=True)
-        return images.contiguous(memory_format=torch.channels_last if self.channels_last else torch.contiguous_format)
+        return images.contiguous(
+            memory_format=torch.channels_last if self.channels_last else torch.contiguous_format
+        )
 
     def synthetic(self, batch: int, size: int) -> tuple[torch.Tensor, torch.Tensor]:
         g = torch.Generator(device=self.device).manual_seed(1)
-        return tuple(self.layout(torch.randn(batch, 3, size, size, device=self.device, generator=g))
-                     for _ in range(2))
+        return tuple(
+            self.layout(torch.randn(batch, 3, size, size, device=self.device, generator=g))
+            for _ in range(2)
+        )
 
     def step(self, view_q: torch.Tensor, view_k: torch.Tensor) -> None:
         loss, _, _ = forward_loss(self.model, view_q, view_k, self.amp)
@@ -109,8 +128,9 @@ def _repeat(pair) -> Feed:
     return Feed(itertools.repeat(pair))
 
 
-def _alternate(runs: dict[str, tuple[Contender, Feed]], args, timing_starts: Callable[[], None] = lambda: None
-               ) -> dict[str, dict]:
+def _alternate(
+    runs: dict[str, tuple[Contender, Feed]], args, timing_starts: Callable[[], None] = lambda: None
+) -> dict[str, dict]:
     feeds = [feed for _, feed in runs.values()]
     for contender, feed in runs.values():
         for _ in range(feed.backlog):  # every worker started and delivering
@@ -126,15 +146,29 @@ def _alternate(runs: dict[str, tuple[Contender, Feed]], args, timing_starts: Cal
             seconds[name].append(s)
             waits[name].append(w)
     images = args.batches * args.batch
-    return {name: {**rates(images, ts, "images"),
-                   "data_wait": statistics.median(w / s for w, s in zip(waits[name], ts))}
-            for name, ts in seconds.items()}
+    return {
+        name: {
+            **rates(images, ts, "images"),
+            "data_wait": statistics.median(w / s for w, s in zip(waits[name], ts)),
+        }
+        for name, ts in seconds.items()
+    }
 
 
 def _config_record(args, contenders: list[Contender]) -> dict:
-    return {"arch": args.arch, "batch": args.batch, "size": args.size, "K": args.K, "batches": args.batches,
-            "warmup": args.warmup, "reps": args.reps, "device": args.device, "preset": "v2",
-            "shuffle_bn": "split", **{c.name: c.describe() for c in contenders}}
+    return {
+        "arch": args.arch,
+        "batch": args.batch,
+        "size": args.size,
+        "K": args.K,
+        "batches": args.batches,
+        "warmup": args.warmup,
+        "reps": args.reps,
+        "device": args.device,
+        "preset": "v2",
+        "shuffle_bn": "split",
+        **{c.name: c.describe() for c in contenders},
+    }
 
 
 def bench_step(args) -> dict:
@@ -143,28 +177,41 @@ def bench_step(args) -> dict:
     results = _alternate(runs, args)
     for c in contenders:
         results[c.name]["peak_memory_MB"] = c.peak_MB or None
-    return {"mode": "step", "config": _config_record(args, contenders), "results": results,
-            "ours_over_reference": results["ours"]["images_per_s"] / results["reference"]["images_per_s"],
-            "goals": {"gpu_images_per_s": 3500}}
+    return {
+        "mode": "step",
+        "config": _config_record(args, contenders),
+        "results": results,
+        "ours_over_reference": results["ours"]["images_per_s"]
+        / results["reference"]["images_per_s"],
+        "goals": {"gpu_images_per_s": 3500},
+    }
 
 
 def _verdict(e2e: dict, ceiling: dict, device: torch.device) -> tuple[str, str]:
     fraction = e2e["images_per_s"] / ceiling["images_per_s"]
     if fraction >= 0.95:
-        return "compute-bound", (f"the data path keeps up ({100 * fraction:.0f}% of the synthetic step); "
-                                 "look at the step: AMP, torch.compile, batch size")
+        return "compute-bound", (
+            f"the data path keeps up ({100 * fraction:.0f}% of the synthetic step); "
+            "look at the step: AMP, torch.compile, batch size"
+        )
     if e2e["data_wait"] >= 0.1:
-        return "input-bound", (f"steps wait {100 * e2e['data_wait']:.0f}% of the time for their batch "
-                               f"({100 * fraction:.0f}% of the synthetic step); look at the data path with "
-                               "`moco-bench pipeline`: decoder load, threads, prefetch, the CPU stages")
+        return "input-bound", (
+            f"steps wait {100 * e2e['data_wait']:.0f}% of the time for their batch "
+            f"({100 * fraction:.0f}% of the synthetic step); look at the data path with "
+            "`moco-bench pipeline`: decoder load, threads, prefetch, the CPU stages"
+        )
     if device.type == "cpu":
-        return "input-bound", (f"{100 * fraction:.0f}% of the synthetic step with little data wait "
-                               f"({100 * e2e['data_wait']:.0f}%): on a CPU the pipeline's threads run on the cores "
-                               "the step uses, so the time lost is most likely their decoding and augmentation; "
-                               "`moco-bench pipeline` measures it alone")
-    return "overhead-bound", (f"{100 * fraction:.0f}% of the synthetic step with little data wait "
-                              f"({100 * e2e['data_wait']:.0f}%): the time goes between the two, in host "
-                              "copies or synchronisation; profile the loop")
+        return "input-bound", (
+            f"{100 * fraction:.0f}% of the synthetic step with little data wait "
+            f"({100 * e2e['data_wait']:.0f}%): on a CPU the pipeline's threads run on the cores "
+            "the step uses, so the time lost is most likely their decoding and augmentation; "
+            "`moco-bench pipeline` measures it alone"
+        )
+    return "overhead-bound", (
+        f"{100 * fraction:.0f}% of the synthetic step with little data wait "
+        f"({100 * e2e['data_wait']:.0f}%): the time goes between the two, in host "
+        "copies or synchronisation; profile the loop"
+    )
 
 
 def bench_e2e(args, shards: str) -> dict:
@@ -177,11 +224,21 @@ def bench_e2e(args, shards: str) -> dict:
     cfg = augment_preset("v2", args.size, hue_space=args.hue_space)
     from moco_dali.pipeline import shards as shard_format
 
-    loader_config = LoaderConfig(batch_size=args.batch, labels=False, threads=args.threads, dtype=ours.views_dtype,
-                                 hw_decoder_load=args.hw_decoder_load)
+    loader_config = LoaderConfig(
+        batch_size=args.batch,
+        labels=False,
+        threads=args.threads,
+        dtype=ours.views_dtype,
+        hw_decoder_load=args.hw_decoder_load,
+    )
 
     def make_loader(folder):
-        return ViewLoader(folder, cfg, loader_config, device_id=(device.index or 0) if device.type == "cuda" else None)
+        return ViewLoader(
+            folder,
+            cfg,
+            loader_config,
+            device_id=(device.index or 0) if device.type == "cuda" else None,
+        )
 
     # Both loaders are built and started here, once, and repeat for the whole run; DALI's
     # one epoch holds every batch the run draws, so that no window pays for a new epoch.
@@ -189,49 +246,77 @@ def bench_e2e(args, shards: str) -> dict:
     loader = make_loader(view)
     epochs = Epochs(loader, lambda b: (ours.layout(b.view_q), ours.layout(b.view_k)))
     dali = Feed(iter(epochs), backlog=loader_config.prefetch)
-    torchvision, reference_config = reference_feed(Path(shards), cfg, args.batch, args.workers, device,
-                                                   layout=reference.layout)
-    runs = {"step_ours": (ours, _repeat(ours.synthetic(args.batch, args.size))),
-            "step_reference": (reference, _repeat(reference.synthetic(args.batch, args.size))),
-            "e2e_ours": (ours, dali), "e2e_reference": (reference, torchvision)}
+    torchvision, reference_config = reference_feed(
+        Path(shards), cfg, args.batch, args.workers, device, layout=reference.layout
+    )
+    runs = {
+        "step_ours": (ours, _repeat(ours.synthetic(args.batch, args.size))),
+        "step_reference": (reference, _repeat(reference.synthetic(args.batch, args.size))),
+        "e2e_ours": (ours, dali),
+        "e2e_reference": (reference, torchvision),
+    }
     opened = {}
     results = _alternate(runs, args, timing_starts=lambda: opened.update(before=epochs.opened))
     opened_while_timing = epochs.opened - opened["before"]
     # What a new epoch costs, which the timed windows above no longer include.
     settle(None, [feed for _, feed in runs.values()])
-    reopen = epoch_reopens(make_loader, Path(shards), args.batch, loader_config.prefetch, lambda: sync(device))
+    reopen = epoch_reopens(
+        make_loader, Path(shards), args.batch, loader_config.prefetch, lambda: sync(device)
+    )
     results["e2e_ours"]["peak_memory_MB"] = ours.peak_MB or None
     results["e2e_reference"]["peak_memory_MB"] = reference.peak_MB or None
     verdict, advice = _verdict(results["e2e_ours"], results["step_ours"], device)
     config = _config_record(args, contenders)
-    original = shard_format.load_manifest(shards)  # what the record describes, whatever the DALI view lists
-    config.update(shards=str(shards), samples=original.samples, shard_files=len(original.counts),
-                  dali_data={**view_info, "epoch_batches": len(loader)}, hue_space=args.hue_space,
-                  dali_threads=args.threads or "default", **reference_config,
-                  decoder="mixed (nvJPEG)" if device.type == "cuda" else "cpu (libjpeg-turbo)",
-                  timing=TIMING)
-    return {"mode": "e2e", "config": config, "results": results,
-            "e2e_over_step": results["e2e_ours"]["images_per_s"] / results["step_ours"]["images_per_s"],
-            "ours_over_reference": results["e2e_ours"]["images_per_s"] / results["e2e_reference"]["images_per_s"],
-            "verdict": verdict, "advice": advice, "dali_pipelines_opened_while_timing": opened_while_timing,
-            "dali_epoch_reopen_s": reopen.pop("dali_epoch_reopen_s"), "dali_epoch_reopen": reopen,
-            "goals": {"e2e_over_step": 0.95, "ours_over_reference": 8.0}}
+    original = shard_format.load_manifest(
+        shards
+    )  # what the record describes, whatever the DALI view lists
+    config.update(
+        shards=str(shards),
+        samples=original.samples,
+        shard_files=len(original.counts),
+        dali_data={**view_info, "epoch_batches": len(loader)},
+        hue_space=args.hue_space,
+        dali_threads=args.threads or "default",
+        **reference_config,
+        decoder="mixed (nvJPEG)" if device.type == "cuda" else "cpu (libjpeg-turbo)",
+        timing=TIMING,
+    )
+    return {
+        "mode": "e2e",
+        "config": config,
+        "results": results,
+        "e2e_over_step": results["e2e_ours"]["images_per_s"] / results["step_ours"]["images_per_s"],
+        "ours_over_reference": results["e2e_ours"]["images_per_s"]
+        / results["e2e_reference"]["images_per_s"],
+        "verdict": verdict,
+        "advice": advice,
+        "dali_pipelines_opened_while_timing": opened_while_timing,
+        "dali_epoch_reopen_s": reopen.pop("dali_epoch_reopen_s"),
+        "dali_epoch_reopen": reopen,
+        "goals": {"e2e_over_step": 0.95, "ours_over_reference": 8.0},
+    }
 
 
 def _table(results: dict[str, dict]) -> None:
-    print(f"{'run':16s} {'images/s':>10s} {'min':>9s} {'max':>9s} {'data wait':>10s} {'peak MB':>9s}")
+    print(
+        f"{'run':16s} {'images/s':>10s} {'min':>9s} {'max':>9s} {'data wait':>10s} {'peak MB':>9s}"
+    )
     for name, r in results.items():
         peak = r.get("peak_memory_MB")
-        print(f"{name:16s} {r['images_per_s']:10.1f} {r['images_per_s_min']:9.1f} {r['images_per_s_max']:9.1f} "
-              f"{100 * r['data_wait']:9.1f}% {'-' if peak is None else str(round(peak)):>9s}")
+        print(
+            f"{name:16s} {r['images_per_s']:10.1f} {r['images_per_s_min']:9.1f} {r['images_per_s_max']:9.1f} "
+            f"{100 * r['data_wait']:9.1f}% {'-' if peak is None else str(round(peak)):>9s}"
+        )
 
 
 def _heading(mode: str, c: dict) -> str:
-    return (f"{mode}, {c['arch']} v2 at {c['size']} px, batch {c['batch']}, K {c['K']}, {c['batches']} steps x "
-            f"{c['reps']} reps, {c['device']}; ours: {c['ours']['amp']}, "
-            f"{'channels-last' if c['ours']['channels_last'] else 'NCHW'}, {c['ours']['optimizer']}, "
-            f"momentum {c['ours']['momentum_impl']}{', compiled' if c['ours']['compile'] else ''}; "
-            f"reference: fp32, NCHW, {c['reference']['optimizer']}, momentum loop")
+    return (
+        f"{mode}, {c['arch']} v2 at {c['size']} px, batch {c['batch']}, K {c['K']}, {c['batches']} steps x "
+        f"{c['reps']} reps, {c['device']}; ours: {c['ours']['amp']}, "
+        f"{'channels-last' if c['ours']['channels_last'] else 'NCHW'}, {c['ours']['optimizer']}, "
+        f"momentum {c['ours']['momentum_impl']}{', compiled' if c['ours']['compile'] else ''}; "
+        f"reference: fp32, NCHW, {c['reference']['optimizer']}, momentum loop"
+    )
 
 
 def print_step(r: dict) -> None:
@@ -241,9 +326,14 @@ def print_step(r: dict) -> None:
 
 
 def print_e2e(r: dict) -> None:
-    print(_heading("end to end", r["config"]) + f"; {r['config']['samples']} samples in {r['config']['shards']}")
+    print(
+        _heading("end to end", r["config"])
+        + f"; {r['config']['samples']} samples in {r['config']['shards']}"
+    )
     _table(r["results"])
-    print(f"e2e / step (ours): {r['e2e_over_step']:.2f} (goal 0.95); ours / reference e2e: "
-          f"{r['ours_over_reference']:.2f}x (goal 8)")
+    print(
+        f"e2e / step (ours): {r['e2e_over_step']:.2f} (goal 0.95); ours / reference e2e: "
+        f"{r['ours_over_reference']:.2f}x (goal 8)"
+    )
     print(f"verdict: {r['verdict']}: {r['advice']}")
     print_reopen(r)

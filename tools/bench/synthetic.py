@@ -28,7 +28,7 @@ def _pink(rng: np.random.Generator, height: int, width: int, alpha: float) -> np
     fx = np.fft.rfftfreq(width)[None, :]
     f = np.sqrt(fx * fx + fy * fy)
     f[0, 0] = 1.0
-    spectrum = (rng.normal(size=f.shape) + 1j * rng.normal(size=f.shape)) / f ** alpha
+    spectrum = (rng.normal(size=f.shape) + 1j * rng.normal(size=f.shape)) / f**alpha
     spectrum[0, 0] = 0
     field = np.fft.irfft2(spectrum, s=(height, width))
     return field / field.std()
@@ -54,7 +54,9 @@ def photo_like(rng: np.random.Generator, width: int = 500, height: int = 375) ->
     return np.clip(image, 0, 255).astype(np.uint8)
 
 
-def encode_near(image: np.ndarray, target_bytes: int, low: int = 60, high: int = 97) -> tuple[bytes, int]:
+def encode_near(
+    image: np.ndarray, target_bytes: int, low: int = 60, high: int = 97
+) -> tuple[bytes, int]:
     """Baseline 4:2:0 JPEG with the quality in [low, high] whose size comes closest to ``target_bytes``."""
     best: Optional[tuple[int, bytes, int]] = None
     while low <= high:
@@ -80,21 +82,30 @@ def generate(out: Path, count: int, seed: int = 0, target_kb: float = 110.0) -> 
         (out / f"{i:07d}.jpg").write_bytes(data)
         sizes.append(len(data))
         qualities.append(quality)
-    return {"count": count, "seed": seed, "generator": "moco_dali.tools.bench.synthetic (1/f texture, shapes, gradient)",
-            "mean_KB": float(np.mean(sizes)) / 1000 if sizes else 0.0,
-            "median_quality": float(np.median(qualities)) if qualities else None, "folder": str(out)}
+    return {
+        "count": count,
+        "seed": seed,
+        "generator": "moco_dali.tools.bench.synthetic (1/f texture, shapes, gradient)",
+        "mean_KB": float(np.mean(sizes)) / 1000 if sizes else 0.0,
+        "median_quality": float(np.median(qualities)) if qualities else None,
+        "folder": str(out),
+    }
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m moco_dali.tools.bench.synthetic", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m moco_dali.tools.bench.synthetic", description=__doc__.split("\n\n")[0]
+    )
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--count", type=int, required=True)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--target-kb", type=float, default=110.0)
     args = parser.parse_args(argv)
     info = generate(args.out, args.count, args.seed, args.target_kb)
-    print(f"{info['count']} JPEGs in {args.out}, mean {info['mean_KB']:.1f} KB, median quality "
-          f"{info['median_quality']}")
+    print(
+        f"{info['count']} JPEGs in {args.out}, mean {info['mean_KB']:.1f} KB, median quality "
+        f"{info['median_quality']}"
+    )
     return 0
 
 

@@ -46,13 +46,20 @@ def bench_views(args) -> dict:
     shards, _ = shards_for(args)
     original = shard_format.load_manifest(shards)
     cfg = preset(args.preset, args.size, hue_space=args.hue_space)
-    loader_config = LoaderConfig(batch_size=args.batch, dtype=args.dtype, threads=args.threads,
-                                 hw_decoder_load=args.hw_decoder_load, labels=False)
+    loader_config = LoaderConfig(
+        batch_size=args.batch,
+        dtype=args.dtype,
+        threads=args.threads,
+        hw_decoder_load=args.hw_decoder_load,
+        labels=False,
+    )
     view, view_info = view_folder(shards, draws(args, loader_config.prefetch) * args.batch)
     recipes = variants(cfg)
     feeds, epochs = {}, {}
     for name, recipe in recipes.items():
-        loader = ViewLoader(view, recipe, loader_config, device_id=device.index or 0 if gpu else None)
+        loader = ViewLoader(
+            view, recipe, loader_config, device_id=device.index or 0 if gpu else None
+        )
         epochs[name] = Epochs(loader, lambda b: (b.view_q, b.view_k))
         feeds[name] = Feed(iter(epochs[name]), backlog=loader_config.prefetch)
 
@@ -74,12 +81,24 @@ def bench_views(args) -> dict:
             costs[part] = {"us_per_pair": cost, "share": cost / whole_us}
     return {
         "mode": "views",
-        "config": {"shards": str(shards), "samples": original.samples, "preset": args.preset, "size": args.size,
-                   "augment": cfg.to_dict(), "batch": args.batch, "batches": args.batches, "warmup": args.warmup,
-                   "reps": args.reps, "dtype": args.dtype, "dali_threads": args.threads or "default",
-                   "hw_decoder_load": args.hw_decoder_load if gpu else None, "device": str(device),
-                   "decoder": "mixed (nvJPEG)" if gpu else "cpu (libjpeg-turbo)",
-                   "dali_data": view_info, "variants": {name: r.to_dict() for name, r in recipes.items()}},
+        "config": {
+            "shards": str(shards),
+            "samples": original.samples,
+            "preset": args.preset,
+            "size": args.size,
+            "augment": cfg.to_dict(),
+            "batch": args.batch,
+            "batches": args.batches,
+            "warmup": args.warmup,
+            "reps": args.reps,
+            "dtype": args.dtype,
+            "dali_threads": args.threads or "default",
+            "hw_decoder_load": args.hw_decoder_load if gpu else None,
+            "device": str(device),
+            "decoder": "mixed (nvJPEG)" if gpu else "cpu (libjpeg-turbo)",
+            "dali_data": view_info,
+            "variants": {name: r.to_dict() for name, r in recipes.items()},
+        },
         "dali_pipelines_opened_while_timing": sum(e.opened for e in epochs.values()) - opened,
         "results": results,
         "whole_us_per_pair": whole_us,
@@ -89,11 +108,15 @@ def bench_views(args) -> dict:
 
 def print_views(r: dict) -> None:
     c = r["config"]
-    print(f"view operators, {c['preset']} at {c['size']} px, batch {c['batch']}, {c['batches']} batches x "
-          f"{c['reps']} reps, {c['device']} ({c['decoder']}), {c['samples']} samples")
+    print(
+        f"view operators, {c['preset']} at {c['size']} px, batch {c['batch']}, {c['batches']} batches x "
+        f"{c['reps']} reps, {c['device']} ({c['decoder']}), {c['samples']} samples"
+    )
     print(f"{'variant':20s} {'pairs/s':>10s} {'min':>10s} {'max':>10s}")
     for name, s in r["results"].items():
-        print(f"{name:20s} {s['pairs_per_s']:10.0f} {s['pairs_per_s_min']:10.0f} {s['pairs_per_s_max']:10.0f}")
+        print(
+            f"{name:20s} {s['pairs_per_s']:10.0f} {s['pairs_per_s_min']:10.0f} {s['pairs_per_s_max']:10.0f}"
+        )
     print(f"the whole recipe: {r['whole_us_per_pair']:.1f} us per pair, of which:")
     for name, cost in r["costs"].items():
         print(f"  {name:18s} {cost['us_per_pair']:8.1f} us  {100 * cost['share']:5.1f}%")

@@ -45,6 +45,7 @@ log = logging.getLogger(__name__)
 NO_CLASS = "no class folder (--labels folder needs SRC/CLASS/...)"
 DEFAULT_MAX_INPUT_BYTES = 256 * 1024**2
 
+
 @dataclass(frozen=True)
 class BuildSettings:
     """Everything that decides the bytes of a build (``workers`` does not)."""
@@ -73,7 +74,9 @@ class BuildSettings:
         if not 1 <= self.num_parts <= 9999:
             raise BuildError(f"--num-parts must be in 1..9999, got {self.num_parts}")
         if not 0 <= self.part < self.num_parts:
-            raise BuildError(f"--part must be in 0..{self.num_parts - 1} for --num-parts {self.num_parts}, got {self.part}")
+            raise BuildError(
+                f"--part must be in 0..{self.num_parts - 1} for --num-parts {self.num_parts}, got {self.part}"
+            )
         if self.max_input_bytes < 1:
             raise BuildError(f"--max-input-bytes must be positive, got {self.max_input_bytes}")
 
@@ -99,7 +102,11 @@ class BuildReport:
 
     def summary(self) -> str:
         rate = self.inputs / self.seconds if self.seconds > 0 else 0.0
-        resumed = f", {self.resumed_shards} shards kept from an earlier run" if self.resumed_shards else ""
+        resumed = (
+            f", {self.resumed_shards} shards kept from an earlier run"
+            if self.resumed_shards
+            else ""
+        )
         return (
             f"{self.inputs} inputs -> {self.samples} samples in {self.shards} shards "
             f"({self.copied} copied, {self.reencoded} re-encoded), {self.rejected} rejected{resumed}; "
@@ -121,8 +128,15 @@ def _build_block(task: tuple) -> dict:
     """Worker: one block of inputs -> its shards on disk and its resume record."""
     out, stem, block, first_input, items = task
     settings = _worker_settings
-    return write_block(Path(out), stem, block, first_input, items,
-                       lambda item: process_input(item, settings.prep, settings.max_input_bytes), settings.max_bytes)
+    return write_block(
+        Path(out),
+        stem,
+        block,
+        first_input,
+        items,
+        lambda item: process_input(item, settings.prep, settings.max_input_bytes),
+        settings.max_bytes,
+    )
 
 
 def _records(tasks: Iterator[tuple], settings: BuildSettings, workers: int) -> Iterator[dict]:
@@ -133,7 +147,9 @@ def _records(tasks: Iterator[tuple], settings: BuildSettings, workers: int) -> I
         return
     # fork keeps worker start-up to milliseconds; the workers touch no threads or GPU.
     ctx = multiprocessing.get_context("fork")
-    with ctx.Pool(workers, initializer=_init_worker, initargs=(settings,), maxtasksperchild=None) as pool:
+    with ctx.Pool(
+        workers, initializer=_init_worker, initargs=(settings,), maxtasksperchild=None
+    ) as pool:
         window: collections.deque = collections.deque()
         for task in tasks:
             window.append(pool.apply_async(_build_block, (task,)))
@@ -151,8 +167,10 @@ def _state_dir(out: Path, settings: BuildSettings) -> Path:
 def _part_names(settings: BuildSettings) -> tuple[str, str]:
     if settings.num_parts == 1:
         return shards.MANIFEST_NAME, shards.rejected_name()
-    return (shards.part_manifest_name(settings.part, settings.num_parts),
-            shards.rejected_name(settings.part, settings.num_parts))
+    return (
+        shards.part_manifest_name(settings.part, settings.num_parts),
+        shards.rejected_name(settings.part, settings.num_parts),
+    )
 
 
 def _load_records(state: Path, out: Path, identity: dict) -> dict[int, dict]:
@@ -165,8 +183,10 @@ def _load_records(state: Path, out: Path, identity: dict) -> dict[int, dict]:
     except ValueError:
         previous = None
     if previous != identity:
-        raise BuildError(f"{out}: holds an unfinished build with other inputs or settings; "
-                         f"use another --out or delete {state}")
+        raise BuildError(
+            f"{out}: holds an unfinished build with other inputs or settings; "
+            f"use another --out or delete {state}"
+        )
     records = {}
     for path in sorted(state.glob("shard-*.json")):
         try:
@@ -175,16 +195,27 @@ def _load_records(state: Path, out: Path, identity: dict) -> dict[int, dict]:
             block = int(record["block"])
         except (ValueError, KeyError, TypeError):
             continue
-        if all((out / e.index).is_file() and (out / e.tar).is_file() and (out / e.tar).stat().st_size == e.bytes
-               for e in entries):
+        if all(
+            (out / e.index).is_file()
+            and (out / e.tar).is_file()
+            and (out / e.tar).stat().st_size == e.bytes
+            for e in entries
+        ):
             records[block] = record
     return records
 
 
 # --------------------------------------------------------------------------- build
 
-def _manifest(settings: BuildSettings, identity: dict, records: list[dict], rejected: int,
-              reasons: dict[str, int], rejected_file: str) -> dict:
+
+def _manifest(
+    settings: BuildSettings,
+    identity: dict,
+    records: list[dict],
+    rejected: int,
+    reasons: dict[str, int],
+    rejected_file: str,
+) -> dict:
     classes = identity["classes"]
     class_counts = [0] * len(classes)
     for record in records:
@@ -195,7 +226,9 @@ def _manifest(settings: BuildSettings, identity: dict, records: list[dict], reje
     copied = sum(r["copied"] for r in records)
     inputs = identity["inputs"]
     if samples + rejected != inputs:
-        raise AssertionError(f"accounting broke: {samples} samples + {rejected} rejected != {inputs} inputs")
+        raise AssertionError(
+            f"accounting broke: {samples} samples + {rejected} rejected != {inputs} inputs"
+        )
     return {
         "format": shards.FORMAT,
         "version": shards.FORMAT_VERSION,
@@ -213,14 +246,28 @@ def _manifest(settings: BuildSettings, identity: dict, records: list[dict], reje
         "settings": settings.fingerprint(),
         "sources": identity["sources"],
         "input_digest": identity["input_digest"],
-        "parts": [{"part": settings.part, "num_parts": settings.num_parts, "inputs": inputs, "samples": samples,
-                   "rejected": rejected, "input_digest": identity["input_digest"]}],
+        "parts": [
+            {
+                "part": settings.part,
+                "num_parts": settings.num_parts,
+                "inputs": inputs,
+                "samples": samples,
+                "rejected": rejected,
+                "input_digest": identity["input_digest"],
+            }
+        ],
     }
 
 
-def build(sources: Sequence[str], out: str | os.PathLike, settings: BuildSettings, *,
-          workers: Optional[int] = None, progress: bool = True,
-          classes: Optional[Sequence[str]] = None) -> BuildReport:
+def build(
+    sources: Sequence[str],
+    out: str | os.PathLike,
+    settings: BuildSettings,
+    *,
+    workers: Optional[int] = None,
+    progress: bool = True,
+    classes: Optional[Sequence[str]] = None,
+) -> BuildReport:
     """Build (or finish building) part ``settings.part`` of the shards of ``sources`` into ``out``.
 
     Args:
@@ -248,37 +295,80 @@ def build(sources: Sequence[str], out: str | os.PathLike, settings: BuildSetting
     try:
         with FolderLock(out / f"{state.name}.lock"):
             prepare_folder(out)  # again, now that no other build can be writing here
-            return _build_locked(list(sources), out, state, settings, workers, progress, classes, started)
+            return _build_locked(
+                list(sources), out, state, settings, workers, progress, classes, started
+            )
     except OSError as exc:
         where = printable(exc.filename) if getattr(exc, "filename", None) else str(out)
-        raise BuildError(f"{where}: cannot write: {exc.strerror or exc}; nothing half-written was left, "
-                         f"run the same command again to resume") from None
+        raise BuildError(
+            f"{where}: cannot write: {exc.strerror or exc}; nothing half-written was left, "
+            f"run the same command again to resume"
+        ) from None
 
 
-def _build_locked(sources: list[str], out: Path, state: Path, settings: BuildSettings, workers: Optional[int],
-                  progress: bool, classes: Optional[Sequence[str]], started: float) -> BuildReport:
-    class_list = list(classes) if classes is not None else find_classes(sources, settings.labels, skip=[str(out)])
+def _build_locked(
+    sources: list[str],
+    out: Path,
+    state: Path,
+    settings: BuildSettings,
+    workers: Optional[int],
+    progress: bool,
+    classes: Optional[Sequence[str]],
+    started: float,
+) -> BuildReport:
+    class_list = (
+        list(classes)
+        if classes is not None
+        else find_classes(sources, settings.labels, skip=[str(out)])
+    )
     manifest_name, rejected_name = _part_names(settings)
     manifest_path = out / manifest_name
     state.mkdir(exist_ok=True)
     order = None
     try:
-        order = PackingOrder(iter_part(sources, settings.labels, settings.part, settings.num_parts, skip=[str(out)]),
-                             state / "order", settings.shuffle_seed)
+        order = PackingOrder(
+            iter_part(sources, settings.labels, settings.part, settings.num_parts, skip=[str(out)]),
+            state / "order",
+            settings.shuffle_seed,
+        )
         if order.count == 0 and settings.num_parts == 1:
             raise BuildError(f"no input files found in {', '.join(map(printable, sources))}")
-        identity = {"settings": settings.fingerprint(), "input_digest": order.digest, "classes": class_list,
-                    "sources": [printable(s) for s in sources], "inputs": order.count}
+        identity = {
+            "settings": settings.fingerprint(),
+            "input_digest": order.digest,
+            "classes": class_list,
+            "sources": [printable(s) for s in sources],
+            "inputs": order.count,
+        }
         if manifest_path.is_file():
             try:
                 existing = json.loads(manifest_path.read_text())
             except ValueError:
                 existing = None
-            if existing and all(existing.get(k) == identity[k] for k in ("settings", "input_digest", "classes")):
+            if existing and all(
+                existing.get(k) == identity[k] for k in ("settings", "input_digest", "classes")
+            ):
                 log.info("%s: build already complete", manifest_path)
-                return _report(out, manifest_path, existing, time.monotonic() - started, len(existing["shards"]))
+                return _report(
+                    out,
+                    manifest_path,
+                    existing,
+                    time.monotonic() - started,
+                    len(existing["shards"]),
+                )
             raise BuildError(f"{manifest_path}: the folder holds another build; use another --out")
-        return _pack(out, state, settings, identity, order, workers, progress, manifest_path, rejected_name, started)
+        return _pack(
+            out,
+            state,
+            settings,
+            identity,
+            order,
+            workers,
+            progress,
+            manifest_path,
+            rejected_name,
+            started,
+        )
     finally:
         if order is not None:
             order.close()
@@ -286,9 +376,18 @@ def _build_locked(sources: list[str], out: Path, state: Path, settings: BuildSet
             state.rmdir()
 
 
-def _pack(out: Path, state: Path, settings: BuildSettings, identity: dict, order: PackingOrder,
-          workers: Optional[int], progress: bool, manifest_path: Path, rejected_name: str,
-          started: float) -> BuildReport:
+def _pack(
+    out: Path,
+    state: Path,
+    settings: BuildSettings,
+    identity: dict,
+    order: PackingOrder,
+    workers: Optional[int],
+    progress: bool,
+    manifest_path: Path,
+    rejected_name: str,
+    started: float,
+) -> BuildReport:
     done = _load_records(state, out, identity)
     if done:
         log.info("resuming: %d finished blocks of %d inputs kept", len(done), settings.max_count)
@@ -310,23 +409,39 @@ def _pack(out: Path, state: Path, settings: BuildSettings, identity: dict, order
         items, block = [], 0
         for pos, ref in enumerate(order):
             if block not in done:
-                items.append((f"{pos:010d}" if part is None else f"{part:04d}{pos:010d}", ref, label_of(ref)))
+                items.append(
+                    (f"{pos:010d}" if part is None else f"{part:04d}{pos:010d}", ref, label_of(ref))
+                )
             if (pos + 1) % settings.max_count == 0 or pos + 1 == order.count:
                 if block not in done:
                     first = pos + 1 - len(items)
-                    yield str(out), shards.shard_stem(settings.name, block, part), block, first, items
+                    yield (
+                        str(out),
+                        shards.shard_stem(settings.name, block, part),
+                        block,
+                        first,
+                        items,
+                    )
                 items, block = [], block + 1
 
     workers = (os.cpu_count() or 1) if workers is None else workers
-    bar = tqdm(total=order.count, unit="img", desc="build", disable=not progress or None, dynamic_ncols=True,
-               smoothing=0.1)
+    bar = tqdm(
+        total=order.count,
+        unit="img",
+        desc="build",
+        disable=not progress or None,
+        dynamic_ncols=True,
+        smoothing=0.1,
+    )
     bar.update(sum(r["end_input"] - r["first_input"] for r in done.values()))
     try:
         for record in _records(tasks(), settings, workers):
             shards.write_json_atomic(state / f"shard-{record['block']:06d}.json", record)
             bar.update(record["end_input"] - record["first_input"])
     except BaseException:
-        remove_temporaries(out, settings.name, None if settings.num_parts == 1 else settings.part)  # the pool is gone: what its other workers had begun
+        remove_temporaries(
+            out, settings.name, None if settings.num_parts == 1 else settings.part
+        )  # the pool is gone: what its other workers had begun
         raise
     finally:
         bar.close()
@@ -355,10 +470,19 @@ def _pack(out: Path, state: Path, settings: BuildSettings, identity: dict, order
     return _report(out, manifest_path, manifest, time.monotonic() - started, len(done))
 
 
-def _report(out: Path, manifest_path: Path, manifest: dict, seconds: float, resumed: int) -> BuildReport:
+def _report(
+    out: Path, manifest_path: Path, manifest: dict, seconds: float, resumed: int
+) -> BuildReport:
     rejected = manifest["rejected"]
     return BuildReport(
-        out=out, manifest_path=manifest_path, inputs=manifest["inputs"], samples=manifest["samples"],
-        rejected=rejected if isinstance(rejected, int) else len(rejected), copied=manifest["copied"],
-        reencoded=manifest["reencoded"], shards=len(manifest["shards"]), seconds=seconds, resumed_shards=resumed,
+        out=out,
+        manifest_path=manifest_path,
+        inputs=manifest["inputs"],
+        samples=manifest["samples"],
+        rejected=rejected if isinstance(rejected, int) else len(rejected),
+        copied=manifest["copied"],
+        reencoded=manifest["reencoded"],
+        shards=len(manifest["shards"]),
+        seconds=seconds,
+        resumed_shards=resumed,
     )

@@ -23,14 +23,22 @@ from moco_dali.tools.shards.merge import merge
 __all__ = ["build_on_ray"]
 
 
-def _build_part(sources: list[str], out: str, settings: BuildSettings, workers: int,
-                classes: list[str]) -> BuildReport:
+def _build_part(
+    sources: list[str], out: str, settings: BuildSettings, workers: int, classes: list[str]
+) -> BuildReport:
     return build(sources, out, settings, workers=workers, progress=False, classes=classes)
 
 
-def build_on_ray(sources: Sequence[str], out: str | Path, settings: BuildSettings, *, address: Optional[str] = None,
-                 workers_per_part: int = 1, classes: Optional[Sequence[str]] = None,
-                 num_cpus: Optional[int] = None) -> tuple[Path, list[BuildReport]]:
+def build_on_ray(
+    sources: Sequence[str],
+    out: str | Path,
+    settings: BuildSettings,
+    *,
+    address: Optional[str] = None,
+    workers_per_part: int = 1,
+    classes: Optional[Sequence[str]] = None,
+    num_cpus: Optional[int] = None,
+) -> tuple[Path, list[BuildReport]]:
     """Build parts 0..P-1 of ``settings.num_parts`` as Ray tasks into ``out`` and merge them.
 
     Args:
@@ -51,20 +59,38 @@ def build_on_ray(sources: Sequence[str], out: str | Path, settings: BuildSetting
     except ImportError:
         raise BuildError("--executor ray needs Ray: pip install 'moco-dali[ray]'") from None
     if workers_per_part < 1:
-        raise BuildError(f"--workers must be at least 1 with --executor ray, got {workers_per_part}")
-    class_list = list(classes) if classes is not None else find_classes(list(sources), settings.labels, skip=[str(out)])
+        raise BuildError(
+            f"--workers must be at least 1 with --executor ray, got {workers_per_part}"
+        )
+    class_list = (
+        list(classes)
+        if classes is not None
+        else find_classes(list(sources), settings.labels, skip=[str(out)])
+    )
     started_here = not ray.is_initialized()
     if started_here:
         kwargs = {"address": address} if address else {"num_cpus": num_cpus}
         try:
-            ray.init(**kwargs, include_dashboard=False, logging_level="WARNING", log_to_driver=False)
-        except Exception as exc:  # ConnectionError and Ray's own errors for a cluster that is not there
+            ray.init(
+                **kwargs, include_dashboard=False, logging_level="WARNING", log_to_driver=False
+            )
+        except (
+            Exception
+        ) as exc:  # ConnectionError and Ray's own errors for a cluster that is not there
             raise BuildError(f"--ray-address {address}: cannot join a Ray cluster: {exc}") from None
     try:
         task = ray.remote(num_cpus=workers_per_part, max_retries=0)(_build_part)
         workers = workers_per_part if workers_per_part > 1 else 0
-        pending = [task.remote(list(sources), str(out), dataclasses.replace(settings, part=part), workers, class_list)
-                   for part in range(settings.num_parts)]
+        pending = [
+            task.remote(
+                list(sources),
+                str(out),
+                dataclasses.replace(settings, part=part),
+                workers,
+                class_list,
+            )
+            for part in range(settings.num_parts)
+        ]
         reports = []
         for part, ref in enumerate(pending):
             try:
@@ -74,7 +100,9 @@ def build_on_ray(sources: Sequence[str], out: str | Path, settings: BuildSetting
                 if isinstance(cause, BuildError):
                     raise BuildError(f"part {part}: {cause}") from None
                 lines = str(cause).strip().splitlines() or [""]
-                raise BuildError(f"part {part} failed: {type(cause).__name__}: {lines[-1]}") from None
+                raise BuildError(
+                    f"part {part} failed: {type(cause).__name__}: {lines[-1]}"
+                ) from None
     finally:
         if started_here:
             ray.shutdown()

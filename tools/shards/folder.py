@@ -44,8 +44,10 @@ class FolderLock:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 os.close(fd)
-                raise BuildError(f"{self.path.parent}: in use by another moco-shards build (it holds {self.path.name}); "
-                                 f"wait for it to end or use another --out") from None
+                raise BuildError(
+                    f"{self.path.parent}: in use by another moco-shards build (it holds {self.path.name}); "
+                    f"wait for it to end or use another --out"
+                ) from None
             try:  # the holder before us may have removed the file between our open and our lock
                 if os.stat(self.path).st_ino == os.fstat(fd).st_ino:
                     self.fd = fd
@@ -71,8 +73,10 @@ def prepare_folder(out: Path) -> None:
     ours = any(n.startswith((".moco-build-", "manifest")) for n in names)
     foreign = [n for n in names if not (ours and BUILD_FILE_RE.match(n))]
     if foreign:
-        raise BuildError(f"--out {out}: holds files moco-shards build did not write ({printable(min(foreign))}"
-                         f"{f' and {len(foreign) - 1} more' if len(foreign) > 1 else ''}); use a new or empty folder")
+        raise BuildError(
+            f"--out {out}: holds files moco-shards build did not write ({printable(min(foreign))}"
+            f"{f' and {len(foreign) - 1} more' if len(foreign) > 1 else ''}); use a new or empty folder"
+        )
 
 
 def remove_temporaries(out: Path, name: str, part: Optional[int]) -> None:

@@ -84,7 +84,9 @@ class PrepSettings:
         for name in ("max_side", "short_side"):
             value = getattr(self, name)
             if value is not None and value < 1:
-                raise ValueError(f"--{name.replace('_', '-')} must be a positive number of px, got {value}")
+                raise ValueError(
+                    f"--{name.replace('_', '-')} must be a positive number of px, got {value}"
+                )
         if self.max_pixels < 1:
             raise ValueError(f"--max-pixels must be positive, got {self.max_pixels}")
         if self.reencode not in ("auto", "always"):
@@ -140,17 +142,24 @@ def parse_jpeg_header(data: bytes) -> JpegInfo:
             raise Rejected("corrupt JPEG: end of image before any scan")
         if pos + 2 > n:
             raise Rejected("truncated JPEG header")
-        length = int.from_bytes(data[pos:pos + 2], "big")
-        segment = data[pos + 2:pos + length]
+        length = int.from_bytes(data[pos : pos + 2], "big")
+        segment = data[pos + 2 : pos + length]
         if length < 2 or len(segment) != length - 2:
             raise Rejected("truncated JPEG header")
         if marker in _SOF_MARKERS:
             if len(segment) < 6 or len(segment) < 6 + 3 * segment[5]:
                 raise Rejected("corrupt JPEG frame header")
             comps = tuple(
-                (segment[6 + 3 * i], segment[7 + 3 * i] >> 4, segment[7 + 3 * i] & 15) for i in range(segment[5])
+                (segment[6 + 3 * i], segment[7 + 3 * i] >> 4, segment[7 + 3 * i] & 15)
+                for i in range(segment[5])
             )
-            sof = (marker, segment[0], int.from_bytes(segment[3:5], "big"), int.from_bytes(segment[1:3], "big"), comps)
+            sof = (
+                marker,
+                segment[0],
+                int.from_bytes(segment[3:5], "big"),
+                int.from_bytes(segment[1:3], "big"),
+                comps,
+            )
         elif marker == 0xEE and segment[:5] == b"Adobe" and len(segment) >= 12:
             adobe = segment[11]
         elif marker == 0xE1 and segment[:6] == b"Exif\x00\x00":
@@ -166,8 +175,15 @@ def parse_jpeg_header(data: bytes) -> JpegInfo:
             marker, precision, width, height, comps = sof
             if width == 0 or height == 0:
                 raise Rejected("unsupported JPEG: zero width or height in frame header")
-            return JpegInfo(marker, precision, width, height, comps, adobe,
-                            orientation if orientation in _ORIENTATION else 1)
+            return JpegInfo(
+                marker,
+                precision,
+                width,
+                height,
+                comps,
+                adobe,
+                orientation if orientation in _ORIENTATION else 1,
+            )
         pos += length
 
 
@@ -219,8 +235,12 @@ def _prepare_jpeg(data: bytes, info: JpegInfo, settings: PrepSettings) -> Prepar
     transposed = info.orientation in (5, 6, 7, 8)
     width, height = (info.height, info.width) if transposed else (info.width, info.height)
     size = target_size(width, height, settings)
-    if (settings.reencode == "auto" and size == (width, height) and info.orientation == 1
-            and _is_hardware_friendly(info)):
+    if (
+        settings.reencode == "auto"
+        and size == (width, height)
+        and info.orientation == 1
+        and _is_hardware_friendly(info)
+    ):
         try:
             # A 1/8-scale decode still entropy-decodes every block, which is where
             # truncation and corrupt data show, at a fraction of a full decode's cost.
@@ -232,7 +252,9 @@ def _prepare_jpeg(data: bytes, info: JpegInfo, settings: PrepSettings) -> Prepar
     stored_target = (size[1], size[0]) if transposed else size
     try:
         rgb = simplejpeg.decode_jpeg(
-            data, "RGB", strict=True,
+            data,
+            "RGB",
+            strict=True,
             min_width=stored_target[0] if size != (width, height) else 0,
             min_height=stored_target[1] if size != (width, height) else 0,
         )
@@ -256,8 +278,10 @@ def _to_rgb(image: Image.Image) -> Image.Image:
             values = values / 257.0
         gray = np.clip(np.rint(values), 0, 255).astype(np.uint8)
         return Image.fromarray(gray).convert("RGB")
-    if mode in ("RGBA", "LA", "PA", "RGBa", "La") or (mode == "P" and "transparency" in image.info) or (
-        mode in ("L", "RGB") and "transparency" in image.info
+    if (
+        mode in ("RGBA", "LA", "PA", "RGBa", "La")
+        or (mode == "P" and "transparency" in image.info)
+        or (mode in ("L", "RGB") and "transparency" in image.info)
     ):
         # Transparent pixels often hide arbitrary colours; show them on white, as a
         # viewer would.
@@ -289,7 +313,13 @@ def _prepare_other(data: bytes, settings: PrepSettings) -> Prepared:
             raise Rejected(f"truncated or corrupt {image.format or 'image'}: {exc}") from None
     source_size = rgb.size
     size = target_size(*source_size, settings)
-    return Prepared(_encode(np.asarray(_resize(rgb, size)), settings), size[0], size[1], *source_size, copied=False)
+    return Prepared(
+        _encode(np.asarray(_resize(rgb, size)), settings),
+        size[0],
+        size[1],
+        *source_size,
+        copied=False,
+    )
 
 
 def prepare(data: bytes, settings: PrepSettings) -> Prepared:
@@ -315,5 +345,7 @@ def sample_metadata(source: str, prepared: Prepared) -> bytes:
     Byte for byte what ``json.dumps(..., sort_keys=True, separators=(",", ":"))``
     writes, at a third of its cost (it runs once per image).
     """
-    return (f'{{"size":[{prepared.width},{prepared.height}],"source":{json.dumps(source)},'
-            f'"source_size":[{prepared.source_width},{prepared.source_height}]}}').encode()
+    return (
+        f'{{"size":[{prepared.width},{prepared.height}],"source":{json.dumps(source)},'
+        f'"source_size":[{prepared.source_width},{prepared.source_height}]}}'
+    ).encode()

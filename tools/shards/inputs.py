@@ -26,8 +26,17 @@ from typing import Iterable, Iterator, NamedTuple, Optional, Sequence
 
 from moco_dali.tools.shards import BuildError
 
-__all__ = ["LIST_SUFFIXES", "CSV_SUFFIXES", "TAR_SUFFIXES", "InputRef", "printable", "source_kind", "find_classes",
-           "read_classes", "iter_part"]
+__all__ = [
+    "LIST_SUFFIXES",
+    "CSV_SUFFIXES",
+    "TAR_SUFFIXES",
+    "InputRef",
+    "printable",
+    "source_kind",
+    "find_classes",
+    "read_classes",
+    "iter_part",
+]
 
 LIST_SUFFIXES = (".txt", ".lst", ".list")
 CSV_SUFFIXES = (".csv",)
@@ -100,7 +109,10 @@ def _first_folder(relative: str) -> Optional[str]:
 
 # --------------------------------------------------------------------------- sources
 
-def _folder(root: str, labels: str, part: int, num_parts: int, skip: frozenset) -> Iterator[InputRef]:
+
+def _folder(
+    root: str, labels: str, part: int, num_parts: int, skip: frozenset
+) -> Iterator[InputRef]:
     """Files below ``root`` (sorted per folder, hidden names skipped); folder symlinks followed, loops refused."""
 
     def owned(path: str) -> bool:
@@ -112,11 +124,17 @@ def _folder(root: str, labels: str, part: int, num_parts: int, skip: frozenset) 
         folder, label, ancestors = stack.pop()
         try:
             with os.scandir(folder) as listing:
-                entries = sorted((e for e in listing if not e.name.startswith(".")), key=lambda e: e.name)
+                entries = sorted(
+                    (e for e in listing if not e.name.startswith(".")), key=lambda e: e.name
+                )
         except OSError as exc:
             if owned(folder):
-                yield InputRef(printable(folder), folder, label=label,
-                               rejected=f"unreadable folder: {exc.strerror or exc}")
+                yield InputRef(
+                    printable(folder),
+                    folder,
+                    label=label,
+                    rejected=f"unreadable folder: {exc.strerror or exc}",
+                )
             continue
         below = []
         for entry in entries:
@@ -134,15 +152,24 @@ def _folder(root: str, labels: str, part: int, num_parts: int, skip: frozenset) 
                 st = entry.stat()
             except OSError as exc:
                 if owned(path):
-                    yield InputRef(printable(path), path, label=sub_label, rejected=f"unreadable folder: {exc.strerror}")
+                    yield InputRef(
+                        printable(path),
+                        path,
+                        label=sub_label,
+                        rejected=f"unreadable folder: {exc.strerror}",
+                    )
                 continue
             ident = (st.st_dev, st.st_ino)
             if ident in skip:
                 continue  # the build's own output folder
             if ident in ancestors:
                 if owned(path):
-                    yield InputRef(printable(path), path, label=sub_label,
-                                   rejected="symlink loop: this folder contains itself")
+                    yield InputRef(
+                        printable(path),
+                        path,
+                        label=sub_label,
+                        rejected="symlink loop: this folder contains itself",
+                    )
                 continue
             below.append((path, sub_label, ancestors | {ident}))
         stack.extend(reversed(below))
@@ -166,7 +193,9 @@ def _list_entry(raw: bytes, kind: str, prefix: str, labels: str) -> Optional[Inp
     if kind == "csv":
         row = next(csv.reader([text]))
         if len(row) != 2 or not row[0]:
-            return InputRef(printable(text), text, rejected="malformed list line (expected PATH,LABEL)")
+            return InputRef(
+                printable(text), text, rejected="malformed list line (expected PATH,LABEL)"
+            )
         entry, label = row[0], row[1].strip() or None
     else:
         entry = text
@@ -176,10 +205,14 @@ def _list_entry(raw: bytes, kind: str, prefix: str, labels: str) -> Optional[Inp
     elif kind != "csv":
         label = path.rpartition("/")[0].rpartition("/")[2] or None
     source = path if path.isascii() else printable(path)
-    return InputRef(source, path, -1, -1, label if label is None or label.isascii() else printable(label), None)
+    return InputRef(
+        source, path, -1, -1, label if label is None or label.isascii() else printable(label), None
+    )
 
 
-def _list_entries(src: str, kind: str, labels: str, part: int, num_parts: int) -> Iterator[InputRef]:
+def _list_entries(
+    src: str, kind: str, labels: str, part: int, num_parts: int
+) -> Iterator[InputRef]:
     """Entries of a list file; a part reads only its blocks (a line belongs to the block it starts in)."""
     base = os.path.dirname(src)
     prefix = base + "/" if base else ""
@@ -201,7 +234,9 @@ def _list_entries(src: str, kind: str, labels: str, part: int, num_parts: int) -
                     if ref is not None:
                         yield ref
     except OSError as exc:
-        raise BuildError(f"{printable(src)}: cannot read list file: {exc.strerror or exc}") from None
+        raise BuildError(
+            f"{printable(src)}: cannot read list file: {exc.strerror or exc}"
+        ) from None
 
 
 def _tar_members(src: str, labels: str) -> Iterator[InputRef]:
@@ -214,23 +249,43 @@ def _tar_members(src: str, labels: str) -> Iterator[InputRef]:
                 member_name = printable(member.name)
                 label = _first_folder(member_name) if labels == "folder" else None
                 if member.isfile():
-                    yield InputRef(f"{name}:{member_name}", src, member.offset_data, member.size, label)
+                    yield InputRef(
+                        f"{name}:{member_name}", src, member.offset_data, member.size, label
+                    )
                 elif not member.isdir():
-                    kind = "symlink" if member.issym() else "hard link" if member.islnk() else "special file"
-                    yield InputRef(f"{name}:{member_name}", src, label=label,
-                                   rejected=f"not a regular file (archive {kind})")
+                    kind = (
+                        "symlink"
+                        if member.issym()
+                        else "hard link"
+                        if member.islnk()
+                        else "special file"
+                    )
+                    yield InputRef(
+                        f"{name}:{member_name}",
+                        src,
+                        label=label,
+                        rejected=f"not a regular file (archive {kind})",
+                    )
             # tarfile ends quietly at a damaged header after the first; what follows would vanish unseen.
             archive.fileobj.seek(archive.offset)
             if archive.fileobj.read(tarfile.BLOCKSIZE).strip(b"\0"):
-                yield InputRef(f"{name}:@{archive.offset}", src,
-                               rejected=f"damaged archive: no valid header at byte {archive.offset}, "
-                                        f"the members after it cannot be read")
+                yield InputRef(
+                    f"{name}:@{archive.offset}",
+                    src,
+                    rejected=f"damaged archive: no valid header at byte {archive.offset}, "
+                    f"the members after it cannot be read",
+                )
     except (tarfile.TarError, OSError) as exc:
         raise BuildError(f"{name}: cannot read tar archive: {exc}") from None
 
 
-def iter_part(sources: Sequence[str], labels: str = "none", part: int = 0, num_parts: int = 1,
-              skip: Iterable[str] = ()) -> Iterator[InputRef]:
+def iter_part(
+    sources: Sequence[str],
+    labels: str = "none",
+    part: int = 0,
+    num_parts: int = 1,
+    skip: Iterable[str] = (),
+) -> Iterator[InputRef]:
     """Part ``part`` of ``num_parts``'s inputs of ``sources``, in enumeration order.
 
     A folder contributes its files recursively (sorted per folder, hidden names
@@ -248,7 +303,9 @@ def iter_part(sources: Sequence[str], labels: str = "none", part: int = 0, num_p
     Raises:
         BuildError: a source does not exist or cannot be read.
     """
-    skipped = frozenset((st.st_dev, st.st_ino) for st in (os.stat(p) for p in skip if os.path.isdir(p)))
+    skipped = frozenset(
+        (st.st_dev, st.st_ino) for st in (os.stat(p) for p in skip if os.path.isdir(p))
+    )
     archives = 0
     for src in sources:
         kind = source_kind(src)
@@ -262,7 +319,11 @@ def iter_part(sources: Sequence[str], labels: str = "none", part: int = 0, num_p
                 yield from _tar_members(src, labels)
             archives += 1
         elif num_parts == 1 or _owner(src, num_parts) == part:
-            label = (os.path.basename(os.path.dirname(os.path.abspath(src))) or None) if labels == "folder" else None
+            label = (
+                (os.path.basename(os.path.dirname(os.path.abspath(src))) or None)
+                if labels == "folder"
+                else None
+            )
             yield InputRef(printable(src), src, label=printable(label) if label else None)
 
 
@@ -272,7 +333,9 @@ def read_classes(path: str) -> list[str]:
         with open(path, encoding="utf-8") as f:
             names = [line.strip() for line in f]
     except (OSError, UnicodeDecodeError) as exc:
-        raise BuildError(f"--classes {path}: cannot read: {getattr(exc, 'strerror', None) or exc}") from None
+        raise BuildError(
+            f"--classes {path}: cannot read: {getattr(exc, 'strerror', None) or exc}"
+        ) from None
     names = [n for n in names if n and not n.startswith("#")]
     seen = set()
     for name in names:
@@ -303,8 +366,11 @@ def find_classes(sources: Sequence[str], labels: str, skip: Iterable[str] = ()) 
                 with os.scandir(src) as listing:
                     for entry in listing:
                         try:
-                            if (not entry.name.startswith(".") and entry.is_dir()
-                                    and os.path.realpath(entry.path) not in skipped):
+                            if (
+                                not entry.name.startswith(".")
+                                and entry.is_dir()
+                                and os.path.realpath(entry.path) not in skipped
+                            ):
                                 found.add(printable(entry.name))
                         except OSError:
                             pass

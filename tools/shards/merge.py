@@ -18,28 +18,50 @@ from moco_dali.tools.shards import BuildError
 
 __all__ = ["merge"]
 
-_PART_KEYS = ("name", "settings", "classes", "class_counts", "shards", "inputs", "samples", "copied", "reencoded",
-              "rejected",
-              "rejected_reasons", "rejected_file", "input_digest", "sources", "parts")
+_PART_KEYS = (
+    "name",
+    "settings",
+    "classes",
+    "class_counts",
+    "shards",
+    "inputs",
+    "samples",
+    "copied",
+    "reencoded",
+    "rejected",
+    "rejected_reasons",
+    "rejected_file",
+    "input_digest",
+    "sources",
+    "parts",
+)
 
 
 def _read_part(path: Path) -> dict:
     try:
         data = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, ValueError) as exc:
-        raise BuildError(f"{path}: unreadable part manifest ({getattr(exc, 'strerror', None) or exc}); "
-                         f"build that part again") from None
+        raise BuildError(
+            f"{path}: unreadable part manifest ({getattr(exc, 'strerror', None) or exc}); "
+            f"build that part again"
+        ) from None
     if not isinstance(data, dict) or data.get("format") != shards.FORMAT:
         raise BuildError(f"{path}: not a {shards.FORMAT} part manifest; build that part again")
     if data.get("version") != shards.FORMAT_VERSION:
-        raise BuildError(f"{path}: part manifest version {data.get('version')}, this tool merges "
-                         f"{shards.FORMAT_VERSION}; build that part again")
+        raise BuildError(
+            f"{path}: part manifest version {data.get('version')}, this tool merges "
+            f"{shards.FORMAT_VERSION}; build that part again"
+        )
     missing = [k for k in _PART_KEYS if k not in data]
     if missing or not isinstance(data["settings"], dict) or "part" not in data["settings"]:
-        raise BuildError(f"{path}: part manifest lacks {', '.join(missing) or 'settings.part'}; build that part again")
+        raise BuildError(
+            f"{path}: part manifest lacks {', '.join(missing) or 'settings.part'}; build that part again"
+        )
     if data["samples"] + data["rejected"] != data["inputs"]:
-        raise BuildError(f"{path}: {data['samples']} samples + {data['rejected']} rejected != {data['inputs']} inputs; "
-                         f"build that part again")
+        raise BuildError(
+            f"{path}: {data['samples']} samples + {data['rejected']} rejected != {data['inputs']} inputs; "
+            f"build that part again"
+        )
     return data
 
 
@@ -79,18 +101,24 @@ def merge(folders: list[str], out: Optional[str] = None) -> Path:
 
     for path, data in parts.values():
         if identity(data) != identity(first):
-            raise BuildError(f"{path}: a part of another build than {first_path} (sources or settings differ)")
+            raise BuildError(
+                f"{path}: a part of another build than {first_path} (sources or settings differ)"
+            )
     num_parts = first["settings"]["num_parts"]
     missing = sorted(set(range(num_parts)) - set(parts))
     if missing:
-        raise BuildError(f"parts {', '.join(map(str, missing))} of {num_parts} are missing; build them first")
+        raise BuildError(
+            f"parts {', '.join(map(str, missing))} of {num_parts} are missing; build them first"
+        )
 
     out_dir = Path(out) if out else Path(folders[0])
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
         return _write(out_dir, parts, first, num_parts)
     except OSError as exc:
-        raise BuildError(f"{exc.filename or out_dir}: cannot write: {exc.strerror or exc}") from None
+        raise BuildError(
+            f"{exc.filename or out_dir}: cannot write: {exc.strerror or exc}"
+        ) from None
 
 
 def _write(out_dir: Path, parts: dict, first: dict, num_parts: int) -> Path:
@@ -119,8 +147,9 @@ def _write(out_dir: Path, parts: dict, first: dict, num_parts: int) -> Path:
                 with open(log, "rb") as source:
                     shutil.copyfileobj(source, sink, 1 << 20)
             except FileNotFoundError:
-                raise BuildError(f"{log}: the rejected inputs of part {part} are missing; build that part again") \
-                    from None
+                raise BuildError(
+                    f"{log}: the rejected inputs of part {part} are missing; build that part again"
+                ) from None
 
     shards.write_atomic(rejected_path, gather)
     manifest = dict(first)
@@ -130,8 +159,12 @@ def _write(out_dir: Path, parts: dict, first: dict, num_parts: int) -> Path:
         copied=sum(parts[p][1]["copied"] for p in parts),
         reencoded=sum(parts[p][1]["reencoded"] for p in parts),
         rejected=sum(parts[p][1]["rejected"] for p in parts),
-        rejected_reasons=dict(sorted(reasons.items())), rejected_file=shards.REJECTED_NAME,
-        class_counts=class_counts, shards=merged_shards, parts=part_list, input_digest=digest.hexdigest(),
+        rejected_reasons=dict(sorted(reasons.items())),
+        rejected_file=shards.REJECTED_NAME,
+        class_counts=class_counts,
+        shards=merged_shards,
+        parts=part_list,
+        input_digest=digest.hexdigest(),
         settings=dict(first["settings"], part=None),
     )
     path = out_dir / shards.MANIFEST_NAME

@@ -70,7 +70,11 @@ class PackingOrder:
                 if len(names) == 4096:
                     digest.update(b"".join(names))
                     names.clear()
-                h = count if seed is None else from_bytes(blake2b(name, digest_size=8, key=key).digest(), "big")
+                h = (
+                    count
+                    if seed is None
+                    else from_bytes(blake2b(name, digest_size=8, key=key).digest(), "big")
+                )
                 yield (h, count, *ref)
                 count += 1
             digest.update(b"".join(names))
@@ -109,7 +113,9 @@ class PackingOrder:
             self._in_memory = sorted(item for chunk in buffers.values() for item in chunk)
         return dict(counts)
 
-    def _sorted(self, folder: Path, counts: dict[int, int], shift: Optional[int]) -> Iterator[tuple]:
+    def _sorted(
+        self, folder: Path, counts: dict[int, int], shift: Optional[int]
+    ) -> Iterator[tuple]:
         for bucket in sorted(counts):
             path = folder / f"{bucket:03d}.spill"
             if shift is None:  # enumeration order: one spill file, read back in chunks
@@ -117,7 +123,9 @@ class PackingOrder:
             elif counts[bucket] > _SORT_ITEMS and shift >= _BUCKET_BITS:
                 sub = folder / f"{bucket:03d}"
                 sub.mkdir()
-                sub_counts = self._spill(_records(path), sub, shift - _BUCKET_BITS)  # always to files
+                sub_counts = self._spill(
+                    _records(path), sub, shift - _BUCKET_BITS
+                )  # always to files
                 path.unlink()
                 yield from self._sorted(sub, sub_counts, shift - _BUCKET_BITS)
             else:
@@ -128,7 +136,11 @@ class PackingOrder:
 
     def __iter__(self) -> Iterator[InputRef]:
         shift = None if self.seed is None else self._shift
-        items = self._in_memory if self._in_memory is not None else self._sorted(self.scratch, self.counts, shift)
+        items = (
+            self._in_memory
+            if self._in_memory is not None
+            else self._sorted(self.scratch, self.counts, shift)
+        )
         for item in items:
             yield InputRef(*item[2:])
 

@@ -29,20 +29,32 @@ _HEADER = 18
 def _fit(image: Image.Image, side: int) -> Image.Image:
     """The stored image scaled to fit the tile, up as well as down (a 28 px image beside 96 px views)."""
     scale = side / max(image.width, image.height)
-    image = image.resize((max(1, round(image.width * scale)), max(1, round(image.height * scale))),
-                         Image.Resampling.BICUBIC)
+    image = image.resize(
+        (max(1, round(image.width * scale)), max(1, round(image.height * scale))),
+        Image.Resampling.BICUBIC,
+    )
     canvas = Image.new("RGB", (side, side), (32, 32, 32))
     canvas.paste(image, ((side - image.width) // 2, (side - image.height) // 2))
     return canvas
 
 
 def _denormalise(view, mean, std) -> Image.Image:
-    pixels = view.float().permute(1, 2, 0).cpu().numpy() * (np.array(std) * 255) + np.array(mean) * 255
+    pixels = (
+        view.float().permute(1, 2, 0).cpu().numpy() * (np.array(std) * 255) + np.array(mean) * 255
+    )
     return Image.fromarray(np.clip(pixels + 0.5, 0, 255).astype(np.uint8))
 
 
-def preview(folder: str | Path, out: str | Path, *, recipe: str | AugmentConfig = "v2", count: int = 8,
-            size: int = 224, seed: int = 0, device_id: Optional[int] = None) -> Path:
+def preview(
+    folder: str | Path,
+    out: str | Path,
+    *,
+    recipe: str | AugmentConfig = "v2",
+    count: int = 8,
+    size: int = 224,
+    seed: int = 0,
+    device_id: Optional[int] = None,
+) -> Path:
     """Write the preview grid of ``count`` samples of ``folder`` under ``recipe`` to ``out``.
 
     ``recipe`` is a preset's name (drawn at ``size``) or a whole ``AugmentConfig``
@@ -78,16 +90,39 @@ def preview(folder: str | Path, out: str | Path, *, recipe: str | AugmentConfig 
     return out
 
 
-def _draw(folder: Path, out: Path, recipe: str | AugmentConfig, count: int, size: int, seed: int,
-          device_id: Optional[int]) -> None:
+def _draw(
+    folder: Path,
+    out: Path,
+    recipe: str | AugmentConfig,
+    count: int,
+    size: int,
+    seed: int,
+    device_id: Optional[int],
+) -> None:
     cfg = recipe if isinstance(recipe, AugmentConfig) else preset(recipe, size)
-    loader = ViewLoader(folder, cfg, LoaderConfig(batch_size=count, dtype="float32", shuffle=False, seed=seed,
-                                                  keys=True, labels=False, last_batch="partial"),
-                        device_id=device_id)
+    loader = ViewLoader(
+        folder,
+        cfg,
+        LoaderConfig(
+            batch_size=count,
+            dtype="float32",
+            shuffle=False,
+            seed=seed,
+            keys=True,
+            labels=False,
+            last_batch="partial",
+        ),
+        device_id=device_id,
+    )
     batch = next(iter(loader))
-    where = {key: (tar, offset, size) for tar, key, offset, size in shards.iter_members(loader.pairs, "jpg")}
+    where = {
+        key: (tar, offset, size)
+        for tar, key, offset, size in shards.iter_members(loader.pairs, "jpg")
+    }
     rows = len(batch)
-    grid = Image.new("RGB", (3 * size + 4 * _PAD, _HEADER + rows * (size + _PAD) + _PAD), (255, 255, 255))
+    grid = Image.new(
+        "RGB", (3 * size + 4 * _PAD, _HEADER + rows * (size + _PAD) + _PAD), (255, 255, 255)
+    )
     draw = ImageDraw.Draw(grid)
     for col, title in enumerate(["stored image", "view q", "view k"]):
         draw.text((_PAD + col * (size + _PAD), 4), title, fill=(0, 0, 0))
@@ -96,8 +131,11 @@ def _draw(folder: Path, out: Path, recipe: str | AugmentConfig, count: int, size
         with open(tar, "rb") as f:
             f.seek(offset)
             original = Image.open(io.BytesIO(f.read(length))).convert("RGB")
-        tiles = [_fit(original, size), _denormalise(batch.view_q[row], cfg.mean, cfg.std),
-                 _denormalise(batch.view_k[row], cfg.mean, cfg.std)]
+        tiles = [
+            _fit(original, size),
+            _denormalise(batch.view_q[row], cfg.mean, cfg.std),
+            _denormalise(batch.view_k[row], cfg.mean, cfg.std),
+        ]
         y = _HEADER + row * (size + _PAD)
         for col, tile in enumerate(tiles):
             grid.paste(tile, (_PAD + col * (size + _PAD), y))

@@ -38,8 +38,10 @@ class VerifyReport:
 
     def summary(self) -> str:
         rate = self.samples / self.seconds if self.seconds > 0 else 0.0
-        return (f"OK: {self.shards} shards, {self.samples} samples, {self.bytes / 1e6:.1f} MB "
-                f"verified in {self.seconds:.1f} s ({rate:.0f} samples/s decoded)")
+        return (
+            f"OK: {self.shards} shards, {self.samples} samples, {self.bytes / 1e6:.1f} MB "
+            f"verified in {self.seconds:.1f} s ({rate:.0f} samples/s decoded)"
+        )
 
 
 def _sha256(path: Path) -> str:
@@ -58,15 +60,21 @@ def _check_index_against_tar(tar: Path, idx: Path, samples: list) -> None:
     except (tarfile.TarError, OSError) as exc:
         raise ShardError(f"{tar}: not a readable tar archive: {exc}") from None
     if len(found) != len(expected):
-        raise ShardError(f"{idx}: lists {len(expected)} files, the tar {tar.name} holds {len(found)}")
+        raise ShardError(
+            f"{idx}: lists {len(expected)} files, the tar {tar.name} holds {len(found)}"
+        )
     for (ext, offset, size, name), actual in zip(expected, found):
         if (name, offset, size) != actual:
-            raise ShardError(f"{tar}: key {name.split('.')[0]}: index says {name} at {offset} ({size} bytes), "
-                             f"the tar has {actual[0]} at {actual[1]} ({actual[2]} bytes)")
+            raise ShardError(
+                f"{tar}: key {name.split('.')[0]}: index says {name} at {offset} ({size} bytes), "
+                f"the tar has {actual[0]} at {actual[1]} ({actual[2]} bytes)"
+            )
     for members in samples:
         exts = {m[0] for m in members}
         if "jpg" not in exts or "json" not in exts:
-            raise ShardError(f"{tar}: key {members[0][3].split('.')[0]}: sample lacks .jpg or .json")
+            raise ShardError(
+                f"{tar}: key {members[0][3].split('.')[0]}: sample lacks .jpg or .json"
+            )
 
 
 def _scan_in_child(conn, tars, indexes, batch_size, num_threads, device_id) -> None:
@@ -78,7 +86,9 @@ def _scan_in_child(conn, tars, indexes, batch_size, num_threads, device_id) -> N
 
     try:
         batch = []
-        for s in scan_shards(tars, indexes, batch_size=batch_size, num_threads=num_threads, device_id=device_id):
+        for s in scan_shards(
+            tars, indexes, batch_size=batch_size, num_threads=num_threads, device_id=device_id
+        ):
             batch.append((s.height, s.width, s.channels, s.metadata, s.label))
             if len(batch) == batch_size:
                 conn.send(("samples", batch))
@@ -102,9 +112,18 @@ def _decoded(pairs, batch_size, num_threads, device_id):
     """
     ctx = multiprocessing.get_context("fork")  # this process has not loaded DALI; the child does
     receiver, sender = ctx.Pipe(duplex=False)
-    child = ctx.Process(target=_scan_in_child, daemon=True,
-                        args=(sender, [str(p[0]) for p in pairs], [str(p[1]) for p in pairs], batch_size,
-                              num_threads, device_id))
+    child = ctx.Process(
+        target=_scan_in_child,
+        daemon=True,
+        args=(
+            sender,
+            [str(p[0]) for p in pairs],
+            [str(p[1]) for p in pairs],
+            batch_size,
+            num_threads,
+            device_id,
+        ),
+    )
     child.start()
     sender.close()
     try:
@@ -127,8 +146,14 @@ def _decoded(pairs, batch_size, num_threads, device_id):
         child.join()
 
 
-def verify(folder: str | Path, *, batch_size: int = 64, num_threads: Optional[int] = None,
-           device_id: Optional[int] = None, progress: bool = True) -> VerifyReport:
+def verify(
+    folder: str | Path,
+    *,
+    batch_size: int = 64,
+    num_threads: Optional[int] = None,
+    device_id: Optional[int] = None,
+    progress: bool = True,
+) -> VerifyReport:
     """Verify a shard folder end to end.
 
     Raises:
@@ -152,7 +177,9 @@ def verify(folder: str | Path, *, batch_size: int = 64, num_threads: Optional[in
     class_counts = collections.Counter()
     ordinal = 0
     walk = _decoded(pairs, batch_size, num_threads, device_id)
-    bar = tqdm(total=len(keys), unit="img", desc="verify", disable=not progress or None, dynamic_ncols=True)
+    bar = tqdm(
+        total=len(keys), unit="img", desc="verify", disable=not progress or None, dynamic_ncols=True
+    )
     try:
         while True:
             try:
@@ -161,21 +188,27 @@ def verify(folder: str | Path, *, batch_size: int = 64, num_threads: Optional[in
                 failure = stop.value
                 break
             if ordinal >= len(keys):
-                raise ShardError(f"{manifest.root}: DALI read more samples than the indexes list ({len(keys)})")
+                raise ShardError(
+                    f"{manifest.root}: DALI read more samples than the indexes list ({len(keys)})"
+                )
             tar, key = keys[ordinal][:2]
             try:
                 size = json.loads(metadata)["size"]
             except (ValueError, KeyError, TypeError):
                 raise ShardError(f"{tar}: key {key}: unreadable {key}.json") from None
             if channels != 3 or [width, height] != size:
-                raise ShardError(f"{tar}: key {key}: decodes to {width}x{height}x{channels}, "
-                                 f"metadata says {size[0]}x{size[1]}x3")
+                raise ShardError(
+                    f"{tar}: key {key}: decodes to {width}x{height}x{channels}, "
+                    f"metadata says {size[0]}x{size[1]}x3"
+                )
             if classes:
                 try:
                     index = int(label.decode())
                     assert 0 <= index < len(classes)
                 except (ValueError, AssertionError, UnicodeDecodeError):
-                    raise ShardError(f"{tar}: key {key}: class {label!r} is not in 0..{len(classes) - 1}") from None
+                    raise ShardError(
+                        f"{tar}: key {key}: class {label!r} is not in 0..{len(classes) - 1}"
+                    ) from None
                 class_counts[classes[index]] += 1
             ordinal += 1
             bar.update(1)
@@ -187,10 +220,16 @@ def verify(folder: str | Path, *, batch_size: int = 64, num_threads: Optional[in
         where = keys[min(ordinal, len(keys) - 1)][0] if keys else manifest.root
         raise ShardError(located or f"{where}: {failure} near sample {ordinal}")
     if ordinal != manifest.samples:
-        raise ShardError(f"{manifest.root}: DALI read {ordinal} samples, the manifest says {manifest.samples}")
-    if classes and dict(class_counts) != {k: v for k, v in manifest.data["class_counts"].items() if v}:
+        raise ShardError(
+            f"{manifest.root}: DALI read {ordinal} samples, the manifest says {manifest.samples}"
+        )
+    if classes and dict(class_counts) != {
+        k: v for k, v in manifest.data["class_counts"].items() if v
+    }:
         raise ShardError(f"{manifest.root}: per-class counts differ from the manifest")
-    return VerifyReport(len(pairs), ordinal, sum(e.bytes for e in manifest.shards), time.monotonic() - started)
+    return VerifyReport(
+        len(pairs), ordinal, sum(e.bytes for e in manifest.shards), time.monotonic() - started
+    )
 
 
 def inspect(folder: str | Path) -> dict:
@@ -203,8 +242,9 @@ def inspect(folder: str | Path) -> dict:
                 f.seek(offset)
                 w, h = json.loads(f.read(size))["size"]
         except (OSError, ValueError, KeyError, TypeError) as exc:
-            raise ShardError(f"{tar}: sample metadata at byte {offset} unreadable ({exc}); run moco-shards verify") \
-                from None
+            raise ShardError(
+                f"{tar}: sample metadata at byte {offset} unreadable ({exc}); run moco-shards verify"
+            ) from None
         widths.append(w)
         heights.append(h)
         sizes[(w, h)] += 1
@@ -216,7 +256,11 @@ def inspect(folder: str | Path) -> dict:
         reasons = collections.Counter(manifest.data.get("rejected_reasons") or {})
 
     def spread(values):
-        return {"min": min(values), "median": statistics.median(values), "max": max(values)} if values else None
+        return (
+            {"min": min(values), "median": statistics.median(values), "max": max(values)}
+            if values
+            else None
+        )
 
     return {
         "folder": str(manifest.root),
@@ -228,7 +272,9 @@ def inspect(folder: str | Path) -> dict:
         "copied": manifest.data["copied"],
         "reencoded": manifest.data["reencoded"],
         "rejected": rejected,
-        "rejected_file": str(manifest.root / manifest.data["rejected_file"]) if "rejected_file" in manifest.data else None,
+        "rejected_file": str(manifest.root / manifest.data["rejected_file"])
+        if "rejected_file" in manifest.data
+        else None,
         "rejected_reasons": dict(reasons.most_common()),
         "classes": manifest.data["class_counts"],
         "width": spread(widths),
@@ -246,7 +292,9 @@ def format_inspection(info: dict) -> str:
         f"  shards    {info['shards']}, {mb:.1f} MB, {mb * 1e6 / max(info['samples'], 1) / 1e3:.1f} KB per sample",
     ]
     if info["rejected_reasons"]:
-        lines.append("  rejected  " + ", ".join(f"{k}: {v}" for k, v in info["rejected_reasons"].items()))
+        lines.append(
+            "  rejected  " + ", ".join(f"{k}: {v}" for k, v in info["rejected_reasons"].items())
+        )
         if info.get("rejected_file"):
             lines.append(f"            each with its input and reason in {info['rejected_file']}")
     if info["width"]:

@@ -33,8 +33,13 @@ def reason_kind(reason: str) -> str:
 
 
 def _file_kind(mode: int) -> str:
-    for test, kind in ((stat.S_ISDIR, "folder"), (stat.S_ISFIFO, "FIFO"), (stat.S_ISCHR, "character device"),
-                       (stat.S_ISBLK, "block device"), (stat.S_ISSOCK, "socket")):
+    for test, kind in (
+        (stat.S_ISDIR, "folder"),
+        (stat.S_ISFIFO, "FIFO"),
+        (stat.S_ISCHR, "character device"),
+        (stat.S_ISBLK, "block device"),
+        (stat.S_ISSOCK, "socket"),
+    ):
         if test(mode):
             return kind
     return "special file"
@@ -53,7 +58,9 @@ def read_input(ref: InputRef, max_bytes: int) -> bytes:
         except OSError as exc:
             raise Rejected(f"unreadable: {exc.strerror or exc}") from None
         if len(data) != ref.size:
-            raise Rejected(f"unreadable: archive member cut short ({len(data)} of {ref.size} bytes)")
+            raise Rejected(
+                f"unreadable: archive member cut short ({len(data)} of {ref.size} bytes)"
+            )
         return data
     try:
         # O_NONBLOCK: opening a FIFO must not wait for a writer that never comes.
@@ -69,7 +76,9 @@ def read_input(ref: InputRef, max_bytes: int) -> bytes:
         # Ask for the size the file says it has (and one byte more, to see it grew):
         # os.read allocates what it is asked for before it reads.
         chunks, left = [], max_bytes + 1
-        while left and (chunk := os.read(fd, min(left, info.st_size + 1 if not chunks else 1 << 24))):
+        while left and (
+            chunk := os.read(fd, min(left, info.st_size + 1 if not chunks else 1 << 24))
+        ):
             chunks.append(chunk)
             left -= len(chunk)
     except OSError as exc:
@@ -148,10 +157,16 @@ class ShardWriter:
         except BaseException:
             self.abandon()
             raise
-        return asdict(shards.ShardEntry(
-            tar=f"{self.stem}.tar", index=f"{self.stem}.idx", samples=self.samples, bytes=self.bytes,
-            sha256=self.sha.hexdigest(), index_sha256=hashlib.sha256(index_text.encode()).hexdigest(),
-        ))
+        return asdict(
+            shards.ShardEntry(
+                tar=f"{self.stem}.tar",
+                index=f"{self.stem}.idx",
+                samples=self.samples,
+                bytes=self.bytes,
+                sha256=self.sha.hexdigest(),
+                index_sha256=hashlib.sha256(index_text.encode()).hexdigest(),
+            )
+        )
 
     def abandon(self) -> None:
         """Remove what an unfinished shard left (a full disk or a kill must leave no temporary file)."""
@@ -163,8 +178,15 @@ class ShardWriter:
         self.idx_tmp.unlink(missing_ok=True)
 
 
-def write_block(out: Path, stem: str, block: int, first_input: int, items: list, process: Callable,
-                max_bytes: Optional[int]) -> dict:
+def write_block(
+    out: Path,
+    stem: str,
+    block: int,
+    first_input: int,
+    items: list,
+    process: Callable,
+    max_bytes: Optional[int],
+) -> dict:
     """Turn one block of inputs into its shard (or shards, when ``max_bytes`` splits it).
 
     Args:
@@ -189,7 +211,9 @@ def write_block(out: Path, stem: str, block: int, first_input: int, items: list,
             if writer is not None and writer.bytes + len(blob) + len(shards.TAR_END) > limit:
                 entries.append(writer.close())
                 writer = None
-            if writer is None:  # a block split by --max-bytes names its further shards STEM-001, ...
+            if (
+                writer is None
+            ):  # a block split by --max-bytes names its further shards STEM-001, ...
                 writer = ShardWriter(out, stem if not entries else f"{stem}-{len(entries):03d}")
             writer.add(blob, members)
             copied += was_copied

@@ -71,13 +71,29 @@ def _knn(args) -> dict:
     if val_classes != classes:
         raise ValueError(f"--val {args.val}: {val_classes} classes, --train has {classes}")
     result = knn_classify(train_f, train_y, val_f, val_y, classes, k=args.k, t=args.t)
-    record = {"mode": "knn", "checkpoint": str(args.checkpoint), "random_init": args.random_init,
-              "arch": info.arch, "step": info.step, "k": args.k, "t": args.t, "size": size, "resize": resize,
-              "train": str(args.train), "val": str(args.val), "train_samples": len(train_y),
-              "val_samples": len(val_y), **result, "seconds": time.perf_counter() - started, "device": str(device)}
+    record = {
+        "mode": "knn",
+        "checkpoint": str(args.checkpoint),
+        "random_init": args.random_init,
+        "arch": info.arch,
+        "step": info.step,
+        "k": args.k,
+        "t": args.t,
+        "size": size,
+        "resize": resize,
+        "train": str(args.train),
+        "val": str(args.val),
+        "train_samples": len(train_y),
+        "val_samples": len(val_y),
+        **result,
+        "seconds": time.perf_counter() - started,
+        "device": str(device),
+    }
     when = "at initialisation" if args.random_init else f"at step {info.step}"
-    print(f"moco-eval knn: {info.arch} {when}: top-1 {result['top1']:.2f}% top-5 {result['top5']:.2f}% "
-          f"(k={args.k}, T={args.t}, {len(train_y)} train / {len(val_y)} val images, {size} px)")
+    print(
+        f"moco-eval knn: {info.arch} {when}: top-1 {result['top1']:.2f}% top-5 {result['top5']:.2f}% "
+        f"(k={args.k}, T={args.t}, {len(train_y)} train / {len(val_y)} val images, {size} px)"
+    )
     return record
 
 
@@ -89,16 +105,37 @@ def _linear(args) -> dict:
     amp = _amp(args.amp, device)
     encoder, info = load_encoder(args.checkpoint, args.arch, random_init=args.random_init)
     size, resize = _sizes(args, info)
-    cfg = LinearConfig(epochs=args.epochs, lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay,
-                       milestones=tuple(args.milestones), batch_size=args.batch_size, size=size, resize=resize,
-                       seed=args.seed, threads=args.threads, val_every=args.val_every, progress=not args.no_progress)
+    cfg = LinearConfig(
+        epochs=args.epochs,
+        lr=args.lr,
+        momentum=args.momentum,
+        weight_decay=args.weight_decay,
+        milestones=tuple(args.milestones),
+        batch_size=args.batch_size,
+        size=size,
+        resize=resize,
+        seed=args.seed,
+        threads=args.threads,
+        val_every=args.val_every,
+        progress=not args.no_progress,
+    )
     out = args.out or Path(args.checkpoint).parent / "linear"
-    result = linear_probe(encoder, args.train, args.val, cfg, out, device, amp, resume=not args.restart)
+    result = linear_probe(
+        encoder, args.train, args.val, cfg, out, device, amp, resume=not args.restart
+    )
     when = "at initialisation" if args.random_init else f"at step {info.step}"
-    print(f"moco-eval linear: {info.arch} {when}: top-1 {result['top1']:.2f}% "
-          f"top-5 {result['top5']:.2f}% after {cfg.epochs} epochs (best top-1 {result['best_top1']:.2f}%); "
-          f"backbone unchanged; {out / 'linear.json'}")
-    return {"mode": "linear", "checkpoint": str(args.checkpoint), "arch": info.arch, "step": info.step, **result}
+    print(
+        f"moco-eval linear: {info.arch} {when}: top-1 {result['top1']:.2f}% "
+        f"top-5 {result['top5']:.2f}% after {cfg.epochs} epochs (best top-1 {result['best_top1']:.2f}%); "
+        f"backbone unchanged; {out / 'linear.json'}"
+    )
+    return {
+        "mode": "linear",
+        "checkpoint": str(args.checkpoint),
+        "arch": info.arch,
+        "step": info.step,
+        **result,
+    }
 
 
 def _export(args) -> dict:
@@ -106,10 +143,20 @@ def _export(args) -> dict:
 
     encoder, info = load_encoder(args.checkpoint, args.arch)
     out = export(encoder, args.format, args.out)
-    stem = " (small-image stem: replace conv1 with a 3x3/1 conv and maxpool with Identity before loading)" \
-        if info.small_stem else ""
-    print(f"moco-eval export: {info.arch} query backbone of {args.checkpoint} as {args.format} -> {out}{stem}")
-    return {"mode": "export", "checkpoint": str(args.checkpoint), "format": args.format, "out": str(out)}
+    stem = (
+        " (small-image stem: replace conv1 with a 3x3/1 conv and maxpool with Identity before loading)"
+        if info.small_stem
+        else ""
+    )
+    print(
+        f"moco-eval export: {info.arch} query backbone of {args.checkpoint} as {args.format} -> {out}{stem}"
+    )
+    return {
+        "mode": "export",
+        "checkpoint": str(args.checkpoint),
+        "format": args.format,
+        "out": str(out),
+    }
 
 
 class _Parser(argparse.ArgumentParser):
@@ -150,43 +197,79 @@ def _check_options(args) -> Optional[str]:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="moco-eval", description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = _Parser(
+        prog="moco-eval",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     sub = parser.add_subparsers(dest="mode", required=True)
 
     def common(p, data=True):
-        p.add_argument("--checkpoint", type=Path, required=True, help="moco-train or reference MoCo checkpoint")
-        p.add_argument("--arch", default=None, help="expected architecture (error if the checkpoint's differs)")
+        p.add_argument(
+            "--checkpoint", type=Path, required=True, help="moco-train or reference MoCo checkpoint"
+        )
+        p.add_argument(
+            "--arch", default=None, help="expected architecture (error if the checkpoint's differs)"
+        )
         if data:
-            p.add_argument("--train", required=True, help="labelled shard folder (features / training)")
+            p.add_argument(
+                "--train", required=True, help="labelled shard folder (features / training)"
+            )
             p.add_argument("--val", required=True, help="labelled shard folder to classify")
-            p.add_argument("--size", type=int, default=None, help="crop size (default: the run's data.size)")
-            p.add_argument("--resize", type=int, default=None,
-                           help="shorter side before the centre crop (default: the run's data.eval_resize)")
+            p.add_argument(
+                "--size", type=int, default=None, help="crop size (default: the run's data.size)"
+            )
+            p.add_argument(
+                "--resize",
+                type=int,
+                default=None,
+                help="shorter side before the centre crop (default: the run's data.eval_resize)",
+            )
             p.add_argument("--batch-size", type=int, default=256)
             p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
             p.add_argument("--amp", choices=["auto", "bf16", "fp16", "none"], default="auto")
-            p.add_argument("--threads", type=int, default=None, help="DALI CPU threads (default: all cores)")
-            p.add_argument("--random-init", action="store_true",
-                           help="the run's encoder at step 0 instead of the trained one (a baseline)")
-            p.add_argument("--json", type=Path, default=None, help="also write the result as JSON here")
+            p.add_argument(
+                "--threads", type=int, default=None, help="DALI CPU threads (default: all cores)"
+            )
+            p.add_argument(
+                "--random-init",
+                action="store_true",
+                help="the run's encoder at step 0 instead of the trained one (a baseline)",
+            )
+            p.add_argument(
+                "--json", type=Path, default=None, help="also write the result as JSON here"
+            )
 
     k = sub.add_parser("knn", help="weighted kNN top-1/top-5 of the frozen query backbone")
     common(k)
     k.add_argument("--k", type=int, default=200, help="neighbours")
-    k.add_argument("--t", type=float, default=0.1, help="temperature of the exp(similarity / t) votes")
+    k.add_argument(
+        "--t", type=float, default=0.1, help="temperature of the exp(similarity / t) votes"
+    )
     lin = sub.add_parser("linear", help="the paper's linear classification protocol")
     common(lin)
-    lin.add_argument("--out", type=Path, default=None, help="folder for checkpoints and logs (default CKPT_DIR/linear)")
+    lin.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="folder for checkpoints and logs (default CKPT_DIR/linear)",
+    )
     lin.add_argument("--epochs", type=int, default=100)
     lin.add_argument("--lr", type=float, default=30.0)
     lin.add_argument("--momentum", type=float, default=0.9)
     lin.add_argument("--weight-decay", type=float, default=0.0)
-    lin.add_argument("--milestones", type=float, nargs="+", default=[0.6, 0.8],
-                     help="fractions of the epochs where the rate drops x0.1")
+    lin.add_argument(
+        "--milestones",
+        type=float,
+        nargs="+",
+        default=[0.6, 0.8],
+        help="fractions of the epochs where the rate drops x0.1",
+    )
     lin.add_argument("--val-every", type=int, default=1, help="epochs between validations")
     lin.add_argument("--seed", type=int, default=0)
-    lin.add_argument("--restart", action="store_true", help="ignore a probe already in --out and start over")
+    lin.add_argument(
+        "--restart", action="store_true", help="ignore a probe already in --out and start over"
+    )
     lin.add_argument("--no-progress", action="store_true")
     e = sub.add_parser("export", help="the query backbone for torchvision or detectron2")
     common(e, data=False)

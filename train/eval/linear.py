@@ -64,7 +64,9 @@ class LinearConfig:
         if self.lr <= 0:
             raise ValueError(f"--lr must be positive, got {self.lr}")
         if not all(0 < m <= 1 for m in self.milestones):
-            raise ValueError(f"--milestones are fractions of the epochs in (0, 1], got {self.milestones}")
+            raise ValueError(
+                f"--milestones are fractions of the epochs in (0, 1], got {self.milestones}"
+            )
 
 
 def _settings(config: dict) -> dict:
@@ -73,8 +75,9 @@ def _settings(config: dict) -> dict:
 
 
 @torch.no_grad()
-def evaluate(encoder: nn.Module, classifier: nn.Module, loader: ViewLoader,
-             amp_dtype: Optional[torch.dtype]) -> dict[str, float]:
+def evaluate(
+    encoder: nn.Module, classifier: nn.Module, loader: ViewLoader, amp_dtype: Optional[torch.dtype]
+) -> dict[str, float]:
     """Top-1 / top-5 (%) and mean loss of ``classifier`` on every sample of ``loader``."""
     correct1 = correct5 = seen = 0
     loss = 0.0
@@ -88,8 +91,16 @@ def evaluate(encoder: nn.Module, classifier: nn.Module, loader: ViewLoader,
     return {"top1": 100.0 * correct1 / seen, "top5": 100.0 * correct5 / seen, "loss": loss / seen}
 
 
-def linear_probe(encoder: nn.Module, train: str, val: str, cfg: LinearConfig, out: Path,
-                 device: torch.device, amp_dtype: Optional[torch.dtype] = None, resume: bool = True) -> dict:
+def linear_probe(
+    encoder: nn.Module,
+    train: str,
+    val: str,
+    cfg: LinearConfig,
+    out: Path,
+    device: torch.device,
+    amp_dtype: Optional[torch.dtype] = None,
+    resume: bool = True,
+) -> dict:
     """Train and validate the linear classifier on ``encoder``'s frozen backbone; return the final figures."""
     cfg.validate()
     out = Path(out)
@@ -98,21 +109,50 @@ def linear_probe(encoder: nn.Module, train: str, val: str, cfg: LinearConfig, ou
     torch.manual_seed(cfg.seed)
     state = checkpoint.load(checkpoint.latest(out)) if resume and checkpoint.latest(out) else None
     if state and _settings(state["config"]) != _settings(asdict(cfg)):
-        raise ValueError(f"{out}: holds a linear probe with other settings; use another --out or the same settings")
+        raise ValueError(
+            f"{out}: holds a linear probe with other settings; use another --out or the same settings"
+        )
 
-    train_view = custom(size=cfg.size, crop_scale=tuple(cfg.crop_scale), jitter=(0.0, 0.0, 0.0, 0.0), gray_p=0.0,
-                        blur_p=0.0, flip_p=0.5)
+    train_view = custom(
+        size=cfg.size,
+        crop_scale=tuple(cfg.crop_scale),
+        jitter=(0.0, 0.0, 0.0, 0.0),
+        gray_p=0.0,
+        blur_p=0.0,
+        flip_p=0.5,
+    )
     device_id = dali_device_id(device)
-    train_loader = ViewLoader(train, train_view, LoaderConfig(batch_size=cfg.batch_size, dtype="float32", views=1,
-                                                              last_batch="partial", seed=cfg.seed,
-                                                              threads=cfg.threads),
-                              device_id=device_id, state=state["loader"] if state else None)
-    val_loader = ViewLoader(val, EvalConfig(resize=cfg.resize, size=cfg.size),
-                            LoaderConfig(batch_size=cfg.batch_size, dtype="float32", shuffle=False,
-                                         last_batch="partial", threads=cfg.threads), device_id=device_id)
+    train_loader = ViewLoader(
+        train,
+        train_view,
+        LoaderConfig(
+            batch_size=cfg.batch_size,
+            dtype="float32",
+            views=1,
+            last_batch="partial",
+            seed=cfg.seed,
+            threads=cfg.threads,
+        ),
+        device_id=device_id,
+        state=state["loader"] if state else None,
+    )
+    val_loader = ViewLoader(
+        val,
+        EvalConfig(resize=cfg.resize, size=cfg.size),
+        LoaderConfig(
+            batch_size=cfg.batch_size,
+            dtype="float32",
+            shuffle=False,
+            last_batch="partial",
+            threads=cfg.threads,
+        ),
+        device_id=device_id,
+    )
     for name, loader in (("--train", train_loader), ("--val", val_loader)):
         if not loader.has_labels:
-            raise ValueError(f"{name} {loader.manifest.root}: the shards have no labels (build with --labels folder)")
+            raise ValueError(
+                f"{name} {loader.manifest.root}: the shards have no labels (build with --labels folder)"
+            )
     classes = len(train_loader.manifest.classes)
     if val_loader.manifest.classes != train_loader.manifest.classes:
         raise ValueError(f"--val {val_loader.manifest.root}: its classes differ from --train's")
@@ -125,11 +165,13 @@ def linear_probe(encoder: nn.Module, train: str, val: str, cfg: LinearConfig, ou
     # main_lincls.py's initialisation of the new layer
     nn.init.normal_(classifier.weight, mean=0.0, std=0.01)
     nn.init.zeros_(classifier.bias)
-    optimizer = torch.optim.SGD(classifier.parameters(), lr=cfg.lr, momentum=cfg.momentum,
-                                weight_decay=cfg.weight_decay)
+    optimizer = torch.optim.SGD(
+        classifier.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
+    )
     steps_per_epoch = len(train_loader)
-    rates = learning_rates(cfg.lr, steps_per_epoch, cfg.epochs, "step",
-                           tuple(m * cfg.epochs for m in cfg.milestones))
+    rates = learning_rates(
+        cfg.lr, steps_per_epoch, cfg.epochs, "step", tuple(m * cfg.epochs for m in cfg.milestones)
+    )
     epoch, history = 0, []
     if state:
         classifier.load_state_dict(state["classifier"])
@@ -141,8 +183,13 @@ def linear_probe(encoder: nn.Module, train: str, val: str, cfg: LinearConfig, ou
         log.info("resuming the linear probe after epoch %d from %s", epoch, out)
 
     metrics = Metrics(out, True)
-    bar = tqdm(total=cfg.epochs * steps_per_epoch, initial=epoch * steps_per_epoch, unit="step",
-               disable=not cfg.progress or None, dynamic_ncols=True)
+    bar = tqdm(
+        total=cfg.epochs * steps_per_epoch,
+        initial=epoch * steps_per_epoch,
+        unit="step",
+        disable=not cfg.progress or None,
+        dynamic_ncols=True,
+    )
     try:
         while epoch < cfg.epochs:
             step = epoch * steps_per_epoch
@@ -160,27 +207,63 @@ def linear_probe(encoder: nn.Module, train: str, val: str, cfg: LinearConfig, ou
                 total_loss += loss.detach() * len(batch)
                 seen += len(batch)
             epoch += 1
-            record = {"epoch": epoch, "train_loss": float(total_loss) / seen, "lr": float(rates[step - 1])}
+            record = {
+                "epoch": epoch,
+                "train_loss": float(total_loss) / seen,
+                "lr": float(rates[step - 1]),
+            }
             if epoch % cfg.val_every == 0 or epoch == cfg.epochs:
                 result = evaluate(encoder, classifier, val_loader, amp_dtype)
-                record.update(val_top1=result["top1"], val_top5=result["top5"], val_loss=result["loss"])
+                record.update(
+                    val_top1=result["top1"], val_top5=result["top5"], val_loss=result["loss"]
+                )
             history.append(record)
-            bar.set_postfix(loss=f"{record['train_loss']:.3f}", top1=f"{record.get('val_top1', float('nan')):.2f}")
-            metrics.write("linear", epoch, record, "linear epoch {epoch}: train loss {train_loss:.4f}".format(**record)
-                          + (" val top-1 {val_top1:.2f}% top-5 {val_top5:.2f}%".format(**record)
-                             if "val_top1" in record else ""))
-            checkpoint.save(out, epoch, {"classifier": classifier.state_dict(), "optimizer": optimizer.state_dict(),
-                                         "epoch": epoch, "history": history, "config": asdict(cfg),
-                                         "loader": train_loader.state_dict(), "rng": torch.get_rng_state(),
-                                         "backbone_digest": before}, keep_last=2)
+            bar.set_postfix(
+                loss=f"{record['train_loss']:.3f}",
+                top1=f"{record.get('val_top1', float('nan')):.2f}",
+            )
+            metrics.write(
+                "linear",
+                epoch,
+                record,
+                "linear epoch {epoch}: train loss {train_loss:.4f}".format(**record)
+                + (
+                    " val top-1 {val_top1:.2f}% top-5 {val_top5:.2f}%".format(**record)
+                    if "val_top1" in record
+                    else ""
+                ),
+            )
+            checkpoint.save(
+                out,
+                epoch,
+                {
+                    "classifier": classifier.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "epoch": epoch,
+                    "history": history,
+                    "config": asdict(cfg),
+                    "loader": train_loader.state_dict(),
+                    "rng": torch.get_rng_state(),
+                    "backbone_digest": before,
+                },
+                keep_last=2,
+            )
     finally:
         bar.close()
         metrics.close()
     if weights_digest(encoder) != before:
-        raise RuntimeError("the backbone's weights changed during the linear probe; its result is not valid")
+        raise RuntimeError(
+            "the backbone's weights changed during the linear probe; its result is not valid"
+        )
     final = history[-1]
-    result = {"top1": final["val_top1"], "top5": final["val_top5"],
-              "best_top1": max(r["val_top1"] for r in history if "val_top1" in r),
-              "epochs": cfg.epochs, "config": asdict(cfg), "history": history, "backbone_unchanged": True}
+    result = {
+        "top1": final["val_top1"],
+        "top5": final["val_top5"],
+        "best_top1": max(r["val_top1"] for r in history if "val_top1" in r),
+        "epochs": cfg.epochs,
+        "config": asdict(cfg),
+        "history": history,
+        "backbone_unchanged": True,
+    }
     (out / "linear.json").write_text(json.dumps(result, indent=1) + "\n")
     return result

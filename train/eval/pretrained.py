@@ -26,8 +26,15 @@ from moco_dali.model.encoders import ARCHS, add_mlp_head, resnet
 from moco_dali.train.checkpoint import CheckpointError, write_atomic
 from moco_dali.train.checkpoint import load as load_checkpoint
 
-__all__ = ["CheckpointError", "Pretrained", "load_encoder", "torchvision_state_dict", "detectron2_weights",
-           "export", "weights_digest"]
+__all__ = [
+    "CheckpointError",
+    "Pretrained",
+    "load_encoder",
+    "torchvision_state_dict",
+    "detectron2_weights",
+    "export",
+    "weights_digest",
+]
 
 
 @dataclass
@@ -51,32 +58,66 @@ def _query_weights(state: Any, path: Path) -> tuple[dict[str, torch.Tensor], Pre
         model = state["config"]["model"]
         prefix = "encoder_q."
         # torch.compile wraps a module as ``_orig_mod``; the weights are the same.
-        weights = {k[len(prefix):].replace("_orig_mod.", ""): v for k, v in state["model"].items()
-                   if k.startswith(prefix)}
-        info = Pretrained(path, "moco-dali", model["arch"], model["small_stem"], model["mlp"], model["dim"],
-                          state.get("step"), state["config"])
+        weights = {
+            k[len(prefix) :].replace("_orig_mod.", ""): v
+            for k, v in state["model"].items()
+            if k.startswith(prefix)
+        }
+        info = Pretrained(
+            path,
+            "moco-dali",
+            model["arch"],
+            model["small_stem"],
+            model["mlp"],
+            model["dim"],
+            state.get("step"),
+            state["config"],
+        )
     elif isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
-        prefix = next((p for p in ("module.encoder_q.", "encoder_q.") if any(k.startswith(p) for k in
-                                                                           state["state_dict"])), None)
+        prefix = next(
+            (
+                p
+                for p in ("module.encoder_q.", "encoder_q.")
+                if any(k.startswith(p) for k in state["state_dict"])
+            ),
+            None,
+        )
         if prefix is None:
-            raise CheckpointError(f"{path}: its state_dict holds no encoder_q weights; not a MoCo checkpoint")
-        weights = {k[len(prefix):]: v for k, v in state["state_dict"].items() if k.startswith(prefix)}
+            raise CheckpointError(
+                f"{path}: its state_dict holds no encoder_q weights; not a MoCo checkpoint"
+            )
+        weights = {
+            k[len(prefix) :]: v for k, v in state["state_dict"].items() if k.startswith(prefix)
+        }
         mlp = "fc.0.weight" in weights
         head = weights.get("fc.2.weight" if mlp else "fc.weight")
         conv1 = weights.get("conv1.weight")
         if head is None or conv1 is None:
-            raise CheckpointError(f"{path}: encoder_q has no conv1 or fc weights; not a ResNet MoCo checkpoint")
-        info = Pretrained(path, "reference", state.get("arch", "resnet50"), conv1.shape[-1] == 3, mlp,
-                          head.shape[0], state.get("epoch"), None)
+            raise CheckpointError(
+                f"{path}: encoder_q has no conv1 or fc weights; not a ResNet MoCo checkpoint"
+            )
+        info = Pretrained(
+            path,
+            "reference",
+            state.get("arch", "resnet50"),
+            conv1.shape[-1] == 3,
+            mlp,
+            head.shape[0],
+            state.get("epoch"),
+            None,
+        )
     else:
-        raise CheckpointError(f"{path}: neither a moco-train checkpoint nor a reference MoCo checkpoint")
+        raise CheckpointError(
+            f"{path}: neither a moco-train checkpoint nor a reference MoCo checkpoint"
+        )
     if not weights:
         raise CheckpointError(f"{path}: holds no query-encoder weights")
     return weights, info
 
 
-def load_encoder(path: str | os.PathLike, arch: Optional[str] = None, random_init: bool = False
-                 ) -> tuple[nn.Module, Pretrained]:
+def load_encoder(
+    path: str | os.PathLike, arch: Optional[str] = None, random_init: bool = False
+) -> tuple[nn.Module, Pretrained]:
     """The query encoder (with its head) of a checkpoint, on the CPU, in eval mode.
 
     ``arch``: the architecture the caller expects; a checkpoint of another one is an
@@ -86,15 +127,26 @@ def load_encoder(path: str | os.PathLike, arch: Optional[str] = None, random_ini
     path = Path(path)
     try:
         weights, info = _query_weights(load_checkpoint(path), path)
-    except (KeyError, TypeError, AttributeError, IndexError) as error:  # plain values, but not where we look
-        raise CheckpointError(f"{path}: malformed checkpoint ({type(error).__name__}: {error})") from None
+    except (
+        KeyError,
+        TypeError,
+        AttributeError,
+        IndexError,
+    ) as error:  # plain values, but not where we look
+        raise CheckpointError(
+            f"{path}: malformed checkpoint ({type(error).__name__}: {error})"
+        ) from None
     if arch is not None and arch != info.arch:
         raise CheckpointError(f"{path}: a {info.arch} checkpoint, not {arch}")
     if info.arch not in ARCHS:
-        raise CheckpointError(f"{path}: architecture {info.arch!r} is not one of {', '.join(ARCHS)}")
+        raise CheckpointError(
+            f"{path}: architecture {info.arch!r} is not one of {', '.join(ARCHS)}"
+        )
     if random_init:
         if info.config is None:
-            raise CheckpointError(f"{path}: --random-init needs a moco-train checkpoint (it rebuilds the run's step 0)")
+            raise CheckpointError(
+                f"{path}: --random-init needs a moco-train checkpoint (it rebuilds the run's step 0)"
+            )
         from moco_dali.train.config import from_dict
         from moco_dali.train.step import build_model
 
@@ -109,17 +161,24 @@ def load_encoder(path: str | os.PathLike, arch: Optional[str] = None, random_ini
     try:
         missing, unexpected = encoder.load_state_dict(weights, strict=False)
     except RuntimeError as exc:  # shapes that do not fit
-        first = next((line.strip() for line in str(exc).splitlines() if "size mismatch" in line), str(exc)[:200])
+        first = next(
+            (line.strip() for line in str(exc).splitlines() if "size mismatch" in line),
+            str(exc)[:200],
+        )
         raise CheckpointError(f"{path}: weights do not fit {info.arch}: {first}") from None
     if missing or unexpected:
-        raise CheckpointError(f"{path}: weights do not fit {info.arch}: {len(missing)} missing "
-                              f"({', '.join(missing[:2])}), {len(unexpected)} unexpected ({', '.join(unexpected[:2])})")
+        raise CheckpointError(
+            f"{path}: weights do not fit {info.arch}: {len(missing)} missing "
+            f"({', '.join(missing[:2])}), {len(unexpected)} unexpected ({', '.join(unexpected[:2])})"
+        )
     return encoder.eval(), info
 
 
 def torchvision_state_dict(encoder: nn.Module) -> "OrderedDict[str, torch.Tensor]":
     """The backbone as torchvision names it, without ``fc``: loads with strict=True once fc is Identity."""
-    return OrderedDict((k, v.detach().clone()) for k, v in encoder.state_dict().items() if not k.startswith("fc."))
+    return OrderedDict(
+        (k, v.detach().clone()) for k, v in encoder.state_dict().items() if not k.startswith("fc.")
+    )
 
 
 def detectron2_weights(encoder: nn.Module) -> dict[str, Any]:
@@ -172,6 +231,9 @@ def weights_digest(module: nn.Module) -> str:
     h = hashlib.sha256()
     for key, value in module.state_dict().items():
         h.update(key.encode())
-        h.update(value.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes()
-                 if value.numel() else b"")
+        h.update(
+            value.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes()
+            if value.numel()
+            else b""
+        )
     return h.hexdigest()

@@ -15,8 +15,16 @@ from torch.nn import functional as F
 __all__ = ["feature_probe"]
 
 
-def feature_probe(train_features: torch.Tensor, train_labels: torch.Tensor, val_features: torch.Tensor,
-                  val_labels: torch.Tensor, classes: int, *, l2: float = 1e-4, max_iter: int = 200) -> dict[str, float]:
+def feature_probe(
+    train_features: torch.Tensor,
+    train_labels: torch.Tensor,
+    val_features: torch.Tensor,
+    val_labels: torch.Tensor,
+    classes: int,
+    *,
+    l2: float = 1e-4,
+    max_iter: int = 200,
+) -> dict[str, float]:
     """Top-1 (%) on ``val_*`` of a logistic-regression probe fitted on ``train_*``, and its training top-1.
 
     Args:
@@ -32,8 +40,9 @@ def feature_probe(train_features: torch.Tensor, train_labels: torch.Tensor, val_
     y = train_labels.cpu()
     weight = torch.zeros(x.shape[1], classes, requires_grad=True)
     bias = torch.zeros(classes, requires_grad=True)
-    optimizer = torch.optim.LBFGS([weight, bias], lr=1.0, max_iter=max_iter, history_size=20,
-                                  line_search_fn="strong_wolfe")
+    optimizer = torch.optim.LBFGS(
+        [weight, bias], lr=1.0, max_iter=max_iter, history_size=20, line_search_fn="strong_wolfe"
+    )
 
     def closure():
         optimizer.zero_grad()

@@ -11,19 +11,44 @@ from moco_dali.tools.bench import cli as bench
 
 def test_momentum_mode_writes_its_record(tmp_path, capsys):
     out = tmp_path / "momentum.json"
-    assert bench.main(["momentum", "--arch", "resnet18", "--K", "1024", "--batch", "64", "--calls", "2",
-                       "--reps", "2", "--device", "cpu", "--out", str(out)]) == 0
+    assert (
+        bench.main(
+            [
+                "momentum",
+                "--arch",
+                "resnet18",
+                "--K",
+                "1024",
+                "--batch",
+                "64",
+                "--calls",
+                "2",
+                "--reps",
+                "2",
+                "--device",
+                "cpu",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     record = json.loads(out.read_text())
     assert record["mode"] == "momentum" and record["config"]["arch"] == "resnet18"
     assert {"loop", "foreach", "foreach_lerp"} <= set(record["momentum"])
     for figures in record["momentum"].values():
-        assert figures["calls"] == 4 and 0 < figures["min_ms"] <= figures["median_ms"] <= figures["max_ms"]
+        assert (
+            figures["calls"] == 4
+            and 0 < figures["min_ms"] <= figures["median_ms"] <= figures["max_ms"]
+        )
     # The floor is one pass over buffers of the parameters' size that reads both encoders'
     # bytes and writes one: 3 x param_bytes at the bandwidth that pass reached.
     param_bytes, floor_pass = record["config"]["param_bytes"], record["floor_pass"]
     assert record["copy_bytes"] == param_bytes and floor_pass["calls"] == 4
     assert record["floor_ms"] == pytest.approx(floor_pass["median_ms"])
-    assert record["copy_bandwidth_GBps"] == pytest.approx(3 * param_bytes / floor_pass["median_ms"] / 1e6)
+    assert record["copy_bandwidth_GBps"] == pytest.approx(
+        3 * param_bytes / floor_pass["median_ms"] / 1e6
+    )
     assert record["best"] in record["momentum"] and record["best"] != "loop"
     assert record["enqueue"]["median_ms"] > 0 and record["negative_logits"]["median_ms"] > 0
     assert {"cpu", "cores", "python", "torch", "gpus"} <= set(record["machine"])
@@ -53,7 +78,9 @@ def test_no_momentum_implementation_beats_the_floor():
     # fails this bound; the floor from buffers of the parameters' size reads 2.5x below the
     # best on the 2-core CPU machine, so the bound holds through a lot of noise.
     torch.manual_seed(0)
-    shapes = [(64,)] * 30 + [(128,)] * 20 + [(64, 64, 3, 3)] * 6 + [(128, 128, 3, 3)] * 4 + [(512, 512)]
+    shapes = (
+        [(64,)] * 30 + [(128,)] * 20 + [(64, 64, 3, 3)] * 6 + [(128, 128, 3, 3)] * 4 + [(512, 512)]
+    )
     key, query = [torch.rand(s) for s in shapes], [torch.rand(s) for s in shapes]
     results, floor, _ = time_updates(key, query, torch.device("cpu"), calls=20, reps=5)
     for name, figures in results.items():
@@ -63,18 +90,57 @@ def test_no_momentum_implementation_beats_the_floor():
 def test_pipeline_mode_runs_both_loaders_and_writes_its_record(tmp_path, labelled_dump):
     from moco_dali.tools.shards.build import BuildSettings, build
 
-    build([str(labelled_dump)], tmp_path / "shards", BuildSettings(max_count=5), workers=0, progress=False)
+    build(
+        [str(labelled_dump)],
+        tmp_path / "shards",
+        BuildSettings(max_count=5),
+        workers=0,
+        progress=False,
+    )
     out = tmp_path / "pipeline.json"
-    assert bench.main(["pipeline", "--shards", str(tmp_path / "shards"), "--size", "32", "--batch", "4",
-                       "--batches", "2", "--warmup", "1", "--reps", "2", "--workers", "1", "--threads", "1",
-                       "--device", "cpu", "--hue-space", "yiq", "--out", str(out)]) == 0
+    assert (
+        bench.main(
+            [
+                "pipeline",
+                "--shards",
+                str(tmp_path / "shards"),
+                "--size",
+                "32",
+                "--batch",
+                "4",
+                "--batches",
+                "2",
+                "--warmup",
+                "1",
+                "--reps",
+                "2",
+                "--workers",
+                "1",
+                "--threads",
+                "1",
+                "--device",
+                "cpu",
+                "--hue-space",
+                "yiq",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     record = json.loads(out.read_text())
     assert record["mode"] == "pipeline" and record["config"]["augment"]["hue_space"] == "yiq"
     for name in ("dali", "reference"):
         figures = record["results"][name]
-        assert len(figures["seconds"]) == 2 and figures["pairs_per_s_min"] <= figures["pairs_per_s"] > 0
+        assert (
+            len(figures["seconds"]) == 2
+            and figures["pairs_per_s_min"] <= figures["pairs_per_s"] > 0
+        )
     assert record["dali_over_reference"] > 0 and record["memory"]["host_peak_rss_MB"] > 0
-    assert record["decode_ceiling"]["images_per_s"] > 0 and len(record["decode_ceiling"]["seconds"]) == 2
+    assert (
+        record["decode_ceiling"]["images_per_s"] > 0
+        and len(record["decode_ceiling"]["seconds"]) == 2
+    )
     assert record["machine"]["cores"] >= 1
     # 21 samples in 5 shards: 5 batches of 4 per epoch, fewer than the 12 the run draws. DALI
     # reads them as one epoch of 3 copies, so that no new epoch (a pipeline built, a shuffle
@@ -94,26 +160,78 @@ def test_views_mode_times_the_recipe_with_each_operator_left_out(tmp_path, label
     from moco_dali.tools.shards.build import BuildSettings, build
 
     # Only the operators a recipe applies get a variant: cifar has no blur.
-    assert list(variants(v2(32))) == ["whole recipe", "without jitter", "without grayscale", "without blur",
-                                      "without flip", "crop only"]
+    assert list(variants(v2(32))) == [
+        "whole recipe",
+        "without jitter",
+        "without grayscale",
+        "without blur",
+        "without flip",
+        "crop only",
+    ]
     assert "without blur" not in variants(cifar(32))
     crop_only = variants(v2(32))["crop only"]
-    assert (crop_only.jitter_p, crop_only.gray_p, crop_only.blur_p, crop_only.flip_p) == (0, 0, 0, 0)
-    assert crop_only.crop_scale == v2(32).crop_scale and variants(v2(32))["without blur"].jitter_p == 0.8
+    assert (crop_only.jitter_p, crop_only.gray_p, crop_only.blur_p, crop_only.flip_p) == (
+        0,
+        0,
+        0,
+        0,
+    )
+    assert (
+        crop_only.crop_scale == v2(32).crop_scale
+        and variants(v2(32))["without blur"].jitter_p == 0.8
+    )
 
-    build([str(labelled_dump)], tmp_path / "shards", BuildSettings(max_count=5), workers=0, progress=False)
+    build(
+        [str(labelled_dump)],
+        tmp_path / "shards",
+        BuildSettings(max_count=5),
+        workers=0,
+        progress=False,
+    )
     out = tmp_path / "views.json"
-    assert bench.main(["views", "--shards", str(tmp_path / "shards"), "--size", "32", "--batch", "4",
-                       "--batches", "2", "--warmup", "1", "--reps", "2", "--threads", "1", "--device", "cpu",
-                       "--hue-space", "yiq", "--out", str(out), "--chart", str(tmp_path / "views.png")]) == 0
+    assert (
+        bench.main(
+            [
+                "views",
+                "--shards",
+                str(tmp_path / "shards"),
+                "--size",
+                "32",
+                "--batch",
+                "4",
+                "--batches",
+                "2",
+                "--warmup",
+                "1",
+                "--reps",
+                "2",
+                "--threads",
+                "1",
+                "--device",
+                "cpu",
+                "--hue-space",
+                "yiq",
+                "--out",
+                str(out),
+                "--chart",
+                str(tmp_path / "views.png"),
+            ]
+        )
+        == 0
+    )
     record = json.loads(out.read_text())
     assert record["mode"] == "views" and set(record["results"]) == set(variants(v2(32)))
     for figures in record["results"].values():
-        assert len(figures["seconds"]) == 2 and figures["pairs_per_s_min"] <= figures["pairs_per_s"] > 0
+        assert (
+            len(figures["seconds"]) == 2
+            and figures["pairs_per_s_min"] <= figures["pairs_per_s"] > 0
+        )
     whole = 1e6 / record["results"]["whole recipe"]["pairs_per_s"]
     assert record["whole_us_per_pair"] == pytest.approx(whole)
     jitter = record["costs"]["jitter"]
-    assert jitter["us_per_pair"] == pytest.approx(whole - 1e6 / record["results"]["without jitter"]["pairs_per_s"])
+    assert jitter["us_per_pair"] == pytest.approx(
+        whole - 1e6 / record["results"]["without jitter"]["pairs_per_s"]
+    )
     assert jitter["share"] == pytest.approx(jitter["us_per_pair"] / whole)
     assert set(record["costs"]) == {"jitter", "grayscale", "blur", "flip", "all but the crop"}
     assert record["dali_pipelines_opened_while_timing"] == 0
@@ -135,37 +253,99 @@ def test_all_runs_every_mode_and_compare_and_chart_read_the_record(tmp_path, cap
 
     monkeypatch.setattr(torch.utils.data, "DataLoader", CountedDataLoader)
     out = tmp_path / "all.json"
-    assert bench.main(["all", "--arch", "resnet18", "--size", "32", "--batch", "16", "--batches", "1", "--reps", "2",
-                       "--warmup", "1", "--K", "256", "--synthetic", "24", "--workers", "1", "--threads", "1",
-                       "--calls", "1", "--build-workers", "1", "--hue-space", "yiq",
-                       "--device", "cpu", "--out", str(out), "--chart", str(tmp_path / "all.png")]) == 0
+    assert (
+        bench.main(
+            [
+                "all",
+                "--arch",
+                "resnet18",
+                "--size",
+                "32",
+                "--batch",
+                "16",
+                "--batches",
+                "1",
+                "--reps",
+                "2",
+                "--warmup",
+                "1",
+                "--K",
+                "256",
+                "--synthetic",
+                "24",
+                "--workers",
+                "1",
+                "--threads",
+                "1",
+                "--calls",
+                "1",
+                "--build-workers",
+                "1",
+                "--hue-space",
+                "yiq",
+                "--device",
+                "cpu",
+                "--out",
+                str(out),
+                "--chart",
+                str(tmp_path / "all.png"),
+            ]
+        )
+        == 0
+    )
     record = json.loads(out.read_text())
     records = record["records"]
     assert set(records) == {"pipeline", "momentum", "step", "e2e", "shards"}
     for sub in records.values():
         assert {"cpu", "cores", "torch", "dali", "gpus"} <= set(sub["machine"]) and sub["date"]
     step = records["step"]
-    assert step["config"]["ours"]["channels_last"] and not step["config"]["reference"]["channels_last"]
+    assert (
+        step["config"]["ours"]["channels_last"] and not step["config"]["reference"]["channels_last"]
+    )
     assert step["config"]["reference"]["momentum_impl"] == "loop"
     assert step["results"]["ours"]["images_per_s"] > 0 and step["ours_over_reference"] > 0
     e2e = records["e2e"]
     assert set(e2e["results"]) == {"step_ours", "step_reference", "e2e_ours", "e2e_reference"}
     assert e2e["verdict"] in ("input-bound", "compute-bound", "overhead-bound") and e2e["advice"]
-    assert all(0 <= r["data_wait"] <= 1 for r in e2e["results"].values()) and e2e["config"]["samples"] == 24
-    assert records["shards"]["photos"]["count"] == 24 and records["shards"]["results"]["baseline"]["img_per_s"] > 0
+    assert (
+        all(0 <= r["data_wait"] <= 1 for r in e2e["results"].values())
+        and e2e["config"]["samples"] == 24
+    )
+    assert (
+        records["shards"]["photos"]["count"] == 24
+        and records["shards"]["results"]["baseline"]["img_per_s"] > 0
+    )
     assert loaders == [1, 1]  # one reference loader for pipeline, one for e2e
-    assert records["pipeline"]["config"]["reference_split"] == e2e["config"]["reference_split"] == "shards"
-    for sub in (records["pipeline"], e2e):  # 24 photos: one batch of 16 per epoch, read as one long epoch
-        assert sub["dali_pipelines_opened_while_timing"] == 0 and sub["config"]["dali_data"]["copies"] > 1
-        assert sub["config"]["shard_files"] == 1 and len(sub["dali_epoch_reopen"]["dali_epoch_first_batch_s"]) == 3
+    assert (
+        records["pipeline"]["config"]["reference_split"]
+        == e2e["config"]["reference_split"]
+        == "shards"
+    )
+    for sub in (
+        records["pipeline"],
+        e2e,
+    ):  # 24 photos: one batch of 16 per epoch, read as one long epoch
+        assert (
+            sub["dali_pipelines_opened_while_timing"] == 0
+            and sub["config"]["dali_data"]["copies"] > 1
+        )
+        assert (
+            sub["config"]["shard_files"] == 1
+            and len(sub["dali_epoch_reopen"]["dali_epoch_first_batch_s"]) == 3
+        )
     assert (tmp_path / "all.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     printed = capsys.readouterr().out
     assert "verdict:" in printed and "training step" in printed and "shard build" in printed
 
     assert bench.main(["--compare", str(out), str(out)]) == 0
     table = capsys.readouterr().out
-    for figure in ("pipeline pairs/s", "momentum update ms", "step images/s", "e2e images/s",
-                   "shard build reencode img/s"):
+    for figure in (
+        "pipeline pairs/s",
+        "momentum update ms",
+        "step images/s",
+        "e2e images/s",
+        "shard build reencode img/s",
+    ):
         assert figure in table
     assert " 1.00 " in table
 
@@ -179,9 +359,36 @@ def test_all_records_a_failing_mode_and_still_runs_the_others(tmp_path, capsys, 
 
     monkeypatch.setattr(bench, "bench_momentum", broken)
     out = tmp_path / "all.json"
-    assert bench.main(["all", "--modes", "momentum,step", "--arch", "resnet18", "--size", "32", "--batch", "16",
-                       "--batches", "1", "--reps", "1", "--warmup", "1", "--K", "256", "--device", "cpu",
-                       "--out", str(out), "--chart", str(tmp_path / "all.png")]) == 1
+    assert (
+        bench.main(
+            [
+                "all",
+                "--modes",
+                "momentum,step",
+                "--arch",
+                "resnet18",
+                "--size",
+                "32",
+                "--batch",
+                "16",
+                "--batches",
+                "1",
+                "--reps",
+                "1",
+                "--warmup",
+                "1",
+                "--K",
+                "256",
+                "--device",
+                "cpu",
+                "--out",
+                str(out),
+                "--chart",
+                str(tmp_path / "all.png"),
+            ]
+        )
+        == 1
+    )
     records = json.loads(out.read_text())["records"]
     assert list(records) == ["momentum", "step"]  # the asked modes only, in the usual order
     assert records["momentum"]["error"] == "RuntimeError: CUDA error: no kernel image is available"
@@ -194,8 +401,28 @@ def test_all_records_a_failing_mode_and_still_runs_the_others(tmp_path, capsys, 
     assert "pipeline_pairs_per_s" not in figures
 
     # Every asked mode failed: the record still says why, and no empty chart is drawn.
-    assert bench.main(["all", "--modes", "momentum", "--arch", "resnet18", "--K", "256", "--batch", "16",
-                       "--device", "cpu", "--out", str(out), "--chart", str(tmp_path / "none.png")]) == 1
+    assert (
+        bench.main(
+            [
+                "all",
+                "--modes",
+                "momentum",
+                "--arch",
+                "resnet18",
+                "--K",
+                "256",
+                "--batch",
+                "16",
+                "--device",
+                "cpu",
+                "--out",
+                str(out),
+                "--chart",
+                str(tmp_path / "none.png"),
+            ]
+        )
+        == 1
+    )
     assert json.loads(out.read_text())["records"]["momentum"]["error"].startswith("RuntimeError")
     assert not (tmp_path / "none.png").exists() and "no chart" in capsys.readouterr().err
 
@@ -209,12 +436,35 @@ def test_all_stopped_part_way_leaves_the_modes_that_finished(tmp_path, monkeypat
     monkeypatch.setattr(step, "bench_step", stopped)
     out = tmp_path / "all.json"
     with pytest.raises(KeyboardInterrupt):  # a ^C; a SIGTERM kills outright, after the same writes
-        bench.main(["all", "--modes", "step,momentum", "--arch", "resnet18", "--K", "256", "--batch", "16",
-                    "--calls", "1", "--reps", "1", "--device", "cpu", "--out", str(out)])
+        bench.main(
+            [
+                "all",
+                "--modes",
+                "step,momentum",
+                "--arch",
+                "resnet18",
+                "--K",
+                "256",
+                "--batch",
+                "16",
+                "--calls",
+                "1",
+                "--reps",
+                "1",
+                "--device",
+                "cpu",
+                "--out",
+                str(out),
+            ]
+        )
     record = json.loads(out.read_text())
-    assert record["partial"] and list(record["records"]) == ["momentum"]  # momentum runs before step
+    assert record["partial"] and list(record["records"]) == [
+        "momentum"
+    ]  # momentum runs before step
     assert record["records"]["momentum"]["floor_ms"] > 0 and record["machine"]["cores"] >= 1
-    assert bench.main(["--compare", str(out), str(out)]) == 0  # said to be partial wherever it is shown
+    assert (
+        bench.main(["--compare", str(out), str(out)]) == 0
+    )  # said to be partial wherever it is shown
     assert "partial: the run stopped before its last mode" in capsys.readouterr().out
 
 
@@ -236,8 +486,11 @@ def test_synthetic_generator_makes_photo_sized_decodable_jpegs(tmp_path):
         assert (width, height) in ((500, 375), (375, 500)) and subsampling == "420"
         assert simplejpeg.decode_jpeg(data).shape == (height, width, 3)
         sizes.append(len(data))
-    assert len(sizes) == 6 and 95_000 < np.mean(sizes) < 125_000 and info["mean_KB"] == pytest.approx(
-        np.mean(sizes) / 1000)
+    assert (
+        len(sizes) == 6
+        and 95_000 < np.mean(sizes) < 125_000
+        and info["mean_KB"] == pytest.approx(np.mean(sizes) / 1000)
+    )
     # Not noise: a photograph's neighbouring pixels are strongly correlated.
     image = simplejpeg.decode_jpeg((tmp_path / "0000000.jpg").read_bytes()).astype(float)
     assert np.corrcoef(image[:, :-1].ravel(), image[:, 1:].ravel())[0, 1] > 0.8
@@ -266,11 +519,15 @@ def test_reference_workers_split_few_shards_by_sample(tmp_path, labelled_dump):
     urls = [str(tar) for tar, _ in shards.discover(tmp_path / "shards")[1]]
     assert len(urls) == 1 and worker_split(1, 3) == "samples" and worker_split(4, 3) == "shards"
     shares = []
-    for worker in range(3):  # what each of 3 DataLoader workers reads (webdataset reads these variables)
+    for worker in range(
+        3
+    ):  # what each of 3 DataLoader workers reads (webdataset reads these variables)
         with pytest.MonkeyPatch.context() as env:
             env.setenv("WORKER", str(worker))
             env.setenv("NUM_WORKERS", "3")
-            shares.append([sample["__key__"] for sample in reference_samples(urls, workers=3, seed=0)])
+            shares.append(
+                [sample["__key__"] for sample in reference_samples(urls, workers=3, seed=0)]
+            )
     # Split by shard, workers 1 and 2 would read nothing; by sample, each reads a third.
     assert [len(share) for share in shares] == [7, 7, 7]
     assert len(set().union(*shares)) == 21
@@ -283,8 +540,12 @@ def test_settle_drains_this_feed_and_waits_for_the_others_to_refill(monkeypatch)
     monkeypatch.setattr(common.time, "sleep", slept.append)
     ours = common.Feed(iter(range(100)), backlog=3)
     theirs = common.Feed(iter(range(100)), backlog=8)
-    theirs.consumed(batches=10, seconds=2.0)  # 5 batches/s: its 8 prefetched batches take 1.6 s to refill
-    assert common.settle(ours, [ours, theirs]) == pytest.approx(1.6) and slept == [pytest.approx(1.6)]
+    theirs.consumed(
+        batches=10, seconds=2.0
+    )  # 5 batches/s: its 8 prefetched batches take 1.6 s to refill
+    assert common.settle(ours, [ours, theirs]) == pytest.approx(1.6) and slept == [
+        pytest.approx(1.6)
+    ]
     # The window then starts after what this feed had prepared ahead: no free batches in it.
     assert next(ours) == 3
     assert common.settle(ours, [ours, theirs]) == 0.0  # the other feed is full and idle now

@@ -80,7 +80,10 @@ HOSTILE = [
 
 
 def _step_record(ours, reference) -> dict:
-    return {"mode": "step", "results": {"ours": {"images_per_s": ours}, "reference": {"images_per_s": reference}}}
+    return {
+        "mode": "step",
+        "results": {"ours": {"images_per_s": ours}, "reference": {"images_per_s": reference}},
+    }
 
 
 @pytest.fixture
@@ -98,7 +101,9 @@ def hostile_folder(tmp_path, monkeypatch):
     (tmp_path / "binary.json").write_bytes(b"\xff\xfe\x00garbage")
     scratch = tmp_path / "scratch"
     scratch.mkdir()
-    monkeypatch.setattr(tempfile, "tempdir", str(scratch))  # where generated photos and shards would go
+    monkeypatch.setattr(
+        tempfile, "tempdir", str(scratch)
+    )  # where generated photos and shards would go
 
     def no_work(*args, **kwargs):
         raise AssertionError("the benchmark started before the arguments were checked")
@@ -120,7 +125,9 @@ def _listing(folder) -> list:
 
 
 @pytest.mark.parametrize("argv, named", HOSTILE, ids=[" ".join(a) for a, _ in HOSTILE])
-def test_a_mistake_is_one_line_naming_it_and_exit_2_before_any_work(hostile_folder, capsys, argv, named):
+def test_a_mistake_is_one_line_naming_it_and_exit_2_before_any_work(
+    hostile_folder, capsys, argv, named
+):
     before = _listing(hostile_folder)
     argv = [a.format(tmp=hostile_folder) for a in argv]
     assert _main(argv) == 2
@@ -141,15 +148,32 @@ def test_a_writable_out_in_new_folders_passes_the_check_and_leaves_nothing(tmp_p
         raise ValueError("stop here")
 
     monkeypatch.setattr(bench, "_run", run)
-    assert bench.main(["momentum", "--device", "cpu", "--out", str(out), "--chart", str(chart)]) == 2
+    assert (
+        bench.main(["momentum", "--device", "cpu", "--out", str(out), "--chart", str(chart)]) == 2
+    )
     assert started == [[]]
 
 
 def test_the_command_line_reports_an_unwritable_out_before_the_run(tmp_path):
     """The reported case: it used to run the whole benchmark, then die with a traceback."""
-    result = subprocess.run([sys.executable, "-m", "moco_dali.tools.bench.cli", "pipeline", "--out", "/proc/x.json",
-                             "--synthetic", "2", "--device", "cpu"],
-                            capture_output=True, text=True, timeout=300, env={**os.environ, "TMPDIR": str(tmp_path)})
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "moco_dali.tools.bench.cli",
+            "pipeline",
+            "--out",
+            "/proc/x.json",
+            "--synthetic",
+            "2",
+            "--device",
+            "cpu",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "TMPDIR": str(tmp_path)},
+    )
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [result.stderr.strip()]
     assert "--out /proc/x.json" in result.stderr and result.stdout == ""

@@ -33,8 +33,23 @@ def _samples(folder: Path) -> int:
 def test_the_stage_builds_shards_of_the_generated_stand_in_as_its_command(tmp_path):
     # What quality_stage runs in a dry run without Fashion-MNIST: the module as a command.
     out = tmp_path / "fmnist"
-    result = subprocess.run([sys.executable, "-m", "benchmarks.gpu_quality", "shards", "generated", str(out),
-                             "--limit", "20", "--workers", "1"], cwd=REPO, capture_output=True, text=True)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "benchmarks.gpu_quality",
+            "shards",
+            "generated",
+            str(out),
+            "--limit",
+            "20",
+            "--workers",
+            "1",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     assert _samples(out / "shards" / "train") == 20 and _samples(out / "shards" / "test") == 10
 

@@ -27,8 +27,13 @@ REPO = Path(__file__).resolve().parents[3]
 
 
 def run_cli(*args: str, check: bool = False) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "moco_dali.tools.shards.cli", *args], cwd=REPO, capture_output=True,
-                          text=True, check=check)
+    return subprocess.run(
+        [sys.executable, "-m", "moco_dali.tools.shards.cli", *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=check,
+    )
 
 
 def folder_bytes(folder: Path) -> dict[str, bytes]:
@@ -39,9 +44,16 @@ def rejected_lines(folder: Path, name: str = "rejected.jsonl") -> list[dict]:
     return [json.loads(line) for line in (folder / name).read_text().splitlines()]
 
 
-def test_round_trip_every_sample_decodes_through_dali_to_its_size_and_class(tmp_path, labelled_dump):
-    report = build([str(labelled_dump)], tmp_path / "out", BuildSettings(labels="folder", max_count=8), workers=2,
-                   progress=False)
+def test_round_trip_every_sample_decodes_through_dali_to_its_size_and_class(
+    tmp_path, labelled_dump
+):
+    report = build(
+        [str(labelled_dump)],
+        tmp_path / "out",
+        BuildSettings(labels="folder", max_count=8),
+        workers=2,
+        progress=False,
+    )
     assert (report.inputs, report.samples, report.rejected, report.shards) == (21, 21, 0, 3)
     manifest, pairs = shards.discover(tmp_path / "out")
     assert manifest.classes == ["cat", "dog", "emu"]
@@ -58,7 +70,9 @@ def test_round_trip_every_sample_decodes_through_dali_to_its_size_and_class(tmp_
 def test_every_input_is_accounted_for(tmp_path):
     good = write_files(tmp_path / "dump" / "good", awkward_inputs())
     bad = write_files(tmp_path / "dump" / "bad", broken_inputs())
-    report = build([str(tmp_path / "dump")], tmp_path / "out", BuildSettings(), workers=2, progress=False)
+    report = build(
+        [str(tmp_path / "dump")], tmp_path / "out", BuildSettings(), workers=2, progress=False
+    )
     manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
     rejected = rejected_lines(tmp_path / "out")
     assert report.inputs == manifest["inputs"] == len(good) + len(bad)
@@ -67,14 +81,18 @@ def test_every_input_is_accounted_for(tmp_path):
     assert sorted(r["input"] for r in rejected) == sorted(map(str, bad))
     assert all(r["reason"] for r in rejected)
     assert sum(manifest["rejected_reasons"].values()) == len(bad)
-    stored = [json.loads(s.metadata)["source"]
-              for s in scan_shards(*zip(*shards.discover(tmp_path / "out")[1]))]
+    stored = [
+        json.loads(s.metadata)["source"]
+        for s in scan_shards(*zip(*shards.discover(tmp_path / "out")[1]))
+    ]
     assert sorted(stored) == sorted(map(str, good))
 
 
 def test_all_rejected_still_writes_a_manifest(tmp_path):
     write_files(tmp_path / "dump", broken_inputs())
-    report = build([str(tmp_path / "dump")], tmp_path / "out", BuildSettings(), workers=0, progress=False)
+    report = build(
+        [str(tmp_path / "dump")], tmp_path / "out", BuildSettings(), workers=0, progress=False
+    )
     manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
     assert (report.samples, report.shards, manifest["rejected"]) == (0, 0, len(broken_inputs()))
 
@@ -85,18 +103,36 @@ def test_output_is_byte_identical_whatever_the_worker_count(tmp_path, labelled_d
     outputs = []
     for workers in (0, 1, 2):
         out = tmp_path / f"w{workers}"
-        build([str(labelled_dump)], out, BuildSettings(labels="folder", max_count=5), workers=workers, progress=False)
+        build(
+            [str(labelled_dump)],
+            out,
+            BuildSettings(labels="folder", max_count=5),
+            workers=workers,
+            progress=False,
+        )
         outputs.append(folder_bytes(out))
     assert outputs[0] == outputs[1] == outputs[2]
     assert len(outputs[0]) > 5
 
 
 def test_shard_bounds_by_count_and_bytes(tmp_path, labelled_dump):
-    build([str(labelled_dump)], tmp_path / "count", BuildSettings(max_count=4), workers=0, progress=False)
+    build(
+        [str(labelled_dump)],
+        tmp_path / "count",
+        BuildSettings(max_count=4),
+        workers=0,
+        progress=False,
+    )
     counts = [s.samples for s in shards.load_manifest(tmp_path / "count").shards]
     assert counts == [4, 4, 4, 4, 4, 1]
 
-    build([str(labelled_dump)], tmp_path / "bytes", BuildSettings(max_bytes=8192), workers=0, progress=False)
+    build(
+        [str(labelled_dump)],
+        tmp_path / "bytes",
+        BuildSettings(max_bytes=8192),
+        workers=0,
+        progress=False,
+    )
     entries = shards.load_manifest(tmp_path / "bytes").shards
     assert all(e.bytes <= 8192 for e in entries) and sum(e.samples for e in entries) == 21
     for e in entries:
@@ -107,29 +143,49 @@ def test_folders_lists_and_tar_archives_mix(tmp_path, labelled_dump):
     archive = tmp_path / "more.tar"
     with tarfile.open(archive, "w") as tar:
         for name in ("bird/a.jpg", "bird/b.png", "README"):
-            data = baseline_jpeg(20, 20) if name.endswith(".jpg") else (
-                b"read me" if name == "README" else awkward_inputs()["palette.png"])
+            data = (
+                baseline_jpeg(20, 20)
+                if name.endswith(".jpg")
+                else (b"read me" if name == "README" else awkward_inputs()["palette.png"])
+            )
             info = tarfile.TarInfo(name)
             info.size = len(data)
             tar.addfile(info, io.BytesIO(data))
     listing = tmp_path / "lists" / "files.txt"
     listing.parent.mkdir()
-    listing.write_text(f"# two cats and a missing file\n{labelled_dump}/cat/000.jpg\n\n"
-                       f"../dump/cat/001.jpg\n{tmp_path}/gone/nothing.jpg\n")
-    refs = list(iter_part([str(labelled_dump / "dog"), str(listing), str(archive)], labels="folder"))
+    listing.write_text(
+        f"# two cats and a missing file\n{labelled_dump}/cat/000.jpg\n\n"
+        f"../dump/cat/001.jpg\n{tmp_path}/gone/nothing.jpg\n"
+    )
+    refs = list(
+        iter_part([str(labelled_dump / "dog"), str(listing), str(archive)], labels="folder")
+    )
     assert [r.label for r in refs] == [None] * 7 + ["cat", "cat", "gone", "bird", "bird", None]
-    report = build([str(labelled_dump / "dog"), str(listing), str(archive)], tmp_path / "out",
-                   BuildSettings(), workers=2, progress=False)
+    report = build(
+        [str(labelled_dump / "dog"), str(listing), str(archive)],
+        tmp_path / "out",
+        BuildSettings(),
+        workers=2,
+        progress=False,
+    )
     manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
     assert (report.inputs, report.samples) == (13, 11)
     reasons = {r["input"]: r["reason"] for r in rejected_lines(tmp_path / "out")}
-    assert reasons == {f"{tmp_path}/gone/nothing.jpg": "unreadable: No such file or directory",
-                       f"{archive}:README": "not an image"}
+    assert reasons == {
+        f"{tmp_path}/gone/nothing.jpg": "unreadable: No such file or directory",
+        f"{archive}:README": "not an image",
+    }
 
 
 def test_labels_folder_rejects_files_outside_class_folders(tmp_path, labelled_dump):
     write_files(labelled_dump, {"stray.jpg": baseline_jpeg()})
-    build([str(labelled_dump)], tmp_path / "out", BuildSettings(labels="folder"), workers=0, progress=False)
+    build(
+        [str(labelled_dump)],
+        tmp_path / "out",
+        BuildSettings(labels="folder"),
+        workers=0,
+        progress=False,
+    )
     manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
     assert manifest["classes"] == ["cat", "dog", "emu"]
     assert manifest["class_counts"] == {"cat": 7, "dog": 7, "emu": 7}
@@ -141,26 +197,55 @@ def test_labels_folder_rejects_files_outside_class_folders(tmp_path, labelled_du
 def test_a_finished_build_is_not_redone_and_a_different_one_refused(tmp_path, labelled_dump):
     build([str(labelled_dump)], tmp_path / "out", BuildSettings(), workers=0, progress=False)
     before = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "out").iterdir()}
-    again = build([str(labelled_dump)], tmp_path / "out", BuildSettings(), workers=0, progress=False)
+    again = build(
+        [str(labelled_dump)], tmp_path / "out", BuildSettings(), workers=0, progress=False
+    )
     assert again.samples == 21
     assert {p.name: p.stat().st_mtime_ns for p in (tmp_path / "out").iterdir()} == before
     with pytest.raises(BuildError, match="holds another build"):
-        build([str(labelled_dump)], tmp_path / "out", BuildSettings(prep=PrepSettings(quality=80)), workers=0,
-              progress=False)
+        build(
+            [str(labelled_dump)],
+            tmp_path / "out",
+            BuildSettings(prep=PrepSettings(quality=80)),
+            workers=0,
+            progress=False,
+        )
 
 
 def test_resume_after_kill_finishes_without_redoing_finished_shards(tmp_path):
     # Big enough JPEGs, re-encoded one at a time, that the build is still running
     # when the third shard is finished.
-    write_files(tmp_path / "dump", {f"{i:03d}.jpg": simplejpeg.encode_jpeg(photo_like(1200, 900, seed=i), 90)
-                                    for i in range(60)})
-    args = [str(tmp_path / "dump"), "--max-count", "3", "--workers", "1", "--reencode", "always", "--no-progress"]
+    write_files(
+        tmp_path / "dump",
+        {
+            f"{i:03d}.jpg": simplejpeg.encode_jpeg(photo_like(1200, 900, seed=i), 90)
+            for i in range(60)
+        },
+    )
+    args = [
+        str(tmp_path / "dump"),
+        "--max-count",
+        "3",
+        "--workers",
+        "1",
+        "--reencode",
+        "always",
+        "--no-progress",
+    ]
     out = tmp_path / "killed"
-    proc = subprocess.Popen([sys.executable, "-m", "moco_dali.tools.shards.cli", "build", *args, "--out", str(out)], cwd=REPO,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "moco_dali.tools.shards.cli", "build", *args, "--out", str(out)],
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     state = out / ".moco-build-shard"
     deadline = time.monotonic() + 120
-    while len(list(state.glob("shard-*.json"))) < 3 and time.monotonic() < deadline and proc.poll() is None:
+    while (
+        len(list(state.glob("shard-*.json"))) < 3
+        and time.monotonic() < deadline
+        and proc.poll() is None
+    ):
         time.sleep(0.005)
     proc.send_signal(signal.SIGKILL)
     assert proc.wait() == -signal.SIGKILL, "the build ended before it could be killed mid-way"
@@ -189,12 +274,22 @@ def test_resume_after_kill_finishes_without_redoing_finished_shards(tmp_path):
 
 def test_parts_are_disjoint_and_merge_into_one_manifest(tmp_path, labelled_dump):
     write_files(labelled_dump / "dog", {"broken.jpg": b""})
-    whole = build([str(labelled_dump)], tmp_path / "whole", BuildSettings(labels="folder", max_count=4),
-                  workers=0, progress=False)
+    whole = build(
+        [str(labelled_dump)],
+        tmp_path / "whole",
+        BuildSettings(labels="folder", max_count=4),
+        workers=0,
+        progress=False,
+    )
     # Parts 0 and 1 on "one machine", part 2 on "another", then merged.
     for part, folder in ((0, "a"), (1, "a"), (2, "b")):
-        build([str(labelled_dump)], tmp_path / folder,
-              BuildSettings(labels="folder", max_count=4, num_parts=3, part=part), workers=0, progress=False)
+        build(
+            [str(labelled_dump)],
+            tmp_path / folder,
+            BuildSettings(labels="folder", max_count=4, num_parts=3, part=part),
+            workers=0,
+            progress=False,
+        )
     names = sorted(p.name for p in (tmp_path / "a").iterdir())
     assert "manifest.part-0000-of-0003.json" in names and "shard-part0001-000000.tar" in names
     with pytest.raises(BuildError, match="parts 2 of 3 are missing"):
@@ -203,8 +298,13 @@ def test_parts_are_disjoint_and_merge_into_one_manifest(tmp_path, labelled_dump)
     merged = shards.load_manifest(tmp_path / "a")
     assert path == tmp_path / "a" / "manifest.json"
     assert (merged.samples, merged.data["inputs"], merged.data["rejected"]) == (
-        whole.samples, whole.inputs, whole.rejected)
-    assert merged.data["class_counts"] == shards.load_manifest(tmp_path / "whole").data["class_counts"]
+        whole.samples,
+        whole.inputs,
+        whole.rejected,
+    )
+    assert (
+        merged.data["class_counts"] == shards.load_manifest(tmp_path / "whole").data["class_counts"]
+    )
     _, pairs = shards.discover(tmp_path / "a")
     assert any("../b/" in str(t) for t, _ in pairs)
     sources = [json.loads(s.metadata)["source"] for s in scan_shards(*zip(*pairs))]
@@ -218,29 +318,60 @@ def test_cli_strict_and_one_line_errors(tmp_path, labelled_dump):
     write_files(labelled_dump / "cat", {"zero.jpg": b""})
     ok = run_cli("build", str(labelled_dump), "--out", str(tmp_path / "lenient"), "--no-progress")
     assert ok.returncode == 0 and "1 rejected" in ok.stdout
-    strict = run_cli("build", str(labelled_dump), "--out", str(tmp_path / "strict"), "--strict", "--no-progress")
+    strict = run_cli(
+        "build", str(labelled_dump), "--out", str(tmp_path / "strict"), "--strict", "--no-progress"
+    )
     assert strict.returncode == 1 and "--strict: 1 inputs rejected" in strict.stderr
     missing = run_cli("build", str(tmp_path / "nowhere"), "--out", str(tmp_path / "x"))
     assert missing.returncode == 2
-    assert missing.stderr.strip().splitlines() == [f"moco-shards build: error: {tmp_path / 'nowhere'}: no such file or folder"]
-    bad_part = run_cli("build", str(labelled_dump), "--out", str(tmp_path / "y"), "--num-parts", "2", "--part", "2")
+    assert missing.stderr.strip().splitlines() == [
+        f"moco-shards build: error: {tmp_path / 'nowhere'}: no such file or folder"
+    ]
+    bad_part = run_cli(
+        "build", str(labelled_dump), "--out", str(tmp_path / "y"), "--num-parts", "2", "--part", "2"
+    )
     assert bad_part.returncode == 2 and "--part must be in 0..1" in bad_part.stderr
-    bad_size = run_cli("build", str(labelled_dump), "--out", str(tmp_path / "z"), "--max-bytes", "lots")
+    bad_size = run_cli(
+        "build", str(labelled_dump), "--out", str(tmp_path / "z"), "--max-bytes", "lots"
+    )
     assert bad_size.returncode == 2 and "is not a size" in bad_size.stderr
 
 
 def test_inputs_are_packed_in_a_seeded_shuffled_order_unless_asked_not_to(tmp_path, labelled_dump):
     def classes_per_shard(folder):
         _, pairs = shards.discover(folder)
-        return [len({json.loads(s.metadata)["source"].split("/")[-2] for s in scan_shards([t], [i])})
-                for t, i in pairs]
+        return [
+            len({json.loads(s.metadata)["source"].split("/")[-2] for s in scan_shards([t], [i])})
+            for t, i in pairs
+        ]
 
-    build([str(labelled_dump)], tmp_path / "listing", BuildSettings(max_count=7, shuffle_seed=None), workers=0,
-          progress=False)
-    assert classes_per_shard(tmp_path / "listing") == [1, 1, 1]  # a class-sorted dump, packed as listed
-    build([str(labelled_dump)], tmp_path / "mixed", BuildSettings(max_count=7), workers=0, progress=False)
+    build(
+        [str(labelled_dump)],
+        tmp_path / "listing",
+        BuildSettings(max_count=7, shuffle_seed=None),
+        workers=0,
+        progress=False,
+    )
+    assert classes_per_shard(tmp_path / "listing") == [
+        1,
+        1,
+        1,
+    ]  # a class-sorted dump, packed as listed
+    build(
+        [str(labelled_dump)],
+        tmp_path / "mixed",
+        BuildSettings(max_count=7),
+        workers=0,
+        progress=False,
+    )
     assert max(classes_per_shard(tmp_path / "mixed")) > 1
-    build([str(labelled_dump)], tmp_path / "again", BuildSettings(max_count=7), workers=2, progress=False)
+    build(
+        [str(labelled_dump)],
+        tmp_path / "again",
+        BuildSettings(max_count=7),
+        workers=2,
+        progress=False,
+    )
     assert folder_bytes(tmp_path / "mixed") == folder_bytes(tmp_path / "again")
     other = BuildSettings(max_count=7, shuffle_seed=1)
     build([str(labelled_dump)], tmp_path / "seed1", other, workers=0, progress=False)

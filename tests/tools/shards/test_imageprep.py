@@ -5,8 +5,21 @@ import pytest
 import simplejpeg
 from PIL import Image
 
-from tests.conftest import awkward_inputs, baseline_jpeg, broken_inputs, encode, exif_jpeg, photo_like
-from moco_dali.tools.shards.imageprep import PrepSettings, Rejected, parse_jpeg_header, prepare, target_size
+from tests.conftest import (
+    awkward_inputs,
+    baseline_jpeg,
+    broken_inputs,
+    encode,
+    exif_jpeg,
+    photo_like,
+)
+from moco_dali.tools.shards.imageprep import (
+    PrepSettings,
+    Rejected,
+    parse_jpeg_header,
+    prepare,
+    target_size,
+)
 
 DEFAULT = PrepSettings()
 
@@ -78,14 +91,17 @@ def test_cmyk_colours_survive():
     assert r > 180 and g < 60 and b < 60
 
 
-@pytest.mark.parametrize("name, reason", [
-    ("empty.jpg", "empty file"),
-    ("notes.jpg", "not an image"),
-    ("truncated.jpg", "corrupt JPEG data"),
-    ("corrupt.jpg", "corrupt JPEG data"),
-    ("truncated.png", "truncated or corrupt PNG"),
-    ("bomb.png", "decompression bomb"),
-])
+@pytest.mark.parametrize(
+    "name, reason",
+    [
+        ("empty.jpg", "empty file"),
+        ("notes.jpg", "not an image"),
+        ("truncated.jpg", "corrupt JPEG data"),
+        ("corrupt.jpg", "corrupt JPEG data"),
+        ("truncated.png", "truncated or corrupt PNG"),
+        ("bomb.png", "decompression bomb"),
+    ],
+)
 def test_broken_inputs_are_rejected_with_a_reason(name, reason):
     with pytest.raises(Rejected, match=reason):
         prepare(broken_inputs()[name], DEFAULT)
@@ -97,27 +113,36 @@ def test_pixel_limit_is_settable():
     assert prepare(baseline_jpeg(64, 48), PrepSettings(max_pixels=64 * 48)).copied
 
 
-@pytest.mark.parametrize("size, settings, expected", [
-    ((500, 375), PrepSettings(max_side=250), (250, 188)),
-    ((375, 500), PrepSettings(max_side=250), (188, 250)),
-    ((500, 375), PrepSettings(short_side=256), (341, 256)),
-    ((500, 375), PrepSettings(short_side=1000), (500, 375)),  # never enlarged
-    ((500, 375), PrepSettings(max_side=2000), (500, 375)),
-    ((1000, 200), PrepSettings(short_side=100, max_side=400), (400, 80)),
-])
+@pytest.mark.parametrize(
+    "size, settings, expected",
+    [
+        ((500, 375), PrepSettings(max_side=250), (250, 188)),
+        ((375, 500), PrepSettings(max_side=250), (188, 250)),
+        ((500, 375), PrepSettings(short_side=256), (341, 256)),
+        ((500, 375), PrepSettings(short_side=1000), (500, 375)),  # never enlarged
+        ((500, 375), PrepSettings(max_side=2000), (500, 375)),
+        ((1000, 200), PrepSettings(short_side=100, max_side=400), (400, 80)),
+    ],
+)
 def test_target_size(size, settings, expected):
     assert target_size(*size, settings) == expected
 
 
 @pytest.mark.parametrize("fmt", ["JPEG", "PNG"])
 def test_shrinking_resizes_and_reencodes(fmt):
-    data = encode(photo_like(400, 300), fmt, quality=90) if fmt == "JPEG" else encode(photo_like(400, 300), fmt)
+    data = (
+        encode(photo_like(400, 300), fmt, quality=90)
+        if fmt == "JPEG"
+        else encode(photo_like(400, 300), fmt)
+    )
     out = prepare(data, PrepSettings(short_side=100))
     assert not out.copied
     assert (out.width, out.height, out.source_width, out.source_height) == (133, 100, 400, 300)
     assert_stored_jpeg(out.jpeg, 133, 100)
     # Shrunk, not cropped: the colour layout matches the source's.
-    small = np.asarray(Image.fromarray(photo_like(400, 300)).resize((133, 100), Image.Resampling.BICUBIC), float)
+    small = np.asarray(
+        Image.fromarray(photo_like(400, 300)).resize((133, 100), Image.Resampling.BICUBIC), float
+    )
     stored = simplejpeg.decode_jpeg(out.jpeg, "RGB").astype(float)
     assert np.abs(small - stored).mean() < 12
 
@@ -149,7 +174,16 @@ def test_sample_metadata_is_the_sorted_compact_json_of_its_fields():
     from moco_dali.tools.shards.imageprep import Prepared, sample_metadata
 
     prepared = Prepared(b"", 640, 480, 1280, 960, False)
-    for source in ["dump/cat/1.jpg", 'odd "quoted" \\ name.jpg', "caf\\xe9.jpg", "ü/ß.jpg", "tab\there.jpg"]:
-        expected = json.dumps({"source": source, "size": [640, 480], "source_size": [1280, 960]},
-                              sort_keys=True, separators=(",", ":")).encode()
+    for source in [
+        "dump/cat/1.jpg",
+        'odd "quoted" \\ name.jpg',
+        "caf\\xe9.jpg",
+        "ü/ß.jpg",
+        "tab\there.jpg",
+    ]:
+        expected = json.dumps(
+            {"source": source, "size": [640, 480], "source_size": [1280, 960]},
+            sort_keys=True,
+            separators=(",", ":"),
+        ).encode()
         assert sample_metadata(source, prepared) == expected

@@ -30,7 +30,9 @@ def fashion_like(tmp_path_factory) -> Path:
         (root / name).mkdir(parents=True)
         for i in range(200):
             pixels = np.repeat(rng.integers(0, 256, (16, 16, 1), dtype=np.uint8), 3, axis=2)
-            (root / name / f"{i:05d}.jpg").write_bytes(simplejpeg.encode_jpeg(pixels, 90, "RGB", "420"))
+            (root / name / f"{i:05d}.jpg").write_bytes(
+                simplejpeg.encode_jpeg(pixels, 90, "RGB", "420")
+            )
     return root
 
 
@@ -39,7 +41,11 @@ def class_counts_per_shard(folder: Path) -> list[collections.Counter]:
     counts = []
     for entry in manifest.shards:
         with tarfile.open(manifest.path(entry.tar)) as tar:
-            counts.append(collections.Counter(int(tar.extractfile(m).read()) for m in tar if m.name.endswith(".cls")))
+            counts.append(
+                collections.Counter(
+                    int(tar.extractfile(m).read()) for m in tar if m.name.endswith(".cls")
+                )
+            )
     return counts
 
 
@@ -56,18 +62,30 @@ def assert_every_shard_holds_every_class_near_its_share(folder: Path) -> None:
 def test_every_shard_of_a_class_sorted_dump_holds_each_class_near_its_share(tmp_path, fashion_like):
     # Shards of 250 and more: a class's count in one is then within +-5 standard deviations
     # of its share wherever the bounds below are, so a sound shuffle passes with room to spare.
-    build([str(fashion_like)], tmp_path / "one", BuildSettings(labels="folder", max_count=500), workers=2,
-          progress=False)
+    build(
+        [str(fashion_like)],
+        tmp_path / "one",
+        BuildSettings(labels="folder", max_count=500),
+        workers=2,
+        progress=False,
+    )
     assert_every_shard_holds_every_class_near_its_share(tmp_path / "one")
 
     listing = tmp_path / "train.txt"  # the same dump as a class-sorted list, built in 4 parts
     listing.write_text("".join(f"{p}\n" for p in sorted(fashion_like.rglob("*.jpg"))))
     for part in range(4):
-        build([str(listing)], tmp_path / "parts", BuildSettings(labels="folder", max_count=250, num_parts=4, part=part),
-              workers=0, progress=False)
+        build(
+            [str(listing)],
+            tmp_path / "parts",
+            BuildSettings(labels="folder", max_count=250, num_parts=4, part=part),
+            workers=0,
+            progress=False,
+        )
     merge([str(tmp_path / "parts")])
     assert_every_shard_holds_every_class_near_its_share(tmp_path / "parts")
-    assert shards.load_manifest(tmp_path / "parts").data["class_counts"] == dict.fromkeys(CLASSES, 200)
+    assert shards.load_manifest(tmp_path / "parts").data["class_counts"] == dict.fromkeys(
+        CLASSES, 200
+    )
 
     unshuffled = BuildSettings(labels="folder", max_count=200, shuffle_seed=None)
     build([str(fashion_like)], tmp_path / "listing", unshuffled, workers=0, progress=False)
@@ -82,12 +100,14 @@ def test_parts_split_every_kind_of_source_disjointly(tmp_path, fashion_like):
     for a in range(3):
         archives.append(tmp_path / f"a{a}.tar")
         with tarfile.open(archives[-1], "w") as tar:
-            for p in files[700 + 100 * a:800 + 100 * a]:
+            for p in files[700 + 100 * a : 800 + 100 * a]:
                 tar.add(p, arcname=f"{p.parent.name}/{p.name}")
     sources = [str(fashion_like / "class9"), str(listing), *map(str, archives)]
     whole = [r.source for r in inputs.iter_part(sources, "folder")]
     assert len(whole) == 200 + 700 + 300
-    per_part = [[r.source for r in inputs.iter_part(sources, "folder", part, 5)] for part in range(5)]
+    per_part = [
+        [r.source for r in inputs.iter_part(sources, "folder", part, 5)] for part in range(5)
+    ]
     assert sorted(s for part in per_part for s in part) == sorted(whole)
     assert all(100 <= len(part) <= 400 for part in per_part), [len(p) for p in per_part]
     labels = {r.source: r.label for r in inputs.iter_part([str(listing)], "folder", 1, 5)}
@@ -129,36 +149,84 @@ def test_classes_from_a_file_fix_the_indices_and_reject_what_is_not_listed(tmp_p
     classes = tmp_path / "classes.txt"
     classes.write_text("class3\nclass1\n")
     listing = tmp_path / "three.txt"
-    listing.write_text("".join(f"{fashion_like}/{c}/{i:05d}.jpg\n" for c in ("class1", "class3", "class5")
-                               for i in range(5)))
-    result = run_cli("build", str(listing), "--out", str(tmp_path / "out"), "--labels", "folder", "--classes",
-                     str(classes), "--no-progress")
+    listing.write_text(
+        "".join(
+            f"{fashion_like}/{c}/{i:05d}.jpg\n"
+            for c in ("class1", "class3", "class5")
+            for i in range(5)
+        )
+    )
+    result = run_cli(
+        "build",
+        str(listing),
+        "--out",
+        str(tmp_path / "out"),
+        "--labels",
+        "folder",
+        "--classes",
+        str(classes),
+        "--no-progress",
+    )
     assert result.returncode == 0, result.stderr
     manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
     assert manifest["classes"] == ["class3", "class1"]
     assert manifest["class_counts"] == {"class3": 5, "class1": 5}
     assert manifest["rejected_reasons"] == {"class not in --classes": 5}
     with tarfile.open(tmp_path / "out" / "shard-000000.tar") as tar:
-        stored = {json.loads(tar.extractfile(m).read())["source"].split("/")[-2] for m in tar if m.name.endswith("json")}
+        stored = {
+            json.loads(tar.extractfile(m).read())["source"].split("/")[-2]
+            for m in tar
+            if m.name.endswith("json")
+        }
         assert stored == {"class1", "class3"}
 
 
 def test_parts_on_ray_give_the_bytes_of_parts_built_one_by_one(tmp_path, fashion_like):
     pytest.importorskip("ray")
     sources = [str(fashion_like / "class0"), str(fashion_like / "class1")]
-    assert "--executor ray builds every part" in run_cli("build", *sources, "--out", str(tmp_path / "x"), "--num-parts",
-                                                        "3", "--part", "1", "--executor", "ray").stderr
-    assert "--ray-address needs --executor ray" in run_cli("build", *sources, "--out", str(tmp_path / "x"),
-                                                          "--ray-address", "auto").stderr
+    assert (
+        "--executor ray builds every part"
+        in run_cli(
+            "build",
+            *sources,
+            "--out",
+            str(tmp_path / "x"),
+            "--num-parts",
+            "3",
+            "--part",
+            "1",
+            "--executor",
+            "ray",
+        ).stderr
+    )
+    assert (
+        "--ray-address needs --executor ray"
+        in run_cli("build", *sources, "--out", str(tmp_path / "x"), "--ray-address", "auto").stderr
+    )
     # A local Ray instance on this machine's cores, three parts as three tasks, then merged.
-    result = run_cli("build", *sources, "--out", str(tmp_path / "ray"), "--max-count", "64", "--num-parts", "3",
-                     "--executor", "ray")
+    result = run_cli(
+        "build",
+        *sources,
+        "--out",
+        str(tmp_path / "ray"),
+        "--max-count",
+        "64",
+        "--num-parts",
+        "3",
+        "--executor",
+        "ray",
+    )
     assert result.returncode == 0, result.stderr
     assert "3 parts on Ray: 400 inputs -> 400 samples" in result.stdout
     assert (tmp_path / "ray" / "manifest.json").is_file()
     for part in range(3):
-        build(sources, tmp_path / "local", BuildSettings(max_count=64, num_parts=3, part=part), workers=0,
-              progress=False)
+        build(
+            sources,
+            tmp_path / "local",
+            BuildSettings(max_count=64, num_parts=3, part=part),
+            workers=0,
+            progress=False,
+        )
     merge([str(tmp_path / "local")])
     assert folder_bytes(tmp_path / "ray") == folder_bytes(tmp_path / "local")
     assert run_cli("verify", str(tmp_path / "ray"), "--no-progress").returncode == 0

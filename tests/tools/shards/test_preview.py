@@ -9,8 +9,18 @@ from moco_dali.tools.shards.build import BuildSettings, build
 
 def test_preview_writes_a_grid_of_originals_and_views(tmp_path, labelled_dump):
     build([str(labelled_dump)], tmp_path / "shards", BuildSettings(), workers=0, progress=False)
-    result = run_cli("preview", str(tmp_path / "shards"), "--out", str(tmp_path / "p.png"), "--count", "3",
-                     "--size", "48", "--preset", "v1")
+    result = run_cli(
+        "preview",
+        str(tmp_path / "shards"),
+        "--out",
+        str(tmp_path / "p.png"),
+        "--count",
+        "3",
+        "--size",
+        "48",
+        "--preset",
+        "v1",
+    )
     assert result.returncode == 0, result.stderr
     image = Image.open(tmp_path / "p.png")
     assert image.size == (3 * 48 + 4 * 6, 18 + 3 * (48 + 6) + 6)
@@ -21,7 +31,11 @@ def test_preview_writes_a_grid_of_originals_and_views(tmp_path, labelled_dump):
     ranges = []
     for row in range(3):
         top = 18 + row * (48 + 6)
-        low, high = image.crop((6 + 2 * (48 + 6), top, 6 + 2 * (48 + 6) + 48, top + 48)).convert("L").getextrema()
+        low, high = (
+            image.crop((6 + 2 * (48 + 6), top, 6 + 2 * (48 + 6) + 48, top + 48))
+            .convert("L")
+            .getextrema()
+        )
         ranges.append(high - low)
     assert max(ranges) > 10
 
@@ -32,22 +46,60 @@ def test_preview_draws_the_views_a_configuration_file_trains_on(tmp_path, labell
     build([str(labelled_dump)], tmp_path / "shards", BuildSettings(), workers=0, progress=False)
     config = tmp_path / "run.toml"
     config.write_text("[data]\nsize = 40\n[data.views]\njitter_p = 0.0\ngray_p = 0.0\n")
-    grey = run_cli("preview", str(tmp_path / "shards"), "--out", str(tmp_path / "grey.png"), "--count", "2",
-                   "--preset", "cifar", "--config", str(config), "--data.views.gray_p", "1.0")
+    grey = run_cli(
+        "preview",
+        str(tmp_path / "shards"),
+        "--out",
+        str(tmp_path / "grey.png"),
+        "--count",
+        "2",
+        "--preset",
+        "cifar",
+        "--config",
+        str(config),
+        "--data.views.gray_p",
+        "1.0",
+    )
     assert grey.returncode == 0, grey.stderr
     image = Image.open(tmp_path / "grey.png").convert("RGB")
     assert image.size == (3 * 40 + 4 * 6, 18 + 2 * (40 + 6) + 6)  # data.size from the file
-    view_k = np.asarray(image.crop((6 + 2 * (40 + 6), 18, 6 + 2 * (40 + 6) + 40, 18 + 40)), dtype=int)
+    view_k = np.asarray(
+        image.crop((6 + 2 * (40 + 6), 18, 6 + 2 * (40 + 6) + 40, 18 + 40)), dtype=int
+    )
     # gray_p 1 from the command line over the file's 0: every pixel of view k (view q's tile
     # has the key's yellow text running into it) has R = G = B;
     # the file's 0 alone leaves the labelled dump's colours (checked below).
     assert np.abs(view_k - view_k[..., :1]).max() == 0
-    coloured = run_cli("preview", str(tmp_path / "shards"), "--out", str(tmp_path / "colour.png"), "--count", "2",
-                       "--preset", "cifar", "--config", str(config))
+    coloured = run_cli(
+        "preview",
+        str(tmp_path / "shards"),
+        "--out",
+        str(tmp_path / "colour.png"),
+        "--count",
+        "2",
+        "--preset",
+        "cifar",
+        "--config",
+        str(config),
+    )
     assert coloured.returncode == 0, coloured.stderr
-    view_k = np.asarray(Image.open(tmp_path / "colour.png").convert("RGB")
-                        .crop((6 + 2 * (40 + 6), 18, 6 + 2 * (40 + 6) + 40, 18 + 40)), dtype=int)
+    view_k = np.asarray(
+        Image.open(tmp_path / "colour.png")
+        .convert("RGB")
+        .crop((6 + 2 * (40 + 6), 18, 6 + 2 * (40 + 6) + 40, 18 + 40)),
+        dtype=int,
+    )
     assert np.abs(view_k - view_k[..., :1]).max() > 20
-    bad = run_cli("preview", str(tmp_path / "shards"), "--out", str(tmp_path / "bad.png"),
-                  "--data.views.flip_p", "1.5")
-    assert bad.returncode == 2 and "data.views.flip_p" in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
+    bad = run_cli(
+        "preview",
+        str(tmp_path / "shards"),
+        "--out",
+        str(tmp_path / "bad.png"),
+        "--data.views.flip_p",
+        "1.5",
+    )
+    assert (
+        bad.returncode == 2
+        and "data.views.flip_p" in bad.stderr
+        and len(bad.stderr.strip().splitlines()) == 1
+    )

@@ -30,7 +30,9 @@ def one_line(result: subprocess.CompletedProcess) -> str:
 
 
 def stored_sources(folder: Path) -> list[str]:
-    return sorted(json.loads(s.metadata)["source"] for s in scan_shards(*zip(*shards.discover(folder)[1])))
+    return sorted(
+        json.loads(s.metadata)["source"] for s in scan_shards(*zip(*shards.discover(folder)[1]))
+    )
 
 
 def test_a_second_build_into_a_folder_in_use_exits_2(tmp_path, labelled_dump):
@@ -62,10 +64,14 @@ def test_an_out_holding_files_the_build_did_not_write_is_refused(tmp_path, label
 def test_symlinked_class_folders_are_followed_and_loops_accounted_for(tmp_path):
     dump = tmp_path / "dump"
     write_files(dump / "cat", {f"{i}.jpg": baseline_jpeg(seed=i) for i in range(3)})
-    write_files(tmp_path / "elsewhere" / "dog", {f"{i}.jpg": baseline_jpeg(seed=10 + i) for i in range(4)})
+    write_files(
+        tmp_path / "elsewhere" / "dog", {f"{i}.jpg": baseline_jpeg(seed=10 + i) for i in range(4)}
+    )
     (dump / "dog").symlink_to(tmp_path / "elsewhere" / "dog")
     (dump / "cat" / "again").symlink_to(dump)  # a loop
-    report = build([str(dump)], tmp_path / "out", BuildSettings(labels="folder"), workers=0, progress=False)
+    report = build(
+        [str(dump)], tmp_path / "out", BuildSettings(labels="folder"), workers=0, progress=False
+    )
     manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
     assert manifest["class_counts"] == {"cat": 3, "dog": 4}
     assert (report.inputs, report.samples, report.rejected) == (8, 7, 1)
@@ -88,9 +94,24 @@ def test_odd_names_fifos_and_endless_files_are_kept_or_rejected_and_the_build_go
         info.size = len(data)
         tar.addfile(info, io.BytesIO(data))
     result = subprocess.run(
-        [sys.executable, "-m", "moco_dali.tools.shards.cli", "build", str(dump), str(archive), "--out",
-         str(tmp_path / "out"), "--max-input-bytes", "50KB", "--no-progress"],
-        cwd=REPO, capture_output=True, text=True, timeout=120)
+        [
+            sys.executable,
+            "-m",
+            "moco_dali.tools.shards.cli",
+            "build",
+            str(dump),
+            str(archive),
+            "--out",
+            str(tmp_path / "out"),
+            "--max-input-bytes",
+            "50KB",
+            "--no-progress",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 0, result.stderr
     reasons = {r["input"]: r["reason"] for r in rejected_lines(tmp_path / "out")}
     assert reasons == {
@@ -98,19 +119,37 @@ def test_odd_names_fifos_and_endless_files_are_kept_or_rejected_and_the_build_go
         str(dump / "zero.jpg"): "not a regular file (character device)",
         str(dump / "huge.jpg"): "too large: over --max-input-bytes (50000 bytes)",
     }
-    assert stored_sources(tmp_path / "out") == sorted([f"{archive}:\\xff\\xfe.jpg", f"{dump}/caf\\xe9.jpg"])
+    assert stored_sources(tmp_path / "out") == sorted(
+        [f"{archive}:\\xff\\xfe.jpg", f"{dump}/caf\\xe9.jpg"]
+    )
 
 
 def test_a_full_disk_ends_in_one_line_leaves_no_temporary_file_and_resumes(tmp_path, labelled_dump):
     write_files(labelled_dump / "dog", broken_inputs())
     out = tmp_path / "out"
-    args = ["build", str(labelled_dump), "--out", str(out), "--max-count", "4", "--workers", "1", "--no-progress"]
+    args = [
+        "build",
+        str(labelled_dump),
+        "--out",
+        str(out),
+        "--max-count",
+        "4",
+        "--workers",
+        "1",
+        "--no-progress",
+    ]
 
     def small_disk():  # files over 12 KB cannot be written, as on a full disk (Python ignores SIGXFSZ)
         resource.setrlimit(resource.RLIMIT_FSIZE, (12_000, 12_000))
 
-    full = subprocess.run([sys.executable, "-m", "moco_dali.tools.shards.cli", *args], cwd=REPO,
-                          capture_output=True, text=True, preexec_fn=small_disk, timeout=120)
+    full = subprocess.run(
+        [sys.executable, "-m", "moco_dali.tools.shards.cli", *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        preexec_fn=small_disk,
+        timeout=120,
+    )
     assert full.returncode == 2
     assert "cannot write: File too large" in one_line(full)
     assert not [p for p in out.rglob("*") if p.name.endswith(".tmp")]
@@ -120,7 +159,9 @@ def test_a_full_disk_ends_in_one_line_leaves_no_temporary_file_and_resumes(tmp_p
     assert folder_bytes(out) == folder_bytes(tmp_path / "clean")
 
 
-def test_a_read_only_output_ends_in_one_error_and_a_rerun_finishes(tmp_path, labelled_dump, monkeypatch):
+def test_a_read_only_output_ends_in_one_error_and_a_rerun_finishes(
+    tmp_path, labelled_dump, monkeypatch
+):
     from moco_dali.tools.shards import writer
 
     def read_only(path, *args, **kwargs):
@@ -128,16 +169,42 @@ def test_a_read_only_output_ends_in_one_error_and_a_rerun_finishes(tmp_path, lab
 
     monkeypatch.setattr(writer, "open", read_only, raising=False)
     with pytest.raises(BuildError, match="cannot write: Read-only file system"):
-        build([str(labelled_dump)], tmp_path / "out", BuildSettings(max_count=4), workers=0, progress=False)
+        build(
+            [str(labelled_dump)],
+            tmp_path / "out",
+            BuildSettings(max_count=4),
+            workers=0,
+            progress=False,
+        )
     assert not [p for p in (tmp_path / "out").rglob("*") if p.name.endswith(".tmp")]
     monkeypatch.undo()
-    build([str(labelled_dump)], tmp_path / "out", BuildSettings(max_count=4), workers=0, progress=False)
-    build([str(labelled_dump)], tmp_path / "clean", BuildSettings(max_count=4), workers=0, progress=False)
+    build(
+        [str(labelled_dump)],
+        tmp_path / "out",
+        BuildSettings(max_count=4),
+        workers=0,
+        progress=False,
+    )
+    build(
+        [str(labelled_dump)],
+        tmp_path / "clean",
+        BuildSettings(max_count=4),
+        workers=0,
+        progress=False,
+    )
     assert folder_bytes(tmp_path / "out") == folder_bytes(tmp_path / "clean")
 
 
 def test_an_out_inside_the_source_is_never_taken_as_input(tmp_path, labelled_dump):
-    args = ["build", str(labelled_dump), "--out", str(labelled_dump / "shards"), "--labels", "folder", "--no-progress"]
+    args = [
+        "build",
+        str(labelled_dump),
+        "--out",
+        str(labelled_dump / "shards"),
+        "--labels",
+        "folder",
+        "--no-progress",
+    ]
     first = run_cli(*args)
     assert first.returncode == 0 and "21 inputs -> 21 samples" in first.stdout
     again = run_cli(*args)
@@ -148,7 +215,9 @@ def test_an_out_inside_the_source_is_never_taken_as_input(tmp_path, labelled_dum
 
 def test_a_build_that_rejects_every_input_exits_1_and_says_so(tmp_path):
     write_files(tmp_path / "dump", broken_inputs())
-    result = run_cli("build", str(tmp_path / "dump"), "--out", str(tmp_path / "out"), "--no-progress")
+    result = run_cli(
+        "build", str(tmp_path / "dump"), "--out", str(tmp_path / "out"), "--no-progress"
+    )
     assert result.returncode == 1
     assert "every input was rejected (6)" in one_line(result)
     assert len(rejected_lines(tmp_path / "out")) == 6
@@ -163,17 +232,21 @@ def test_verify_names_the_sample_that_crashes_dalis_decoder(tmp_path, labelled_d
     _, offset, size, name = shards.read_index(out / "shard-000000.idx")[7][0]
     data = bytearray(tar.read_bytes())
     table = data.find(b"\xff\xc4", offset)
-    data[table + 4:table + 40] = b"\xff" * 36
+    data[table + 4 : table + 40] = b"\xff" * 36
     tar.write_bytes(bytes(data))
     from tests.tools.shards.test_verify import rewrite_manifest_hash
 
     rewrite_manifest_hash(out, tar.name)
     result = run_cli("verify", str(out), "--no-progress")
     assert result.returncode == 1
-    assert one_line(result).startswith(f"moco-shards verify: FAILED: {tar}: key {name.split('.')[0]}: does not decode")
+    assert one_line(result).startswith(
+        f"moco-shards verify: FAILED: {tar}: key {name.split('.')[0]}: does not decode"
+    )
 
 
-def test_verify_a_bad_tar_header_merge_a_broken_part_and_preview_bad_values_end_in_one_line(tmp_path, labelled_dump):
+def test_verify_a_bad_tar_header_merge_a_broken_part_and_preview_bad_values_end_in_one_line(
+    tmp_path, labelled_dump
+):
     out = tmp_path / "out"
     build([str(labelled_dump)], out, BuildSettings(max_count=8), workers=0, progress=False)
     tar = out / "shard-000001.tar"
@@ -184,25 +257,39 @@ def test_verify_a_bad_tar_header_merge_a_broken_part_and_preview_bad_values_end_
 
     rewrite_manifest_hash(out, tar.name)
     bad_header = run_cli("verify", str(out), "--no-progress")
-    assert bad_header.returncode == 1 and f"{tar}: not a readable tar archive" in one_line(bad_header)
+    assert bad_header.returncode == 1 and f"{tar}: not a readable tar archive" in one_line(
+        bad_header
+    )
 
     parts = tmp_path / "parts"
     for part in (0, 1):
-        build([str(labelled_dump)], parts, BuildSettings(num_parts=2, part=part), workers=0, progress=False)
+        build(
+            [str(labelled_dump)],
+            parts,
+            BuildSettings(num_parts=2, part=part),
+            workers=0,
+            progress=False,
+        )
     part1 = parts / "manifest.part-0001-of-0002.json"
     for damage in (b"", b'{"format": "moco-dali-shar'):
         part1.write_bytes(damage)
         merged = run_cli("merge", str(parts))
         assert merged.returncode == 2 and f"{part1}: unreadable part manifest" in one_line(merged)
 
-    for flags, message in ((["--count", "0"], "--count must be at least 1"),
-                           (["--size", "0"], "--size must be at least 8 px"),
-                           (["--out", str(tar / "p.png")], "cannot write")):
-        result = run_cli("preview", str(out), "--out", str(tmp_path / "p.png"), *flags)  # the last --out counts
+    for flags, message in (
+        (["--count", "0"], "--count must be at least 1"),
+        (["--size", "0"], "--size must be at least 8 px"),
+        (["--out", str(tar / "p.png")], "cannot write"),
+    ):
+        result = run_cli(
+            "preview", str(out), "--out", str(tmp_path / "p.png"), *flags
+        )  # the last --out counts
         assert result.returncode == 2 and message in one_line(result), flags
 
 
-def test_a_damaged_archive_is_accounted_for_and_an_unreadable_one_ends_in_one_line(tmp_path, labelled_dump):
+def test_a_damaged_archive_is_accounted_for_and_an_unreadable_one_ends_in_one_line(
+    tmp_path, labelled_dump
+):
     archive = tmp_path / "cut.tar"
     with tarfile.open(archive, "w") as tar:
         for i in range(3):
@@ -210,15 +297,21 @@ def test_a_damaged_archive_is_accounted_for_and_an_unreadable_one_ends_in_one_li
     with tarfile.open(archive) as tar:
         second = tar.getmembers()[1].offset
     data = bytearray(archive.read_bytes())
-    data[second:second + 512] = b"\x01" * 512  # the second header is garbage: tarfile would stop there quietly
+    data[second : second + 512] = (
+        b"\x01" * 512
+    )  # the second header is garbage: tarfile would stop there quietly
     archive.write_bytes(bytes(data))
     result = run_cli("build", str(archive), "--out", str(tmp_path / "out"), "--no-progress")
     assert result.returncode == 0 and "2 inputs -> 1 samples" in result.stdout
     (damage,) = rejected_lines(tmp_path / "out")
-    assert damage["input"] == f"{archive}:@{second}" and damage["reason"].startswith("damaged archive")
+    assert damage["input"] == f"{archive}:@{second}" and damage["reason"].startswith(
+        "damaged archive"
+    )
 
     data[0:512] = b"\x01" * 512  # now the first one too: nothing can be read
     archive.write_bytes(bytes(data))
-    result = run_cli("build", str(labelled_dump), str(archive), "--out", str(tmp_path / "out2"), "--no-progress")
+    result = run_cli(
+        "build", str(labelled_dump), str(archive), "--out", str(tmp_path / "out2"), "--no-progress"
+    )
     assert result.returncode == 2 and f"{archive}: cannot read tar archive" in one_line(result)
     assert not list((tmp_path / "out2").iterdir())

@@ -17,7 +17,13 @@ from moco_dali.tools.shards.verify import format_inspection, inspect, verify
 @pytest.fixture
 def built(tmp_path, labelled_dump) -> Path:
     out = tmp_path / "shards"
-    build([str(labelled_dump)], out, BuildSettings(labels="folder", max_count=8), workers=0, progress=False)
+    build(
+        [str(labelled_dump)],
+        out,
+        BuildSettings(labels="folder", max_count=8),
+        workers=0,
+        progress=False,
+    )
     return out
 
 
@@ -49,17 +55,20 @@ def test_verify_names_the_shard_whose_bytes_changed(built):
     result = run_cli("verify", str(built), "--no-progress")
     assert result.returncode == 1
     assert result.stderr.strip().splitlines() == [
-        f"moco-shards verify: FAILED: {tar}: sha256 differs from the manifest; the shard is corrupt"]
+        f"moco-shards verify: FAILED: {tar}: sha256 differs from the manifest; the shard is corrupt"
+    ]
 
 
 def test_verify_names_shard_and_key_of_an_undecodable_sample(built):
     tar = built / "shard-000002.tar"
     _, offset, size, name = shards.read_index(built / "shard-000002.idx")[3][0]
     data = bytearray(tar.read_bytes())
-    data[offset:offset + 4] = b"JUNK"  # no longer a JPEG
+    data[offset : offset + 4] = b"JUNK"  # no longer a JPEG
     tar.write_bytes(bytes(data))
     rewrite_manifest_hash(built, tar.name)
-    with pytest.raises(ShardError, match=f"shard-000002.tar: key {name.split('.')[0]}: does not decode"):
+    with pytest.raises(
+        ShardError, match=f"shard-000002.tar: key {name.split('.')[0]}: does not decode"
+    ):
         verify(built, batch_size=4, progress=False)
 
 
@@ -124,7 +133,12 @@ def test_inspect_reads_the_rejection_reasons_of_new_and_old_manifests(tmp_path, 
     assert info["rejected"] == 6 and sum(info["rejected_reasons"].values()) == 6
     assert info["rejected_file"] == str(out / "rejected.jsonl")
     assert "each with its input and reason in" in format_inspection(info)
-    manifest = json.loads((out / "manifest.json").read_text())  # as version 1 wrote it: every rejection listed
-    manifest.update(version=1, rejected=[json.loads(line) for line in (out / "rejected.jsonl").read_text().splitlines()])
+    manifest = json.loads(
+        (out / "manifest.json").read_text()
+    )  # as version 1 wrote it: every rejection listed
+    manifest.update(
+        version=1,
+        rejected=[json.loads(line) for line in (out / "rejected.jsonl").read_text().splitlines()],
+    )
     (out / "manifest.json").write_text(json.dumps(manifest))
     assert inspect(out)["rejected_reasons"] == info["rejected_reasons"]

@@ -47,7 +47,13 @@ def shards(tmp_path_factory) -> dict[str, Path]:
     out = {}
     for split, n, seed in (("train", 40, 0), ("val", 12, 1)):
         colour_dump(root / f"raw-{split}", n, seed)
-        build([str(root / f"raw-{split}")], root / split, BuildSettings(labels="folder"), workers=0, progress=False)
+        build(
+            [str(root / f"raw-{split}")],
+            root / split,
+            BuildSettings(labels="folder"),
+            workers=0,
+            progress=False,
+        )
         out[split] = root / split
     build([str(root / "raw-val")], root / "unlabelled", BuildSettings(), workers=0, progress=False)
     out["unlabelled"] = root / "unlabelled"
@@ -56,7 +62,12 @@ def shards(tmp_path_factory) -> dict[str, Path]:
 
 def tiny_config(mlp=True, small_stem=False):
     config = preset("v2")
-    config.model.arch, config.model.mlp, config.model.small_stem, config.model.K = "resnet18", mlp, small_stem, 64
+    config.model.arch, config.model.mlp, config.model.small_stem, config.model.K = (
+        "resnet18",
+        mlp,
+        small_stem,
+        64,
+    )
     config.data.size, config.data.eval_resize = 32, 32
     config.run.channels_last = False
     return config
@@ -79,7 +90,13 @@ def ckpt(tmp_path_factory) -> Path:
 def test_load_encoder_gives_the_query_encoder_and_random_init_the_step_0_one(ckpt):
     encoder, info = load_encoder(ckpt)
     state = torch.load(ckpt, weights_only=False)["model"]
-    assert (info.arch, info.mlp, info.dim, info.step, info.source) == ("resnet18", True, 128, 10, "moco-dali")
+    assert (info.arch, info.mlp, info.dim, info.step, info.source) == (
+        "resnet18",
+        True,
+        128,
+        10,
+        "moco-dali",
+    )
     assert torch.equal(encoder.conv1.weight, state["encoder_q.conv1.weight"])
     assert torch.equal(encoder.fc[2].weight, state["encoder_q.fc.2.weight"])
     initial, _ = load_encoder(ckpt, random_init=True)
@@ -98,20 +115,47 @@ def test_reference_checkpoints_load(ckpt, tmp_path, zipped):
     ours = torch.load(ckpt, weights_only=False)["model"]
     state_dict = OrderedDict((f"module.{k}", v) for k, v in ours.items())
     params = [v for k, v in ours.items() if k.startswith("encoder_q.") and v.is_floating_point()]
-    sgd = torch.optim.SGD([p.clone().requires_grad_() for p in params], lr=0.03, momentum=0.9, weight_decay=1e-4)
+    sgd = torch.optim.SGD(
+        [p.clone().requires_grad_() for p in params], lr=0.03, momentum=0.9, weight_decay=1e-4
+    )
     for p in sgd.param_groups[0]["params"]:
         sgd.state[p]["momentum_buffer"] = torch.zeros_like(p)
-    reference = {"epoch": 200, "arch": "resnet18", "state_dict": state_dict, "optimizer": sgd.state_dict()}
-    torch.save(reference, tmp_path / "checkpoint_0199.pth.tar", _use_new_zipfile_serialization=zipped)
+    reference = {
+        "epoch": 200,
+        "arch": "resnet18",
+        "state_dict": state_dict,
+        "optimizer": sgd.state_dict(),
+    }
+    torch.save(
+        reference, tmp_path / "checkpoint_0199.pth.tar", _use_new_zipfile_serialization=zipped
+    )
     encoder, info = load_encoder(tmp_path / "checkpoint_0199.pth.tar")
-    assert (info.source, info.arch, info.mlp, info.dim, info.small_stem) == ("reference", "resnet18", True, 128, False)
+    assert (info.source, info.arch, info.mlp, info.dim, info.small_stem) == (
+        "reference",
+        "resnet18",
+        True,
+        128,
+        False,
+    )
     assert info.step == 200
     assert torch.equal(encoder.layer4[1].conv2.weight, ours["encoder_q.layer4.1.conv2.weight"])
 
 
 def test_export_torchvision_loads_strictly_and_gives_the_same_features(ckpt, tmp_path):
-    assert moco_eval(["export", "--checkpoint", str(ckpt), "--format", "torchvision",
-                      "--out", str(tmp_path / "r18.pth")]) == 0
+    assert (
+        moco_eval(
+            [
+                "export",
+                "--checkpoint",
+                str(ckpt),
+                "--format",
+                "torchvision",
+                "--out",
+                str(tmp_path / "r18.pth"),
+            ]
+        )
+        == 0
+    )
     plain = torchvision.models.resnet18()
     plain.fc = nn.Identity()
     plain.load_state_dict(torch.load(tmp_path / "r18.pth"), strict=True)
@@ -123,8 +167,20 @@ def test_export_torchvision_loads_strictly_and_gives_the_same_features(ckpt, tmp
 
 
 def test_export_detectron2_has_the_reference_names_and_shapes(ckpt, tmp_path):
-    assert moco_eval(["export", "--checkpoint", str(ckpt), "--format", "detectron2",
-                      "--out", str(tmp_path / "r18.pkl")]) == 0
+    assert (
+        moco_eval(
+            [
+                "export",
+                "--checkpoint",
+                str(ckpt),
+                "--format",
+                "detectron2",
+                "--out",
+                str(tmp_path / "r18.pkl"),
+            ]
+        )
+        == 0
+    )
     with open(tmp_path / "r18.pkl", "rb") as f:
         exported = pickle.load(f)
     assert exported["__author__"] == "MOCO" and exported["matching_heuristics"] is True
@@ -156,8 +212,26 @@ def test_detectron2_names_for_a_bottleneck_resnet():
 
 
 def test_knn_cli_classifies_colours_and_writes_json(ckpt, shards, tmp_path, capsys):
-    assert moco_eval(["knn", "--checkpoint", str(ckpt), "--train", str(shards["train"]), "--val", str(shards["val"]),
-                      "--k", "20", "--threads", "1", "--json", str(tmp_path / "knn.json")]) == 0
+    assert (
+        moco_eval(
+            [
+                "knn",
+                "--checkpoint",
+                str(ckpt),
+                "--train",
+                str(shards["train"]),
+                "--val",
+                str(shards["val"]),
+                "--k",
+                "20",
+                "--threads",
+                "1",
+                "--json",
+                str(tmp_path / "knn.json"),
+            ]
+        )
+        == 0
+    )
     record = json.loads((tmp_path / "knn.json").read_text())
     # 100 for every data and model seed tried; unnormalised features give 33 to 67.
     assert record["top1"] >= 90 and record["train_samples"] == 120 and record["val_samples"] == 36
@@ -169,54 +243,172 @@ def test_linear_probe_learns_a_separable_problem_and_resumes_exactly(ckpt, shard
     # A random ResNet-18's features have a norm of about 15: at lr 1 the probe overshoots (training
     # losses of 50 to 140, top-1 swinging between 33 and 100 from epoch to epoch); at 0.03 it
     # converges on every seed tried, to top-1 100 and a validation loss under 0.02.
-    cfg = LinearConfig(epochs=4, lr=0.03, batch_size=16, size=32, resize=32, threads=1, progress=False)
-    result = linear_probe(encoder, str(shards["train"]), str(shards["val"]), cfg, tmp_path / "a",
-                          torch.device("cpu"))
+    cfg = LinearConfig(
+        epochs=4, lr=0.03, batch_size=16, size=32, resize=32, threads=1, progress=False
+    )
+    result = linear_probe(
+        encoder, str(shards["train"]), str(shards["val"]), cfg, tmp_path / "a", torch.device("cpu")
+    )
     assert result["top1"] >= 97 and result["backbone_unchanged"]
     # A classifier that never steps stays near ln 3 = 1.1; one trained at a thirtieth of the rate ends at 0.6 to 0.8.
     assert result["history"][-1]["val_loss"] < 0.3
     assert len(result["history"]) == 4 and all("val_top1" in r for r in result["history"])
-    records = [json.loads(line) for line in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
+    records = [
+        json.loads(line) for line in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()
+    ]
     assert [r["epoch"] for r in records] == [1, 2, 3, 4]
 
     # Interrupted after epoch 3: the newest checkpoint gone, resume from epoch 3's.
     shutil.copytree(tmp_path / "a", tmp_path / "b")
     (tmp_path / "b" / "ckpt-000000004.pt").unlink()
     encoder, _ = load_encoder(ckpt)
-    resumed = linear_probe(encoder, str(shards["train"]), str(shards["val"]), cfg, tmp_path / "b",
-                           torch.device("cpu"))
+    resumed = linear_probe(
+        encoder, str(shards["train"]), str(shards["val"]), cfg, tmp_path / "b", torch.device("cpu")
+    )
     assert resumed["history"] == result["history"]
 
-    other = LinearConfig(epochs=5, lr=0.03, batch_size=16, size=32, resize=32, threads=1, progress=False)
+    other = LinearConfig(
+        epochs=5, lr=0.03, batch_size=16, size=32, resize=32, threads=1, progress=False
+    )
     with pytest.raises(ValueError, match="other settings"):
-        linear_probe(encoder, str(shards["train"]), str(shards["val"]), other, tmp_path / "a", torch.device("cpu"))
+        linear_probe(
+            encoder,
+            str(shards["train"]),
+            str(shards["val"]),
+            other,
+            tmp_path / "a",
+            torch.device("cpu"),
+        )
 
 
 def test_linear_cli_end_to_end(ckpt, shards, tmp_path, capsys):
-    assert moco_eval(["linear", "--checkpoint", str(ckpt), "--train", str(shards["train"]), "--val",
-                      str(shards["val"]), "--epochs", "1", "--lr", "1", "--batch-size", "32", "--threads", "1",
-                      "--out", str(tmp_path / "lin"), "--no-progress"]) == 0
+    assert (
+        moco_eval(
+            [
+                "linear",
+                "--checkpoint",
+                str(ckpt),
+                "--train",
+                str(shards["train"]),
+                "--val",
+                str(shards["val"]),
+                "--epochs",
+                "1",
+                "--lr",
+                "1",
+                "--batch-size",
+                "32",
+                "--threads",
+                "1",
+                "--out",
+                str(tmp_path / "lin"),
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     assert json.loads((tmp_path / "lin" / "linear.json").read_text())["epochs"] == 1
     assert "backbone unchanged" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["export", "--checkpoint", "{tmp}/nothing.pt", "--format", "torchvision", "--out", "{tmp}/x.pth"],
-     "nothing.pt: no such checkpoint"),
-    (["export", "--checkpoint", "{ckpt}", "--arch", "resnet50", "--format", "torchvision", "--out", "{tmp}/x.pth"],
-     "a resnet18 checkpoint, not resnet50"),
-    (["export", "--checkpoint", "{tmp}/junk.pt", "--format", "torchvision", "--out", "{tmp}/x.pth"],
-     "junk.pt: not a readable checkpoint"),
-    (["export", "--checkpoint", "{tmp}/other.pt", "--format", "torchvision", "--out", "{tmp}/x.pth"],
-     "neither a moco-train checkpoint nor a reference MoCo checkpoint"),
-    (["export", "--checkpoint", "{tmp}/wrong.pt", "--format", "detectron2", "--out", "{tmp}/x.pkl"],
-     "weights do not fit resnet50"),
-    (["knn", "--checkpoint", "{ckpt}", "--train", "{unlabelled}", "--val", "{val}", "--threads", "1"],
-     "needs labelled shards"),
-    (["linear", "--checkpoint", "{ckpt}", "--train", "{unlabelled}", "--val", "{val}", "--threads", "1",
-      "--out", "{tmp}/lin"], "the shards have no labels"),
-    (["knn", "--checkpoint", "{ckpt}", "--train", "{tmp}", "--val", "{val}"], "no manifest"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (
+            [
+                "export",
+                "--checkpoint",
+                "{tmp}/nothing.pt",
+                "--format",
+                "torchvision",
+                "--out",
+                "{tmp}/x.pth",
+            ],
+            "nothing.pt: no such checkpoint",
+        ),
+        (
+            [
+                "export",
+                "--checkpoint",
+                "{ckpt}",
+                "--arch",
+                "resnet50",
+                "--format",
+                "torchvision",
+                "--out",
+                "{tmp}/x.pth",
+            ],
+            "a resnet18 checkpoint, not resnet50",
+        ),
+        (
+            [
+                "export",
+                "--checkpoint",
+                "{tmp}/junk.pt",
+                "--format",
+                "torchvision",
+                "--out",
+                "{tmp}/x.pth",
+            ],
+            "junk.pt: not a readable checkpoint",
+        ),
+        (
+            [
+                "export",
+                "--checkpoint",
+                "{tmp}/other.pt",
+                "--format",
+                "torchvision",
+                "--out",
+                "{tmp}/x.pth",
+            ],
+            "neither a moco-train checkpoint nor a reference MoCo checkpoint",
+        ),
+        (
+            [
+                "export",
+                "--checkpoint",
+                "{tmp}/wrong.pt",
+                "--format",
+                "detectron2",
+                "--out",
+                "{tmp}/x.pkl",
+            ],
+            "weights do not fit resnet50",
+        ),
+        (
+            [
+                "knn",
+                "--checkpoint",
+                "{ckpt}",
+                "--train",
+                "{unlabelled}",
+                "--val",
+                "{val}",
+                "--threads",
+                "1",
+            ],
+            "needs labelled shards",
+        ),
+        (
+            [
+                "linear",
+                "--checkpoint",
+                "{ckpt}",
+                "--train",
+                "{unlabelled}",
+                "--val",
+                "{val}",
+                "--threads",
+                "1",
+                "--out",
+                "{tmp}/lin",
+            ],
+            "the shards have no labels",
+        ),
+        (["knn", "--checkpoint", "{ckpt}", "--train", "{tmp}", "--val", "{val}"], "no manifest"),
+    ],
+)
 def test_errors_are_one_line_naming_the_culprit(argv, message, ckpt, shards, tmp_path, capsys):
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
     torch.save({"weights": {}}, tmp_path / "other.pt")
@@ -246,34 +438,81 @@ def _unwritable(tmp_path: Path) -> Path:
 
 
 @pytest.mark.parametrize("where", ["a folder", "a read-only place"])
-def test_export_that_cannot_be_written_is_one_line_and_leaves_no_temporary_file(ckpt, tmp_path, capsys, where):
+def test_export_that_cannot_be_written_is_one_line_and_leaves_no_temporary_file(
+    ckpt, tmp_path, capsys, where
+):
     out = tmp_path / "exports" if where == "a folder" else _unwritable(tmp_path) / "r18.pth"
     (tmp_path / "exports").mkdir()
-    assert moco_eval(["export", "--checkpoint", str(ckpt), "--format", "torchvision", "--out", str(out)]) == 2
+    assert (
+        moco_eval(
+            ["export", "--checkpoint", str(ckpt), "--format", "torchvision", "--out", str(out)]
+        )
+        == 2
+    )
     err = capsys.readouterr().err.strip()
     assert err.startswith(f"moco-eval: error: --out {out}: ") and "\n" not in err, err
     assert not list(out.parent.glob(".*.tmp")) and not list((tmp_path / "exports").iterdir())
 
 
-@pytest.mark.parametrize("option, value", [
-    ("--t", "0"), ("--t", "-0.1"), ("--t", "nan"), ("--k", "0"), ("--batch-size", "0"), ("--threads", "0"),
-    ("--size", "0"), ("--resize", "-1"),
-])
-def test_impossible_knn_options_are_refused_in_one_line(ckpt, shards, tmp_path, capsys, option, value):
-    argv = ["knn", "--checkpoint", str(ckpt), "--train", str(shards["train"]), "--val", str(shards["val"]),
-            option, value]
+@pytest.mark.parametrize(
+    "option, value",
+    [
+        ("--t", "0"),
+        ("--t", "-0.1"),
+        ("--t", "nan"),
+        ("--k", "0"),
+        ("--batch-size", "0"),
+        ("--threads", "0"),
+        ("--size", "0"),
+        ("--resize", "-1"),
+    ],
+)
+def test_impossible_knn_options_are_refused_in_one_line(
+    ckpt, shards, tmp_path, capsys, option, value
+):
+    argv = [
+        "knn",
+        "--checkpoint",
+        str(ckpt),
+        "--train",
+        str(shards["train"]),
+        "--val",
+        str(shards["val"]),
+        option,
+        value,
+    ]
     assert moco_eval(argv) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith(f"moco-eval: error: {option} ") and "\n" not in err, err
 
 
-@pytest.mark.parametrize("option, value", [
-    ("--lr", "0"), ("--momentum", "1"), ("--weight-decay", "-1"), ("--milestones", "2"), ("--val-every", "0"),
-    ("--epochs", "0"),
-])
-def test_impossible_linear_options_are_refused_in_one_line(ckpt, shards, tmp_path, capsys, option, value):
-    argv = ["linear", "--checkpoint", str(ckpt), "--train", str(shards["train"]), "--val", str(shards["val"]),
-            "--out", str(tmp_path / "lin"), option, value]
+@pytest.mark.parametrize(
+    "option, value",
+    [
+        ("--lr", "0"),
+        ("--momentum", "1"),
+        ("--weight-decay", "-1"),
+        ("--milestones", "2"),
+        ("--val-every", "0"),
+        ("--epochs", "0"),
+    ],
+)
+def test_impossible_linear_options_are_refused_in_one_line(
+    ckpt, shards, tmp_path, capsys, option, value
+):
+    argv = [
+        "linear",
+        "--checkpoint",
+        str(ckpt),
+        "--train",
+        str(shards["train"]),
+        "--val",
+        str(shards["val"]),
+        "--out",
+        str(tmp_path / "lin"),
+        option,
+        value,
+    ]
     assert moco_eval(argv) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith(f"moco-eval: error: {option} ") and "\n" not in err, err
@@ -285,4 +524,7 @@ def test_argparse_errors_are_one_line_too(capsys):
         moco_eval(["export", "--checkpoint", "x.pt", "--format", "onnx", "--out", "y"])
     assert exited.value.code == 2
     err = capsys.readouterr().err.strip()
-    assert err.startswith("moco-eval export: error: argument --format: invalid choice") and "\n" not in err
+    assert (
+        err.startswith("moco-eval export: error: argument --format: invalid choice")
+        and "\n" not in err
+    )
