@@ -25,10 +25,10 @@ import webdataset
 from PIL import Image
 
 from moco_dali.pipeline.shards import encode_sample
+from moco_dali.tools.bench.machine import describe
 from moco_dali.tools.shards.imageprep import PrepSettings, parse_jpeg_header
 from moco_dali.tools.shards.inputs import InputRef
 from moco_dali.tools.shards.writer import ShardWriter, process_input, read_input
-from moco_dali.tools.bench.machine import describe
 
 
 def per_image_ms(fn, items, reps: int) -> float:

@@ -146,7 +146,9 @@ def main() -> int:
         sync(device)
         for _ in range(args.reps):
             for name, net in nets.items():
-                times[pass_name][name] += time_ms(lambda: fn(net), device, reps=1, warmup=0)
+                times[pass_name][name] += time_ms(
+                    lambda fn=fn, net=net: fn(net), device, reps=1, warmup=0
+                )
 
     layer = {
         name: ops_per_layer(cls, device, 64, args.batch, args.size // 4, args.splits, amp)

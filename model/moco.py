@@ -23,10 +23,10 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn import functional as F
 
-from moco_dali.model import shuffle_bn
-from moco_dali.model.encoders import add_mlp_head
-from moco_dali.model.momentum import momentum_update_
-from moco_dali.model.queue import KeyQueue
+from . import shuffle_bn
+from .encoders import add_mlp_head
+from .momentum import momentum_update_
+from .queue import KeyQueue
 
 __all__ = ["MoCo"]
 

@@ -57,8 +57,8 @@ def _loop(key: Sequence[torch.Tensor], query: Sequence[torch.Tensor], m: float) 
 
 
 def _apex(key: Sequence[torch.Tensor], query: Sequence[torch.Tensor], m: float) -> None:
-    from apex.multi_tensor_apply import multi_tensor_applier  # only when importable
     import amp_C
+    from apex.multi_tensor_apply import multi_tensor_applier  # only when importable
 
     overflow = torch.zeros(1, dtype=torch.int, device=key[0].device)
     with torch.no_grad():

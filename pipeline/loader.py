@@ -43,11 +43,11 @@ import torch
 from nvidia.dali import fn, pipeline_def, types
 from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
-from moco_dali.pipeline import partition, shards
-from moco_dali.pipeline.augment import AugmentConfig, EvalConfig, augment, eval_view
-from moco_dali.pipeline.samplecheck import PLACEHOLDER_JPEG, SampleCheck
-from moco_dali.pipeline.scan import first_undecodable
-from moco_dali.pipeline.shards import ShardError
+from . import partition, shards
+from .augment import AugmentConfig, EvalConfig, augment, eval_view
+from .samplecheck import PLACEHOLDER_JPEG, SampleCheck
+from .scan import first_undecodable
+from .shards import ShardError
 
 __all__ = ["LoaderConfig", "Batch", "ViewLoader", "decode_pipeline"]
 

@@ -18,8 +18,8 @@ import webdataset as wds
 from PIL import ImageFilter
 from torchvision import transforms as T
 
-from moco_dali.pipeline import shards
-from moco_dali.pipeline.augment import AugmentConfig
+from . import shards
+from .augment import AugmentConfig
 
 __all__ = [
     "GaussianBlur",

@@ -23,7 +23,7 @@ from typing import Any, BinaryIO, Callable, Optional
 import numpy as np
 import torch
 
-from moco_dali.pipeline import shards
+from ..pipeline import shards
 
 __all__ = [
     "CheckpointError",

@@ -16,7 +16,7 @@ import logging
 import sys
 from typing import Optional, Sequence
 
-from moco_dali.train.config import (
+from .config import (
     PRESETS,
     Config,
     ConfigError,
@@ -55,7 +55,7 @@ def parse(argv: Optional[Sequence[str]] = None) -> tuple[Config, bool]:
     parser.add_argument(
         "--print-config", action="store_true", help="print the resolved configuration and exit"
     )
-    for key, (obj, kind) in flat_fields(Config()).items():
+    for key, (_obj, kind) in flat_fields(Config()).items():
         parser.add_argument(f"--{key}", dest=key, default=None, metavar=type_name(kind).upper())
     args, unknown = parser.parse_known_args(argv)
     for token in unknown:
@@ -68,7 +68,7 @@ def parse(argv: Optional[Sequence[str]] = None) -> tuple[Config, bool]:
         apply_overrides(config, load_file(args.config), f"--config {args.config}")
     cli = {key: value for key, value in vars(args).items() if "." in key and value is not None}
     apply_overrides(config, cli)
-    from moco_dali.train.validation import resolve_views
+    from .validation import resolve_views
 
     return resolve_views(config), args.print_config
 
@@ -80,9 +80,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if print_only:
             print(json.dumps(to_dict(config), indent=1))
             return 0
-        from moco_dali.pipeline.shards import ShardError
-        from moco_dali.train.checkpoint import CheckpointError
-        from moco_dali.train.engine import TrainingStopped, train
+        from ..pipeline.shards import ShardError
+        from .checkpoint import CheckpointError
+        from .engine import TrainingStopped, train
 
         try:
             train(config)

@@ -26,23 +26,23 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from moco_dali.model.moco import MoCo
-from moco_dali.model.momentum import momentum_at
-from moco_dali.pipeline.loader import ViewLoader
-from moco_dali.train import checkpoint, distributed
-from moco_dali.train.checkpoint import CheckpointError
-from moco_dali.train.config import Config, ConfigError, resume_changes, to_dict
-from moco_dali.train.eval.knn import config_knn
-from moco_dali.train.metrics import Metrics
-from moco_dali.train.schedule import learning_rates
-from moco_dali.train.step import (
+from ..model.moco import MoCo
+from ..model.momentum import momentum_at
+from ..pipeline.loader import ViewLoader
+from . import checkpoint, distributed
+from .checkpoint import CheckpointError
+from .config import Config, ConfigError, resume_changes, to_dict
+from .eval.knn import config_knn
+from .metrics import Metrics
+from .schedule import learning_rates
+from .step import (
     amp_dtype,
     backward_step,
     build_model,
     build_optimizer,
     forward_loss,
 )
-from moco_dali.train.validation import (
+from .validation import (
     augment_config,
     check_knn_folders,
     check_out,
@@ -198,7 +198,7 @@ class Run:
     # ---- set-up
 
     def _data(self, state: Optional[dict]) -> ViewLoader:
-        d, r = self.config.data, self.config.run
+        d, _r = self.config.data, self.config.run
         augment_cfg = augment_config(self.config)
         loader_cfg = loader_config(self.config, self.dist.world, self.amp)
         # Each rank opens only the shards dealt to it, a window at a time, and every

@@ -81,7 +81,7 @@ class LARS(torch.optim.Optimizer):
                 keep = found_inf == 0
                 grads = [torch.where(keep, g, torch.zeros_like(g)) for g in grads]
             buffers = []
-            for p, g in zip(params, grads):
+            for p, _g in zip(params, grads):
                 state = self.state[p]
                 if "momentum_buffer" not in state:
                     state["momentum_buffer"] = torch.zeros_like(p)

@@ -12,10 +12,10 @@ import torch
 import torch.distributed as dist
 from torch.nn import functional as F
 
-from moco_dali.model.encoders import resnet
-from moco_dali.model.moco import MoCo
-from moco_dali.train.config import Config
-from moco_dali.train.optim import make_optimizer
+from ..model.encoders import resnet
+from ..model.moco import MoCo
+from .config import Config
+from .optim import make_optimizer
 
 __all__ = [
     "AMP_DTYPES",

@@ -22,7 +22,7 @@ from typing import Any, Callable, TypeVar
 
 import torch
 
-from moco_dali.train.config import Config, ConfigError, ModelConfig, OptimConfig, ViewsConfig
+from .config import Config, ConfigError, ModelConfig, OptimConfig, ViewsConfig
 
 __all__ = [
     "validate",
@@ -88,7 +88,7 @@ def _construct(build: Callable[..., T], given: dict[str, tuple[str, Any]], alone
 
 def augment_config(config: Config):
     """The ``AugmentConfig`` of ``data.preset`` at ``data.size`` with the ``data.views`` keys that are set."""
-    from moco_dali.pipeline import augment
+    from ..pipeline import augment
 
     d = config.data
     given = {"name": ("data.preset", d.preset), "size": ("data.size", d.size)}
@@ -115,8 +115,8 @@ def resolve_views(config: Config) -> Config:
 
 def loader_config(config: Config, world: int, amp: torch.dtype | None):
     """The ``LoaderConfig`` of one rank of ``world`` under the autocast dtype ``amp``."""
-    from moco_dali.pipeline.loader import LoaderConfig
-    from moco_dali.train.step import views_dtype
+    from ..pipeline.loader import LoaderConfig
+    from .step import views_dtype
 
     d, r = config.data, config.run
     return _construct(
@@ -143,7 +143,7 @@ def shuffle_mode(config: Config, world: int) -> str:
 
 @functools.lru_cache(maxsize=8)
 def _meta_model(fields: tuple):
-    from moco_dali.train.step import build_model
+    from .step import build_model
 
     config = Config()
     config.model = ModelConfig(**dict(fields))
@@ -171,7 +171,7 @@ def _model(config: Config, world: int):
 
 
 def _optimizer(config: Config, model) -> None:
-    from moco_dali.train.step import build_optimizer
+    from .step import build_optimizer
 
     o = config.optim
     names = ("name", "lr_per_256", "momentum", "weight_decay", "trust_coefficient")
@@ -224,10 +224,10 @@ def validate(config: Config, world: int, cuda: bool) -> Config:
     Returns the configuration with its ``data.views`` resolved. Raises ``ConfigError``
     with one line naming the key (or keys) at fault.
     """
-    from moco_dali.model.momentum import momentum_at
-    from moco_dali.pipeline.augment import EvalConfig
-    from moco_dali.train.schedule import learning_rates
-    from moco_dali.train.step import AMP_DTYPES, QUEUE_DTYPES, amp_dtype
+    from ..model.momentum import momentum_at
+    from ..pipeline.augment import EvalConfig
+    from .schedule import learning_rates
+    from .step import AMP_DTYPES, QUEUE_DTYPES, amp_dtype
 
     d, m, o, r = config.data, config.model, config.optim, config.run
     if not d.train:
@@ -352,9 +352,9 @@ def check_train_folder(config: Config, world: int) -> None:
     (O(shards)); the shards and their indexes are opened by the loader, each by the
     rank dealt it.
     """
-    from moco_dali.pipeline import partition
-    from moco_dali.pipeline.loader import LoaderConfig
-    from moco_dali.pipeline.shards import ShardError, load_manifest
+    from ..pipeline import partition
+    from ..pipeline.loader import LoaderConfig
+    from ..pipeline.shards import ShardError, load_manifest
 
     d = config.data
     try:
@@ -388,7 +388,7 @@ def check_knn_folders(config: Config) -> None:
 
     Reads the two manifests only (O(shards)).
     """
-    from moco_dali.pipeline.shards import ShardError, load_manifest
+    from ..pipeline.shards import ShardError, load_manifest
 
     d = config.data
     if not (d.knn_train and config.run.knn_every):

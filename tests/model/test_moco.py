@@ -51,7 +51,7 @@ def test_moco_equals_algorithm_1(K, batch, device):
         copy.deepcopy(model.encoder_q), model.queue.oldest_first().t(), m=0.9, t=0.07, lr=0.5
     )
     optimizer = torch.optim.SGD(model.encoder_q.parameters(), lr=0.5)
-    for step in range(5):
+    for _step in range(5):
         x_q, x_k = (
             torch.randn(batch, 3, 8, 8, device=device),
             torch.randn(batch, 3, 8, 8, device=device),

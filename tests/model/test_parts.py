@@ -12,7 +12,6 @@ from moco_dali.model.encoders import resnet
 from moco_dali.model.queue import KeyQueue
 from moco_dali.model.shuffle_bn import SplitBatchNorm2d, batch_shuffle_local, batch_unshuffle_local
 
-
 # ---------------------------------------------------------------- queue
 
 

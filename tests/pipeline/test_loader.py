@@ -15,8 +15,8 @@ from moco_dali.pipeline import partition, shards
 from moco_dali.pipeline.augment import EvalConfig, custom, preset, v1, v2
 from moco_dali.pipeline.loader import LoaderConfig, ViewLoader
 from moco_dali.pipeline.shards import ShardError
-from tests.conftest import baseline_jpeg, write_files
 from moco_dali.tools.shards.build import BuildSettings, build
+from tests.conftest import baseline_jpeg, write_files
 
 MEAN, STD = np.array([0.485, 0.456, 0.406]) * 255, np.array([0.229, 0.224, 0.225]) * 255
 

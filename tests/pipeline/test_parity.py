@@ -24,8 +24,8 @@ from PIL import Image
 from moco_dali.pipeline.augment import AugmentConfig, custom, v1, v2
 from moco_dali.pipeline.loader import LoaderConfig, ViewLoader
 from moco_dali.pipeline.reference import reference_transform
-from tests.conftest import write_files
 from moco_dali.tools.shards.build import BuildSettings, build
+from tests.conftest import write_files
 
 MEAN = np.array([0.485, 0.456, 0.406]) * 255
 STD = np.array([0.229, 0.224, 0.225]) * 255
@@ -154,7 +154,10 @@ def test_crop_area_aspect_and_flip_match(probes, device, scale, ratio):
 def test_grayscale_fraction_matches(probes, device, make):
     folder, image = probes["coordinates"]
     cfg = make(size=32)
-    spread = lambda views: (views.max(-1) - views.min(-1)).max(axis=(1, 2))  # noqa: E731
+
+    def spread(views):
+        return (views.max(-1) - views.min(-1)).max(axis=(1, 2))
+
     # DALI's grey views keep a channel spread of up to 3 from rounding, coloured ones have 20 or more.
     ours = (spread(dali_views(folder, cfg, device)) < 10).mean()
     theirs = (spread(reference_views(image, cfg)) < 10).mean()
@@ -183,9 +186,12 @@ def test_contrast_factor_range_matches(probes, device):
     cfg = custom(
         jitter=(0, 0.4, 0, 0), jitter_p=1.0, gray_p=0.0, blur_p=0.0, crop_scale=(0.5, 1.0), size=64
     )
-    factor = lambda views: (
-        np.percentile(views[..., 0], 99, axis=(1, 2)) - np.percentile(views[..., 0], 1, axis=(1, 2))
-    )  # noqa: E731
+
+    def factor(views):
+        return np.percentile(views[..., 0], 99, axis=(1, 2)) - np.percentile(
+            views[..., 0], 1, axis=(1, 2)
+        )
+
     views = dali_views(folder, cfg, device)
     ours, theirs = factor(views) / 128, factor(reference_views(image, cfg)) / 128
     for q in (0.05, 0.95):
@@ -202,7 +208,10 @@ def test_contrast_factor_range_matches(probes, device):
 def test_saturation_factor_range_matches(probes, device):
     folder, image = probes["orange"]
     cfg = custom(jitter=(0, 0, 0.4, 0), jitter_p=1.0, gray_p=0.0, blur_p=0.0, size=16)
-    factor = lambda views: (views[..., 0] - views[..., 2]).mean(axis=(1, 2)) / 150  # noqa: E731
+
+    def factor(views):
+        return (views[..., 0] - views[..., 2]).mean(axis=(1, 2)) / 150
+
     ours, theirs = (
         factor(dali_views(folder, cfg, device, epochs=2)),
         factor(reference_views(image, cfg)),
@@ -246,7 +255,10 @@ def test_blur_probability_matches(probes, device):
     cfg = custom(
         v2(size=64), jitter_p=0.0, gray_p=0.0, blur_sigma=(4.0, 4.0), crop_scale=(0.9, 1.0)
     )
-    sharpness = lambda views: np.abs(np.diff(views[..., 0], axis=2)).max(axis=(1, 2))  # noqa: E731
+
+    def sharpness(views):
+        return np.abs(np.diff(views[..., 0], axis=2)).max(axis=(1, 2))
+
     ours, theirs = (
         sharpness(dali_views(folder, cfg, device)),
         sharpness(reference_views(image, cfg)),

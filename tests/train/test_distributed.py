@@ -25,7 +25,7 @@ def test_the_process_group_waits_as_long_as_configured(monkeypatch):
 
 
 def test_the_timeout_is_a_validated_run_key():
-    from moco_dali.train.config import ConfigError, Config, apply_overrides
+    from moco_dali.train.config import Config, ConfigError, apply_overrides
     from moco_dali.train.validation import validate
 
     config = apply_overrides(Config(), {"data.train": "x", "run.dist_timeout_s": "0"})

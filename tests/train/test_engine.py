@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from moco_dali.tools.shards.build import BuildSettings, build
 from moco_dali.tools.demo.data import generated_dump
+from moco_dali.tools.shards.build import BuildSettings, build
 from moco_dali.train import checkpoint
 from tests.train.runs import REPO, TINY, losses, metrics, moco_train
 

@@ -46,12 +46,12 @@ from typing import Optional, Sequence
 
 import torch
 
-from moco_dali.model.encoders import ARCHS
-from moco_dali.tools.bench.common import shards_for, synthetic_photos
-from moco_dali.tools.bench.machine import describe
-from moco_dali.tools.bench.momentum import bench_momentum, print_momentum
-from moco_dali.tools.bench.pipeline import bench_pipeline, print_pipeline
-from moco_dali.tools.bench.report import chart, compare, headline
+from ...model.encoders import ARCHS
+from .common import shards_for, synthetic_photos
+from .machine import describe
+from .momentum import bench_momentum, print_momentum
+from .pipeline import bench_pipeline, print_pipeline
+from .report import chart, compare, headline
 
 __all__ = ["main", "positive_int"]
 
@@ -234,7 +234,7 @@ def _parser(gpu: bool, cores: int) -> argparse.ArgumentParser:
         default=",".join(MODES),
         help=f"comma-separated, from {','.join(MODES + OPTIONAL_MODES)} (default {','.join(MODES)})",
     )
-    from moco_dali.tools.bench.scale import add_arguments as scale_arguments
+    from .scale import add_arguments as scale_arguments
 
     scale_arguments(
         sub.add_parser(
@@ -245,7 +245,7 @@ def _parser(gpu: bool, cores: int) -> argparse.ArgumentParser:
 
 
 def _write_atomic(path: Path, record: dict) -> None:
-    from moco_dali.pipeline.shards import write_atomic
+    from ...pipeline.shards import write_atomic
 
     data = (json.dumps(record, indent=1) + "\n").encode()
     write_atomic(path, lambda f: f.write(data))
@@ -280,37 +280,36 @@ def _run(mode: str, args) -> dict:
     if mode == "momentum":
         return bench_momentum(args)
     if mode == "views":
-        from moco_dali.tools.bench.views import bench_views
+        from .views import bench_views
 
         return bench_views(args)
     if mode in ("step", "e2e"):
-        from moco_dali.tools.bench.step import bench_e2e, bench_step
+        from .step import bench_e2e, bench_step
 
         return bench_step(args) if mode == "step" else bench_e2e(args, str(shards_for(args)[0]))
     if mode == "scale":
-        from moco_dali.tools.bench.scale import bench_scale
+        from .scale import bench_scale
 
         return bench_scale(args)
     if mode == "shards":
-        from moco_dali.tools.bench.shards import bench_shards
+        from .shards import bench_shards
 
         photos, info = (args.photos, None) if args.photos else synthetic_photos(args)
         workers = [int(w) for w in args.build_workers.split(",")] if args.build_workers else None
         return bench_shards(photos, args.reps, workers, photoset=info)
     if mode == "scale-build":
-        from moco_dali.tools.bench.scale_build import bench_scale_build
+        from .scale_build import bench_scale_build
 
         return bench_scale_build(args)
     raise ValueError(mode)
 
 
 def _print(record: dict) -> None:
-    from moco_dali.tools.bench.scale import print_scale
-    from moco_dali.tools.bench.scale_build import print_scale_build
-    from moco_dali.tools.bench.shards import print_shards
-    from moco_dali.tools.bench.step import print_e2e, print_step
-
-    from moco_dali.tools.bench.views import print_views
+    from .scale import print_scale
+    from .scale_build import print_scale_build
+    from .shards import print_shards
+    from .step import print_e2e, print_step
+    from .views import print_views
 
     printers = {
         "pipeline": print_pipeline,
@@ -394,7 +393,7 @@ def _validate(args, gpu: bool) -> None:
         )
     mode = args.mode
     if getattr(args, "shards", None) is not None:
-        from moco_dali.pipeline.shards import ShardError, discover
+        from ...pipeline.shards import ShardError, discover
 
         try:  # the pipeline's own reading: manifest, every shard present, no stale index
             discover(args.shards)
@@ -420,7 +419,7 @@ def _validate(args, gpu: bool) -> None:
             f"--K {args.K}: the queue must hold at least one batch (--batch {args.batch})"
         )
     if mode in ("step", "e2e", "all"):
-        from moco_dali.train.config import preset
+        from ...train.config import preset
 
         splits = preset(
             "v2"

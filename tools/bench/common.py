@@ -172,7 +172,7 @@ def peak_memory(device: torch.device) -> dict:
 def synthetic_photos(args) -> tuple[Path, dict]:
     """Generated ImageNet-like JPEGs (``moco_dali.tools.bench.synthetic``), made once per run."""
     if getattr(args, "_photos", None) is None:
-        from moco_dali.tools.bench.synthetic import generate
+        from .synthetic import generate
 
         work = Path(tempfile.mkdtemp(prefix="moco-bench-"))
         info = generate(work / "photos", args.synthetic, seed=0)
@@ -189,7 +189,7 @@ def shards_for(args) -> tuple[Path, Optional[dict]]:
     if args.shards is not None:
         return args.shards, None
     if getattr(args, "_built", None) is None:
-        from moco_dali.tools.shards.build import BuildSettings, build
+        from ..shards.build import BuildSettings, build
 
         photos, info = synthetic_photos(args)
         per_shard = max(1, min(1000, args.synthetic // max(1, getattr(args, "workers", 1) or 1)))
@@ -215,8 +215,8 @@ def reference_feed(
 
     ``layout`` is applied to both views of each batch (the step's dtype and memory format).
     """
-    from moco_dali.pipeline import shards as shard_format
-    from moco_dali.pipeline.reference import reference_loader, worker_split
+    from ...pipeline import shards as shard_format
+    from ...pipeline.reference import reference_loader, worker_split
 
     loader = reference_loader(shards, cfg, batch_size, workers=workers, device=device, repeat=True)
     if layout is not None:

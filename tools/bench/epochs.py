@@ -41,7 +41,7 @@ def view_folder(
     With more than ``max_samples`` in ``folder``, the view lists its first shards up to
     ``min_samples``; with fewer than ``min_samples``, every shard ``copies`` times.
     """
-    from moco_dali.pipeline import shards
+    from ...pipeline import shards
 
     manifest = shards.load_manifest(folder)
     counts, entries = manifest.counts, manifest.data["shards"]

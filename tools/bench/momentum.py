@@ -12,10 +12,10 @@ from typing import Sequence
 
 import torch
 
-from moco_dali.model import momentum
-from moco_dali.model.encoders import add_mlp_head, resnet
-from moco_dali.model.queue import KeyQueue
-from moco_dali.tools.bench.common import summary, time_ms
+from ...model import momentum
+from ...model.encoders import add_mlp_head, resnet
+from ...model.queue import KeyQueue
+from .common import summary, time_ms
 
 __all__ = ["FloorPass", "time_updates", "bench_momentum", "print_momentum"]
 

@@ -62,7 +62,7 @@ def fetch_debian_photos(out: Path) -> list[Path]:
         )
         for deb in glob.glob(f"{tmp}/*.deb"):
             subprocess.run(["dpkg-deb", "-x", deb, f"{tmp}/x"], check=True)
-        for package, patterns in DEBIAN_PHOTOS.items():
+        for _package, patterns in DEBIAN_PHOTOS.items():
             for pattern in patterns:
                 files = sorted(glob.glob(f"{tmp}/x/{pattern}"), key=os.path.getsize)
                 if "wallpapers" in pattern:

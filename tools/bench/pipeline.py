@@ -11,10 +11,9 @@ new epoch costs it is measured apart and reported beside the rates.
 
 from __future__ import annotations
 
-
 import torch
 
-from moco_dali.tools.bench.common import (
+from .common import (
     Feed,
     peak_memory,
     rates,
@@ -25,7 +24,7 @@ from moco_dali.tools.bench.common import (
     timed_window,
     warm_up,
 )
-from moco_dali.tools.bench.epochs import Epochs, draws, epoch_reopens, view_folder
+from .epochs import Epochs, draws, epoch_reopens, view_folder
 
 __all__ = ["bench_pipeline", "print_pipeline", "print_reopen", "TIMING"]
 
@@ -38,9 +37,9 @@ TIMING = (
 
 
 def bench_pipeline(args) -> dict:
-    from moco_dali.pipeline import shards as shard_format
-    from moco_dali.pipeline.augment import preset
-    from moco_dali.pipeline.loader import LoaderConfig, ViewLoader, decode_pipeline
+    from ...pipeline import shards as shard_format
+    from ...pipeline.augment import preset
+    from ...pipeline.loader import LoaderConfig, ViewLoader, decode_pipeline
 
     device = torch.device(args.device)
     gpu = device.type == "cuda"

@@ -31,7 +31,6 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Optional
 
 import numpy as np
 import simplejpeg
@@ -46,7 +45,7 @@ _LINKS_PER_FILE = 1_000
 
 
 def _shard_bytes(samples: int, classes: int) -> tuple[bytes, str]:
-    from moco_dali.pipeline import shards
+    from ...pipeline import shards
 
     rng = np.random.default_rng(0)
     jpegs = [
@@ -68,7 +67,7 @@ def _shard_bytes(samples: int, classes: int) -> tuple[bytes, str]:
 
 def write_folder(out: Path, samples: int, num_shards: int, classes: int = 10) -> Path:
     """A shard folder of ``samples`` synthetic samples in ``num_shards`` shards, in the project's format."""
-    from moco_dali.pipeline import shards
+    from ...pipeline import shards
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -112,7 +111,7 @@ def write_folder(out: Path, samples: int, num_shards: int, classes: int = 10) ->
     ]
     # The builder's own manifest writer, so that the folder has exactly a build's fields
     # (version 2: a rejected count, its reasons and the log beside it, here empty).
-    from moco_dali.tools.shards.build import BuildSettings, _manifest
+    from ..shards.build import BuildSettings, _manifest
 
     identity = {
         "classes": names,
@@ -162,8 +161,8 @@ def _child(spec: dict) -> dict:
         _use_pipeline_from(spec["pipeline_from"])
     import torch  # noqa: F401  (the imports are not the start-up being measured)
 
-    from moco_dali.pipeline.augment import v2
-    from moco_dali.pipeline.loader import LoaderConfig, ViewLoader
+    from ...pipeline.augment import v2
+    from ...pipeline.loader import LoaderConfig, ViewLoader
 
     baseline = _rss_MB()
     config = LoaderConfig(

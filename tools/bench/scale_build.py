@@ -62,9 +62,9 @@ def _make_folder(root: Path, count: int) -> None:
 
 def _child(source: str, part: int, num_parts: int, scratch: str, design: str) -> dict:
     """One measurement, in a fresh process: enumerate and order one part, nothing else."""
-    from moco_dali.tools.shards import build  # noqa: F401  the builder's imports, as a real build has them
-    from moco_dali.tools.shards.inputs import iter_part
-    from moco_dali.tools.shards.order import PackingOrder
+    from ..shards import build  # noqa: F401  the builder's imports, as a real build has them
+    from ..shards.inputs import iter_part
+    from ..shards.order import PackingOrder
 
     # ru_maxrss keeps the peak of the process this one was forked from (exec does not
     # reset it), so the peak is read from /proc after resetting it (clear_refs 5).

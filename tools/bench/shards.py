@@ -32,8 +32,8 @@ from typing import Optional
 import webdataset
 from PIL import Image
 
-from moco_dali.tools.shards.build import BuildSettings, build
-from moco_dali.tools.shards.imageprep import PrepSettings
+from ..shards.build import BuildSettings, build
+from ..shards.imageprep import PrepSettings
 
 
 def _cpu_seconds() -> float:

@@ -24,12 +24,9 @@ from typing import Callable
 
 import torch
 
-from moco_dali.model.momentum import resolve_implementation
-from moco_dali.tools.bench.common import Feed, rates, reference_feed, settle, sync
-from moco_dali.tools.bench.epochs import Epochs, draws, epoch_reopens, view_folder
-from moco_dali.tools.bench.pipeline import TIMING, print_reopen
-from moco_dali.train.config import preset
-from moco_dali.train.step import (
+from ...model.momentum import resolve_implementation
+from ...train.config import preset
+from ...train.step import (
     amp_dtype,
     backward_step,
     build_model,
@@ -37,6 +34,9 @@ from moco_dali.train.step import (
     forward_loss,
     views_dtype,
 )
+from .common import Feed, rates, reference_feed, settle, sync
+from .epochs import Epochs, draws, epoch_reopens, view_folder
+from .pipeline import TIMING, print_reopen
 
 __all__ = ["Contender", "bench_step", "bench_e2e", "print_step", "print_e2e"]
 
@@ -215,14 +215,14 @@ def _verdict(e2e: dict, ceiling: dict, device: torch.device) -> tuple[str, str]:
 
 
 def bench_e2e(args, shards: str) -> dict:
-    from moco_dali.pipeline.augment import preset as augment_preset
-    from moco_dali.pipeline.loader import LoaderConfig, ViewLoader
+    from ...pipeline.augment import preset as augment_preset
+    from ...pipeline.loader import LoaderConfig, ViewLoader
 
     contenders = [Contender(args, reference=False), Contender(args, reference=True)]
     ours, reference = contenders
     device = torch.device(args.device)
     cfg = augment_preset("v2", args.size, hue_space=args.hue_space)
-    from moco_dali.pipeline import shards as shard_format
+    from ...pipeline import shards as shard_format
 
     loader_config = LoaderConfig(
         batch_size=args.batch,

@@ -17,8 +17,8 @@ from dataclasses import replace
 
 import torch
 
-from moco_dali.tools.bench.common import Feed, rates, settle, shards_for, timed_window, warm_up
-from moco_dali.tools.bench.epochs import Epochs, draws, view_folder
+from .common import Feed, rates, settle, shards_for, timed_window, warm_up
+from .epochs import Epochs, draws, view_folder
 
 __all__ = ["bench_views", "print_views", "variants"]
 
@@ -37,9 +37,9 @@ def variants(cfg) -> dict:
 
 
 def bench_views(args) -> dict:
-    from moco_dali.pipeline import shards as shard_format
-    from moco_dali.pipeline.augment import preset
-    from moco_dali.pipeline.loader import LoaderConfig, ViewLoader
+    from ...pipeline import shards as shard_format
+    from ...pipeline.augment import preset
+    from ...pipeline.loader import LoaderConfig, ViewLoader
 
     device = torch.device(args.device)
     gpu = device.type == "cuda"

@@ -22,12 +22,12 @@ import time
 from pathlib import Path
 from typing import Optional, Sequence
 
-from moco_dali.pipeline.shards import ShardError, load_manifest
-from moco_dali.tools.demo.data import (FASHION_MNIST_CLASSES, FASHION_MNIST_DIR, generated_dump, load_fashion_mnist,
+from ...pipeline.shards import ShardError, load_manifest
+from .data import (FASHION_MNIST_CLASSES, FASHION_MNIST_DIR, generated_dump, load_fashion_mnist,
                                        subset_list, write_dump)
-from moco_dali.tools.shards import BuildError
-from moco_dali.tools.shards.build import BuildSettings, build
-from moco_dali.tools.shards.verify import format_inspection, inspect, verify
+from ..shards import BuildError
+from ..shards.build import BuildSettings, build
+from ..shards.verify import format_inspection, inspect, verify
 
 __all__ = ["main"]
 
@@ -85,10 +85,10 @@ def _shards(args, root: Path, fashion: bool) -> None:
 
 
 def _pretrain_and_measure(args, root: Path) -> dict:
-    from moco_dali.tools.demo import report, run
-    from moco_dali.tools.shards.preview import preview
-    from moco_dali.train.config import to_dict
-    from moco_dali.train.validation import augment_config, check_knn_folders, check_train_folder, validate
+    from . import report, run
+    from ..shards.preview import preview
+    from ...train.config import to_dict
+    from ...train.validation import augment_config, check_knn_folders, check_train_folder, validate
 
     config = run.demo_config(root, steps=args.train_steps, epochs=args.epochs, seed=args.seed)
     shutil.rmtree(config.run.out, ignore_errors=True)
@@ -125,7 +125,7 @@ def _pretrain_and_measure(args, root: Path) -> dict:
 
 
 def _print(result: dict) -> None:
-    from moco_dali.tools.demo import report
+    from . import report
 
     p, why = result["pretext"], report.not_logged(result)
     task = (f"moco-demo: pretext task ({result['config']['model']['K'] + 1}-way instance discrimination, chance "
@@ -200,9 +200,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if refusal:
         print(f"moco-demo: error: {refusal}", file=sys.stderr)
         return 2
-    from moco_dali.train.checkpoint import CheckpointError
-    from moco_dali.train.config import ConfigError
-    from moco_dali.train.engine import TrainingStopped
+    from ...train.checkpoint import CheckpointError
+    from ...train.config import ConfigError
+    from ...train.engine import TrainingStopped
 
     try:
         return _demo(args)

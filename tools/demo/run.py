@@ -23,14 +23,14 @@ from typing import Optional
 import torch
 from torch.nn import functional as F
 
-from moco_dali.pipeline.augment import EvalConfig
-from moco_dali.pipeline.loader import LoaderConfig, ViewLoader
-from moco_dali.pipeline.shards import load_manifest
-from moco_dali.train import checkpoint
-from moco_dali.train.config import Config, preset
-from moco_dali.train.engine import build_model, train
-from moco_dali.train.eval.knn import extract_features, knn_classify
-from moco_dali.train.eval.probe import feature_probe
+from ...pipeline.augment import EvalConfig
+from ...pipeline.loader import LoaderConfig, ViewLoader
+from ...pipeline.shards import load_manifest
+from ...train import checkpoint
+from ...train.config import Config, preset
+from ...train.engine import build_model, train
+from ...train.eval.knn import extract_features, knn_classify
+from ...train.eval.probe import feature_probe
 
 __all__ = ["BATCH_SIZE", "demo_config", "measure", "pixels", "pretrain"]
 

@@ -30,13 +30,13 @@ from typing import Iterator, Optional, Sequence
 
 from tqdm import tqdm
 
-from moco_dali.pipeline import shards
-from moco_dali.tools.shards import BuildError
-from moco_dali.tools.shards.imageprep import PrepSettings
-from moco_dali.tools.shards.folder import FolderLock, prepare_folder, remove_temporaries
-from moco_dali.tools.shards.inputs import InputRef, find_classes, iter_part, printable, source_kind
-from moco_dali.tools.shards.order import PackingOrder
-from moco_dali.tools.shards.writer import process_input, reason_kind, write_block
+from ...pipeline import shards
+from . import BuildError
+from .folder import FolderLock, prepare_folder, remove_temporaries
+from .imageprep import PrepSettings
+from .inputs import InputRef, find_classes, iter_part, printable, source_kind
+from .order import PackingOrder
+from .writer import process_input, reason_kind, write_block
 
 __all__ = ["BuildSettings", "BuildReport", "build", "DEFAULT_MAX_INPUT_BYTES"]
 

@@ -18,13 +18,13 @@ import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
-from moco_dali.pipeline.shards import ShardError
-from moco_dali.tools.shards import BuildError
-from moco_dali.tools.shards.build import DEFAULT_MAX_INPUT_BYTES, BuildSettings, build
-from moco_dali.tools.shards.inputs import read_classes
-from moco_dali.tools.shards.merge import merge
-from moco_dali.tools.shards.imageprep import DEFAULT_MAX_PIXELS, PrepSettings
-from moco_dali.train.config import ViewsConfig
+from ...pipeline.shards import ShardError
+from ...train.config import ViewsConfig
+from . import BuildError
+from .build import DEFAULT_MAX_INPUT_BYTES, BuildSettings, build
+from .imageprep import DEFAULT_MAX_PIXELS, PrepSettings
+from .inputs import read_classes
+from .merge import merge
 
 __all__ = ["main", "parse_bytes"]
 
@@ -268,7 +268,7 @@ def _build(args) -> int:
     if classes is not None and args.labels != "folder":
         raise BuildError("--classes needs --labels folder")
     if args.executor == "ray":
-        from moco_dali.tools.shards.executor import build_on_ray
+        from .executor import build_on_ray
 
         manifest, reports = build_on_ray(
             args.sources,
@@ -321,9 +321,9 @@ def _build(args) -> int:
 
 def _views(args):
     """The ``AugmentConfig`` moco-train would resolve from the same preset, file and view keys."""
-    from moco_dali.train.cli import parse
-    from moco_dali.train.config import ConfigError
-    from moco_dali.train.validation import augment_config
+    from ...train.cli import parse
+    from ...train.config import ConfigError
+    from ...train.validation import augment_config
 
     train_args = ["--preset", args.preset, *(["--config", args.config] if args.config else [])]
     train_args += [
@@ -352,7 +352,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if args.command in ("verify", "inspect", "preview") and not Path(args.folder).is_dir():
             raise BuildError(f"{args.folder}: no such folder")
         if args.command == "verify":
-            from moco_dali.tools.shards.verify import verify
+            from .verify import verify
 
             report = verify(
                 args.folder,
@@ -364,13 +364,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             print(f"moco-shards verify: {report.summary()}")
             return 0
         if args.command == "inspect":
-            from moco_dali.tools.shards.verify import format_inspection, inspect
+            from .verify import format_inspection, inspect
 
             info = inspect(args.folder)
             print(json.dumps(info, indent=1) if args.json else format_inspection(info))
             return 0
         if args.command == "preview":
-            from moco_dali.tools.shards.preview import preview
+            from .preview import preview
 
             path = preview(
                 args.folder,

@@ -14,11 +14,11 @@ import dataclasses
 from pathlib import Path
 from typing import Optional, Sequence
 
-from moco_dali.pipeline import shards
-from moco_dali.tools.shards import BuildError
-from moco_dali.tools.shards.build import BuildReport, BuildSettings, build
-from moco_dali.tools.shards.inputs import find_classes
-from moco_dali.tools.shards.merge import merge
+from ...pipeline import shards
+from . import BuildError
+from .build import BuildReport, BuildSettings, build
+from .inputs import find_classes
+from .merge import merge
 
 __all__ = ["build_on_ray"]
 

@@ -15,8 +15,8 @@ import re
 from pathlib import Path
 from typing import Optional
 
-from moco_dali.tools.shards import BuildError
-from moco_dali.tools.shards.inputs import printable
+from . import BuildError
+from .inputs import printable
 
 __all__ = ["FolderLock", "prepare_folder", "remove_temporaries"]
 

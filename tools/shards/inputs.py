@@ -24,7 +24,7 @@ import tarfile
 import zlib
 from typing import Iterable, Iterator, NamedTuple, Optional, Sequence
 
-from moco_dali.tools.shards import BuildError
+from . import BuildError
 
 __all__ = [
     "LIST_SUFFIXES",

@@ -13,8 +13,8 @@ import shutil
 from pathlib import Path
 from typing import Optional
 
-from moco_dali.pipeline import shards
-from moco_dali.tools.shards import BuildError
+from ...pipeline import shards
+from . import BuildError
 
 __all__ = ["merge"]
 

@@ -19,7 +19,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Iterable, Iterator, Optional
 
-from moco_dali.tools.shards.inputs import InputRef
+from .inputs import InputRef
 
 __all__ = ["PackingOrder"]
 

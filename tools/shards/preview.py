@@ -15,10 +15,10 @@ from typing import Optional
 import numpy as np
 from PIL import Image, ImageDraw
 
-from moco_dali.pipeline import shards
-from moco_dali.pipeline.augment import AugmentConfig, preset
-from moco_dali.pipeline.loader import LoaderConfig, ViewLoader
-from moco_dali.tools.shards import BuildError
+from ...pipeline import shards
+from ...pipeline.augment import AugmentConfig, preset
+from ...pipeline.loader import LoaderConfig, ViewLoader
+from . import BuildError
 
 __all__ = ["preview"]
 

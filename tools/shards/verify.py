@@ -22,9 +22,9 @@ from typing import Optional
 
 from tqdm import tqdm
 
-from moco_dali.pipeline import shards
-from moco_dali.pipeline.shards import ShardError
-from moco_dali.tools.shards import BuildError
+from ...pipeline import shards
+from ...pipeline.shards import ShardError
+from . import BuildError
 
 __all__ = ["VerifyReport", "verify", "inspect", "format_inspection"]
 
@@ -63,7 +63,7 @@ def _check_index_against_tar(tar: Path, idx: Path, samples: list) -> None:
         raise ShardError(
             f"{idx}: lists {len(expected)} files, the tar {tar.name} holds {len(found)}"
         )
-    for (ext, offset, size, name), actual in zip(expected, found):
+    for (_ext, offset, size, name), actual in zip(expected, found):
         if (name, offset, size) != actual:
             raise ShardError(
                 f"{tar}: key {name.split('.')[0]}: index says {name} at {offset} ({size} bytes), "
@@ -79,7 +79,7 @@ def _check_index_against_tar(tar: Path, idx: Path, samples: list) -> None:
 
 def _scan_in_child(conn, tars, indexes, batch_size, num_threads, device_id) -> None:
     """Child process: DALI's walk of the shards, streamed back per batch as plain tuples."""
-    from moco_dali.pipeline.scan import scan_shards
+    from ...pipeline.scan import scan_shards
 
     # DALI's native decoders print their own complaints; the parent says what failed, in one line.
     os.dup2(os.open(os.devnull, os.O_WRONLY), 2)
@@ -159,7 +159,7 @@ def verify(
     Raises:
         ShardError: at the first fault, naming the shard (and key where there is one).
     """
-    from moco_dali.pipeline.scan import first_undecodable
+    from ...pipeline.scan import first_undecodable
 
     if batch_size < 1:
         raise BuildError(f"--batch-size must be at least 1, got {batch_size}")

@@ -20,9 +20,9 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Callable, Optional
 
-from moco_dali.pipeline import shards
-from moco_dali.tools.shards.imageprep import PrepSettings, Rejected, prepare, sample_metadata
-from moco_dali.tools.shards.inputs import InputRef
+from ...pipeline import shards
+from .imageprep import PrepSettings, Rejected, prepare, sample_metadata
+from .inputs import InputRef
 
 __all__ = ["read_input", "process_input", "ShardWriter", "write_block", "reason_kind"]
 

@@ -36,7 +36,7 @@ def _device(name: str):
 
 
 def _amp(name: str, device):
-    from moco_dali.train.step import amp_dtype
+    from ..step import amp_dtype
 
     if name == "fp16" and device.type != "cuda":
         raise ValueError("--amp fp16 needs a CUDA GPU")
@@ -54,9 +54,9 @@ def _sizes(args, info) -> tuple[int, int]:
 def _knn(args) -> dict:
     import torch
 
-    from moco_dali.pipeline.augment import EvalConfig
-    from moco_dali.train.eval.knn import extract_features, knn_classify
-    from moco_dali.train.eval.pretrained import load_encoder
+    from ...pipeline.augment import EvalConfig
+    from .knn import extract_features, knn_classify
+    from .pretrained import load_encoder
 
     device = _device(args.device)
     amp = _amp(args.amp, device)
@@ -98,8 +98,8 @@ def _knn(args) -> dict:
 
 
 def _linear(args) -> dict:
-    from moco_dali.train.eval.linear import LinearConfig, linear_probe
-    from moco_dali.train.eval.pretrained import load_encoder
+    from .linear import LinearConfig, linear_probe
+    from .pretrained import load_encoder
 
     device = _device(args.device)
     amp = _amp(args.amp, device)
@@ -139,7 +139,7 @@ def _linear(args) -> dict:
 
 
 def _export(args) -> dict:
-    from moco_dali.train.eval.pretrained import export, load_encoder
+    from .pretrained import export, load_encoder
 
     encoder, info = load_encoder(args.checkpoint, args.arch)
     out = export(encoder, args.format, args.out)
@@ -281,8 +281,8 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     logging.basicConfig(level=logging.INFO, format="moco-eval: %(message)s")
     args = _parser().parse_args(argv)
-    from moco_dali.pipeline.shards import ShardError
-    from moco_dali.train.eval.pretrained import CheckpointError
+    from ...pipeline.shards import ShardError
+    from .pretrained import CheckpointError
 
     refused = _check_options(args)
     if refused:
@@ -299,7 +299,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 def _write_json(path: Path, record: dict) -> None:
-    from moco_dali.train.checkpoint import write_atomic
+    from ..checkpoint import write_atomic
 
     try:
         write_atomic(path, lambda f: f.write((json.dumps(record, indent=1) + "\n").encode()))

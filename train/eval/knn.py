@@ -21,10 +21,10 @@ import torch
 import torch.distributed as dist
 from torch.nn import functional as F
 
-from moco_dali.model.encoders import backbone, feature_dim
-from moco_dali.pipeline.augment import EvalConfig
-from moco_dali.pipeline.loader import LoaderConfig, ViewLoader
-from moco_dali.train.distributed import dali_device_id, gather_rows, world_size
+from ...model.encoders import backbone, feature_dim
+from ...pipeline.augment import EvalConfig
+from ...pipeline.loader import LoaderConfig, ViewLoader
+from ..distributed import dali_device_id, gather_rows, world_size
 
 __all__ = ["pooled_features", "extract_features", "knn_classify", "config_knn"]
 

@@ -24,15 +24,15 @@ from torch import nn
 from torch.nn import functional as F
 from tqdm import tqdm
 
-from moco_dali.model.encoders import feature_dim
-from moco_dali.pipeline.augment import EvalConfig, custom
-from moco_dali.pipeline.loader import LoaderConfig, ViewLoader
-from moco_dali.train import checkpoint
-from moco_dali.train.distributed import dali_device_id
-from moco_dali.train.eval.knn import pooled_features
-from moco_dali.train.metrics import Metrics
-from moco_dali.train.eval.pretrained import weights_digest
-from moco_dali.train.schedule import learning_rates
+from ...model.encoders import feature_dim
+from ...pipeline.augment import EvalConfig, custom
+from ...pipeline.loader import LoaderConfig, ViewLoader
+from .. import checkpoint
+from ..distributed import dali_device_id
+from ..metrics import Metrics
+from ..schedule import learning_rates
+from .knn import pooled_features
+from .pretrained import weights_digest
 
 __all__ = ["LinearConfig", "linear_probe", "evaluate"]
 

@@ -22,9 +22,9 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
-from moco_dali.model.encoders import ARCHS, add_mlp_head, resnet
-from moco_dali.train.checkpoint import CheckpointError, write_atomic
-from moco_dali.train.checkpoint import load as load_checkpoint
+from ...model.encoders import ARCHS, add_mlp_head, resnet
+from ..checkpoint import CheckpointError, write_atomic
+from ..checkpoint import load as load_checkpoint
 
 __all__ = [
     "CheckpointError",
@@ -147,8 +147,8 @@ def load_encoder(
             raise CheckpointError(
                 f"{path}: --random-init needs a moco-train checkpoint (it rebuilds the run's step 0)"
             )
-        from moco_dali.train.config import from_dict
-        from moco_dali.train.step import build_model
+        from ..config import from_dict
+        from ..step import build_model
 
         config = from_dict(info.config)
         config.run.channels_last = False

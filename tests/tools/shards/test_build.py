@@ -16,12 +16,12 @@ import simplejpeg
 
 from moco_dali.pipeline import shards
 from moco_dali.pipeline.scan import scan_shards
-from tests.conftest import awkward_inputs, baseline_jpeg, broken_inputs, photo_like, write_files
 from moco_dali.tools.shards import BuildError
 from moco_dali.tools.shards.build import BuildSettings, build
+from moco_dali.tools.shards.imageprep import PrepSettings
 from moco_dali.tools.shards.inputs import iter_part
 from moco_dali.tools.shards.merge import merge
-from moco_dali.tools.shards.imageprep import PrepSettings
+from tests.conftest import awkward_inputs, baseline_jpeg, broken_inputs, photo_like, write_files
 
 REPO = Path(__file__).resolve().parents[3]
 
@@ -168,7 +168,7 @@ def test_folders_lists_and_tar_archives_mix(tmp_path, labelled_dump):
         workers=2,
         progress=False,
     )
-    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    json.loads((tmp_path / "out" / "manifest.json").read_text())
     assert (report.inputs, report.samples) == (13, 11)
     reasons = {r["input"]: r["reason"] for r in rejected_lines(tmp_path / "out")}
     assert reasons == {

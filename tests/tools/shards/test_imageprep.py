@@ -5,6 +5,13 @@ import pytest
 import simplejpeg
 from PIL import Image
 
+from moco_dali.tools.shards.imageprep import (
+    PrepSettings,
+    Rejected,
+    parse_jpeg_header,
+    prepare,
+    target_size,
+)
 from tests.conftest import (
     awkward_inputs,
     baseline_jpeg,
@@ -12,13 +19,6 @@ from tests.conftest import (
     encode,
     exif_jpeg,
     photo_like,
-)
-from moco_dali.tools.shards.imageprep import (
-    PrepSettings,
-    Rejected,
-    parse_jpeg_header,
-    prepare,
-    target_size,
 )
 
 DEFAULT = PrepSettings()

@@ -26,7 +26,7 @@ def fashion_like(tmp_path_factory) -> Path:
     """A Fashion-MNIST-like dump: 10 class folders of 200 tiny greyscale-looking JPEGs, listed class by class."""
     root = tmp_path_factory.mktemp("fashion") / "train"
     rng = np.random.default_rng(0)
-    for c, name in enumerate(CLASSES):
+    for _c, name in enumerate(CLASSES):
         (root / name).mkdir(parents=True)
         for i in range(200):
             pixels = np.repeat(rng.integers(0, 256, (16, 16, 1), dtype=np.uint8), 3, axis=2)

@@ -3,8 +3,8 @@
 import numpy as np
 from PIL import Image
 
-from tests.tools.shards.test_build import run_cli
 from moco_dali.tools.shards.build import BuildSettings, build
+from tests.tools.shards.test_build import run_cli
 
 
 def test_preview_writes_a_grid_of_originals_and_views(tmp_path, labelled_dump):

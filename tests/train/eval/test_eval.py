@@ -17,13 +17,13 @@ import torchvision
 from torch import nn
 
 from moco_dali.model.encoders import backbone
-from tests.conftest import write_files
 from moco_dali.tools.shards.build import BuildSettings, build
 from moco_dali.train.config import preset, to_dict
 from moco_dali.train.engine import build_model
 from moco_dali.train.eval.cli import main as moco_eval
 from moco_dali.train.eval.linear import LinearConfig, linear_probe
 from moco_dali.train.eval.pretrained import CheckpointError, detectron2_weights, load_encoder
+from tests.conftest import write_files
 
 COLOURS = {"red": (200, 30, 30), "green": (30, 180, 40), "blue": (30, 40, 200)}
 
