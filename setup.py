@@ -11,6 +11,7 @@ from setuptools import setup
 # namespace: there is no moco_dali/ folder), so installing moco-dali takes no generic
 # top-level names such as "train" or "tools".
 FOLDERS = [
+    "common",
     "pipeline",
     "model",
     "train",

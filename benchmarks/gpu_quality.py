@@ -259,7 +259,8 @@ def build_shards(source: str, out: Path, limit: int | None, workers: int) -> Non
     import shutil
 
     from moco_dali.tools.demo import data as demo
-    from moco_dali.tools.shards.build import BuildSettings, build
+    from moco_dali.tools.shards.build import build
+    from moco_dali.tools.shards.settings import BuildSettings
 
     shutil.rmtree(out, ignore_errors=True)
     for split in ("train", "test"):

@@ -310,7 +310,7 @@ class Session:
         )
         code = self.run(
             self.python(
-                "-m", "benchmarks.split_bn", *size, "--out", str(self.out / "splitbn.json")
+                "-m", "benchmarks.studies.split_bn", *size, "--out", str(self.out / "splitbn.json")
             ),
             budget,
         )
@@ -389,11 +389,11 @@ class Session:
 
     def stage_bench(self, budget: float) -> dict:
         tiny = [
-            "--arch",
+            "--model.arch",
             "resnet18",
-            "--size",
+            "--data.views.size",
             "32",
-            "--batch",
+            "--data.batch_size",
             "16",
             "--batches",
             "1",
@@ -401,17 +401,17 @@ class Session:
             "1",
             "--warmup",
             "1",
-            "--K",
+            "--model.K",
             "256",
             "--workers",
             "1",
-            "--threads",
+            "--data.threads",
             "1",
             "--calls",
             "1",
             "--modes",
             "pipeline,views,momentum,step,e2e",
-            "--hue-space",
+            "--data.views.hue_space",
             "yiq",
             "--device",
             "cpu",

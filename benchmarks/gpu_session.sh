@@ -22,6 +22,6 @@ if [ "$dry" = 1 ] && [ -z "${PYTHON:-}" ] && [ -x .venv/bin/python ]; then py=.v
 # moco_dali without installing: the folders under one import name, as setup.py maps them.
 pkg=$(mktemp -d /tmp/moco-dali-pkg.XXXXXX)
 mkdir -p "$pkg/moco_dali"
-for folder in pipeline model train tools; do ln -s "$repo/$folder" "$pkg/moco_dali/$folder"; done
+for folder in common pipeline model train tools; do ln -s "$repo/$folder" "$pkg/moco_dali/$folder"; done
 export PYTHONPATH="$pkg:$repo${PYTHONPATH:+:$PYTHONPATH}"
 exec "$py" -m benchmarks.gpu_session --python "$py" "$@"

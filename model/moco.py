@@ -1,16 +1,13 @@
 """The MoCo module: Algorithm 1 of He et al. (2019), with v2's MLP head (Chen et al. 2020).
 
-The constructor and call shape are the reference code's, so people who know
-``moco/builder.py`` know this one::
+The constructor and call shape are the reference code's (``moco/builder.py``)::
 
     model = MoCo(resnet("resnet50"), dim=128, K=65536, m=0.999, T=0.07, mlp=False)
     logits, labels = model(im_q, im_k)      # logits already divided by T
-    loss = F.cross_entropy(logits, labels)  # the positive is class 0
 
-What the reference simplified away lives in its own small module: the ring-buffer
-queue (any K and batch size, optional half-precision storage) in ``queue.py``, the
-multi-tensor momentum update in ``momentum.py``, shuffle-BN across a node or split
-BN on one GPU in ``shuffle_bn.py``. Extra behaviour is opt-in, by keyword.
+What the reference simplified away lives in its own module: the ring-buffer queue
+(``queue.py``), the multi-tensor momentum update (``momentum.py``), shuffle-BN and split BN
+(``shuffle_bn.py``). Extra behaviour is opt-in, by keyword.
 """
 
 from __future__ import annotations

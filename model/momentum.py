@@ -1,25 +1,13 @@
 """The momentum (EMA) update of the key encoder: theta_k <- m * theta_k + (1 - m) * theta_q.
 
-Parameters only, never buffers: the paper updates the key encoder's weights by
-momentum, while its BatchNorm running statistics are its own (computed on the keys'
-batches), as in the reference code. The update runs as a few multi-tensor kernels
-over all parameters at once, never as a Python loop over ~160 tensors (ResNet-50),
-which on a GPU costs one or two kernel launches per tensor.
-
-Implementations, chosen in one place (``momentum_update_``):
-
-* ``foreach_lerp`` (default): ``torch._foreach_lerp_`` is one fused read-modify-write
-  per tensor group: it reads theta_k and theta_q and writes theta_k once, the
-  fewest bytes any form can move.
-* ``foreach``: ``_foreach_mul_`` then ``_foreach_add_``, for torch builds without
-  ``_foreach_lerp_``; it passes over theta_k twice.
-* ``apex``: apex's ``multi_tensor_axpby`` when apex is importable (never required).
-* ``loop``: the reference per-parameter formula, kept for tests and the benchmark.
+Parameters only, never buffers: the key encoder's BN statistics are its own, as in the paper's
+code. The update runs as multi-tensor kernels over all parameters at once, never a Python loop
+over ~160 tensors; ``IMPLEMENTATIONS`` holds the fused lerp (default), mul+add for torch builds
+without it, apex's axpby (only when importable) and the reference loop, chosen in one place.
 """
 
 from __future__ import annotations
 
-import math
 from typing import Callable, Sequence
 
 import torch
@@ -27,7 +15,6 @@ import torch
 __all__ = [
     "IMPLEMENTATIONS",
     "momentum_update_",
-    "momentum_at",
     "available_implementations",
     "resolve_implementation",
 ]
@@ -117,13 +104,3 @@ def momentum_update_(key_encoder, query_encoder, m: float, implementation: str =
             f"unknown momentum implementation {implementation!r}; choose from {sorted(IMPLEMENTATIONS)}"
         )
     IMPLEMENTATIONS[implementation](key, query, m)
-
-
-def momentum_at(step: int, total_steps: int, base: float, schedule: str = "constant") -> float:
-    """The momentum at ``step`` of ``total_steps``: constant, or cosine from ``base`` to 1 (BYOL)."""
-    if schedule == "constant":
-        return base
-    if schedule == "cosine":
-        progress = min(max(step / max(total_steps, 1), 0.0), 1.0)
-        return 1.0 - (1.0 - base) * (math.cos(math.pi * progress) + 1.0) / 2.0
-    raise ValueError(f"unknown momentum schedule {schedule!r}; choose 'constant' or 'cosine'")

@@ -1,19 +1,10 @@
-"""Shuffling BN: keep batch statistics from leaking which key is the positive.
+"""Shuffling BN: keep batch statistics from leaking which key is the positive (the paper, 3.3).
 
-With BatchNorm computed over the batch that holds both a query and its key, the
-model can cheat the pretext task through the statistics (the paper, section 3.3).
-Three cures, chosen explicitly by ``ShuffleMode``:
-
-* ``ddp``: the keys' inputs are gathered from a group of ranks, permuted, split back,
-  encoded with per-rank BN, and the features unshuffled. The group defaults to the
-  ranks of one node, so the gather's cost does not grow with the number of nodes.
-* ``split``: one process emulates several GPUs: both encoders use
-  ``SplitBatchNorm2d``, which computes BN statistics per sub-batch, and the keys'
-  batch is permuted before the key encoder, so a query and its key rarely share a
-  sub-batch (single-GPU runs are not silently worse than multi-GPU ones).
-* ``syncbn``: SyncBatchNorm across all ranks, no shuffling (the statistics span
-  the global batch, which dilutes the leak).
-* ``none``: plain per-process BN and no shuffle, for ablations and exact tests.
+``ddp``: the keys' inputs shuffled across a group of ranks (default: one node, so the gather's
+cost does not grow with the number of nodes) and unshuffled after the key encoder. ``split``:
+on one process, ``SplitBatchNorm2d`` computes BN statistics per sub-batch and the keys' batch is
+permuted, so single-GPU runs are not silently worse. ``syncbn``: SyncBatchNorm across all ranks.
+``none``: plain BN, for ablations and exact tests.
 """
 
 from __future__ import annotations

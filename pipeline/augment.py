@@ -1,183 +1,20 @@
-"""MoCo's augmentation recipes: the presets and the pure DALI functions that apply them.
+"""One random MoCo view, or the evaluation view, of a decoded image: pure functions of DALI nodes.
 
-``AugmentConfig`` holds every parameter of a recipe; ``v1()`` and ``v2()`` return the
-reference recipes of DESIGN.md operation for operation, ``custom(**fields)`` any
-other. ``augment(image, cfg)`` is one random view of a decoded HWC uint8 image, a pure
-function of DALI data nodes that runs wherever the image lives (CPU or GPU);
-``eval_view`` is the deterministic resize plus centre crop of evaluation.
-
-Probabilistic steps are DALI conditionals (the pipeline is built with
-``enable_conditionals=True``), so an operation runs only on the samples that draw it
-instead of on all of them followed by a blend.
-
-Faithfulness to torchvision, by step:
-
-* RandomResizedCrop: area fraction uniform in ``crop_scale``, aspect ratio
-  log-uniform in ``crop_ratio``, 10 attempts then a centre crop, bilinear with
-  antialiasing: DALI's ``random_resized_crop`` draws the same way.
-* ColorJitter: brightness, contrast and saturation factors uniform in
-  [max(0, 1 - s), 1 + s], hue uniform in [-h, h] of a turn. Contrast blends with the
-  mean grey of the image, as
-  torchvision does (not with mid-grey, DALI's default). Brightness and contrast
-  commute in this form; saturation and hue follow in a fixed order where
-  torchvision draws a random order: the distributions of the factors are the same.
-  Saturation is DALI's ``hsv`` (a scaling of chroma about the luma, which is exactly
-  torchvision's blend with the grey image); hue is shifted in HSV space with DALI
-  arithmetic, exactly as torchvision does and in its unit (turns), because DALI's
-  own hue operator takes degrees and rotates in YIQ space, which moves some colours'
-  HSV hue a third further than asked (measured by the parity tests).
-* Grayscale: ITU-R 601 luma (0.299, 0.587, 0.114) replicated to three channels, so
-  a grey view has R = G = B exactly, as torchvision's.
-* Gaussian blur: sigma uniform in ``blur_sigma``.
-* Flip and normalisation are fused into ``crop_mirror_normalize``, which also casts
-  to float16 or float32 and keeps the HWC layout that becomes channels-last.
+``augment(image, cfg)`` applies an ``AugmentConfig`` to a decoded HWC uint8 image wherever it
+lives (CPU or GPU); probabilistic steps are DALI conditionals (the pipeline is built with
+``enable_conditionals=True``), so an operation runs only on the samples that draw it.
+``eval_view`` is evaluation's resize and centre crop. Flip and normalisation are fused into
+``crop_mirror_normalize``, which keeps the HWC layout that becomes channels-last.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, replace
-from typing import Any
-
 from nvidia.dali import fn, types
 from nvidia.dali import math as dmath
 
-__all__ = [
-    "IMAGENET_MEAN",
-    "IMAGENET_STD",
-    "AugmentConfig",
-    "EvalConfig",
-    "v1",
-    "v2",
-    "cifar",
-    "custom",
-    "preset",
-    "augment",
-    "eval_view",
-]
+from .recipes import AugmentConfig, EvalConfig
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-
-
-def _range(name: str, value, low: float, high: float) -> None:
-    if len(value) != 2 or not low <= value[0] <= value[1] <= high:
-        raise ValueError(
-            f"{name} must be (min, max) with {low} <= min <= max <= {high}, got {tuple(value)}"
-        )
-
-
-def _probability(name: str, value: float) -> None:
-    if not 0.0 <= value <= 1.0:
-        raise ValueError(f"{name} is a probability in [0, 1], got {value}")
-
-
-@dataclass(frozen=True)
-class AugmentConfig:
-    """One MoCo view recipe. Fields are in torchvision's units (hue as a fraction of a turn)."""
-
-    size: int = 224
-    """Output side in px (square)."""
-    crop_scale: tuple[float, float] = (0.2, 1.0)
-    """RandomResizedCrop area fraction range."""
-    crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)
-    """RandomResizedCrop aspect ratio (w/h) range, drawn log-uniformly."""
-    jitter: tuple[float, float, float, float] = (0.4, 0.4, 0.4, 0.4)
-    """ColorJitter strengths: brightness, contrast, saturation, hue (hue in turns, <= 0.5)."""
-    jitter_p: float = 1.0
-    """Probability that ColorJitter is applied."""
-    gray_p: float = 0.2
-    """RandomGrayscale probability."""
-    gray_before_jitter: bool = True
-    """v1 converts to grey before jittering; v2 jitters first."""
-    hue_space: str = "hsv"
-    """"hsv": shift hue in HSV exactly as torchvision; "yiq": DALI's hue rotation, cheaper on a CPU, not exact."""
-    blur_p: float = 0.0
-    """Probability of Gaussian blur."""
-    blur_sigma: tuple[float, float] = (0.1, 2.0)
-    """Gaussian blur sigma range in px."""
-    flip_p: float = 0.5
-    """Horizontal flip probability."""
-    mean: tuple[float, float, float] = IMAGENET_MEAN
-    """Normalisation mean per RGB channel, in [0, 1] units."""
-    std: tuple[float, float, float] = IMAGENET_STD
-    """Normalisation std per RGB channel, in [0, 1] units."""
-
-    def __post_init__(self) -> None:
-        if self.size < 1:
-            raise ValueError(f"size must be a positive number of px, got {self.size}")
-        _range("crop_scale", self.crop_scale, 1e-6, 1.0)
-        _range("crop_ratio", self.crop_ratio, 1e-3, 1e3)
-        if len(self.jitter) != 4 or min(self.jitter) < 0 or self.jitter[3] > 0.5:
-            raise ValueError(
-                f"jitter is (brightness, contrast, saturation, hue) >= 0 with hue <= 0.5, got {self.jitter}"
-            )
-        if self.hue_space not in ("hsv", "yiq"):
-            raise ValueError(f"hue_space must be 'hsv' or 'yiq', got {self.hue_space!r}")
-        for name in ("jitter_p", "gray_p", "blur_p", "flip_p"):
-            _probability(name, getattr(self, name))
-        _range("blur_sigma", self.blur_sigma, 1e-6, 100.0)
-        if len(self.mean) != 3 or len(self.std) != 3 or min(self.std) <= 0:
-            raise ValueError("mean and std need three values each, std > 0")
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-
-@dataclass(frozen=True)
-class EvalConfig:
-    """The deterministic view of evaluation: shorter side to ``resize``, centre crop ``size``."""
-
-    resize: int = 256
-    size: int = 224
-    mean: tuple[float, float, float] = IMAGENET_MEAN
-    std: tuple[float, float, float] = IMAGENET_STD
-
-    def __post_init__(self) -> None:
-        if not 1 <= self.size <= self.resize:
-            raise ValueError(f"eval crop {self.size} must be in 1..resize ({self.resize})")
-
-
-def v1(size: int = 224) -> AugmentConfig:
-    """MoCo v1: crop (0.2, 1) -> grayscale 0.2 -> jitter (0.4, 0.4, 0.4, 0.4) always -> flip."""
-    return AugmentConfig(size=size)
-
-
-def v2(size: int = 224) -> AugmentConfig:
-    """MoCo v2: crop (0.2, 1) -> jitter (0.4, 0.4, 0.4, 0.1) p 0.8 -> grayscale 0.2 -> blur p 0.5 -> flip."""
-    return AugmentConfig(
-        size=size, jitter=(0.4, 0.4, 0.4, 0.1), jitter_p=0.8, gray_before_jitter=False, blur_p=0.5
-    )
-
-
-def cifar(size: int = 32) -> AugmentConfig:
-    """MoCo's CIFAR-10 demonstration: v2's views without the blur, which ImageNet's 0.1-2 px sigma would make a smear at 32 px."""
-    return replace(v2(size), blur_p=0.0)
-
-
-def custom(base: AugmentConfig | None = None, **fields: Any) -> AugmentConfig:
-    """Any recipe: v2's fields (or ``base``'s) overridden by ``fields``."""
-    unknown = set(fields) - set(AugmentConfig.__dataclass_fields__)
-    if unknown:
-        raise ValueError(f"unknown augmentation fields: {', '.join(sorted(unknown))}")
-    return replace(
-        base or v2(), **{k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()}
-    )
-
-
-def preset(name: str, size: int = 224, **fields: Any) -> AugmentConfig:
-    """``"v1"``, ``"v2"``, ``"cifar"`` or ``"custom"`` (v2 overridden by ``fields``)."""
-    if name == "v1":
-        base = v1(size)
-    elif name in ("v2", "custom"):
-        base = v2(size)
-    elif name == "cifar":
-        base = cifar(size)
-    else:
-        raise ValueError(f"unknown augmentation preset {name!r}; choose v1, v2, cifar or custom")
-    return custom(base, **fields) if fields else base
-
-
-# ----------------------------------------------------------------------- DALI functions
+__all__ = ["augment", "eval_view"]
 
 
 def _uniform(low: float, high: float):

@@ -1,34 +1,11 @@
-"""Shards in, MoCo view pairs out: the DALI pipeline and the adapter that hands it to torch.
+"""Shards in, MoCo view pairs out: a rank's windows of shards through DALI, handed to torch.
 
-``ViewLoader`` reads a shard folder with ``fn.readers.webdataset`` and its index
-files, decodes each image once (``mixed`` on a GPU, ``cpu`` otherwise), makes two
-independent views (or one evaluation view) and yields ``Batch`` objects whose image
-tensors are NCHW-shaped with channels-last strides on the training device, without
-a copy: DALI writes HWC and the adapter only permutes the view.
-
-Sharding and epochs (``pipeline/partition.py``): every epoch the shards are dealt to
-the ranks as whole shards, from the manifest's per-shard counts alone, and a rank
-reads only its own, as consecutive windows of at most ``max_window_samples``
-samples and ``max_window_shards`` shards; each window is a DALI reader of its own, given only that window's tars and
-indexes, whose shuffle buffer (``random_shuffle``) mixes the samples. Start-up and
-host memory per rank are therefore bounded by a window, whatever the size of the
-data set; the manifest's list of shards is the only thing a rank reads whole. With
-``last_batch="drop"`` (training) every rank yields exactly the same number of
-batches per epoch, the minimum over ranks of the whole batches their windows hold;
-with ``"partial"`` (evaluation) every sample of the rank's share is yielded once,
-the last batch of each window possibly short.
-
-Checks on what is read: each shard a window opens is checked against the manifest
-and its index (``shards.open_shard``: sizes, sample count, the tar headers the index
-points at); inside the pipeline every sample's JPEG header and ``.cls`` are checked
-before the decoder sees them (``pipeline/samplecheck.py``: a header DALI 2.4 cannot
-parse crashes the process instead of raising), and the loader raises ``ShardError``
-naming the shard and key of a bad sample before its batch is handed over.
-
-Resuming: ``state_dict()`` holds the epoch, the window and the step within it, the
-window's DALI checkpoint (reader position and random generator states) and a digest
-of the rank's assignment; a loader built with ``state`` yields exactly the batches
-the old one would have. The same world size is required.
+``ViewLoader`` yields ``Batch`` objects whose images are NCHW-shaped, channels-last tensors on
+the training device (DALI writes HWC; the adapter only permutes the view, no copy). Every
+epoch the shards are dealt to the ranks whole (``partition``); a rank reads its share as
+windows of at most ``max_window_samples`` samples and ``max_window_shards`` shards, each a
+DALI pipeline of its own (``graph``), so start-up and host memory are bounded by a window.
+``state_dict()`` holds where the rank is; a loader built with it yields the same batches.
 """
 
 from __future__ import annotations
@@ -40,131 +17,19 @@ from typing import Iterator, Optional
 
 import numpy as np
 import torch
-from nvidia.dali import fn, pipeline_def, types
 from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
 from . import partition, shards
-from .augment import AugmentConfig, EvalConfig, augment, eval_view
-from .samplecheck import PLACEHOLDER_JPEG, SampleCheck
+from .config import LoaderConfig
+from .graph import default_threads, view_pipeline, window_seed
+from .recipes import AugmentConfig, EvalConfig
+from .samplecheck import SampleCheck
 from .scan import first_undecodable
 from .shards import ShardError
 
-__all__ = ["LoaderConfig", "Batch", "ViewLoader", "decode_pipeline"]
+__all__ = ["Batch", "ViewLoader"]
 
 log = logging.getLogger(__name__)
-
-_DTYPES = {"float16": (types.FLOAT16, torch.float16), "float32": (types.FLOAT, torch.float32)}
-
-
-@dataclass(frozen=True)
-class LoaderConfig:
-    """How the data path reads, decodes and hands over."""
-
-    batch_size: int = 256
-    """Samples per batch on this rank."""
-    dtype: str = "float16"
-    """Image tensor dtype: "float16" or "float32"."""
-    shuffle: bool = True
-    """Shuffle buffer plus a new deal of shards every epoch (off for evaluation)."""
-    shuffle_buffer: int = 4096
-    """Samples held in the shuffle buffer."""
-    seed: int = 0
-    """Seed of the deal of shards (shared by all ranks) and, with the rank, epoch and window, of the augmentations."""
-    threads: Optional[int] = None
-    """DALI CPU threads (default: the cores per local rank)."""
-    prefetch: int = 2
-    """Batches DALI prepares ahead."""
-    last_batch: str = "drop"
-    """"drop": equal step counts on every rank (training); "partial": every sample once (evaluation)."""
-    hw_decoder_load: float = 0.75
-    """Share of JPEG decoding given to the GPU's hardware decoder (the rest runs on CUDA cores)."""
-    labels: bool = True
-    """Hand over ``.cls`` labels when the shards have them."""
-    keys: bool = False
-    """Hand over sample keys (costs a host copy of a few bytes per sample)."""
-    views: int = 2
-    """Random views per image with an ``AugmentConfig``: 2 for MoCo, 1 for a linear probe's training."""
-    max_window_samples: int = 1_000_000
-    """Samples one DALI reader is given at most (whole shards; at least one): bounds host memory and start-up."""
-    max_window_shards: int = 8192
-    """Shards one DALI reader is given at most: it maps each into memory, under the kernel's per-process limit."""
-
-    def __post_init__(self) -> None:
-        if self.batch_size < 1:
-            raise ValueError(f"batch_size must be at least 1, got {self.batch_size}")
-        if self.dtype not in _DTYPES:
-            raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {self.dtype!r}")
-        if self.last_batch not in ("drop", "partial"):
-            raise ValueError(f"last_batch must be 'drop' or 'partial', got {self.last_batch!r}")
-        if not 0.0 <= self.hw_decoder_load <= 1.0:
-            raise ValueError(f"hw_decoder_load must be in [0, 1], got {self.hw_decoder_load}")
-        if (
-            min(self.shuffle_buffer, self.prefetch, self.max_window_samples, self.max_window_shards)
-            < 1
-        ):
-            raise ValueError(
-                "shuffle_buffer, prefetch, max_window_samples and max_window_shards must be at least 1"
-            )
-        if self.views not in (1, 2):
-            raise ValueError(f"views must be 1 or 2, got {self.views}")
-
-
-def _decode(jpeg, on_gpu: bool, hw_decoder_load: float):
-    """Decode once: ``mixed`` on a GPU, ``cpu`` otherwise."""
-    if on_gpu:
-        # The hardware decoder takes its share, CUDA cores the rest; the hints
-        # preallocate for ImageNet-sized images to avoid reallocations.
-        return fn.decoders.image(
-            jpeg,
-            device="mixed",
-            output_type=types.RGB,
-            hw_decoder_load=hw_decoder_load,
-            preallocate_width_hint=640,
-            preallocate_height_hint=640,
-        )
-    return fn.decoders.image(jpeg, device="cpu", output_type=types.RGB)
-
-
-def decode_pipeline(
-    folder: str | os.PathLike,
-    batch_size: int,
-    *,
-    threads: Optional[int] = None,
-    device_id: Optional[int] = None,
-    hw_decoder_load: float = 0.75,
-    prefetch: int = 2,
-):
-    """A built DALI pipeline that only reads and decodes, as ``ViewLoader`` does: the decoder's rate.
-
-    ``run()`` returns a batch of decoded images; it is the ceiling a view pipeline
-    over the same shards and settings cannot pass.
-    """
-    manifest = shards.load_manifest(folder)
-    pairs = [shards.open_shard(manifest, manifest.entry(i)) for i in range(len(manifest.counts))]
-    on_gpu = device_id is not None
-
-    @pipeline_def
-    def decode():
-        jpeg = fn.readers.webdataset(
-            paths=[str(t) for t, _ in pairs],
-            index_paths=[str(i) for _, i in pairs],
-            ext=["jpg"],
-            missing_component_behavior="error",
-            name="reader",
-            pad_last_batch=True,
-            prefetch_queue_depth=prefetch,
-        )
-        return _decode(jpeg, on_gpu, hw_decoder_load)
-
-    threads = threads or max(1, os.cpu_count() or 1)
-    pipe = decode(
-        batch_size=batch_size,
-        num_threads=threads,
-        device_id=device_id,
-        prefetch_queue_depth=prefetch,
-    )
-    pipe.build()
-    return pipe
 
 
 @dataclass
@@ -219,7 +84,7 @@ class ViewLoader:
         self,
         folder: str | os.PathLike,
         augment_cfg: AugmentConfig | EvalConfig,
-        config: LoaderConfig = LoaderConfig(),
+        config: Optional[LoaderConfig] = None,
         *,
         rank: int = 0,
         world: int = 1,
@@ -232,6 +97,7 @@ class ViewLoader:
             raise ValueError(
                 f"device_id={device_id} but torch sees no CUDA GPU; use device_id=None for the CPU"
             )
+        config = config or LoaderConfig()
         self.manifest = shards.load_manifest(folder)
         counts = self.manifest.counts
         if not len(counts):
@@ -244,15 +110,14 @@ class ViewLoader:
         self.device = torch.device("cpu") if device_id is None else torch.device("cuda", device_id)
         self._drop = config.last_batch == "drop"
         self._per_window = partition.shards_per_window(
-            counts, config.max_window_samples, config.max_window_shards
+            counts, config.read.max_window_samples, config.read.max_window_shards
         )
         window_samples = partition.rank_window_samples(counts, world, rank, self._per_window)
         self._window_batches = partition.window_batches(
             window_samples, config.batch_size, self._drop
         )
-        self._idle = (
-            not self._window_batches.sum()
-        )  # evaluation on a rank dealt no samples: nothing to read
+        # Evaluation on a rank dealt no samples: nothing to read.
+        self._idle = not self._window_batches.sum()
         if self._drop:
             self._steps = partition.steps_per_epoch(
                 counts, world, config.batch_size, self._per_window
@@ -326,68 +191,27 @@ class ViewLoader:
         start = self.window * self._per_window
         window = self._my_shards()[start : start + self._per_window]
         self.pairs = [shards.open_shard(self.manifest, self.manifest.entry(int(i))) for i in window]
-        cfg, loader = self.augment_cfg, self.config
-        dali_dtype = _DTYPES[loader.dtype][0]
+        cfg, read = self.config, self.config.read
         tars, indexes = [str(t) for t, _ in self.pairs], [str(i) for _, i in self.pairs]
-        on_gpu = self.device_id is not None
-        extensions = ["jpg"] + (["cls"] if self.has_labels else [])
-        self._check = check = SampleCheck(len(self.manifest.classes))
-
-        @pipeline_def(enable_conditionals=True, enable_checkpointing=True)
-        def views():
-            outputs = fn.readers.webdataset(
-                paths=tars,
-                index_paths=indexes,
-                ext=extensions,
-                missing_component_behavior="error",
-                name="reader",
-                random_shuffle=loader.shuffle,
-                initial_fill=loader.shuffle_buffer,
-                # Padding the last batch with repeats of the last sample keeps a partial
-                # batch's padding out of evaluation (the iterator trims it).
-                pad_last_batch=True,
-                prefetch_queue_depth=loader.prefetch,
-            )
-            jpeg = outputs[0] if isinstance(outputs, (list, tuple)) else outputs
-            source = fn.get_property(jpeg, key="source_info")
-            checked = [jpeg, source] + ([outputs[1]] if self.has_labels else [])
-            if fn.python_function(*checked, function=check, batch_processing=True):
-                image = _decode(jpeg, on_gpu, loader.hw_decoder_load)
-            else:
-                image = _decode(
-                    types.Constant(PLACEHOLDER_JPEG, device="cpu"), on_gpu, loader.hw_decoder_load
-                )
-            if isinstance(cfg, AugmentConfig):
-                result = [augment(image, cfg, dali_dtype) for _ in range(loader.views)]
-            else:
-                result = [eval_view(image, cfg, dali_dtype)]
-            if self.has_labels:
-                result.append(fn.pad(outputs[1], fill_value=0))
-            if loader.keys:
-                result.append(fn.pad(source, fill_value=0))
-            return tuple(result)
-
-        threads = loader.threads or max(
-            1, (os.cpu_count() or 1) // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
-        )
-        kwargs = {"checkpoint": checkpoint} if checkpoint else {}
-        seed = int(
-            np.random.SeedSequence(
-                [loader.seed, self.epoch, self.rank, self.window]
-            ).generate_state(1)[0]
-        )
-        self._pipe = views(
-            batch_size=loader.batch_size,
-            num_threads=threads,
+        self._check = SampleCheck(len(self.manifest.classes))
+        self._pipe, self._outputs = view_pipeline(
+            tars,
+            indexes,
+            self.augment_cfg,
+            self._check,
+            views=cfg.views,
+            labels=self.has_labels,
+            keys=cfg.keys,
+            dtype=cfg.dtype,
+            shuffle=cfg.shuffle,
+            shuffle_buffer=read.shuffle_buffer,
+            prefetch=read.prefetch,
+            hw_decoder_load=read.hw_decoder_load,
+            batch_size=cfg.batch_size,
+            threads=read.threads or default_threads(),
             device_id=self.device_id,
-            seed=seed,
-            prefetch_queue_depth=loader.prefetch,
-            **kwargs,
-        )
-        self._outputs = (
-            (["view_q", "view_k"] if self.two_views else ["view_q"])
-            + (["labels"] if self.has_labels else [])
-            + (["source"] if loader.keys else [])
+            seed=window_seed(cfg.seed, self.epoch, self.rank, self.window),
+            checkpoint=checkpoint,
         )
         try:
             self._pipe.build()
@@ -407,9 +231,8 @@ class ViewLoader:
             ) from None
 
     def _close(self) -> None:
-        self._iterator = self._pipe = (
-            None  # DALI frees the reader's metadata and threads with the pipeline
-        )
+        # DALI frees the reader's metadata and threads with the pipeline.
+        self._iterator = self._pipe = None
 
     # ------------------------------------------------------------------ iteration
 

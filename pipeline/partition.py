@@ -1,24 +1,10 @@
-"""Which shards each rank reads in an epoch, and in which windows: pure functions of the per-shard counts.
+"""Which shards each rank reads in an epoch, and in which windows: pure functions of the counts.
 
-Nothing here opens a file: the manifest's per-shard sample counts (a numpy array) go
-in, shard indices and step counts come out, so every rank computes the same answer
-on its own, in O(shards) vectorised work, and millions of fake shards cost a unit
-test nothing.
-
-The deal. Shards are sorted by sample count, largest first; shards of equal count
-are put in a random order seeded by (seed, epoch), the same on every rank. Position
-``j`` of that order goes to rank ``j % world``. Most shards of a build hold the same
-count, so each epoch deals almost every shard to a fresh, uniformly drawn rank, while
-the counts a rank receives are the same every epoch: every rank's share differs from
-another's by less than one shard, and the number of steps all ranks can take is a
-constant of the data set, computed exactly here rather than bounded.
-
-Windows. A rank reads its share as consecutive windows of at most
-``shards_per_window`` shards, each handed to a DALI reader of its own; DALI keeps
-about 300 bytes of metadata per sample it is given, so a window bounds a rank's host
-memory and its time to the first batch whatever the size of the data set. With
-``drop`` (training) a window yields whole batches only, ``window_samples // batch``
-of them; the epoch is the minimum over ranks of the sum, so all ranks step together.
+The manifest's per-shard sample counts go in, shard indices and step counts come out, so every
+rank computes the same answer alone, in O(shards) vectorised work, and a unit test of millions
+of fake shards opens no file. Shards are sorted by count and dealt round-robin (equal counts in
+an order seeded by (seed, epoch)); a rank reads its share as windows of whole shards, each a
+DALI reader of its own. docs/design.md says why.
 """
 
 from __future__ import annotations

@@ -1,24 +1,10 @@
-"""The on-disk shard format: names, DALI index lines, manifest schema, discovery.
+"""The shard folder's contract: file names, DALI's index lines, the manifest, and the checks a
+reader makes before it trusts a shard.
 
-This module is the single place where the contract of a shard folder lives. The shard
-builder (``tools/``) writes through it and the reader (``pipeline/``) reads through
-it, so the two cannot drift apart.
-
-A shard folder holds ``NAME-000000.tar`` files, each with its DALI index
-``NAME-000000.idx`` beside it, and a ``manifest.json`` that lists every shard (samples,
-bytes, sha256), the class names, how many inputs were rejected and the build
-settings; every rejected input with its reason is a line of ``rejected.jsonl``
-beside it (the manifest keeps only counts, so it grows with the shards, never with
-the inputs).
-
-Two ways in. A training or evaluation rank reads the manifest (its per-shard counts
-are the only thing it holds for the whole folder) and opens only the shards it reads
-with ``open_shard``, which costs a few small reads per shard whatever its size.
-``discover`` checks every shard and parses every index: O(samples), for ``moco-shards
-verify`` and ``inspect``. A build split into parts (``--num-parts``) names its shards
-``NAME-part0003-000000.tar`` and writes ``manifest.part-0003-of-0008.json`` and
-``rejected.part-0003-of-0008.jsonl`` until the parts are merged into one
-``manifest.json``.
+The builder (``tools/shards``) writes through these names and the reader (``pipeline``) reads
+through them, so the two cannot drift apart. ``load_manifest`` and ``open_shard`` are what a
+training rank uses (a few small reads per shard it opens); ``discover`` parses every index,
+O(samples), for ``moco-shards verify`` and ``inspect``.
 """
 
 from __future__ import annotations
@@ -29,7 +15,7 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO, Callable, Iterable, Iterator
+from typing import Any, Iterable, Iterator
 
 import numpy as np
 
@@ -49,11 +35,8 @@ __all__ = [
     "read_index",
     "iter_members",
     "load_manifest",
-    "write_atomic",
-    "write_json_atomic",
     "tar_size_for_index",
-    "ustar_header",
-    "encode_sample",
+    "TAR_BLOCK",
     "TAR_END",
     "open_shard",
     "discover",
@@ -248,51 +231,6 @@ TAR_BLOCK = 512
 TAR_END = b"\0" * (2 * TAR_BLOCK)
 
 
-def ustar_header(name: str, size: int) -> bytes:
-    """The 512-byte ustar header of a regular file with this project's fixed metadata.
-
-    Byte for byte what ``tarfile.TarInfo.tobuf(USTAR_FORMAT)`` writes for mtime 0,
-    mode 0444, uid/gid 0 and no user names, at a tenth of its cost: with three
-    members per sample, tarfile's header code was a tenth of the pass-through path.
-    """
-    encoded = name.encode()
-    if len(encoded) > 100 or size >= 8**11:
-        raise ValueError(f"tar member {name!r} of {size} bytes does not fit a ustar header")
-    header = bytearray(TAR_BLOCK)
-    header[0 : len(encoded)] = encoded
-    header[100:124] = b"0000444\x000000000\x000000000\x00"
-    header[124:136] = b"%011o\x00" % size
-    header[136:148] = b"00000000000\x00"
-    header[148:156] = b"        "  # the checksum is computed over spaces in its own field
-    header[156] = 0x30  # regular file
-    header[257:265] = b"ustar\x0000"
-    header[148:156] = b"%06o\x00 " % sum(header)
-    return bytes(header)
-
-
-def encode_sample(
-    key: str, files: Iterable[tuple[str, bytes]]
-) -> tuple[bytes, list[tuple[str, int, int, str]]]:
-    """One sample's tar members, ready to append to a shard, and their index entries.
-
-    A ustar header does not depend on where the member lands in the archive, so
-    workers encode whole members and the writer only concatenates them. Metadata is
-    fixed (see ``ustar_header``) so a build is byte-reproducible. Offsets in the
-    returned entries are relative to the start of the blob.
-    """
-    if "." in key or "/" in key:
-        raise ValueError(f"sample key {key!r} must not contain '.' or '/'")
-    blob = bytearray()
-    members = []
-    for ext, payload in files:
-        name = f"{key}.{ext}"
-        blob += ustar_header(name, len(payload))
-        members.append((ext, len(blob), len(payload), name))
-        blob += payload
-        blob += b"\0" * (-len(payload) % TAR_BLOCK)
-    return bytes(blob), members
-
-
 def tar_size_for_index(samples: list[list[tuple[str, int, int, str]]]) -> int:
     """The size a tar written by this project must have, given its index.
 
@@ -406,31 +344,3 @@ def discover(folder: str | os.PathLike) -> tuple[Manifest, list[tuple[Path, Path
     if not pairs:
         raise ShardError(f"{Path(folder)}: the manifest lists no shards")
     return manifest, pairs
-
-
-def write_atomic(path: str | os.PathLike, write: Callable[[BinaryIO], None]) -> Path:
-    """Call ``write(file)`` on a temporary file beside ``path``, flush it to disk, rename it to ``path``.
-
-    A reader never sees a half-written file, whatever kills the writer; if anything
-    fails (a full disk, a folder in the way) the temporary file is removed and ``path``
-    is as it was.
-    """
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return path
-
-
-def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
-    """Write ``obj`` as stable, sorted JSON through ``write_atomic``."""
-    write_atomic(
-        path, lambda f: f.write((json.dumps(obj, indent=1, sort_keys=True) + "\n").encode())
-    )

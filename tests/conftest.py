@@ -12,6 +12,8 @@ import pytest
 import simplejpeg
 from PIL import Image
 
+from moco_dali.pipeline.config import LoaderConfig, ReadConfig
+
 try:
     import torch
 
@@ -161,3 +163,12 @@ def labelled_dump(tmp_path: Path) -> Path:
             },
         )
     return root
+
+
+_READ = {name for name in ReadConfig.__dataclass_fields__}
+
+
+def loader_config(**settings) -> LoaderConfig:
+    """A ``LoaderConfig`` from one flat set of keywords, the reading ones going to its ``read``."""
+    read = {key: settings.pop(key) for key in list(settings) if key in _READ}
+    return LoaderConfig(**settings, read=ReadConfig(**read))

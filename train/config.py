@@ -1,82 +1,73 @@
-"""The training configuration: one typed tree of dataclasses, presets, and how it is set.
+"""The training configuration: one typed tree of dataclasses, its presets, and the rules of its keys.
 
-Every leaf is settable from the command line (``--optim.lr_per_256 0.06``,
-``--data.views.jitter_p 0.8``) and from a TOML or YAML file (``--config run.toml``,
-sections named like the tree, ``[data.views]`` included); command-line values win over
-the file, the file over the preset. Unknown keys and wrong types raise ``ConfigError``
-here; the values' rules are the classes' own, checked by ``train.validation.validate``.
-Which keys a resumed run may change is decided here too (``SAFE_TO_CHANGE``).
+The tree holds the owners' classes: ``data.views`` is the pipeline's ``AugmentConfig`` and the
+reading keys (``data.threads`` ...) its ``ReadConfig``, each with its own docs and rules.
+Declared here are the training's own keys, the rules that tie keys to each other and to the
+world size (``check``), how a tree is resolved from a preset, a file and the command line
+(``resolve``, and ``from_dict`` for stored trees).
 """
 
 from __future__ import annotations
 
-import dataclasses
-import json
-import math
-import types
-import typing
+import os
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Optional
 
+from ..common.options import (
+    FLAT,
+    OptionError,
+    build,
+    flatten,
+    leaves,
+    load_file,
+    to_dict,
+    unknown_key,
+)
+from ..pipeline.config import ReadConfig
+from ..pipeline.recipes import AugmentConfig, EvalConfig, recipe_names, v1
+from ..pipeline.recipes import preset as recipe
+from .schedule import LR_SCHEDULES, MOMENTUM_SCHEDULES
+
 __all__ = [
+    "LEGACY_KEYS",
     "ConfigError",
-    "ViewsConfig",
     "DataConfig",
     "ModelConfig",
     "OptimConfig",
     "RunConfig",
     "Config",
     "PRESETS",
+    "AMP_NAMES",
+    "QUEUE_DTYPE_NAMES",
     "preset",
-    "apply_overrides",
-    "unknown_key",
-    "load_file",
-    "to_dict",
+    "resolve",
     "from_dict",
-    "flat_fields",
-    "flatten",
-    "SAFE_TO_CHANGE",
-    "resume_changes",
+    "to_dict",
+    "check",
+    "check_batch",
+    "eval_view",
 ]
 
+AMP_NAMES = ("auto", "bf16", "fp16", "none")
+MAX_EPOCHS = 100_000
+MAX_STEPS = 2**28
+"""The most steps a run's schedules are computed for (two float64 values each: 4 GiB)."""
+QUEUE_DTYPE_NAMES = ("float32", "float16", "bfloat16")
 
-class ConfigError(ValueError):
+
+class ConfigError(OptionError):
     """A configuration that cannot run; the message says which key and why."""
 
 
-@dataclass
-class ViewsConfig:
-    """The view recipe: ``pipeline.augment.AugmentConfig``'s fields (its rules, its units).
+def _choice(name: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"{name} {value!r}: choose {', '.join(choices)}")
 
-    Unset (None) takes the value of ``data.preset``'s recipe; the resolved values are
-    what config.json and checkpoints hold. Hue is in turns, as torchvision's.
-    """
 
-    crop_scale: Optional[tuple[float, ...]] = None
-    """RandomResizedCrop area fraction (min, max)."""
-    crop_ratio: Optional[tuple[float, ...]] = None
-    """RandomResizedCrop aspect ratio (min, max), drawn log-uniformly."""
-    jitter: Optional[tuple[float, ...]] = None
-    """ColorJitter brightness, contrast, saturation, hue (hue in turns, <= 0.5)."""
-    jitter_p: Optional[float] = None
-    """Probability of ColorJitter."""
-    gray_p: Optional[float] = None
-    """Probability of grayscale."""
-    gray_before_jitter: Optional[bool] = None
-    """v1's order (grey, then jitter); v2 jitters first."""
-    hue_space: Optional[str] = None
-    """hsv (exact, as torchvision) or yiq (DALI's operator, cheaper on a CPU)."""
-    blur_p: Optional[float] = None
-    """Probability of Gaussian blur."""
-    blur_sigma: Optional[tuple[float, ...]] = None
-    """Gaussian blur sigma range (min, max) in px."""
-    flip_p: Optional[float] = None
-    """Probability of a horizontal flip."""
-    mean: Optional[tuple[float, ...]] = None
-    """Normalisation mean per RGB channel, in [0, 1] units."""
-    std: Optional[tuple[float, ...]] = None
-    """Normalisation std per RGB channel, in [0, 1] units."""
+def _at_least(owner: Any, low: int, *names: str) -> None:
+    for name in names:
+        if getattr(owner, name) < low:
+            raise ValueError(f"{name} must be at least {low}, got {getattr(owner, name)}")
 
 
 @dataclass
@@ -88,25 +79,29 @@ class DataConfig:
     knn_val: str = ""
     """Labelled shard folder the kNN monitor classifies ("" = off)."""
     preset: str = "v1"
-    """Augmentation recipe the unset ``data.views`` keys come from: v1, v2 or cifar (v2 without blur)."""
-    size: int = 224
-    """View size in px."""
+    """The recipe data.views starts from: v1, v2 or cifar (v2 without blur). Setting it sets every
+    data.views key but size to that recipe's; data.views keys given beside it apply after."""
     eval_resize: int = 256
-    """kNN monitor: shorter side before the centre crop of ``size``."""
+    """kNN monitor: shorter side before the centre crop of data.views.size."""
     batch_size: int = 256
     """Global batch (all ranks together)."""
     dtype: str = "auto"
-    """View dtype: float16, float32, or auto (float16 with AMP on a GPU, else float32)."""
-    threads: int = 0
-    """DALI CPU threads per rank (0: the cores per local rank)."""
-    shuffle_buffer: int = 4096
-    """Samples in the shuffle buffer."""
-    views: ViewsConfig = field(default_factory=ViewsConfig)
-    """The view recipe, field by field (``data.views.jitter_p`` ...)."""
+    """View dtype: float16, float32, or auto (float16 with AMP, else float32)."""
+    views: AugmentConfig = field(default_factory=v1)
+    """The view recipe, field by field (data.views.size, data.views.jitter_p ...)."""
+    read: ReadConfig = field(default_factory=ReadConfig, metadata=FLAT)
+    """How each rank reads and decodes (data.threads, data.shuffle_buffer ...)."""
+
+    def __post_init__(self) -> None:
+        _choice("preset", self.preset, recipe_names())
+        _choice("dtype", self.dtype, ("auto", "float16", "float32"))
+        _at_least(self, 1, "batch_size", "eval_resize")
 
 
 @dataclass
 class ModelConfig:
+    """The arguments of ``model.moco.MoCo`` and its encoder; their rules are the model's own."""
+
     arch: str = "resnet50"
     """torchvision ResNet family member."""
     small_stem: bool = False
@@ -134,15 +129,22 @@ class ModelConfig:
     queue_dtype: str = "float32"
     """Queue storage: float32, float16 or bfloat16."""
 
+    def __post_init__(self) -> None:
+        _choice("queue_dtype", self.queue_dtype, QUEUE_DTYPE_NAMES)
+        _choice("momentum_schedule", self.momentum_schedule, MOMENTUM_SCHEDULES)
+        _at_least(self, 0, "shuffle_group_size")
+
 
 @dataclass
 class OptimConfig:
     name: str = "sgd"
-    """sgd (fused on a GPU, foreach on a CPU) or lars (trust ratio per weight tensor; no decay on 1-d ones)."""
+    """sgd (fused kernels) or lars (trust ratio per weight tensor; no decay on 1-d ones)."""
     lr_per_256: float = 0.03
     """Learning rate per 256 images of global batch (scaled linearly)."""
     momentum: float = 0.9
+    """SGD momentum, in [0, 1)."""
     weight_decay: float = 1e-4
+    """L2 weight decay."""
     schedule: str = "step"
     """step (x0.1 at the milestones) or cosine."""
     milestones: tuple = (120, 160)
@@ -152,15 +154,28 @@ class OptimConfig:
     trust_coefficient: float = 0.001
     """LARS: the update of a weight tensor is scaled to this fraction of its norm."""
 
+    def __post_init__(self) -> None:
+        _choice("schedule", self.schedule, LR_SCHEDULES)
+        if not self.lr_per_256 > 0:
+            raise ValueError(f"lr_per_256 must be positive, got {self.lr_per_256}")
+        if not 0 <= self.momentum < 1:
+            raise ValueError(f"momentum must be in [0, 1), got {self.momentum}")
+        if self.warmup_epochs < 0:
+            raise ValueError(f"warmup_epochs is in epochs >= 0, got {self.warmup_epochs}")
+        if any(epoch < 0 for epoch in self.milestones):
+            raise ValueError(f"milestones are epochs >= 0, got {self.milestones}")
+
 
 @dataclass
 class RunConfig:
     epochs: int = 200
+    """Epochs of the schedule."""
     max_steps: int = 0
     """Stop after this many steps in all (0: run all epochs)."""
     amp: str = "auto"
     """bf16, fp16 (with a gradient scaler), none, or auto (bf16 on a GPU that has it, else none)."""
     channels_last: bool = True
+    """Channels-last model and inputs."""
     compile: bool = False
     """torch.compile the encoders."""
     seed: int = 0
@@ -168,8 +183,8 @@ class RunConfig:
     device: str = "auto"
     """auto, cpu or cuda."""
     deterministic: bool = False
-    """Deterministic kernels (cuDNN, cuBLAS, torch.use_deterministic_algorithms): bit-exact resume on a GPU, slower.
-    Off: cuDNN picks the fastest convolution for the fixed shapes (cudnn.benchmark)."""
+    """Deterministic kernels (cuDNN, cuBLAS, torch.use_deterministic_algorithms): bit-exact resume
+    on a GPU, slower. Off: cuDNN picks the fastest convolution for the fixed shapes."""
     out: str = "runs/moco"
     """Folder for checkpoints, config, metrics.jsonl and TensorBoard events."""
     resume: str = ""
@@ -183,13 +198,30 @@ class RunConfig:
     knn_every: int = 10
     """Epochs between kNN monitor runs (0: off)."""
     knn_k: int = 200
+    """kNN monitor: neighbours that vote."""
     knn_t: float = 0.1
+    """kNN monitor: temperature of the exp(similarity / t) votes."""
     max_nonfinite: int = 10
     """Stop after this many non-finite losses in a row."""
     progress: bool = True
     """Progress bar on rank 0."""
     dist_timeout_s: int = 1800
-    """Seconds a collective (all-reduce, gather, barrier) waits for the slowest rank before the run fails."""
+    """Seconds a collective waits for the slowest rank before the run fails."""
+
+    def __post_init__(self) -> None:
+        _choice("device", self.device, ("auto", "cpu", "cuda"))
+        _choice("amp", self.amp, AMP_NAMES)
+        _at_least(self, 1, "epochs", "log_every", "ckpt_every", "keep_last", "max_nonfinite")
+        _at_least(self, 1, "dist_timeout_s", "knn_k")
+        _at_least(self, 0, "max_steps", "knn_every", "seed")
+        if self.epochs > MAX_EPOCHS:
+            raise ValueError(f"epochs must be at most {MAX_EPOCHS}, got {self.epochs}")
+        # numpy's global generator takes seed + rank, which must stay below 2**32: 2**31 leaves
+        # room for any world size (DALI's seeds come from a SeedSequence, which takes any size).
+        if self.seed >= 2**31:
+            raise ValueError(f"seed must be below 2**31, got {self.seed}")
+        if not self.knn_t > 0:
+            raise ValueError(f"knn_t must be positive, got {self.knn_t}")
 
 
 @dataclass
@@ -203,6 +235,10 @@ class Config:
 # ----------------------------------------------------------------------- presets
 
 
+def _recipe(config: Config, name: str, size: int) -> None:
+    config.data.preset, config.data.views = name, recipe(name, size)
+
+
 def _v1() -> Config:
     """MoCo v1: ResNet-50, fc head, T 0.07, step schedule at 120 and 160 of 200 epochs."""
     return Config()
@@ -213,37 +249,31 @@ def _v2() -> Config:
     config = Config()
     config.model.T, config.model.mlp = 0.2, True
     config.optim.schedule = "cosine"
-    config.data.preset = "v2"
+    _recipe(config, "v2", 224)
     return config
 
 
 def _small() -> Config:
-    """Small images (Fashion-MNIST, CIFAR): the reference small-scale recipe (MoCo's CIFAR-10 demo).
-
-    ResNet-18 with the small stem, 32 px views, K 4096, m 0.99, T 0.1, symmetric loss,
-    lr 0.06 per 512 images, weight decay 5e-4, cosine schedule, v2 augmentations.
-    """
+    """Small images (Fashion-MNIST, CIFAR): ResNet-18 with the small stem, 32 px v2 views, K 4096,
+    m 0.99, T 0.1, symmetric loss, weight decay 5e-4, cosine schedule."""
     config = _v2()
     config.model.arch, config.model.small_stem, config.model.K = "resnet18", True, 4096
     config.model.m, config.model.T, config.model.symmetric = 0.99, 0.1, True
-    config.data.size, config.data.eval_resize = 32, 32
+    _recipe(config, "v2", 32)
+    config.data.eval_resize = 32
     config.optim.lr_per_256, config.optim.weight_decay = 0.03, 5e-4
     config.run.epochs, config.run.knn_every = 200, 10
     return config
 
 
 def _cifar() -> Config:
-    """MoCo's CIFAR-10 demonstration, as its authors ran it (published kNN top-1: 82.6% at 200 epochs, 85.3% symmetric).
-
-    ResNet-18 with the small-image stem (3x3 convolution, stride 1, no max-pool), fc
-    head of dim 128 (no MLP), batch 512, SGD lr 0.06 (0.03 per 256) cosine, momentum
-    0.9, weight decay 5e-4, K 4096, m 0.99, T 0.1, symmetric loss, split BN over 8 with
-    the keys' batch shuffled on one device (``auto``: shuffle-BN across ranks under
-    torchrun), 32 px views without blur, kNN monitor k 200, T 0.1 every epoch.
-    """
+    """MoCo's CIFAR-10 demonstration as its authors ran it (published kNN top-1: 82.6% at 200
+    epochs, 85.3% symmetric): ResNet-18 with the small stem, fc head of dim 128, batch 512, lr
+    0.06 cosine, weight decay 5e-4, K 4096, m 0.99, T 0.1, symmetric loss, split BN over 8, 32 px
+    views without blur, the kNN monitor (k 200, T 0.1) every epoch."""
     config = _v2()
     m = config.model
-    m.arch, m.small_stem, m.dim, m.mlp, m.K, m.m, m.T, m.symmetric = (
+    m.arch, m.small_stem, m.dim, m.mlp, m.K, m.m, m.T = (
         "resnet18",
         True,
         128,
@@ -251,15 +281,10 @@ def _cifar() -> Config:
         4096,
         0.99,
         0.1,
-        True,
     )
-    m.shuffle, m.num_splits = "auto", 8
-    config.data.preset, config.data.size, config.data.eval_resize, config.data.batch_size = (
-        "cifar",
-        32,
-        32,
-        512,
-    )
+    m.symmetric, m.shuffle, m.num_splits = True, "auto", 8
+    _recipe(config, "cifar", 32)
+    config.data.eval_resize, config.data.batch_size = 32, 512
     o = config.optim
     o.lr_per_256, o.momentum, o.weight_decay, o.schedule = 0.03, 0.9, 5e-4, "cosine"
     config.run.epochs, config.run.knn_every, config.run.knn_k, config.run.knn_t = 200, 1, 200, 0.1
@@ -270,232 +295,140 @@ PRESETS = {"v1": _v1, "v2": _v2, "small": _small, "cifar": _cifar}
 
 
 def preset(name: str) -> Config:
+    """The filled tree of preset ``name``."""
     if name not in PRESETS:
         raise ConfigError(f"--preset {name!r}: choose one of {', '.join(PRESETS)}")
     return PRESETS[name]()
 
 
-# ----------------------------------------------------------------------- setting
+# ----------------------------------------------------------------------- resolving
 
 
-def _leaf_type(kind: Any) -> Any:
-    """``Optional[X]`` -> X (None is always accepted for an optional leaf)."""
-    if typing.get_origin(kind) in (typing.Union, types.UnionType):
-        kind = next(k for k in typing.get_args(kind) if k is not type(None))
-    return kind
-
-
-def flat_fields(config: Any, prefix: str = "") -> dict[str, tuple[Any, Any]]:
-    """``{"section.key": (the dataclass holding it, its annotated type)}`` for every leaf, nested sections included."""
-    out = {}
-    hints = typing.get_type_hints(type(config))
-    for leaf in dataclasses.fields(config):
-        value = getattr(config, leaf.name)
-        if dataclasses.is_dataclass(value):
-            out.update(flat_fields(value, f"{prefix}{leaf.name}."))
-        else:
-            out[f"{prefix}{leaf.name}"] = (config, hints[leaf.name])
-    return out
-
-
-def type_name(kind: Any) -> str:
-    """How a leaf's type reads in a message or ``--help``: int, float, str, bool, floats, numbers."""
-    kind = _leaf_type(kind)
-    if typing.get_origin(kind) is tuple:
-        return "floats"
-    return "numbers" if kind is tuple else kind.__name__
-
-
-def _number(key: str, value: Any, kind: type) -> Any:
-    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
-        raise ValueError
-    if kind is int:
-        if isinstance(value, float) and not value.is_integer():
-            raise ValueError
-        number = int(value) if not isinstance(value, str) else int(value.strip())
-        if abs(number) >= 2**63:  # what every consumer (torch, numpy, DALI) can hold
-            raise ConfigError(f"{key}: {value!r} does not fit in 64 bits")
-        return number
-    number = float(value)
-    if not math.isfinite(number):
-        raise ConfigError(f"{key}: expected a finite number, got {value!r}")
-    return number
-
-
-def _coerce(key: str, value: Any, kind: Any) -> Any:
-    optional = _leaf_type(kind) is not kind
-    kind = _leaf_type(kind)
-    if value is None and optional:
-        return None
-    try:
-        if kind is bool:
-            if isinstance(value, bool):
-                return value
-            if isinstance(value, str) and value.lower() in (
-                "true",
-                "1",
-                "yes",
-                "on",
-                "false",
-                "0",
-                "no",
-                "off",
-            ):
-                return value.lower() in ("true", "1", "yes", "on")
-            raise ValueError
-        if kind in (int, float):
-            return _number(key, value, kind)
-        if kind is tuple or typing.get_origin(kind) is tuple:
-            if isinstance(value, str):
-                text = value.strip()
-                value = (
-                    json.loads(text)
-                    if text.startswith("[")
-                    else [v for v in text.strip("()").split(",") if v.strip()]
-                )
-            if not isinstance(value, (list, tuple)):
-                raise ValueError
-            if kind is tuple:  # milestones: whole numbers stay ints
-                return tuple(
-                    _number(key, v, int if str(v).strip().lstrip("-").isdigit() else float)
-                    for v in value
-                )
-            return tuple(_number(key, v, float) for v in value)
-        if kind is str:
-            if not isinstance(value, (str, int, float)) or isinstance(value, bool):
-                raise ValueError
-            if "\0" in str(value):
-                raise ConfigError(f"{key}: a NUL character in {value!r}")
-            return str(value)
-    except ConfigError:
-        raise
-    except (TypeError, ValueError, OverflowError, RecursionError):
-        pass
-    raise ConfigError(f"{key}: expected {type_name(kind)}, got {value!r}")
-
-
-def unknown_key(key: str, source: str) -> ConfigError:
-    """The error for a key the tree does not have, with the nearest real key as a hint."""
-    import difflib
-
-    leaves = list(flat_fields(Config()))
-    if any(leaf.startswith(key + ".") for leaf in leaves):
-        return ConfigError(f"{source}: {key!r} is a section of keys, not a value")
-    close = difflib.get_close_matches(key, leaves, n=1)
-    hint = f" (did you mean {close[0]}?)" if close else ""
-    return ConfigError(f"{source}: unknown key {key!r}{hint}")
-
-
-def apply_overrides(
-    config: Config, overrides: dict[str, Any], source: str = "command line"
+def resolve(
+    preset_name: str = "v2",
+    file: Optional[str] = None,
+    overrides: Optional[dict[str, Any]] = None,
+    *,
+    source: str = "command line",
+    defaults: Optional[dict[str, Any]] = None,
 ) -> Config:
-    """Set ``{"section.key": value}`` leaves, checking keys and types."""
-    leaves = flat_fields(config)
-    for key, value in overrides.items():
-        if key not in leaves:
-            raise unknown_key(key, source)
-        obj, kind = leaves[key]
-        setattr(obj, key.rsplit(".", 1)[1], _coerce(key, value, kind))
-    return config
+    """The tree of ``preset_name``, then a command's ``defaults`` for it, then ``file`` (TOML or
+    YAML sections), then ``overrides`` (``{"section.key": value}``); the keys given are checked by
+    the classes that own them.
 
-
-def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """A nested ``{"data": {"views": {"flip_p": 0.5}}}`` as ``{"data.views.flip_p": 0.5}``."""
-    flat = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            flat.update(flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
-
-
-def load_file(path: str | Path) -> dict[str, Any]:
-    """A TOML or YAML file as flat ``{"section.key": value}`` overrides."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"--config {path}: no such file")
+    ``data.preset``, wherever it is given, applies before the ``data.views`` keys: they refine
+    the recipe it names, whatever their order.
+    """
+    values = flatten(to_dict(preset(preset_name)))
+    values.update(defaults or {})
+    given: dict[str, tuple[Any, str]] = {}
+    if file:
+        for key, value in flatten(load_file(file)).items():
+            given[key] = (value, f"--config {file}")
+    for key, value in (overrides or {}).items():
+        given[key] = (value, source)
+    known = leaves(Config)
+    for key, (_, where) in given.items():
+        if key not in known:
+            raise _config_error(unknown_key(key, Config, where))
+    flat = values
+    name = given.get("data.preset", (None,))[0]
+    if name in recipe_names():  # any other value is refused by DataConfig's own rule below
+        views = to_dict(recipe(name, flat["data.views.size"]))
+        flat.update({f"data.views.{k}": v for k, v in views.items() if k != "size"})
+    flat.update({key: value for key, (value, _) in given.items()})
     try:
-        if path.suffix == ".toml":
-            import tomllib
-
-            data = tomllib.loads(path.read_text())
-        elif path.suffix in (".yaml", ".yml"):
-            import yaml
-
-            data = yaml.safe_load(path.read_text()) or {}
-        else:
-            raise ConfigError(f"--config {path}: use a .toml, .yaml or .yml file")
-    except ConfigError:
-        raise
-    except Exception as exc:
-        raise ConfigError(f"--config {path}: cannot parse: {' '.join(str(exc).split())}") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"--config {path}: expected sections of keys, got {type(data).__name__}")
-    for section, values in data.items():
-        if not isinstance(values, dict):
-            raise ConfigError(f"--config {path}: {section!r} must be a section of keys")
-    return flatten(data)
+        return build(Config, flat, source=source, given=list(given))
+    except OptionError as error:
+        raise _config_error(error) from None
 
 
-def to_dict(config: Config) -> dict[str, Any]:
-    return dataclasses.asdict(config)
+def _config_error(error: OptionError) -> ConfigError:
+    return error if isinstance(error, ConfigError) else ConfigError(str(error))
 
 
-def from_dict(data: dict[str, Any]) -> Config:
-    config = Config()
-    apply_overrides(config, flatten(data), "checkpoint")
-    return config
+LEGACY_KEYS = {"data.size": "data.views.size"}
+"""Keys stored by earlier versions (checkpoints, config.json) and what they are now."""
 
 
-# ----------------------------------------------------------------------- resuming
-
-SAFE_TO_CHANGE = frozenset(
-    {
-        # when to stop, how often to look and to save: none of them is in the state
-        "run.max_steps",
-        "run.log_every",
-        "run.ckpt_every",
-        "run.keep_last",
-        "run.progress",
-        "run.max_nonfinite",
-        "run.knn_every",
-        "run.knn_k",
-        "run.knn_t",
-        "data.knn_train",
-        "data.knn_val",
-        "data.eval_resize",
-        # where the run lives and how fast it goes, not what it computes
-        "run.out",
-        "run.resume",
-        "run.device",
-        "run.deterministic",
-        "run.dist_timeout_s",
-        "run.channels_last",
-        "data.threads",
-    }
-)
-"""Keys a resumed run may change (each change is logged). Every other key changes the
-state's shape (model.*, run.compile's parameter names) or the run's meaning (the data,
-the views, the batch, the optimizer, the schedule over run.epochs, the precision, the
-seeds) and is refused; a key added to the tree later is refused until listed here."""
+def from_dict(stored: dict[str, Any], source: str = "checkpoint") -> Config:
+    """A tree stored as nested values (config.json, a checkpoint), checked as a file would be."""
+    flat = flatten(stored)
+    for old, new in LEGACY_KEYS.items():
+        if old in flat:
+            flat.setdefault(new, flat.pop(old))
+    try:
+        return build(Config, flat, source=source, given=list(flat))
+    except OptionError as error:
+        raise _config_error(error) from None
 
 
-def resume_changes(
-    stored: dict[str, Any], config: Config
-) -> tuple[dict[str, tuple], dict[str, tuple]]:
-    """``(allowed, refused)``: ``{key: (checkpoint's value, this run's value)}`` where they differ."""
-    current = flatten(to_dict(config))
-    before = {**current, **flatten(stored)} if stored else current
-    allowed, refused = {}, {}
-    for key in sorted(set(current) | set(before)):
-        if key == "run.resume":  # how this run was started, not what it is
-            continue
-        old, new = before.get(key), current.get(key)
-        if key == "data.train" and old and new and Path(old).resolve() == Path(new).resolve():
-            continue
-        if isinstance(old, (list, tuple)) and isinstance(new, (list, tuple)):
-            old, new = tuple(old), tuple(new)
-        if old != new:
-            (allowed if key in SAFE_TO_CHANGE else refused)[key] = (old, new)
-    return allowed, refused
+def eval_view(config: Config) -> EvalConfig:
+    """The kNN monitor's view: shorter side to data.eval_resize, centre crop of the views' size,
+    normalised as the views are."""
+    d = config.data
+    try:
+        return EvalConfig(d.eval_resize, d.views.size, d.views.mean, d.views.std)
+    except ValueError as error:
+        raise ConfigError(
+            f"data.eval_resize {d.eval_resize} and data.views.size {d.views.size}: {error}"
+        ) from None
+
+
+def check_batch(config: Config, world: int) -> None:
+    """The batch's rules with the queue and split BN, for ``world`` ranks."""
+    d, m = config.data, config.model
+    per_step_keys = d.batch_size * (2 if m.symmetric else 1)
+    if m.K < per_step_keys:
+        raise ConfigError(
+            f"model.K {m.K} is smaller than the keys enqueued per step ({per_step_keys}, from "
+            f"data.batch_size{' and model.symmetric' if m.symmetric else ''}); raise K"
+        )
+    per_rank = d.batch_size // world
+    mode = m.shuffle if m.shuffle != "auto" else ("ddp" if world > 1 else "split")
+    if mode == "split" and m.num_splits > 1:
+        if per_rank % m.num_splits:
+            raise ConfigError(
+                f"model.num_splits {m.num_splits} does not divide the batch of a rank "
+                f"({per_rank}: data.batch_size {d.batch_size} over {world} rank(s))"
+            )
+        if per_rank // m.num_splits < 2:
+            raise ConfigError(
+                f"model.num_splits {m.num_splits} leaves {per_rank // m.num_splits} sample per "
+                f"split of the batch of a rank ({per_rank}); split BN needs at least 2: raise "
+                "data.batch_size or lower model.num_splits"
+            )
+    if mode == "ddp" and world > 1:
+        group = m.shuffle_group_size or int(os.environ.get("LOCAL_WORLD_SIZE", world))
+        if world % group:
+            raise ConfigError(
+                f"model.shuffle_group_size {group} does not divide the world size {world}"
+            )
+
+
+def check(config: Config, world: int, cuda: bool, amp: bool) -> None:
+    """The rules that tie keys to each other and to the run: ``world`` ranks, a GPU (``cuda``),
+    autocast on (``amp``). Raises ``ConfigError`` naming the keys; reads no file."""
+    d, r = config.data, config.run
+    if not d.train:
+        raise ConfigError("data.train: give the shard folder to pretrain on (--data.train DIR)")
+    if r.device == "cuda" and not cuda:
+        raise ConfigError("run.device cuda: no CUDA GPU here")
+    if r.amp == "fp16" and not cuda:
+        raise ConfigError("run.amp fp16 needs a CUDA GPU; use bf16 or none on a CPU")
+    if d.batch_size % world:
+        raise ConfigError(
+            f"data.batch_size {d.batch_size} is not divisible by the world size {world}"
+        )
+    if d.dtype == "float16" and not amp:
+        raise ConfigError(
+            f"data.dtype {d.dtype} gives float16 views, which a float32 model (run.amp {r.amp} "
+            "resolves to none here) cannot take; use data.dtype float32 or auto, or run.amp bf16"
+        )
+    check_batch(config, world)
+    if bool(d.knn_train) != bool(d.knn_val):
+        raise ConfigError(
+            "data.knn_train and data.knn_val go together (both labelled shard folders, or neither)"
+        )
+    if d.knn_train:
+        eval_view(config)

@@ -1,12 +1,10 @@
 """The training loop: set-up, then epochs of steps, with logging and checkpoints in the order they run.
 
-Resumable state goes through ``state_dict()`` everywhere (model with its queue,
-optimizer, scaler, data loader, random generators), so resuming is one mechanism:
-a run killed at any moment and resumed from its newest checkpoint continues with
-the same losses, step for step, as one never interrupted (same seed and world size).
-A checkpoint is trusted only once verified (``_resume``): read without running code,
-complete, weights finite and equal to the digest written with them, written by the
-same configuration up to the keys ``config.SAFE_TO_CHANGE`` allows.
+``Run`` builds each part of a run once, from the tree, cheapest checks first (the keys, the
+folders' manifests), then the model, the optimizer and the schedules, then the checkpoint to
+continue from and the data; ``train`` is the loop over them. Resumable state goes through
+``state_dict()`` everywhere, so a run killed at any moment and resumed continues with the same
+losses, step for step (same seed and world size).
 """
 
 from __future__ import annotations
@@ -26,32 +24,27 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
+from ..common.files import write_json_atomic
 from ..model.moco import MoCo
-from ..model.momentum import momentum_at
+from ..pipeline.config import LoaderConfig
 from ..pipeline.loader import ViewLoader
-from . import checkpoint, distributed
-from .checkpoint import CheckpointError
-from .config import Config, ConfigError, resume_changes, to_dict
+from . import distributed
+from .checkpoint import Checkpointer
+from .config import MAX_STEPS, Config, ConfigError, check, to_dict
 from .eval.knn import config_knn
+from .folders import check_knn_folders, check_out, check_resume, steps_per_epoch
 from .metrics import Metrics
-from .schedule import learning_rates
 from .step import (
     amp_dtype,
     backward_step,
     build_model,
     build_optimizer,
     forward_loss,
-)
-from .validation import (
-    augment_config,
-    check_knn_folders,
-    check_out,
-    check_train_folder,
-    loader_config,
-    validate,
+    schedules,
+    views_dtype,
 )
 
-__all__ = ["train", "Run", "build_model", "knn_accuracy", "TrainingStopped", "set_determinism"]
+__all__ = ["train", "Run", "TrainingStopped", "set_determinism"]
 
 log = logging.getLogger("moco-train")
 
@@ -93,47 +86,78 @@ class _StopSignal:
             signal.signal(s, handler)
 
 
-def knn_accuracy(model: MoCo, config: Config, device: torch.device) -> dict:
-    """Weighted kNN top-1/top-5 of the query backbone on ``data.knn_train`` / ``data.knn_val``."""
-    return config_knn(model.encoder_q, config, device, amp_dtype(config.run.amp, device))
-
-
 def train(config: Config) -> dict:
     """Run (or resume) pretraining as ``config`` says; return the last metrics."""
     stop = _StopSignal()  # from the start, so a preemption during set-up is not lost
     try:
-        return _train(config, stop)
+        run = Run(config)  # set up, resumed where a checkpoint says
+        try:
+            while run.step < run.total_steps:
+                if run.train_epoch(stop):
+                    return run.last  # stopped by a signal, checkpoint written
+                if run.step % run.steps_per_epoch == 0:
+                    run.end_of_epoch()
+            run.finish()
+            return run.last
+        finally:
+            run.close()
     finally:
         stop.restore()
 
 
-def _train(config: Config, stop: _StopSignal) -> dict:
-    run = Run(config)  # set up, resumed where a checkpoint says
-    try:
-        while run.step < run.total_steps:
-            if run.train_epoch(stop):
-                return run.last  # stopped by a signal, checkpoint written
-            if run.step % run.steps_per_epoch == 0:
-                run.end_of_epoch()
-        run.finish()
-        return run.last
-    finally:
-        run.close()
+@dataclass
+class Parts:
+    """What a run is built from, once its configuration and folders are known to be good."""
+
+    model: MoCo
+    optimizer: torch.optim.Optimizer
+    steps: int
+    """Steps per epoch, the same on every rank."""
+    rates: np.ndarray
+    momenta: np.ndarray
+
+
+def prepare(config: Config, dist: distributed.Dist) -> Parts:
+    """The parts of a run, each built once, in the order that reports a bad value soonest.
+
+    The keys' rules with each other and the world, then the model and its optimizer (a refused
+    value named by its key), then the folders from their manifests, then the schedules over the
+    steps the data gives: all before a checkpoint is touched or a shard opened. Seeds the
+    generators as the run starts from them.
+    """
+    r, device = config.run, dist.device
+    amp = amp_dtype(r.amp, device)
+    check(config, dist.world, cuda=device.type == "cuda", amp=amp is not None)
+    random.seed(r.seed + dist.rank)
+    np.random.seed(r.seed + dist.rank)
+    torch.manual_seed(r.seed)  # identical initial weights on every rank
+    model = build_model(config, device)
+    optimizer = build_optimizer(config, model, device)
+    check_resume(config)
+    steps = steps_per_epoch(config, dist.world)
+    if steps * r.epochs > MAX_STEPS:
+        raise ConfigError(
+            f"run.epochs {r.epochs} of {steps} steps each is {steps * r.epochs} steps, more than "
+            f"a run's schedules are computed for ({MAX_STEPS}); lower run.epochs"
+        )
+    check_knn_folders(config)
+    if dist.main:
+        check_out(config)
+    rates, momenta = schedules(config, steps)
+    return Parts(model, optimizer, steps, rates, momenta)
 
 
 class Run:
-    """One training process: what its steps share, set up (or resumed) once.
+    """One training process: its parts, built once in the order below, and the steps of the loop.
 
-    The loop in ``_train`` reads top to bottom: epochs of steps, a checkpoint and the
-    kNN monitor at each epoch end, a last checkpoint. Each method here is one of
-    those steps; the state they share lives on the object, not in closures.
+    The state the steps share lives on the object, not in closures; each method is one step of
+    the loop in ``train``.
     """
 
     def __init__(self, config: Config):
         self.config = config
-        r = config.run
-        set_determinism(r.deterministic)  # before any CUDA work
-        self.dist = distributed.setup(r.device, r.dist_timeout_s)
+        set_determinism(config.run.deterministic)  # before any CUDA work
+        self.dist = distributed.setup(config.run.device, config.run.dist_timeout_s)
         try:
             self._set_up()
         except BaseException:
@@ -142,47 +166,31 @@ class Run:
 
     def _set_up(self) -> None:
         config, r = self.config, self.config.run
-        validate(config, self.dist.world, torch.cuda.is_available() and r.device != "cpu")
         self.device = self.dist.device
         self.amp = amp_dtype(r.amp, self.device)
-        self.out = Path(r.out)
-        check_train_folder(config, self.dist.world)  # before any checkpoint is read or set aside
-        check_knn_folders(config)
-        if self.dist.main:
-            check_out(self.out)
-        random.seed(r.seed + self.dist.rank)
-        np.random.seed(r.seed + self.dist.rank)
-        torch.manual_seed(r.seed)  # identical initial weights on every rank
-        self.model, self.net = self._model()
-        self.resume_path, state, changes = (
-            self._resume()
-        )  # the model holds the checkpoint's weights from here
-        self.loader = self._data(state)
-        self.optimizer = build_optimizer(config, self.model, self.device)
-        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp == torch.float16)
-        self.steps_per_epoch = len(self.loader)
+        parts = prepare(config, self.dist)
+        self.model, self.optimizer = parts.model, parts.optimizer
+        self.steps_per_epoch, self.rates, self.momenta = parts.steps, parts.rates, parts.momenta
         self.total_steps = self.steps_per_epoch * r.epochs
         if r.max_steps:
             self.total_steps = min(r.max_steps, self.total_steps)
-        o = config.optim
-        self.rates = learning_rates(
-            o.lr_per_256 * config.data.batch_size / 256,
-            self.steps_per_epoch,
-            r.epochs,
-            o.schedule,
-            o.milestones,
-            o.warmup_epochs,
-        )
+        self.net = self._wrap(self.model)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp == torch.float16)
+        self.checkpointer = Checkpointer(config, self.dist, self.device)
+        resumed = self.checkpointer.resume(self.model)  # the checkpoint's weights from here on
+        self.resumed_from: Optional[Path] = resumed.path
         self.step, self.nonfinite, self.skipped = 0, 0, 0
+        if resumed.state:
+            self.step, self.skipped = self.checkpointer.restore(
+                resumed.state, self.optimizer, self.scaler
+            )
+        self.loader = self._data(resumed.state)
+        assert len(self.loader) == self.steps_per_epoch, (len(self.loader), self.steps_per_epoch)
         self.pending: Optional[tuple[int, torch.Tensor]] = None  # (step, skip flag) not read yet
-        self.last_good = (
-            self.resume_path
-        )  # the newest checkpoint known good: resumed from, or written
-        if state:
-            self._restore(state)
+        self.out = Path(r.out)
         self.metrics = Metrics(self.out, self.dist.main)
         if self.dist.main:
-            self._announce(state is not None, changes)
+            self._announce(resumed.path, resumed.changes)
         self.last: dict = {}
         self.window = _Window(time.perf_counter())
         if self.device.type == "cuda":
@@ -197,132 +205,43 @@ class Run:
 
     # ---- set-up
 
-    def _data(self, state: Optional[dict]) -> ViewLoader:
-        d, _r = self.config.data, self.config.run
-        augment_cfg = augment_config(self.config)
-        loader_cfg = loader_config(self.config, self.dist.world, self.amp)
-        # Each rank opens only the shards dealt to it, a window at a time, and every
-        # epoch deals them anew (see pipeline/partition.py); the loader hands epochs over.
-        return ViewLoader(
-            d.train,
-            augment_cfg,
-            loader_cfg,
-            rank=self.dist.rank,
-            world=self.dist.world,
-            device_id=distributed.dali_device_id(self.device),
-            state=state["loader"][self.dist.rank] if state else None,
-        )
-
-    def _model(self) -> tuple[MoCo, torch.nn.Module]:
-        try:
-            model = build_model(self.config, self.device)
-        except (
-            ValueError
-        ) as error:  # what only the real run can check (a shuffle group of torchrun's nodes)
-            raise ConfigError(f"model: {error}") from None
+    def _wrap(self, model: MoCo) -> torch.nn.Module:
+        """The module the step calls: the model compiled if asked, under DDP with several ranks."""
         if self.config.run.compile:
             model.encoder_q = torch.compile(model.encoder_q)
             model.encoder_k = torch.compile(model.encoder_k)
         if self.dist.world == 1:
-            return model, model
+            return model
         # The queue and the key encoder are kept identical on every rank by the algorithm
         # itself; broadcasting buffers on every forward would only cost time.
-        return model, DistributedDataParallel(
-            model,
-            device_ids=[self.device.index] if self.device.type == "cuda" else None,
-            broadcast_buffers=False,
+        ids = [self.device.index] if self.device.type == "cuda" else None
+        return DistributedDataParallel(model, device_ids=ids, broadcast_buffers=False)
+
+    def _data(self, state: Optional[dict]) -> ViewLoader:
+        """This rank's loader: it opens only the shards dealt to it, a window at a time, and
+        every epoch deals them anew (pipeline/partition.py)."""
+        d, r, world = self.config.data, self.config.run, self.dist.world
+        loader_cfg = LoaderConfig(
+            batch_size=d.batch_size // world,
+            dtype=views_dtype(d.dtype, self.amp),
+            seed=r.seed,
+            read=d.read,
+        )
+        return ViewLoader(
+            d.train,
+            d.views,
+            loader_cfg,
+            rank=self.dist.rank,
+            world=world,
+            device_id=distributed.dali_device_id(self.device),
+            state=state["loader"][self.dist.rank] if state else None,
         )
 
-    def _resume(self) -> tuple[Optional[Path], Optional[dict], dict]:
-        """The checkpoint to continue from, verified, its weights loaded into the model; and the keys changed since.
-
-        With ``run.resume auto`` a checkpoint that fails verification is skipped for the
-        next older one, renamed ``*.pt.bad`` (so that rotation never deletes a good one
-        in its favour) and named in the log. A checkpoint of another world size or
-        configuration is refused, not skipped: the older ones were written by the same run.
-        """
-        r = self.config.run
-        if not r.resume:
-            newest = checkpoint.latest(self.out)
-            if newest is not None:
-                raise ConfigError(
-                    f"run.out {self.out} holds a run (newest {newest.name}): continue it with "
-                    "--run.resume auto, or give another run.out"
-                )
-            return None, None, {}
-        found = checkpoint.candidates(self.out) if r.resume == "auto" else [Path(r.resume)]
-        chosen, state, changes, skipped = None, None, {}, []
-        for path in found:
-            try:
-                state, changes = self._verified(path)
-                chosen = path
-                break
-            except CheckpointError as error:
-                if r.resume != "auto":
-                    raise
-                skipped.append((path, str(error)))
-        if self.dist.world > 1:  # every rank read the files itself: they must agree
-            chosen_by_rank = [None] * self.dist.world
-            torch.distributed.all_gather_object(chosen_by_rank, str(chosen))
-            if len(set(chosen_by_rank)) > 1:
-                raise CheckpointError(
-                    f"run.resume auto: ranks found different good checkpoints ({chosen_by_rank})"
-                )
-        if self.dist.main:
-            for path, why in skipped:
-                path.rename(path.with_name(path.name + ".bad"))
-                log.warning("skipped %s (renamed *.bad): %s", path.name, why)
-        if skipped and chosen is None:
-            raise CheckpointError(
-                f"run.resume auto: no good checkpoint in {self.out}; skipped {len(skipped)}, "
-                f"newest: {skipped[0][1]}"
-            )
-        return chosen, state, changes
-
-    def _verified(self, path: Path) -> tuple[dict, dict]:
-        """A checkpoint's state once it is known good, loaded into the model; the configuration keys changed."""
-        state = checkpoint.check(checkpoint.load(path), path)
-        if state["world"] != self.dist.world:
-            raise ConfigError(
-                f"{path}: written by {state['world']} ranks, this run has {self.dist.world}; "
-                "an exact resume needs the same world size"
-            )
-        allowed, refused = resume_changes(state["config"], self.config)
-        if refused:
-            listed = ", ".join(f"{key} {old!r} -> {new!r}" for key, (old, new) in refused.items())
-            raise ConfigError(
-                f"{path}: written with another configuration: {listed}; these keys change the run's "
-                "state or meaning: resume with the checkpoint's values, or start another run.out"
-            )
-        try:
-            self.model.load_state_dict(state["model"])
-        except RuntimeError as error:
-            first = next(
-                (line.strip() for line in str(error).splitlines()[1:] if line.strip()),
-                str(error)[:200],
-            )
-            raise CheckpointError(f"{path}: its weights do not fit this model: {first}") from None
-        if checkpoint.weights_digest(self.model) != state["rank_digests"][self.dist.rank]:
-            raise CheckpointError(
-                f"{path}: its weights or queue differ from the digest written with them "
-                "(changed after it was written)"
-            )
-        return state, allowed
-
-    def _restore(self, state: dict) -> None:
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scaler.load_state_dict(state["scaler"])
-        self.step, self.skipped = state["step"], state["skipped"]
-        checkpoint.set_rng_state(state["rng"][self.dist.rank], self.device)
-
-    def _announce(self, resumed: bool, changes: dict) -> None:
+    def _announce(self, resumed: Optional[Path], changes: dict) -> None:
         config = self.config
         self.out.mkdir(parents=True, exist_ok=True)
         if not resumed or changes or not (self.out / "config.json").exists():
-            checkpoint.write_atomic(
-                self.out / "config.json",
-                lambda f: f.write((json.dumps(to_dict(config), indent=1) + "\n").encode()),
-            )
+            write_json_atomic(self.out / "config.json", to_dict(config), sort_keys=False)
         log.info("configuration: %s", json.dumps(to_dict(config)))
         if changes:
             listed = ", ".join(f"{key} {old!r} -> {new!r}" for key, (old, new) in changes.items())
@@ -330,10 +249,7 @@ class Run:
             self.metrics.write(
                 "resume",
                 self.step,
-                {
-                    "checkpoint": str(self.resume_path),
-                    "changed": {k: list(v) for k, v in changes.items()},
-                },
+                {"checkpoint": str(resumed), "changed": {k: list(v) for k, v in changes.items()}},
             )
         log.info(
             "%s on %s x%d, AMP %s, %d steps per epoch, %s",
@@ -342,7 +258,7 @@ class Run:
             self.dist.world,
             self.amp or "off",
             self.steps_per_epoch,
-            f"resuming at step {self.step} from {self.resume_path}" if resumed else "from scratch",
+            f"resuming at step {self.step} from {resumed}" if resumed else "from scratch",
         )
         if not config.data.knn_train:
             log.info(
@@ -375,12 +291,7 @@ class Run:
         """One optimizer step at the scheduled rate and momentum."""
         for group in self.optimizer.param_groups:
             group["lr"] = float(self.rates[self.step])
-        self.model.m = momentum_at(
-            self.step,
-            self.steps_per_epoch * self.config.run.epochs,
-            self.config.model.m,
-            self.config.model.momentum_schedule,
-        )
+        self.model.m = float(self.momenta[self.step])
         loss, logits, labels = forward_loss(self.net, batch.view_q, batch.view_k, self.amp)
         self.optimizer.zero_grad(set_to_none=True)
         # Non-finite gradients skip the update on the device; the flag is read one step
@@ -404,9 +315,10 @@ class Run:
         self.nonfinite += 1
         self.skipped += 1
         if self.nonfinite >= self.config.run.max_nonfinite:
+            last_good = self.checkpointer.last_good
             good = (
-                f"the last good checkpoint is {self.last_good}"
-                if self.last_good
+                f"the last good checkpoint is {last_good}"
+                if last_good
                 else "no checkpoint was written"
             )
             raise TrainingStopped(
@@ -441,9 +353,9 @@ class Run:
             self.step,
             last,
             (
-                f"step {self.step}/{self.total_steps} epoch {epoch} loss {last['loss']:.4f} acc1 {last['acc1']:.1f} "
-                f"lr {last['lr']:.4g} m {last['momentum']:.4f} {last['images_per_s']:.0f} img/s "
-                f"data-wait {100 * last['data_wait']:.0f}%"
+                f"step {self.step}/{self.total_steps} epoch {epoch} loss {last['loss']:.4f} "
+                f"acc1 {last['acc1']:.1f} lr {last['lr']:.4g} m {last['momentum']:.4f} "
+                f"{last['images_per_s']:.0f} img/s data-wait {100 * last['data_wait']:.0f}%"
             ),
         )
         self.window = _Window(time.perf_counter())
@@ -491,48 +403,21 @@ class Run:
     # ---- checkpoints
 
     def checkpoint(self) -> None:
-        """Settle the pending skip flag; save, unless inside a streak of non-finite losses (the newest stays good)."""
+        """Settle the pending skip flag; save, unless inside a streak of non-finite losses (the
+        newest checkpoint stays good)."""
         self.settle_nonfinite()
         if self.nonfinite == 0:
             self.save()
 
     def save(self) -> None:
-        """Every rank's loader and random state, gathered; written by rank 0."""
-        gathered = {
-            "loader": self.loader.state_dict(),
-            "rng": checkpoint.rng_state(self.device),
-            "digest": checkpoint.weights_digest(self.model),
-        }
-        parts = [gathered]
-        if self.dist.world > 1:
-            parts = [None] * self.dist.world
-            torch.distributed.all_gather_object(parts, gathered)
-        if self.dist.main:
-            self.last_good = checkpoint.save(
-                self.out,
-                self.step,
-                {
-                    "model": self.model.state_dict(),
-                    "optimizer": self.optimizer.state_dict(),
-                    "scaler": self.scaler.state_dict(),
-                    "step": self.step,
-                    "skipped": self.skipped,
-                    "world": self.dist.world,
-                    "config": to_dict(self.config),
-                    "loader": [p["loader"] for p in parts],
-                    "rng": [p["rng"] for p in parts],
-                    "rank_digests": [p["digest"] for p in parts],
-                },
-                self.config.run.keep_last,
-            )
-            if len({p["digest"] for p in parts}) > 1:
-                log.warning(
-                    "step %d: ranks disagree on weights or queue (digests %s)",
-                    self.step,
-                    [p["digest"][:8] for p in parts],
-                )
-        if self.dist.world > 1:
-            torch.distributed.barrier()
+        self.checkpointer.save(
+            self.step,
+            self.skipped,
+            self.model,
+            self.optimizer,
+            self.scaler,
+            self.loader.state_dict(),
+        )
 
 
 @dataclass

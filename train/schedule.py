@@ -1,4 +1,7 @@
-"""Learning-rate schedules, precomputed as one value per step."""
+"""The schedules of a run, each precomputed as one value per step: the learning rate (step or
+cosine, after a linear warm-up) and the key encoder's momentum (constant, or cosine to 1 as BYOL).
+
+The names each knows are declared here once; the configuration refuses any other by them."""
 
 from __future__ import annotations
 
@@ -6,7 +9,10 @@ import math
 
 import numpy as np
 
-__all__ = ["learning_rates"]
+__all__ = ["LR_SCHEDULES", "MOMENTUM_SCHEDULES", "learning_rates", "momenta"]
+
+LR_SCHEDULES = ("step", "cosine")
+MOMENTUM_SCHEDULES = ("constant", "cosine")
 
 
 def learning_rates(
@@ -17,7 +23,10 @@ def learning_rates(
     milestones: tuple = (),
     warmup_epochs: float = 0.0,
 ) -> np.ndarray:
-    """The rate at every step: step (x0.1 at each milestone epoch) or cosine to 0, after a linear warm-up."""
+    """The rate at every step: step (x0.1 at each milestone epoch) or cosine to 0, after a
+    linear warm-up."""
+    if schedule not in LR_SCHEDULES:
+        raise ValueError(f"unknown schedule {schedule!r}; choose step or cosine")
     total = steps_per_epoch * epochs
     epoch = np.arange(total) / steps_per_epoch  # fractional epoch at each step
     if schedule == "step":
@@ -27,12 +36,21 @@ def learning_rates(
             if len(milestones)
             else np.full(total, base_lr)
         )
-    elif schedule == "cosine":
-        rates = base_lr * 0.5 * (1.0 + np.cos(math.pi * epoch / epochs))
     else:
-        raise ValueError(f"unknown schedule {schedule!r}; choose step or cosine")
+        rates = base_lr * 0.5 * (1.0 + np.cos(math.pi * epoch / epochs))
     if warmup_epochs > 0:
         rates = np.where(
             epoch < warmup_epochs, base_lr * (epoch + 1.0 / steps_per_epoch) / warmup_epochs, rates
         )
     return rates.astype(np.float64)
+
+
+def momenta(base: float, total_steps: int, schedule: str = "constant") -> np.ndarray:
+    """The key encoder's momentum at every step of ``total_steps``: ``base`` throughout, or a
+    cosine from ``base`` to 1."""
+    if schedule not in MOMENTUM_SCHEDULES:
+        raise ValueError(f"unknown momentum schedule {schedule!r}; choose 'constant' or 'cosine'")
+    if schedule == "constant":
+        return np.full(total_steps, base, dtype=np.float64)
+    progress = np.clip(np.arange(total_steps) / max(total_steps, 1), 0.0, 1.0)
+    return 1.0 - (1.0 - base) * (np.cos(np.pi * progress) + 1.0) / 2.0

@@ -1,21 +1,29 @@
-"""One MoCo training step and what it is made of (model, optimizer, AMP), shared by the engine and moco-bench.
+"""One MoCo training step and what it is made of (model, optimizer, AMP), built from the tree.
 
-So that ``moco-bench step`` and ``e2e`` time the very step ``moco-train`` runs, not a
-copy of it.
+The engine and ``moco-bench`` (step, e2e) both run these, so the bench times the very step
+``moco-train`` runs. A builder that refuses a value names its key: the model and the optimizer
+are built once, for real; only when that fails are they tried again, key by key, on PyTorch's
+meta device to find which value the refusal is about.
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import warnings
 from typing import Optional
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from torch.nn import functional as F
 
+from ..common.options import OptionError, name_fault
 from ..model.encoders import resnet
 from ..model.moco import MoCo
-from .config import Config
+from .config import Config, ConfigError, ModelConfig, OptimConfig
 from .optim import make_optimizer
+from .schedule import learning_rates, momenta
 
 __all__ = [
     "AMP_DTYPES",
@@ -24,18 +32,19 @@ __all__ = [
     "views_dtype",
     "build_model",
     "build_optimizer",
+    "schedules",
     "forward_loss",
     "backward_step",
 ]
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "none": None}
-"""``run.amp`` (besides "auto") -> the autocast dtype."""
+"""``run.amp`` (besides "auto", config.AMP_NAMES) -> the autocast dtype."""
 QUEUE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-"""``model.queue_dtype`` -> the queue's storage dtype."""
+"""``model.queue_dtype`` (config.QUEUE_DTYPE_NAMES) -> the queue's storage dtype."""
 
 
 def amp_dtype(amp: str, device: torch.device) -> Optional[torch.dtype]:
-    """The autocast dtype of ``amp`` (``run.amp``: auto, bf16, fp16, none) on ``device``; None: no autocast."""
+    """The autocast dtype of ``run.amp`` (auto, bf16, fp16, none) on ``device``; None: no autocast."""
     if amp == "auto":
         amp = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "none"
     return AMP_DTYPES[amp]
@@ -48,42 +57,98 @@ def views_dtype(dtype: str, amp: Optional[torch.dtype]) -> str:
     return "float16" if amp is not None else "float32"
 
 
-def build_model(config: Config, device: torch.device, momentum_impl: str = "auto") -> MoCo:
-    """The MoCo model ``config`` describes, on ``device``; seeded by the caller."""
-    m = config.model
-    queue_dtype = QUEUE_DTYPES[m.queue_dtype]
-    model = MoCo(
+def _moco(m: ModelConfig, momentum_impl: str) -> MoCo:
+    return MoCo(
         resnet(m.arch, small_stem=m.small_stem),
         dim=m.dim,
         K=m.K,
         m=m.m,
         T=m.T,
         mlp=m.mlp,
-        queue_dtype=queue_dtype,
+        queue_dtype=QUEUE_DTYPES[m.queue_dtype],
         shuffle=m.shuffle,
         num_splits=m.num_splits,
         shuffle_group_size=m.shuffle_group_size or None,
         symmetric=m.symmetric,
         momentum_impl=momentum_impl,
-    ).to(device)
+    )
+
+
+def _model_fault(m: ModelConfig, error: BaseException) -> ConfigError:
+    """The key a refused model is refused for, found by building it again on the meta device."""
+    given = {f.name: (f"model.{f.name}", getattr(m, f.name)) for f in dataclasses.fields(m)}
+    given.pop("momentum_schedule")
+    if dist.is_initialized() and m.shuffle in ("auto", "ddp", "syncbn"):
+        # These modes make process groups, a collective every rank must join; tried on this
+        # rank alone they would wait for ever (config.check holds their rules).
+        given["shuffle"] = ("model.shuffle", "none")
+
+    def make(**fields):
+        trial = ModelConfig(**{"arch": "resnet18", "shuffle": "none", **fields})
+        with torch.device("meta"), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "zero-element tensors": refused just after
+            return _moco(trial, "auto")
+
+    try:
+        name_fault(make, given)
+    except OptionError as named:
+        return ConfigError(str(named))
+    # Every value passes alone on the meta device: the machine cannot hold the model.
+    first = (str(error).strip().splitlines() or [type(error).__name__])[0]
+    return ConfigError(
+        f"model.K {m.K} and model.dim {m.dim}: the model and its queue do not fit in this "
+        f"machine's memory ({first[:160]})"
+    )
+
+
+def build_model(config: Config, device: torch.device, momentum_impl: str = "auto") -> MoCo:
+    """The MoCo model ``config.model`` describes, on ``device``; seeded by the caller.
+
+    Raises ``ConfigError`` naming the key a refused value is set by.
+    """
+    # Built on the CPU, where the weights are drawn, then moved: the same initial weights
+    # whatever the device (a meta model, for checks, is made on the meta device outright).
+    where = torch.device("meta") if device.type == "meta" else contextlib.nullcontext()
+    try:
+        with where:
+            model = _moco(config.model, momentum_impl)
+        model = model.to(device)
+    except (ValueError, RuntimeError, OverflowError, MemoryError) as error:
+        raise _model_fault(config.model, error) from None
     return model.to(memory_format=torch.channels_last) if config.run.channels_last else model
 
 
 def build_optimizer(
     config: Config, model: MoCo, device: torch.device, fast: bool = True
 ) -> torch.optim.Optimizer:
-    """``optim.name`` over the query encoder, at the rate scaled to the global batch."""
+    """``optim.name`` over the query encoder, at the rate scaled to the global batch.
+
+    Raises ``ConfigError`` naming the key a refused value is set by.
+    """
     o = config.optim
-    optimizer = make_optimizer(
-        o.name,
-        model.encoder_q.parameters(),
-        lr=o.lr_per_256 * config.data.batch_size / 256,
-        momentum=o.momentum,
-        weight_decay=o.weight_decay,
-        device=device,
-        trust_coefficient=o.trust_coefficient,
-        fast=fast,
-    )
+    scale = config.data.batch_size / 256
+    names = ("name", "lr_per_256", "momentum", "weight_decay", "trust_coefficient")
+
+    def make(params, base: OptimConfig, **fields):
+        f = {**{n: getattr(base, n) for n in names}, **fields}
+        return make_optimizer(
+            f["name"],
+            params,
+            lr=f["lr_per_256"] * scale,
+            momentum=f["momentum"],
+            weight_decay=f["weight_decay"],
+            device=device,
+            trust_coefficient=f["trust_coefficient"],
+            fast=fast,
+        )
+
+    try:
+        optimizer = make(model.encoder_q.parameters(), o)
+    except (ValueError, RuntimeError) as error:
+        # Each value alone on the defaults of its optimizer, to name the one refused.
+        tiny, base = [torch.nn.Parameter(torch.zeros(2, 2))], OptimConfig(name=o.name)
+        _named(lambda **f: make(tiny, base, **f), {n: (f"optim.{n}", getattr(o, n)) for n in names})
+        raise ConfigError(f"optim: {error}") from None
     if o.momentum:
         # Zero momentum buffers give the first step's arithmetic (buffer = gradient), and
         # a first step skipped on the device must not leave the fused kernel's
@@ -94,6 +159,23 @@ def build_optimizer(
                     p, memory_format=torch.preserve_format
                 )
     return optimizer
+
+
+def _named(make, given: dict):
+    """``name_fault``, its refusal as the training configuration's error."""
+    try:
+        return name_fault(make, given)
+    except OptionError as error:
+        raise ConfigError(str(error)) from None
+
+
+def schedules(config: Config, steps_per_epoch: int) -> tuple[np.ndarray, np.ndarray]:
+    """The learning rate and the key encoder's momentum at every step of the run, computed once
+    (their names were checked with the tree)."""
+    o, m, epochs = config.optim, config.model, config.run.epochs
+    base = o.lr_per_256 * config.data.batch_size / 256
+    rates = learning_rates(base, steps_per_epoch, epochs, o.schedule, o.milestones, o.warmup_epochs)
+    return rates, momenta(m.m, steps_per_epoch * epochs, m.momentum_schedule)
 
 
 def forward_loss(

@@ -84,15 +84,6 @@ def test_momentum_extremes_and_errors(device):
     assert {"loop", "foreach", "foreach_lerp"} <= set(momentum.available_implementations())
 
 
-def test_momentum_schedule():
-    assert momentum.momentum_at(500, 1000, 0.99) == 0.99
-    assert momentum.momentum_at(0, 1000, 0.99, "cosine") == pytest.approx(0.99)
-    assert momentum.momentum_at(500, 1000, 0.99, "cosine") == pytest.approx(0.995)
-    assert momentum.momentum_at(1000, 1000, 0.99, "cosine") == pytest.approx(1.0)
-    with pytest.raises(ValueError, match="unknown momentum schedule"):
-        momentum.momentum_at(0, 10, 0.99, "linear")
-
-
 # ---------------------------------------------------------------- split BN
 
 

@@ -6,10 +6,11 @@ import numpy as np
 import simplejpeg
 from PIL import Image
 
-from moco_dali.pipeline.augment import cifar, custom, preset, v2
-from moco_dali.pipeline.loader import LoaderConfig, ViewLoader
-from moco_dali.tools.shards.build import BuildSettings, build
-from tests.conftest import photo_like, write_files
+from moco_dali.pipeline.loader import ViewLoader
+from moco_dali.pipeline.recipes import cifar, custom, preset, v2
+from moco_dali.tools.shards.build import build
+from moco_dali.tools.shards.settings import BuildSettings
+from tests.conftest import loader_config, photo_like, write_files
 
 
 def test_grey_views_have_equal_channels_and_the_reference_luma(tmp_path):
@@ -32,7 +33,7 @@ def test_grey_views_have_equal_channels_and_the_reference_luma(tmp_path):
         flip_p=0.0,
     )
     loader = ViewLoader(
-        tmp_path / "shards", cfg, LoaderConfig(batch_size=16, dtype="float32", threads=1)
+        tmp_path / "shards", cfg, loader_config(batch_size=16, dtype="float32", threads=1)
     )
     views = (
         next(iter(loader)).view_q.permute(0, 2, 3, 1).numpy() * np.array(cfg.std) * 255

@@ -12,11 +12,12 @@ import pytest
 import torch
 
 from moco_dali.pipeline import partition, shards
-from moco_dali.pipeline.augment import EvalConfig, custom, preset, v1, v2
-from moco_dali.pipeline.loader import LoaderConfig, ViewLoader
+from moco_dali.pipeline.loader import ViewLoader
+from moco_dali.pipeline.recipes import EvalConfig, custom, preset, v1, v2
 from moco_dali.pipeline.shards import ShardError
-from moco_dali.tools.shards.build import BuildSettings, build
-from tests.conftest import baseline_jpeg, write_files
+from moco_dali.tools.shards.build import build
+from moco_dali.tools.shards.settings import BuildSettings
+from tests.conftest import baseline_jpeg, loader_config, write_files
 
 MEAN, STD = np.array([0.485, 0.456, 0.406]) * 255, np.array([0.229, 0.224, 0.225]) * 255
 
@@ -42,8 +43,8 @@ def folder(tmp_path_factory) -> Path:
     return make_folder(tmp_path_factory.mktemp("loader"), 50, classes=5, width=48, height=40)
 
 
-def config(**kw) -> LoaderConfig:
-    return LoaderConfig(**{"batch_size": 8, "threads": 2, "shuffle_buffer": 16, **kw})
+def config(**kw):
+    return loader_config(**{"batch_size": 8, "threads": 2, "shuffle_buffer": 16, **kw})
 
 
 def test_views_are_channels_last_normalised_and_differ(folder):
@@ -305,11 +306,12 @@ def test_a_sample_that_fails_to_decode_is_named(tmp_path):
 
 CRASH = """
 import sys
-from moco_dali.pipeline.augment import EvalConfig
-from moco_dali.pipeline.loader import LoaderConfig, ViewLoader
+from moco_dali.pipeline.recipes import EvalConfig
+from moco_dali.pipeline.loader import ViewLoader
+from tests.conftest import loader_config
 from moco_dali.pipeline.shards import ShardError
 loader = ViewLoader(sys.argv[1], EvalConfig(resize=32, size=32),
-                    LoaderConfig(batch_size=64, threads=2, dtype="float32", shuffle=False, last_batch="partial"))
+                    loader_config(batch_size=64, threads=2, dtype="float32", shuffle=False, last_batch="partial"))
 try:
     for _ in loader:
         pass

@@ -21,11 +21,12 @@ import simplejpeg
 import torch
 from PIL import Image
 
-from moco_dali.pipeline.augment import AugmentConfig, custom, v1, v2
-from moco_dali.pipeline.loader import LoaderConfig, ViewLoader
+from moco_dali.pipeline.loader import ViewLoader
+from moco_dali.pipeline.recipes import AugmentConfig, custom, v1, v2
 from moco_dali.pipeline.reference import reference_transform
-from moco_dali.tools.shards.build import BuildSettings, build
-from tests.conftest import write_files
+from moco_dali.tools.shards.build import build
+from moco_dali.tools.shards.settings import BuildSettings
+from tests.conftest import loader_config, write_files
 
 MEAN = np.array([0.485, 0.456, 0.406]) * 255
 STD = np.array([0.229, 0.224, 0.225]) * 255
@@ -83,7 +84,7 @@ def dali_views(
     loader = ViewLoader(
         folder,
         cfg,
-        LoaderConfig(batch_size=250, dtype="float32", threads=2, shuffle_buffer=64),
+        loader_config(batch_size=250, dtype="float32", threads=2, shuffle_buffer=64),
         device_id=device.index if device.type == "cuda" else None,
     )
     views = [v.cpu() for _ in range(epochs) for b in loader for v in (b.view_q, b.view_k)]

@@ -19,7 +19,7 @@ TINY = [
     "v2",
     "--model.arch",
     "resnet18",
-    "--data.size",
+    "--data.views.size",
     "32",
     "--data.eval_resize",
     "32",

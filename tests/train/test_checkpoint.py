@@ -17,7 +17,8 @@ import pytest
 import torch
 
 from moco_dali.tools.demo.data import generated_dump
-from moco_dali.tools.shards.build import BuildSettings, build
+from moco_dali.tools.shards.build import build
+from moco_dali.tools.shards.settings import BuildSettings
 from moco_dali.train import checkpoint
 from moco_dali.train.cli import main as moco_train
 from tests.train.runs import TINY, losses
@@ -166,7 +167,7 @@ def test_resume_auto_skips_a_damaged_newest_checkpoint_for_the_good_one(
     harm, reason = DAMAGE[damage]
     harm(out / "ckpt-000000006.pt")
     resumed = set_up(trained, out)
-    assert resumed.resume_path == out / "ckpt-000000003.pt" and resumed.step == 3
+    assert resumed.resumed_from == out / "ckpt-000000003.pt" and resumed.step == 3
     skipped = [
         r.getMessage() for r in caplog.records if "skipped ckpt-000000006.pt" in r.getMessage()
     ]
@@ -234,7 +235,7 @@ def test_a_fresh_run_into_a_folder_holding_a_run_is_refused(trained, tmp_path, c
             ["--data.batch_size", "16", "--optim.lr_per_256", "0.1"],
             ["data.batch_size 32 -> 16", "optim.lr_per_256"],
         ),
-        (["--data.size", "48"], ["data.size 32 -> 48"]),
+        (["--data.views.size", "48"], ["data.views.size 32 -> 48"]),
         (["--data.views.blur_p", "0"], ["data.views.blur_p 0.5 -> 0.0"]),
     ],
 )
@@ -433,7 +434,7 @@ def test_resume_auto_skips_a_hostile_newest_checkpoint(trained, tmp_path, caplog
     marker = tmp_path / "the-code-ran"
     _hostile(out / "ckpt-000000009.pt", marker, out / "ckpt-000000006.pt")
     resumed = set_up(trained, out)
-    assert resumed.resume_path == out / "ckpt-000000006.pt" and not marker.exists()
+    assert resumed.resumed_from == out / "ckpt-000000006.pt" and not marker.exists()
     assert any(
         "skipped ckpt-000000009.pt" in r.getMessage() and "refused" in r.getMessage()
         for r in caplog.records
@@ -446,12 +447,3 @@ def test_what_a_checkpoint_holds_loads_without_pickled_objects(trained):
         state["loader"][0]["dali"], (str, bytes)
     )
     assert state["rng"][0]["numpy"]["keys"].dtype == torch.int64
-
-
-def test_write_atomic_leaves_no_temporary_file_when_it_fails(tmp_path):
-    (tmp_path / "folder").mkdir()
-    with pytest.raises(OSError):
-        checkpoint.write_atomic(tmp_path / "folder", lambda f: f.write(b"x" * 1000))
-    with pytest.raises(ZeroDivisionError):
-        checkpoint.write_atomic(tmp_path / "file", lambda f: f.write(b"x") / 0)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["folder"]

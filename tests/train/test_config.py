@@ -17,34 +17,56 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from moco_dali.common.options import leaves
 from moco_dali.train.cli import main, parse
-from moco_dali.train.config import (
-    Config,
-    ConfigError,
-    ViewsConfig,
-    apply_overrides,
-    flat_fields,
-    preset,
-    resume_changes,
-    to_dict,
-)
-from moco_dali.train.validation import augment_config, validate
+from moco_dali.train.config import Config, ConfigError, from_dict, resolve, to_dict
+from moco_dali.train.distributed import Dist
+from moco_dali.train.engine import prepare
+from moco_dali.train.folders import steps_per_epoch
+from moco_dali.train.resume import resume_changes
 
 REPO = Path(__file__).resolve().parents[2]
+META = Dist(rank=0, world=1, local_rank=0, device=torch.device("meta"))
+"""One process whose model and optimizer are built on PyTorch's meta device: every rule is
+checked, no memory is spent (the property tests build thousands)."""
 
 
-def base(tmp_path: Path) -> list[str]:
-    """A valid command line that does no work unless run: resnet18 keeps the meta-device builds quick."""
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory) -> Path:
+    """A small labelled shard folder of 30 drawn images in 3 shards: a real data.train."""
+    from moco_dali.tools.demo.data import generated_dump
+    from moco_dali.tools.shards.build import build
+    from moco_dali.tools.shards.settings import BuildSettings
+
+    root = tmp_path_factory.mktemp("config")
+    generated_dump(root / "raw", per_class=3, seed=0)
+    build(
+        [str(root / "raw")],
+        root / "train",
+        BuildSettings(max_count=10, labels="folder"),
+        workers=0,
+        progress=False,
+    )
+    return root / "train"
+
+
+def base(tmp_path: Path, shards: Path) -> list[str]:
+    """A valid command line that does no work unless run (resnet18, batch 16, K 4096)."""
     return [
         "--preset",
         "v2",
         "--model.arch",
         "resnet18",
+        "--model.K",
+        "4096",
+        "--data.batch_size",
+        "16",
         "--data.train",
-        str(tmp_path / "shards"),
+        str(shards),
         "--run.out",
         str(tmp_path / "out"),
         "--run.device",
@@ -53,10 +75,11 @@ def base(tmp_path: Path) -> list[str]:
 
 
 def refusal(argv: list[str]) -> str:
-    """The ConfigError ``moco-train`` would print for ``argv`` (parse, then validate as the engine does)."""
+    """The ConfigError ``moco-train`` would print for ``argv``: parsed, then prepared as the
+    engine prepares a run (on the meta device)."""
     with pytest.raises(ConfigError) as caught:
         config, _ = parse(argv)
-        validate(config, world=1, cuda=False)
+        prepare(config, META)
     return str(caught.value)
 
 
@@ -64,7 +87,7 @@ def refusal(argv: list[str]) -> str:
 IMPOSSIBLE = [
     (["--optim.lr_per_256", "-0.03"], "optim.lr_per_256"),
     (["--optim.lr_per_256", "0"], "optim.lr_per_256"),
-    (["--data.size", "0"], "data.size"),
+    (["--data.views.size", "0"], "data.views.size"),
     (["--data.batch_size", "0"], "data.batch_size"),
     (["--model.m", "2"], "model.m"),
     (["--model.T", "0"], "model.T"),
@@ -78,6 +101,7 @@ IMPOSSIBLE = [
     (["--data.batch_size", "12"], "model.num_splits"),  # 8 splits do not divide 12
     (["--data.batch_size", "8"], "model.num_splits"),  # one sample per split: BN cannot train on it
     (["--run.max_steps", "-5"], "run.max_steps"),
+    (["--run.epochs", "1000000"], "run.epochs"),  # schedules of more steps than memory holds
     (["--run.seed", "-1"], "run.seed"),
     (
         ["--data.dtype", "float16", "--run.amp", "none"],
@@ -103,7 +127,7 @@ IMPOSSIBLE = [
             "b",
             "--data.eval_resize",
             "16",
-            "--data.size",
+            "--data.views.size",
             "32",
         ],
         "data.eval_resize",
@@ -112,8 +136,8 @@ IMPOSSIBLE = [
 
 
 @pytest.mark.parametrize("extra, key", IMPOSSIBLE, ids=[" ".join(extra) for extra, _ in IMPOSSIBLE])
-def test_each_impossible_value_is_refused_naming_its_key(tmp_path, extra, key):
-    message = refusal([*base(tmp_path), *extra])
+def test_each_impossible_value_is_refused_naming_its_key(tmp_path, extra, key, shards):
+    message = refusal([*base(tmp_path, shards), *extra])
     assert key in message and "\n" not in message, message
 
 
@@ -127,8 +151,8 @@ def test_each_impossible_value_is_refused_naming_its_key(tmp_path, extra, key):
         (["--run.epochs"], "--run.epochs"),  # argparse's own error, one line too
     ],
 )
-def test_the_command_prints_one_line_and_exits_2(tmp_path, capsys, extra, key):
-    assert main([*base(tmp_path), *extra]) == 2
+def test_the_command_prints_one_line_and_exits_2(tmp_path, capsys, extra, key, shards):
+    assert main([*base(tmp_path, shards), *extra]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("moco-train: error: ") and key in err and "\n" not in err, err
     assert not (tmp_path / "out").exists()  # refused before any work
@@ -147,26 +171,23 @@ def _unwritable(tmp_path: Path) -> Path:
     return Path("/sys/fs")  # root writes anywhere but here
 
 
-def test_run_out_that_is_a_file_or_unwritable_is_refused(tmp_path, capsys):
+def test_run_out_that_is_a_file_or_unwritable_is_refused(tmp_path, capsys, shards):
     (tmp_path / "file").write_text("")
-    assert main([*base(tmp_path), "--run.out", str(tmp_path / "file")]) == 2
+    assert main([*base(tmp_path, shards), "--run.out", str(tmp_path / "file")]) == 2
     assert (
         capsys.readouterr().err.strip()
         == f"moco-train: error: run.out {tmp_path / 'file'}: a file, not a folder"
     )
-    # Under a read-only folder: found when the run starts (root passes access() and fails only on trying).
-    from moco_dali.train.validation import check_out
-
-    with pytest.raises(ConfigError, match="run.out .*: (cannot write there|.* is not writable)"):
-        config, _ = parse([*base(tmp_path), "--run.out", str(_unwritable(tmp_path) / "run")])
-        validate(config, world=1, cuda=False)
-        check_out(Path(config.run.out))
+    # Under a read-only folder: found by writing a file there (root passes access()).
+    out = _unwritable(tmp_path) / "run"
+    message = refusal([*base(tmp_path, shards), "--run.out", str(out)])
+    assert message.startswith(f"run.out {out}: cannot write there"), message
 
 
-def test_a_subprocess_refusal_has_no_traceback(tmp_path):
+def test_a_subprocess_refusal_has_no_traceback(tmp_path, shards):
     """The command itself, as a user runs it: exit 2, one line on stderr."""
     result = subprocess.run(
-        [sys.executable, "-m", "moco_dali.train", *base(tmp_path), "--model.m", "2"],
+        [sys.executable, "-m", "moco_dali.train", *base(tmp_path, shards), "--model.m", "2"],
         cwd=REPO,
         capture_output=True,
         text=True,
@@ -181,13 +202,7 @@ def test_a_subprocess_refusal_has_no_traceback(tmp_path):
 # ----------------------------------------------------------------------- property tests
 
 
-def _valid(tmp_path: Path) -> Config:
-    config, _ = parse(base(tmp_path))
-    validate(config, world=1, cuda=False)  # the starting point is valid
-    return config
-
-
-LEAVES = sorted(flat_fields(Config()))
+LEAVES = sorted(leaves(Config))
 ANY_VALUE = st.one_of(
     st.none(),
     st.booleans(),
@@ -230,20 +245,19 @@ def _holds(config_or_error, keys: list[str]) -> None:
         assert any(key in message for key in keys), (keys, message)
 
 
-def _try(tmp_path: Path, overrides: dict) -> object:
-    config = preset("v2")
-    apply_overrides(
-        config,
-        {
-            "model.arch": "resnet18",
-            "data.train": str(tmp_path / "shards"),
-            "run.out": str(tmp_path / "out"),
-            "run.device": "cpu",
-        },
-    )
+def _try(tmp_path: Path, shards: Path, overrides: dict) -> object:
+    fixed = {
+        "model.arch": "resnet18",
+        "model.K": 4096,
+        "data.batch_size": 16,
+        "data.train": str(shards),
+        "run.out": str(tmp_path / "out"),
+        "run.device": "cpu",
+    }
     try:
-        apply_overrides(config, overrides)
-        return validate(config, world=1, cuda=False)
+        config = resolve("v2", None, {**fixed, **overrides})
+        prepare(config, META)
+        return config
     except ConfigError as error:
         return error
 
@@ -252,19 +266,21 @@ def _try(tmp_path: Path, overrides: dict) -> object:
     max_examples=400,
     deadline=None,
     database=None,
+    derandomize=True,
     suppress_health_check=[HealthCheck.function_scoped_fixture],
 )
 @given(key=st.sampled_from(LEAVES), value=ANY_VALUE)
-def test_any_value_of_any_key_validates_or_names_the_key(tmp_path, key, value):
+def test_any_value_of_any_key_validates_or_names_the_key(tmp_path, shards, key, value):
     if key == "run.resume" and isinstance(value, str) and value not in ("", "auto"):
         value = str(tmp_path / "no-such-checkpoint")  # never a path that exists by chance
-    _holds(_try(tmp_path, {key: value}), [key])
+    _holds(_try(tmp_path, shards, {key: value}), [key])
 
 
 @settings(
     max_examples=150,
     deadline=None,
     database=None,
+    derandomize=True,
     suppress_health_check=[HealthCheck.function_scoped_fixture],
 )
 @given(
@@ -272,39 +288,48 @@ def test_any_value_of_any_key_validates_or_names_the_key(tmp_path, key, value):
         st.sampled_from([k for k in LEAVES if k != "run.resume"]), ANY_VALUE, min_size=2, max_size=4
     )
 )
-def test_several_bad_values_name_one_of_them(tmp_path, values):
-    _holds(_try(tmp_path, values), list(values))
+def test_several_bad_values_name_one_of_them(tmp_path, shards, values):
+    _holds(_try(tmp_path, shards, values), list(values))
 
 
-def test_the_property_catches_a_rule_that_names_nothing(tmp_path, monkeypatch):
+def test_the_property_catches_a_rule_that_names_nothing(tmp_path, shards, monkeypatch):
     """A check that forgets its key fails ``_holds``: the property would catch it."""
-    from moco_dali.train import validation
+    from moco_dali.common import options
 
-    monkeypatch.setattr(validation, "_say", lambda key, value, error: str(error))
+    monkeypatch.setattr(options, "_say", lambda key, field, value, error: str(error))
     with pytest.raises(AssertionError):
-        _holds(_try(tmp_path, {"model.m": 2}), ["model.m"])
+        _holds(_try(tmp_path, shards, {"model.m": 2}), ["model.m"])
 
 
 # ----------------------------------------------------------------------- the views
 
 
-def test_views_expose_every_field_of_the_recipe():
-    from moco_dali.pipeline.augment import AugmentConfig
+def test_the_tree_holds_the_owners_classes_and_declares_each_key_once():
+    """data.views is the pipeline's AugmentConfig, the reading keys its ReadConfig: their fields
+    are the tree's keys, with no copy of them anywhere in train/config.py."""
+    from moco_dali.pipeline.config import ReadConfig
+    from moco_dali.pipeline.recipes import AugmentConfig
 
-    assert {f.name for f in dataclasses.fields(ViewsConfig)} == {
-        f.name for f in dataclasses.fields(AugmentConfig)
-    } - {"size"}
+    keys = set(leaves(Config))
+    views = {f"data.views.{f.name}" for f in dataclasses.fields(AugmentConfig)}
+    read = {f"data.{f.name}" for f in dataclasses.fields(ReadConfig)}
+    assert views <= keys and read <= keys
+    config = Config()
+    assert type(config.data.views) is AugmentConfig and type(config.data.read) is ReadConfig
+    source = (REPO / "train" / "config.py").read_text()
+    for name in ("jitter_p", "crop_scale", "hue_space", "shuffle_buffer", "hw_decoder_load"):
+        assert f"{name}:" not in source  # declared where it is owned, not restated
 
 
-def test_preset_fills_the_views_and_keys_override_them(tmp_path):
-    from moco_dali.pipeline.augment import v1, v2
+def test_preset_fills_the_views_and_keys_override_them(tmp_path, shards):
+    from moco_dali.pipeline.recipes import v1, v2
 
-    config, _ = parse(base(tmp_path))
-    assert augment_config(config) == v2(224)
+    config, _ = parse(base(tmp_path, shards))
+    assert config.data.views == v2(224)
     assert to_dict(config)["data"]["views"]["blur_p"] == 0.5  # resolved, as config.json shows it
     config, _ = parse(
         [
-            *base(tmp_path),
+            *base(tmp_path, shards),
             "--data.preset",
             "v1",
             "--data.views.jitter_p",
@@ -316,52 +341,56 @@ def test_preset_fills_the_views_and_keys_override_them(tmp_path):
         ]
     )
     expected = dataclasses.replace(v1(224), jitter_p=0.8, crop_scale=(0.08, 1.0), blur_p=0.0)
-    assert augment_config(config) == expected
+    assert config.data.views == expected
     assert config.data.views.gray_before_jitter is True  # v1's, not v2's
 
 
-def test_views_from_toml_and_yaml_sections(tmp_path):
+def test_views_from_toml_and_yaml_sections(tmp_path, shards):
     (tmp_path / "run.toml").write_text(
         '[data]\npreset = "v1"\n[data.views]\njitter_p = 0.8\nblur_sigma = [0.5, 1.5]\n'
     )
     (tmp_path / "run.yaml").write_text("data:\n  views:\n    flip_p: 0.0\n    hue_space: yiq\n")
     config, _ = parse(
-        [*base(tmp_path), "--config", str(tmp_path / "run.toml"), "--data.views.jitter_p", "0.6"]
+        [
+            *base(tmp_path, shards),
+            "--config",
+            str(tmp_path / "run.toml"),
+            "--data.views.jitter_p",
+            "0.6",
+        ]
     )
     assert (config.data.views.jitter_p, config.data.views.blur_sigma, config.data.views.gray_p) == (
         0.6,
         (0.5, 1.5),
         0.2,
     )
-    config, _ = parse([*base(tmp_path), "--config", str(tmp_path / "run.yaml")])
-    assert (augment_config(config).flip_p, augment_config(config).hue_space) == (0.0, "yiq")
+    config, _ = parse([*base(tmp_path, shards), "--config", str(tmp_path / "run.yaml")])
+    assert (config.data.views.flip_p, config.data.views.hue_space) == (0.0, "yiq")
     (tmp_path / "bad.toml").write_text("[data.views]\njitter_q = 0.8\n")
     assert "unknown key 'data.views.jitter_q' (did you mean data.views.jitter_p?)" in refusal(
-        [*base(tmp_path), "--config", str(tmp_path / "bad.toml")]
+        [*base(tmp_path, shards), "--config", str(tmp_path / "bad.toml")]
     )
-    assert "'data.views' is a section" in refusal([*base(tmp_path), "--data.views", "1"])
+    assert "'data.views' is a section" in refusal([*base(tmp_path, shards), "--data.views", "1"])
 
 
-def test_the_resolved_views_survive_a_round_trip_through_config_json(tmp_path):
-    from moco_dali.train.config import from_dict
-
-    config, _ = parse([*base(tmp_path), "--data.views.jitter", "0.2,0.2,0.2,0.05"])
+def test_the_resolved_views_survive_a_round_trip_through_config_json(tmp_path, shards):
+    config, _ = parse([*base(tmp_path, shards), "--data.views.jitter", "0.2,0.2,0.2,0.05"])
     again = from_dict(json.loads(json.dumps(to_dict(config))))
-    assert augment_config(again) == augment_config(config)
+    assert again.data.views == config.data.views
     assert resume_changes(to_dict(config), again) == ({}, {})
 
 
 # ----------------------------------------------------------------------- resuming with other keys
 
 
-def test_keys_that_change_the_state_or_meaning_are_refused_the_others_allowed(tmp_path):
-    stored, _ = parse(base(tmp_path))
+def test_keys_that_change_the_state_or_meaning_are_refused_the_others_allowed(tmp_path, shards):
+    stored, _ = parse(base(tmp_path, shards))
     stored = to_dict(stored)
     changed, _ = parse(
         [
-            *base(tmp_path),
+            *base(tmp_path, shards),
             "--model.K",
-            "4096",
+            "8192",
             "--data.batch_size",
             "128",
             "--optim.lr_per_256",
@@ -387,16 +416,27 @@ def test_keys_that_change_the_state_or_meaning_are_refused_the_others_allowed(tm
         "run.epochs",
     }
     assert set(allowed) == {"run.max_steps", "run.log_every", "data.threads"}
-    assert refused["model.K"] == (65536, 4096)
+    assert refused["model.K"] == (4096, 8192)
     # The same shard folder spelled another way is the same folder.
-    relative, _ = parse([*base(tmp_path), "--data.train", os.path.relpath(tmp_path / "shards")])
+    relative, _ = parse([*base(tmp_path, shards), "--data.train", os.path.relpath(shards)])
     assert resume_changes(stored, relative) == ({}, {})
 
 
+def test_stored_configurations_of_earlier_versions_are_read_with_their_keys_renamed(
+    tmp_path, shards
+):
+    """A checkpoint of the version before data.views held the recipe stores data.size."""
+    config, _ = parse(base(tmp_path, shards))
+    stored = to_dict(config)
+    stored["data"]["size"] = stored["data"]["views"].pop("size")
+    assert from_dict(stored).data.views.size == config.data.views.size
+    assert resume_changes(stored, config) == ({}, {})
+
+
 def test_numbers_parse_as_their_types():
-    config = Config()
-    apply_overrides(
-        config,
+    config = resolve(
+        "v2",
+        None,
         {
             "run.epochs": "7",
             "optim.milestones": "[3, 4.5]",
@@ -419,15 +459,16 @@ def test_numbers_parse_as_their_types():
         ("run.epochs", 2**70),
     ):
         with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
-            apply_overrides(Config(), {key: value})
+            resolve("v2", None, {key: value})
     assert math.isclose(config.run.knn_t, 0.05)
 
 
 def test_the_training_folder_is_checked_from_its_manifest_alone(tmp_path):
-    """A whole batch for every rank, from the shard counts: what the loader would refuse, before any work."""
+    """A whole batch for every rank, from the shard counts: what the loader would refuse, before
+    any work."""
     from moco_dali.tools.demo.data import generated_dump
-    from moco_dali.tools.shards.build import BuildSettings, build
-    from moco_dali.train.validation import check_train_folder
+    from moco_dali.tools.shards.build import build
+    from moco_dali.tools.shards.settings import BuildSettings
 
     generated_dump(tmp_path / "raw", per_class=3, seed=0)  # 30 images
     build(
@@ -440,22 +481,22 @@ def test_the_training_folder_is_checked_from_its_manifest_alone(tmp_path):
     config = Config()
     config.data.train = str(tmp_path / "train")
     config.data.batch_size = 30
-    check_train_folder(config, world=1)
-    check_train_folder(config, world=3)  # a shard of 10 for each rank
+    assert steps_per_epoch(config, world=1) == 1
+    assert steps_per_epoch(config, world=3) == 1  # a shard of 10 for each rank
     with pytest.raises(
         ConfigError,
         match=r"^data.batch_size 30 leaves a rank of 2 no whole batch of 15 per epoch in "
         r"data.train .* \(30 samples in 3 shards dealt whole to the ranks\); use fewer",
     ):
-        check_train_folder(config, world=2)  # shards are dealt whole: 20 and 10
+        steps_per_epoch(config, world=2)  # shards are dealt whole: 20 and 10
     config.data.batch_size = 32
     with pytest.raises(
         ConfigError,
         match=r"^data.batch_size 32 is larger than the 30 samples of data.train .*: use a "
         "smaller batch or more samples$",
     ):
-        check_train_folder(config, world=1)
+        steps_per_epoch(config, world=1)
     for shard in (tmp_path / "train").glob("*.tar"):
         shard.unlink()  # the shards are not opened: the loader's ranks open their own
     config.data.batch_size = 30
-    check_train_folder(config, world=1)
+    steps_per_epoch(config, world=1)

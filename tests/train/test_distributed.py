@@ -25,10 +25,8 @@ def test_the_process_group_waits_as_long_as_configured(monkeypatch):
 
 
 def test_the_timeout_is_a_validated_run_key():
-    from moco_dali.train.config import Config, ConfigError, apply_overrides
-    from moco_dali.train.validation import validate
+    from moco_dali.train.config import Config, ConfigError, resolve
 
-    config = apply_overrides(Config(), {"data.train": "x", "run.dist_timeout_s": "0"})
     with pytest.raises(ConfigError, match="run.dist_timeout_s must be at least 1, got 0"):
-        validate(config, world=1, cuda=False)
+        resolve("v2", None, {"data.train": "x", "run.dist_timeout_s": "0"})
     assert Config().run.dist_timeout_s == 1800

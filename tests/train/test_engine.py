@@ -16,7 +16,8 @@ import pytest
 import torch
 
 from moco_dali.tools.demo.data import generated_dump
-from moco_dali.tools.shards.build import BuildSettings, build
+from moco_dali.tools.shards.build import build
+from moco_dali.tools.shards.settings import BuildSettings
 from moco_dali.train import checkpoint
 from tests.train.runs import REPO, TINY, losses, metrics, moco_train
 
@@ -179,11 +180,14 @@ def _keys_with_gradients(monkeypatch):
     monkeypatch.setattr(MoCo, "_keys", lambda self, im_k: self._normalize(self.encoder_q(im_k)))
 
 
+# Each broken engine, the steps that show its fault and the fault ``learned`` names. The two
+# that solve the task at once are caught by a bound a correct engine never comes near (3-7%
+# over steps 3-12, against 30%), so 24 steps show them; the others need the whole run.
 BROKEN = {
-    "no momentum update": _no_momentum,
-    "queue never written": _queue_never_written,
-    "identical views": _identical_views,
-    "keys with gradients": _keys_with_gradients,
+    "no momentum update": (_no_momentum, 160, "over the last 40 steps, outside 12-60%"),
+    "queue never written": (_queue_never_written, 24, "solved before learning anything"),
+    "identical views": (_identical_views, 160, "over the last 40 steps, outside 12-60%"),
+    "keys with gradients": (_keys_with_gradients, 24, "solved before learning anything"),
 }
 
 
@@ -193,9 +197,18 @@ def test_the_learning_check_fails_a_broken_engine(data, tmp_path, monkeypatch, b
     from moco_dali.train.cli import parse
     from moco_dali.train.engine import train
 
-    BROKEN[broken](monkeypatch)
+    breaking, steps, fault = BROKEN[broken]
+    breaking(monkeypatch)
     config, _ = parse(
-        [*LEARN, "--data.train", str(data["train"]), "--run.out", str(tmp_path / "run")]
+        [
+            *LEARN,
+            "--run.max_steps",
+            str(steps),
+            "--data.train",
+            str(data["train"]),
+            "--run.out",
+            str(tmp_path / "run"),
+        ]
     )
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as the command-line runs, under OMP_NUM_THREADS=1
@@ -203,7 +216,8 @@ def test_the_learning_check_fails_a_broken_engine(data, tmp_path, monkeypatch, b
         train(config)
     finally:
         torch.set_num_threads(threads)
-    assert learned(metrics(tmp_path / "run")) != []
+    faults = learned(metrics(tmp_path / "run"))
+    assert any(fault in f for f in faults), faults
 
 
 def test_lars_runs_and_its_state_is_checkpointed(data, tmp_path):
@@ -358,7 +372,7 @@ def test_non_finite_losses_stop_the_run_leaving_the_last_good_checkpoint(data, t
         (["--run.epochs", "many"], "run.epochs: expected int, got 'many'"),
         (
             ["--optim.schedule", "linear"],
-            "optim.schedule: unknown schedule 'linear'; choose step or cosine",
+            "optim.schedule 'linear': choose step, cosine",
         ),
         (["--optim.name", "adam"], "optim.name: optimizer 'adam': choose sgd or lars"),
     ],
@@ -370,15 +384,14 @@ def test_configuration_errors_are_one_line(data, extra, message):
 
 
 def test_batch_not_divisible_by_world_and_missing_shards(data, tmp_path):
-    from moco_dali.train.config import ConfigError, preset
-    from moco_dali.train.validation import validate
+    from moco_dali.train.config import ConfigError, check, preset
 
     config = preset("v2")
     config.data.train = str(data["train"])
     with pytest.raises(
         ConfigError, match="data.batch_size 256 is not divisible by the world size 3"
     ):
-        validate(config, world=3, cuda=False)
+        check(config, world=3, cuda=False, amp=False)
     result = moco_train(*TINY, "--data.train", str(tmp_path))
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [

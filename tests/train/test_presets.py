@@ -17,7 +17,7 @@ def test_cifar_preset_is_the_authors_cifar10_demonstration():
         "auto",
         8,
     )
-    assert (d.preset, d.size, d.eval_resize, d.batch_size) == ("cifar", 32, 32, 512)
+    assert (d.preset, d.views.size, d.eval_resize, d.batch_size) == ("cifar", 32, 32, 512)
     assert o.lr_per_256 * d.batch_size / 256 == 0.06
     assert (o.name, o.momentum, o.weight_decay, o.schedule) == ("sgd", 0.9, 5e-4, "cosine")
     assert (r.epochs, r.knn_every, r.knn_k, r.knn_t) == (200, 1, 200, 0.1)

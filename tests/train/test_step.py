@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -26,7 +28,8 @@ def _step(device: torch.device, amp: str, views: tuple[torch.Tensor, torch.Tenso
         "split",
         2,
     )
-    config.data.batch_size, config.data.size = 16, 32
+    config.data.batch_size = 16
+    config.data.views = dataclasses.replace(config.data.views, size=32)
     config.run.amp, config.run.channels_last = amp, True
     torch.manual_seed(0)
     model = build_model(config, device)

@@ -7,6 +7,8 @@ sharded once per run.
 
 from __future__ import annotations
 
+import os
+import resource
 import statistics
 import tempfile
 import time
@@ -14,6 +16,12 @@ from pathlib import Path
 from typing import Callable, Iterable, Iterator, Optional
 
 import torch
+
+from ...pipeline import shards as shard_format
+from ...pipeline.reference import reference_loader, worker_split
+from ..shards.build import build
+from ..shards.settings import BuildSettings
+from .synthetic import generate
 
 __all__ = [
     "sync",
@@ -146,15 +154,11 @@ def settle(feed: Optional[Feed], feeds: Iterable[Feed], max_wait_s: float = 30.0
 
 def peak_memory(device: torch.device) -> dict:
     """Peak memory of this process: GPU (through NVML, which sees DALI's pools too) and host RSS."""
-    import resource
-
     memory = {"host_peak_rss_MB": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
     if device.type == "cuda":
         memory["torch_peak_allocated_MB"] = torch.cuda.max_memory_allocated(device) / 2**20
         try:
-            import os
-
-            import pynvml
+            import pynvml  # optional: not in the lock, used where the machine has it
 
             pynvml.nvmlInit()
             handle = pynvml.nvmlDeviceGetHandleByIndex(device.index or 0)
@@ -171,13 +175,11 @@ def peak_memory(device: torch.device) -> dict:
 
 def synthetic_photos(args) -> tuple[Path, dict]:
     """Generated ImageNet-like JPEGs (``moco_dali.tools.bench.synthetic``), made once per run."""
-    if getattr(args, "_photos", None) is None:
-        from .synthetic import generate
-
+    if "photos" not in args.shared:
         work = Path(tempfile.mkdtemp(prefix="moco-bench-"))
-        info = generate(work / "photos", args.synthetic, seed=0)
-        args._photos = (work / "photos", info)
-    return args._photos
+        info = generate(work / "photos", args.options.synthetic, seed=0)
+        args.shared["photos"] = (work / "photos", info)
+    return args.shared["photos"]
 
 
 def shards_for(args) -> tuple[Path, Optional[dict]]:
@@ -186,21 +188,19 @@ def shards_for(args) -> tuple[Path, Optional[dict]]:
     Generated photos are cut into at least as many shards as the reference loader has
     workers, so that each of them reads whole shards of its own, as on a real data set.
     """
-    if args.shards is not None:
-        return args.shards, None
-    if getattr(args, "_built", None) is None:
-        from ..shards.build import BuildSettings, build
-
+    if args.options.shards is not None:
+        return args.options.shards, None
+    if "shards" not in args.shared:
         photos, info = synthetic_photos(args)
-        per_shard = max(1, min(1000, args.synthetic // max(1, getattr(args, "workers", 1) or 1)))
+        per_shard = max(1, min(1000, args.options.synthetic // max(1, args.options.workers or 1)))
         build(
             [str(photos)],
             photos.parent / "shards",
             BuildSettings(max_count=per_shard),
             progress=False,
         )
-        args._built = (photos.parent / "shards", info)
-    return args._built
+        args.shared["shards"] = (photos.parent / "shards", info)
+    return args.shared["shards"]
 
 
 def reference_feed(
@@ -215,9 +215,6 @@ def reference_feed(
 
     ``layout`` is applied to both views of each batch (the step's dtype and memory format).
     """
-    from ...pipeline import shards as shard_format
-    from ...pipeline.reference import reference_loader, worker_split
-
     loader = reference_loader(shards, cfg, batch_size, workers=workers, device=device, repeat=True)
     if layout is not None:
         loader = ((layout(view_q), layout(view_k)) for view_q, view_k in loader)

@@ -1,16 +1,9 @@
-"""The DALI side of a timed run: one long epoch across every timed window, and what a new epoch costs.
+"""The DALI side of a timed run: one epoch across every timed window, and what a new epoch costs.
 
-``ViewLoader`` closes its DALI pipeline at the end of each epoch (and window) and
-builds a new one for the next: each epoch deals whole shards to the ranks anew, and
-its pipeline is seeded by (seed, epoch, rank, window) for an exact resume. Over a
-benchmark folder of a few batches per epoch, that rebuild and the shuffle buffer's
-refill would land inside the timed windows every few batches, while the reference
-DataLoader's workers loop without a pause. So the DALI loader reads a view of the
-folder in which each shard is listed several times under linked names (hard links,
-symbolic links across file systems: the same bytes, the same page cache): one epoch
-spans every batch the run draws, and the distinct samples read are the ones the
-reference reads. What a new epoch costs is measured apart (``epoch_reopens``): the
-wait for an epoch's first batch beside the loader's steady time per batch.
+``ViewLoader`` builds a new pipeline per epoch (a new deal of shards); over a benchmark folder
+of a few batches that rebuild would land inside the timed windows. So DALI reads a view of the
+folder listing each shard several times under linked names (the same bytes, the same page
+cache), and ``epoch_reopens`` measures a new epoch's cost apart.
 """
 
 from __future__ import annotations
@@ -25,12 +18,15 @@ import time
 from pathlib import Path
 from typing import Callable, Optional
 
+from ...common.files import write_json_atomic
+from ...pipeline import shards
+
 __all__ = ["draws", "view_folder", "Epochs", "epoch_reopens"]
 
 
 def draws(args, backlog: int) -> int:
     """Batches a contender's feed gives over a run: the warm-up, then before each window a drained backlog."""
-    return backlog + args.warmup + args.reps * (backlog + args.batches) + 1
+    return backlog + args.options.warmup + args.options.reps * (backlog + args.options.batches) + 1
 
 
 def view_folder(
@@ -41,8 +37,6 @@ def view_folder(
     With more than ``max_samples`` in ``folder``, the view lists its first shards up to
     ``min_samples``; with fewer than ``min_samples``, every shard ``copies`` times.
     """
-    from ...pipeline import shards
-
     manifest = shards.load_manifest(folder)
     counts, entries = manifest.counts, manifest.data["shards"]
     total = int(counts.sum())
@@ -68,7 +62,7 @@ def view_folder(
                 _link(manifest.path(entry[key]), view / named[key])
             listed.append(named)
     samples = sum(int(e["samples"]) for e in listed)
-    shards.write_json_atomic(
+    write_json_atomic(
         view / shards.MANIFEST_NAME,
         {
             **manifest.data,

@@ -80,38 +80,46 @@ def bench_momentum(args) -> dict:
     torch.manual_seed(0)
     encoders = []
     for _ in range(2):
-        encoder = resnet(args.arch)(num_classes=128)
-        if args.mlp:
+        encoder = resnet(args.tree.model.arch)(num_classes=128)
+        if args.tree.model.mlp:
             add_mlp_head(encoder)
         encoders.append(encoder.to(device))
     key, query = encoders
     params = list(key.parameters())
     param_bytes = sum(p.numel() * p.element_size() for p in params)
     results, floor_times, floor = time_updates(
-        params, list(query.parameters()), device, args.calls, args.reps
+        params, list(query.parameters()), device, args.options.calls, args.options.reps
     )
     bandwidth = floor.bytes_moved / (floor_times["median_ms"] / 1e3)
     floor_ms = 3 * param_bytes / bandwidth * 1e3  # read theta_k and theta_q, write theta_k
 
-    queue = KeyQueue(args.K, 128).to(device)
-    keys = torch.nn.functional.normalize(torch.randn(args.batch, 128, device=device), dim=1)
-    q = torch.nn.functional.normalize(torch.randn(args.batch, 128, device=device), dim=1)
-    enqueue = summary(time_ms(lambda: queue.enqueue(keys), device, args.calls * args.reps))
-    negatives = summary(time_ms(lambda: q @ queue.keys().t(), device, args.calls * args.reps))
+    queue = KeyQueue(args.tree.model.K, 128).to(device)
+    keys = torch.nn.functional.normalize(
+        torch.randn(args.tree.data.batch_size, 128, device=device), dim=1
+    )
+    q = torch.nn.functional.normalize(
+        torch.randn(args.tree.data.batch_size, 128, device=device), dim=1
+    )
+    enqueue = summary(
+        time_ms(lambda: queue.enqueue(keys), device, args.options.calls * args.options.reps)
+    )
+    negatives = summary(
+        time_ms(lambda: q @ queue.keys().t(), device, args.options.calls * args.options.reps)
+    )
 
     best = min((n for n in results if n != "loop"), key=lambda n: results[n]["median_ms"])
     return {
         "mode": "momentum",
         "config": {
-            "arch": args.arch,
-            "mlp_head": args.mlp,
+            "arch": args.tree.model.arch,
+            "mlp_head": args.tree.model.mlp,
             "parameters": sum(p.numel() for p in params),
             "tensors": len(params),
             "param_bytes": param_bytes,
-            "K": args.K,
-            "batch": args.batch,
-            "calls": args.calls,
-            "reps": args.reps,
+            "K": args.tree.model.K,
+            "batch": args.tree.data.batch_size,
+            "calls": args.options.calls,
+            "reps": args.options.reps,
             "device": str(device),
         },
         # The key keeps its name for the records and charts that read it; the probe is FloorPass.

@@ -9,9 +9,7 @@ the mean file size closest to a target.
 
 from __future__ import annotations
 
-import argparse
 import glob
-import json
 import logging
 import multiprocessing
 import os
@@ -20,12 +18,17 @@ import shutil
 import subprocess
 import sys
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
 
 import numpy as np
 import simplejpeg
 from PIL import Image
+
+from ...common.commandline import Parser, add_flags, from_flags
+from ...common.files import write_json_atomic
+from ...common.options import OptionError, option
 
 __all__ = ["DEBIAN_PHOTOS", "fetch_debian_photos", "make_photoset"]
 
@@ -157,29 +160,38 @@ def make_photoset(
     return info
 
 
+@dataclass
+class PhotosetOptions:
+    out: Path = option(required=True)
+    """Folder to write photos/ and photoset.json into."""
+    count: int = 2000
+    """Photographs to make."""
+    src: Optional[Path] = None
+    """Folder of source photographs (default: fetch Debian's)."""
+    target_kb: float = 110.0
+    """Mean file size sought, in KB."""
+    quality: Optional[int] = None
+    """A fixed JPEG quality instead of --target-kb."""
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", required=True, type=Path)
-    parser.add_argument("--count", type=int, default=2000)
-    parser.add_argument(
-        "--src",
-        type=Path,
-        default=None,
-        help="folder of source photographs (default: fetch Debian's)",
+    parser = Parser(
+        prog="python -m moco_dali.tools.bench.photoset", description=__doc__.split("\n\n")[0]
     )
-    parser.add_argument("--target-kb", type=float, default=110.0)
-    parser.add_argument(
-        "--quality", type=int, default=None, help="fixed JPEG quality instead of --target-kb"
-    )
-    args = parser.parse_args(argv)
+    add_flags(parser, PhotosetOptions)
+    try:
+        opts = from_flags(PhotosetOptions, parser.parse_args(argv))
+    except OptionError as exc:
+        print(f"{exc.prog}: error: {exc}", file=sys.stderr)
+        return 2
     logging.basicConfig(level=logging.INFO)
     sources = (
-        sorted(args.src.glob("*.jpg")) if args.src else fetch_debian_photos(args.out / "_sources")
+        sorted(opts.src.glob("*.jpg")) if opts.src else fetch_debian_photos(opts.out / "_sources")
     )
     info = make_photoset(
-        sources, args.out / "photos", args.count, target_kb=args.target_kb, quality=args.quality
+        sources, opts.out / "photos", opts.count, target_kb=opts.target_kb, quality=opts.quality
     )
-    (args.out / "photoset.json").write_text(json.dumps(info) + "\n")
+    write_json_atomic(opts.out / "photoset.json", info)
     print(info)
     return 0
 

@@ -11,8 +11,14 @@ new epoch costs it is measured apart and reported beside the rates.
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
+from ...pipeline import shards as shard_format
+from ...pipeline.config import LoaderConfig
+from ...pipeline.graph import decode_pipeline
+from ...pipeline.loader import ViewLoader
 from .common import (
     Feed,
     peak_memory,
@@ -37,23 +43,16 @@ TIMING = (
 
 
 def bench_pipeline(args) -> dict:
-    from ...pipeline import shards as shard_format
-    from ...pipeline.augment import preset
-    from ...pipeline.loader import LoaderConfig, ViewLoader, decode_pipeline
-
     device = torch.device(args.device)
     gpu = device.type == "cuda"
     shards, photoset = shards_for(args)
     original = shard_format.load_manifest(
         shards
     )  # what the record describes, whatever the DALI view lists
-    cfg = preset(args.preset, args.size, hue_space=args.hue_space)
+    cfg = args.tree.data.views
+    dtype = args.views_dtype
     loader_config = LoaderConfig(
-        batch_size=args.batch,
-        dtype=args.dtype,
-        threads=args.threads,
-        hw_decoder_load=args.hw_decoder_load,
-        labels=False,
+        batch_size=args.tree.data.batch_size, dtype=dtype, labels=False, read=args.tree.data.read
     )
 
     def make_loader(folder):
@@ -61,32 +60,40 @@ def bench_pipeline(args) -> dict:
 
     # Both loaders are built and started here, once, and repeat for the whole run; DALI's
     # one epoch holds every batch the run draws, so that no window pays for a new epoch.
-    view, view_info = view_folder(shards, draws(args, loader_config.prefetch) * args.batch)
+    view, view_info = view_folder(
+        shards, draws(args, loader_config.read.prefetch) * args.tree.data.batch_size
+    )
     dali = make_loader(view)
     epochs = Epochs(dali, lambda b: (b.view_q, b.view_k))
-    reference, reference_config = reference_feed(shards, cfg, args.batch, args.workers, device)
+    reference, reference_config = reference_feed(
+        shards, cfg, args.tree.data.batch_size, args.options.workers, device
+    )
     contenders = {
-        "dali": Feed(iter(epochs), backlog=loader_config.prefetch),
+        "dali": Feed(iter(epochs), backlog=loader_config.read.prefetch),
         "reference": reference,
     }
 
-    warm_up(contenders.values(), args.warmup, device)
+    warm_up(contenders.values(), args.options.warmup, device)
     seconds: dict[str, list[float]] = {name: [] for name in contenders}
     settle_s = 0.0
     opened = epochs.opened
-    for _ in range(args.reps):
+    for _ in range(args.options.reps):
         for name, feed in contenders.items():
             settle_s += settle(feed, contenders.values())
-            seconds[name].append(timed_window(feed, args.batches, device))
+            seconds[name].append(timed_window(feed, args.options.batches, device))
     opened_while_timing = epochs.opened - opened
-    pairs = args.batches * args.batch
+    pairs = args.options.batches * args.tree.data.batch_size
     results = {name: rates(pairs, ts, "pairs") for name, ts in seconds.items()}
     memory = peak_memory(device)  # before the decode-only pipeline adds its own buffers
 
     # What a new epoch costs, which the timed windows above no longer include.
     settle(None, contenders.values())
     reopen = epoch_reopens(
-        make_loader, shards, args.batch, loader_config.prefetch, lambda: sync(device)
+        make_loader,
+        shards,
+        args.tree.data.batch_size,
+        loader_config.read.prefetch,
+        lambda: sync(device),
     )
 
     # The ceiling: the same reader and decoder with nothing after them. Timed after the
@@ -94,34 +101,34 @@ def bench_pipeline(args) -> dict:
     settle(None, contenders.values())
     decoder = decode_pipeline(
         shards,
-        args.batch,
-        threads=args.threads,
-        hw_decoder_load=args.hw_decoder_load,
+        args.tree.data.batch_size,
+        threads=args.tree.data.read.threads,
+        hw_decoder_load=args.tree.data.read.hw_decoder_load,
         device_id=(device.index or 0) if gpu else None,
     )
     decoded = Feed(iter(decoder.run, None), backlog=2)
-    timed_window(decoded, args.warmup, device)
+    timed_window(decoded, args.options.warmup, device)
     decode_s = []
-    for _ in range(args.reps):
+    for _ in range(args.options.reps):
         settle(decoded, [decoded])
-        decode_s.append(timed_window(decoded, args.batches, device))
+        decode_s.append(timed_window(decoded, args.options.batches, device))
     return {
         "mode": "pipeline",
         "config": {
             "shards": str(shards),
             "samples": original.samples,
             "shard_files": len(original.counts),
-            "preset": args.preset,
-            "size": args.size,
-            "augment": cfg.to_dict(),
-            "batch": args.batch,
-            "batches": args.batches,
-            "warmup": args.warmup,
-            "reps": args.reps,
-            "dtype": args.dtype,
-            "dali_threads": args.threads or "default",
+            "preset": args.tree.data.preset,
+            "size": args.tree.data.views.size,
+            "augment": dataclasses.asdict(cfg),
+            "batch": args.tree.data.batch_size,
+            "batches": args.options.batches,
+            "warmup": args.options.warmup,
+            "reps": args.options.reps,
+            "dtype": dtype,
+            "dali_threads": args.tree.data.read.threads or "default",
             **reference_config,
-            "hw_decoder_load": args.hw_decoder_load if gpu else None,
+            "hw_decoder_load": args.tree.data.read.hw_decoder_load if gpu else None,
             "device": str(device),
             "decoder": "mixed (nvJPEG)" if gpu else "cpu (libjpeg-turbo)",
             "timing": TIMING,

@@ -1,21 +1,10 @@
 """``moco-bench scale``: a training rank's start-up time and host memory as the data set grows.
 
-Writes synthetic shard folders directly, in seconds rather than a build: real tars of
-tiny JPEGs (16x16) with ``.cls`` and ``.json`` members, their DALI indexes and a
-manifest in the project's format; a shard's bytes are written once per distinct size
-and hard-linked under every shard's name (a thousand to a file, under ext4's link
-limit), so a million samples cost a few MB of disk and every byte a reader touches is
-real. Then, for world sizes 1, 8 and 64, rank 0 and the last rank each start in a
-fresh process of their own, one at a time: the time to a built ``ViewLoader`` (the
-training configuration: v2 views, shuffled, whole batches) and to its first batch,
-and the process's peak resident memory, with what the imports alone cost. A fit of
-time and memory against what a rank reads whole (the manifest's shard count S) and
-the samples its DALI reader is given (R) extrapolates to 1e9 samples in 100,000 shards
-of 10,000 at world 64; the assumptions are printed with it and written to the record.
-
-``--pipeline-from DIR`` measures the ``pipeline`` package of another checkout (the
-commit before a change, say) with this same benchmark: the before and after of one
-change, on one machine.
+Writes synthetic shard folders in the project's format in seconds (a shard's bytes written once
+and hard-linked under every name), then times rank 0 and the last rank of each world size, each
+in a fresh process, to a built ``ViewLoader`` and its first batch, with its peak memory; a fit
+against the manifest's shard count and the samples a reader is given extrapolates to 1e9
+samples at world 64. ``--pipeline-from DIR`` measures another checkout's ``pipeline``.
 """
 
 from __future__ import annotations
@@ -45,7 +34,10 @@ _LINKS_PER_FILE = 1_000
 
 
 def _shard_bytes(samples: int, classes: int) -> tuple[bytes, str]:
+    # Imported lazily: a measuring child may first swap in another checkout's pipeline
+    # (--pipeline-from), which must not find this one's already loaded.
     from ...pipeline import shards
+    from ..shards.tar import encode_sample
 
     rng = np.random.default_rng(0)
     jpegs = [
@@ -56,7 +48,7 @@ def _shard_bytes(samples: int, classes: int) -> tuple[bytes, str]:
     for i in range(samples):
         key = f"{i:010d}"
         meta = json.dumps({"source": f"synthetic/{key}.jpg", "size": [16, 16]}).encode()
-        encoded, members = shards.encode_sample(
+        encoded, members = encode_sample(
             key, [("jpg", jpegs[i % 16]), ("cls", str(i % classes).encode()), ("json", meta)]
         )
         lines.append(shards.index_line((e, len(blob) + o, s, n) for e, o, s, n in members))
@@ -67,7 +59,7 @@ def _shard_bytes(samples: int, classes: int) -> tuple[bytes, str]:
 
 def write_folder(out: Path, samples: int, num_shards: int, classes: int = 10) -> Path:
     """A shard folder of ``samples`` synthetic samples in ``num_shards`` shards, in the project's format."""
-    from ...pipeline import shards
+    from ...pipeline import shards  # lazily, as above
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -111,7 +103,9 @@ def write_folder(out: Path, samples: int, num_shards: int, classes: int = 10) ->
     ]
     # The builder's own manifest writer, so that the folder has exactly a build's fields
     # (version 2: a rejected count, its reasons and the log beside it, here empty).
-    from ..shards.build import BuildSettings, _manifest
+    from ...common.files import write_json_atomic  # lazily, as above
+    from ..shards.build import _manifest  # lazily, as above
+    from ..shards.settings import BuildSettings  # lazily, as above
 
     identity = {
         "classes": names,
@@ -130,7 +124,7 @@ def write_folder(out: Path, samples: int, num_shards: int, classes: int = 10) ->
     )
     manifest["settings"]["generator"] = "moco-bench scale"
     (out / shards.rejected_name()).write_text("")
-    shards.write_json_atomic(out / shards.MANIFEST_NAME, manifest)
+    write_json_atomic(out / shards.MANIFEST_NAME, manifest)
     return out
 
 
@@ -161,13 +155,23 @@ def _child(spec: dict) -> dict:
         _use_pipeline_from(spec["pipeline_from"])
     import torch  # noqa: F401  (the imports are not the start-up being measured)
 
-    from ...pipeline.augment import v2
-    from ...pipeline.loader import LoaderConfig, ViewLoader
+    try:  # imported lazily: after _use_pipeline_from
+        from ...pipeline.config import LoaderConfig, ReadConfig
+        from ...pipeline.loader import ViewLoader
+        from ...pipeline.recipes import v2
+
+        read = ReadConfig(threads=spec["threads"])
+        config = LoaderConfig(batch_size=spec["batch"], dtype="float32", seed=0, read=read)
+        cap = read.max_window_samples
+    except ImportError:  # --pipeline-from a checkout older than pipeline/config.py
+        from ...pipeline.augment import v2  # lazily, as above
+        from ...pipeline.loader import LoaderConfig, ViewLoader
+
+        threads = spec["threads"]
+        config = LoaderConfig(batch_size=spec["batch"], dtype="float32", threads=threads, seed=0)
+        cap = getattr(config, "max_window_samples", None)
 
     baseline = _rss_MB()
-    config = LoaderConfig(
-        batch_size=spec["batch"], dtype="float32", threads=spec["threads"], seed=0
-    )
     started = time.perf_counter()
     loader = ViewLoader(spec["folder"], v2(size=16), config, rank=spec["rank"], world=spec["world"])
     built = time.perf_counter()
@@ -180,7 +184,7 @@ def _child(spec: dict) -> dict:
         "peak_rss_MB": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "reader_samples": int(loader._pipe.epoch_size("reader")),
         "opened_shards": len(loader.pairs),
-        "window_cap": getattr(config, "max_window_samples", None),
+        "window_cap": cap,
     }
 
 
@@ -189,9 +193,9 @@ def _measure(folder: Path, world: int, rank: int, args) -> dict:
         "folder": str(folder),
         "world": world,
         "rank": rank,
-        "batch": args.batch,
-        "threads": args.threads,
-        "pipeline_from": str(args.pipeline_from) if args.pipeline_from else None,
+        "batch": args.tree.data.batch_size,
+        "threads": args.tree.data.read.threads,
+        "pipeline_from": str(args.options.pipeline_from) if args.options.pipeline_from else None,
     }
     result = subprocess.run(
         [sys.executable, "-m", "moco_dali.tools.bench.scale", json.dumps(spec)],
@@ -283,13 +287,20 @@ def _extrapolate(runs: list[dict]) -> dict:
 
 
 def bench_scale(args) -> dict:
-    root = Path(args.root) if args.root else Path(tempfile.mkdtemp(prefix="moco-bench-scale-"))
+    root = (
+        Path(args.options.root)
+        if args.options.root
+        else Path(tempfile.mkdtemp(prefix="moco-bench-scale-"))
+    )
     folders = (
-        [(int(float(s)), int(float(n))) for s, n in (f.split(":") for f in args.folders.split(","))]
-        if args.folders
+        [
+            (int(float(s)), int(float(n)))
+            for s, n in (f.split(":") for f in args.options.folders.split(","))
+        ]
+        if args.options.folders
         else list(FOLDERS)
     )
-    worlds = [int(w) for w in args.worlds.split(",")]
+    worlds = [int(w) for w in args.options.worlds.split(",")]
     written, runs = [], []
     load_before = os.getloadavg()  # the machine may be shared: say how busy it was
     for samples, num_shards in folders:
@@ -309,7 +320,7 @@ def bench_scale(args) -> dict:
         _measure(folder, 1, 0, args)  # page cache and the imports' files warm
         for world in worlds:
             for rank in sorted({0, world - 1}):
-                reps = [_measure(folder, world, rank, args) for _ in range(args.reps)]
+                reps = [_measure(folder, world, rank, args) for _ in range(args.options.reps)]
                 run = {
                     "samples": samples,
                     "shards": num_shards,
@@ -333,11 +344,11 @@ def bench_scale(args) -> dict:
     return {
         "mode": "scale",
         "config": {
-            "batch_per_rank": args.batch,
-            "threads": args.threads,
+            "batch_per_rank": args.tree.data.batch_size,
+            "threads": args.tree.data.read.threads,
             "worlds": worlds,
-            "reps": args.reps,
-            "pipeline_from": str(args.pipeline_from or ""),
+            "reps": args.options.reps,
+            "pipeline_from": str(args.options.pipeline_from or ""),
             "load_average_1_5_15_min": {"before": load_before, "after": os.getloadavg()},
             "what": "ViewLoader(v2 views, shuffled, last_batch drop) to its first "
             "batch, each rank a fresh process, one at a time",
@@ -372,30 +383,6 @@ def print_scale(record: dict) -> None:
     )
     for line in ex["assumptions"]:
         print(f"  assuming {line}")
-
-
-def add_arguments(parser) -> None:
-    parser.add_argument(
-        "--root", type=Path, default=None, help="where to write the folders (default: a temp dir)"
-    )
-    parser.add_argument(
-        "--folders",
-        default=None,
-        metavar="N:S,...",
-        help="samples:shards per folder (default 1e4:100,1e5:1e3,1e6:1e3,1e6:1e5)",
-    )
-    parser.add_argument(
-        "--worlds", default="1,8,64", help="world sizes; rank 0 and the last rank of each"
-    )
-    parser.add_argument("--batch", type=int, default=64, help="batch per rank")
-    parser.add_argument("--threads", type=int, default=2, help="DALI threads per rank")
-    parser.add_argument(
-        "--pipeline-from",
-        type=Path,
-        default=None,
-        metavar="DIR",
-        help="measure DIR/pipeline (another checkout) instead of this one's",
-    )
 
 
 if __name__ == "__main__":

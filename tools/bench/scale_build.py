@@ -1,25 +1,10 @@
 """``moco-bench scale-build``: a shard builder's memory and time per part as the source grows.
 
-For sources of N inputs (default 1e5 and 1e6) it measures, in a fresh process per
-run, what one part of a P-part build (default P = 1 and 100) costs before it
-processes any image: enumerating its share, spilling it into hash buckets and
-reading it back in packing order (the whole of ``order.PackingOrder``; the images
-are never opened, so the figure is the builder's own overhead, which is what grows
-with the source). Peak resident memory is the process's ``VmHWM`` over that work
-(reset after the imports, which are reported beside it); time is wall-clock,
-median over ``--reps``.
-
-Beside it, in the same run, the design it replaced: every part holds the whole
-listing and shuffles positions (``list(iter_part(everything))`` plus a shuffle of
-``range(N)``, then its slice).
-
-Sources are made cheaply: a list file of N paths (the images need not exist to be
-enumerated), and with ``--kinds list,folder`` a folder of N empty files in class
-folders of 1,000. It prints the growth fitted over N (time = a + b N per part; the
-exponent between the two sizes) and the extrapolation to 1e9 inputs, with its
-assumptions written into the record.
-
-    moco-bench scale-build [--sizes 100000,1000000] [--parts 1,100] [--kinds list] --out RESULT.json
+For sources of N inputs (a list file of N paths, or a folder of N empty files) it measures, in
+a fresh process per run, what one part of a P-part build costs before it opens any image:
+enumerating its share and putting it in packing order. Beside it, the design it replaced
+(every part holding the whole listing). The growth fitted over N is extrapolated to 1e9 inputs,
+with its assumptions in the record.
 """
 
 from __future__ import annotations
@@ -62,7 +47,8 @@ def _make_folder(root: Path, count: int) -> None:
 
 def _child(source: str, part: int, num_parts: int, scratch: str, design: str) -> dict:
     """One measurement, in a fresh process: enumerate and order one part, nothing else."""
-    from ..shards import build  # noqa: F401  the builder's imports, as a real build has them
+    # Imported lazily, in the measured child: the builder's imports, as a real build has them.
+    from ..shards import build  # noqa: F401
     from ..shards.inputs import iter_part
     from ..shards.order import PackingOrder
 
@@ -145,10 +131,10 @@ def _fit(sizes: list[int], values: list[float]) -> dict:
 
 
 def bench_scale_build(args) -> dict:
-    sizes = [int(float(s)) for s in str(getattr(args, "sizes", None) or "1e5,1e6").split(",")]
-    parts = [int(p) for p in str(getattr(args, "parts", None) or "1,100").split(",")]
-    kinds = str(getattr(args, "kinds", None) or "list").split(",")
-    reps = max(1, int(getattr(args, "reps", 3) or 3))
+    sizes = [int(float(s)) for s in args.options.sizes.split(",")]
+    parts = [int(p) for p in args.options.parts.split(",")]
+    kinds = args.options.kinds.split(",")
+    reps = args.options.reps
     designs = ["streaming", "whole-listing"]
     runs: dict[str, list] = {}
     work = Path(tempfile.mkdtemp(prefix="scale-build-"))

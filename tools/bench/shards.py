@@ -1,19 +1,9 @@
 """``moco-bench shards``: ``moco-shards build`` against a plain PIL + webdataset.ShardWriter loop.
 
-On a folder of ImageNet-like photographs (``moco_dali.tools.bench.photoset``) it measures, side by
-side and alternating after a warm-up:
-
-* the baseline: one process that opens each file with PIL, converts to RGB, saves a
-  JPEG (quality 90) and writes it with ``webdataset.ShardWriter``;
-* the builder's re-encode path (``--reencode always``, quality 90) and its
-  pass-through path (inputs already baseline JPEGs), with 1 worker;
-* both paths with W = 1, 2, 4, ... up to the core count.
-
-"Per core" is reported two ways: images/s with one worker (each worker reads,
-normalises and writes whole shards; the main process only collects their small
-records), and images per CPU-second summed over every process of the run.
-
-    moco-bench shards [--photos DIR] [--reps 3] [--workers 1,2] --out RESULT.json
+On a folder of ImageNet-like photographs, alternating after a warm-up: the baseline (PIL open,
+convert, save at quality 90, ``ShardWriter``), the builder's re-encode path and its
+pass-through path with one worker, then both with 1, 2, 4, ... workers up to the cores; per
+core as images/s with one worker and as images per CPU-second over every process.
 """
 
 from __future__ import annotations
@@ -32,8 +22,9 @@ from typing import Optional
 import webdataset
 from PIL import Image
 
-from ..shards.build import BuildSettings, build
+from ..shards.build import build
 from ..shards.imageprep import PrepSettings
+from ..shards.settings import BuildSettings
 
 
 def _cpu_seconds() -> float:

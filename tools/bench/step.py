@@ -1,21 +1,15 @@
 """``moco-bench step`` and ``e2e``: images/s of the training step, this project's against the reference's.
 
-* ``step``: synthetic view tensors already on the device, no data loading: the
-  ceiling of the step itself.
-* ``e2e``: real shards through the data path into the same step; the synthetic
-  step runs beside it as the ceiling, and the time each step waits for its batch
-  gives the data-wait fraction and the verdict (input- or compute-bound).
-
-"Ours" is ``moco-train``'s step (``train.step``): AMP (bf16 where the GPU has it),
-channels-last, the fused SGD kernel and the multi-tensor momentum update, optionally
-``torch.compile``, fed by the DALI pipeline. "Reference" is the configuration of the
-original code: float32, NCHW, the per-parameter momentum loop and PyTorch's default
-SGD, fed by the torchvision loader in DataLoader workers. Both use the same model,
-batch, queue and split-BN on one device, and run alternately after a warm-up.
+``step`` times the step on synthetic tensors already on the device (its ceiling); ``e2e`` feeds
+it real shards through the data path, beside the synthetic step, and gives the data-wait share
+and a verdict. "Ours" is ``moco-train``'s step (``train.step``) on the measured tree, fed by
+DALI; "reference" is the original code's configuration (float32, NCHW, the momentum loop,
+PyTorch's default SGD) fed by the torchvision loader. Same model, batch, queue, split BN.
 """
 
 from __future__ import annotations
 
+import copy
 import itertools
 import statistics
 import time
@@ -25,7 +19,9 @@ from typing import Callable
 import torch
 
 from ...model.momentum import resolve_implementation
-from ...train.config import preset
+from ...pipeline import shards as shard_format
+from ...pipeline.config import LoaderConfig
+from ...pipeline.loader import ViewLoader
 from ...train.step import (
     amp_dtype,
     backward_step,
@@ -47,13 +43,11 @@ class Contender:
     def __init__(self, args, reference: bool):
         self.device = torch.device(args.device)
         self.name = "reference" if reference else "ours"
-        config = preset("v2")
-        config.model.arch, config.model.K, config.model.shuffle = args.arch, args.K, "split"
-        config.data.batch_size, config.data.size = args.batch, args.size
+        # The tree being measured, on one device: split BN stands for shuffle-BN across GPUs.
+        config = copy.deepcopy(args.tree)
+        config.model.shuffle = "split"
         if reference:
-            config.run.amp, config.run.channels_last = "none", False
-        else:
-            config.run.amp, config.run.compile = args.amp, args.compile
+            config.run.amp, config.run.channels_last, config.run.compile = "none", False, False
         self.config = config
         self.amp = amp_dtype(config.run.amp, self.device)
         self.channels_last = config.run.channels_last
@@ -135,17 +129,17 @@ def _alternate(
     for contender, feed in runs.values():
         for _ in range(feed.backlog):  # every worker started and delivering
             next(feed)
-        contender.timed(feed, args.warmup)
+        contender.timed(feed, args.options.warmup)
     seconds = {name: [] for name in runs}
     waits = {name: [] for name in runs}
     timing_starts()
-    for _ in range(args.reps):
+    for _ in range(args.options.reps):
         for name, (contender, feed) in runs.items():
             settle(feed, feeds)
-            s, w = contender.timed(feed, args.batches)
+            s, w = contender.timed(feed, args.options.batches)
             seconds[name].append(s)
             waits[name].append(w)
-    images = args.batches * args.batch
+    images = args.options.batches * args.tree.data.batch_size
     return {
         name: {
             **rates(images, ts, "images"),
@@ -157,15 +151,15 @@ def _alternate(
 
 def _config_record(args, contenders: list[Contender]) -> dict:
     return {
-        "arch": args.arch,
-        "batch": args.batch,
-        "size": args.size,
-        "K": args.K,
-        "batches": args.batches,
-        "warmup": args.warmup,
-        "reps": args.reps,
+        "arch": args.tree.model.arch,
+        "batch": args.tree.data.batch_size,
+        "size": args.tree.data.views.size,
+        "K": args.tree.model.K,
+        "batches": args.options.batches,
+        "warmup": args.options.warmup,
+        "reps": args.options.reps,
         "device": args.device,
-        "preset": "v2",
+        "preset": args.tree.data.preset,
         "shuffle_bn": "split",
         **{c.name: c.describe() for c in contenders},
     }
@@ -173,7 +167,10 @@ def _config_record(args, contenders: list[Contender]) -> dict:
 
 def bench_step(args) -> dict:
     contenders = [Contender(args, reference=False), Contender(args, reference=True)]
-    runs = {c.name: (c, _repeat(c.synthetic(args.batch, args.size))) for c in contenders}
+    runs = {
+        c.name: (c, _repeat(c.synthetic(args.tree.data.batch_size, args.tree.data.views.size)))
+        for c in contenders
+    }
     results = _alternate(runs, args)
     for c in contenders:
         results[c.name]["peak_memory_MB"] = c.peak_MB or None
@@ -215,21 +212,15 @@ def _verdict(e2e: dict, ceiling: dict, device: torch.device) -> tuple[str, str]:
 
 
 def bench_e2e(args, shards: str) -> dict:
-    from ...pipeline.augment import preset as augment_preset
-    from ...pipeline.loader import LoaderConfig, ViewLoader
-
     contenders = [Contender(args, reference=False), Contender(args, reference=True)]
     ours, reference = contenders
     device = torch.device(args.device)
-    cfg = augment_preset("v2", args.size, hue_space=args.hue_space)
-    from ...pipeline import shards as shard_format
-
+    cfg = args.tree.data.views
     loader_config = LoaderConfig(
-        batch_size=args.batch,
+        batch_size=args.tree.data.batch_size,
         labels=False,
-        threads=args.threads,
         dtype=ours.views_dtype,
-        hw_decoder_load=args.hw_decoder_load,
+        read=args.tree.data.read,
     )
 
     def make_loader(folder):
@@ -242,16 +233,29 @@ def bench_e2e(args, shards: str) -> dict:
 
     # Both loaders are built and started here, once, and repeat for the whole run; DALI's
     # one epoch holds every batch the run draws, so that no window pays for a new epoch.
-    view, view_info = view_folder(Path(shards), draws(args, loader_config.prefetch) * args.batch)
+    view, view_info = view_folder(
+        Path(shards), draws(args, loader_config.read.prefetch) * args.tree.data.batch_size
+    )
     loader = make_loader(view)
     epochs = Epochs(loader, lambda b: (ours.layout(b.view_q), ours.layout(b.view_k)))
-    dali = Feed(iter(epochs), backlog=loader_config.prefetch)
+    dali = Feed(iter(epochs), backlog=loader_config.read.prefetch)
     torchvision, reference_config = reference_feed(
-        Path(shards), cfg, args.batch, args.workers, device, layout=reference.layout
+        Path(shards),
+        cfg,
+        args.tree.data.batch_size,
+        args.options.workers,
+        device,
+        layout=reference.layout,
     )
     runs = {
-        "step_ours": (ours, _repeat(ours.synthetic(args.batch, args.size))),
-        "step_reference": (reference, _repeat(reference.synthetic(args.batch, args.size))),
+        "step_ours": (
+            ours,
+            _repeat(ours.synthetic(args.tree.data.batch_size, args.tree.data.views.size)),
+        ),
+        "step_reference": (
+            reference,
+            _repeat(reference.synthetic(args.tree.data.batch_size, args.tree.data.views.size)),
+        ),
         "e2e_ours": (ours, dali),
         "e2e_reference": (reference, torchvision),
     }
@@ -261,7 +265,11 @@ def bench_e2e(args, shards: str) -> dict:
     # What a new epoch costs, which the timed windows above no longer include.
     settle(None, [feed for _, feed in runs.values()])
     reopen = epoch_reopens(
-        make_loader, Path(shards), args.batch, loader_config.prefetch, lambda: sync(device)
+        make_loader,
+        Path(shards),
+        args.tree.data.batch_size,
+        loader_config.read.prefetch,
+        lambda: sync(device),
     )
     results["e2e_ours"]["peak_memory_MB"] = ours.peak_MB or None
     results["e2e_reference"]["peak_memory_MB"] = reference.peak_MB or None
@@ -275,8 +283,8 @@ def bench_e2e(args, shards: str) -> dict:
         samples=original.samples,
         shard_files=len(original.counts),
         dali_data={**view_info, "epoch_batches": len(loader)},
-        hue_space=args.hue_space,
-        dali_threads=args.threads or "default",
+        hue_space=args.tree.data.views.hue_space,
+        dali_threads=args.tree.data.read.threads or "default",
         **reference_config,
         decoder="mixed (nvJPEG)" if device.type == "cuda" else "cpu (libjpeg-turbo)",
         timing=TIMING,

@@ -11,13 +11,16 @@ of about 110 KB. Deterministic for a seed; no network.
 
 from __future__ import annotations
 
-import argparse
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
 
 import numpy as np
 import simplejpeg
+
+from ...common.commandline import Parser, add_flags, from_flags
+from ...common.options import OptionError, option
 
 __all__ = ["photo_like", "encode_near", "generate"]
 
@@ -92,18 +95,31 @@ def generate(out: Path, count: int, seed: int = 0, target_kb: float = 110.0) -> 
     }
 
 
+@dataclass
+class SyntheticOptions:
+    out: Path = option(required=True)
+    """Folder to write the JPEGs into."""
+    count: int = option(required=True)
+    """JPEGs to make."""
+    seed: int = 0
+    """Seed of the images."""
+    target_kb: float = 110.0
+    """Mean file size sought, in KB (the quality is searched per image)."""
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="python -m moco_dali.tools.bench.synthetic", description=__doc__.split("\n\n")[0]
     )
-    parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--count", type=int, required=True)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--target-kb", type=float, default=110.0)
-    args = parser.parse_args(argv)
-    info = generate(args.out, args.count, args.seed, args.target_kb)
+    add_flags(parser, SyntheticOptions)
+    try:
+        opts = from_flags(SyntheticOptions, parser.parse_args(argv))
+    except OptionError as exc:
+        print(f"{exc.prog}: error: {exc}", file=sys.stderr)
+        return 2
+    info = generate(opts.out, opts.count, opts.seed, opts.target_kb)
     print(
-        f"{info['count']} JPEGs in {args.out}, mean {info['mean_KB']:.1f} KB, median quality "
+        f"{info['count']} JPEGs in {opts.out}, mean {info['mean_KB']:.1f} KB, median quality "
         f"{info['median_quality']}"
     )
     return 0

@@ -13,10 +13,14 @@ leaves out have no variant.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import replace
 
 import torch
 
+from ...pipeline import shards as shard_format
+from ...pipeline.config import LoaderConfig
+from ...pipeline.loader import ViewLoader
 from .common import Feed, rates, settle, shards_for, timed_window, warm_up
 from .epochs import Epochs, draws, view_folder
 
@@ -37,23 +41,18 @@ def variants(cfg) -> dict:
 
 
 def bench_views(args) -> dict:
-    from ...pipeline import shards as shard_format
-    from ...pipeline.augment import preset
-    from ...pipeline.loader import LoaderConfig, ViewLoader
-
     device = torch.device(args.device)
     gpu = device.type == "cuda"
     shards, _ = shards_for(args)
     original = shard_format.load_manifest(shards)
-    cfg = preset(args.preset, args.size, hue_space=args.hue_space)
+    cfg = args.tree.data.views
+    dtype = args.views_dtype
     loader_config = LoaderConfig(
-        batch_size=args.batch,
-        dtype=args.dtype,
-        threads=args.threads,
-        hw_decoder_load=args.hw_decoder_load,
-        labels=False,
+        batch_size=args.tree.data.batch_size, dtype=dtype, labels=False, read=args.tree.data.read
     )
-    view, view_info = view_folder(shards, draws(args, loader_config.prefetch) * args.batch)
+    view, view_info = view_folder(
+        shards, draws(args, loader_config.read.prefetch) * args.tree.data.batch_size
+    )
     recipes = variants(cfg)
     feeds, epochs = {}, {}
     for name, recipe in recipes.items():
@@ -61,16 +60,16 @@ def bench_views(args) -> dict:
             view, recipe, loader_config, device_id=device.index or 0 if gpu else None
         )
         epochs[name] = Epochs(loader, lambda b: (b.view_q, b.view_k))
-        feeds[name] = Feed(iter(epochs[name]), backlog=loader_config.prefetch)
+        feeds[name] = Feed(iter(epochs[name]), backlog=loader_config.read.prefetch)
 
-    warm_up(feeds.values(), args.warmup, device)
+    warm_up(feeds.values(), args.options.warmup, device)
     seconds: dict[str, list[float]] = {name: [] for name in feeds}
     opened = sum(e.opened for e in epochs.values())
-    for _ in range(args.reps):
+    for _ in range(args.options.reps):
         for name, feed in feeds.items():
             settle(feed, feeds.values())
-            seconds[name].append(timed_window(feed, args.batches, device))
-    pairs = args.batches * args.batch
+            seconds[name].append(timed_window(feed, args.options.batches, device))
+    pairs = args.options.batches * args.tree.data.batch_size
     results = {name: rates(pairs, ts, "pairs") for name, ts in seconds.items()}
     whole_us = 1e6 / results["whole recipe"]["pairs_per_s"]
     costs = {}  # what leaving a part out saves is what it costs
@@ -84,20 +83,20 @@ def bench_views(args) -> dict:
         "config": {
             "shards": str(shards),
             "samples": original.samples,
-            "preset": args.preset,
-            "size": args.size,
-            "augment": cfg.to_dict(),
-            "batch": args.batch,
-            "batches": args.batches,
-            "warmup": args.warmup,
-            "reps": args.reps,
-            "dtype": args.dtype,
-            "dali_threads": args.threads or "default",
-            "hw_decoder_load": args.hw_decoder_load if gpu else None,
+            "preset": args.tree.data.preset,
+            "size": args.tree.data.views.size,
+            "augment": dataclasses.asdict(cfg),
+            "batch": args.tree.data.batch_size,
+            "batches": args.options.batches,
+            "warmup": args.options.warmup,
+            "reps": args.options.reps,
+            "dtype": dtype,
+            "dali_threads": args.tree.data.read.threads or "default",
+            "hw_decoder_load": args.tree.data.read.hw_decoder_load if gpu else None,
             "device": str(device),
             "decoder": "mixed (nvJPEG)" if gpu else "cpu (libjpeg-turbo)",
             "dali_data": view_info,
-            "variants": {name: r.to_dict() for name, r in recipes.items()},
+            "variants": {name: dataclasses.asdict(r) for name, r in recipes.items()},
         },
         "dali_pipelines_opened_while_timing": sum(e.opened for e in epochs.values()) - opened,
         "results": results,

@@ -15,14 +15,28 @@ from typing import Optional
 import numpy as np
 from PIL import Image, ImageDraw
 
-__all__ = ["FASHION_MNIST_DIR", "FASHION_MNIST_CLASSES", "load_fashion_mnist", "write_dump", "generated_dump",
-           "subset_list"]
+__all__ = [
+    "FASHION_MNIST_DIR",
+    "FASHION_MNIST_CLASSES",
+    "load_fashion_mnist",
+    "write_dump",
+    "generated_dump",
+    "subset_list",
+]
 
 FASHION_MNIST_DIR = Path(os.environ.get("FASHION_MNIST_DIR", "/usr/share/datasets/fashion-mnist"))
 # Numbered so that sorted folder names give the data set's own label order.
 FASHION_MNIST_CLASSES = [
-    "0-tshirt-top", "1-trouser", "2-pullover", "3-dress", "4-coat",
-    "5-sandal", "6-shirt", "7-sneaker", "8-bag", "9-ankle-boot",
+    "0-tshirt-top",
+    "1-trouser",
+    "2-pullover",
+    "3-dress",
+    "4-coat",
+    "5-sandal",
+    "6-shirt",
+    "7-sneaker",
+    "8-bag",
+    "9-ankle-boot",
 ]
 _SPLITS = {"train": "train", "test": "t10k"}
 
@@ -32,15 +46,19 @@ def _read_idx(path: Path) -> np.ndarray:
     with gzip.open(path, "rb") as f:
         data = f.read()
     ndim = data[3]
-    dims = [int.from_bytes(data[4 + 4 * i:8 + 4 * i], "big") for i in range(ndim)]
+    dims = [int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim)]
     return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(dims)
 
 
-def load_fashion_mnist(root: Path = FASHION_MNIST_DIR, split: str = "train") -> tuple[np.ndarray, np.ndarray]:
+def load_fashion_mnist(
+    root: Path = FASHION_MNIST_DIR, split: str = "train"
+) -> tuple[np.ndarray, np.ndarray]:
     """Images (N, 28, 28) uint8 and labels (N,) of one split ("train" or "test")."""
     prefix = _SPLITS[split]
-    return (_read_idx(root / f"{prefix}-images-idx3-ubyte.gz"),
-            _read_idx(root / f"{prefix}-labels-idx1-ubyte.gz"))
+    return (
+        _read_idx(root / f"{prefix}-images-idx3-ubyte.gz"),
+        _read_idx(root / f"{prefix}-labels-idx1-ubyte.gz"),
+    )
 
 
 def write_dump(images: np.ndarray, labels: np.ndarray, classes: list[str], out: Path) -> int:
@@ -54,7 +72,18 @@ def write_dump(images: np.ndarray, labels: np.ndarray, classes: list[str], out: 
     return len(images)
 
 
-_SHAPES = ["circle", "square", "triangle", "cross", "ring", "hstripes", "vstripes", "diagonal", "dots", "diamond"]
+_SHAPES = [
+    "circle",
+    "square",
+    "triangle",
+    "cross",
+    "ring",
+    "hstripes",
+    "vstripes",
+    "diagonal",
+    "dots",
+    "diamond",
+]
 
 
 def generated_dump(out: Path, per_class: int, seed: int) -> None:
@@ -95,8 +124,15 @@ def generated_dump(out: Path, per_class: int, seed: int) -> None:
                     for y in range(3, 32, 8):
                         draw.ellipse([x, y, x + 3, y + 3], fill=color)
             else:
-                draw.polygon([(int(c[0]), box[1]), (box[2], int(c[1])), (int(c[0]), box[3]), (box[0], int(c[1]))],
-                             fill=color)
+                draw.polygon(
+                    [
+                        (int(c[0]), box[1]),
+                        (box[2], int(c[1])),
+                        (int(c[0]), box[3]),
+                        (box[0], int(c[1])),
+                    ],
+                    fill=color,
+                )
             noise = rng.normal(0, 8, (32, 32, 3))
             pixels = np.clip(np.asarray(image, dtype=np.float64) + noise, 0, 255).astype(np.uint8)
             Image.fromarray(pixels).save(folder / f"{i:05d}.png", compress_level=1)

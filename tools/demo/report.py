@@ -33,9 +33,11 @@ def pretext_window(curve: list[dict], K: int, batch: int) -> tuple[Optional[dict
     n = max(1, min(5, len(filled) // 4))
 
     def mean(points: list[dict]) -> dict:
-        return {"steps": [points[0]["step"], points[-1]["step"]],
-                "loss": sum(p["loss"] for p in points) / len(points),
-                "pretext_top1": sum(p["pretext_top1"] for p in points) / len(points)}
+        return {
+            "steps": [points[0]["step"], points[-1]["step"]],
+            "loss": sum(p["loss"] for p in points) / len(points),
+            "pretext_top1": sum(p["pretext_top1"] for p in points) / len(points),
+        }
 
     return mean(filled[:n]), mean(filled[-n:])
 
@@ -44,8 +46,10 @@ def not_logged(result: dict) -> Optional[str]:
     """Why the pretext task and the rate were not measured (no step was logged), or None when they were."""
     if result["pretext"]["first"] is not None:
         return None
-    return (f"no step was logged: pretraining stopped (--minutes) at step {result['steps']}, before its first log at "
-            f"step {result['config']['run']['log_every']}, so the pretext task and images/s were not measured")
+    return (
+        f"no step was logged: pretraining stopped (--minutes) at step {result['steps']}, before its first log at "
+        f"step {result['config']['run']['log_every']}, so the pretext task and images/s were not measured"
+    )
 
 
 def _compare(name: str, before: float, after: float) -> str:
@@ -61,34 +65,49 @@ def verdict(result: dict) -> str:
     else:
         # Either sign is learning: the top-1 rises, or the loss falls while harder negatives fill the
         # queue and hold the top-1 (as in a run's later epochs).
-        learning = (last["pretext_top1"] >= max(5 * chance, first["pretext_top1"] + 2.0)
-                    or last["loss"] <= first["loss"] - LOSS_DROP)
-        figures_now = (f"pretext top-1 {first['pretext_top1']:.1f}% -> {last['pretext_top1']:.1f}% (chance "
-                       f"{chance:.2f}%), loss {first['loss']:.2f} -> {last['loss']:.2f}")
+        learning = (
+            last["pretext_top1"] >= max(5 * chance, first["pretext_top1"] + 2.0)
+            or last["loss"] <= first["loss"] - LOSS_DROP
+        )
+        figures_now = (
+            f"pretext top-1 {first['pretext_top1']:.1f}% -> {last['pretext_top1']:.1f}% (chance "
+            f"{chance:.2f}%), loss {first['loss']:.2f} -> {last['loss']:.2f}"
+        )
         head = f"learning: {figures_now}" if learning else f"not learning yet: {figures_now}"
     init, after = result["features"]["init"], result["features"]["after"]
     knn_gain = after["knn_top1"] - init["knn_top1"]
     linear_gain = after["linear_top1"] - init["linear_top1"]
-    figures = f"{_compare('kNN', init['knn_top1'], after['knn_top1'])}, " \
-              f"{_compare('linear', init['linear_top1'], after['linear_top1'])}"
+    figures = (
+        f"{_compare('kNN', init['knn_top1'], after['knn_top1'])}, "
+        f"{_compare('linear', init['linear_top1'], after['linear_top1'])}"
+    )
     epochs = result["epochs_seen"]
     if knn_gain > SAME_POINTS and linear_gain > SAME_POINTS:
         tail = f"features better than a random ResNet-18 after {epochs:.2g} epochs ({figures})"
     elif knn_gain > SAME_POINTS or linear_gain > SAME_POINTS:
-        tail = f"features partly better than a random ResNet-18 after {epochs:.2g} epochs ({figures})"
+        tail = (
+            f"features partly better than a random ResNet-18 after {epochs:.2g} epochs ({figures})"
+        )
     else:
-        tail = (f"features not yet better than a random ResNet-18 on this data after {epochs:.2g} epochs "
-                f"({figures}); --epochs N runs longer with the kNN monitor after each epoch (docs/demo.md)")
+        tail = (
+            f"features not yet better than a random ResNet-18 on this data after {epochs:.2g} epochs "
+            f"({figures}); --epochs N runs longer with the kNN monitor after each epoch (docs/demo.md)"
+        )
     return f"{head}; {tail}"
 
 
 def table(result: dict) -> str:
     f = result["features"]
-    rows = [("raw pixels", f["pixels"]), ("ResNet-18 at initialisation", f["init"]),
-            (f"after {result['steps']} steps ({result['epochs_seen']:.2g} epochs)", f["after"])]
+    rows = [
+        ("raw pixels", f["pixels"]),
+        ("ResNet-18 at initialisation", f["init"]),
+        (f"after {result['steps']} steps ({result['epochs_seen']:.2g} epochs)", f["after"]),
+    ]
     width = max(len(name) for name, _ in rows)
     lines = [f"  {'':{width}s}  kNN top-1  linear top-1"]
-    lines += [f"  {name:{width}s}  {r['knn_top1']:8.2f}%  {r['linear_top1']:11.2f}%" for name, r in rows]
+    lines += [
+        f"  {name:{width}s}  {r['knn_top1']:8.2f}%  {r['linear_top1']:11.2f}%" for name, r in rows
+    ]
     return "\n".join(lines)
 
 
@@ -108,19 +127,33 @@ def figure(result: dict, views_png: Path, out: Path) -> Path:
     ax = axes[0, 1]
     ax.plot([p["step"] for p in curve], [p["pretext_top1"] for p in curve], label="pretext top-1")
     ax.axhline(result["pretext"]["chance_top1"], color="grey", ls=":", label="chance")
-    ax.axvline(result["config"]["model"]["K"] / result["config"]["data"]["batch_size"], color="grey", ls="--", lw=0.8,
-               label="queue filled with real keys")
+    ax.axvline(
+        result["config"]["model"]["K"] / result["config"]["data"]["batch_size"],
+        color="grey",
+        ls="--",
+        lw=0.8,
+        label="queue filled with real keys",
+    )
     ax.set(title="pretext (instance discrimination) top-1 %", xlabel="step")
     ax.legend(fontsize=7)
     ax = axes[1, 0]
     f = result["features"]
-    points = [(0, f["init"]), *[(p["epoch"], {"knn_top1": p["knn_top1"]}) for p in result["knn_by_epoch"]],
-              (result["epochs_seen"], f["after"])]
+    points = [
+        (0, f["init"]),
+        *[(p["epoch"], {"knn_top1": p["knn_top1"]}) for p in result["knn_by_epoch"]],
+        (result["epochs_seen"], f["after"]),
+    ]
     ax.plot([e for e, _ in points], [p["knn_top1"] for _, p in points], "o-", label="kNN top-1")
-    ax.plot([0, result["epochs_seen"]], [f["init"]["linear_top1"], f["after"]["linear_top1"]], "s--",
-            label="linear probe top-1")
+    ax.plot(
+        [0, result["epochs_seen"]],
+        [f["init"]["linear_top1"], f["after"]["linear_top1"]],
+        "s--",
+        label="linear probe top-1",
+    )
     ax.axhline(f["pixels"]["knn_top1"], color="tab:blue", ls=":", lw=0.8, label="raw pixels, kNN")
-    ax.axhline(f["pixels"]["linear_top1"], color="tab:orange", ls=":", lw=0.8, label="raw pixels, linear")
+    ax.axhline(
+        f["pixels"]["linear_top1"], color="tab:orange", ls=":", lw=0.8, label="raw pixels, linear"
+    )
     ax.set(title="frozen features on the test images", xlabel="epochs of pretraining", ylabel="%")
     ax.legend(fontsize=7)
     ax = axes[1, 1]

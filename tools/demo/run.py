@@ -23,14 +23,16 @@ from typing import Optional
 import torch
 from torch.nn import functional as F
 
-from ...pipeline.augment import EvalConfig
-from ...pipeline.loader import LoaderConfig, ViewLoader
+from ...pipeline.config import LoaderConfig, ReadConfig
+from ...pipeline.loader import ViewLoader
+from ...pipeline.recipes import EvalConfig
 from ...pipeline.shards import load_manifest
 from ...train import checkpoint
-from ...train.config import Config, preset
-from ...train.engine import build_model, train
+from ...train.config import Config, eval_view, resolve
+from ...train.engine import train
 from ...train.eval.knn import extract_features, knn_classify
 from ...train.eval.probe import feature_probe
+from ...train.step import build_model
 
 __all__ = ["BATCH_SIZE", "demo_config", "measure", "pixels", "pretrain"]
 
@@ -43,43 +45,70 @@ BATCH_SIZE = 128
 def demo_config(root: Path, *, steps: int, epochs: int, seed: int) -> Config:
     """The run: ``steps`` steps of 128 images, or ``epochs`` epochs with the kNN monitor after each.
 
-    The cosine schedule spans the whole epochs the steps reach into.
+    The cosine schedule spans the whole epochs the steps reach into. Resolved as moco-train
+    resolves a command line, so every key's rule applies (``--seed`` among them).
     """
-    config = preset("cifar")
-    config.model.small_stem, config.model.symmetric = False, False
-    config.data.train = str(root / "shards" / "train")
-    config.data.knn_train, config.data.knn_val = str(root / "shards" / "bank"), str(root / "shards" / "test")
-    config.data.batch_size = BATCH_SIZE
-    samples = load_manifest(config.data.train).samples
-    steps_per_epoch = max(samples // config.data.batch_size, 1)
-    config.run.epochs = epochs or -(-steps // steps_per_epoch)
-    config.run.max_steps = 0 if epochs else steps
-    config.run.knn_every = 1 if epochs else 0
-    config.run.out, config.run.log_every, config.run.ckpt_every = str(root / "run"), 10, 500
-    config.run.seed, config.run.device = seed, "cpu"
-    return config
+    train = root / "shards" / "train"
+    steps_per_epoch = max(load_manifest(train).samples // BATCH_SIZE, 1)
+    keys = {
+        "model.small_stem": False,
+        "model.symmetric": False,
+        "data.train": str(train),
+        "data.knn_train": str(root / "shards" / "bank"),
+        "data.knn_val": str(root / "shards" / "test"),
+        "data.batch_size": BATCH_SIZE,
+        "run.epochs": epochs or -(-steps // steps_per_epoch),
+        "run.max_steps": 0 if epochs else steps,
+        "run.knn_every": 1 if epochs else 0,
+        "run.out": str(root / "run"),
+        "run.log_every": 10,
+        "run.ckpt_every": 500,
+        "run.seed": seed,
+        "run.device": "cpu",
+    }
+    return resolve("cifar", None, keys, source="moco-demo")
 
 
 def _protocol(train_f, train_y, val_f, val_y, classes: int, config: Config) -> dict:
-    knn = knn_classify(train_f, train_y, val_f, val_y, classes, k=config.run.knn_k, t=config.run.knn_t)
-    return {"knn_top1": knn["top1"], "knn_top5": knn["top5"],
-            "linear_top1": feature_probe(train_f, train_y, val_f, val_y, classes)["top1"]}
+    knn = knn_classify(
+        train_f, train_y, val_f, val_y, classes, k=config.run.knn_k, t=config.run.knn_t
+    )
+    return {
+        "knn_top1": knn["top1"],
+        "knn_top5": knn["top5"],
+        "linear_top1": feature_probe(train_f, train_y, val_f, val_y, classes)["top1"],
+    }
 
 
 def measure(encoder: torch.nn.Module, config: Config) -> dict:
     """kNN and linear probe of the frozen query backbone: bank (``data.knn_train``) against ``data.knn_val``."""
     d = config.data
-    common = dict(batch_size=256, device=torch.device("cpu"), channels_last=config.run.channels_last,
-                  threads=d.threads or None)
-    view = EvalConfig(resize=d.eval_resize, size=d.size)
+    common = dict(
+        batch_size=256,
+        device=torch.device("cpu"),
+        channels_last=config.run.channels_last,
+        threads=d.read.threads,
+    )
+    view = eval_view(config)
     train_f, train_y, classes = extract_features(encoder, d.knn_train, view, **common)
     val_f, val_y, _ = extract_features(encoder, d.knn_val, view, **common)
     return _protocol(train_f, train_y, val_f, val_y, classes, config)
 
 
-def _pixel_vectors(folder: str, view: EvalConfig, threads: Optional[int]) -> tuple[torch.Tensor, torch.Tensor, int]:
-    loader = ViewLoader(folder, view, LoaderConfig(batch_size=256, dtype="float32", shuffle=False,
-                                                   last_batch="partial", threads=threads))
+def _pixel_vectors(
+    folder: str, view: EvalConfig, threads: int
+) -> tuple[torch.Tensor, torch.Tensor, int]:
+    loader = ViewLoader(
+        folder,
+        view,
+        LoaderConfig(
+            batch_size=256,
+            dtype="float32",
+            shuffle=False,
+            last_batch="partial",
+            read=ReadConfig(threads=threads),
+        ),
+    )
     vectors, labels = [], []
     for batch in loader:
         vectors.append(F.normalize(batch.view_q.reshape(len(batch), -1), dim=1))
@@ -89,9 +118,11 @@ def _pixel_vectors(folder: str, view: EvalConfig, threads: Optional[int]) -> tup
 
 def pixels(config: Config) -> dict:
     """The same protocol on the normalised eval views' pixels: what a feature extractor has to beat."""
-    view = EvalConfig(resize=config.data.eval_resize, size=config.data.size)
-    train_f, train_y, classes = _pixel_vectors(config.data.knn_train, view, config.data.threads or None)
-    val_f, val_y, _ = _pixel_vectors(config.data.knn_val, view, config.data.threads or None)
+    view = eval_view(config)
+    train_f, train_y, classes = _pixel_vectors(
+        config.data.knn_train, view, config.data.read.threads
+    )
+    val_f, val_y, _ = _pixel_vectors(config.data.knn_val, view, config.data.read.threads)
     return _protocol(train_f, train_y, val_f, val_y, classes, config)
 
 
@@ -125,7 +156,13 @@ def pretrain(config: Config, minutes: Optional[float] = None) -> dict:
     state = checkpoint.load(checkpoint.latest(out))
     model.load_state_dict(state["model"])
     rates = sorted(r["images_per_s"] for r in steps)
-    return {"encoder": model.encoder_q, "steps": state["step"], "seconds": seconds,
-            "curve": [{"step": r["step"], "loss": r["loss"], "pretext_top1": r["acc1"]} for r in steps],
-            "knn_by_epoch": [{"epoch": r["epoch"], "knn_top1": r["top1"]} for r in records if r["kind"] == "knn"],
-            "images_per_s": rates[len(rates) // 2] if rates else None}
+    return {
+        "encoder": model.encoder_q,
+        "steps": state["step"],
+        "seconds": seconds,
+        "curve": [{"step": r["step"], "loss": r["loss"], "pretext_top1": r["acc1"]} for r in steps],
+        "knn_by_epoch": [
+            {"epoch": r["epoch"], "knn_top1": r["top1"]} for r in records if r["kind"] == "knn"
+        ],
+        "images_per_s": rates[len(rates) // 2] if rates else None,
+    }

@@ -1,16 +1,8 @@
 """``moco-shards``: image dumps to DALI-ready shards, and the checks and views of a shard folder.
 
-Modules: ``inputs`` (what the inputs are, which part owns each), ``order`` (the
-packing order, an external sort), ``imageprep`` (one input to one stored JPEG),
-``writer`` (a worker's block of inputs to crash-safe shards), ``folder`` (the lock
-on the output folder and what may be in it), ``build`` (one part: blocks, resume,
-the manifest), ``executor`` (every part as a Ray task), ``merge`` (the parts of a
-multi-part build as one manifest), ``verify`` (verify and inspect), ``preview`` (a
-picture of a recipe's views), ``cli`` (the command). The on-disk format itself is
-``moco_dali.pipeline.shards``'s, so writer and reader share one contract.
-
-May import ``moco_dali.pipeline`` (the format, the DALI walk of verify, the view
-pipeline of preview); never ``train``, ``model`` or the other tools.
+The on-disk format is ``pipeline/shards.py``'s (the reader's contract), so writer and reader
+share one. May import ``pipeline`` (the format, verify's DALI walk, preview's pipeline) and
+``train``'s configuration (preview draws the training tree's views); never the other tools.
 """
 
 

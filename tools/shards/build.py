@@ -1,18 +1,11 @@
-"""Build WebDataset shards from an image dump: normalise and pack, resumably, in bounded memory.
+"""Build one part of a shard folder from an image dump: normalise and pack, resumably, in bounded
+memory.
 
-Owns one part's build: the lock on the output folder and what may be in it, the
-blocks (``max_count`` consecutive positions of the packing order, each one shard or
-more) handed to the worker pool, the resume records that make a killed build finish
-without redoing finished blocks, the rejected-input log and the manifest. Which
-inputs there are and in what order is ``inputs``'s; a worker's work on a block is
-``writer``'s, per image ``imageprep``'s; the file format is
-``moco_dali.pipeline.shards``'.
-
-Determinism: the packing order is a pure function of the inputs and the seed, and a
-block's bytes a pure function of its inputs, so the same inputs and flags give
-byte-identical output whatever ``workers`` is. Nothing held grows with the inputs:
-the order is an external sort, at most two blocks per worker are in flight, and the
-rejected inputs are streamed from the block records into one JSONL file.
+Owns the lock on the output folder, the blocks (``max_count`` consecutive positions of the
+packing order) handed to the worker pool, the resume records that let a killed build finish
+without redoing a block, the rejected-input log and the manifest. The order is a pure function
+of the inputs and the seed and a block's bytes of its inputs, so the output is byte-identical
+whatever ``workers`` is; nothing held grows with the inputs.
 """
 
 from __future__ import annotations
@@ -24,95 +17,23 @@ import multiprocessing
 import os
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Iterator, Optional, Sequence
 
 from tqdm import tqdm
 
+from ...common.files import write_json_atomic
 from ...pipeline import shards
 from . import BuildError
 from .folder import FolderLock, prepare_folder, remove_temporaries
-from .imageprep import PrepSettings
 from .inputs import InputRef, find_classes, iter_part, printable, source_kind
 from .order import PackingOrder
+from .settings import NO_CLASS, BuildReport, BuildSettings
 from .writer import process_input, reason_kind, write_block
 
-__all__ = ["BuildSettings", "BuildReport", "build", "DEFAULT_MAX_INPUT_BYTES"]
+__all__ = ["build"]
 
 log = logging.getLogger(__name__)
-
-NO_CLASS = "no class folder (--labels folder needs SRC/CLASS/...)"
-DEFAULT_MAX_INPUT_BYTES = 256 * 1024**2
-
-
-@dataclass(frozen=True)
-class BuildSettings:
-    """Everything that decides the bytes of a build (``workers`` does not)."""
-
-    name: str = "shard"
-    labels: str = "none"
-    max_count: int = 10000
-    max_bytes: Optional[int] = None
-    num_parts: int = 1
-    part: int = 0
-    shuffle_seed: Optional[int] = 0
-    """Pack inputs in an order shuffled with this seed (None: in enumeration order)."""
-    max_input_bytes: int = DEFAULT_MAX_INPUT_BYTES
-    """Inputs larger than this are rejected unread (a symlink to /dev/zero never ends)."""
-    prep: PrepSettings = field(default_factory=PrepSettings)
-
-    def __post_init__(self) -> None:
-        if not self.name or any(c in self.name for c in "./ \t"):
-            raise BuildError(f"--name {self.name!r}: use a name without dots, slashes or spaces")
-        if self.labels not in ("none", "folder"):
-            raise BuildError(f"--labels must be 'none' or 'folder', got {self.labels!r}")
-        if self.max_count < 1:
-            raise BuildError(f"--max-count must be at least 1, got {self.max_count}")
-        if self.max_bytes is not None and self.max_bytes < 4096:
-            raise BuildError(f"--max-bytes must be at least 4096, got {self.max_bytes}")
-        if not 1 <= self.num_parts <= 9999:
-            raise BuildError(f"--num-parts must be in 1..9999, got {self.num_parts}")
-        if not 0 <= self.part < self.num_parts:
-            raise BuildError(
-                f"--part must be in 0..{self.num_parts - 1} for --num-parts {self.num_parts}, got {self.part}"
-            )
-        if self.max_input_bytes < 1:
-            raise BuildError(f"--max-input-bytes must be positive, got {self.max_input_bytes}")
-
-    def fingerprint(self) -> dict:
-        """The settings as recorded in manifests and compared on resume and merge."""
-        d = asdict(self)
-        d.update(d.pop("prep"))
-        return d
-
-
-@dataclass
-class BuildReport:
-    out: Path
-    manifest_path: Path
-    inputs: int
-    samples: int
-    rejected: int
-    copied: int
-    reencoded: int
-    shards: int
-    seconds: float
-    resumed_shards: int = 0
-
-    def summary(self) -> str:
-        rate = self.inputs / self.seconds if self.seconds > 0 else 0.0
-        resumed = (
-            f", {self.resumed_shards} shards kept from an earlier run"
-            if self.resumed_shards
-            else ""
-        )
-        return (
-            f"{self.inputs} inputs -> {self.samples} samples in {self.shards} shards "
-            f"({self.copied} copied, {self.reencoded} re-encoded), {self.rejected} rejected{resumed}; "
-            f"{self.seconds:.1f} s, {rate:.0f} img/s; {self.manifest_path}"
-        )
-
 
 # --------------------------------------------------------------------------- workers
 
@@ -391,7 +312,7 @@ def _pack(
     done = _load_records(state, out, identity)
     if done:
         log.info("resuming: %d finished blocks of %d inputs kept", len(done), settings.max_count)
-    shards.write_json_atomic(state / "build.json", identity)
+    write_json_atomic(state / "build.json", identity)
     remove_temporaries(out, settings.name, None if settings.num_parts == 1 else settings.part)
     part = None if settings.num_parts == 1 else settings.part
     class_of = {name: i for i, name in enumerate(identity["classes"])}
@@ -436,7 +357,7 @@ def _pack(
     bar.update(sum(r["end_input"] - r["first_input"] for r in done.values()))
     try:
         for record in _records(tasks(), settings, workers):
-            shards.write_json_atomic(state / f"shard-{record['block']:06d}.json", record)
+            write_json_atomic(state / f"shard-{record['block']:06d}.json", record)
             bar.update(record["end_input"] - record["first_input"])
     except BaseException:
         remove_temporaries(
@@ -465,7 +386,7 @@ def _pack(
     except BaseException:
         log_tmp.unlink(missing_ok=True)
         raise
-    shards.write_json_atomic(manifest_path, manifest)
+    write_json_atomic(manifest_path, manifest)
     shutil.rmtree(state, ignore_errors=True)
     return _report(out, manifest_path, manifest, time.monotonic() - started, len(done))
 

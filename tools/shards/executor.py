@@ -16,9 +16,10 @@ from typing import Optional, Sequence
 
 from ...pipeline import shards
 from . import BuildError
-from .build import BuildReport, BuildSettings, build
+from .build import build
 from .inputs import find_classes
 from .merge import merge
+from .settings import BuildReport, BuildSettings
 
 __all__ = ["build_on_ray"]
 

@@ -24,6 +24,8 @@ import numpy as np
 import simplejpeg
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from ...common.options import option
+
 __all__ = [
     "Rejected",
     "PrepSettings",
@@ -60,23 +62,18 @@ class Rejected(Exception):
 
 @dataclass(frozen=True)
 class PrepSettings:
-    """How inputs are normalised.
-
-    Attributes:
-        quality: JPEG quality (1-100) when re-encoding.
-        max_side: shrink (never enlarge) so the longer side is at most this many px.
-        short_side: shrink (never enlarge) so the shorter side is this many px.
-        max_pixels: inputs with more pixels are rejected as decompression bombs
-            (default: Pillow's limit).
-        reencode: ``"auto"`` stores clean baseline JPEGs as they are; ``"always"``
-            re-encodes every input at ``quality``.
-    """
+    """How inputs are normalised into stored JPEGs."""
 
     quality: int = 90
-    max_side: Optional[int] = None
-    short_side: Optional[int] = None
-    max_pixels: int = DEFAULT_MAX_PIXELS
-    reencode: str = "auto"
+    """JPEG quality (1-100) when re-encoding."""
+    max_side: Optional[int] = option(None, metavar="PX")
+    """Shrink (never enlarge) so the longer side is at most PX."""
+    short_side: Optional[int] = option(None, metavar="PX")
+    """Shrink (never enlarge) so the shorter side is PX."""
+    max_pixels: int = option(DEFAULT_MAX_PIXELS, metavar="N")
+    """Reject larger images as decompression bombs (default: Pillow's limit)."""
+    reencode: str = option("auto", choices=["auto", "always"])
+    """'auto' stores clean baseline JPEGs byte for byte; 'always' re-encodes every input."""
 
     def __post_init__(self) -> None:
         if not 1 <= self.quality <= 100:

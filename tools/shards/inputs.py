@@ -1,19 +1,10 @@
-"""Which inputs a build has and which part owns each.
+"""Which inputs a build has, their classes, and which part owns each: streamed, never listed whole.
 
-Owns the build's inputs: what counts as one (a file, a list entry, an archive
-member, or something the build must account for as rejected: a symlink loop, an
-unreadable folder, a damaged archive's tail), its class under ``--labels folder``,
-and which part of a multi-part build owns it. The order they are packed in is
+An input is a file, a list entry, an archive member, or something the build must account for
+as rejected (a symlink loop, an unreadable folder, a damaged archive's tail). A part reads only
+its own share where the source allows it: a list file in byte blocks dealt to the parts, an
+archive whole to one part, folder files by a hash of their path. The packing order is
 ``order``'s.
-
-Everything streams, so nothing here grows with the whole source:
-
-* enumeration is a generator; a folder's listing is held only while that folder is
-  walked;
-* a part reads only its own share where the source allows it: a list file is cut
-  into byte blocks dealt round-robin to the parts (each part seeks to its blocks),
-  an archive belongs whole to one part; files in folders are dealt by a hash of
-  their path, which still costs every part the directory listings (names only).
 """
 
 from __future__ import annotations

@@ -13,6 +13,7 @@ import shutil
 from pathlib import Path
 from typing import Optional
 
+from ...common.files import write_atomic, write_json_atomic
 from ...pipeline import shards
 from . import BuildError
 
@@ -151,7 +152,7 @@ def _write(out_dir: Path, parts: dict, first: dict, num_parts: int) -> Path:
                     f"{log}: the rejected inputs of part {part} are missing; build that part again"
                 ) from None
 
-    shards.write_atomic(rejected_path, gather)
+    write_atomic(rejected_path, gather)
     manifest = dict(first)
     manifest.update(
         inputs=sum(parts[p][1]["inputs"] for p in parts),
@@ -168,5 +169,5 @@ def _write(out_dir: Path, parts: dict, first: dict, num_parts: int) -> Path:
         settings=dict(first["settings"], part=None),
     )
     path = out_dir / shards.MANIFEST_NAME
-    shards.write_json_atomic(path, manifest)
+    write_json_atomic(path, manifest)
     return path

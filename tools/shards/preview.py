@@ -15,9 +15,11 @@ from typing import Optional
 import numpy as np
 from PIL import Image, ImageDraw
 
+from ...common.files import unwritable
 from ...pipeline import shards
-from ...pipeline.augment import AugmentConfig, preset
-from ...pipeline.loader import LoaderConfig, ViewLoader
+from ...pipeline.config import LoaderConfig
+from ...pipeline.loader import ViewLoader
+from ...pipeline.recipes import AugmentConfig, v2
 from . import BuildError
 
 __all__ = ["preview"]
@@ -49,39 +51,33 @@ def preview(
     folder: str | Path,
     out: str | Path,
     *,
-    recipe: str | AugmentConfig = "v2",
+    recipe: Optional[AugmentConfig] = None,
     count: int = 8,
-    size: int = 224,
     seed: int = 0,
     device_id: Optional[int] = None,
 ) -> Path:
     """Write the preview grid of ``count`` samples of ``folder`` under ``recipe`` to ``out``.
 
-    ``recipe`` is a preset's name (drawn at ``size``) or a whole ``AugmentConfig``
-    (its own size), such as the one ``moco-train`` resolves from a configuration.
+    ``recipe`` is a whole ``AugmentConfig`` (its own size; default v2 at 224 px), such as the
+    one ``moco-train`` resolves from a configuration.
 
     Raises:
-        BuildError: a count or size below 1, or an ``out`` that cannot be written
-            (found before any work).
+        BuildError: a count below 1, views smaller than 8 px, or an ``out`` that cannot be
+            written (found before any work).
         ShardError: ``folder`` is not a sound shard folder.
     """
     folder, out = Path(folder), Path(out)
+    recipe = recipe or v2()
     if count < 1:
         raise BuildError(f"--count must be at least 1, got {count}")
-    if isinstance(recipe, AugmentConfig):
-        size = recipe.size
-    if size < 8:
-        raise BuildError(f"--size must be at least 8 px, got {size}")
-    if out.is_dir():
-        raise BuildError(f"--out {out}: is a folder; give a FILE.png")
-    try:  # find an unwritable --out before decoding anything
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_name(f".{out.name}.tmp")
-        tmp.touch()
-    except OSError as exc:
-        raise BuildError(f"--out {out}: cannot write: {exc.strerror or exc}") from None
+    if recipe.size < 8:
+        raise BuildError(f"data.views.size must be at least 8 px for a preview, got {recipe.size}")
+    why = unwritable("--out", out, folder=False)  # before decoding anything
+    if why:
+        raise BuildError(why)
+    tmp = out.with_name(f".{out.name}.tmp")
     try:
-        _draw(folder, tmp, recipe, count, size, seed, device_id)
+        _draw(folder, tmp, recipe, count, recipe.size, seed, device_id)
         os.replace(tmp, out)
     except OSError as exc:
         raise BuildError(f"--out {out}: cannot write: {exc.strerror or exc}") from None
@@ -93,16 +89,15 @@ def preview(
 def _draw(
     folder: Path,
     out: Path,
-    recipe: str | AugmentConfig,
+    recipe: AugmentConfig,
     count: int,
     size: int,
     seed: int,
     device_id: Optional[int],
 ) -> None:
-    cfg = recipe if isinstance(recipe, AugmentConfig) else preset(recipe, size)
     loader = ViewLoader(
         folder,
-        cfg,
+        recipe,
         LoaderConfig(
             batch_size=count,
             dtype="float32",
@@ -133,8 +128,8 @@ def _draw(
             original = Image.open(io.BytesIO(f.read(length))).convert("RGB")
         tiles = [
             _fit(original, size),
-            _denormalise(batch.view_q[row], cfg.mean, cfg.std),
-            _denormalise(batch.view_k[row], cfg.mean, cfg.std),
+            _denormalise(batch.view_q[row], recipe.mean, recipe.std),
+            _denormalise(batch.view_k[row], recipe.mean, recipe.std),
         ]
         y = _HEADER + row * (size + _PAD)
         for col, tile in enumerate(tiles):

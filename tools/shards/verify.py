@@ -23,6 +23,7 @@ from typing import Optional
 from tqdm import tqdm
 
 from ...pipeline import shards
+from ...pipeline.scan import first_undecodable, scan_shards
 from ...pipeline.shards import ShardError
 from . import BuildError
 
@@ -79,8 +80,6 @@ def _check_index_against_tar(tar: Path, idx: Path, samples: list) -> None:
 
 def _scan_in_child(conn, tars, indexes, batch_size, num_threads, device_id) -> None:
     """Child process: DALI's walk of the shards, streamed back per batch as plain tuples."""
-    from ...pipeline.scan import scan_shards
-
     # DALI's native decoders print their own complaints; the parent says what failed, in one line.
     os.dup2(os.open(os.devnull, os.O_WRONLY), 2)
 
@@ -159,8 +158,6 @@ def verify(
     Raises:
         ShardError: at the first fault, naming the shard (and key where there is one).
     """
-    from ...pipeline.scan import first_undecodable
-
     if batch_size < 1:
         raise BuildError(f"--batch-size must be at least 1, got {batch_size}")
     started = time.monotonic()

@@ -23,6 +23,7 @@ from typing import Callable, Optional
 from ...pipeline import shards
 from .imageprep import PrepSettings, Rejected, prepare, sample_metadata
 from .inputs import InputRef
+from .tar import encode_sample
 
 __all__ = ["read_input", "process_input", "ShardWriter", "write_block", "reason_kind"]
 
@@ -111,7 +112,7 @@ def process_input(item: tuple[str, InputRef, object], prep: PrepSettings, max_in
     if label is not None:
         files.append(("cls", str(label).encode()))
     files.append(("json", sample_metadata(ref.source, prepared)))
-    blob, members = shards.encode_sample(key, files)
+    blob, members = encode_sample(key, files)
     return ("ok", blob, members, prepared.copied, label)
 
 

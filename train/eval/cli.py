@@ -5,28 +5,104 @@
     moco-eval export --checkpoint CKPT --format torchvision|detectron2 --out FILE
 
 Reads moco-train checkpoints and the reference MoCo code's (never running code a file
-carries). Exit codes: 0 done, 2 a bad checkpoint, shard folder, option or output
-(one line naming it).
+carries). Exit codes: 0 done, 2 a bad checkpoint, shard folder, option or output (one line
+naming it). Each subcommand's options are a dataclass below; their rules are its own.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
+import dataclasses
 import logging
 import math
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
 
-__all__ = ["main"]
+from ...common.commandline import Parser, add_flags, from_flags
+from ...common.files import unwritable, write_json_atomic
+from ...common.options import FLAT, OptionError, option
+from ...pipeline.shards import ShardError
+from .protocol import EvalViews, LinearConfig
+
+__all__ = ["main", "Source", "Inputs", "KnnOptions", "LinearOptions", "ExportOptions"]
 
 log = logging.getLogger("moco-eval")
 
 
+@dataclass
+class Source:
+    """The checkpoint whose query encoder is measured or exported."""
+
+    checkpoint: Path = option(required=True)
+    """moco-train or reference MoCo checkpoint."""
+    arch: Optional[str] = None
+    """Expected architecture (an error if the checkpoint's differs)."""
+
+
+@dataclass
+class Inputs:
+    """The labelled shard folders a measurement reads, and where it runs."""
+
+    train: str = option(required=True)
+    """Labelled shard folder (features / training)."""
+    val: str = option(required=True)
+    """Labelled shard folder to classify."""
+    device: str = "auto"
+    """auto, cpu, cuda, cuda:N."""
+    amp: str = option("auto", choices=["auto", "bf16", "fp16", "none"])
+    """Autocast dtype of the backbone."""
+    random_init: bool = False
+    """The run's encoder at step 0 instead of the trained one (a baseline)."""
+    json: Optional[Path] = None
+    """Also write the result as JSON here."""
+
+    def __post_init__(self) -> None:
+        if self.json is not None and self.json.is_dir():
+            raise ValueError(f"--json {self.json}: a folder; give the file to write")
+
+
+@dataclass
+class KnnOptions:
+    source: Source = option(factory=Source, **FLAT)
+    inputs: Inputs = option(factory=Inputs, **FLAT)
+    views: EvalViews = option(factory=EvalViews, **FLAT)
+    k: int = 200
+    """Neighbours that vote."""
+    t: float = 0.1
+    """Temperature of the exp(similarity / t) votes."""
+
+    def __post_init__(self) -> None:
+        if self.k < 1:
+            raise ValueError(f"--k must be at least 1, got {self.k}")
+        if not (math.isfinite(self.t) and self.t > 0):
+            raise ValueError(f"--t must be a positive number, got {self.t}")
+
+
+@dataclass
+class LinearOptions:
+    source: Source = option(factory=Source, **FLAT)
+    inputs: Inputs = option(factory=Inputs, **FLAT)
+    probe: LinearConfig = option(factory=LinearConfig, **FLAT)
+    out: Optional[Path] = None
+    """Folder for checkpoints and logs (default CKPT_DIR/linear)."""
+    restart: bool = False
+    """Ignore a probe already in --out and start over."""
+
+
+@dataclass
+class ExportOptions:
+    source: Source = option(factory=Source, **FLAT)
+    format: str = option(required=True, choices=["torchvision", "detectron2"])
+    """The layout to write."""
+    out: Path = option(required=True)
+    """The file to write."""
+
+
 def _device(name: str):
-    import torch
+    import torch  # deliberately late: --help and a refused option answer before torch loads
 
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -36,262 +112,158 @@ def _device(name: str):
 
 
 def _amp(name: str, device):
-    from ..step import amp_dtype
+    from ..step import amp_dtype  # lazily, as torch: after the command line is checked
 
     if name == "fp16" and device.type != "cuda":
         raise ValueError("--amp fp16 needs a CUDA GPU")
     return amp_dtype(name, device)
 
 
-def _sizes(args, info) -> tuple[int, int]:
+def _sizes(views: EvalViews, info) -> EvalViews:
     """Crop and resize: given, or the pretraining run's (224 / 256 for a reference checkpoint)."""
     data = (info.config or {}).get("data", {})
-    size = args.size or data.get("size", 224)
-    resize = args.resize or data.get("eval_resize", max(size, round(size * 256 / 224)))
-    return size, resize
+    size = views.size or data.get("views", {}).get("size") or data.get("size", 224)
+    resize = views.resize or data.get("eval_resize", max(size, round(size * 256 / 224)))
+    return dataclasses.replace(views, size=size, resize=resize)
 
 
-def _knn(args) -> dict:
+def _knn(opts: KnnOptions) -> dict:
+    # Imported lazily: torch and DALI load after the command line is checked.
     import torch
 
-    from ...pipeline.augment import EvalConfig
+    from ...pipeline.recipes import EvalConfig
     from .knn import extract_features, knn_classify
     from .pretrained import load_encoder
 
-    device = _device(args.device)
-    amp = _amp(args.amp, device)
-    encoder, info = load_encoder(args.checkpoint, args.arch, random_init=args.random_init)
+    source, inputs = opts.source, opts.inputs
+    device = _device(inputs.device)
+    amp = _amp(inputs.amp, device)
+    encoder, info = load_encoder(source.checkpoint, source.arch, random_init=inputs.random_init)
     encoder = encoder.to(device).to(memory_format=torch.channels_last)
-    size, resize = _sizes(args, info)
-    view = EvalConfig(resize=resize, size=size)
+    views = _sizes(opts.views, info)
+    view = EvalConfig(resize=views.resize, size=views.size)
     started = time.perf_counter()
-    common = dict(batch_size=args.batch_size, device=device, amp_dtype=amp, threads=args.threads)
-    train_f, train_y, classes = extract_features(encoder, args.train, view, **common)
-    val_f, val_y, val_classes = extract_features(encoder, args.val, view, **common)
+    common = dict(batch_size=views.batch_size, device=device, amp_dtype=amp, threads=views.threads)
+    train_f, train_y, classes = extract_features(encoder, inputs.train, view, **common)
+    val_f, val_y, val_classes = extract_features(encoder, inputs.val, view, **common)
     if val_classes != classes:
-        raise ValueError(f"--val {args.val}: {val_classes} classes, --train has {classes}")
-    result = knn_classify(train_f, train_y, val_f, val_y, classes, k=args.k, t=args.t)
+        raise ValueError(f"--val {inputs.val}: {val_classes} classes, --train has {classes}")
+    result = knn_classify(train_f, train_y, val_f, val_y, classes, k=opts.k, t=opts.t)
     record = {
         "mode": "knn",
-        "checkpoint": str(args.checkpoint),
-        "random_init": args.random_init,
+        "checkpoint": str(source.checkpoint),
+        "random_init": inputs.random_init,
         "arch": info.arch,
         "step": info.step,
-        "k": args.k,
-        "t": args.t,
-        "size": size,
-        "resize": resize,
-        "train": str(args.train),
-        "val": str(args.val),
+        "k": opts.k,
+        "t": opts.t,
+        "size": views.size,
+        "resize": views.resize,
+        "train": str(inputs.train),
+        "val": str(inputs.val),
         "train_samples": len(train_y),
         "val_samples": len(val_y),
         **result,
         "seconds": time.perf_counter() - started,
         "device": str(device),
     }
-    when = "at initialisation" if args.random_init else f"at step {info.step}"
+    when = "at initialisation" if inputs.random_init else f"at step {info.step}"
     print(
-        f"moco-eval knn: {info.arch} {when}: top-1 {result['top1']:.2f}% top-5 {result['top5']:.2f}% "
-        f"(k={args.k}, T={args.t}, {len(train_y)} train / {len(val_y)} val images, {size} px)"
+        f"moco-eval knn: {info.arch} {when}: top-1 {result['top1']:.2f}% top-5 "
+        f"{result['top5']:.2f}% (k={opts.k}, T={opts.t}, {len(train_y)} train / {len(val_y)} "
+        f"val images, {views.size} px)"
     )
     return record
 
 
-def _linear(args) -> dict:
-    from .linear import LinearConfig, linear_probe
+def _linear(opts: LinearOptions) -> dict:
+    # Imported lazily: torch and DALI load after the command line is checked.
+    from .linear import linear_probe
     from .pretrained import load_encoder
 
-    device = _device(args.device)
-    amp = _amp(args.amp, device)
-    encoder, info = load_encoder(args.checkpoint, args.arch, random_init=args.random_init)
-    size, resize = _sizes(args, info)
-    cfg = LinearConfig(
-        epochs=args.epochs,
-        lr=args.lr,
-        momentum=args.momentum,
-        weight_decay=args.weight_decay,
-        milestones=tuple(args.milestones),
-        batch_size=args.batch_size,
-        size=size,
-        resize=resize,
-        seed=args.seed,
-        threads=args.threads,
-        val_every=args.val_every,
-        progress=not args.no_progress,
-    )
-    out = args.out or Path(args.checkpoint).parent / "linear"
+    source, inputs = opts.source, opts.inputs
+    device = _device(inputs.device)
+    amp = _amp(inputs.amp, device)
+    encoder, info = load_encoder(source.checkpoint, source.arch, random_init=inputs.random_init)
+    probe = dataclasses.replace(opts.probe, views=_sizes(opts.probe.views, info))
+    out = opts.out or Path(source.checkpoint).parent / "linear"
     result = linear_probe(
-        encoder, args.train, args.val, cfg, out, device, amp, resume=not args.restart
+        encoder, inputs.train, inputs.val, probe, out, device, amp, resume=not opts.restart
     )
-    when = "at initialisation" if args.random_init else f"at step {info.step}"
+    when = "at initialisation" if inputs.random_init else f"at step {info.step}"
     print(
         f"moco-eval linear: {info.arch} {when}: top-1 {result['top1']:.2f}% "
-        f"top-5 {result['top5']:.2f}% after {cfg.epochs} epochs (best top-1 {result['best_top1']:.2f}%); "
-        f"backbone unchanged; {out / 'linear.json'}"
+        f"top-5 {result['top5']:.2f}% after {probe.epochs} epochs (best top-1 "
+        f"{result['best_top1']:.2f}%); backbone unchanged; {out / 'linear.json'}"
     )
     return {
         "mode": "linear",
-        "checkpoint": str(args.checkpoint),
+        "checkpoint": str(source.checkpoint),
         "arch": info.arch,
         "step": info.step,
         **result,
     }
 
 
-def _export(args) -> dict:
-    from .pretrained import export, load_encoder
+def _export(opts: ExportOptions) -> dict:
+    from .pretrained import export, load_encoder  # lazily: torch, after the checks
 
-    encoder, info = load_encoder(args.checkpoint, args.arch)
-    out = export(encoder, args.format, args.out)
+    encoder, info = load_encoder(opts.source.checkpoint, opts.source.arch)
+    out = export(encoder, opts.format, opts.out)
     stem = (
-        " (small-image stem: replace conv1 with a 3x3/1 conv and maxpool with Identity before loading)"
+        " (small-image stem: replace conv1 with a 3x3/1 conv and maxpool with Identity before "
+        "loading)"
         if info.small_stem
         else ""
     )
     print(
-        f"moco-eval export: {info.arch} query backbone of {args.checkpoint} as {args.format} -> {out}{stem}"
+        f"moco-eval export: {info.arch} query backbone of {opts.source.checkpoint} as "
+        f"{opts.format} -> {out}{stem}"
     )
     return {
         "mode": "export",
-        "checkpoint": str(args.checkpoint),
-        "format": args.format,
+        "checkpoint": str(opts.source.checkpoint),
+        "format": opts.format,
         "out": str(out),
     }
 
 
-class _Parser(argparse.ArgumentParser):
-    """argparse's own errors (a missing option, a bad choice) as one line and exit 2, like every other error."""
-
-    def error(self, message: str):
-        print(f"{self.prog}: error: {message}", file=sys.stderr)
-        sys.exit(2)
-
-
-_OPTION_RULES = {
-    "k": (lambda v: v >= 1, "must be at least 1"),
-    "t": (lambda v: math.isfinite(v) and v > 0, "must be a positive number"),
-    "batch_size": (lambda v: v >= 1, "must be at least 1"),
-    "threads": (lambda v: v is None or v >= 1, "must be at least 1"),
-    "size": (lambda v: v is None or v >= 1, "must be at least 1 px"),
-    "resize": (lambda v: v is None or v >= 1, "must be at least 1 px"),
-    "epochs": (lambda v: v >= 1, "must be at least 1"),
-    "lr": (lambda v: math.isfinite(v) and v > 0, "must be a positive number"),
-    "momentum": (lambda v: 0 <= v < 1, "must be in [0, 1)"),
-    "weight_decay": (lambda v: math.isfinite(v) and v >= 0, "must be a number >= 0"),
-    "milestones": (lambda v: all(0 <= m <= 1 for m in v), "are fractions of the epochs, in [0, 1]"),
-    "val_every": (lambda v: v >= 1, "must be at least 1"),
+COMMANDS = {
+    "knn": (KnnOptions, _knn, "weighted kNN top-1/top-5 of the frozen query backbone"),
+    "linear": (LinearOptions, _linear, "the paper's linear classification protocol"),
+    "export": (ExportOptions, _export, "the query backbone for torchvision or detectron2"),
 }
-"""The options no later check refuses before work is done (or at all: kNN with T 0 divides by zero)."""
-
-
-def _check_options(args) -> Optional[str]:
-    """The first impossible option value, as the line to print; None when all can run."""
-    for name, (valid, rule) in _OPTION_RULES.items():
-        if hasattr(args, name) and not valid(getattr(args, name)):
-            return f"--{name.replace('_', '-')} {rule}, got {getattr(args, name)}"
-    if getattr(args, "json", None) and args.json.is_dir():
-        return f"--json {args.json}: a folder; give the file to write"
-    if getattr(args, "size", None) and getattr(args, "resize", None) and args.size > args.resize:
-        return f"--size {args.size} is larger than --resize {args.resize} (the centre crop is taken after the resize)"
-    return None
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = _Parser(
-        prog="moco-eval",
-        description=__doc__.split("\n\n")[0],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
+    parser = Parser(prog="moco-eval", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="mode", required=True)
-
-    def common(p, data=True):
-        p.add_argument(
-            "--checkpoint", type=Path, required=True, help="moco-train or reference MoCo checkpoint"
+    for name, (options, _, summary) in COMMANDS.items():
+        add_flags(
+            sub.add_parser(
+                name, help=summary, formatter_class=argparse.ArgumentDefaultsHelpFormatter
+            ),
+            options,
         )
-        p.add_argument(
-            "--arch", default=None, help="expected architecture (error if the checkpoint's differs)"
-        )
-        if data:
-            p.add_argument(
-                "--train", required=True, help="labelled shard folder (features / training)"
-            )
-            p.add_argument("--val", required=True, help="labelled shard folder to classify")
-            p.add_argument(
-                "--size", type=int, default=None, help="crop size (default: the run's data.size)"
-            )
-            p.add_argument(
-                "--resize",
-                type=int,
-                default=None,
-                help="shorter side before the centre crop (default: the run's data.eval_resize)",
-            )
-            p.add_argument("--batch-size", type=int, default=256)
-            p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
-            p.add_argument("--amp", choices=["auto", "bf16", "fp16", "none"], default="auto")
-            p.add_argument(
-                "--threads", type=int, default=None, help="DALI CPU threads (default: all cores)"
-            )
-            p.add_argument(
-                "--random-init",
-                action="store_true",
-                help="the run's encoder at step 0 instead of the trained one (a baseline)",
-            )
-            p.add_argument(
-                "--json", type=Path, default=None, help="also write the result as JSON here"
-            )
-
-    k = sub.add_parser("knn", help="weighted kNN top-1/top-5 of the frozen query backbone")
-    common(k)
-    k.add_argument("--k", type=int, default=200, help="neighbours")
-    k.add_argument(
-        "--t", type=float, default=0.1, help="temperature of the exp(similarity / t) votes"
-    )
-    lin = sub.add_parser("linear", help="the paper's linear classification protocol")
-    common(lin)
-    lin.add_argument(
-        "--out",
-        type=Path,
-        default=None,
-        help="folder for checkpoints and logs (default CKPT_DIR/linear)",
-    )
-    lin.add_argument("--epochs", type=int, default=100)
-    lin.add_argument("--lr", type=float, default=30.0)
-    lin.add_argument("--momentum", type=float, default=0.9)
-    lin.add_argument("--weight-decay", type=float, default=0.0)
-    lin.add_argument(
-        "--milestones",
-        type=float,
-        nargs="+",
-        default=[0.6, 0.8],
-        help="fractions of the epochs where the rate drops x0.1",
-    )
-    lin.add_argument("--val-every", type=int, default=1, help="epochs between validations")
-    lin.add_argument("--seed", type=int, default=0)
-    lin.add_argument(
-        "--restart", action="store_true", help="ignore a probe already in --out and start over"
-    )
-    lin.add_argument("--no-progress", action="store_true")
-    e = sub.add_parser("export", help="the query backbone for torchvision or detectron2")
-    common(e, data=False)
-    e.add_argument("--format", choices=["torchvision", "detectron2"], required=True)
-    e.add_argument("--out", type=Path, required=True)
     return parser
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     logging.basicConfig(level=logging.INFO, format="moco-eval: %(message)s")
-    args = _parser().parse_args(argv)
-    from ...pipeline.shards import ShardError
-    from .pretrained import CheckpointError
-
-    refused = _check_options(args)
-    if refused:
-        print(f"moco-eval: error: {refused}", file=sys.stderr)
-        return 2
     try:
-        record = {"knn": _knn, "linear": _linear, "export": _export}[args.mode](args)
-        if getattr(args, "json", None):
-            _write_json(args.json, record)
+        args = _parser().parse_args(argv)
+    except OptionError as exc:
+        print(f"{exc.prog}: error: {exc}", file=sys.stderr)
+        return 2
+    options, run, _ = COMMANDS[args.mode]
+    from .pretrained import CheckpointError  # lazily: torch, once the command line is good
+
+    try:
+        opts = from_flags(options, args)
+        record = run(opts)
+        json_path = getattr(getattr(opts, "inputs", None), "json", None)
+        if json_path is not None:
+            _write_json(json_path, record)
     except (CheckpointError, ShardError, ValueError) as exc:
         print(f"moco-eval: error: {exc}", file=sys.stderr)
         return 2
@@ -299,10 +271,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 def _write_json(path: Path, record: dict) -> None:
-    from ..checkpoint import write_atomic
-
+    why = unwritable("--json", path, folder=False)
+    if why:
+        raise ValueError(why)
     try:
-        write_atomic(path, lambda f: f.write((json.dumps(record, indent=1) + "\n").encode()))
+        write_json_atomic(path, record, sort_keys=False)
     except OSError as error:
         raise ValueError(f"--json {path}: cannot write ({error.strerror or error})") from None
 

@@ -1,16 +1,9 @@
 """The kNN monitor: weighted kNN on l2-normalised backbone features (Wu et al. 2018).
 
-Each validation feature votes with its k most similar training features, each vote
-weighted by exp(similarity / T); k = 200 and T = 0.1 by default, as in the
-instance-discrimination literature. Similarities are computed in chunks sized so
-that a million training features fit.
-
-Under torch.distributed every rank extracts the features of its own share of each
-folder (the loader deals whole shards to ranks), so no rank reads a whole folder
-and none waits idle for another. The validation features are gathered onto every
-rank; the training features stay where they were extracted: each rank finds the k
-nearest of its share for every query, the candidates of all ranks are gathered and
-the k nearest of them kept, which is the single-process answer, on every rank.
+Each validation feature votes with its k most similar training features, each vote weighted by
+exp(similarity / T). Under torch.distributed every rank extracts the features of its own share
+of each folder; the k nearest of every rank's share are gathered and merged, which gives every
+rank the single-process answer without one rank reading a whole folder.
 """
 
 from __future__ import annotations
@@ -22,8 +15,10 @@ import torch.distributed as dist
 from torch.nn import functional as F
 
 from ...model.encoders import backbone, feature_dim
-from ...pipeline.augment import EvalConfig
-from ...pipeline.loader import LoaderConfig, ViewLoader
+from ...pipeline.config import LoaderConfig, ReadConfig
+from ...pipeline.loader import ViewLoader
+from ...pipeline.recipes import EvalConfig
+from ..config import eval_view
 from ..distributed import dali_device_id, gather_rows, world_size
 
 __all__ = ["pooled_features", "extract_features", "knn_classify", "config_knn"]
@@ -58,7 +53,7 @@ def extract_features(
     device: torch.device,
     channels_last: bool = True,
     amp_dtype: Optional[torch.dtype] = None,
-    threads: Optional[int] = None,
+    threads: int = 0,
     rank: int = 0,
     world: int = 1,
 ) -> tuple[torch.Tensor, torch.Tensor, int]:
@@ -72,7 +67,7 @@ def extract_features(
             dtype="float32",
             shuffle=False,
             last_batch="partial",
-            threads=threads,
+            read=ReadConfig(threads=threads),
         ),
         rank=rank,
         world=world,
@@ -184,13 +179,13 @@ def config_knn(
     torch.distributed every rank calls it with its rank; each reads its share.
     """
     d = config.data
-    eval_cfg = EvalConfig(resize=d.eval_resize, size=d.size)
+    eval_cfg = eval_view(config)
     common = dict(
         batch_size=max(1, d.batch_size // world),
         device=device,
         channels_last=config.run.channels_last,
         amp_dtype=amp_dtype,
-        threads=d.threads or None,
+        threads=d.read.threads,
         rank=rank,
         world=world,
     )

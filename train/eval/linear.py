@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import random
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Optional
 
@@ -24,54 +24,31 @@ from torch import nn
 from torch.nn import functional as F
 from tqdm import tqdm
 
+from ...common.options import flatten
 from ...model.encoders import feature_dim
-from ...pipeline.augment import EvalConfig, custom
-from ...pipeline.loader import LoaderConfig, ViewLoader
+from ...pipeline.config import LoaderConfig, ReadConfig
+from ...pipeline.loader import ViewLoader
+from ...pipeline.recipes import EvalConfig, custom
 from .. import checkpoint
 from ..distributed import dali_device_id
 from ..metrics import Metrics
 from ..schedule import learning_rates
 from .knn import pooled_features
 from .pretrained import weights_digest
+from .protocol import LinearConfig
 
-__all__ = ["LinearConfig", "linear_probe", "evaluate"]
+__all__ = ["linear_probe", "evaluate"]
 
 log = logging.getLogger("moco-eval")
 
 
-@dataclass
-class LinearConfig:
-    epochs: int = 100
-    lr: float = 30.0
-    momentum: float = 0.9
-    weight_decay: float = 0.0
-    milestones: tuple = (0.6, 0.8)
-    """Fractions of ``epochs`` at which the rate is multiplied by 0.1 (60 and 80 of 100)."""
-    batch_size: int = 256
-    size: int = 224
-    resize: int = 256
-    """Validation: shorter side before the centre crop of ``size``."""
-    crop_scale: tuple = (0.08, 1.0)
-    seed: int = 0
-    threads: Optional[int] = None
-    val_every: int = 1
-    """Epochs between validations (the last epoch is always validated)."""
-    progress: bool = True
-
-    def validate(self) -> None:
-        if self.epochs < 1 or self.batch_size < 1 or self.val_every < 1:
-            raise ValueError("--epochs, --batch-size and --val-every must be at least 1")
-        if self.lr <= 0:
-            raise ValueError(f"--lr must be positive, got {self.lr}")
-        if not all(0 < m <= 1 for m in self.milestones):
-            raise ValueError(
-                f"--milestones are fractions of the epochs in (0, 1], got {self.milestones}"
-            )
-
-
 def _settings(config: dict) -> dict:
     # What decides the result; threads, progress and validation frequency may change on resume.
-    return {k: v for k, v in config.items() if k not in ("threads", "progress", "val_every")}
+    flat = flatten(config)
+    return {k: v for k, v in flat.items() if k.rsplit(".", 1)[-1] not in _MAY_CHANGE}
+
+
+_MAY_CHANGE = ("threads", "progress", "val_every")
 
 
 @torch.no_grad()
@@ -101,8 +78,9 @@ def linear_probe(
     amp_dtype: Optional[torch.dtype] = None,
     resume: bool = True,
 ) -> dict:
-    """Train and validate the linear classifier on ``encoder``'s frozen backbone; return the final figures."""
-    cfg.validate()
+    """Train and validate the linear classifier on ``encoder``'s frozen backbone; return the final
+    figures. ``cfg.views`` must have its size and resize."""
+    views = cfg.views
     out = Path(out)
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
@@ -114,7 +92,7 @@ def linear_probe(
         )
 
     train_view = custom(
-        size=cfg.size,
+        size=views.size,
         crop_scale=tuple(cfg.crop_scale),
         jitter=(0.0, 0.0, 0.0, 0.0),
         gray_p=0.0,
@@ -126,25 +104,25 @@ def linear_probe(
         train,
         train_view,
         LoaderConfig(
-            batch_size=cfg.batch_size,
+            batch_size=views.batch_size,
             dtype="float32",
             views=1,
             last_batch="partial",
             seed=cfg.seed,
-            threads=cfg.threads,
+            read=ReadConfig(threads=views.threads),
         ),
         device_id=device_id,
         state=state["loader"] if state else None,
     )
     val_loader = ViewLoader(
         val,
-        EvalConfig(resize=cfg.resize, size=cfg.size),
+        EvalConfig(resize=views.resize, size=views.size),
         LoaderConfig(
-            batch_size=cfg.batch_size,
+            batch_size=views.batch_size,
             dtype="float32",
             shuffle=False,
             last_batch="partial",
-            threads=cfg.threads,
+            read=ReadConfig(threads=views.threads),
         ),
         device_id=device_id,
     )

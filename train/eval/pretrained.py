@@ -12,6 +12,7 @@ detectron2 pickle that the reference ``convert-pretrain-to-detectron2.py`` write
 from __future__ import annotations
 
 import errno
+import hashlib
 import os
 import pickle
 from collections import OrderedDict
@@ -22,9 +23,12 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
+from ...common.files import write_atomic
 from ...model.encoders import ARCHS, add_mlp_head, resnet
-from ..checkpoint import CheckpointError, write_atomic
+from ..checkpoint import CheckpointError
 from ..checkpoint import load as load_checkpoint
+from ..config import from_dict
+from ..step import build_model
 
 __all__ = [
     "CheckpointError",
@@ -147,9 +151,6 @@ def load_encoder(
             raise CheckpointError(
                 f"{path}: --random-init needs a moco-train checkpoint (it rebuilds the run's step 0)"
             )
-        from ..config import from_dict
-        from ..step import build_model
-
         config = from_dict(info.config)
         config.run.channels_last = False
         torch.manual_seed(config.run.seed)  # as the engine does before building the model
@@ -226,8 +227,6 @@ def export(encoder: nn.Module, fmt: str, out: str | os.PathLike) -> Path:
 
 def weights_digest(module: nn.Module) -> str:
     """sha256 over a module's state (parameters and buffers), to prove it did not change."""
-    import hashlib
-
     h = hashlib.sha256()
     for key, value in module.state_dict().items():
         h.update(key.encode())

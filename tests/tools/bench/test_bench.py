@@ -15,11 +15,11 @@ def test_momentum_mode_writes_its_record(tmp_path, capsys):
         bench.main(
             [
                 "momentum",
-                "--arch",
+                "--model.arch",
                 "resnet18",
-                "--K",
+                "--model.K",
                 "1024",
-                "--batch",
+                "--data.batch_size",
                 "64",
                 "--calls",
                 "2",
@@ -88,7 +88,8 @@ def test_no_momentum_implementation_beats_the_floor():
 
 
 def test_pipeline_mode_runs_both_loaders_and_writes_its_record(tmp_path, labelled_dump):
-    from moco_dali.tools.shards.build import BuildSettings, build
+    from moco_dali.tools.shards.build import build
+    from moco_dali.tools.shards.settings import BuildSettings
 
     build(
         [str(labelled_dump)],
@@ -104,9 +105,9 @@ def test_pipeline_mode_runs_both_loaders_and_writes_its_record(tmp_path, labelle
                 "pipeline",
                 "--shards",
                 str(tmp_path / "shards"),
-                "--size",
+                "--data.views.size",
                 "32",
-                "--batch",
+                "--data.batch_size",
                 "4",
                 "--batches",
                 "2",
@@ -116,11 +117,11 @@ def test_pipeline_mode_runs_both_loaders_and_writes_its_record(tmp_path, labelle
                 "2",
                 "--workers",
                 "1",
-                "--threads",
+                "--data.threads",
                 "1",
                 "--device",
                 "cpu",
-                "--hue-space",
+                "--data.views.hue_space",
                 "yiq",
                 "--out",
                 str(out),
@@ -155,9 +156,10 @@ def test_pipeline_mode_runs_both_loaders_and_writes_its_record(tmp_path, labelle
 
 
 def test_views_mode_times_the_recipe_with_each_operator_left_out(tmp_path, labelled_dump, capsys):
-    from moco_dali.pipeline.augment import cifar, v2
+    from moco_dali.pipeline.recipes import cifar, v2
     from moco_dali.tools.bench.views import variants
-    from moco_dali.tools.shards.build import BuildSettings, build
+    from moco_dali.tools.shards.build import build
+    from moco_dali.tools.shards.settings import BuildSettings
 
     # Only the operators a recipe applies get a variant: cifar has no blur.
     assert list(variants(v2(32))) == [
@@ -195,9 +197,9 @@ def test_views_mode_times_the_recipe_with_each_operator_left_out(tmp_path, label
                 "views",
                 "--shards",
                 str(tmp_path / "shards"),
-                "--size",
+                "--data.views.size",
                 "32",
-                "--batch",
+                "--data.batch_size",
                 "4",
                 "--batches",
                 "2",
@@ -205,11 +207,11 @@ def test_views_mode_times_the_recipe_with_each_operator_left_out(tmp_path, label
                 "1",
                 "--reps",
                 "2",
-                "--threads",
+                "--data.threads",
                 "1",
                 "--device",
                 "cpu",
-                "--hue-space",
+                "--data.views.hue_space",
                 "yiq",
                 "--out",
                 str(out),
@@ -257,11 +259,11 @@ def test_all_runs_every_mode_and_compare_and_chart_read_the_record(tmp_path, cap
         bench.main(
             [
                 "all",
-                "--arch",
+                "--model.arch",
                 "resnet18",
-                "--size",
+                "--data.views.size",
                 "32",
-                "--batch",
+                "--data.batch_size",
                 "16",
                 "--batches",
                 "1",
@@ -269,19 +271,19 @@ def test_all_runs_every_mode_and_compare_and_chart_read_the_record(tmp_path, cap
                 "2",
                 "--warmup",
                 "1",
-                "--K",
+                "--model.K",
                 "256",
                 "--synthetic",
                 "24",
                 "--workers",
                 "1",
-                "--threads",
+                "--data.threads",
                 "1",
                 "--calls",
                 "1",
                 "--build-workers",
                 "1",
-                "--hue-space",
+                "--data.views.hue_space",
                 "yiq",
                 "--device",
                 "cpu",
@@ -365,11 +367,11 @@ def test_all_records_a_failing_mode_and_still_runs_the_others(tmp_path, capsys, 
                 "all",
                 "--modes",
                 "momentum,step",
-                "--arch",
+                "--model.arch",
                 "resnet18",
-                "--size",
+                "--data.views.size",
                 "32",
-                "--batch",
+                "--data.batch_size",
                 "16",
                 "--batches",
                 "1",
@@ -377,7 +379,7 @@ def test_all_records_a_failing_mode_and_still_runs_the_others(tmp_path, capsys, 
                 "1",
                 "--warmup",
                 "1",
-                "--K",
+                "--model.K",
                 "256",
                 "--device",
                 "cpu",
@@ -407,11 +409,11 @@ def test_all_records_a_failing_mode_and_still_runs_the_others(tmp_path, capsys, 
                 "all",
                 "--modes",
                 "momentum",
-                "--arch",
+                "--model.arch",
                 "resnet18",
-                "--K",
+                "--model.K",
                 "256",
-                "--batch",
+                "--data.batch_size",
                 "16",
                 "--device",
                 "cpu",
@@ -431,9 +433,7 @@ def test_all_stopped_part_way_leaves_the_modes_that_finished(tmp_path, monkeypat
     def stopped(args):
         raise KeyboardInterrupt
 
-    from moco_dali.tools.bench import step
-
-    monkeypatch.setattr(step, "bench_step", stopped)
+    monkeypatch.setattr(bench, "bench_step", stopped)
     out = tmp_path / "all.json"
     with pytest.raises(KeyboardInterrupt):  # a ^C; a SIGTERM kills outright, after the same writes
         bench.main(
@@ -441,11 +441,11 @@ def test_all_stopped_part_way_leaves_the_modes_that_finished(tmp_path, monkeypat
                 "all",
                 "--modes",
                 "step,momentum",
-                "--arch",
+                "--model.arch",
                 "resnet18",
-                "--K",
+                "--model.K",
                 "256",
-                "--batch",
+                "--data.batch_size",
                 "16",
                 "--calls",
                 "1",
@@ -497,15 +497,15 @@ def test_synthetic_generator_makes_photo_sized_decodable_jpegs(tmp_path):
 
 
 def test_generated_shards_give_every_reference_worker_its_own(tmp_path, monkeypatch):
-    import argparse
-
     from moco_dali.pipeline import shards
     from moco_dali.tools.bench.common import shards_for
+    from moco_dali.tools.bench.options import BenchOptions, Measure
+    from moco_dali.train.config import Config
 
     # Formerly one shard per 1,000 photos: 2,000 photos and 16 workers left 14 idle.
     monkeypatch.setattr("tempfile.mkdtemp", lambda prefix="": str(tmp_path))
-    args = argparse.Namespace(shards=None, synthetic=10, workers=4)
-    folder, info = shards_for(args)
+    measure = Measure(BenchOptions(synthetic=10, workers=4), Config())
+    folder, info = shards_for(measure)
     manifest, pairs = shards.discover(folder)
     assert len(pairs) >= 4 and manifest.samples == 10 and info["count"] == 10
 
@@ -513,7 +513,8 @@ def test_generated_shards_give_every_reference_worker_its_own(tmp_path, monkeypa
 def test_reference_workers_split_few_shards_by_sample(tmp_path, labelled_dump):
     from moco_dali.pipeline import shards
     from moco_dali.pipeline.reference import reference_samples, worker_split
-    from moco_dali.tools.shards.build import BuildSettings, build
+    from moco_dali.tools.shards.build import build
+    from moco_dali.tools.shards.settings import BuildSettings
 
     build([str(labelled_dump)], tmp_path / "shards", BuildSettings(), workers=0, progress=False)
     urls = [str(tar) for tar, _ in shards.discover(tmp_path / "shards")[1]]

@@ -24,7 +24,8 @@ def test_a_written_folder_has_a_built_folders_manifest_and_moco_shards_reads_it(
     tmp_path, labelled_dump, capsys
 ):
     from moco_dali.tools.shards import cli as shards_cli
-    from moco_dali.tools.shards.build import BuildSettings, build
+    from moco_dali.tools.shards.build import build
+    from moco_dali.tools.shards.settings import BuildSettings
 
     build(
         [str(labelled_dump)],
@@ -68,9 +69,9 @@ def test_scale_mode_measures_each_rank_in_its_own_process_and_extrapolates(tmp_p
                 "1,4",
                 "--reps",
                 "1",
-                "--batch",
+                "--data.batch_size",
                 "8",
-                "--threads",
+                "--data.threads",
                 "1",
                 "--out",
                 str(out),
@@ -168,9 +169,9 @@ def test_a_chart_of_a_record_without_headline_figures_is_one_line_and_exit_2(
                 "1",
                 "--reps",
                 "1",
-                "--batch",
+                "--data.batch_size",
                 "8",
-                "--threads",
+                "--data.threads",
                 "1",
                 "--out",
                 str(out),

@@ -17,10 +17,11 @@ import simplejpeg
 from moco_dali.pipeline import shards
 from moco_dali.pipeline.scan import scan_shards
 from moco_dali.tools.shards import BuildError
-from moco_dali.tools.shards.build import BuildSettings, build
+from moco_dali.tools.shards.build import build
 from moco_dali.tools.shards.imageprep import PrepSettings
 from moco_dali.tools.shards.inputs import iter_part
 from moco_dali.tools.shards.merge import merge
+from moco_dali.tools.shards.settings import BuildSettings
 from tests.conftest import awkward_inputs, baseline_jpeg, broken_inputs, photo_like, write_files
 
 REPO = Path(__file__).resolve().parents[3]

@@ -14,8 +14,9 @@ import simplejpeg
 from moco_dali.pipeline import shards
 from moco_dali.tools.shards import inputs
 from moco_dali.tools.shards import order as packing
-from moco_dali.tools.shards.build import BuildSettings, build
+from moco_dali.tools.shards.build import build
 from moco_dali.tools.shards.merge import merge
+from moco_dali.tools.shards.settings import BuildSettings
 from tests.tools.shards.test_build import folder_bytes, run_cli
 
 CLASSES = [f"class{c}" for c in range(10)]

@@ -3,7 +3,8 @@
 import numpy as np
 from PIL import Image
 
-from moco_dali.tools.shards.build import BuildSettings, build
+from moco_dali.tools.shards.build import build
+from moco_dali.tools.shards.settings import BuildSettings
 from tests.tools.shards.test_build import run_cli
 
 
@@ -16,7 +17,7 @@ def test_preview_writes_a_grid_of_originals_and_views(tmp_path, labelled_dump):
         str(tmp_path / "p.png"),
         "--count",
         "3",
-        "--size",
+        "--data.views.size",
         "48",
         "--preset",
         "v1",
@@ -45,7 +46,7 @@ def test_preview_draws_the_views_a_configuration_file_trains_on(tmp_path, labell
     and the command line's view keys over the preset's; a bad view key is one line naming it."""
     build([str(labelled_dump)], tmp_path / "shards", BuildSettings(), workers=0, progress=False)
     config = tmp_path / "run.toml"
-    config.write_text("[data]\nsize = 40\n[data.views]\njitter_p = 0.0\ngray_p = 0.0\n")
+    config.write_text("[data.views]\nsize = 40\njitter_p = 0.0\ngray_p = 0.0\n")
     grey = run_cli(
         "preview",
         str(tmp_path / "shards"),
@@ -62,7 +63,7 @@ def test_preview_draws_the_views_a_configuration_file_trains_on(tmp_path, labell
     )
     assert grey.returncode == 0, grey.stderr
     image = Image.open(tmp_path / "grey.png").convert("RGB")
-    assert image.size == (3 * 40 + 4 * 6, 18 + 2 * (40 + 6) + 6)  # data.size from the file
+    assert image.size == (3 * 40 + 4 * 6, 18 + 2 * (40 + 6) + 6)  # data.views.size from the file
     view_k = np.asarray(
         image.crop((6 + 2 * (40 + 6), 18, 6 + 2 * (40 + 6) + 40, 18 + 40)), dtype=int
     )

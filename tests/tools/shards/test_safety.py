@@ -18,7 +18,8 @@ import pytest
 from moco_dali.pipeline import shards
 from moco_dali.pipeline.scan import scan_shards
 from moco_dali.tools.shards import BuildError
-from moco_dali.tools.shards.build import BuildSettings, build
+from moco_dali.tools.shards.build import build
+from moco_dali.tools.shards.settings import BuildSettings
 from tests.conftest import baseline_jpeg, broken_inputs, write_files
 from tests.tools.shards.test_build import REPO, folder_bytes, rejected_lines, run_cli
 
@@ -278,8 +279,8 @@ def test_verify_a_bad_tar_header_merge_a_broken_part_and_preview_bad_values_end_
 
     for flags, message in (
         (["--count", "0"], "--count must be at least 1"),
-        (["--size", "0"], "--size must be at least 8 px"),
-        (["--out", str(tar / "p.png")], "cannot write"),
+        (["--data.views.size", "4"], "data.views.size must be at least 8 px for a preview"),
+        (["--out", str(tar / "p.png")], "is a file, not a folder"),
     ):
         result = run_cli(
             "preview", str(out), "--out", str(tmp_path / "p.png"), *flags

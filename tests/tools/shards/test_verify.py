@@ -9,7 +9,8 @@ import pytest
 
 from moco_dali.pipeline import shards
 from moco_dali.pipeline.shards import ShardError
-from moco_dali.tools.shards.build import BuildSettings, build
+from moco_dali.tools.shards.build import build
+from moco_dali.tools.shards.settings import BuildSettings
 from moco_dali.tools.shards.verify import format_inspection, inspect, verify
 from tests.tools.shards.test_build import run_cli
 

@@ -1,6 +1,7 @@
 """The kNN monitor: its classifier against a brute-force transcription, sharded over ranks, on damaged data;
 the learning-rate schedules."""
 
+import dataclasses
 import math
 from pathlib import Path
 
@@ -9,7 +10,7 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from moco_dali.pipeline.augment import EvalConfig
+from moco_dali.pipeline.recipes import EvalConfig
 from moco_dali.train.eval.knn import knn_classify
 from moco_dali.train.schedule import learning_rates
 
@@ -135,12 +136,8 @@ def _tiny(root: Path):
     from moco_dali.train.step import build_model
 
     config = preset("small")
-    config.model.K, config.model.small_stem, config.data.batch_size, config.data.threads = (
-        64,
-        False,
-        16,
-        1,
-    )
+    config.model.K, config.model.small_stem, config.data.batch_size = 64, False, 16
+    config.data.read = dataclasses.replace(config.data.read, threads=1)
     config.run.knn_k = 20
     config.data.knn_train, config.data.knn_val = str(root / "train"), str(root / "val")
     torch.manual_seed(0)
@@ -149,7 +146,8 @@ def _tiny(root: Path):
 
 @pytest.fixture(scope="module")
 def colour_shards(tmp_path_factory) -> Path:
-    from moco_dali.tools.shards.build import BuildSettings, build
+    from moco_dali.tools.shards.build import build
+    from moco_dali.tools.shards.settings import BuildSettings
     from tests.train.eval.test_eval import colour_dump
 
     root = tmp_path_factory.mktemp("knn")

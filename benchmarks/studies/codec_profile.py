@@ -5,7 +5,7 @@ the builder (header parse, the pass-through path's strict 1/8-scale decode, the
 re-encode path's full decode and encode, tar members and sha256) on the same
 photographs, in one process, as the median over repetitions after a warm-up.
 
-    python -m benchmarks.codec_profile --photos DIR --out RESULT.json
+    python -m benchmarks.studies.codec_profile --photos DIR --out RESULT.json
 """
 
 from __future__ import annotations
@@ -24,10 +24,10 @@ import simplejpeg
 import webdataset
 from PIL import Image
 
-from moco_dali.pipeline.shards import encode_sample
 from moco_dali.tools.bench.machine import describe
 from moco_dali.tools.shards.imageprep import PrepSettings, parse_jpeg_header
 from moco_dali.tools.shards.inputs import InputRef
+from moco_dali.tools.shards.tar import encode_sample
 from moco_dali.tools.shards.writer import ShardWriter, process_input, read_input
 
 

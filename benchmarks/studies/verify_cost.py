@@ -5,7 +5,7 @@ costs the child and the sample can still be named. Against it, alternating, the 
 walk in this process (what verify did before), each with the per-sample size check.
 Median of ``--reps`` after a warm-up.
 
-    python -m benchmarks.verify_cost --shards DIR --out RESULT.json
+    python -m benchmarks.studies.verify_cost --shards DIR --out RESULT.json
 """
 
 from __future__ import annotations

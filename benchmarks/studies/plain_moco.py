@@ -8,7 +8,7 @@ split BN with the keys' batch shuffled on one device, as the authors' CIFAR-10
 demonstration. Each epoch ends with weighted kNN (k 200, T 0.1) on the pooled
 backbone features, the protocol of moco-dali's monitor.
 
-    python -m benchmarks.plain_moco --train SHARDS --val SHARDS --epochs 5 --out RESULT.json
+    python -m benchmarks.studies.plain_moco --train SHARDS --val SHARDS --epochs 5 --out RESULT.json
 """
 
 from __future__ import annotations
@@ -225,7 +225,7 @@ def main() -> None:
         )
         print(json.dumps(history[-1]), flush=True)
     record = {
-        "implementation": "benchmarks/plain_moco.py",
+        "implementation": "benchmarks/studies/plain_moco.py",
         "args": {k: str(v) for k, v in vars(args).items()},
         "train_samples": len(train_images),
         "val_samples": len(val_images),

@@ -5,7 +5,7 @@ as ``moco-demo`` does), builds it with ``--labels folder`` shuffled (the default
 and with ``--no-shuffle``, in one part and in ``--parts`` parts, and records each
 shard's count of every class against its share (samples / classes).
 
-    python -m benchmarks.class_mix --out RESULT.json [--max-count 2500] [--parts 4]
+    python -m benchmarks.studies.class_mix --out RESULT.json [--max-count 2500] [--parts 4]
 """
 
 from __future__ import annotations
@@ -24,8 +24,9 @@ from pathlib import Path
 from moco_dali.pipeline import shards
 from moco_dali.tools.bench.machine import describe
 from moco_dali.tools.demo.data import FASHION_MNIST_CLASSES, load_fashion_mnist, write_dump
-from moco_dali.tools.shards.build import BuildSettings, build
+from moco_dali.tools.shards.build import build
 from moco_dali.tools.shards.merge import merge
+from moco_dali.tools.shards.settings import BuildSettings
 
 
 def per_shard(folder: Path) -> list[dict]:

@@ -1,12 +1,12 @@
 """The learning curve of moco-dali's engine against the plain reference, epoch by epoch, on the same data.
 
-Runs ``moco-train --preset cifar`` and ``benchmarks/plain_moco.py`` (the same recipe,
+Runs ``moco-train --preset cifar`` and ``benchmarks/studies/plain_moco.py`` (the same recipe,
 written independently in plain PyTorch) on the same shard folders for the same
 number of epochs, reads the kNN top-1 each measured after every epoch (and at
 initialisation) and their images/s, and writes one JSON record and one chart. The
 goal: ours at or above the reference's minus 1 point at every epoch.
 
-    python -m benchmarks.parity --train SHARDS --val SHARDS --epochs 5 \\
+    python -m benchmarks.studies.parity --train SHARDS --val SHARDS --epochs 5 \\
         --out benchmarks/results/DATE-MACHINE-parity.json --chart benchmarks/results/DATE-MACHINE-parity.png
 """
 
@@ -105,7 +105,7 @@ def run_reference(args, work: Path) -> dict:
     command = [
         sys.executable,
         "-m",
-        "benchmarks.plain_moco",
+        "benchmarks.studies.plain_moco",
         "--train",
         str(args.train),
         "--val",

@@ -7,7 +7,7 @@ forward (the key encoder's) with each, alternating, as the median over repetitio
 after a warm-up. The loop is the implementation ``model/shuffle_bn.py`` had before
 (kept here as the baseline).
 
-    python -m benchmarks.split_bn --device cpu --arch resnet18 --batch 16 --size 112 --out RESULT.json
+    python -m benchmarks.studies.split_bn --device cpu --arch resnet18 --batch 16 --size 112 --out RESULT.json
 """
 
 from __future__ import annotations
@@ -158,7 +158,7 @@ def main() -> int:
     record = {
         "date": time.strftime("%Y-%m-%d"),
         "machine": describe(),
-        "command": "python -m benchmarks.split_bn " + " ".join(sys.argv[1:]),
+        "command": "python -m benchmarks.studies.split_bn " + " ".join(sys.argv[1:]),
         "config": {
             "device": str(device),
             "arch": args.arch,

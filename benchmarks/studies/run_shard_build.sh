@@ -2,7 +2,7 @@
 # The shard-build record: two ImageNet-like photo sets from Debian's photographs,
 # one at a natural JPEG quality (95) and one at the quality closest to 110 KB per
 # file, each benchmarked against the PIL + ShardWriter baseline.
-# usage: benchmarks/run_shard_build.sh SOURCE_PHOTOS_DIR RESULTS_DIR [COUNT] [REPS]
+# usage: benchmarks/studies/run_shard_build.sh SOURCE_PHOTOS_DIR RESULTS_DIR [COUNT] [REPS]
 set -euo pipefail
 src=${1:?source photos}; results=${2:?results dir}; count=${3:-4000}; reps=${4:-3}
 work=$(mktemp -d)

@@ -10,7 +10,7 @@ of the repetitions after a warm-up; and ``simplejpeg.decode_jpeg_header`` alone 
 image, the check's CPU time per sample whatever the decoder (on a GPU it runs on a
 DALI CPU thread, holding the GIL).
 
-    python -m benchmarks.sample_check_cost --before DIR --out RESULT.json
+    python -m benchmarks.studies.sample_check_cost --before DIR --out RESULT.json
 """
 
 from __future__ import annotations
@@ -31,10 +31,17 @@ if spec["before"]:
     from moco_dali.tools.bench.scale import _use_pipeline_from
     _use_pipeline_from(spec["before"])
 import torch
-from moco_dali.pipeline.augment import v2
-from moco_dali.pipeline.loader import LoaderConfig, ViewLoader
-loader = ViewLoader(spec["shards"], v2(size=spec["size"]), LoaderConfig(batch_size=spec["batch"], dtype="float32",
-                    threads=spec["threads"]))
+from moco_dali.pipeline.loader import ViewLoader
+try:  # this checkout's data path
+    from moco_dali.pipeline.config import LoaderConfig, ReadConfig
+    from moco_dali.pipeline.recipes import v2
+    config = LoaderConfig(batch_size=spec["batch"], dtype="float32",
+                          read=ReadConfig(threads=spec["threads"] or 0))
+except ImportError:  # a --before checkout older than pipeline/config.py
+    from moco_dali.pipeline.augment import v2
+    from moco_dali.pipeline.loader import LoaderConfig
+    config = LoaderConfig(batch_size=spec["batch"], dtype="float32", threads=spec["threads"])
+loader = ViewLoader(spec["shards"], v2(size=spec["size"]), config)
 batches = iter(loader)
 for _ in range(spec["warmup"]):
     next(batches)
@@ -89,7 +96,8 @@ def main() -> int:
 
     from moco_dali.tools.bench.machine import describe
     from moco_dali.tools.bench.synthetic import generate
-    from moco_dali.tools.shards.build import BuildSettings, build
+    from moco_dali.tools.shards.build import build
+    from moco_dali.tools.shards.settings import BuildSettings
 
     work = Path(tempfile.mkdtemp(prefix="sample-check-"))
     generate(work / "photos", args.photos, seed=0)
