@@ -102,6 +102,8 @@ def quality_stage(session, budget: float) -> dict:
         "--run.progress",
         "false",
     ]
+    if not dry:  # compiled in place, bf16 (run.amp auto): the recipe's rate on the GPU
+        common += ["--run.compile", "true"]
     if dry:  # the standard stem and one direction: the small stem costs 16x the compute at 32 px
         common += [
             "--data.batch_size",

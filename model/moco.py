@@ -20,7 +20,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn import functional as F
 
-from . import shuffle_bn
+from . import momentum, shuffle_bn
 from .encoders import add_mlp_head
 from .momentum import momentum_update_
 from .queue import KeyQueue
@@ -106,6 +106,12 @@ class MoCo(nn.Module):
 
         self.queue = KeyQueue(K, dim, dtype=queue_dtype)
         self._group = shuffle_bn.shuffle_group(shuffle_group_size) if shuffle == "ddp" else None
+
+    def flatten_parameters(self) -> None:
+        """Each encoder's parameters as views into one buffer of its own, so the momentum update
+        is one pass over two buffers. Call it last, after the model's moves (``.to``)."""
+        momentum.flatten_parameters_(self.encoder_q)
+        momentum.flatten_parameters_(self.encoder_k)
 
     # --- the steps of Algorithm 1 -------------------------------------------------
 

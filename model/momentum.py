@@ -1,23 +1,64 @@
 """The momentum (EMA) update of the key encoder: theta_k <- m * theta_k + (1 - m) * theta_q.
 
 Parameters only, never buffers: the key encoder's BN statistics are its own, as in the paper's
-code. The update runs as multi-tensor kernels over all parameters at once, never a Python loop
-over ~160 tensors; ``IMPLEMENTATIONS`` holds the fused lerp (default), mul+add for torch builds
-without it, apex's axpby (only when importable) and the reference loop, chosen in one place.
+code. With each encoder's parameters views into one buffer (``flatten_parameters_``, done by the
+engine's model builder) the update is one lerp over two buffers (``flat_lerp``); otherwise
+multi-tensor kernels over all parameters at once (``IMPLEMENTATIONS``: the fused lerp, mul+add
+for torch builds without it, apex's axpby when importable, the reference loop). Never a Python
+loop over ~160 tensors; chosen in one place (``resolve_implementation``).
 """
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 
 __all__ = [
     "IMPLEMENTATIONS",
+    "flatten_parameters_",
+    "flat_parameters",
     "momentum_update_",
     "available_implementations",
     "resolve_implementation",
 ]
+
+
+def flatten_parameters_(module: torch.nn.Module) -> Optional[torch.Tensor]:
+    """Move ``module``'s parameters into one buffer, each parameter a view into it (its shape and
+    strides kept, so a channels-last weight stays channels-last); return the buffer.
+
+    The momentum update is then one pass over two buffers instead of one per tensor. Made last,
+    after the module's moves between devices and memory formats (a later move gives parameters
+    storage of their own again, and the update falls back to the multi-tensor kernels). None
+    (nothing moved) when the parameters differ in dtype or device.
+    """
+    params = list(module.parameters())
+    if not params or len({(p.dtype, p.device) for p in params}) != 1:
+        return None
+    flat = torch.empty(
+        sum(p.numel() for p in params), dtype=params[0].dtype, device=params[0].device
+    )
+    offset = 0
+    with torch.no_grad():
+        for p in params:
+            view = flat[offset : offset + p.numel()].as_strided(p.shape, p.stride())
+            view.copy_(p)
+            p.data = view
+            offset += p.numel()
+    module._flat_parameters = flat
+    return flat
+
+
+def flat_parameters(module) -> Optional[torch.Tensor]:
+    """The buffer ``flatten_parameters_`` made, if every parameter is still a view into it."""
+    flat = getattr(module, "_flat_parameters", None)
+    if flat is None or not isinstance(module, torch.nn.Module):
+        return None
+    base = flat.untyped_storage().data_ptr()
+    if any(p.untyped_storage().data_ptr() != base for p in module.parameters()):
+        return None
+    return flat
 
 
 def _params(module_or_params) -> list[torch.Tensor]:
@@ -64,6 +105,7 @@ IMPLEMENTATIONS: dict[str, Callable] = {
 
 
 def available_implementations() -> list[str]:
+    """The list-based implementations here (``flat_lerp`` needs flattened encoders besides)."""
     names = ["loop", "foreach"]
     if hasattr(torch, "_foreach_lerp_"):
         names.append("foreach_lerp")
@@ -77,11 +119,16 @@ def available_implementations() -> list[str]:
     return names
 
 
-def resolve_implementation(implementation: str) -> str:
-    """``"auto"`` as the implementation it stands for: ``foreach_lerp`` where torch has it, else ``foreach``."""
-    if implementation == "auto":
-        return "foreach_lerp" if hasattr(torch, "_foreach_lerp_") else "foreach"
-    return implementation
+def resolve_implementation(implementation: str, key_encoder=None, query_encoder=None) -> str:
+    """``"auto"`` as the implementation it stands for: ``flat_lerp`` for two encoders whose
+    parameters are views into one buffer each, else ``foreach_lerp`` where torch has it, else
+    ``foreach``."""
+    if implementation != "auto":
+        return implementation
+    flat_k, flat_q = flat_parameters(key_encoder), flat_parameters(query_encoder)
+    if flat_k is not None and flat_q is not None and flat_k.shape == flat_q.shape:
+        return "flat_lerp"
+    return "foreach_lerp" if hasattr(torch, "_foreach_lerp_") else "foreach"
 
 
 def momentum_update_(key_encoder, query_encoder, m: float, implementation: str = "auto") -> None:
@@ -95,10 +142,17 @@ def momentum_update_(key_encoder, query_encoder, m: float, implementation: str =
     """
     if not 0.0 <= m <= 1.0:
         raise ValueError(f"momentum must be in [0, 1], got {m}")
+    implementation = resolve_implementation(implementation, key_encoder, query_encoder)
+    if implementation == "flat_lerp":
+        flat_k, flat_q = flat_parameters(key_encoder), flat_parameters(query_encoder)
+        if flat_k is None or flat_q is None or flat_k.shape != flat_q.shape:
+            raise ValueError("flat_lerp needs two encoders flattened alike (flatten_parameters_)")
+        with torch.no_grad():
+            flat_k.lerp_(flat_q, 1.0 - m)  # one read-modify-write pass over one buffer
+        return
     key, query = _params(key_encoder), _params(query_encoder)
     if len(key) != len(query):
         raise ValueError(f"key encoder has {len(key)} parameters, query encoder {len(query)}")
-    implementation = resolve_implementation(implementation)
     if implementation not in IMPLEMENTATIONS:
         raise ValueError(
             f"unknown momentum implementation {implementation!r}; choose from {sorted(IMPLEMENTATIONS)}"

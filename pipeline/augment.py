@@ -12,6 +12,7 @@ from __future__ import annotations
 from nvidia.dali import fn, types
 from nvidia.dali import math as dmath
 
+from .config import VIEW_BRANCHES
 from .recipes import AugmentConfig, EvalConfig
 
 __all__ = ["augment", "eval_view"]
@@ -108,8 +109,23 @@ def _maybe(p: float):
     return fn.random.coin_flip(probability=p)
 
 
-def augment(image, cfg: AugmentConfig, dtype=types.FLOAT16):
-    """One random MoCo view of a decoded HWC uint8 RGB image: HWC, normalised, ``dtype``."""
+def _blend(image, other, chosen):
+    """``other`` for the samples where ``chosen`` is 1, ``image`` for the others: one arithmetic
+    kernel over the whole batch instead of a split and a merge."""
+    chosen = _on(chosen, image)
+    mixed = image * (1 - chosen) + other * chosen
+    return fn.reshape(fn.cast(mixed, dtype=types.UINT8), layout="HWC")
+
+
+def augment(image, cfg: AugmentConfig, dtype=types.FLOAT16, branches: str = "conditional"):
+    """One random MoCo view of a decoded HWC uint8 RGB image: HWC, normalised, ``dtype``.
+
+    ``branches`` (``config.VIEW_BRANCHES``): ``conditional`` splits the batch at each random
+    operation (DALI conditionals), ``blend`` runs every operation on every sample and keeps it
+    per sample by a 0/1 blend (the blur by its sigma, near 0 where not drawn).
+    """
+    if branches not in VIEW_BRANCHES:
+        raise ValueError(f"branches must be one of {VIEW_BRANCHES}, got {branches!r}")
     image = fn.random_resized_crop(
         image,
         size=[cfg.size, cfg.size],
@@ -119,18 +135,21 @@ def augment(image, cfg: AugmentConfig, dtype=types.FLOAT16):
         interp_type=types.INTERP_LINEAR,
         antialias=True,
     )
-    if cfg.gray_before_jitter and cfg.gray_p > 0:
-        if _maybe(cfg.gray_p):
-            image = _grayscale(image)
-    if any(cfg.jitter) and cfg.jitter_p > 0:
-        if _maybe(cfg.jitter_p):
-            image = _jitter(image, cfg)
-    if not cfg.gray_before_jitter and cfg.gray_p > 0:
-        if _maybe(cfg.gray_p):
-            image = _grayscale(image)
-    if cfg.blur_p > 0:
-        if _maybe(cfg.blur_p):
-            image = fn.gaussian_blur(image, sigma=_uniform(*cfg.blur_sigma))
+    if branches == "blend":
+        image = _blended(image, cfg)
+    else:
+        if cfg.gray_before_jitter and cfg.gray_p > 0:
+            if _maybe(cfg.gray_p):
+                image = _grayscale(image)
+        if any(cfg.jitter) and cfg.jitter_p > 0:
+            if _maybe(cfg.jitter_p):
+                image = _jitter(image, cfg)
+        if not cfg.gray_before_jitter and cfg.gray_p > 0:
+            if _maybe(cfg.gray_p):
+                image = _grayscale(image)
+        if cfg.blur_p > 0:
+            if _maybe(cfg.blur_p):
+                image = fn.gaussian_blur(image, sigma=_uniform(*cfg.blur_sigma))
     return fn.crop_mirror_normalize(
         image,
         dtype=dtype,
@@ -139,6 +158,23 @@ def augment(image, cfg: AugmentConfig, dtype=types.FLOAT16):
         std=[255.0 * s for s in cfg.std],
         mirror=_maybe(cfg.flip_p) if cfg.flip_p > 0 else 0,
     )
+
+
+def _blended(image, cfg: AugmentConfig):
+    """The recipe's grey, jitter and blur on every sample, each kept by a per-sample coin."""
+    gray = cfg.gray_p > 0
+    if gray and cfg.gray_before_jitter:
+        image = _blend(image, _grayscale(image), _maybe(cfg.gray_p))
+    if any(cfg.jitter) and cfg.jitter_p > 0:
+        image = _blend(image, _jitter(image, cfg), _maybe(cfg.jitter_p))
+    if gray and not cfg.gray_before_jitter:
+        image = _blend(image, _grayscale(image), _maybe(cfg.gray_p))
+    if cfg.blur_p > 0:
+        # A sigma of 1e-3 gives a 3-tap kernel of [0, 1, 0]: the sample passes unchanged.
+        drawn = _maybe(cfg.blur_p)
+        sigma = drawn * _uniform(*cfg.blur_sigma) + (1 - drawn) * 1e-3
+        image = fn.gaussian_blur(image, sigma=sigma)
+    return image
 
 
 def eval_view(image, cfg: EvalConfig, dtype=types.FLOAT16):

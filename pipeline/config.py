@@ -5,10 +5,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-__all__ = ["DTYPE_NAMES", "ReadConfig", "LoaderConfig"]
+__all__ = ["DTYPE_NAMES", "VIEW_BRANCHES", "ReadConfig", "LoaderConfig"]
 
 DTYPE_NAMES = ("float16", "float32")
 """The views' dtypes a loader hands over."""
+VIEW_BRANCHES = ("conditional", "blend")
+"""How a view's random operations reach the samples that draw them (``augment.augment``)."""
 
 
 @dataclass(frozen=True)
@@ -29,6 +31,10 @@ class ReadConfig:
     max_window_shards: int = 8192
     """Shards one DALI reader is given at most: it maps each into memory, and Linux allows 65,530
     mappings per process by default."""
+    view_branches: str = "conditional"
+    """conditional: DALI conditionals, an operation runs on the samples that draw it; blend: every
+    operation on every sample, kept per sample by a 0/1 blend (no split and merge of the batch).
+    The same views; which is faster is the device's to say (moco-bench views)."""
 
     def __post_init__(self) -> None:
         if self.threads < 0:
@@ -38,6 +44,10 @@ class ReadConfig:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
         if not 0.0 <= self.hw_decoder_load <= 1.0:
             raise ValueError(f"hw_decoder_load must be in [0, 1], got {self.hw_decoder_load}")
+        if self.view_branches not in VIEW_BRANCHES:
+            raise ValueError(
+                f"view_branches {self.view_branches!r}: choose {', '.join(VIEW_BRANCHES)}"
+            )
 
 
 @dataclass(frozen=True)

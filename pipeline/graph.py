@@ -61,6 +61,7 @@ def view_pipeline(
     shuffle_buffer: int,
     prefetch: int,
     hw_decoder_load: float,
+    branches: str,
     batch_size: int,
     threads: int,
     device_id: Optional[int],
@@ -101,7 +102,7 @@ def view_pipeline(
             placeholder = types.Constant(PLACEHOLDER_JPEG, device="cpu")
             image = decode(placeholder, on_gpu, hw_decoder_load)
         if isinstance(view, AugmentConfig):
-            result = [augment(image, view, dali_dtype) for _ in range(views)]
+            result = [augment(image, view, dali_dtype, branches) for _ in range(views)]
         else:
             result = [eval_view(image, view, dali_dtype)]
         if labels:

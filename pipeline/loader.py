@@ -207,6 +207,7 @@ class ViewLoader:
             shuffle_buffer=read.shuffle_buffer,
             prefetch=read.prefetch,
             hw_decoder_load=read.hw_decoder_load,
+            branches=read.view_branches,
             batch_size=cfg.batch_size,
             threads=read.threads or default_threads(),
             device_id=self.device_id,

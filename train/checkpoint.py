@@ -353,8 +353,10 @@ class Checkpointer:
                 "run's state or meaning: resume with the checkpoint's values, or start another "
                 "run.out"
             )
+        # Runs of the version that wrapped compiled encoders saved them under "_orig_mod.".
+        weights = {k.replace("._orig_mod.", "."): v for k, v in state["model"].items()}
         try:
-            model.load_state_dict(state["model"])
+            model.load_state_dict(weights)
         except RuntimeError as error:
             first = next(
                 (line.strip() for line in str(error).splitlines()[1:] if line.strip()),

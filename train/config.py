@@ -49,6 +49,7 @@ __all__ = [
 ]
 
 AMP_NAMES = ("auto", "bf16", "fp16", "none")
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 MAX_EPOCHS = 100_000
 MAX_STEPS = 2**28
 """The most steps a run's schedules are computed for (two float64 values each: 4 GiB)."""
@@ -177,7 +178,14 @@ class RunConfig:
     channels_last: bool = True
     """Channels-last model and inputs."""
     compile: bool = False
-    """torch.compile the encoders."""
+    """torch.compile the two encoders (in place: their parameter names and checkpoints stay
+    those of an eager run)."""
+    compile_mode: str = "default"
+    """torch.compile's mode: default, reduce-overhead (CUDA graphs), max-autotune,
+    max-autotune-no-cudagraphs."""
+    compile_backend: str = "inductor"
+    """torch.compile's backend: inductor (generated kernels), or aot_eager and eager to find
+    where a compiled step goes wrong."""
     seed: int = 0
     """Seeds weights, queue, views and shard order (0 <= seed < 2**31)."""
     device: str = "auto"
@@ -211,6 +219,8 @@ class RunConfig:
     def __post_init__(self) -> None:
         _choice("device", self.device, ("auto", "cpu", "cuda"))
         _choice("amp", self.amp, AMP_NAMES)
+        _choice("compile_mode", self.compile_mode, COMPILE_MODES)
+        _choice("compile_backend", self.compile_backend, ("inductor", "aot_eager", "eager"))
         _at_least(self, 1, "epochs", "log_every", "ckpt_every", "keep_last", "max_nonfinite")
         _at_least(self, 1, "dist_timeout_s", "knn_k")
         _at_least(self, 0, "max_steps", "knn_every", "seed")

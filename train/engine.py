@@ -35,10 +35,12 @@ from .eval.knn import config_knn
 from .folders import check_knn_folders, check_out, check_resume, steps_per_epoch
 from .metrics import Metrics
 from .step import (
+    NonFinite,
     amp_dtype,
     backward_step,
     build_model,
     build_optimizer,
+    compile_encoders,
     forward_loss,
     schedules,
     views_dtype,
@@ -179,14 +181,14 @@ class Run:
         self.checkpointer = Checkpointer(config, self.dist, self.device)
         resumed = self.checkpointer.resume(self.model)  # the checkpoint's weights from here on
         self.resumed_from: Optional[Path] = resumed.path
-        self.step, self.nonfinite, self.skipped = 0, 0, 0
+        self.step, self.streak, self.skipped = 0, 0, 0
         if resumed.state:
             self.step, self.skipped = self.checkpointer.restore(
                 resumed.state, self.optimizer, self.scaler
             )
+        self.nonfinite = NonFinite(r.max_nonfinite, self.device, self.skipped)
         self.loader = self._data(resumed.state)
         assert len(self.loader) == self.steps_per_epoch, (len(self.loader), self.steps_per_epoch)
-        self.pending: Optional[tuple[int, torch.Tensor]] = None  # (step, skip flag) not read yet
         self.out = Path(r.out)
         self.metrics = Metrics(self.out, self.dist.main)
         if self.dist.main:
@@ -206,10 +208,8 @@ class Run:
     # ---- set-up
 
     def _wrap(self, model: MoCo) -> torch.nn.Module:
-        """The module the step calls: the model compiled if asked, under DDP with several ranks."""
-        if self.config.run.compile:
-            model.encoder_q = torch.compile(model.encoder_q)
-            model.encoder_k = torch.compile(model.encoder_k)
+        """The module the step calls: the encoders compiled if asked, under DDP with several ranks."""
+        compile_encoders(model, self.config)
         if self.dist.world == 1:
             return model
         # The queue and the key encoder are kept identical on every rank by the algorithm
@@ -294,27 +294,21 @@ class Run:
         self.model.m = float(self.momenta[self.step])
         loss, logits, labels = forward_loss(self.net, batch.view_q, batch.view_k, self.amp)
         self.optimizer.zero_grad(set_to_none=True)
-        # Non-finite gradients skip the update on the device; the flag is read one step
-        # later, once this step's work is queued, so the GPU never waits for the host.
+        # Non-finite gradients skip the update on the device, and the skip is counted there:
+        # the host reads the count at the logging and checkpoint cadence only, so the device
+        # never waits for the host between them.
         bad = backward_step(loss, self.optimizer, self.scaler)
         self.step += 1
         self.bar.update(1)
-        self.settle_nonfinite()
-        self.pending = (self.step, bad)
+        self.nonfinite.record(bad, self.step)
         self.window.steps += 1
         return loss, logits, labels
 
     def settle_nonfinite(self) -> None:
-        """Read the pending skip flag (a host sync) and keep the streak; stop after ``run.max_nonfinite``."""
-        if self.pending is None:
-            return
-        (at, bad), self.pending = self.pending, None
-        if not bad.item():
-            self.nonfinite = 0
-            return
-        self.nonfinite += 1
-        self.skipped += 1
-        if self.nonfinite >= self.config.run.max_nonfinite:
+        """Read the device's count of skipped steps (a host sync); stop once a streak of
+        ``run.max_nonfinite`` happened."""
+        self.streak, self.skipped, stopped_at = self.nonfinite.read()
+        if stopped_at >= 0:
             last_good = self.checkpointer.last_good
             good = (
                 f"the last good checkpoint is {last_good}"
@@ -322,7 +316,8 @@ class Run:
                 else "no checkpoint was written"
             )
             raise TrainingStopped(
-                f"{self.nonfinite} non-finite losses in a row at step {at}; stopped, {good}"
+                f"{self.nonfinite.limit} non-finite losses in a row at step {stopped_at}; "
+                f"stopped, {good}"
             )
 
     def log(
@@ -391,7 +386,7 @@ class Run:
         if (
             self.step % self.config.run.ckpt_every
             and self.step % self.steps_per_epoch
-            and self.nonfinite == 0
+            and self.streak == 0
         ):
             self.save()
 
@@ -406,7 +401,7 @@ class Run:
         """Settle the pending skip flag; save, unless inside a streak of non-finite losses (the
         newest checkpoint stays good)."""
         self.settle_nonfinite()
-        if self.nonfinite == 0:
+        if self.streak == 0:
             self.save()
 
     def save(self) -> None:

@@ -37,13 +37,17 @@ SAFE_TO_CHANGE = frozenset(
         "run.deterministic",
         "run.dist_timeout_s",
         "run.channels_last",
+        "run.compile",  # compiled in place: the same parameters, the same arithmetic to rounding
+        "run.compile_mode",
+        "run.compile_backend",
         "data.threads",
         "data.prefetch",
         "data.hw_decoder_load",
+        "data.view_branches",  # the same views, made another way
     }
 )
 """Keys a resumed run may change (each change is logged). Every other key changes the state's
-shape (model.*, run.compile's parameter names) or the run's meaning (the data, the views, the
+shape (model.*) or the run's meaning (the data, the views, the
 batch, the optimizer, the schedule over run.epochs, the precision, the seeds, the windows that
 the data position counts in) and is refused; a key added to the tree later is refused until
 listed here."""

@@ -33,8 +33,10 @@ __all__ = [
     "build_model",
     "build_optimizer",
     "schedules",
+    "compile_encoders",
     "forward_loss",
     "backward_step",
+    "NonFinite",
 ]
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "none": None}
@@ -115,7 +117,10 @@ def build_model(config: Config, device: torch.device, momentum_impl: str = "auto
         model = model.to(device)
     except (ValueError, RuntimeError, OverflowError, MemoryError) as error:
         raise _model_fault(config.model, error) from None
-    return model.to(memory_format=torch.channels_last) if config.run.channels_last else model
+    if config.run.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    model.flatten_parameters()  # last: a move would give the parameters storage of their own
+    return model
 
 
 def build_optimizer(
@@ -167,6 +172,20 @@ def _named(make, given: dict):
         return name_fault(make, given)
     except OptionError as error:
         raise ConfigError(str(error)) from None
+
+
+def compile_encoders(model: MoCo, config: Config) -> MoCo:
+    """``run.compile``: both encoders compiled in place (``nn.Module.compile``), so their state
+    dicts keep the eager names and checkpoints of compiled and eager runs load into each other.
+
+    Shapes are fixed in training (whole batches, one view size), so each encoder compiles once
+    for training and once for the key encoder's no-grad use; what follows reuses those graphs.
+    """
+    r = config.run
+    if r.compile:
+        for encoder in (model.encoder_q, model.encoder_k):
+            encoder.compile(mode=r.compile_mode, backend=r.compile_backend, dynamic=False)
+    return model
 
 
 def schedules(config: Config, steps_per_epoch: int) -> tuple[np.ndarray, np.ndarray]:
@@ -240,3 +259,31 @@ def backward_step(
         optimizer.step()
     scaler.update()
     return bad
+
+
+class NonFinite:
+    """The steps skipped for non-finite gradients, counted on the device: the current streak, the
+    total, and the first step a streak reached ``limit``. ``record`` costs no host sync; ``read``
+    is the one sync, made at the logging and checkpoint cadence."""
+
+    def __init__(self, limit: int, device: torch.device, skipped: int = 0):
+        self.limit = limit
+        self.streak = torch.zeros((), dtype=torch.int64, device=device)
+        self.skipped = torch.full((), skipped, dtype=torch.int64, device=device)
+        self.stopped_at = torch.full((), -1, dtype=torch.int64, device=device)
+
+    def record(self, bad: Optional[torch.Tensor], step: int) -> None:
+        """Count step ``step``'s flag (a 0-d bool tensor on the device; None: no check made)."""
+        if bad is None:
+            return
+        b = bad.to(torch.int64)
+        self.streak.add_(1).mul_(b)  # one more in a row, or back to 0
+        self.skipped.add_(b)
+        reached = (self.streak >= self.limit) & (self.stopped_at < 0)
+        self.stopped_at.copy_(torch.where(reached, step, self.stopped_at))
+
+    def read(self) -> tuple[int, int, int]:
+        """``(streak, skipped, stopped_at)`` on the host (stopped_at -1: no streak reached the
+        limit)."""
+        values = torch.stack([self.streak, self.skipped, self.stopped_at]).tolist()
+        return values[0], values[1], values[2]

@@ -70,6 +70,39 @@ def test_fused_momentum_update_equals_the_per_parameter_formula(implementation, 
     assert all(torch.equal(a, b) for a, b in zip(key.buffers(), buffers))
 
 
+def test_flattened_encoders_update_in_one_pass_with_the_per_parameter_formula(device):
+    """Each encoder's parameters are views into one buffer (channels-last weights keep their
+    strides); the update is one lerp over the two buffers and equals the formula."""
+    torch.manual_seed(0)
+    query, key = (
+        resnet("resnet18")(num_classes=128).to(device).to(memory_format=torch.channels_last)
+        for _ in range(2)
+    )
+    expected = [
+        0.99 * k.detach() + 0.01 * q.detach() for k, q in zip(key.parameters(), query.parameters())
+    ]
+    strides = [p.stride() for p in key.parameters()]
+    flat_k, flat_q = momentum.flatten_parameters_(key), momentum.flatten_parameters_(query)
+    assert [p.stride() for p in key.parameters()] == strides
+    for got in key.parameters():  # every parameter now lives in the one buffer
+        assert got.untyped_storage().data_ptr() == flat_k.untyped_storage().data_ptr()
+    assert momentum.resolve_implementation("auto", key, query) == "flat_lerp"
+    calls = []
+    lerp = torch.Tensor.lerp_
+    torch.Tensor.lerp_ = lambda self, *a, **k: calls.append(self) or lerp(self, *a, **k)
+    try:
+        momentum.momentum_update_(key, query, 0.99)
+    finally:
+        torch.Tensor.lerp_ = lerp
+    assert len(calls) == 1 and calls[0] is flat_k
+    for got, want in zip(key.parameters(), expected):
+        torch.testing.assert_close(got, want, rtol=1.3e-6, atol=1e-7)
+    # A move afterwards gives the parameters storage of their own: the update falls back.
+    moved = key.to(torch.float64)
+    assert momentum.resolve_implementation("auto", moved, query) != "flat_lerp"
+    assert flat_q.numel() == sum(p.numel() for p in query.parameters())
+
+
 def test_momentum_extremes_and_errors(device):
     query, key = nn.Linear(4, 4).to(device), nn.Linear(4, 4).to(device)
     before = [p.clone() for p in key.parameters()]

@@ -78,13 +78,20 @@ def probes(tmp_path_factory) -> dict[str, tuple[Path, Image.Image]]:
 
 
 def dali_views(
-    folder: Path, cfg: AugmentConfig, device: torch.device, epochs: int = 1
+    folder: Path,
+    cfg: AugmentConfig,
+    device: torch.device,
+    epochs: int = 1,
+    branches: str = "conditional",
 ) -> np.ndarray:
-    """Both views of every image as HWC pixel values, made on ``device`` (a GPU: mixed decoder, GPU operators)."""
+    """Both views of every image as HWC pixel values, made on ``device`` (a GPU: mixed decoder,
+    GPU operators), the random operations reaching their samples by ``branches``."""
     loader = ViewLoader(
         folder,
         cfg,
-        loader_config(batch_size=250, dtype="float32", threads=2, shuffle_buffer=64),
+        loader_config(
+            batch_size=250, dtype="float32", threads=2, shuffle_buffer=64, view_branches=branches
+        ),
         device_id=device.index if device.type == "cuda" else None,
     )
     views = [v.cpu() for _ in range(epochs) for b in loader for v in (b.view_q, b.view_k)]
@@ -151,8 +158,14 @@ def test_crop_area_aspect_and_flip_match(probes, device, scale, ratio):
     assert abs(ours["flipped"].mean() - 0.5) < 0.05  # flip p 0.4 or 0.6 would be 0.1 off
 
 
+# The view graph without conditionals (every operation on every sample, kept by a 0/1 blend) must
+# make the same views: the tests of the operations drawn with a probability run on both graphs.
+BRANCHES = pytest.mark.parametrize("branches", ["conditional", "blend"])
+
+
+@BRANCHES
 @pytest.mark.parametrize("make", [v1, v2])
-def test_grayscale_fraction_matches(probes, device, make):
+def test_grayscale_fraction_matches(probes, device, make, branches):
     folder, image = probes["coordinates"]
     cfg = make(size=32)
 
@@ -160,19 +173,20 @@ def test_grayscale_fraction_matches(probes, device, make):
         return (views.max(-1) - views.min(-1)).max(axis=(1, 2))
 
     # DALI's grey views keep a channel spread of up to 3 from rounding, coloured ones have 20 or more.
-    ours = (spread(dali_views(folder, cfg, device)) < 10).mean()
+    ours = (spread(dali_views(folder, cfg, device, branches=branches)) < 10).mean()
     theirs = (spread(reference_views(image, cfg)) < 10).mean()
     assert abs(ours - 0.2) < 0.06 and abs(theirs - 0.2) < 0.06  # p 0.5 would be 0.3 off
 
 
+@BRANCHES
 @pytest.mark.parametrize("make, p", [(v1, 1.0), (v2, 0.8)])
-def test_brightness_factor_range_matches(probes, device, make, p):
+def test_brightness_factor_range_matches(probes, device, make, p, branches):
     # On a uniform grey image only brightness changes anything: value / stored value
     # is the factor (the stored JPEG decodes to about 128).
     folder, image = probes["grey"]
     stored = np.asarray(image, dtype=np.float64).mean()
     cfg = custom(make(size=16), gray_p=0.0, blur_p=0.0)
-    ours = dali_views(folder, cfg, device).mean(axis=(1, 2, 3)) / stored
+    ours = dali_views(folder, cfg, device, branches=branches).mean(axis=(1, 2, 3)) / stored
     theirs = reference_views(image, cfg).mean(axis=(1, 2, 3)) / stored
     for factors in (ours, theirs):
         # Within a few uint8 steps of 0.6 and 1.4 however the factor is rounded; 0.5 would not be.
@@ -250,7 +264,8 @@ def test_hue_shift_range_matches(probes, device, hue):
     assert abs(np.mean(ours > 0) - 0.5) < 0.1  # shifts of one sign only would be 0.5 off
 
 
-def test_blur_probability_matches(probes, device):
+@BRANCHES
+def test_blur_probability_matches(probes, device, branches):
     folder, image = probes["squares"]
     # A wide sigma makes every blurred view unmistakable; v2's probability is kept.
     cfg = custom(
@@ -261,7 +276,7 @@ def test_blur_probability_matches(probes, device):
         return np.abs(np.diff(views[..., 0], axis=2)).max(axis=(1, 2))
 
     ours, theirs = (
-        sharpness(dali_views(folder, cfg, device)),
+        sharpness(dali_views(folder, cfg, device, branches=branches)),
         sharpness(reference_views(image, cfg)),
     )
     # Blurred views stay under 13, sharp ones reach 90; p 0.2 instead of 0.5 would be 0.3 off.

@@ -7,6 +7,7 @@ sharded once per run.
 
 from __future__ import annotations
 
+import math
 import os
 import resource
 import statistics
@@ -24,6 +25,8 @@ from ..shards.settings import BuildSettings
 from .synthetic import generate
 
 __all__ = [
+    "window_batches",
+    "windows",
     "sync",
     "time_ms",
     "summary",
@@ -150,6 +153,41 @@ def settle(feed: Optional[Feed], feeds: Iterable[Feed], max_wait_s: float = 30.0
         for _ in range(feed.backlog):
             next(feed)
     return wait_s
+
+
+def window_batches(warmup_batches: int, warmup_s: float, options) -> int:
+    """Batches in one timed window: ``--batches``, or with ``--window-s`` as many as the warm-up's
+    rate fills that many seconds with (at least 3, at most ``--batches``), so that a slow
+    contender (the reference loader) does not stretch a run past its time."""
+    if not options.window_s:
+        return options.batches
+    fill = math.ceil(options.window_s * warmup_batches / max(warmup_s, 1e-9))
+    return max(3, min(options.batches, fill))
+
+
+def windows(runs: dict, groups: list[list[str]], reps: int, batches: dict[str, int]) -> dict:
+    """Timed windows, ``{name: [(seconds, wait), ...]}``: the names of a group alternate for
+    ``reps`` rounds, the groups one after the other.
+
+    ``runs`` maps a name to ``(feed, timed)``; ``timed(batches)`` returns ``(seconds, wait)``.
+    A window that follows another of the same feed starts as the steady state left it; any other
+    first settles its feed (``settle``: the backlog drained untimed, the other feeds' refills
+    waited for). A feed that is slow to refill (the reference loader) is best a group of its
+    own: its windows then run back to back, neither starved nor pre-filled, and no other feed
+    waits for its refills.
+    """
+    feeds = [feed for feed, _ in runs.values()]
+    timed = {name: [] for name in runs}
+    previous = None
+    for group in groups:
+        for _ in range(reps):
+            for name in group:
+                feed, window = runs[name]
+                if feed is not previous:
+                    settle(feed, feeds)
+                timed[name].append(window(batches[name]))
+                previous = feed
+    return timed
 
 
 def peak_memory(device: torch.device) -> dict:

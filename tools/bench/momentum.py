@@ -8,8 +8,6 @@ per-step dictionary costs at K = 65536: the enqueue and the negative-logit matmu
 
 from __future__ import annotations
 
-from typing import Sequence
-
 import torch
 
 from ...model import momentum
@@ -42,18 +40,21 @@ class FloorPass:
 
 
 def time_updates(
-    key: Sequence[torch.Tensor],
-    query: Sequence[torch.Tensor],
+    key: torch.nn.Module,
+    query: torch.nn.Module,
     device: torch.device,
     calls: int,
     reps: int,
 ) -> tuple[dict, dict, FloorPass]:
-    """Time every available implementation and the floor pass over the same bytes: summaries of each, and the pass.
+    """Time every available implementation and the floor pass over the same bytes: summaries of
+    each, and the pass. With the encoders flattened (``flatten_parameters_``), ``flat_lerp``
+    (the engine's default) runs among them.
 
     They alternate, ``calls`` calls each per round for ``reps`` rounds, so drift and
     other processes hit the floor and the implementations alike.
     """
-    param_bytes = sum(p.numel() * p.element_size() for p in key)
+    params_k, params_q = list(key.parameters()), list(query.parameters())
+    param_bytes = sum(p.numel() * p.element_size() for p in params_k)
     floor = FloorPass(param_bytes, device)
     implementations = [
         i
@@ -61,9 +62,11 @@ def time_updates(
         if i in momentum.available_implementations()
     ]
     contenders = {
-        name: (lambda name=name: momentum.momentum_update_(key, query, 0.999, name))
+        name: (lambda name=name: momentum.momentum_update_(params_k, params_q, 0.999, name))
         for name in implementations
     }
+    if momentum.resolve_implementation("auto", key, query) == "flat_lerp":
+        contenders["flat_lerp"] = lambda: momentum.momentum_update_(key, query, 0.999, "flat_lerp")
     contenders["floor"] = floor
     runs: dict[str, list[float]] = {name: [] for name in contenders}
     for fn in contenders.values():
@@ -85,10 +88,12 @@ def bench_momentum(args) -> dict:
             add_mlp_head(encoder)
         encoders.append(encoder.to(device))
     key, query = encoders
+    for encoder in encoders:  # as the engine builds them: one buffer per encoder
+        momentum.flatten_parameters_(encoder)
     params = list(key.parameters())
     param_bytes = sum(p.numel() * p.element_size() for p in params)
     results, floor_times, floor = time_updates(
-        params, list(query.parameters()), device, args.options.calls, args.options.reps
+        key, query, device, args.options.calls, args.options.reps
     )
     bandwidth = floor.bytes_moved / (floor_times["median_ms"] / 1e3)
     floor_ms = 3 * param_bytes / bandwidth * 1e3  # read theta_k and theta_q, write theta_k

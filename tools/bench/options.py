@@ -53,7 +53,11 @@ class BenchOptions:
     """Without --shards: generate N ImageNet-like JPEGs (~500x375, ~110 KB) and shard them
     (default 2000 on a GPU, 200 on a CPU)."""
     batches: Optional[int] = None
-    """Timed batches per repetition (default 50 on a GPU, 3 on a CPU)."""
+    """Timed batches per repetition (default 50 on a GPU, 3 on a CPU); with --window-s, the most."""
+    window_s: Optional[float] = None
+    """Size each timed window to about this many seconds of its contender's warm-up rate (at
+    least 3 batches, at most --batches), so a slow reference cannot stretch a mode past its
+    time (default 4 on a GPU; on a CPU windows are --batches long)."""
     warmup: Optional[int] = None
     """Untimed batches first (default 10 on a GPU, 1 on a CPU)."""
     workers: Optional[int] = None
@@ -65,7 +69,8 @@ class BenchOptions:
     build_workers: Optional[str] = None
     """shards: comma-separated worker counts (default 1, 2, 4, ... cores)."""
     modes: str = ",".join(MODES)
-    """all: comma-separated modes to run, from pipeline, momentum, step, e2e, shards, views."""
+    """all: comma-separated modes to run, in this order, from pipeline, momentum, step, e2e, shards,
+    views."""
     root: Optional[Path] = None
     """scale: where to write the folders (default: a temporary folder)."""
     folders: Optional[str] = option(None, metavar="N:S,...")
@@ -86,11 +91,15 @@ class BenchOptions:
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ValueError(f"--{name} must be at least 1, got {value}")
+        if self.window_s is not None and not 0 < self.window_s <= 600:
+            raise ValueError(f"--window-s must be in (0, 600] seconds, got {self.window_s}")
 
 
 def machine_defaults(options: BenchOptions, gpu: bool) -> BenchOptions:
-    """``options`` with every None filled for this machine."""
+    """``options`` with every None filled for this machine (``--batches`` given alone keeps
+    windows of exactly that many batches)."""
     cores = len(os.sched_getaffinity(0))
+    fixed_batches = options.batches is not None
     filled = {
         "device": "cuda:0" if gpu else "cpu",
         "synthetic": 2000 if gpu else 200,
@@ -98,9 +107,10 @@ def machine_defaults(options: BenchOptions, gpu: bool) -> BenchOptions:
         "warmup": 10 if gpu else 1,
         "workers": cores,
         "calls": 20 if gpu else 5,
+        "window_s": 4.0 if gpu else None,
     }
     for name, value in filled.items():
-        if getattr(options, name) is None:
+        if getattr(options, name) is None and not (name == "window_s" and fixed_batches):
             setattr(options, name, value)
     return options
 

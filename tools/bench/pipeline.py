@@ -29,6 +29,8 @@ from .common import (
     sync,
     timed_window,
     warm_up,
+    window_batches,
+    windows,
 )
 from .epochs import Epochs, draws, epoch_reopens, view_folder
 
@@ -36,9 +38,10 @@ __all__ = ["bench_pipeline", "print_pipeline", "print_reopen", "TIMING"]
 
 TIMING = (
     "persistent loaders: DALI reads one epoch spanning every timed window (each shard listed "
-    "dali_data.copies times under linked names), the reference DataLoader's workers loop over the shards; "
-    "before each window the other loader refills its prefetch and this one's is drained; a new DALI epoch's "
-    "cost is measured apart (dali_epoch_reopen_s)"
+    "dali_data.copies times under linked names), the reference DataLoader's workers loop over "
+    "the shards; each contender's windows run back to back after its backlog is drained once "
+    "(the reference's last, so nothing waits for its refills), sized by --window-s; a new DALI "
+    "epoch's cost is measured apart (dali_epoch_reopen_s)"
 )
 
 
@@ -74,16 +77,28 @@ def bench_pipeline(args) -> dict:
     }
 
     warm_up(contenders.values(), args.options.warmup, device)
-    seconds: dict[str, list[float]] = {name: [] for name in contenders}
-    settle_s = 0.0
+    batches = {
+        name: window_batches(1, 1 / feed.batches_per_s, args.options)
+        for name, feed in contenders.items()
+    }
     opened = epochs.opened
-    for _ in range(args.options.reps):
-        for name, feed in contenders.items():
-            settle_s += settle(feed, contenders.values())
-            seconds[name].append(timed_window(feed, args.options.batches, device))
+    timed = windows(
+        {
+            name: (feed, lambda n, f=feed: (timed_window(f, n, device), 0.0))
+            for name, feed in contenders.items()
+        },
+        [["dali"], ["reference"]],
+        args.options.reps,
+        batches,
+    )
     opened_while_timing = epochs.opened - opened
-    pairs = args.options.batches * args.tree.data.batch_size
-    results = {name: rates(pairs, ts, "pairs") for name, ts in seconds.items()}
+    results = {
+        name: {
+            **rates(batches[name] * args.tree.data.batch_size, [s for s, _ in ts], "pairs"),
+            "batches": batches[name],
+        }
+        for name, ts in timed.items()
+    }
     memory = peak_memory(device)  # before the decode-only pipeline adds its own buffers
 
     # What a new epoch costs, which the timed windows above no longer include.
@@ -108,10 +123,11 @@ def bench_pipeline(args) -> dict:
     )
     decoded = Feed(iter(decoder.run, None), backlog=2)
     timed_window(decoded, args.options.warmup, device)
+    decode_batches = window_batches(1, 1 / decoded.batches_per_s, args.options)
     decode_s = []
     for _ in range(args.options.reps):
         settle(decoded, [decoded])
-        decode_s.append(timed_window(decoded, args.options.batches, device))
+        decode_s.append(timed_window(decoded, decode_batches, device))
     return {
         "mode": "pipeline",
         "config": {
@@ -132,7 +148,6 @@ def bench_pipeline(args) -> dict:
             "device": str(device),
             "decoder": "mixed (nvJPEG)" if gpu else "cpu (libjpeg-turbo)",
             "timing": TIMING,
-            "settle_s": settle_s,
             "dali_data": {**view_info, "epoch_batches": len(dali)},
         },
         "dali_pipelines_opened_while_timing": opened_while_timing,
@@ -141,7 +156,7 @@ def bench_pipeline(args) -> dict:
         "photoset": photoset,
         "results": results,
         "dali_over_reference": results["dali"]["pairs_per_s"] / results["reference"]["pairs_per_s"],
-        "decode_ceiling": rates(pairs, decode_s, "images"),
+        "decode_ceiling": rates(decode_batches * args.tree.data.batch_size, decode_s, "images"),
         "memory": memory,
         "goals": {
             "gpu_pairs_per_s": 8000,

@@ -27,10 +27,11 @@ from ...train.step import (
     backward_step,
     build_model,
     build_optimizer,
+    compile_encoders,
     forward_loss,
     views_dtype,
 )
-from .common import Feed, rates, reference_feed, settle, sync
+from .common import Feed, rates, reference_feed, settle, sync, window_batches, windows
 from .epochs import Epochs, draws, epoch_reopens, view_folder
 from .pipeline import TIMING, print_reopen
 
@@ -40,12 +41,13 @@ __all__ = ["Contender", "bench_step", "bench_e2e", "print_step", "print_e2e"]
 class Contender:
     """A model, optimizer and input layout: ours (``reference=False``) or the reference configuration."""
 
-    def __init__(self, args, reference: bool):
+    def __init__(self, args, reference: bool, shuffle: str = "split", name: str = ""):
         self.device = torch.device(args.device)
-        self.name = "reference" if reference else "ours"
-        # The tree being measured, on one device: split BN stands for shuffle-BN across GPUs.
+        self.name = name or ("reference" if reference else "ours")
+        # The tree being measured, on one device: split BN stands for shuffle-BN across GPUs
+        # (``shuffle="none"``: plain BN, what split BN costs is the difference).
         config = copy.deepcopy(args.tree)
-        config.model.shuffle = "split"
+        config.model.shuffle = shuffle
         if reference:
             config.run.amp, config.run.channels_last, config.run.compile = "none", False, False
         self.config = config
@@ -56,9 +58,7 @@ class Contender:
         self.input_dtype = {"float16": torch.float16, "float32": torch.float32}[self.views_dtype]
         torch.manual_seed(0)
         self.model = build_model(config, self.device, momentum_impl="loop" if reference else "auto")
-        if config.run.compile:
-            self.model.encoder_q = torch.compile(self.model.encoder_q)
-            self.model.encoder_k = torch.compile(self.model.encoder_k)
+        compile_encoders(self.model, config)
         self.optimizer = build_optimizer(config, self.model, self.device, fast=not reference)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp == torch.float16)
         self.peak_MB = 0.0
@@ -68,7 +68,9 @@ class Contender:
             "amp": str(self.amp).replace("torch.", "") if self.amp else "none",
             "channels_last": self.channels_last,
             "input_dtype": str(self.input_dtype).replace("torch.", ""),
-            "momentum_impl": resolve_implementation(self.model.momentum_impl),
+            "momentum_impl": resolve_implementation(
+                self.model.momentum_impl, self.model.encoder_k, self.model.encoder_q
+            ),
             "optimizer": type(self.optimizer).__name__
             + (
                 " (fused)"
@@ -122,31 +124,42 @@ def _repeat(pair) -> Feed:
     return Feed(itertools.repeat(pair))
 
 
-def _alternate(
-    runs: dict[str, tuple[Contender, Feed]], args, timing_starts: Callable[[], None] = lambda: None
+def _measure(
+    runs: dict[str, tuple[Contender, Feed]],
+    args,
+    groups: list[list[str]],
+    timing_starts: Callable[[], None] = lambda: None,
 ) -> dict[str, dict]:
-    feeds = [feed for _, feed in runs.values()]
-    for contender, feed in runs.values():
+    """Warm every run up (a contender's first step apart: with run.compile, the compilation),
+    size its windows by ``--window-s``, then time them in ``groups`` (``common.windows``)."""
+    first, stepped, batches = {}, set(), {}
+    for name, (contender, feed) in runs.items():
         for _ in range(feed.backlog):  # every worker started and delivering
             next(feed)
-        contender.timed(feed, args.options.warmup)
-    seconds = {name: [] for name in runs}
-    waits = {name: [] for name in runs}
+        first[name] = None if id(contender) in stepped else contender.timed(feed, 1)[0]
+        stepped.add(id(contender))
+        warm_s, _ = contender.timed(feed, args.options.warmup)
+        batches[name] = window_batches(args.options.warmup, warm_s, args.options)
     timing_starts()
-    for _ in range(args.options.reps):
-        for name, (contender, feed) in runs.items():
-            settle(feed, feeds)
-            s, w = contender.timed(feed, args.options.batches)
-            seconds[name].append(s)
-            waits[name].append(w)
-    images = args.options.batches * args.tree.data.batch_size
-    return {
-        name: {
-            **rates(images, ts, "images"),
-            "data_wait": statistics.median(w / s for w, s in zip(waits[name], ts)),
+    timed = windows(
+        {
+            name: (feed, lambda n, c=contender, f=feed: c.timed(f, n))
+            for name, (contender, feed) in runs.items()
+        },
+        groups,
+        args.options.reps,
+        batches,
+    )
+    results = {}
+    for name, pairs in timed.items():
+        seconds = [s for s, _ in pairs]
+        results[name] = {
+            **rates(batches[name] * args.tree.data.batch_size, seconds, "images"),
+            "data_wait": statistics.median(w / s for s, w in pairs),
+            "batches": batches[name],
+            "first_step_s": first[name],
         }
-        for name, ts in seconds.items()
-    }
+    return results
 
 
 def _config_record(args, contenders: list[Contender]) -> dict:
@@ -166,20 +179,26 @@ def _config_record(args, contenders: list[Contender]) -> dict:
 
 
 def bench_step(args) -> dict:
-    contenders = [Contender(args, reference=False), Contender(args, reference=True)]
-    runs = {
-        c.name: (c, _repeat(c.synthetic(args.tree.data.batch_size, args.tree.data.views.size)))
-        for c in contenders
-    }
-    results = _alternate(runs, args)
+    """Ours, the reference, and ours with plain BN: what split BN (the paper's guarantee on one
+    device) costs the step."""
+    contenders = [
+        Contender(args, reference=False),
+        Contender(args, reference=True),
+        Contender(args, reference=False, shuffle="none", name="ours_plain_bn"),
+    ]
+    size = (args.tree.data.batch_size, args.tree.data.views.size)
+    runs = {c.name: (c, _repeat(c.synthetic(*size))) for c in contenders}
+    results = _measure(runs, args, groups=[list(runs)])
     for c in contenders:
         results[c.name]["peak_memory_MB"] = c.peak_MB or None
+    ours = results["ours"]["images_per_s"]
     return {
         "mode": "step",
-        "config": _config_record(args, contenders),
+        "config": _config_record(args, contenders[:2]),
         "results": results,
-        "ours_over_reference": results["ours"]["images_per_s"]
-        / results["reference"]["images_per_s"],
+        "ours_over_reference": ours / results["reference"]["images_per_s"],
+        "split_bn_over_plain_bn": ours / results["ours_plain_bn"]["images_per_s"],
+        "compile_s": results["ours"]["first_step_s"] if args.tree.run.compile else None,
         "goals": {"gpu_images_per_s": 3500},
     }
 
@@ -260,7 +279,12 @@ def bench_e2e(args, shards: str) -> dict:
         "e2e_reference": (reference, torchvision),
     }
     opened = {}
-    results = _alternate(runs, args, timing_starts=lambda: opened.update(before=epochs.opened))
+    # Ours, then the reference's step, then the reference loader's windows back to back: no
+    # window waits for its 2-batches-per-worker backlog to refill, none starts pre-filled.
+    groups = [["step_ours", "e2e_ours"], ["step_reference"], ["e2e_reference"]]
+    results = _measure(
+        runs, args, groups, timing_starts=lambda: opened.update(before=epochs.opened)
+    )
     opened_while_timing = epochs.opened - opened["before"]
     # What a new epoch costs, which the timed windows above no longer include.
     settle(None, [feed for _, feed in runs.values()])
@@ -331,6 +355,13 @@ def print_step(r: dict) -> None:
     print(_heading("training step (synthetic inputs)", r["config"]))
     _table(r["results"])
     print(f"ours / reference: {r['ours_over_reference']:.2f}x")
+    if "split_bn_over_plain_bn" in r:  # records before the plain-BN contender lack it
+        print(
+            f"split BN over 8 / plain BN: {r['split_bn_over_plain_bn']:.2f}x the images/s "
+            "(the cost of the paper's guarantee on one device)"
+        )
+    if r.get("compile_s") is not None:
+        print(f"first step (compilation) {r['compile_s']:.1f} s, apart from the steady rate")
 
 
 def print_e2e(r: dict) -> None:

@@ -21,7 +21,7 @@ import torch
 from ...pipeline import shards as shard_format
 from ...pipeline.config import LoaderConfig
 from ...pipeline.loader import ViewLoader
-from .common import Feed, rates, settle, shards_for, timed_window, warm_up
+from .common import Feed, rates, shards_for, timed_window, warm_up, window_batches, windows
 from .epochs import Epochs, draws, view_folder
 
 __all__ = ["bench_views", "print_views", "variants"]
@@ -63,14 +63,20 @@ def bench_views(args) -> dict:
         feeds[name] = Feed(iter(epochs[name]), backlog=loader_config.read.prefetch)
 
     warm_up(feeds.values(), args.options.warmup, device)
-    seconds: dict[str, list[float]] = {name: [] for name in feeds}
+    # One window size for every variant (the whole recipe's), so they alternate on equal terms.
+    count = window_batches(1, 1 / feeds["whole recipe"].batches_per_s, args.options)
     opened = sum(e.opened for e in epochs.values())
-    for _ in range(args.options.reps):
-        for name, feed in feeds.items():
-            settle(feed, feeds.values())
-            seconds[name].append(timed_window(feed, args.options.batches, device))
-    pairs = args.options.batches * args.tree.data.batch_size
-    results = {name: rates(pairs, ts, "pairs") for name, ts in seconds.items()}
+    timed = windows(
+        {
+            name: (feed, lambda n, f=feed: (timed_window(f, n, device), 0.0))
+            for name, feed in feeds.items()
+        },
+        [list(feeds)],
+        args.options.reps,
+        dict.fromkeys(feeds, count),
+    )
+    pairs = count * args.tree.data.batch_size
+    results = {name: rates(pairs, [s for s, _ in ts], "pairs") for name, ts in timed.items()}
     whole_us = 1e6 / results["whole recipe"]["pairs_per_s"]
     costs = {}  # what leaving a part out saves is what it costs
     parts = {f"without {name}": name for name in OPERATORS} | {"crop only": "all but the crop"}

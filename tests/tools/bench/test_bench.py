@@ -81,8 +81,14 @@ def test_no_momentum_implementation_beats_the_floor():
     shapes = (
         [(64,)] * 30 + [(128,)] * 20 + [(64, 64, 3, 3)] * 6 + [(128, 128, 3, 3)] * 4 + [(512, 512)]
     )
-    key, query = [torch.rand(s) for s in shapes], [torch.rand(s) for s in shapes]
+    from moco_dali.model.momentum import flatten_parameters_
+
+    key, query = (
+        torch.nn.ParameterList(torch.nn.Parameter(torch.rand(s)) for s in shapes) for _ in range(2)
+    )
+    flatten_parameters_(key), flatten_parameters_(query)  # the engine's flat_lerp among them
     results, floor, _ = time_updates(key, query, torch.device("cpu"), calls=20, reps=5)
+    assert "flat_lerp" in results
     for name, figures in results.items():
         assert figures["median_ms"] >= 0.5 * floor["median_ms"], (name, figures, floor)
 
@@ -366,7 +372,7 @@ def test_all_records_a_failing_mode_and_still_runs_the_others(tmp_path, capsys, 
             [
                 "all",
                 "--modes",
-                "momentum,step",
+                "step,momentum",
                 "--model.arch",
                 "resnet18",
                 "--data.views.size",
@@ -392,7 +398,7 @@ def test_all_records_a_failing_mode_and_still_runs_the_others(tmp_path, capsys, 
         == 1
     )
     records = json.loads(out.read_text())["records"]
-    assert list(records) == ["momentum", "step"]  # the asked modes only, in the usual order
+    assert list(records) == ["step", "momentum"]  # the asked modes only, in the order asked
     assert records["momentum"]["error"] == "RuntimeError: CUDA error: no kernel image is available"
     assert records["step"]["results"]["ours"]["images_per_s"] > 0
     assert (tmp_path / "all.png").is_file()  # drawn from the modes that ran
@@ -440,7 +446,7 @@ def test_all_stopped_part_way_leaves_the_modes_that_finished(tmp_path, monkeypat
             [
                 "all",
                 "--modes",
-                "step,momentum",
+                "momentum,step",
                 "--model.arch",
                 "resnet18",
                 "--model.K",
@@ -460,7 +466,7 @@ def test_all_stopped_part_way_leaves_the_modes_that_finished(tmp_path, monkeypat
     record = json.loads(out.read_text())
     assert record["partial"] and list(record["records"]) == [
         "momentum"
-    ]  # momentum runs before step
+    ]  # momentum runs before step, as asked
     assert record["records"]["momentum"]["floor_ms"] > 0 and record["machine"]["cores"] >= 1
     assert (
         bench.main(["--compare", str(out), str(out)]) == 0
