@@ -19,7 +19,7 @@ from dataclasses import replace
 import torch
 
 from ...pipeline import shards as shard_format
-from ...pipeline.config import LoaderConfig
+from ...pipeline.config import VIEW_BRANCHES, LoaderConfig
 from ...pipeline.loader import ViewLoader
 from .common import Feed, rates, shards_for, timed_window, warm_up, window_batches, windows
 from .epochs import Epochs, draws, view_folder
@@ -54,11 +54,16 @@ def bench_views(args) -> dict:
         shards, draws(args, loader_config.read.prefetch) * args.tree.data.batch_size
     )
     recipes = variants(cfg)
+    # The whole recipe on the other view graph too (data.view_branches): the choice a device's
+    # run makes between DALI conditionals and per-sample blends.
+    branches = args.tree.data.read.view_branches
+    other = next(b for b in VIEW_BRANCHES if b != branches)
+    graphs = {name: (recipe, loader_config) for name, recipe in recipes.items()}
+    other_read = replace(loader_config.read, view_branches=other)
+    graphs[f"whole recipe, {other}"] = (cfg, replace(loader_config, read=other_read))
     feeds, epochs = {}, {}
-    for name, recipe in recipes.items():
-        loader = ViewLoader(
-            view, recipe, loader_config, device_id=device.index or 0 if gpu else None
-        )
+    for name, (recipe, config) in graphs.items():
+        loader = ViewLoader(view, recipe, config, device_id=device.index or 0 if gpu else None)
         epochs[name] = Epochs(loader, lambda b: (b.view_q, b.view_k))
         feeds[name] = Feed(iter(epochs[name]), backlog=loader_config.read.prefetch)
 
@@ -84,6 +89,7 @@ def bench_views(args) -> dict:
         if variant in results:
             cost = whole_us - 1e6 / results[variant]["pairs_per_s"]
             costs[part] = {"us_per_pair": cost, "share": cost / whole_us}
+    graph_ratio = results[f"whole recipe, {other}"]["pairs_per_s"] / (1e6 / whole_us)
     return {
         "mode": "views",
         "config": {
@@ -103,11 +109,14 @@ def bench_views(args) -> dict:
             "decoder": "mixed (nvJPEG)" if gpu else "cpu (libjpeg-turbo)",
             "dali_data": view_info,
             "variants": {name: dataclasses.asdict(r) for name, r in recipes.items()},
+            "batches_per_window": count,
         },
         "dali_pipelines_opened_while_timing": sum(e.opened for e in epochs.values()) - opened,
         "results": results,
         "whole_us_per_pair": whole_us,
         "costs": costs,
+        "view_branches": branches,
+        "other_branches": {"name": other, "over_whole": graph_ratio},
     }
 
 
@@ -125,3 +134,8 @@ def print_views(r: dict) -> None:
     print(f"the whole recipe: {r['whole_us_per_pair']:.1f} us per pair, of which:")
     for name, cost in r["costs"].items():
         print(f"  {name:18s} {cost['us_per_pair']:8.1f} us  {100 * cost['share']:5.1f}%")
+    o = r["other_branches"]
+    print(
+        f"view branches: {r['view_branches']} (configured); {o['name']} makes "
+        f"{o['over_whole']:.2f}x its pairs/s"
+    )

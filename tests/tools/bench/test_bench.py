@@ -228,7 +228,14 @@ def test_views_mode_times_the_recipe_with_each_operator_left_out(tmp_path, label
         == 0
     )
     record = json.loads(out.read_text())
-    assert record["mode"] == "views" and set(record["results"]) == set(variants(v2(32)))
+    assert record["mode"] == "views"
+    other = record["other_branches"]
+    assert {record["view_branches"], other["name"]} == {"conditional", "blend"}
+    assert set(record["results"]) == set(variants(v2(32))) | {f"whole recipe, {other['name']}"}
+    assert other["over_whole"] == pytest.approx(
+        record["results"][f"whole recipe, {other['name']}"]["pairs_per_s"]
+        / record["results"]["whole recipe"]["pairs_per_s"]
+    )
     for figures in record["results"].values():
         assert (
             len(figures["seconds"]) == 2
