@@ -316,3 +316,38 @@ def test_a_damaged_archive_is_accounted_for_and_an_unreadable_one_ends_in_one_li
     )
     assert result.returncode == 2 and f"{archive}: cannot read tar archive" in one_line(result)
     assert not list((tmp_path / "out2").iterdir())
+
+
+def test_merge_refuses_part_manifests_with_lists_or_strings_for_numbers(tmp_path, labelled_dump):
+    """The old variant: merge added up whatever it found and ended in a TypeError."""
+    parts = tmp_path / "parts"
+    for part in (0, 1):
+        build(
+            [str(labelled_dump)],
+            parts,
+            BuildSettings(num_parts=2, part=part),
+            workers=0,
+            progress=False,
+        )
+    path = parts / "manifest.part-0001-of-0002.json"
+    good = json.loads(path.read_text())
+    for damage, field in (
+        ({"samples": [1, 2]}, "samples: expected `int`, got `array`"),
+        ({"inputs": "21"}, "inputs: expected `int`, got `str`"),
+        ({"class_counts": {"cat": "7"}}, "class_counts[...]: expected `int`, got `str`"),
+        (
+            {"settings": dict(good["settings"], part="1")},
+            "settings.part: expected `int`, got `str`",
+        ),
+        ({"shards": "all"}, "shards: expected `array`, got `str`"),
+    ):
+        path.write_text(json.dumps({**good, **damage}))
+        merged = run_cli("merge", str(parts))
+        assert merged.returncode == 2, merged.stderr
+        assert one_line(merged) == (
+            f"moco-shards merge: error: {path}: malformed part manifest: {field}; "
+            "build that part again"
+        )
+    path.write_text("[" * 100_000 + "]" * 100_000)
+    merged = run_cli("merge", str(parts))
+    assert merged.returncode == 2 and "nested deeper than 32 levels" in one_line(merged)
