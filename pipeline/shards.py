@@ -24,6 +24,8 @@ from .schema import MAX_MANIFEST_BYTES, ManifestSchema, ShardEntry
 
 __all__ = [
     "FORMAT",
+    "STORED_FORMATS",
+    "MAX_PIXELS",
     "FORMAT_VERSION",
     "INDEX_VERSION",
     "MANIFEST_NAME",
@@ -55,6 +57,13 @@ READABLE_VERSIONS = (1, 2)
 # each of the sample's files.
 INDEX_VERSION = "v1.2"
 MANIFEST_NAME = "manifest.json"
+STORED_FORMATS = ("JPEG",)
+"""What Pillow may open a stored sample as (its ``formats=``): every ``KEY.jpg`` is a JPEG, and no
+other plugin (EPS's hands the file to Ghostscript, which runs it) is reached from a shard."""
+MAX_PIXELS = 89_478_485
+"""The most pixels (width x height) a stored image may declare: Pillow's decompression-bomb
+limit and the builder's default ``--max-pixels``. Readers refuse a larger one before any decode
+(a 65500 x 65500 header asks for 12 GB)."""
 REJECTED_NAME = "rejected.jsonl"
 PART_MANIFEST_RE = re.compile(r"^manifest\.part-(\d{4})-of-(\d{4})\.json$")
 

@@ -125,7 +125,8 @@ def _draw(
         tar, offset, length = where[key]
         with open(tar, "rb") as f:
             f.seek(offset)
-            original = Image.open(io.BytesIO(f.read(length))).convert("RGB")
+            stored = io.BytesIO(f.read(length))
+        original = Image.open(stored, formats=shards.STORED_FORMATS).convert("RGB")
         tiles = [
             _fit(original, size),
             _denormalise(batch.view_q[row], recipe.mean, recipe.std),

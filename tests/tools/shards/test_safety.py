@@ -318,6 +318,38 @@ def test_a_damaged_archive_is_accounted_for_and_an_unreadable_one_ends_in_one_li
     assert not list((tmp_path / "out2").iterdir())
 
 
+def test_an_eps_in_a_dump_is_rejected_by_format_and_ghostscript_never_runs(
+    tmp_path, labelled_dump, monkeypatch
+):
+    """The old variant: Pillow handed the EPS to Ghostscript, which ran its PostScript program."""
+    from PIL import EpsImagePlugin
+
+    from tests.tools.shards.test_imageprep import EPS
+
+    reached = []
+
+    def record(*args, **kwargs):
+        reached.append(args[:1])
+        raise OSError("recorded, not run")
+
+    monkeypatch.setattr(EpsImagePlugin, "Ghostscript", record)
+    monkeypatch.setattr(subprocess, "check_call", record)
+    monkeypatch.setattr(subprocess, "Popen", record)
+    (labelled_dump / "cat" / "drawing.jpg").write_bytes(EPS)  # its name says nothing
+    report = build(
+        [str(labelled_dump)], tmp_path / "out", BuildSettings(), workers=0, progress=False
+    )
+    assert reached == []
+    assert (report.inputs, report.samples, report.rejected) == (22, 21, 1)
+    (line,) = rejected_lines(tmp_path / "out")
+    assert line == {
+        "input": str(labelled_dump / "cat" / "drawing.jpg"),
+        "reason": "format not read: EPS (read: JPEG, PNG, WEBP, BMP, GIF, TIFF, PPM)",
+    }
+    manifest = shards.load_manifest(tmp_path / "out").data
+    assert manifest["rejected_reasons"] == {"format not read": 1}
+
+
 def test_merge_refuses_part_manifests_with_lists_or_strings_for_numbers(tmp_path, labelled_dump):
     """The old variant: merge added up whatever it found and ended in a TypeError."""
     parts = tmp_path / "parts"
