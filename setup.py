@@ -51,6 +51,10 @@ setup(
         "matplotlib>=3.7",
         # moco-train --config run.yaml
         "pyyaml>=6",
+        # the files the tools read (manifests, part manifests, bench records) decoded against
+        # one declared schema: strict typed decoding with bounds, and the path of the field at
+        # fault in its errors; small (no dependencies) and fast
+        "msgspec>=0.18",
     ],
     extras_require={
         # moco-shards build --executor ray: the parts of a build as tasks on a Ray cluster,

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import fractions
 import re
 import typing
 from typing import Any, Optional, Sequence
@@ -31,12 +32,26 @@ _UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "m": 1000**2, "mb": 1000**2, "g"
 _UNITS.update({"gb": 1000**3, "kib": 1024, "mib": 1024**2, "gib": 1024**3})
 
 
+MAX_BYTES = 2**63 - 1
+"""The largest size taken: what a file offset (and every consumer of one) can hold."""
+
+
 def parse_bytes(text: str) -> int:
-    """``"500MB"``, ``"1.5GiB"`` or ``"1000000"`` -> bytes (an argparse ``type``)."""
+    """``"500MB"``, ``"1.5GiB"`` or ``"1000000"`` -> bytes (an argparse ``type``), at most
+    ``MAX_BYTES``; the number is read exactly (a float would turn 400 digits into inf)."""
+    shown = text if len(text) <= 40 else text[:20] + "..." + text[-8:]
     match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", text)
     if not match or match.group(2).lower() not in _UNITS:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a size (examples: 500MB, 1GiB, 1000000)")
-    return int(float(match.group(1)) * _UNITS[match.group(2).lower()])
+        raise argparse.ArgumentTypeError(
+            f"{shown!r} is not a size (examples: 500MB, 1GiB, 1000000)"
+        )
+    number = match.group(1)
+    if len(number) > 40:  # more digits than any size has; not worth converting
+        raise argparse.ArgumentTypeError(f"{shown!r} is not a size (at most {MAX_BYTES} bytes)")
+    size = int(fractions.Fraction(number) * _UNITS[match.group(2).lower()])
+    if size > MAX_BYTES:
+        raise argparse.ArgumentTypeError(f"{shown!r} is not a size (at most {MAX_BYTES} bytes)")
+    return size
 
 
 class Parser(argparse.ArgumentParser):

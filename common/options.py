@@ -4,7 +4,7 @@ dicts, one way for every command.
 A command declares its options as (nested) dataclasses: a field's type, default and the
 docstring under it are its declaration, ``__post_init__`` its rules. Here: the leaves of a
 tree, converting any value to a leaf's type, building a tree with every class's rules applied
-and a refusal named by its key (an ``OptionError``, one line), TOML and YAML files.
+and a refusal named by its key (an ``OptionError``, one line), TOML and YAML files (bounded).
 ``commandline`` binds the same declarations to argparse.
 """
 
@@ -23,6 +23,8 @@ import typing
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+from .files import read_config
+
 __all__ = [
     "OptionError",
     "FLAT",
@@ -36,6 +38,7 @@ __all__ = [
     "name_fault",
     "build",
     "load_file",
+    "MAX_CONFIG_BYTES",
     "sections",
     "type_name",
     "leaf_type",
@@ -369,29 +372,25 @@ def _construct(cls: type, flat: dict[str, Any], prefix: str, given: set[str], so
     return name_fault(make, user)
 
 
+MAX_CONFIG_BYTES = 1 << 20
+"""The largest configuration file read: a whole training tree in TOML is about 3 KB."""
+
+
 def load_file(path: str | Path, option: str = "--config") -> dict[str, Any]:
-    """A TOML or YAML file as a nested dict of sections."""
+    """A TOML or YAML file as a nested dict of sections, read with bounded cost (``read_config``:
+    at most ``MAX_CONFIG_BYTES``, nesting and YAML aliases refused)."""
     path = Path(path)
+    where = f"{option} {path}"
     if not path.is_file():
-        raise OptionError(f"{option} {path}: no such file")
-    try:
-        if path.suffix == ".toml":
-            import tomllib
-
-            data = tomllib.loads(path.read_text())
-        elif path.suffix in (".yaml", ".yml"):
-            import yaml
-
-            data = yaml.safe_load(path.read_text()) or {}
-        else:
-            raise OptionError(f"{option} {path}: use a .toml, .yaml or .yml file")
-    except OptionError:
-        raise
-    except Exception as exc:  # noqa: BLE001 - whatever the parser says, as one line
-        raise OptionError(f"{option} {path}: cannot parse: {' '.join(str(exc).split())}") from None
+        raise OptionError(f"{where}: no such file")
+    if path.suffix not in (".toml", ".yaml", ".yml"):
+        raise OptionError(f"{where}: use a .toml, .yaml or .yml file")
+    data = read_config(
+        path, max_bytes=MAX_CONFIG_BYTES, error=lambda message: OptionError(f"{option} {message}")
+    )
     if not isinstance(data, dict):
-        raise OptionError(f"{option} {path}: expected sections of keys, got {type(data).__name__}")
+        raise OptionError(f"{where}: expected sections of keys, got {type(data).__name__}")
     for section, values in data.items():
         if not isinstance(values, dict):
-            raise OptionError(f"{option} {path}: {section!r} must be a section of keys")
+            raise OptionError(f"{where}: {section!r} must be a section of keys")
     return data

@@ -9,13 +9,14 @@ fair one: every worker gets data, and the loader is started once and repeats.
 
 from __future__ import annotations
 
+import io
 import itertools
 import random
 from typing import Callable, Iterator, Optional, Sequence
 
 import torch
 import webdataset as wds
-from PIL import ImageFilter
+from PIL import Image, ImageFilter
 from torchvision import transforms as T
 
 from . import shards
@@ -49,6 +50,17 @@ class TwoCropsTransform:
 
     def __call__(self, image):
         return self.base(image), self.base(image)
+
+
+def _stored_image(key: str, data: bytes) -> Optional[Image.Image]:
+    """webdataset's ``"pil"`` decoding of a sample's ``.jpg`` (RGB), opened as a JPEG only: a
+    shard from elsewhere never reaches a Pillow plugin that runs a program (EPS: Ghostscript)."""
+    if not key.lower().endswith(".jpg"):
+        return None
+    with io.BytesIO(data) as stream:
+        image = Image.open(stream, formats=shards.STORED_FORMATS)
+        image.load()
+        return image.convert("RGB")
 
 
 def reference_transform(cfg: AugmentConfig) -> T.Compose:
@@ -127,7 +139,7 @@ def reference_loader(
     dataset = (
         reference_samples(urls, workers=workers, seed=seed)
         .shuffle(shuffle_buffer)
-        .decode("pil")
+        .decode(_stored_image)
         .to_tuple("jpg")
         .map_tuple(TwoCropsTransform(reference_transform(cfg)))
     )

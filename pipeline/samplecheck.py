@@ -6,14 +6,17 @@ the CPU: a segfault in most runs from batch 48 up, 6 of 6 at batch 64). Damage i
 entropy-coded data decodes leniently, with a warning. So ``SampleCheck`` runs in the
 pipeline as a ``python_function`` ahead of the decoder: a sample whose header does
 not parse is flagged, decoded as ``PLACEHOLDER_JPEG`` instead, and named (shard and
-key) for the loader to raise before its batch is handed over. The ``.cls`` of each
-sample is checked on the way (ASCII digits naming one of the manifest's classes).
+key) for the loader to raise before its batch is handed over. So is one whose header declares
+more than ``shards.MAX_PIXELS`` pixels (decoding it could take the machine's memory). The ``.cls``
+of each sample is checked on the way (ASCII digits naming one of the manifest's classes).
 """
 
 from __future__ import annotations
 
 import numpy as np
 import simplejpeg
+
+from .shards import MAX_PIXELS
 
 __all__ = ["PLACEHOLDER_JPEG", "SampleCheck"]
 
@@ -27,9 +30,9 @@ PLACEHOLDER_JPEG = np.frombuffer(
 class SampleCheck:
     """A DALI ``python_function`` over a batch: per sample 1 to decode it, 0 to decode the placeholder.
 
-    Finds (a JPEG header that does not parse, a ``.cls`` that is not a class index)
-    are kept in ``found`` as one line naming shard and key. Holds no reference to the
-    pipeline (DALI would never free it).
+    Finds (a JPEG header that does not parse or declares too many pixels, a ``.cls`` that is
+    not a class index) are kept in ``found`` as one line naming shard and key. Holds no
+    reference to the pipeline (DALI would never free it).
     """
 
     def __init__(self, classes: int):
@@ -41,10 +44,17 @@ class SampleCheck:
         for i, (jpeg, source) in enumerate(zip(jpegs, sources)):
             ok = 1
             try:
-                simplejpeg.decode_jpeg_header(jpeg)
+                height, width = simplejpeg.decode_jpeg_header(jpeg)[:2]
             except ValueError as exc:
                 ok = 0
                 self.found.append(f"{_where(source)}: does not decode: {exc}")
+            else:
+                if width * height > MAX_PIXELS:
+                    ok = 0
+                    self.found.append(
+                        f"{_where(source)}: declares {width}x{height} = {width * height} pixels, "
+                        f"over the limit of {MAX_PIXELS}"
+                    )
             if labels is not None:
                 raw = labels[i].tobytes()
                 if not (raw.isdigit() and int(raw) < self.classes):

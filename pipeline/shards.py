@@ -10,17 +10,22 @@ O(samples), for ``moco-shards verify`` and ``inspect``.
 from __future__ import annotations
 
 import functools
-import json
 import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
+import msgspec
 import numpy as np
+
+from ..common.files import check_schema, read_json
+from .schema import MAX_MANIFEST_BYTES, ManifestSchema, ShardEntry
 
 __all__ = [
     "FORMAT",
+    "STORED_FORMATS",
+    "MAX_PIXELS",
     "FORMAT_VERSION",
     "INDEX_VERSION",
     "MANIFEST_NAME",
@@ -52,6 +57,13 @@ READABLE_VERSIONS = (1, 2)
 # each of the sample's files.
 INDEX_VERSION = "v1.2"
 MANIFEST_NAME = "manifest.json"
+STORED_FORMATS = ("JPEG",)
+"""What Pillow may open a stored sample as (its ``formats=``): every ``KEY.jpg`` is a JPEG, and no
+other plugin (EPS's hands the file to Ghostscript, which runs it) is reached from a shard."""
+MAX_PIXELS = 89_478_485
+"""The most pixels (width x height) a stored image may declare: Pillow's decompression-bomb
+limit and the builder's default ``--max-pixels``. Readers refuse a larger one before any decode
+(a 65500 x 65500 header asks for 12 GB)."""
 REJECTED_NAME = "rejected.jsonl"
 PART_MANIFEST_RE = re.compile(r"^manifest\.part-(\d{4})-of-(\d{4})\.json$")
 
@@ -88,6 +100,15 @@ def index_line(members: Iterable[tuple[str, int, int, str]]) -> str:
     return " ".join(f"{ext} {offset} {size} {name}" for ext, offset, size, name in members) + "\n"
 
 
+_WHOLE = re.compile(r"[0-9]{1,18}")
+"""A count or offset in an index: ASCII digits (``str.isdigit`` and ``int`` take '١' too), at most
+18 of them, so that it fits in the 64 bits a seek takes."""
+
+
+def _whole(text: str) -> int | None:
+    return int(text) if _WHOLE.fullmatch(text) else None
+
+
 def read_index(path: str | os.PathLike) -> list[list[tuple[str, int, int, str]]]:
     """Parse a DALI WebDataset index into per-sample lists of members.
 
@@ -96,14 +117,19 @@ def read_index(path: str | os.PathLike) -> list[list[tuple[str, int, int, str]]]
     """
     path = Path(path)
     try:
-        lines = path.read_text().splitlines()
+        raw = path.read_bytes()
     except OSError as exc:
         raise ShardError(f"{path}: cannot read index: {exc.strerror or exc}") from None
+    try:
+        lines = raw.decode().splitlines()
+    except UnicodeDecodeError as exc:
+        line = raw.count(b"\n", 0, exc.start) + 1
+        raise ShardError(f"{path}: line {line}: not UTF-8 text (byte {exc.start})") from None
     if not lines:
         raise ShardError(f"{path}: empty index")
     head = lines[0].split()
-    if len(head) != 2 or head[0] != INDEX_VERSION or not head[1].isdigit():
-        raise ShardError(f"{path}: line 1: expected '{INDEX_VERSION} N', got {lines[0]!r}")
+    if len(head) != 2 or head[0] != INDEX_VERSION or _whole(head[1]) is None:
+        raise ShardError(f"{path}: line 1: expected '{INDEX_VERSION} N', got {lines[0][:80]!r}")
     samples = [
         _index_sample(path, f"line {lineno}", line)
         for lineno, line in enumerate(lines[1:], start=2)
@@ -117,13 +143,15 @@ def _index_sample(path: Path, where: str, line: str) -> list[tuple[str, int, int
     fields = line.split()
     if not fields or len(fields) % 4:
         raise ShardError(f"{path}: {where}: expected groups of 'ext offset size name'")
-    try:
-        return [
-            (fields[i], int(fields[i + 1]), int(fields[i + 2]), fields[i + 3])
-            for i in range(0, len(fields), 4)
-        ]
-    except ValueError:
-        raise ShardError(f"{path}: {where}: offset and size must be integers") from None
+    members = []
+    for i in range(0, len(fields), 4):
+        offset, size = _whole(fields[i + 1]), _whole(fields[i + 2])
+        if offset is None or size is None:
+            raise ShardError(f"{path}: {where}: offset and size must be integers")
+        if offset < TAR_BLOCK:  # a member's data follows its 512-byte header
+            raise ShardError(f"{path}: {where}: offset {offset} is inside the tar's first header")
+        members.append((fields[i], offset, size, fields[i + 3]))
+    return members
 
 
 def iter_members(
@@ -136,25 +164,9 @@ def iter_members(
             yield tar, name.split(".")[0], offset, size
 
 
-@dataclass(frozen=True)
-class ShardEntry:
-    """One shard as the manifest records it; paths are relative to the manifest's folder."""
-
-    tar: str
-    index: str
-    samples: int
-    bytes: int
-    sha256: str
-    index_sha256: str
-
-    @classmethod
-    def from_json(cls, obj: dict[str, Any]) -> "ShardEntry":
-        return cls(**{k: obj[k] for k in cls.__dataclass_fields__})
-
-
 @dataclass
 class Manifest:
-    """A parsed ``manifest.json`` and the folder it lives in."""
+    """A parsed ``manifest.json`` (checked against ``schema.ManifestSchema``) and its folder."""
 
     root: Path
     data: dict[str, Any]
@@ -174,21 +186,14 @@ class Manifest:
     @functools.cached_property
     def counts(self) -> np.ndarray:
         """Samples per shard, in manifest order: all a rank holds about the whole folder."""
-        try:
-            return np.array([int(s["samples"]) for s in self.data["shards"]], dtype=np.int64)
-        except (KeyError, TypeError, ValueError):
-            raise ShardError(
-                f"{self.root / MANIFEST_NAME}: a shard entry lacks its sample count"
-            ) from None
+        return np.array([s["samples"] for s in self.data["shards"]], dtype=np.int64)
 
     def entry(self, index: int) -> ShardEntry:
         """Shard ``index`` of the manifest, without building the whole list."""
         try:
             return ShardEntry.from_json(self.data["shards"][index])
-        except (KeyError, TypeError):
-            raise ShardError(
-                f"{self.root / MANIFEST_NAME}: shard entry {index} is incomplete"
-            ) from None
+        except msgspec.ValidationError as exc:  # a manifest changed after it was loaded
+            raise ShardError(f"{self.root / MANIFEST_NAME}: shard entry {index}: {exc}") from None
 
     def path(self, relative: str) -> Path:
         return self.root / relative
@@ -214,16 +219,15 @@ def load_manifest(folder: str | os.PathLike, name: str = MANIFEST_NAME) -> Manif
         raise ShardError(
             f"{path}: no manifest; is this a folder written by 'moco-shards build'?{hint}"
         )
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        raise ShardError(f"{path}: unreadable manifest: {exc}") from None
-    if data.get("format") != FORMAT:
+    data = read_json(path, "manifest", max_bytes=MAX_MANIFEST_BYTES, error=ShardError)
+    if not isinstance(data, dict) or data.get("format") != FORMAT:
         raise ShardError(f"{path}: not a {FORMAT} manifest")
     if data.get("version") not in READABLE_VERSIONS:
         raise ShardError(
             f"{path}: manifest version {data.get('version')}, this tool reads {FORMAT_VERSION}"
         )
+    # What every reader relies on, checked once, before any value is used.
+    check_schema(data, ManifestSchema, path, "manifest", ShardError)
     return Manifest(root=folder, data=data)
 
 
@@ -256,33 +260,44 @@ def _index_ends(path: Path) -> tuple[int, list, list]:
             tail = f.read()
     except OSError as exc:
         raise ShardError(f"{path}: cannot read index: {exc.strerror or exc}") from None
-    lines = head.decode(errors="replace").split("\n", 2)
-    fields = lines[0].split()
-    if len(fields) != 2 or fields[0] != INDEX_VERSION or not fields[1].isdigit():
-        raise ShardError(f"{path}: line 1: expected '{INDEX_VERSION} N', got {lines[0][:80]!r}")
-    count = int(fields[1])
+    parts = head.split(b"\n", 2)
+    header = _text(path, "line 1", parts[0])
+    fields = header.split()
+    count = _whole(fields[1]) if len(fields) == 2 and fields[0] == INDEX_VERSION else None
+    if count is None:
+        raise ShardError(f"{path}: line 1: expected '{INDEX_VERSION} N', got {header[:80]!r}")
     if count == 0:
         return 0, [], []
-    if len(lines) < 2 or (len(lines) == 2 and size > len(head)):
+    if len(parts) < 2 or (len(parts) == 2 and size > len(head)):
         raise ShardError(
             f"{path}: header says {count} samples, the index ends before its first line"
         )
-    last = tail.decode(errors="replace").rstrip("\n").rsplit("\n", 1)[-1]
-    return count, _index_sample(path, "line 2", lines[1]), _index_sample(path, "last line", last)
+    first = _text(path, "line 2", parts[1])
+    last = _text(path, "last line", tail.rstrip(b"\n").rsplit(b"\n", 1)[-1])
+    return count, _index_sample(path, "line 2", first), _index_sample(path, "last line", last)
+
+
+def _text(path: Path, where: str, line: bytes) -> str:
+    try:
+        return line.decode()
+    except UnicodeDecodeError:
+        raise ShardError(f"{path}: {where}: not UTF-8 text") from None
 
 
 def _tar_member_header(f, tar: Path, member: tuple[str, int, int, str]) -> None:
     """Check that the tar holds the member the index names where it says (the ustar header before its data)."""
     ext, offset, size, name = member
     key = name.split(".")[0]
-    f.seek(offset - TAR_BLOCK)
-    header = f.read(TAR_BLOCK)
+    header = b""
+    if offset >= TAR_BLOCK:  # read_index's rule; a seek before the start would be an OSError
+        f.seek(offset - TAR_BLOCK)
+        header = f.read(TAR_BLOCK)
     try:
         found_name = header[:100].rstrip(b"\0").decode()
         found_size = int(header[124:136].rstrip(b"\0 ") or b"-1", 8)
     except ValueError:
         found_name, found_size = repr(header[:20]), -1
-    if offset < TAR_BLOCK or len(header) != TAR_BLOCK or (found_name, found_size) != (name, size):
+    if len(header) != TAR_BLOCK or (found_name, found_size) != (name, size):
         raise ShardError(
             f"{tar}: key {key}: the index says {name} ({size} bytes) at {offset}, the tar holds "
             f"{found_name or 'no member'} ({found_size} bytes) there; stale index or changed shard"
@@ -314,6 +329,11 @@ def open_shard(manifest: Manifest, entry: ShardEntry) -> tuple[Path, Path]:
     count, first, last = _index_ends(idx)
     if count != entry.samples or tar_size_for_index([last] if count else []) != size:
         raise ShardError(f"{idx}: stale index, it does not match its shard {entry.tar}")
+    if count and first[0][1] + first[0][2] > size:
+        raise ShardError(
+            f"{idx}: line 2: {first[0][3]} ends at byte {first[0][1] + first[0][2]}, past the end "
+            f"of its shard {entry.tar} ({size} bytes)"
+        )
     if count:
         with open(tar, "rb") as f:
             _tar_member_header(f, tar, first[0])

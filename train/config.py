@@ -13,6 +13,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
+from ..common.files import MAX_DEPTH, too_deep
 from ..common.options import (
     FLAT,
     OptionError,
@@ -54,6 +55,9 @@ MAX_EPOCHS = 100_000
 MAX_STEPS = 2**28
 """The most steps a run's schedules are computed for (two float64 values each: 4 GiB)."""
 QUEUE_DTYPE_NAMES = ("float32", "float16", "bfloat16")
+MAX_DIM, MAX_QUEUE, MAX_QUEUE_VALUES = 65536, 2**24, 2**31
+"""model.dim, model.K and the (K, dim) queue at most, checked before anything is allocated (a tree
+may come from a file): the widest head in use is 2048, the paper's queue 65536 keys."""
 
 
 class ConfigError(OptionError):
@@ -134,6 +138,13 @@ class ModelConfig:
         _choice("queue_dtype", self.queue_dtype, QUEUE_DTYPE_NAMES)
         _choice("momentum_schedule", self.momentum_schedule, MOMENTUM_SCHEDULES)
         _at_least(self, 0, "shuffle_group_size")
+        for name, high in (("dim", MAX_DIM), ("K", MAX_QUEUE)):
+            if not 1 <= getattr(self, name) <= high:
+                raise ValueError(f"{name} must be in 1..{high}, got {getattr(self, name)}")
+        if self.K * self.dim > MAX_QUEUE_VALUES:
+            raise ValueError(
+                f"K x dim = {self.K * self.dim} queue values, over the limit of {MAX_QUEUE_VALUES}"
+            )
 
 
 @dataclass
@@ -363,6 +374,10 @@ LEGACY_KEYS = {"data.size": "data.views.size"}
 
 def from_dict(stored: dict[str, Any], source: str = "checkpoint") -> Config:
     """A tree stored as nested values (config.json, a checkpoint), checked as a file would be."""
+    if not isinstance(stored, dict):
+        raise ConfigError(f"{source}: expected sections of keys, got {type(stored).__name__}")
+    if too_deep(stored):  # flatten recurses; the tree is 3 levels deep
+        raise ConfigError(f"{source}: nested deeper than {MAX_DEPTH} levels")
     flat = flatten(stored)
     for old, new in LEGACY_KEYS.items():
         if old in flat:

@@ -334,6 +334,74 @@ def test_a_jpeg_header_dali_cannot_parse_ends_in_its_name_not_a_segfault(tmp_pat
         assert result.stdout.strip().startswith(f"{tar}: key {key}: does not decode")
 
 
+def _declaring(jpeg: bytes, width: int, height: int) -> bytes:
+    """``jpeg`` with its frame header edited to declare ``width`` x ``height`` (it still parses)."""
+    data = bytearray(jpeg)
+    sof = data.index(b"\xff\xc0")
+    data[sof + 5 : sof + 9] = height.to_bytes(2, "big") + width.to_bytes(2, "big")
+    return bytes(data)
+
+
+def test_the_sample_check_refuses_a_header_declaring_65500x65500():
+    """The old variant: the header parsed, so the decoder was handed a 12 GB image."""
+    from moco_dali.pipeline.samplecheck import SampleCheck
+
+    check = SampleCheck(classes=0)
+    jpegs = [baseline_jpeg(32, 24), _declaring(baseline_jpeg(32, 24), 65500, 65500)]
+    sources = [np.frombuffer(f"/s/a.tar:{o}:K{o}.jpg".encode(), np.uint8) for o in (512, 4096)]
+    flags = check([np.frombuffer(j, np.uint8) for j in jpegs], sources)
+    assert [int(f) for f in flags] == [1, 0]
+    assert check.found == [
+        f"/s/a.tar: key K4096: declares 65500x65500 = {65500 * 65500} pixels, over the limit of "
+        f"{shards.MAX_PIXELS}"
+    ]
+
+
+BOMB = """
+import resource, sys
+# About 4.5 GB of address space is DALI and torch; the old code asked for 4.3 GB more at
+# least (a 1/8 decode of the header's size), which fails here rather than filling the host.
+resource.setrlimit(resource.RLIMIT_AS, (8 << 30, 8 << 30))
+from moco_dali.pipeline.loader import ViewLoader
+from moco_dali.pipeline.recipes import EvalConfig
+from moco_dali.pipeline.shards import ShardError
+from moco_dali.tools.shards.verify import verify
+from tests.conftest import loader_config
+for read in (
+    lambda: list(ViewLoader(sys.argv[1], EvalConfig(resize=32, size=32), loader_config(
+        batch_size=4, threads=2, dtype="float32", shuffle=False, last_batch="partial"))),
+    lambda: verify(sys.argv[1], batch_size=4, num_threads=2, progress=False),
+):
+    try:
+        read()
+    except ShardError as exc:
+        print(exc)
+"""
+
+
+def test_a_stored_jpeg_declaring_65500x65500_is_named_by_the_loader_and_verify(tmp_path):
+    """moco-eval knn's reading (an evaluation view) and moco-shards verify, in a process whose
+    memory is capped: each names the shard and key, neither decodes it."""
+    folder = make_folder(tmp_path, 12, width=32, height=32)
+    tar = folder / shards.load_manifest(folder).shards[1].tar
+    member = next(m for m in shards.read_index(tar.with_suffix(".idx"))[2] if m[0] == "jpg")
+    with open(tar, "r+b") as f:
+        f.seek(member[1])
+        stored = f.read(member[2])
+        f.seek(member[1])
+        f.write(_declaring(stored, 65500, 65500))
+    from tests.tools.shards.test_verify import rewrite_manifest_hash
+
+    rewrite_manifest_hash(folder, tar.name)
+    result = subprocess.run(
+        [sys.executable, "-c", BOMB, str(folder)], capture_output=True, text=True, timeout=300
+    )
+    said = f"{tar}: key {member[3].split('.')[0]}: declares 65500x65500 = 4290250000 pixels"
+    assert result.stdout.splitlines() == [said + f", over the limit of {shards.MAX_PIXELS}"] * 2, (
+        result.stdout + result.stderr[-2000:]
+    )
+
+
 def test_a_class_that_is_not_a_digit_is_named(tmp_path):
     folder = make_folder(tmp_path, 30, classes=3, width=32, height=32)
     tar, key = damage(folder, 0, 4, "cls", b"x")

@@ -12,6 +12,7 @@ import dataclasses
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -500,3 +501,29 @@ def test_the_training_folder_is_checked_from_its_manifest_alone(tmp_path):
         shard.unlink()  # the shards are not opened: the loader's ranks open their own
     config.data.batch_size = 30
     steps_per_epoch(config, world=1)
+
+
+@pytest.mark.parametrize(
+    "model, message",
+    [
+        ({"dim": 10**11}, "model.dim must be in 1..65536, got 100000000000"),
+        ({"K": 2**30}, "model.K must be in 1..16777216, got 1073741824"),
+        ({"K": 2**24, "dim": 2**10}, "K x dim = 17179869184 queue values, over the limit of"),
+    ],
+)
+def test_model_sizes_from_a_stored_tree_are_bounded_before_any_allocation(model, message):
+    """The old variant: a stored model.dim of 10**11 built a head of 800 TB (or tried to)."""
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        from_dict({"model": model})
+
+
+def test_a_stored_tree_that_is_not_sections_or_is_too_deep_is_one_line():
+    with pytest.raises(ConfigError, match="^checkpoint: expected sections of keys, got list$"):
+        from_dict([1])
+    deep: dict = {}
+    inner = deep
+    for _ in range(100):
+        inner["x"] = {}
+        inner = inner["x"]
+    with pytest.raises(ConfigError, match="^checkpoint: nested deeper than 32 levels$"):
+        from_dict(deep)

@@ -35,6 +35,7 @@ from .momentum import bench_momentum, print_momentum
 from .options import MODES, OPTIONAL_MODES, BenchOptions, Measure, machine_defaults, mode_defaults
 from .pipeline import bench_pipeline, print_pipeline
 from .report import chart, compare, headline
+from .report import load as load_record
 from .scale import bench_scale, print_scale
 from .scale_build import bench_scale_build, print_scale_build
 from .shards import bench_shards, print_shards
@@ -230,31 +231,6 @@ def _print(record: dict) -> None:
         print()
 
 
-def _record(path: Path) -> None:
-    """Check that ``path`` holds a moco-bench record whose headline figures ``compare`` can set
-    side by side."""
-    import json
-
-    try:
-        record = json.loads(Path(path).read_text())
-        rows = headline(record)
-    except FileNotFoundError:
-        raise OptionError(f"{path}: no such file") from None
-    except OSError as exc:
-        raise OptionError(f"{path}: cannot read: {exc.strerror or exc}") from None
-    except (ValueError, KeyError, TypeError, AttributeError, IndexError) as exc:
-        raise OptionError(
-            f"{path}: not a moco-bench record ({type(exc).__name__}: {exc})"
-        ) from None
-    for row in rows:
-        for key in ("ours", "reference"):
-            value = row.get(key)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-                raise OptionError(
-                    f"{path}: not a moco-bench record ({row.get('figure')}: {key} is {value!r})"
-                )
-
-
 def _compare(argv: list[str]) -> int:
     if len(argv) != 3:
         print(
@@ -263,8 +239,8 @@ def _compare(argv: list[str]) -> int:
         )
         return 2
     try:
-        _record(Path(argv[1]))
-        _record(Path(argv[2]))
+        load_record(Path(argv[1]))  # both checked before any is printed
+        load_record(Path(argv[2]))
         compare(Path(argv[1]), Path(argv[2]))
     except ValueError as exc:
         print(f"moco-bench: error: --compare {exc}", file=sys.stderr)

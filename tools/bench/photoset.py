@@ -85,7 +85,8 @@ _sources: list[np.ndarray] = []
 
 def _load_sources(paths: list[str]) -> None:
     global _sources
-    _sources = [np.asarray(Image.open(p).convert("RGB")) for p in paths]
+    # JPEG only: no Pillow plugin that hands a file to a program (EPS: Ghostscript) is reached.
+    _sources = [np.asarray(Image.open(p, formats=["JPEG"]).convert("RGB")) for p in paths]
 
 
 def _crop(seed: int) -> np.ndarray:

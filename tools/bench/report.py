@@ -1,11 +1,193 @@
-"""The figures a ``moco-bench`` record is judged by, two records side by side, and the chart."""
+"""The figures a ``moco-bench`` record is judged by, the declared schema of what they are read
+from, two records side by side, and the chart.
+
+A record read back (``--compare``) goes through the one bounded reader and this schema
+(``Record``): each mode's figures are finite numbers of at most ``MAX_FIGURE`` (an extrapolation
+may be negative), so ``headline`` never meets a missing key or a string where a number is meant;
+``load`` refuses a headline figure of 0, which ``compare`` would divide by.
+"""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
+from typing import Annotated, Any, Optional, Union
 
-__all__ = ["headline", "compare", "chart"]
+import msgspec
+from msgspec import Meta, Struct
+
+from ...common.files import check_schema, read_json
+
+__all__ = ["Record", "MAX_RECORD_BYTES", "load", "headline", "compare", "chart"]
+
+MAX_FIGURE = 1e15
+MAX_RECORD_BYTES = 64 << 20
+"""The largest record read: the largest committed one is about 60 KB."""
+
+Figure = Annotated[float, Meta(ge=-MAX_FIGURE, le=MAX_FIGURE)]
+
+
+class _Mode(Struct, tag_field="mode", kw_only=True):
+    date: Optional[str] = None
+    machine: Optional["_Machine"] = None
+
+
+class _Machine(Struct):
+    gpus: list[str] = []
+    cores: Optional[int] = None
+
+
+class _PairsPerS(Struct):
+    pairs_per_s: Figure
+
+
+class _ImagesPerS(Struct):
+    images_per_s: Figure
+
+
+class _PipelineResults(Struct):
+    dali: _PairsPerS
+    reference: _PairsPerS
+
+
+class _Pipeline(_Mode, tag="pipeline"):
+    results: _PipelineResults
+    decode_ceiling: Optional[_ImagesPerS] = None
+
+
+class _Views(_Mode, tag="views"):
+    results: dict[str, _PairsPerS]
+
+    def __post_init__(self) -> None:
+        _having(self.results, "results", "whole recipe")
+
+
+class _MedianMs(Struct):
+    median_ms: Figure
+
+
+class _Momentum(_Mode, tag="momentum"):
+    momentum: dict[str, _MedianMs]
+    best: str
+    floor_ms: Figure
+
+    def __post_init__(self) -> None:
+        _having(self.momentum, "momentum", self.best, "loop")
+
+
+class _StepResults(Struct):
+    ours: _ImagesPerS
+    reference: _ImagesPerS
+
+
+class _Step(_Mode, tag="step"):
+    results: _StepResults
+
+
+class _E2eResults(Struct):
+    e2e_ours: _ImagesPerS
+    e2e_reference: _ImagesPerS
+    step_ours: _ImagesPerS
+
+
+class _E2e(_Mode, tag="e2e"):
+    results: _E2eResults
+
+
+class _ImgPerS(Struct):
+    img_per_s: Figure
+
+
+class _ShardsResults(Struct):
+    reencode_w1: _ImgPerS
+    passthrough_w1: _ImgPerS
+    baseline: _ImgPerS
+
+
+class _Shards(_Mode, tag="shards"):
+    results: _ShardsResults
+
+
+class _Predicted(Struct):
+    first_batch_s: Figure
+    peak_rss_GB: Figure
+
+
+class _Goals(Struct):
+    startup_s: Figure
+    peak_rss_GB: Figure
+
+
+class _Target(Struct):
+    samples: Figure
+    world: Annotated[int, Meta(ge=1, le=2**31)]
+
+
+class _Extrapolation(Struct):
+    predicted: _Predicted
+    goals: _Goals
+    target: _Target
+
+
+class _Scale(_Mode, tag="scale"):
+    extrapolation: _Extrapolation
+
+
+class _At1e9(Struct):
+    at_1e9: Figure
+
+
+class _Fit(Struct):
+    peak_rss_mb: _At1e9
+
+
+class _ScaleBuild(_Mode, tag="scale-build"):
+    fits: dict[str, _Fit]
+
+    def __post_init__(self) -> None:
+        for name in self.fits:
+            if "/streaming/" in name:
+                _having(self.fits, "fits", name.replace("/streaming/", "/whole-listing/"))
+
+
+_ONE_MODE = Union[_Pipeline, _Views, _Momentum, _Step, _E2e, _Shards, _Scale, _ScaleBuild]
+
+
+class _All(_Mode, tag="all"):
+    records: dict[str, dict[str, Any]]
+    partial: bool = False
+
+    def __post_init__(self) -> None:  # a mode that failed is kept with its error, not its figures
+        for name, record in self.records.items():
+            if not isinstance(record.get("error"), str):
+                try:
+                    msgspec.convert(record, _ONE_MODE)
+                except msgspec.ValidationError as exc:
+                    raise ValueError(f"records.{name}: {exc}") from None
+
+
+Record = Union[_ONE_MODE, _All]
+"""A ``moco-bench`` record, by its ``mode``: the figures ``headline`` reads, each with its bounds
+(other fields are kept and not checked)."""
+
+
+def _having(mapping: dict, field: str, *keys: str) -> None:
+    missing = [key for key in keys if key not in mapping]
+    if missing:
+        raise ValueError(f"{field} has no {missing[0]!r}")
+
+
+def load(path: Path) -> dict:
+    """The record in ``path``, read with bounded cost and checked against ``Record``.
+
+    Raises ``ValueError``: one line naming the file, and the limit or the field at fault.
+    """
+    record = read_json(path, "moco-bench record", max_bytes=MAX_RECORD_BYTES)
+    check_schema(record, Record, path, "moco-bench record", ValueError, verdict="not a")
+    for row in headline(record):
+        for key in ("ours", "reference"):
+            if row[key] == 0:
+                raise ValueError(f"{path}: not a moco-bench record ({row['figure']}: {key} is 0)")
+    return record
 
 
 def headline(record: dict) -> list[dict]:
@@ -125,17 +307,6 @@ def headline(record: dict) -> list[dict]:
     raise ValueError(f"unknown benchmark mode {mode!r}")
 
 
-def _load(path: Path) -> dict:
-    try:
-        record = json.loads(Path(path).read_text())
-        headline(record)
-        return record
-    except FileNotFoundError:
-        raise ValueError(f"{path}: no such file") from None
-    except (json.JSONDecodeError, KeyError, TypeError) as exc:
-        raise ValueError(f"{path}: not a moco-bench record ({type(exc).__name__}: {exc})") from None
-
-
 def _where(record: dict) -> str:
     m = record.get("machine", {})
     gpus = m.get("gpus") or []
@@ -149,7 +320,7 @@ def _where(record: dict) -> str:
 
 def compare(a_path: Path, b_path: Path) -> dict:
     """Headline figures of two records side by side, with B over A for ours."""
-    a, b = _load(a_path), _load(b_path)
+    a, b = load(a_path), load(b_path)
     rows_b = {row["figure"]: row for row in headline(b)}
     rows = []
     for row in headline(a):

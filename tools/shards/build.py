@@ -22,14 +22,15 @@ from typing import Iterator, Optional, Sequence
 
 from tqdm import tqdm
 
-from ...common.files import write_json_atomic
+from ...common.files import read_json, write_json_atomic
 from ...pipeline import shards
+from ...pipeline.schema import MAX_MANIFEST_BYTES, ManifestSchema
 from . import BuildError
 from .folder import FolderLock, prepare_folder, remove_temporaries
 from .inputs import InputRef, find_classes, iter_part, printable, source_kind
 from .order import PackingOrder
 from .settings import NO_CLASS, BuildReport, BuildSettings
-from .writer import process_input, reason_kind, write_block
+from .writer import BlockRecord, process_input, reason_kind, write_block
 
 __all__ = ["build"]
 
@@ -94,14 +95,27 @@ def _part_names(settings: BuildSettings) -> tuple[str, str]:
     )
 
 
+_MAX_STATE_BYTES = MAX_MANIFEST_BYTES
+"""The largest resume record or build state read back: a block's record (its shards and its
+rejected inputs) and the build's identity are far smaller than a manifest."""
+
+
+def _read_record(path: Path) -> dict:
+    return read_json(
+        path, "resume record", max_bytes=_MAX_STATE_BYTES, schema=BlockRecord, error=BuildError
+    )
+
+
 def _load_records(state: Path, out: Path, identity: dict) -> dict[int, dict]:
     """Resume records of blocks whose shards are all finished and intact, by block."""
     ident_path = state / "build.json"
     if not ident_path.is_file():
         return {}
     try:
-        previous = json.loads(ident_path.read_text())
-    except ValueError:
+        previous = read_json(
+            ident_path, "build state", max_bytes=_MAX_STATE_BYTES, error=BuildError
+        )
+    except BuildError:
         previous = None
     if previous != identity:
         raise BuildError(
@@ -111,11 +125,11 @@ def _load_records(state: Path, out: Path, identity: dict) -> dict[int, dict]:
     records = {}
     for path in sorted(state.glob("shard-*.json")):
         try:
-            record = json.loads(path.read_text())
-            entries = [shards.ShardEntry.from_json(e) for e in record["shards"]]
-            block = int(record["block"])
-        except (ValueError, KeyError, TypeError):
+            record = _read_record(path)
+        except BuildError:  # damaged: its block is built again
             continue
+        entries = [shards.ShardEntry.from_json(e) for e in record["shards"]]
+        block = record["block"]
         if all(
             (out / e.index).is_file()
             and (out / e.tar).is_file()
@@ -263,10 +277,16 @@ def _build_locked(
         }
         if manifest_path.is_file():
             try:
-                existing = json.loads(manifest_path.read_text())
-            except ValueError:
+                existing = read_json(
+                    manifest_path,
+                    "manifest",
+                    max_bytes=MAX_MANIFEST_BYTES,
+                    schema=ManifestSchema,
+                    error=BuildError,
+                )
+            except BuildError:
                 existing = None
-            if existing and all(
+            if isinstance(existing, dict) and all(
                 existing.get(k) == identity[k] for k in ("settings", "input_digest", "classes")
             ):
                 log.info("%s: build already complete", manifest_path)
@@ -373,7 +393,7 @@ def _pack(
     try:
         with open(log_tmp, "wb") as log_file:
             for path in sorted(state.glob("shard-*.json")):
-                record = json.loads(path.read_text())
+                record = _read_record(path)
                 for entry in record.pop("rejected"):
                     log_file.write(json.dumps(entry).encode() + b"\n")
                     reasons[reason_kind(entry["reason"])] += 1

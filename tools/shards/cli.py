@@ -20,7 +20,9 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from ...common.commandline import Parser, add_flags, from_flags
+from ...common.files import read_json
 from ...common.options import FLAT, OptionError, option
+from ...pipeline.schema import MAX_MANIFEST_BYTES
 from ...pipeline.shards import ShardError
 from ...train.cli import add_tree_arguments, tree_from_arguments
 from ...train.config import Config
@@ -173,9 +175,8 @@ def _build(cmd: BuildCommand) -> int:
         inputs, samples, rejected = report.inputs, report.samples, report.rejected
         manifest = report.manifest_path
         print(f"moco-shards build: {report.summary()}")
-    log_name = Path(manifest).parent / (
-        json.loads(Path(manifest).read_text()).get("rejected_file") or ""
-    )
+    written = read_json(manifest, "manifest", max_bytes=MAX_MANIFEST_BYTES, error=BuildError)
+    log_name = Path(manifest).parent / (written.get("rejected_file") or "")
     if inputs and not samples:
         print(
             f"moco-shards build: every input was rejected ({rejected}); the reasons are in "

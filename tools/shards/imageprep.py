@@ -8,8 +8,8 @@ else is decoded, rotated, converted to RGB, shrunk if asked and re-encoded.
 JPEG decoding and encoding go through simplejpeg (libjpeg-turbo) rather than Pillow:
 its strict mode turns libjpeg's "corrupt data" warnings into errors (Pillow stores
 such images with grey blocks), and on ImageNet-like photos its decode plus encode
-costs about half of Pillow's open/convert/save. Pillow handles every other format,
-CMYK JPEGs and the resizing.
+costs about half of Pillow's open/convert/save. Pillow handles the other formats of
+``READ_FORMATS`` (only those: no plugin that hands a file to a program), CMYK JPEGs and resizing.
 """
 
 from __future__ import annotations
@@ -25,8 +25,10 @@ import simplejpeg
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from ...common.options import option
+from ...pipeline import shards
 
 __all__ = [
+    "READ_FORMATS",
     "Rejected",
     "PrepSettings",
     "Prepared",
@@ -37,7 +39,13 @@ __all__ = [
     "sample_metadata",
 ]
 
-DEFAULT_MAX_PIXELS = Image.MAX_IMAGE_PIXELS or 89_478_485
+DEFAULT_MAX_PIXELS = shards.MAX_PIXELS
+READ_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF", "PPM")
+"""The formats Pillow may open an input as: decoders that run in this process and interpret no
+program. Never EPS or PS (Pillow hands them to Ghostscript, which runs the file's PostScript),
+PDF, or a plugin whose decoding is delegated to a handler or an external program (WMF, the
+BUFR/GRIB/HDF5/FITS stubs); nor the rarely used in-process parsers. Others are rejected with
+their format named."""
 
 # EXIF orientation -> the transpose that shows the image upright (as ImageOps.exif_transpose).
 _ORIENTATION = {
@@ -203,6 +211,28 @@ def _check_pixels(width: int, height: int, settings: PrepSettings) -> None:
         )
 
 
+def _check_stored(size: tuple[int, int]) -> None:
+    """What is stored stays within what readers decode (a ``--max-pixels`` above it, unshrunk)."""
+    if size[0] * size[1] > shards.MAX_PIXELS:
+        raise Rejected(
+            f"too large to store: {size[0]}x{size[1]} = {size[0] * size[1]} pixels over the "
+            f"readers' limit of {shards.MAX_PIXELS}; shrink with --max-side or --short-side"
+        )
+
+
+def _unread_format(data: bytes) -> Optional[str]:
+    """The format Pillow would take ``data`` for, among those it may not open, by its signature
+    alone (the plugins' ``accept`` tests of the first bytes, which decode nothing)."""
+    Image.init()
+    for name, (_, accept) in Image.OPEN.items():
+        try:
+            if name not in READ_FORMATS and accept is not None and accept(data[:16]):
+                return name
+        except Exception:  # noqa: BLE001 - a signature test that fails names nothing
+            continue
+    return None
+
+
 def _encode(rgb: np.ndarray, settings: PrepSettings) -> bytes:
     # 4:2:0 baseline: what libjpeg, Pillow and cameras write by default, and the
     # cheapest layout for nvJPEG.
@@ -232,6 +262,7 @@ def _prepare_jpeg(data: bytes, info: JpegInfo, settings: PrepSettings) -> Prepar
     transposed = info.orientation in (5, 6, 7, 8)
     width, height = (info.height, info.width) if transposed else (info.width, info.height)
     size = target_size(width, height, settings)
+    _check_stored(size)
     if (
         settings.reencode == "auto"
         and size == (width, height)
@@ -292,8 +323,13 @@ def _prepare_other(data: bytes, settings: PrepSettings) -> Prepared:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
         try:
-            image = Image.open(io.BytesIO(data))
+            image = Image.open(io.BytesIO(data), formats=READ_FORMATS)
         except UnidentifiedImageError:
+            found = _unread_format(data)
+            if found:
+                raise Rejected(
+                    f"format not read: {found} (read: {', '.join(READ_FORMATS)})"
+                ) from None
             raise Rejected("not an image") from None
         except Image.DecompressionBombError as exc:
             raise Rejected(f"decompression bomb: {exc}") from None
@@ -310,6 +346,7 @@ def _prepare_other(data: bytes, settings: PrepSettings) -> Prepared:
             raise Rejected(f"truncated or corrupt {image.format or 'image'}: {exc}") from None
     source_size = rgb.size
     size = target_size(*source_size, settings)
+    _check_stored(size)
     return Prepared(
         _encode(np.asarray(_resize(rgb, size)), settings),
         size[0],

@@ -39,6 +39,8 @@ TAR_SUFFIXES = (".tar",)
 _BLOCKS_PER_PART = 256
 _MIN_BLOCK_BYTES = 256
 _MAX_BLOCK_BYTES = 1 << 20
+_MAX_LINE_BYTES = 1 << 16
+"""The longest line of a list file read as an entry; a longer one is rejected, read in pieces."""
 
 
 class InputRef(NamedTuple):
@@ -175,14 +177,37 @@ def _list_blocks(size: int, part: int, num_parts: int) -> Iterator[tuple[int, in
         yield start, min(start + block, size)
 
 
-def _list_entry(raw: bytes, kind: str, prefix: str, labels: str) -> Optional[InputRef]:
+def _line_length(f, start: bytes) -> int:
+    """The length of the line whose first bytes ``start`` were read; the rest of it is read in
+    pieces of at most ``_MAX_LINE_BYTES`` and dropped, so a line of gigabytes is never held."""
+    length, piece = len(start), start
+    while piece and not piece.endswith(b"\n"):
+        piece = f.readline(_MAX_LINE_BYTES)
+        length += len(piece)
+    return length
+
+
+def _list_entry(
+    raw: bytes, kind: str, prefix: str, labels: str, length: int = 0
+) -> Optional[InputRef]:
     # Plain string work rather than os.path: this runs once per line of lists of billions.
     text = raw.decode("utf-8", "surrogateescape").strip()
     if not text or text[0] == "#":
         return None
     label = None
+    if length > _MAX_LINE_BYTES:  # ``raw`` is its start; no path is this long (PATH_MAX: 4096)
+        return InputRef(
+            printable(text[:200]) + f"... ({length} bytes)",
+            text[:200],
+            rejected=f"malformed list line (over {_MAX_LINE_BYTES} bytes)",
+        )
+    if "\0" in text:  # no path holds one; nor may a class name taken from it
+        return InputRef(printable(text), text, rejected="malformed list line (a NUL character)")
     if kind == "csv":
-        row = next(csv.reader([text]))
+        try:
+            row = next(csv.reader([text]))
+        except csv.Error as exc:  # a quoted field over csv's field limit, a stray quote
+            return InputRef(printable(text), text, rejected=f"malformed list line (csv: {exc})")
         if len(row) != 2 or not row[0]:
             return InputRef(
                 printable(text), text, rejected="malformed list line (expected PATH,LABEL)"
@@ -213,15 +238,16 @@ def _list_entries(
                 position = start
                 if start > 0:  # the line running into this block belongs to the one before
                     f.seek(start - 1)
-                    position = start - 1 + len(f.readline())
+                    position = start - 1 + _line_length(f, f.readline(_MAX_LINE_BYTES))
                 else:
                     f.seek(0)
                 while position < end:
-                    raw = f.readline()
+                    raw = f.readline(_MAX_LINE_BYTES + 1)
                     if not raw:
                         break
-                    position += len(raw)
-                    ref = _list_entry(raw, kind, prefix, labels)
+                    length = _line_length(f, raw)
+                    position += length
+                    ref = _list_entry(raw, kind, prefix, labels, length)
                     if ref is not None:
                         yield ref
     except OSError as exc:
@@ -330,6 +356,8 @@ def read_classes(path: str) -> list[str]:
     names = [n for n in names if n and not n.startswith("#")]
     seen = set()
     for name in names:
+        if "\0" in name:
+            raise BuildError(f"--classes {path}: class {name!r} holds a NUL character")
         if name in seen:
             raise BuildError(f"--classes {path}: class {name!r} is listed twice")
         seen.add(name)

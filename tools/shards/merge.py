@@ -13,55 +13,33 @@ import shutil
 from pathlib import Path
 from typing import Optional
 
-from ...common.files import write_atomic, write_json_atomic
+from ...common.files import check_schema, read_json, write_atomic, write_json_atomic
 from ...pipeline import shards
+from ...pipeline.schema import MAX_MANIFEST_BYTES, PartManifestSchema
 from . import BuildError
 
 __all__ = ["merge"]
 
-_PART_KEYS = (
-    "name",
-    "settings",
-    "classes",
-    "class_counts",
-    "shards",
-    "inputs",
-    "samples",
-    "copied",
-    "reencoded",
-    "rejected",
-    "rejected_reasons",
-    "rejected_file",
-    "input_digest",
-    "sources",
-    "parts",
-)
-
 
 def _read_part(path: Path) -> dict:
+    """A part manifest, read by the one bounded reader and checked against its declared schema."""
+    again = "; build that part again"
     try:
-        data = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, ValueError) as exc:
-        raise BuildError(
-            f"{path}: unreadable part manifest ({getattr(exc, 'strerror', None) or exc}); "
-            f"build that part again"
-        ) from None
-    if not isinstance(data, dict) or data.get("format") != shards.FORMAT:
-        raise BuildError(f"{path}: not a {shards.FORMAT} part manifest; build that part again")
-    if data.get("version") != shards.FORMAT_VERSION:
-        raise BuildError(
-            f"{path}: part manifest version {data.get('version')}, this tool merges "
-            f"{shards.FORMAT_VERSION}; build that part again"
-        )
-    missing = [k for k in _PART_KEYS if k not in data]
-    if missing or not isinstance(data["settings"], dict) or "part" not in data["settings"]:
-        raise BuildError(
-            f"{path}: part manifest lacks {', '.join(missing) or 'settings.part'}; build that part again"
-        )
+        data = read_json(path, "part manifest", max_bytes=MAX_MANIFEST_BYTES, error=BuildError)
+        if not isinstance(data, dict) or data.get("format") != shards.FORMAT:
+            raise BuildError(f"{path}: not a {shards.FORMAT} part manifest")
+        if data.get("version") != shards.FORMAT_VERSION:
+            raise BuildError(
+                f"{path}: part manifest version {data.get('version')}, this tool merges "
+                f"{shards.FORMAT_VERSION}"
+            )
+        check_schema(data, PartManifestSchema, path, "part manifest", BuildError)
+    except BuildError as exc:
+        raise BuildError(f"{exc}{again}") from None
     if data["samples"] + data["rejected"] != data["inputs"]:
         raise BuildError(
-            f"{path}: {data['samples']} samples + {data['rejected']} rejected != {data['inputs']} inputs; "
-            f"build that part again"
+            f"{path}: {data['samples']} samples + {data['rejected']} rejected != {data['inputs']} inputs"
+            + again
         )
     return data
 

@@ -26,6 +26,12 @@ __all__ = ["preview"]
 
 _PAD = 6
 _HEADER = 18
+MAX_COUNT = 256
+"""The most samples (rows) a preview draws."""
+MAX_SIZE = 1024
+"""The largest view (px) a preview draws."""
+MAX_GRID_PIXELS = 1 << 26
+"""The largest grid a preview draws (64 Mpx, 192 MB of RGB): count x 3 tiles of size^2."""
 
 
 def _fit(image: Image.Image, side: int) -> Image.Image:
@@ -62,16 +68,27 @@ def preview(
     one ``moco-train`` resolves from a configuration.
 
     Raises:
-        BuildError: a count below 1, views smaller than 8 px, or an ``out`` that cannot be
-            written (found before any work).
+        BuildError: a count outside 1..``MAX_COUNT``, views outside 8..``MAX_SIZE`` px, a grid
+            over ``MAX_GRID_PIXELS``, or an ``out`` that cannot be written (before any work).
         ShardError: ``folder`` is not a sound shard folder.
     """
     folder, out = Path(folder), Path(out)
     recipe = recipe or v2()
     if count < 1:
         raise BuildError(f"--count must be at least 1, got {count}")
+    if count > MAX_COUNT:
+        raise BuildError(f"--count {count}: a preview draws at most {MAX_COUNT} samples")
     if recipe.size < 8:
         raise BuildError(f"data.views.size must be at least 8 px for a preview, got {recipe.size}")
+    if recipe.size > MAX_SIZE:
+        raise BuildError(
+            f"data.views.size {recipe.size}: a preview draws views of at most {MAX_SIZE} px"
+        )
+    if count * 3 * recipe.size**2 > MAX_GRID_PIXELS:
+        raise BuildError(
+            f"--count {count} at data.views.size {recipe.size}: a grid of "
+            f"{count * 3 * recipe.size**2} pixels, over the limit of {MAX_GRID_PIXELS}; lower either"
+        )
     why = unwritable("--out", out, folder=False)  # before decoding anything
     if why:
         raise BuildError(why)
@@ -125,7 +142,8 @@ def _draw(
         tar, offset, length = where[key]
         with open(tar, "rb") as f:
             f.seek(offset)
-            original = Image.open(io.BytesIO(f.read(length))).convert("RGB")
+            stored = io.BytesIO(f.read(length))
+        original = Image.open(stored, formats=shards.STORED_FORMATS).convert("RGB")
         tiles = [
             _fit(original, size),
             _denormalise(batch.view_q[row], recipe.mean, recipe.std),

@@ -29,6 +29,10 @@ from . import BuildError
 
 __all__ = ["VerifyReport", "verify", "inspect", "format_inspection"]
 
+MAX_BATCH = 1024
+"""The largest DALI batch verify decodes at once (each image up to ``shards.MAX_PIXELS``)."""
+MAX_THREADS = 1024
+
 
 @dataclass
 class VerifyReport:
@@ -158,8 +162,10 @@ def verify(
     Raises:
         ShardError: at the first fault, naming the shard (and key where there is one).
     """
-    if batch_size < 1:
-        raise BuildError(f"--batch-size must be at least 1, got {batch_size}")
+    if not 1 <= batch_size <= MAX_BATCH:
+        raise BuildError(f"--batch-size must be in 1..{MAX_BATCH}, got {batch_size}")
+    if num_threads is not None and not 1 <= num_threads <= MAX_THREADS:
+        raise BuildError(f"--threads must be in 0..{MAX_THREADS}, got {num_threads}")
     started = time.monotonic()
     manifest, pairs = shards.discover(folder)
     for entry, (tar, idx) in zip(manifest.shards, pairs):

@@ -16,16 +16,25 @@ import collections
 import hashlib
 import os
 import stat
-from dataclasses import asdict
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Annotated, Callable, Optional
+
+import msgspec
 
 from ...pipeline import shards
+from ...pipeline.schema import Count
 from .imageprep import PrepSettings, Rejected, prepare, sample_metadata
 from .inputs import InputRef
 from .tar import encode_sample
 
-__all__ = ["read_input", "process_input", "ShardWriter", "write_block", "reason_kind"]
+__all__ = [
+    "read_input",
+    "process_input",
+    "ShardWriter",
+    "write_block",
+    "BlockRecord",
+    "reason_kind",
+]
 
 
 def reason_kind(reason: str) -> str:
@@ -158,16 +167,14 @@ class ShardWriter:
         except BaseException:
             self.abandon()
             raise
-        return asdict(
-            shards.ShardEntry(
-                tar=f"{self.stem}.tar",
-                index=f"{self.stem}.idx",
-                samples=self.samples,
-                bytes=self.bytes,
-                sha256=self.sha.hexdigest(),
-                index_sha256=hashlib.sha256(index_text.encode()).hexdigest(),
-            )
-        )
+        return shards.ShardEntry(
+            tar=f"{self.stem}.tar",
+            index=f"{self.stem}.idx",
+            samples=self.samples,
+            bytes=self.bytes,
+            sha256=self.sha.hexdigest(),
+            index_sha256=hashlib.sha256(index_text.encode()).hexdigest(),
+        ).to_json()
 
     def abandon(self) -> None:
         """Remove what an unfinished shard left (a full disk or a kill must leave no temporary file)."""
@@ -177,6 +184,27 @@ class ShardWriter:
             pass  # closing flushes, and the disk may still be full
         self.tar_tmp.unlink(missing_ok=True)
         self.idx_tmp.unlink(missing_ok=True)
+
+
+class BlockRecord(msgspec.Struct):
+    """A block's resume record, as ``write_block`` returns it and the build stores and reads it
+    back (a record that does not hold to this costs its block, built again on resume)."""
+
+    block: Count
+    first_input: Count
+    end_input: Count
+    shards: list[shards.ShardEntry]
+    copied: Count
+    class_counts: dict[Annotated[str, msgspec.Meta(pattern="^[0-9]{1,9}$")], Count]
+    """Samples per class index (its digits)."""
+    rejected: list[dict[str, str]]
+    """``{"input": ..., "reason": ...}`` per rejected input."""
+
+    def __post_init__(self) -> None:
+        if self.end_input < self.first_input:
+            raise ValueError(f"end_input {self.end_input} is before first_input {self.first_input}")
+        if any(set(r) != {"input", "reason"} for r in self.rejected):
+            raise ValueError("a rejected entry is not {input, reason}")
 
 
 def write_block(

@@ -27,7 +27,7 @@ from ...common.files import write_atomic
 from ...model.encoders import ARCHS, add_mlp_head, resnet
 from ..checkpoint import CheckpointError
 from ..checkpoint import load as load_checkpoint
-from ..config import from_dict
+from ..config import Config, ConfigError, from_dict, to_dict
 from ..step import build_model
 
 __all__ = [
@@ -54,12 +54,24 @@ class Pretrained:
     dim: int
     step: Optional[int]
     config: Optional[dict]
-    """The run's configuration tree (this project's checkpoints only)."""
+    """The run's configuration tree, as checked by ``from_dict`` (this project's checkpoints
+    only)."""
+
+
+def _stored_config(stored: Any, path: Path) -> Config:
+    """The run's configuration as the checkpoint stores it, typed and bounded by the tree's own
+    declaration before anything is built from it (``model.dim`` 10**11 would be 800 TB)."""
+    try:
+        return from_dict(stored, source=str(path))
+    except ConfigError as error:
+        message = str(error).removeprefix(f"{path}: ")
+        raise CheckpointError(f"{path}: its stored configuration: {message}") from None
 
 
 def _query_weights(state: Any, path: Path) -> tuple[dict[str, torch.Tensor], Pretrained]:
     if isinstance(state, dict) and "model" in state and "config" in state:
-        model = state["config"]["model"]
+        config = _stored_config(state["config"], path)
+        model = config.model
         prefix = "encoder_q."
         # torch.compile wraps a module as ``_orig_mod``; the weights are the same.
         weights = {
@@ -70,12 +82,12 @@ def _query_weights(state: Any, path: Path) -> tuple[dict[str, torch.Tensor], Pre
         info = Pretrained(
             path,
             "moco-dali",
-            model["arch"],
-            model["small_stem"],
-            model["mlp"],
-            model["dim"],
+            model.arch,
+            model.small_stem,
+            model.mlp,
+            model.dim,
             state.get("step"),
-            state["config"],
+            to_dict(config),
         )
     elif isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         prefix = next(
@@ -151,7 +163,7 @@ def load_encoder(
             raise CheckpointError(
                 f"{path}: --random-init needs a moco-train checkpoint (it rebuilds the run's step 0)"
             )
-        config = from_dict(info.config)
+        config = from_dict(info.config, source=str(path))
         config.run.channels_last = False
         torch.manual_seed(config.run.seed)  # as the engine does before building the model
         encoder = build_model(config, torch.device("cpu")).encoder_q

@@ -79,6 +79,16 @@ HOSTILE = [
     (["--compare", "{tmp}/binary.json", "{tmp}/binary.json"], "binary.json"),
     (["--compare", "{tmp}/empty", "{tmp}/empty"], "{tmp}/empty"),
     (["--compare", "{tmp}/none.json", "{tmp}/none.json"], "none.json"),
+    # The old variants: a RecursionError, and an AttributeError from a manifest that is a list.
+    (
+        ["--compare", "{tmp}/deep.json", "{tmp}/deep.json"],
+        "moco-bench record nested deeper than 32",
+    ),
+    (
+        ["--compare", "{tmp}/huge.json", "{tmp}/huge.json"],
+        "results.ours.images_per_s: expected `float` <= 1000000000000000.0",
+    ),
+    (["pipeline", "--shards", "{tmp}/listed"], "listed/manifest.json: not a moco-dali-shards"),
 ]
 
 
@@ -102,6 +112,10 @@ def hostile_folder(tmp_path, monkeypatch):
     (tmp_path / "words.json").write_text(json.dumps(_step_record("fast", 3.0)))
     (tmp_path / "zero.json").write_text(json.dumps(_step_record(0, 3.0)))
     (tmp_path / "binary.json").write_bytes(b"\xff\xfe\x00garbage")
+    (tmp_path / "deep.json").write_text("[" * 100_000 + "]" * 100_000)
+    (tmp_path / "huge.json").write_text(json.dumps(_step_record(1e300, 3.0)))
+    (tmp_path / "listed").mkdir()
+    (tmp_path / "listed" / "manifest.json").write_text("[1, 2]")
     scratch = tmp_path / "scratch"
     scratch.mkdir()
     monkeypatch.setattr(

@@ -187,3 +187,55 @@ def test_sample_metadata_is_the_sorted_compact_json_of_its_fields():
             separators=(",", ":"),
         ).encode()
         assert sample_metadata(source, prepared) == expected
+
+
+# A tiny PostScript program: Ghostscript would run it (print a marker; a loop would hang).
+EPS = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 8 8\n(GHOSTSCRIPT RAN) print flush\nshowpage\n"
+
+
+def _never(*args, **kwargs):
+    raise AssertionError(f"an external program was reached: {args[:1]}")
+
+
+@pytest.mark.parametrize(
+    "fmt, data",
+    [
+        ("EPS", EPS),  # Pillow's plugin hands the file to Ghostscript
+        ("EPS", b"\xc5\xd0\xd3\xc6" + b"\0" * 28),  # the DOS EPS binary header, same plugin
+        ("WMF", b"\xd7\xcd\xc6\x9a\x00\x00" + b"\0" * 40),  # decoded by a registered handler
+    ],
+)
+def test_formats_whose_decoders_run_programs_are_refused_by_name_unopened(fmt, data, monkeypatch):
+    """The old variant: Pillow opened whatever it recognised; an EPS went to Ghostscript."""
+    import subprocess
+
+    from PIL import EpsImagePlugin
+
+    monkeypatch.setattr(EpsImagePlugin, "Ghostscript", _never)
+    monkeypatch.setattr(subprocess, "check_call", _never)
+    monkeypatch.setattr(subprocess, "Popen", _never)
+    with pytest.raises(Rejected, match=f"^format not read: {fmt} \\(read: JPEG, PNG, WEBP"):
+        prepare(data, DEFAULT)
+
+
+def test_the_formats_read_run_no_program(monkeypatch):
+    import subprocess
+
+    from moco_dali.tools.shards.imageprep import READ_FORMATS
+
+    monkeypatch.setattr(subprocess, "check_call", _never)
+    monkeypatch.setattr(subprocess, "Popen", _never)
+    assert {"EPS", "PDF", "WMF", "FITS", "GRIB", "BUFR", "HDF5"}.isdisjoint(READ_FORMATS)
+    for name, data in awkward_inputs().items():  # every accepted kind still converts
+        assert prepare(data, DEFAULT).width > 0, name
+
+
+def test_nothing_is_stored_larger_than_the_readers_decode(monkeypatch):
+    """A ``--max-pixels`` above the readers' limit, unshrunk, would store what training refuses."""
+    from moco_dali.pipeline import shards
+
+    monkeypatch.setattr(shards, "MAX_PIXELS", 64 * 48 - 1)
+    for data in (baseline_jpeg(64, 48), encode(photo_like(64, 48), "PNG")):
+        with pytest.raises(Rejected, match="too large to store: 64x48 = 3072 pixels over"):
+            prepare(data, PrepSettings(max_pixels=10**9))
+        assert prepare(data, PrepSettings(max_pixels=10**9, max_side=32)).width == 32

@@ -316,3 +316,111 @@ def test_a_damaged_archive_is_accounted_for_and_an_unreadable_one_ends_in_one_li
     )
     assert result.returncode == 2 and f"{archive}: cannot read tar archive" in one_line(result)
     assert not list((tmp_path / "out2").iterdir())
+
+
+def test_an_eps_in_a_dump_is_rejected_by_format_and_ghostscript_never_runs(
+    tmp_path, labelled_dump, monkeypatch
+):
+    """The old variant: Pillow handed the EPS to Ghostscript, which ran its PostScript program."""
+    from PIL import EpsImagePlugin
+
+    from tests.tools.shards.test_imageprep import EPS
+
+    reached = []
+
+    def record(*args, **kwargs):
+        reached.append(args[:1])
+        raise OSError("recorded, not run")
+
+    monkeypatch.setattr(EpsImagePlugin, "Ghostscript", record)
+    monkeypatch.setattr(subprocess, "check_call", record)
+    monkeypatch.setattr(subprocess, "Popen", record)
+    (labelled_dump / "cat" / "drawing.jpg").write_bytes(EPS)  # its name says nothing
+    report = build(
+        [str(labelled_dump)], tmp_path / "out", BuildSettings(), workers=0, progress=False
+    )
+    assert reached == []
+    assert (report.inputs, report.samples, report.rejected) == (22, 21, 1)
+    (line,) = rejected_lines(tmp_path / "out")
+    assert line == {
+        "input": str(labelled_dump / "cat" / "drawing.jpg"),
+        "reason": "format not read: EPS (read: JPEG, PNG, WEBP, BMP, GIF, TIFF, PPM)",
+    }
+    manifest = shards.load_manifest(tmp_path / "out").data
+    assert manifest["rejected_reasons"] == {"format not read": 1}
+
+
+def test_a_csv_list_with_a_200_kb_field_rejects_that_row_and_builds_the_rest(tmp_path):
+    """The old variant: csv's field limit (131072) ended the build in _csv.Error."""
+    dump = write_files(tmp_path / "dump", {"a.jpg": baseline_jpeg(seed=1)})[0].parent
+    listing = tmp_path / "list.csv"
+    wide = '"' + "x" * 200_000 + '"'
+    listing.write_text(f"{dump / 'a.jpg'},cat\n{wide},dog\nnul\0here.jpg,cat\n")
+    report = build([str(listing)], tmp_path / "out", BuildSettings(), workers=0, progress=False)
+    assert (report.inputs, report.samples, report.rejected) == (3, 1, 2)
+    reasons = sorted(r["reason"] for r in rejected_lines(tmp_path / "out"))
+    assert reasons == [
+        "malformed list line (a NUL character)",
+        "malformed list line (over 65536 bytes)",
+    ]
+
+
+def test_merge_refuses_part_manifests_with_lists_or_strings_for_numbers(tmp_path, labelled_dump):
+    """The old variant: merge added up whatever it found and ended in a TypeError."""
+    parts = tmp_path / "parts"
+    for part in (0, 1):
+        build(
+            [str(labelled_dump)],
+            parts,
+            BuildSettings(num_parts=2, part=part),
+            workers=0,
+            progress=False,
+        )
+    path = parts / "manifest.part-0001-of-0002.json"
+    good = json.loads(path.read_text())
+    for damage, field in (
+        ({"samples": [1, 2]}, "samples: expected `int`, got `array`"),
+        ({"inputs": "21"}, "inputs: expected `int`, got `str`"),
+        ({"class_counts": {"cat": "7"}}, "class_counts[...]: expected `int`, got `str`"),
+        (
+            {"settings": dict(good["settings"], part="1")},
+            "settings.part: expected `int`, got `str`",
+        ),
+        ({"shards": "all"}, "shards: expected `array`, got `str`"),
+    ):
+        path.write_text(json.dumps({**good, **damage}))
+        merged = run_cli("merge", str(parts))
+        assert merged.returncode == 2, merged.stderr
+        assert one_line(merged) == (
+            f"moco-shards merge: error: {path}: malformed part manifest: {field}; "
+            "build that part again"
+        )
+    path.write_text("[" * 100_000 + "]" * 100_000)
+    merged = run_cli("merge", str(parts))
+    assert merged.returncode == 2 and "nested deeper than 32 levels" in one_line(merged)
+
+
+def test_sizes_nobody_bounded_are_refused_in_one_line(tmp_path, labelled_dump):
+    """The old variants: preview and verify set out to allocate what was asked; --max-bytes
+    with 400 digits ended in OverflowError."""
+    out = tmp_path / "out"
+    build([str(labelled_dump)], out, BuildSettings(max_count=8), workers=0, progress=False)
+    png = str(tmp_path / "p.png")
+    for argv, message in (
+        (["preview", str(out), "--out", png, "--count", "1000000"], "at most 256 samples"),
+        (["preview", str(out), "--out", png, "--data.views.size", "60000"], "at most 1024 px"),
+        (
+            ["preview", str(out), "--out", png, "--count", "200", "--data.views.size", "512"],
+            "a grid",
+        ),
+        (["verify", str(out), "--batch-size", "1000000"], "--batch-size must be in 1..1024"),
+        (["verify", str(out), "--threads", "1000000"], "--threads must be in 0..1024"),
+        (
+            ["build", str(labelled_dump), "--out", str(tmp_path / "o"), "--max-bytes", "9" * 400],
+            "is not a size (at most 9223372036854775807 bytes)",
+        ),
+    ):
+        result = run_cli(*argv)
+        assert result.returncode == 2, result.stderr
+        assert message in one_line(result), argv
+    assert not (tmp_path / "p.png").exists() and not (tmp_path / "o").exists()

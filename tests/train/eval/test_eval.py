@@ -527,3 +527,59 @@ def test_argparse_errors_are_one_line_too(capsys):
         err.startswith("moco-eval export: error: argument --format: invalid choice")
         and "\n" not in err
     )
+
+
+def _stored(ckpt: Path, tmp_path: Path, edit) -> Path:
+    state = torch.load(ckpt, weights_only=False)
+    edit(state["config"])
+    path = tmp_path / "edited.pt"
+    torch.save(state, path)
+    return path
+
+
+@pytest.mark.parametrize("random_init", [False, True], ids=["weights", "random-init"])
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (
+            lambda c: c["model"].update(dim=10**11),
+            "model.dim must be in 1..65536, got 100000000000",
+        ),
+        (lambda c: c["model"].update(dim="abc"), "model.dim: expected int, got 'abc'"),
+        (lambda c: c["model"].update(K=2**40), "model.K must be in 1..16777216"),
+        (lambda c: c.update(model=[1]), "'model' is a section of keys, not a value"),
+    ],
+    ids=["dim 10**11", "dim 'abc'", "K 2**40", "model a list"],
+)
+def test_a_stored_configuration_is_checked_before_anything_is_built(
+    ckpt, tmp_path, edit, message, random_init
+):
+    """The old variants: dim 10**11 set out to allocate 800 TB of head, "abc" a TypeError."""
+    path = _stored(ckpt, tmp_path, edit)
+    with pytest.raises(CheckpointError) as refused:
+        load_encoder(path, random_init=random_init)
+    assert str(refused.value).startswith(f"{path}: its stored configuration: ")
+    assert message in str(refused.value) and "\n" not in str(refused.value)
+
+
+def test_a_stored_size_given_as_a_string_is_read_as_the_number(ckpt, tmp_path):
+    """The old variant: moco-eval's default crop from data.views.size "32" ended in a TypeError."""
+    from moco_dali.train.eval.cli import _sizes
+
+    for edit in (
+        lambda c: c["data"]["views"].update(size="32"),
+        lambda c: c["data"].update(size=c["data"]["views"].pop("size") and "32"),  # legacy key
+    ):
+        _, info = load_encoder(_stored(ckpt, tmp_path, edit))
+        views = _sizes(EvalViews(), info)
+        assert (views.size, views.resize) == (32, 32)
+
+
+def test_knn_on_a_manifest_that_is_a_json_list_is_one_line(ckpt, shards, tmp_path, capsys):
+    """The old variant: an AttributeError traceback from the manifest's reader."""
+    folder = Path(shutil.copytree(shards["val"], tmp_path / "val"))
+    (folder / "manifest.json").write_text("[1, 2]")
+    argv = ["knn", "--checkpoint", str(ckpt), "--train", str(folder), "--val", str(shards["val"])]
+    assert moco_eval([*argv, "--threads", "1"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"moco-eval: error: {folder / 'manifest.json'}: not a moco-dali-shards manifest"
