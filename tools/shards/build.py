@@ -23,9 +23,10 @@ from typing import Iterator, Optional, Sequence
 from tqdm import tqdm
 
 from ...common.files import write_json_atomic
+from ...common.lock import FolderInUse, FolderLock
 from ...pipeline import shards
 from . import BuildError
-from .folder import FolderLock, prepare_folder, remove_temporaries
+from .folder import prepare_folder, remove_temporaries
 from .inputs import InputRef, find_classes, iter_part, printable, source_kind
 from .order import PackingOrder
 from .settings import NO_CLASS, BuildReport, BuildSettings
@@ -214,11 +215,13 @@ def build(
     prepare_folder(out)
     state = _state_dir(out, settings)
     try:
-        with FolderLock(out / f"{state.name}.lock"):
+        with FolderLock(out / f"{state.name}.lock", "moco-shards build", "--out"):
             prepare_folder(out)  # again, now that no other build can be writing here
             return _build_locked(
                 list(sources), out, state, settings, workers, progress, classes, started
             )
+    except FolderInUse as exc:
+        raise BuildError(str(exc)) from None
     except OSError as exc:
         where = printable(exc.filename) if getattr(exc, "filename", None) else str(out)
         raise BuildError(

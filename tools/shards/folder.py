@@ -1,16 +1,13 @@
 """A build's output folder: who may write in it, and what a build may find there.
 
-Owns the rules that keep builds from mixing or losing data in one folder: an
-exclusive ``flock`` on a lock file per part for the build's whole life (a second
-build into the same folder is refused at once), the names a build writes (a folder
-holding anything else is someone else's and is refused), and the removal of the
-temporary files an interrupted or failed build left.
+Owns the rules that keep builds from mixing or losing data in one folder (the lock a build
+holds for its whole life is ``common.lock``'s): the names a build writes (a folder holding
+anything else is someone else's and is refused), and the removal of the temporary files an
+interrupted or failed build left.
 """
 
 from __future__ import annotations
 
-import fcntl
-import os
 import re
 from pathlib import Path
 from typing import Optional
@@ -18,7 +15,7 @@ from typing import Optional
 from . import BuildError
 from .inputs import printable
 
-__all__ = ["FolderLock", "prepare_folder", "remove_temporaries"]
+__all__ = ["prepare_folder", "remove_temporaries"]
 
 # What a build may find in its output folder: its own files and those of other parts
 # or an interrupted run. Anything else means --out points at someone else's folder.
@@ -29,36 +26,6 @@ BUILD_FILE_RE = re.compile(
     r"|\.moco-build-.+"
     r"|\..+\.tmp)$"
 )
-
-
-class FolderLock:
-    """An exclusive ``flock`` on the part's lock file in the output folder, for the build's whole life."""
-
-    def __init__(self, path: Path):
-        self.path, self.fd = path, None
-
-    def __enter__(self) -> "FolderLock":
-        while True:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                os.close(fd)
-                raise BuildError(
-                    f"{self.path.parent}: in use by another moco-shards build (it holds {self.path.name}); "
-                    f"wait for it to end or use another --out"
-                ) from None
-            try:  # the holder before us may have removed the file between our open and our lock
-                if os.stat(self.path).st_ino == os.fstat(fd).st_ino:
-                    self.fd = fd
-                    return self
-            except FileNotFoundError:
-                pass
-            os.close(fd)
-
-    def __exit__(self, *exc) -> None:
-        self.path.unlink(missing_ok=True)  # still ours: removed before the lock is let go
-        os.close(self.fd)
 
 
 def prepare_folder(out: Path) -> None:
