@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
+import resource
 import struct
 import zlib
 from pathlib import Path
@@ -172,3 +174,15 @@ def loader_config(**settings) -> LoaderConfig:
     """A ``LoaderConfig`` from one flat set of keywords, the reading ones going to its ``read``."""
     read = {key: settings.pop(key) for key in list(settings) if key in _READ}
     return LoaderConfig(**settings, read=ReadConfig(**read))
+
+
+@contextlib.contextmanager
+def small_disk(max_bytes: int):
+    """Files over ``max_bytes`` cannot be written by this process, as on a full disk (Python
+    ignores SIGXFSZ: the write fails with EFBIG)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (max_bytes, hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))

@@ -28,7 +28,7 @@ from moco_dali.train.eval.linear import linear_probe
 from moco_dali.train.eval.pretrained import CheckpointError, detectron2_weights, load_encoder
 from moco_dali.train.eval.protocol import EvalViews, LinearConfig
 from moco_dali.train.step import build_model
-from tests.conftest import write_files
+from tests.conftest import small_disk, write_files
 
 COLOURS = {"red": (200, 30, 30), "green": (30, 180, 40), "blue": (30, 40, 200)}
 
@@ -455,6 +455,20 @@ def test_export_that_cannot_be_written_is_one_line_and_leaves_no_temporary_file(
     err = capsys.readouterr().err.strip()
     assert err.startswith(f"moco-eval: error: --out {out}: ") and "\n" not in err, err
     assert not list(out.parent.glob(".*.tmp")) and not list((tmp_path / "exports").iterdir())
+
+
+def test_export_on_a_full_disk_is_one_line_and_keeps_the_file_there(ckpt, tmp_path, capsys):
+    """torch.save turns the full disk into a RuntimeError; it ends in one line all the same."""
+    out = tmp_path / "r18.pth"
+    out.write_bytes(b"the previous export")
+    argv = ["export", "--checkpoint", str(ckpt), "--format", "torchvision", "--out", str(out)]
+    with small_disk(1 << 20):  # a ResNet-18 backbone is 45 MB
+        assert moco_eval(argv) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"moco-eval: error: --out {out}: cannot write (File too large)"
+    )
+    assert out.read_bytes() == b"the previous export"
+    assert [p.name for p in tmp_path.iterdir()] == ["r18.pth"]  # no temporary or lock file
 
 
 def test_an_export_or_probe_into_a_place_in_use_is_refused_in_one_line(
