@@ -26,7 +26,7 @@ from ...common.files import write_json_atomic
 from ...common.lock import FolderInUse, FolderLock
 from ...pipeline import shards
 from . import BuildError
-from .folder import prepare_folder, remove_temporaries
+from .folder import naming_rule, prepare_folder, remove_temporaries
 from .inputs import InputRef, find_classes, iter_part, printable, source_kind
 from .order import PackingOrder
 from .settings import NO_CLASS, BuildReport, BuildSettings
@@ -104,6 +104,8 @@ def _load_records(state: Path, out: Path, identity: dict) -> dict[int, dict]:
         previous = json.loads(ident_path.read_text())
     except ValueError:
         previous = None
+    if isinstance(previous, dict):
+        previous.setdefault("order", 1)  # written before the naming rule was recorded
     if previous != identity:
         raise BuildError(
             f"{out}: holds an unfinished build with other inputs or settings; "
@@ -168,6 +170,7 @@ def _manifest(
         "settings": settings.fingerprint(),
         "sources": identity["sources"],
         "input_digest": identity["input_digest"],
+        "order": identity["order"],
         "parts": [
             {
                 "part": settings.part,
@@ -247,14 +250,14 @@ def _build_locked(
     )
     manifest_name, rejected_name = _part_names(settings)
     manifest_path = out / manifest_name
+    rule = naming_rule(out, state, manifest_path, settings)
     state.mkdir(exist_ok=True)
     order = None
     try:
-        order = PackingOrder(
-            iter_part(sources, settings.labels, settings.part, settings.num_parts, skip=[str(out)]),
-            state / "order",
-            settings.shuffle_seed,
+        refs = iter_part(
+            sources, settings.labels, settings.part, settings.num_parts, [str(out)], rule
         )
+        order = PackingOrder(refs, state / "order", settings.shuffle_seed)
         if order.count == 0 and settings.num_parts == 1:
             raise BuildError(f"no input files found in {', '.join(map(printable, sources))}")
         identity = {
@@ -263,6 +266,7 @@ def _build_locked(
             "classes": class_list,
             "sources": [printable(s) for s in sources],
             "inputs": order.count,
+            "order": rule,
         }
         if manifest_path.is_file():
             try:
@@ -270,7 +274,8 @@ def _build_locked(
             except ValueError:
                 existing = None
             if existing and all(
-                existing.get(k) == identity[k] for k in ("settings", "input_digest", "classes")
+                existing.get(k, 1 if k == "order" else None) == identity[k]
+                for k in ("settings", "input_digest", "classes", "order")
             ):
                 log.info("%s: build already complete", manifest_path)
                 return _report(

@@ -1,10 +1,11 @@
-"""Which inputs a build has, their classes, and which part owns each: streamed, never listed whole.
+"""Which inputs a build has, their names and classes, and which part owns each: streamed.
 
 An input is a file, a list entry, an archive member, or something the build must account for
-as rejected (a symlink loop, an unreadable folder, a damaged archive's tail). A part reads only
-its own share where the source allows it: a list file in byte blocks dealt to the parts, an
-archive whole to one part, folder files by a hash of their path. The packing order is
-``order``'s.
+as rejected (a symlink loop, an unreadable folder, a damaged archive's tail). Its name is what
+it is within its source (``ORDER`` says which rule), so the build of a dump is the same from
+any mount point. A part reads only its own share where the source allows it: a list file in
+byte blocks dealt to the parts, an archive whole to one part, folder files by a hash of their
+name. The packing order is ``order``'s. Never lists a source whole.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from typing import Iterable, Iterator, NamedTuple, Optional, Sequence
 from . import BuildError
 
 __all__ = [
+    "ORDER",
     "LIST_SUFFIXES",
     "CSV_SUFFIXES",
     "TAR_SUFFIXES",
@@ -33,6 +35,14 @@ LIST_SUFFIXES = (".txt", ".lst", ".list")
 CSV_SUFFIXES = (".csv",)
 TAR_SUFFIXES = (".tar",)
 
+ORDER = 2
+"""The naming rule a new build uses: what the packing order hashes, what a part's share of a
+folder is dealt by and what each sample's ``KEY.json`` records as its ``source``. 2: the input's
+name within its source (a folder's files by their path below it, a list's entries as written, an
+archive's members by name, a single file by its file name) with the source's position among the
+sources. 1 (builds begun before it; still resumed and finished by it): the input's path as the
+build was given it, so the same dump under another mount point packed in another order."""
+
 # A part's share of a list file is dealt in blocks of about 1/256 of its fair share,
 # so a class-sorted list gives every part each class in close to its share (a block
 # is one class's or two); a block costs a seek and half a line read twice.
@@ -42,12 +52,15 @@ _MAX_BLOCK_BYTES = 1 << 20
 
 
 class InputRef(NamedTuple):
-    """One input: ``source`` names it for people; ``path``/``offset``/``size`` read it.
+    """One input: ``source`` names it for people; ``path``/``offset``/``size`` read it;
+    ``name`` and ``src`` name it within the dump.
 
     ``path`` is what the operating system gave (bytes that are not UTF-8 kept as
-    surrogate escapes, so the file can be opened); ``source`` and ``label`` are
+    surrogate escapes, so the file can be opened); ``source``, ``label`` and ``name`` are
     printable (those bytes shown as ``\\xNN``). ``rejected`` is a reason already
-    known while enumerating (a symlink loop, an unreadable folder).
+    known while enumerating (a symlink loop, an unreadable folder). ``src`` is the
+    source's position among the build's sources (None under naming rule 1, where ``name``
+    is ``source``).
     """
 
     source: str
@@ -56,6 +69,14 @@ class InputRef(NamedTuple):
     size: int = -1
     label: Optional[str] = None
     rejected: Optional[str] = None
+    name: str = ""
+    src: Optional[int] = None
+
+    def key(self) -> bytes:
+        """What the packing order hashes and a folder's files are dealt to the parts by."""
+        if self.src is None:
+            return self.name.encode()
+        return b"%d:%s" % (self.src, self.name.encode())
 
 
 def printable(name: str) -> str:
@@ -89,8 +110,16 @@ def source_kind(src: str) -> str:
     raise BuildError(f"{printable(src)}: no such file or folder")
 
 
-def _owner(name: str, num_parts: int) -> int:
-    return zlib.crc32(name.encode("utf-8", "surrogateescape")) % num_parts
+def _owner(key: bytes, num_parts: int) -> int:
+    return zlib.crc32(key) % num_parts
+
+
+def _share_key(path: str, name: str, src: Optional[int]) -> bytes:
+    """What a folder's file or a single file is dealt to a part by: ``InputRef.key`` under rule
+    2; under rule 1 the path as the operating system gave it."""
+    if src is None:
+        return path.encode("utf-8", "surrogateescape")
+    return b"%d:%s" % (src, name.encode())
 
 
 def _first_folder(relative: str) -> Optional[str]:
@@ -102,67 +131,60 @@ def _first_folder(relative: str) -> Optional[str]:
 
 
 def _folder(
-    root: str, labels: str, part: int, num_parts: int, skip: frozenset
+    root: str, labels: str, part: int, num_parts: int, skip: frozenset, src: Optional[int]
 ) -> Iterator[InputRef]:
     """Files below ``root`` (sorted per folder, hidden names skipped); folder symlinks followed, loops refused."""
 
-    def owned(path: str) -> bool:
-        return num_parts == 1 or _owner(path, num_parts) == part
+    def ref(path: str, relative: str, label: Optional[str], rejected: Optional[str] = None):
+        """The input at ``path`` (``relative`` below ``root``), or None when another part owns it."""
+        source = printable(path)
+        name = source if src is None else printable(relative)
+        if num_parts > 1 and _owner(_share_key(path, name, src), num_parts) != part:
+            return None
+        return InputRef(source, path, -1, -1, label, rejected, name, src)
 
     top = os.stat(root)
-    stack = [(root, None, frozenset({(top.st_dev, top.st_ino)}))]
+    stack = [(root, "", None, frozenset({(top.st_dev, top.st_ino)}))]
     while stack:
-        folder, label, ancestors = stack.pop()
+        folder, relative, label, ancestors = stack.pop()
         try:
             with os.scandir(folder) as listing:
                 entries = sorted(
                     (e for e in listing if not e.name.startswith(".")), key=lambda e: e.name
                 )
         except OSError as exc:
-            if owned(folder):
-                yield InputRef(
-                    printable(folder),
-                    folder,
-                    label=label,
-                    rejected=f"unreadable folder: {exc.strerror or exc}",
-                )
+            found = ref(folder, relative, label, f"unreadable folder: {exc.strerror or exc}")
+            if found:
+                yield found
             continue
         below = []
         for entry in entries:
             path = entry.path
+            name = f"{relative}/{entry.name}" if relative else entry.name
             try:
                 is_dir = entry.is_dir()  # follows symlinks
             except OSError:
                 is_dir = False  # reading it will say why
             if not is_dir:
-                if owned(path):
-                    yield InputRef(printable(path), path, label=label)
+                if found := ref(path, name, label):
+                    yield found
                 continue
             sub_label = printable(entry.name) if folder == root and labels == "folder" else label
             try:
                 st = entry.stat()
             except OSError as exc:
-                if owned(path):
-                    yield InputRef(
-                        printable(path),
-                        path,
-                        label=sub_label,
-                        rejected=f"unreadable folder: {exc.strerror}",
-                    )
+                if found := ref(path, name, sub_label, f"unreadable folder: {exc.strerror}"):
+                    yield found
                 continue
             ident = (st.st_dev, st.st_ino)
             if ident in skip:
                 continue  # the build's own output folder
             if ident in ancestors:
-                if owned(path):
-                    yield InputRef(
-                        printable(path),
-                        path,
-                        label=sub_label,
-                        rejected="symlink loop: this folder contains itself",
-                    )
+                loop = "symlink loop: this folder contains itself"
+                if found := ref(path, name, sub_label, loop):
+                    yield found
                 continue
-            below.append((path, sub_label, ancestors | {ident}))
+            below.append((path, name, sub_label, ancestors | {ident}))
         stack.extend(reversed(below))
 
 
@@ -175,7 +197,9 @@ def _list_blocks(size: int, part: int, num_parts: int) -> Iterator[tuple[int, in
         yield start, min(start + block, size)
 
 
-def _list_entry(raw: bytes, kind: str, prefix: str, labels: str) -> Optional[InputRef]:
+def _list_entry(
+    raw: bytes, kind: str, prefix: str, labels: str, src: Optional[int]
+) -> Optional[InputRef]:
     # Plain string work rather than os.path: this runs once per line of lists of billions.
     text = raw.decode("utf-8", "surrogateescape").strip()
     if not text or text[0] == "#":
@@ -184,8 +208,13 @@ def _list_entry(raw: bytes, kind: str, prefix: str, labels: str) -> Optional[Inp
     if kind == "csv":
         row = next(csv.reader([text]))
         if len(row) != 2 or not row[0]:
+            shown = printable(text)
             return InputRef(
-                printable(text), text, rejected="malformed list line (expected PATH,LABEL)"
+                shown,
+                text,
+                rejected="malformed list line (expected PATH,LABEL)",
+                name=shown,
+                src=src,
             )
         entry, label = row[0], row[1].strip() or None
     else:
@@ -196,19 +225,22 @@ def _list_entry(raw: bytes, kind: str, prefix: str, labels: str) -> Optional[Inp
     elif kind != "csv":
         label = path.rpartition("/")[0].rpartition("/")[2] or None
     source = path if path.isascii() else printable(path)
-    return InputRef(
-        source, path, -1, -1, label if label is None or label.isascii() else printable(label), None
-    )
+    if src is None:
+        name = source
+    else:
+        name = entry if entry.isascii() else printable(entry)
+    label = label if label is None or label.isascii() else printable(label)
+    return InputRef(source, path, -1, -1, label, None, name, src)
 
 
 def _list_entries(
-    src: str, kind: str, labels: str, part: int, num_parts: int
+    path: str, kind: str, labels: str, part: int, num_parts: int, src: Optional[int]
 ) -> Iterator[InputRef]:
     """Entries of a list file; a part reads only its blocks (a line belongs to the block it starts in)."""
-    base = os.path.dirname(src)
+    base = os.path.dirname(path)
     prefix = base + "/" if base else ""
     try:
-        with open(src, "rb") as f:
+        with open(path, "rb") as f:
             for start, end in _list_blocks(os.fstat(f.fileno()).st_size, part, num_parts):
                 position = start
                 if start > 0:  # the line running into this block belongs to the one before
@@ -221,27 +253,39 @@ def _list_entries(
                     if not raw:
                         break
                     position += len(raw)
-                    ref = _list_entry(raw, kind, prefix, labels)
+                    ref = _list_entry(raw, kind, prefix, labels, src)
                     if ref is not None:
                         yield ref
     except OSError as exc:
         raise BuildError(
-            f"{printable(src)}: cannot read list file: {exc.strerror or exc}"
+            f"{printable(path)}: cannot read list file: {exc.strerror or exc}"
         ) from None
 
 
-def _tar_members(src: str, labels: str) -> Iterator[InputRef]:
+def _tar_members(path: str, labels: str, src: Optional[int]) -> Iterator[InputRef]:
     """Members of an uncompressed archive, read in place; only one header is held at a time."""
-    name = printable(src)
+    name = printable(path)
+
+    def named(inside: str) -> str:
+        return f"{name}:{inside}" if src is None else inside
+
     try:
-        with tarfile.open(src, "r:") as archive:
+        with tarfile.open(path, "r:") as archive:
             while (member := archive.next()) is not None:
                 archive.members.clear()  # tarfile keeps every header it has read otherwise
                 member_name = printable(member.name)
                 label = _first_folder(member_name) if labels == "folder" else None
+                source = f"{name}:{member_name}"
                 if member.isfile():
                     yield InputRef(
-                        f"{name}:{member_name}", src, member.offset_data, member.size, label
+                        source,
+                        path,
+                        member.offset_data,
+                        member.size,
+                        label,
+                        None,
+                        named(member_name),
+                        src,
                     )
                 elif not member.isdir():
                     kind = (
@@ -252,19 +296,23 @@ def _tar_members(src: str, labels: str) -> Iterator[InputRef]:
                         else "special file"
                     )
                     yield InputRef(
-                        f"{name}:{member_name}",
-                        src,
+                        source,
+                        path,
                         label=label,
                         rejected=f"not a regular file (archive {kind})",
+                        name=named(member_name),
+                        src=src,
                     )
             # tarfile ends quietly at a damaged header after the first; what follows would vanish unseen.
             archive.fileobj.seek(archive.offset)
             if archive.fileobj.read(tarfile.BLOCKSIZE).strip(b"\0"):
                 yield InputRef(
                     f"{name}:@{archive.offset}",
-                    src,
+                    path,
                     rejected=f"damaged archive: no valid header at byte {archive.offset}, "
                     f"the members after it cannot be read",
+                    name=named(f"@{archive.offset}"),
+                    src=src,
                 )
     except (tarfile.TarError, OSError) as exc:
         raise BuildError(f"{name}: cannot read tar archive: {exc}") from None
@@ -276,6 +324,7 @@ def iter_part(
     part: int = 0,
     num_parts: int = 1,
     skip: Iterable[str] = (),
+    order: int = ORDER,
 ) -> Iterator[InputRef]:
     """Part ``part`` of ``num_parts``'s inputs of ``sources``, in enumeration order.
 
@@ -289,7 +338,8 @@ def iter_part(
     source folder or archive root, a CSV row's label, and for list entries and
     single files the folder that holds the image.
 
-    ``skip`` names folders never to enter (the build's output folder).
+    ``skip`` names folders never to enter (the build's output folder). ``order`` is the
+    naming rule (``ORDER``; 1 for a build begun under the old one).
 
     Raises:
         BuildError: a source does not exist or cannot be read.
@@ -297,25 +347,34 @@ def iter_part(
     skipped = frozenset(
         (st.st_dev, st.st_ino) for st in (os.stat(p) for p in skip if os.path.isdir(p))
     )
+    if order not in (1, 2):
+        raise BuildError(f"naming rule {order}: this moco-shards knows rules 1 and 2")
     archives = 0
-    for src in sources:
-        kind = source_kind(src)
+    for position, path in enumerate(sources):
+        kind = source_kind(path)
+        src = None if order == 1 else position
         if kind == "folder":
-            yield from _folder(src, labels, part, num_parts, skipped)
+            yield from _folder(path, labels, part, num_parts, skipped, src)
         elif kind in ("list", "csv"):
-            yield from _list_entries(src, kind, labels, part, num_parts)
+            yield from _list_entries(path, kind, labels, part, num_parts, src)
         elif kind == "tar":
             # An archive is read header by header from its start, so it belongs whole to one part.
             if archives % num_parts == part:
-                yield from _tar_members(src, labels)
+                yield from _tar_members(path, labels, src)
             archives += 1
-        elif num_parts == 1 or _owner(src, num_parts) == part:
+        else:
+            source = printable(path)
+            name = source if src is None else printable(os.path.basename(path))
+            if num_parts > 1 and _owner(_share_key(path, name, src), num_parts) != part:
+                continue
             label = (
-                (os.path.basename(os.path.dirname(os.path.abspath(src))) or None)
+                (os.path.basename(os.path.dirname(os.path.abspath(path))) or None)
                 if labels == "folder"
                 else None
             )
-            yield InputRef(printable(src), src, label=printable(label) if label else None)
+            yield InputRef(
+                source, path, -1, -1, printable(label) if label else None, None, name, src
+            )
 
 
 def read_classes(path: str) -> list[str]:
