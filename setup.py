@@ -66,6 +66,9 @@ setup(
             "ray>=2.9,<3",
             "pytest>=8",
             "pytest-timeout>=2.2",
+            # runs the tests in a shuffled order (-p randomly, seeded, off by default in
+            # pytest.ini): the suite must pass in any order, as from any temporary folder
+            "pytest-randomly>=3.15",
             # installs and resolves requirements.lock (./dev setup, ./dev upgrade)
             "uv>=0.9",
             # checks the layout's import arrows (.importlinter, tests/test_layout.py)

@@ -39,6 +39,11 @@ def write_atomic(path: str | os.PathLike, write: Callable[[BinaryIO], None]) -> 
     The folder is made if it is missing. A reader never sees a half-written file, whatever
     kills the writer; if anything fails (a full disk, a folder in the way) the temporary file
     is removed and ``path`` is as it was.
+
+    Raises:
+        OSError: the system refused a write, also when ``write`` wrapped that error in one of
+            its own (``torch.save`` turns a full disk into a ``RuntimeError``), so a caller
+            names the file and the reason without knowing the writer.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -49,10 +54,23 @@ def write_atomic(path: str | os.PathLike, write: Callable[[BinaryIO], None]) -> 
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as error:
         tmp.unlink(missing_ok=True)
+        refused = _system_error(error)
+        if refused is not None and refused is not error:
+            raise OSError(refused.errno, refused.strerror, str(path)) from error
         raise
     return path
+
+
+def _system_error(error: BaseException) -> OSError | None:
+    """The ``OSError`` behind ``error``: itself, or one it was raised while handling."""
+    seen = 0
+    while error is not None and seen < 16:
+        if isinstance(error, OSError):
+            return error
+        error, seen = error.__cause__ or error.__context__, seen + 1
+    return None
 
 
 def write_json_atomic(path: str | os.PathLike, obj: Any, *, sort_keys: bool = True) -> Path:

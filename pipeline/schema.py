@@ -90,6 +90,8 @@ class ManifestSchema(msgspec.Struct):
     sources: list[Label] = []
     input_digest: str = ""
     parts: list[dict[str, Any]] = []
+    order: Annotated[int, Meta(ge=1, le=1 << 16)] = 1
+    """The naming rule the build packed by (``tools/shards/inputs.ORDER``); 1 when not written."""
 
     def __post_init__(self) -> None:
         if any("\0" in entry.tar or "\0" in entry.index for entry in self.shards):

@@ -1,8 +1,12 @@
-"""Test data made on the spot: images of every kind the shard builder must handle."""
+"""What the tests share: data made on the spot (images of every kind the shard builder must handle),
+the seeding that makes each test independent of the ones before it, a full disk on demand."""
 
 from __future__ import annotations
 
+import contextlib
 import io
+import random
+import resource
 import struct
 import zlib
 from pathlib import Path
@@ -20,6 +24,20 @@ try:
     HAS_GPU = torch.cuda.is_available()
 except ImportError:  # pragma: no cover - torch is a dependency
     HAS_GPU = False
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item):
+    """Every test starts from generators seeded by its own name, before its fixtures are made.
+
+    So no test draws what the tests before it left: the suite gives the same results in any
+    order (``-p randomly`` shuffles it, and reseeds ``random`` and numpy by its
+    ``--randomly-seed`` on top; torch's generator it leaves to this).
+    """
+    seed = zlib.crc32(item.nodeid.encode())
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
 
 
 def pytest_collection_modifyitems(config, items):
@@ -172,3 +190,15 @@ def loader_config(**settings) -> LoaderConfig:
     """A ``LoaderConfig`` from one flat set of keywords, the reading ones going to its ``read``."""
     read = {key: settings.pop(key) for key in list(settings) if key in _READ}
     return LoaderConfig(**settings, read=ReadConfig(**read))
+
+
+@contextlib.contextmanager
+def small_disk(max_bytes: int):
+    """Files over ``max_bytes`` cannot be written by this process, as on a full disk (Python
+    ignores SIGXFSZ: the write fails with EFBIG)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (max_bytes, hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))

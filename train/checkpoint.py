@@ -23,7 +23,7 @@ import torch
 
 from ..common.files import write_atomic
 from .config import Config, ConfigError, to_dict
-from .distributed import Dist
+from .distributed import Dist, on_main
 from .resume import resume_changes
 
 __all__ = [
@@ -69,9 +69,22 @@ class CheckpointError(ValueError):
 
 
 def save(out: Path, step: int, state: dict[str, Any], keep_last: int) -> Path:
-    """Write ``state`` as ``out/ckpt-STEP.pt`` atomically; delete all but the newest ``keep_last``."""
+    """Write ``state`` as ``out/ckpt-STEP.pt`` atomically; delete all but the newest ``keep_last``.
+
+    Raises:
+        CheckpointError: the file cannot be written (a full disk, a read-only folder), naming
+            it; no temporary file is left and the checkpoints already there are untouched.
+    """
     state = {"format": FORMAT, "version": VERSION, **state}
-    path = write_atomic(out / f"ckpt-{step:09d}.pt", lambda f: torch.save(state, f))
+    path = out / f"ckpt-{step:09d}.pt"
+    try:
+        write_atomic(path, lambda f: torch.save(state, f))
+    except OSError as error:
+        newest = latest(out) if out.is_dir() else None
+        kept = f"the newest checkpoint is still {newest}" if newest else "no checkpoint was written"
+        raise CheckpointError(
+            f"{path}: cannot write the checkpoint ({error.strerror or error}); {kept}"
+        ) from None
     for old in sorted(p for p in out.iterdir() if _NAME.match(p.name))[:-keep_last]:
         old.unlink()
     return path
@@ -389,29 +402,37 @@ class Checkpointer:
         if self.dist.world > 1:
             parts = [None] * self.dist.world
             torch.distributed.all_gather_object(parts, gathered)
-        if self.dist.main:
-            self.last_good = save(
-                self.out,
+        # Rank 0 writes; every rank waits for it and stops with its error when the write fails
+        # (a full disk), rather than wait for it in the next step's collectives.
+        written = on_main(
+            self.dist, lambda: self._write(step, skipped, model, optimizer, scaler, parts)
+        )
+        if written is not None:
+            self.last_good = written
+
+    def _write(self, step: int, skipped: int, model, optimizer, scaler, parts: list) -> Path:
+        """The checkpoint of ``parts`` (every rank's gathered state), on rank 0."""
+        written = save(
+            self.out,
+            step,
+            {
+                "model": model.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "scaler": scaler.state_dict(),
+                "step": step,
+                "skipped": skipped,
+                "world": self.dist.world,
+                "config": to_dict(self.config),
+                "loader": [p["loader"] for p in parts],
+                "rng": [p["rng"] for p in parts],
+                "rank_digests": [p["digest"] for p in parts],
+            },
+            self.config.run.keep_last,
+        )
+        if len({p["digest"] for p in parts}) > 1:
+            log.warning(
+                "step %d: ranks disagree on weights or queue (digests %s)",
                 step,
-                {
-                    "model": model.state_dict(),
-                    "optimizer": optimizer.state_dict(),
-                    "scaler": scaler.state_dict(),
-                    "step": step,
-                    "skipped": skipped,
-                    "world": self.dist.world,
-                    "config": to_dict(self.config),
-                    "loader": [p["loader"] for p in parts],
-                    "rng": [p["rng"] for p in parts],
-                    "rank_digests": [p["digest"] for p in parts],
-                },
-                self.config.run.keep_last,
+                [p["digest"][:8] for p in parts],
             )
-            if len({p["digest"] for p in parts}) > 1:
-                log.warning(
-                    "step %d: ranks disagree on weights or queue (digests %s)",
-                    step,
-                    [p["digest"][:8] for p in parts],
-                )
-        if self.dist.world > 1:
-            torch.distributed.barrier()
+        return written

@@ -19,7 +19,8 @@ from typing import Optional, Sequence
 from ..common.commandline import Parser, add_keys, given_keys, parse_known
 from ..common.options import OptionError
 from ..pipeline.shards import ShardError
-from .config import PRESETS, Config, ConfigError, resolve, to_dict
+from .config import Config, ConfigError, to_dict
+from .presets import PRESETS, resolve
 
 __all__ = ["main", "parse", "add_tree_arguments", "tree_from_arguments"]
 

@@ -1,5 +1,5 @@
 """Distributed set-up from torchrun's environment (NCCL on GPUs, gloo on CPUs, one process per GPU),
-which GPU DALI decodes on, and gathering rows of every rank's share.
+which GPU DALI decodes on, gathering rows of every rank's share, and work rank 0 does for all.
 """
 
 from __future__ import annotations
@@ -7,12 +7,22 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Optional
+from typing import Callable, Optional, TypeVar
 
 import torch
 import torch.distributed as dist
 
-__all__ = ["Dist", "setup", "teardown", "dali_device_id", "gather_rows", "world_size"]
+__all__ = [
+    "Dist",
+    "setup",
+    "teardown",
+    "dali_device_id",
+    "gather_rows",
+    "world_size",
+    "on_main",
+]
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -86,3 +96,25 @@ def gather_rows(tensor: torch.Tensor) -> torch.Tensor:
     parts = [torch.empty_like(padded) for _ in range(world)]
     dist.all_gather(parts, padded)
     return torch.cat([part[:n] for part, n in zip(parts, rows)])
+
+
+def on_main(ranks: Dist, work: Callable[[], T]) -> Optional[T]:
+    """``work()`` on rank 0 alone (None elsewhere); an error it raises is raised on every rank.
+
+    For what only rank 0 may do at start-up (check and lock ``run.out``): when it fails, every
+    rank must stop with the same line, for a rank left running would wait in its next collective
+    for a rank 0 that has gone. One broadcast of the error (or of None).
+    """
+    result, error = None, None
+    if ranks.main:
+        try:
+            result = work()
+        except Exception as caught:  # handed to every rank, then raised
+            error = caught
+    if ranks.world > 1:
+        box = [error]
+        dist.broadcast_object_list(box, src=0)
+        error = box[0]
+    if error is not None:
+        raise error
+    return result

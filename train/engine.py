@@ -32,7 +32,7 @@ from . import distributed
 from .checkpoint import Checkpointer
 from .config import MAX_STEPS, Config, ConfigError, check, to_dict
 from .eval.knn import config_knn
-from .folders import check_knn_folders, check_out, check_resume, steps_per_epoch
+from .folders import check_knn_folders, check_out, check_resume, hold_out, steps_per_epoch
 from .metrics import Metrics
 from .step import (
     NonFinite,
@@ -143,8 +143,7 @@ def prepare(config: Config, dist: distributed.Dist) -> Parts:
             f"a run's schedules are computed for ({MAX_STEPS}); lower run.epochs"
         )
     check_knn_folders(config)
-    if dist.main:
-        check_out(config)
+    check_out(config, dist)
     rates, momenta = schedules(config, steps)
     return Parts(model, optimizer, steps, rates, momenta)
 
@@ -160,9 +159,12 @@ class Run:
         self.config = config
         set_determinism(config.run.deterministic)  # before any CUDA work
         self.dist = distributed.setup(config.run.device, config.run.dist_timeout_s)
+        self.lock = None
         try:
             self._set_up()
         except BaseException:
+            if self.lock is not None:
+                self.lock.release()
             distributed.teardown()
             raise
 
@@ -171,6 +173,8 @@ class Run:
         self.device = self.dist.device
         self.amp = amp_dtype(r.amp, self.device)
         parts = prepare(config, self.dist)
+        # Held from before a checkpoint is read or set aside until the last one is written.
+        self.lock = hold_out(config, self.dist)
         self.model, self.optimizer = parts.model, parts.optimizer
         self.steps_per_epoch, self.rates, self.momenta = parts.steps, parts.rates, parts.momenta
         self.total_steps = self.steps_per_epoch * r.epochs
@@ -393,6 +397,8 @@ class Run:
     def close(self) -> None:
         self.bar.close()
         self.metrics.close()
+        if self.lock is not None:
+            self.lock.release()
         distributed.teardown()
 
     # ---- checkpoints

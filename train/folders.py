@@ -1,20 +1,34 @@
 """The folders a run reads and the one it writes, checked from their manifests before any work.
 
 Reads manifests only (O(shards)): the shards themselves are opened by the loader, each by the
-rank dealt it.
+rank dealt it. ``run.out`` is checked and then locked for the run's whole life by rank 0, which
+tells every rank the outcome.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Optional
 
 from ..common.files import unwritable
+from ..common.lock import FolderInUse, FolderLock
 from ..pipeline import partition
 from ..pipeline.config import ReadConfig
 from ..pipeline.shards import ShardError, load_manifest
 from .config import Config, ConfigError
+from .distributed import Dist, on_main
 
-__all__ = ["steps_per_epoch", "check_knn_folders", "check_out", "check_resume"]
+__all__ = [
+    "steps_per_epoch",
+    "check_knn_folders",
+    "check_out",
+    "hold_out",
+    "check_resume",
+    "LOCK_NAME",
+]
+
+LOCK_NAME = ".moco-train.lock"
+"""The lock file a run holds in ``run.out`` while it lives."""
 
 
 def steps_per_epoch(config: Config, world: int) -> int:
@@ -76,11 +90,38 @@ def check_knn_folders(config: Config) -> None:
         )
 
 
-def check_out(config: Config) -> None:
-    """``run.out`` can be written: made if need be, a file made and removed in it."""
-    why = unwritable("run.out", config.run.out, folder=True)
-    if why:
-        raise ConfigError(why)
+def check_out(config: Config, dist: Dist) -> None:
+    """``run.out`` can be written (a file made and removed in it), checked by rank 0 for all."""
+
+    def check() -> None:
+        why = unwritable("run.out", config.run.out, folder=True)
+        if why:
+            raise ConfigError(why)
+
+    on_main(dist, check)
+
+
+def hold_out(config: Config, dist: Dist) -> Optional[FolderLock]:
+    """``run.out``'s lock, taken by rank 0 (made if missing) and held until ``release()``; None
+    on the other ranks.
+
+    A second run into the same folder is refused on every one of its ranks, naming the folder
+    and the process that holds it: two runs never write checkpoints and metrics into one folder.
+    """
+    out = Path(config.run.out)
+
+    def take() -> FolderLock:
+        lock = FolderLock(out / LOCK_NAME, "moco-train run", "run.out", create=True)
+        try:
+            return lock.acquire()
+        except FolderInUse as error:
+            raise ConfigError(f"run.out {error}") from None
+        except OSError as error:
+            raise ConfigError(
+                f"run.out {out}: cannot lock it ({error.strerror or error})"
+            ) from None
+
+    return on_main(dist, take)
 
 
 def check_resume(config: Config) -> None:

@@ -67,7 +67,7 @@ def main() -> int:
         hashlib.sha256(blob).digest()
 
     paths = [str(p) for p in sorted(args.photos.glob("*.jpg"))[: args.count]]
-    refs = [(f"{i:010d}", InputRef(p, p), None) for i, p in enumerate(paths)]
+    refs = [(f"{i:010d}", InputRef(p, p, name=p), None) for i, p in enumerate(paths)]
     shard = ShardWriter(Path(scratch), "profile")
     passthrough, reencode = PrepSettings(), PrepSettings(reencode="always")
 

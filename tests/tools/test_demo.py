@@ -6,6 +6,7 @@ import json
 import numpy as np
 import pytest
 
+from moco_dali.common.lock import FolderLock
 from moco_dali.pipeline import shards
 from moco_dali.tools.demo import cli, data, report
 
@@ -54,6 +55,16 @@ def test_demo_builds_verified_labelled_shards(tmp_path, capsys):
     )
     bank = shards.load_manifest(root / "bank")
     assert bank.samples == 50 and len(bank.classes) == 10  # a spread subset: every class
+
+
+def test_a_second_demo_into_a_folder_in_use_is_refused_in_one_line(tmp_path, capsys):
+    argv = ["--generated", "--limit", "100", "--out", str(tmp_path), "--train-steps", "0"]
+    with FolderLock(tmp_path / cli.LOCK_NAME, "moco-demo", "--out"):
+        assert cli.main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"moco-demo: error: {tmp_path}: in use by another moco-demo (process ")
+    assert err.endswith("holds .moco-demo.lock); wait for it to end or use another --out")
+    assert list(tmp_path.iterdir()) == []
 
 
 FIGURES = ("knn_top1", "linear_top1")

@@ -21,6 +21,7 @@ from moco_dali.tools.shards.build import build
 from moco_dali.tools.shards.settings import BuildSettings
 from moco_dali.train import checkpoint
 from moco_dali.train.cli import main as moco_train
+from tests.conftest import small_disk
 from tests.train.runs import TINY, losses
 
 
@@ -447,3 +448,23 @@ def test_what_a_checkpoint_holds_loads_without_pickled_objects(trained):
         state["loader"][0]["dali"], (str, bytes)
     )
     assert state["rng"][0]["numpy"]["keys"].dtype == torch.int64
+
+
+def test_a_full_disk_during_a_checkpoint_ends_in_one_line_and_keeps_the_last_one(
+    trained, tmp_path, capsys
+):
+    """torch.save turns the full disk into a RuntimeError; the run ends in one line (exit 2),
+    the newest checkpoint stays good and no temporary file is left."""
+    out = copy(trained, tmp_path)
+    with small_disk(10 << 20):  # a checkpoint of the tiny run is over 100 MB
+        assert run(trained["root"], out, "--run.resume", "auto", "--run.max_steps", "9") == 2
+    assert capsys.readouterr().err.strip() == (
+        f"moco-train: error: {out / 'ckpt-000000009.pt'}: cannot write the checkpoint (File too "
+        f"large); the newest checkpoint is still {out / 'ckpt-000000006.pt'}"
+    )
+    assert [p.name for p in checkpoint.candidates(out)] == [
+        "ckpt-000000006.pt",
+        "ckpt-000000003.pt",
+    ]
+    assert not [p.name for p in out.iterdir() if p.name.startswith(".")]  # no .tmp, no lock
+    checkpoint.check(checkpoint.load(out / "ckpt-000000006.pt"), out / "ckpt-000000006.pt")

@@ -15,7 +15,7 @@ import dataclasses
 import pytest
 import torch
 
-from moco_dali.train.config import resolve
+from moco_dali.train.presets import resolve
 from moco_dali.train.step import (
     amp_dtype,
     backward_step,

@@ -24,10 +24,11 @@ from hypothesis import strategies as st
 
 from moco_dali.common.options import leaves
 from moco_dali.train.cli import main, parse
-from moco_dali.train.config import Config, ConfigError, from_dict, resolve, to_dict
+from moco_dali.train.config import Config, ConfigError, from_dict, to_dict
 from moco_dali.train.distributed import Dist
 from moco_dali.train.engine import prepare
 from moco_dali.train.folders import steps_per_epoch
+from moco_dali.train.presets import resolve
 from moco_dali.train.resume import resume_changes
 
 REPO = Path(__file__).resolve().parents[2]

@@ -25,7 +25,8 @@ def test_the_process_group_waits_as_long_as_configured(monkeypatch):
 
 
 def test_the_timeout_is_a_validated_run_key():
-    from moco_dali.train.config import Config, ConfigError, resolve
+    from moco_dali.train.config import Config, ConfigError
+    from moco_dali.train.presets import resolve
 
     with pytest.raises(ConfigError, match="run.dist_timeout_s must be at least 1, got 0"):
         resolve("v2", None, {"data.train": "x", "run.dist_timeout_s": "0"})

@@ -384,7 +384,8 @@ def test_configuration_errors_are_one_line(data, extra, message):
 
 
 def test_batch_not_divisible_by_world_and_missing_shards(data, tmp_path):
-    from moco_dali.train.config import ConfigError, check, preset
+    from moco_dali.train.config import ConfigError, check
+    from moco_dali.train.presets import preset
 
     config = preset("v2")
     config.data.train = str(data["train"])

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from moco_dali.train.config import preset
+from moco_dali.train.presets import preset
 
 
 def test_cifar_preset_is_the_authors_cifar10_demonstration():

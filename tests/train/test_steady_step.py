@@ -13,8 +13,8 @@ import torch
 from moco_dali.tools.demo.data import generated_dump
 from moco_dali.tools.shards.build import build
 from moco_dali.tools.shards.settings import BuildSettings
-from moco_dali.train.config import resolve
 from moco_dali.train.engine import Run
+from moco_dali.train.presets import resolve
 
 READS = ("item", "tolist", "numpy", "__bool__", "__float__", "__int__")
 

@@ -7,7 +7,7 @@ import dataclasses
 import pytest
 import torch
 
-from moco_dali.train.config import preset
+from moco_dali.train.presets import preset
 from moco_dali.train.step import (
     amp_dtype,
     backward_step,

@@ -105,6 +105,7 @@ def write_folder(out: Path, samples: int, num_shards: int, classes: int = 10) ->
     # (version 2: a rejected count, its reasons and the log beside it, here empty).
     from ...common.files import write_json_atomic  # lazily, as above
     from ..shards.build import _manifest  # lazily, as above
+    from ..shards.inputs import ORDER  # lazily, as above
     from ..shards.settings import BuildSettings  # lazily, as above
 
     identity = {
@@ -112,6 +113,7 @@ def write_folder(out: Path, samples: int, num_shards: int, classes: int = 10) ->
         "inputs": samples,
         "sources": ["moco-bench scale (generated)"],
         "input_digest": "",
+        "order": ORDER,
     }
     record = {"class_counts": dict(enumerate(per_class)), "shards": entries, "copied": samples}
     manifest = _manifest(

@@ -21,8 +21,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
 
-from ...common.files import unwritable, write_json_atomic
 from ...common.commandline import Parser, add_flags, from_flags
+from ...common.files import unwritable, write_json_atomic
+from ...common.lock import FolderInUse, FolderLock
 from ...common.options import OptionError, option
 from ...pipeline.shards import ShardError, load_manifest
 from ...train.checkpoint import CheckpointError
@@ -31,8 +32,8 @@ from ...train.engine import TrainingStopped
 from ...train.folders import check_knn_folders, steps_per_epoch
 from ..shards import BuildError
 from ..shards.build import build
-from ..shards.settings import BuildSettings
 from ..shards.preview import preview
+from ..shards.settings import BuildSettings
 from ..shards.verify import format_inspection, inspect, verify
 from . import report, run
 from .data import (
@@ -52,6 +53,8 @@ MIN_LIMIT = 10
 """One image per class."""
 MIN_TRAIN_LIMIT = 130
 """Ten classes of 13 drawn images: one batch of 128 (``run.BATCH_SIZE``) to pretrain on."""
+LOCK_NAME = ".moco-demo.lock"
+"""The lock file a demo holds in its ``--out`` folder while it runs: one demo per folder."""
 
 
 @dataclass
@@ -249,8 +252,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"moco-demo: error: {exc}", file=sys.stderr)
         return 2
     try:
-        return _demo(args)
-    except (ShardError, BuildError, ConfigError, CheckpointError) as error:
+        with FolderLock(Path(args.out) / LOCK_NAME, "moco-demo", "--out", create=True):
+            return _demo(args)
+    except (ShardError, BuildError, ConfigError, CheckpointError, FolderInUse) as error:
         print(f"moco-demo: error: {' '.join(str(error).split())}", file=sys.stderr)
         return 2
     except TrainingStopped as error:

@@ -28,10 +28,11 @@ from ...pipeline.loader import ViewLoader
 from ...pipeline.recipes import EvalConfig
 from ...pipeline.shards import load_manifest
 from ...train import checkpoint
-from ...train.config import Config, eval_view, resolve
+from ...train.config import Config, eval_view
 from ...train.engine import train
 from ...train.eval.knn import extract_features, knn_classify
 from ...train.eval.probe import feature_probe
+from ...train.presets import resolve
 from ...train.step import build_model
 
 __all__ = ["BATCH_SIZE", "demo_config", "measure", "pixels", "pretrain"]

@@ -23,11 +23,13 @@ from typing import Iterator, Optional, Sequence
 from tqdm import tqdm
 
 from ...common.files import read_json, write_json_atomic
+from ...common.lock import FolderInUse, FolderLock
 from ...pipeline import shards
 from ...pipeline.schema import MAX_MANIFEST_BYTES, ManifestSchema
 from . import BuildError
-from .folder import FolderLock, prepare_folder, remove_temporaries
-from .inputs import InputRef, find_classes, iter_part, printable, source_kind
+from .classes import find_classes
+from .folder import naming_rule, prepare_folder, remove_temporaries
+from .inputs import InputRef, iter_part, printable, source_kind
 from .order import PackingOrder
 from .settings import NO_CLASS, BuildReport, BuildSettings
 from .writer import BlockRecord, process_input, reason_kind, write_block
@@ -117,6 +119,8 @@ def _load_records(state: Path, out: Path, identity: dict) -> dict[int, dict]:
         )
     except BuildError:
         previous = None
+    if isinstance(previous, dict):
+        previous.setdefault("order", 1)  # written before the naming rule was recorded
     if previous != identity:
         raise BuildError(
             f"{out}: holds an unfinished build with other inputs or settings; "
@@ -181,6 +185,7 @@ def _manifest(
         "settings": settings.fingerprint(),
         "sources": identity["sources"],
         "input_digest": identity["input_digest"],
+        "order": identity["order"],
         "parts": [
             {
                 "part": settings.part,
@@ -228,11 +233,13 @@ def build(
     prepare_folder(out)
     state = _state_dir(out, settings)
     try:
-        with FolderLock(out / f"{state.name}.lock"):
+        with FolderLock(out / f"{state.name}.lock", "moco-shards build", "--out"):
             prepare_folder(out)  # again, now that no other build can be writing here
             return _build_locked(
                 list(sources), out, state, settings, workers, progress, classes, started
             )
+    except FolderInUse as exc:
+        raise BuildError(str(exc)) from None
     except OSError as exc:
         where = printable(exc.filename) if getattr(exc, "filename", None) else str(out)
         raise BuildError(
@@ -258,14 +265,14 @@ def _build_locked(
     )
     manifest_name, rejected_name = _part_names(settings)
     manifest_path = out / manifest_name
+    rule = naming_rule(out, state, manifest_path, settings)
     state.mkdir(exist_ok=True)
     order = None
     try:
-        order = PackingOrder(
-            iter_part(sources, settings.labels, settings.part, settings.num_parts, skip=[str(out)]),
-            state / "order",
-            settings.shuffle_seed,
+        refs = iter_part(
+            sources, settings.labels, settings.part, settings.num_parts, [str(out)], rule
         )
+        order = PackingOrder(refs, state / "order", settings.shuffle_seed)
         if order.count == 0 and settings.num_parts == 1:
             raise BuildError(f"no input files found in {', '.join(map(printable, sources))}")
         identity = {
@@ -274,6 +281,7 @@ def _build_locked(
             "classes": class_list,
             "sources": [printable(s) for s in sources],
             "inputs": order.count,
+            "order": rule,
         }
         if manifest_path.is_file():
             try:
@@ -287,7 +295,8 @@ def _build_locked(
             except BuildError:
                 existing = None
             if isinstance(existing, dict) and all(
-                existing.get(k) == identity[k] for k in ("settings", "input_digest", "classes")
+                existing.get(k, 1 if k == "order" else None) == identity[k]
+                for k in ("settings", "input_digest", "classes", "order")
             ):
                 log.info("%s: build already complete", manifest_path)
                 return _report(

@@ -28,7 +28,7 @@ from ...train.cli import add_tree_arguments, tree_from_arguments
 from ...train.config import Config
 from . import BuildError
 from .build import build
-from .inputs import read_classes
+from .classes import read_classes
 from .merge import merge
 from .settings import BuildSettings
 

@@ -17,7 +17,7 @@ from typing import Optional, Sequence
 from ...pipeline import shards
 from . import BuildError
 from .build import build
-from .inputs import find_classes
+from .classes import find_classes
 from .merge import merge
 from .settings import BuildReport, BuildSettings
 

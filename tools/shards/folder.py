@@ -1,24 +1,25 @@
 """A build's output folder: who may write in it, and what a build may find there.
 
-Owns the rules that keep builds from mixing or losing data in one folder: an
-exclusive ``flock`` on a lock file per part for the build's whole life (a second
-build into the same folder is refused at once), the names a build writes (a folder
-holding anything else is someone else's and is refused), and the removal of the
-temporary files an interrupted or failed build left.
+Owns the rules that keep builds from mixing or losing data in one folder (the lock a build
+holds for its whole life is ``common.lock``'s): the names a build writes (a folder holding
+anything else is someone else's and is refused), the naming rule of a build found there (so
+one begun by an older moco-shards finishes as it began), and the removal of the temporary
+files an interrupted or failed build left.
 """
 
 from __future__ import annotations
 
-import fcntl
-import os
+import json
 import re
 from pathlib import Path
 from typing import Optional
 
+from ...pipeline import shards
 from . import BuildError
-from .inputs import printable
+from .inputs import ORDER, printable
+from .settings import BuildSettings
 
-__all__ = ["FolderLock", "prepare_folder", "remove_temporaries"]
+__all__ = ["prepare_folder", "naming_rule", "remove_temporaries"]
 
 # What a build may find in its output folder: its own files and those of other parts
 # or an interrupted run. Anything else means --out points at someone else's folder.
@@ -29,36 +30,6 @@ BUILD_FILE_RE = re.compile(
     r"|\.moco-build-.+"
     r"|\..+\.tmp)$"
 )
-
-
-class FolderLock:
-    """An exclusive ``flock`` on the part's lock file in the output folder, for the build's whole life."""
-
-    def __init__(self, path: Path):
-        self.path, self.fd = path, None
-
-    def __enter__(self) -> "FolderLock":
-        while True:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                os.close(fd)
-                raise BuildError(
-                    f"{self.path.parent}: in use by another moco-shards build (it holds {self.path.name}); "
-                    f"wait for it to end or use another --out"
-                ) from None
-            try:  # the holder before us may have removed the file between our open and our lock
-                if os.stat(self.path).st_ino == os.fstat(fd).st_ino:
-                    self.fd = fd
-                    return self
-            except FileNotFoundError:
-                pass
-            os.close(fd)
-
-    def __exit__(self, *exc) -> None:
-        self.path.unlink(missing_ok=True)  # still ours: removed before the lock is let go
-        os.close(self.fd)
 
 
 def prepare_folder(out: Path) -> None:
@@ -77,6 +48,46 @@ def prepare_folder(out: Path) -> None:
             f"--out {out}: holds files moco-shards build did not write ({printable(min(foreign))}"
             f"{f' and {len(foreign) - 1} more' if len(foreign) > 1 else ''}); use a new or empty folder"
         )
+
+
+def naming_rule(out: Path, state: Path, manifest_path: Path, settings: BuildSettings) -> int:
+    """The naming rule (``inputs.ORDER``) of the build this one continues: its resume state's,
+    its manifest's, or (a part starting beside parts already begun) theirs; a new build's is
+    ``ORDER``. A record without one was written under rule 1."""
+    found = [state / "build.json", manifest_path]
+    if settings.num_parts > 1:  # the other parts of this build, in this folder
+        found += sorted(out.glob(f".moco-build-{settings.name}-part*/build.json"))
+        found += sorted(p for p in out.iterdir() if shards.PART_MANIFEST_RE.match(p.name))
+    for path in found:
+        if not path.is_file():
+            continue
+        try:
+            record = json.loads(path.read_text())
+        except ValueError:
+            continue  # a damaged record is refused where it is read for itself
+        if (
+            not isinstance(record, dict)
+            or path.parent != state
+            and not _same_build(record, settings)
+        ):
+            continue
+        rule = record.get("order", 1)
+        if rule not in (1, ORDER):
+            raise BuildError(
+                f"{path}: written under naming rule {rule!r}; this moco-shards knows rules 1 and "
+                f"{ORDER}: use the moco-shards that began the build, or another --out"
+            )
+        return rule
+    return ORDER
+
+
+def _same_build(record: dict, settings: BuildSettings) -> bool:
+    """Whether a part's record (manifest or resume state) belongs to the build of ``settings``."""
+    theirs = record.get("settings")
+    if not isinstance(theirs, dict):
+        return False
+    mine = settings.fingerprint()
+    return all(theirs.get(k) == v for k, v in mine.items() if k != "part")
 
 
 def remove_temporaries(out: Path, name: str, part: Optional[int]) -> None:

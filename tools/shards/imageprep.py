@@ -373,13 +373,15 @@ def prepare(data: bytes, settings: PrepSettings) -> Prepared:
     return _prepare_other(data, settings)
 
 
-def sample_metadata(source: str, prepared: Prepared) -> bytes:
-    """The ``KEY.json`` member: where the sample came from and its sizes.
+def sample_metadata(source: str, prepared: Prepared, src: Optional[int] = None) -> bytes:
+    """The ``KEY.json`` member: where the sample came from (its name within its source, and
+    the source's position among the build's ``src``) and its sizes.
 
     Byte for byte what ``json.dumps(..., sort_keys=True, separators=(",", ":"))``
     writes, at a third of its cost (it runs once per image).
     """
+    position = "" if src is None else f',"src":{src:d}'
     return (
         f'{{"size":[{prepared.width},{prepared.height}],"source":{json.dumps(source)},'
-        f'"source_size":[{prepared.source_width},{prepared.source_height}]}}'
+        f'"source_size":[{prepared.source_width},{prepared.source_height}]{position}}}'
     ).encode()

@@ -1,10 +1,11 @@
-"""Which inputs a build has, their classes, and which part owns each: streamed, never listed whole.
+"""Which inputs a build has, their names and classes, and which part owns each: streamed.
 
 An input is a file, a list entry, an archive member, or something the build must account for
-as rejected (a symlink loop, an unreadable folder, a damaged archive's tail). A part reads only
-its own share where the source allows it: a list file in byte blocks dealt to the parts, an
-archive whole to one part, folder files by a hash of their path. The packing order is
-``order``'s.
+as rejected (a symlink loop, an unreadable folder, a damaged archive's tail). Its name is what
+it is within its source (``ORDER`` says which rule), so the build of a dump is the same from
+any mount point. A part reads only its own share where the source allows it: a list file in
+byte blocks dealt to the parts, an archive whole to one part, folder files by a hash of their
+name. The packing order is ``order``'s. Never lists a source whole.
 """
 
 from __future__ import annotations
@@ -18,20 +19,27 @@ from typing import Iterable, Iterator, NamedTuple, Optional, Sequence
 from . import BuildError
 
 __all__ = [
+    "ORDER",
     "LIST_SUFFIXES",
     "CSV_SUFFIXES",
     "TAR_SUFFIXES",
     "InputRef",
     "printable",
     "source_kind",
-    "find_classes",
-    "read_classes",
     "iter_part",
 ]
 
 LIST_SUFFIXES = (".txt", ".lst", ".list")
 CSV_SUFFIXES = (".csv",)
 TAR_SUFFIXES = (".tar",)
+
+ORDER = 2
+"""The naming rule a new build uses: what the packing order hashes, what a part's share of a
+folder is dealt by and what each sample's ``KEY.json`` records as its ``source``. 2: the input's
+name within its source (a folder's files by their path below it, a list's entries as written, an
+archive's members by name, a single file by its file name) with the source's position among the
+sources. 1 (builds begun before it; still resumed and finished by it): the input's path as the
+build was given it, so the same dump under another mount point packed in another order."""
 
 # A part's share of a list file is dealt in blocks of about 1/256 of its fair share,
 # so a class-sorted list gives every part each class in close to its share (a block
@@ -44,12 +52,15 @@ _MAX_LINE_BYTES = 1 << 16
 
 
 class InputRef(NamedTuple):
-    """One input: ``source`` names it for people; ``path``/``offset``/``size`` read it.
+    """One input: ``source`` names it for people; ``path``/``offset``/``size`` read it;
+    ``name`` and ``src`` name it within the dump.
 
     ``path`` is what the operating system gave (bytes that are not UTF-8 kept as
-    surrogate escapes, so the file can be opened); ``source`` and ``label`` are
+    surrogate escapes, so the file can be opened); ``source``, ``label`` and ``name`` are
     printable (those bytes shown as ``\\xNN``). ``rejected`` is a reason already
-    known while enumerating (a symlink loop, an unreadable folder).
+    known while enumerating (a symlink loop, an unreadable folder). ``src`` is the
+    source's position among the build's sources (None under naming rule 1, where ``name``
+    is ``source``).
     """
 
     source: str
@@ -58,6 +69,14 @@ class InputRef(NamedTuple):
     size: int = -1
     label: Optional[str] = None
     rejected: Optional[str] = None
+    name: str = ""
+    src: Optional[int] = None
+
+    def key(self) -> bytes:
+        """What the packing order hashes and a folder's files are dealt to the parts by."""
+        if self.src is None:
+            return self.name.encode()
+        return b"%d:%s" % (self.src, self.name.encode())
 
 
 def printable(name: str) -> str:
@@ -91,8 +110,16 @@ def source_kind(src: str) -> str:
     raise BuildError(f"{printable(src)}: no such file or folder")
 
 
-def _owner(name: str, num_parts: int) -> int:
-    return zlib.crc32(name.encode("utf-8", "surrogateescape")) % num_parts
+def _owner(key: bytes, num_parts: int) -> int:
+    return zlib.crc32(key) % num_parts
+
+
+def _share_key(path: str, name: str, src: Optional[int]) -> bytes:
+    """What a folder's file or a single file is dealt to a part by: ``InputRef.key`` under rule
+    2; under rule 1 the path as the operating system gave it."""
+    if src is None:
+        return path.encode("utf-8", "surrogateescape")
+    return b"%d:%s" % (src, name.encode())
 
 
 def _first_folder(relative: str) -> Optional[str]:
@@ -104,67 +131,60 @@ def _first_folder(relative: str) -> Optional[str]:
 
 
 def _folder(
-    root: str, labels: str, part: int, num_parts: int, skip: frozenset
+    root: str, labels: str, part: int, num_parts: int, skip: frozenset, src: Optional[int]
 ) -> Iterator[InputRef]:
     """Files below ``root`` (sorted per folder, hidden names skipped); folder symlinks followed, loops refused."""
 
-    def owned(path: str) -> bool:
-        return num_parts == 1 or _owner(path, num_parts) == part
+    def ref(path: str, relative: str, label: Optional[str], rejected: Optional[str] = None):
+        """The input at ``path`` (``relative`` below ``root``), or None when another part owns it."""
+        source = printable(path)
+        name = source if src is None else printable(relative)
+        if num_parts > 1 and _owner(_share_key(path, name, src), num_parts) != part:
+            return None
+        return InputRef(source, path, -1, -1, label, rejected, name, src)
 
     top = os.stat(root)
-    stack = [(root, None, frozenset({(top.st_dev, top.st_ino)}))]
+    stack = [(root, "", None, frozenset({(top.st_dev, top.st_ino)}))]
     while stack:
-        folder, label, ancestors = stack.pop()
+        folder, relative, label, ancestors = stack.pop()
         try:
             with os.scandir(folder) as listing:
                 entries = sorted(
                     (e for e in listing if not e.name.startswith(".")), key=lambda e: e.name
                 )
         except OSError as exc:
-            if owned(folder):
-                yield InputRef(
-                    printable(folder),
-                    folder,
-                    label=label,
-                    rejected=f"unreadable folder: {exc.strerror or exc}",
-                )
+            found = ref(folder, relative, label, f"unreadable folder: {exc.strerror or exc}")
+            if found:
+                yield found
             continue
         below = []
         for entry in entries:
             path = entry.path
+            name = f"{relative}/{entry.name}" if relative else entry.name
             try:
                 is_dir = entry.is_dir()  # follows symlinks
             except OSError:
                 is_dir = False  # reading it will say why
             if not is_dir:
-                if owned(path):
-                    yield InputRef(printable(path), path, label=label)
+                if found := ref(path, name, label):
+                    yield found
                 continue
             sub_label = printable(entry.name) if folder == root and labels == "folder" else label
             try:
                 st = entry.stat()
             except OSError as exc:
-                if owned(path):
-                    yield InputRef(
-                        printable(path),
-                        path,
-                        label=sub_label,
-                        rejected=f"unreadable folder: {exc.strerror}",
-                    )
+                if found := ref(path, name, sub_label, f"unreadable folder: {exc.strerror}"):
+                    yield found
                 continue
             ident = (st.st_dev, st.st_ino)
             if ident in skip:
                 continue  # the build's own output folder
             if ident in ancestors:
-                if owned(path):
-                    yield InputRef(
-                        printable(path),
-                        path,
-                        label=sub_label,
-                        rejected="symlink loop: this folder contains itself",
-                    )
+                loop = "symlink loop: this folder contains itself"
+                if found := ref(path, name, sub_label, loop):
+                    yield found
                 continue
-            below.append((path, sub_label, ancestors | {ident}))
+            below.append((path, name, sub_label, ancestors | {ident}))
         stack.extend(reversed(below))
 
 
@@ -188,7 +208,7 @@ def _line_length(f, start: bytes) -> int:
 
 
 def _list_entry(
-    raw: bytes, kind: str, prefix: str, labels: str, length: int = 0
+    raw: bytes, kind: str, prefix: str, labels: str, src: Optional[int], length: int = 0
 ) -> Optional[InputRef]:
     # Plain string work rather than os.path: this runs once per line of lists of billions.
     text = raw.decode("utf-8", "surrogateescape").strip()
@@ -196,21 +216,35 @@ def _list_entry(
         return None
     label = None
     if length > _MAX_LINE_BYTES:  # ``raw`` is its start; no path is this long (PATH_MAX: 4096)
+        shown = printable(text[:200]) + f"... ({length} bytes)"
         return InputRef(
-            printable(text[:200]) + f"... ({length} bytes)",
+            shown,
             text[:200],
             rejected=f"malformed list line (over {_MAX_LINE_BYTES} bytes)",
+            name=shown,
+            src=src,
         )
     if "\0" in text:  # no path holds one; nor may a class name taken from it
-        return InputRef(printable(text), text, rejected="malformed list line (a NUL character)")
+        shown = printable(text)
+        return InputRef(
+            shown, text, rejected="malformed list line (a NUL character)", name=shown, src=src
+        )
     if kind == "csv":
         try:
             row = next(csv.reader([text]))
         except csv.Error as exc:  # a quoted field over csv's field limit, a stray quote
-            return InputRef(printable(text), text, rejected=f"malformed list line (csv: {exc})")
-        if len(row) != 2 or not row[0]:
+            shown = printable(text)
             return InputRef(
-                printable(text), text, rejected="malformed list line (expected PATH,LABEL)"
+                shown, text, rejected=f"malformed list line (csv: {exc})", name=shown, src=src
+            )
+        if len(row) != 2 or not row[0]:
+            shown = printable(text)
+            return InputRef(
+                shown,
+                text,
+                rejected="malformed list line (expected PATH,LABEL)",
+                name=shown,
+                src=src,
             )
         entry, label = row[0], row[1].strip() or None
     else:
@@ -221,19 +255,22 @@ def _list_entry(
     elif kind != "csv":
         label = path.rpartition("/")[0].rpartition("/")[2] or None
     source = path if path.isascii() else printable(path)
-    return InputRef(
-        source, path, -1, -1, label if label is None or label.isascii() else printable(label), None
-    )
+    if src is None:
+        name = source
+    else:
+        name = entry if entry.isascii() else printable(entry)
+    label = label if label is None or label.isascii() else printable(label)
+    return InputRef(source, path, -1, -1, label, None, name, src)
 
 
 def _list_entries(
-    src: str, kind: str, labels: str, part: int, num_parts: int
+    path: str, kind: str, labels: str, part: int, num_parts: int, src: Optional[int]
 ) -> Iterator[InputRef]:
     """Entries of a list file; a part reads only its blocks (a line belongs to the block it starts in)."""
-    base = os.path.dirname(src)
+    base = os.path.dirname(path)
     prefix = base + "/" if base else ""
     try:
-        with open(src, "rb") as f:
+        with open(path, "rb") as f:
             for start, end in _list_blocks(os.fstat(f.fileno()).st_size, part, num_parts):
                 position = start
                 if start > 0:  # the line running into this block belongs to the one before
@@ -247,27 +284,39 @@ def _list_entries(
                         break
                     length = _line_length(f, raw)
                     position += length
-                    ref = _list_entry(raw, kind, prefix, labels, length)
+                    ref = _list_entry(raw, kind, prefix, labels, src, length)
                     if ref is not None:
                         yield ref
     except OSError as exc:
         raise BuildError(
-            f"{printable(src)}: cannot read list file: {exc.strerror or exc}"
+            f"{printable(path)}: cannot read list file: {exc.strerror or exc}"
         ) from None
 
 
-def _tar_members(src: str, labels: str) -> Iterator[InputRef]:
+def _tar_members(path: str, labels: str, src: Optional[int]) -> Iterator[InputRef]:
     """Members of an uncompressed archive, read in place; only one header is held at a time."""
-    name = printable(src)
+    name = printable(path)
+
+    def named(inside: str) -> str:
+        return f"{name}:{inside}" if src is None else inside
+
     try:
-        with tarfile.open(src, "r:") as archive:
+        with tarfile.open(path, "r:") as archive:
             while (member := archive.next()) is not None:
                 archive.members.clear()  # tarfile keeps every header it has read otherwise
                 member_name = printable(member.name)
                 label = _first_folder(member_name) if labels == "folder" else None
+                source = f"{name}:{member_name}"
                 if member.isfile():
                     yield InputRef(
-                        f"{name}:{member_name}", src, member.offset_data, member.size, label
+                        source,
+                        path,
+                        member.offset_data,
+                        member.size,
+                        label,
+                        None,
+                        named(member_name),
+                        src,
                     )
                 elif not member.isdir():
                     kind = (
@@ -278,19 +327,23 @@ def _tar_members(src: str, labels: str) -> Iterator[InputRef]:
                         else "special file"
                     )
                     yield InputRef(
-                        f"{name}:{member_name}",
-                        src,
+                        source,
+                        path,
                         label=label,
                         rejected=f"not a regular file (archive {kind})",
+                        name=named(member_name),
+                        src=src,
                     )
             # tarfile ends quietly at a damaged header after the first; what follows would vanish unseen.
             archive.fileobj.seek(archive.offset)
             if archive.fileobj.read(tarfile.BLOCKSIZE).strip(b"\0"):
                 yield InputRef(
                     f"{name}:@{archive.offset}",
-                    src,
+                    path,
                     rejected=f"damaged archive: no valid header at byte {archive.offset}, "
                     f"the members after it cannot be read",
+                    name=named(f"@{archive.offset}"),
+                    src=src,
                 )
     except (tarfile.TarError, OSError) as exc:
         raise BuildError(f"{name}: cannot read tar archive: {exc}") from None
@@ -302,6 +355,7 @@ def iter_part(
     part: int = 0,
     num_parts: int = 1,
     skip: Iterable[str] = (),
+    order: int = ORDER,
 ) -> Iterator[InputRef]:
     """Part ``part`` of ``num_parts``'s inputs of ``sources``, in enumeration order.
 
@@ -315,7 +369,8 @@ def iter_part(
     source folder or archive root, a CSV row's label, and for list entries and
     single files the folder that holds the image.
 
-    ``skip`` names folders never to enter (the build's output folder).
+    ``skip`` names folders never to enter (the build's output folder). ``order`` is the
+    naming rule (``ORDER``; 1 for a build begun under the old one).
 
     Raises:
         BuildError: a source does not exist or cannot be read.
@@ -323,78 +378,31 @@ def iter_part(
     skipped = frozenset(
         (st.st_dev, st.st_ino) for st in (os.stat(p) for p in skip if os.path.isdir(p))
     )
+    if order not in (1, 2):
+        raise BuildError(f"naming rule {order}: this moco-shards knows rules 1 and 2")
     archives = 0
-    for src in sources:
-        kind = source_kind(src)
+    for position, path in enumerate(sources):
+        kind = source_kind(path)
+        src = None if order == 1 else position
         if kind == "folder":
-            yield from _folder(src, labels, part, num_parts, skipped)
+            yield from _folder(path, labels, part, num_parts, skipped, src)
         elif kind in ("list", "csv"):
-            yield from _list_entries(src, kind, labels, part, num_parts)
+            yield from _list_entries(path, kind, labels, part, num_parts, src)
         elif kind == "tar":
             # An archive is read header by header from its start, so it belongs whole to one part.
             if archives % num_parts == part:
-                yield from _tar_members(src, labels)
+                yield from _tar_members(path, labels, src)
             archives += 1
-        elif num_parts == 1 or _owner(src, num_parts) == part:
+        else:
+            source = printable(path)
+            name = source if src is None else printable(os.path.basename(path))
+            if num_parts > 1 and _owner(_share_key(path, name, src), num_parts) != part:
+                continue
             label = (
-                (os.path.basename(os.path.dirname(os.path.abspath(src))) or None)
+                (os.path.basename(os.path.dirname(os.path.abspath(path))) or None)
                 if labels == "folder"
                 else None
             )
-            yield InputRef(printable(src), src, label=printable(label) if label else None)
-
-
-def read_classes(path: str) -> list[str]:
-    """Class names from a file, one per line in index order (``--classes FILE``)."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            names = [line.strip() for line in f]
-    except (OSError, UnicodeDecodeError) as exc:
-        raise BuildError(
-            f"--classes {path}: cannot read: {getattr(exc, 'strerror', None) or exc}"
-        ) from None
-    names = [n for n in names if n and not n.startswith("#")]
-    seen = set()
-    for name in names:
-        if "\0" in name:
-            raise BuildError(f"--classes {path}: class {name!r} holds a NUL character")
-        if name in seen:
-            raise BuildError(f"--classes {path}: class {name!r} is listed twice")
-        seen.add(name)
-    if not names:
-        raise BuildError(f"--classes {path}: lists no class")
-    return names
-
-
-def find_classes(sources: Sequence[str], labels: str, skip: Iterable[str] = ()) -> list[str]:
-    """The sorted class names of a ``--labels folder`` build.
-
-    A source folder's first-level sub-folders are its classes (one listing); list
-    files and archives are read through once, holding only the set of names. A
-    multi-part build at scale passes ``--classes`` instead, or lets the Ray
-    executor find them once for every part.
-    """
-    if labels != "folder":
-        return []
-    skipped = {os.path.realpath(p) for p in skip}
-    found: set[str] = set()
-    for src in sources:
-        kind = source_kind(src)
-        if kind == "folder":
-            try:
-                with os.scandir(src) as listing:
-                    for entry in listing:
-                        try:
-                            if (
-                                not entry.name.startswith(".")
-                                and entry.is_dir()
-                                and os.path.realpath(entry.path) not in skipped
-                            ):
-                                found.add(printable(entry.name))
-                        except OSError:
-                            pass
-            except OSError as exc:
-                raise BuildError(f"{printable(src)}: cannot list folder: {exc.strerror}") from None
-        else:
-            found.update(ref.label for ref in iter_part([src], labels) if ref.label is not None)
-    return sorted(found)
+            yield InputRef(
+                source, path, -1, -1, printable(label) if label else None, None, name, src
+            )

@@ -83,6 +83,13 @@ def merge(folders: list[str], out: Optional[str] = None) -> Path:
             raise BuildError(
                 f"{path}: a part of another build than {first_path} (sources or settings differ)"
             )
+        # Parts named by different rules deal the inputs differently: some would be lost.
+        if data.get("order", 1) != first.get("order", 1):
+            raise BuildError(
+                f"{path}: built under naming rule {data.get('order', 1)}, {first_path} under "
+                f"{first.get('order', 1)} (a moco-shards from before and one from after the "
+                "change); build the parts again with one moco-shards"
+            )
     num_parts = first["settings"]["num_parts"]
     missing = sorted(set(range(num_parts)) - set(parts))
     if missing:

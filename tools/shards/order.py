@@ -3,8 +3,9 @@
 Owns the packing order. Dumps are usually sorted by class (ImageNet's folders), so
 packing in listing order gives shards of one or two classes, and a reader's shuffle
 buffer cannot mix what lies in different shards. Ordering by a seeded 64-bit hash of
-each input's name mixes every shard as a uniform shuffle would, is a pure function of
-the set of inputs and the seed (whatever the listing order or the worker count),
+each input's name (``InputRef.key``: its name within its source) mixes every shard as a
+uniform shuffle would, is a pure function of the set of names and the seed (whatever
+the listing order, the worker count or where the dump is mounted),
 and needs no listing in memory: inputs are spilled to disk in buckets by the hash's
 top bits and read back one sorted bucket at a time (a bucket too large is split
 again by the next bits). A part smaller than one spill is sorted in memory.
@@ -65,7 +66,7 @@ class PackingOrder:
             names: list[bytes] = []
             blake2b, from_bytes = hashlib.blake2b, int.from_bytes
             for ref in refs:
-                name = ref.source.encode()
+                name = ref.key()
                 names.append(b"%s\0%s\n" % (name, (ref.label or "").encode()))
                 if len(names) == 4096:
                     digest.update(b"".join(names))

@@ -120,7 +120,7 @@ def process_input(item: tuple[str, InputRef, object], prep: PrepSettings, max_in
     files = [("jpg", prepared.jpeg)]
     if label is not None:
         files.append(("cls", str(label).encode()))
-    files.append(("json", sample_metadata(ref.source, prepared)))
+    files.append(("json", sample_metadata(ref.name, prepared, ref.src)))
     blob, members = encode_sample(key, files)
     return ("ok", blob, members, prepared.copied, label)
 

@@ -6,7 +6,7 @@ settings of ``main_lincls.py``: lr 30, momentum 0.9, no weight decay, batch 256,
 x0.1 at 60 and 80 of 100 epochs; RandomResizedCrop (0.08, 1) plus flip for
 training, resize plus centre crop for validation, both through the DALI pipeline.
 Resumable at epoch boundaries; at the end it checks that the backbone's weights
-are bit for bit what they were.
+are bit for bit what they were. The output folder is locked while a probe writes in it.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from torch import nn
 from torch.nn import functional as F
 from tqdm import tqdm
 
+from ...common.lock import FolderLock
 from ...common.options import flatten
 from ...model.encoders import feature_dim
 from ...pipeline.config import LoaderConfig, ReadConfig
@@ -37,7 +38,10 @@ from .knn import pooled_features
 from .pretrained import weights_digest
 from .protocol import LinearConfig
 
-__all__ = ["linear_probe", "evaluate"]
+__all__ = ["linear_probe", "evaluate", "LOCK_NAME"]
+
+LOCK_NAME = ".moco-eval-linear.lock"
+"""The lock file a probe holds in its output folder while it runs."""
 
 log = logging.getLogger("moco-eval")
 
@@ -79,9 +83,27 @@ def linear_probe(
     resume: bool = True,
 ) -> dict:
     """Train and validate the linear classifier on ``encoder``'s frozen backbone; return the final
-    figures. ``cfg.views`` must have its size and resize."""
-    views = cfg.views
+    figures. ``cfg.views`` must have its size and resize.
+
+    ``out`` (made if missing) is locked for the probe's whole life: a second probe into it is
+    refused with ``FolderInUse`` (a ``ValueError``) before anything is read or written.
+    """
     out = Path(out)
+    with FolderLock(out / LOCK_NAME, "moco-eval linear", "--out", create=True):
+        return _probe(encoder, train, val, cfg, out, device, amp_dtype, resume)
+
+
+def _probe(
+    encoder: nn.Module,
+    train: str,
+    val: str,
+    cfg: LinearConfig,
+    out: Path,
+    device: torch.device,
+    amp_dtype: Optional[torch.dtype],
+    resume: bool,
+) -> dict:
+    views = cfg.views
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)

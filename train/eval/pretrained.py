@@ -6,7 +6,8 @@ so that ``moco-eval`` measures and exports either; both are read with
 ``weights_only=True`` (``train.checkpoint.load``), so a shared file that carries code
 is refused, never run. Exports the query backbone (the
 projection head dropped) as a plain torchvision ResNet state dict, or as the
-detectron2 pickle that the reference ``convert-pretrain-to-detectron2.py`` writes.
+detectron2 pickle that the reference ``convert-pretrain-to-detectron2.py`` writes,
+atomically and under a lock, so two exports never write one file at once.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import torch
 from torch import nn
 
 from ...common.files import write_atomic
+from ...common.lock import FolderLock
 from ...model.encoders import ARCHS, add_mlp_head, resnet
 from ..checkpoint import CheckpointError
 from ..checkpoint import load as load_checkpoint
@@ -218,7 +220,8 @@ def export(encoder: nn.Module, fmt: str, out: str | os.PathLike) -> Path:
     """Write the backbone as ``fmt`` ("torchvision" or "detectron2") to ``out``, atomically.
 
     Raises ``ValueError`` naming ``out`` when it cannot be written (a folder, a read-only
-    place, a full disk); no temporary file is left behind.
+    place, a full disk) or another export is writing it (``FolderInUse``, the lock file
+    ``.NAME.lock`` beside it); no temporary file is left behind.
     """
     out = Path(out)
     if fmt == "torchvision":
@@ -230,7 +233,10 @@ def export(encoder: nn.Module, fmt: str, out: str | os.PathLike) -> Path:
     if out.is_dir():
         raise ValueError(f"--out {out}: a folder; give the file to write")
     try:
-        write_atomic(out, lambda f: dump(payload, f))
+        with FolderLock(
+            out.with_name(f".{out.name}.lock"), "moco-eval export", "--out", create=True
+        ):
+            write_atomic(out, lambda f: dump(payload, f))
     except OSError as error:
         reason = error.strerror or os.strerror(error.errno or errno.EIO)
         raise ValueError(f"--out {out}: cannot write ({reason})") from None

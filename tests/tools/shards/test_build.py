@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import shutil
 import signal
 import subprocess
 import sys
@@ -62,7 +63,7 @@ def test_round_trip_every_sample_decodes_through_dali_to_its_size_and_class(
     assert len(decoded) == 21
     for sample in decoded:
         meta = json.loads(sample.metadata)
-        source = Path(meta["source"])
+        source = labelled_dump / meta["source"]  # its name within its source
         expected = simplejpeg.decode_jpeg_header(source.read_bytes())[:2]  # (height, width)
         assert (sample.height, sample.width, sample.channels) == (*expected, 3)
         assert manifest.classes[int(sample.label)] == source.parent.name
@@ -86,7 +87,7 @@ def test_every_input_is_accounted_for(tmp_path):
         json.loads(s.metadata)["source"]
         for s in scan_shards(*zip(*shards.discover(tmp_path / "out")[1]))
     ]
-    assert sorted(stored) == sorted(map(str, good))
+    assert sorted(stored) == sorted(str(p.relative_to(tmp_path / "dump")) for p in good)
 
 
 def test_all_rejected_still_writes_a_manifest(tmp_path):
@@ -377,3 +378,85 @@ def test_inputs_are_packed_in_a_seeded_shuffled_order_unless_asked_not_to(tmp_pa
     other = BuildSettings(max_count=7, shuffle_seed=1)
     build([str(labelled_dump)], tmp_path / "seed1", other, workers=0, progress=False)
     assert folder_bytes(tmp_path / "mixed") != folder_bytes(tmp_path / "seed1")
+
+
+def shard_bytes(folder: Path) -> dict[str, bytes]:
+    return {n: b for n, b in folder_bytes(folder).items() if n.endswith((".tar", ".idx"))}
+
+
+def test_the_same_dump_from_two_mount_points_gives_byte_identical_shards(tmp_path, labelled_dump):
+    """A folder, a list file and an archive, under two parents and through a symlink, into
+    --out folders of other names: the same tars and indexes, in one part or in two."""
+    mount = tmp_path / "a"
+    shutil.copytree(labelled_dump, mount / "dump")
+    (mount / "list.txt").write_text("dump/cat/000.jpg\ndump/emu/001.jpg\n")
+    with tarfile.open(mount / "archive.tar", "w") as tar:
+        for i in range(3):
+            tar.add(labelled_dump / "dog" / f"{i:03d}.jpg", arcname=f"bird/{i}.jpg")
+    elsewhere = tmp_path / "some" / "much" / "longer" / "parent folder"
+    shutil.copytree(mount, elsewhere)
+    (tmp_path / "mnt").symlink_to(mount)
+    mounts = {"a": mount, "longer": elsewhere, "symlink": tmp_path / "mnt"}
+    built = {}
+    for label, root in mounts.items():
+        sources = [str(root / "dump"), str(root / "list.txt"), str(root / "archive.tar")]
+        out = tmp_path / f"out-{label}"
+        build(sources, out, BuildSettings(labels="folder", max_count=8), workers=0, progress=False)
+        for part in range(2):
+            settings = BuildSettings(labels="folder", max_count=4, num_parts=2, part=part)
+            build(sources, out / "parts", settings, workers=0, progress=False)
+        built[label] = (shard_bytes(out), shard_bytes(out / "parts"))
+        assert shards.load_manifest(out).data["sources"] == sources  # where it was, for people
+    assert built["a"] == built["longer"] == built["symlink"]
+    assert len(built["a"][0]) == 2 * 4 and len(built["a"][1]) >= 2 * 4
+
+    stored = {
+        json.loads(s.metadata)["source"]: json.loads(s.metadata)["src"]
+        for s in scan_shards(*zip(*shards.discover(tmp_path / "out-a")[1]))
+    }
+    assert stored["cat/000.jpg"] == 0 and stored["dump/emu/001.jpg"] == 1
+    assert stored["bird/2.jpg"] == 2 and len(stored) == 21 + 2 + 3
+
+
+def test_a_build_begun_under_the_old_naming_rule_finishes_under_it(
+    tmp_path, labelled_dump, monkeypatch
+):
+    """A build interrupted before the naming rule was recorded resumes with the old rule (paths
+    as given), so its finished shards and the rest agree; a new build uses the new one."""
+    from moco_dali.tools.shards import build as building
+    from moco_dali.tools.shards import folder
+
+    sources, settings = [str(labelled_dump)], BuildSettings(max_count=4)
+    monkeypatch.setattr(folder, "ORDER", 1)  # what moco-shards did before the rule
+    build(sources, tmp_path / "clean", settings, workers=0, progress=False)
+
+    real, blocks = building._build_block, []
+
+    def killed_after_two(task):
+        if len(blocks) == 2:
+            raise KeyboardInterrupt
+        blocks.append(task[2])
+        return real(task)
+
+    monkeypatch.setattr(building, "_build_block", killed_after_two)
+    with pytest.raises(KeyboardInterrupt):
+        build(sources, tmp_path / "old", settings, workers=0, progress=False)
+    monkeypatch.undo()  # this moco-shards, its rule 2, from here on
+    state = tmp_path / "old" / ".moco-build-shard" / "build.json"
+    identity = json.loads(state.read_text())
+    assert identity.pop("order") == 1
+    state.write_text(json.dumps(identity))  # as the old moco-shards wrote it
+
+    report = build(sources, tmp_path / "old", settings, workers=0, progress=False)
+    assert report.resumed_shards == 2
+    assert shard_bytes(tmp_path / "old") == shard_bytes(tmp_path / "clean")
+    manifest = shards.load_manifest(tmp_path / "old").data
+    assert manifest["order"] == 1
+    stored = [
+        json.loads(s.metadata) for s in scan_shards(*zip(*shards.discover(tmp_path / "old")[1]))
+    ]
+    assert all(s["source"].startswith(str(labelled_dump)) and "src" not in s for s in stored)
+
+    new = build(sources, tmp_path / "new", settings, workers=0, progress=False)
+    assert shards.load_manifest(tmp_path / "new").data["order"] == 2 and new.samples == 21
+    assert shard_bytes(tmp_path / "new") != shard_bytes(tmp_path / "clean")

@@ -17,16 +17,19 @@ import torch
 import torchvision
 from torch import nn
 
+from moco_dali.common.lock import FolderLock
 from moco_dali.model.encoders import backbone
 from moco_dali.tools.shards.build import build
 from moco_dali.tools.shards.settings import BuildSettings
-from moco_dali.train.config import preset, to_dict
+from moco_dali.train.config import to_dict
 from moco_dali.train.eval.cli import main as moco_eval
+from moco_dali.train.eval.linear import LOCK_NAME as LINEAR_LOCK
 from moco_dali.train.eval.linear import linear_probe
 from moco_dali.train.eval.pretrained import CheckpointError, detectron2_weights, load_encoder
 from moco_dali.train.eval.protocol import EvalViews, LinearConfig
+from moco_dali.train.presets import preset
 from moco_dali.train.step import build_model
-from tests.conftest import write_files
+from tests.conftest import small_disk, write_files
 
 COLOURS = {"red": (200, 30, 30), "green": (30, 180, 40), "blue": (30, 40, 200)}
 
@@ -453,6 +456,42 @@ def test_export_that_cannot_be_written_is_one_line_and_leaves_no_temporary_file(
     err = capsys.readouterr().err.strip()
     assert err.startswith(f"moco-eval: error: --out {out}: ") and "\n" not in err, err
     assert not list(out.parent.glob(".*.tmp")) and not list((tmp_path / "exports").iterdir())
+
+
+def test_export_on_a_full_disk_is_one_line_and_keeps_the_file_there(ckpt, tmp_path, capsys):
+    """torch.save turns the full disk into a RuntimeError; it ends in one line all the same."""
+    out = tmp_path / "r18.pth"
+    out.write_bytes(b"the previous export")
+    argv = ["export", "--checkpoint", str(ckpt), "--format", "torchvision", "--out", str(out)]
+    with small_disk(1 << 20):  # a ResNet-18 backbone is 45 MB
+        assert moco_eval(argv) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"moco-eval: error: --out {out}: cannot write (File too large)"
+    )
+    assert out.read_bytes() == b"the previous export"
+    assert [p.name for p in tmp_path.iterdir()] == ["r18.pth"]  # no temporary or lock file
+
+
+def test_an_export_or_probe_into_a_place_in_use_is_refused_in_one_line(
+    ckpt, shards, tmp_path, capsys
+):
+    export = tmp_path / "r18.pth"
+    with FolderLock(tmp_path / ".r18.pth.lock", "moco-eval export", "--out"):
+        argv = ["export", "--checkpoint", str(ckpt), "--format", "torchvision"]
+        assert moco_eval([*argv, "--out", str(export)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith(f"moco-eval: error: {tmp_path}: in use by another moco-eval export")
+        assert err.endswith("holds .r18.pth.lock); wait for it to end or use another --out")
+        assert moco_eval([*argv, "--out", str(tmp_path / "other.pth")]) == 0  # its own lock
+    assert not export.exists()
+
+    out = tmp_path / "lin"
+    with FolderLock(out / LINEAR_LOCK, "moco-eval linear", "--out", create=True):
+        args = ["--train", str(shards["train"]), "--val", str(shards["val"]), "--epochs", "1"]
+        assert moco_eval(["linear", "--checkpoint", str(ckpt), *args, "--out", str(out)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith(f"moco-eval: error: {out}: in use by another moco-eval linear")
+        assert [p.name for p in out.iterdir()] == [LINEAR_LOCK]
 
 
 @pytest.mark.parametrize(

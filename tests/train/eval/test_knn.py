@@ -132,7 +132,7 @@ def _sharded_worker(rank: int, world: int, store: str, root: str, out: str) -> N
 
 
 def _tiny(root: Path):
-    from moco_dali.train.config import preset
+    from moco_dali.train.presets import preset
     from moco_dali.train.step import build_model
 
     config = preset("small")
