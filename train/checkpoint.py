@@ -1,9 +1,9 @@
-"""Checkpoints: the format, and the checkpointer that finds, verifies, restores and writes them.
+"""Checkpoints: the format, written whole and read back checked (``checkpointer.py`` uses it).
 
 Written atomically (a crash never leaves a truncated file under a checkpoint's name); read with
 ``weights_only=True`` (a pickled object that would run code is refused, never executed); trusted
 only once ``check`` finds it complete with finite weights and ``weights_digest`` finds the
-weights each rank wrote. ``Checkpointer`` is what the engine calls to resume and to save.
+weights each rank wrote.
 """
 
 from __future__ import annotations
@@ -14,22 +14,16 @@ import os
 import pickle
 import random
 import re
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
 import numpy as np
 import torch
 
-from ..common.files import write_atomic
-from .config import Config, ConfigError, to_dict
-from .distributed import Dist, on_main
-from .resume import resume_changes
+from ..common.files import MAX_DEPTH, too_deep, write_atomic
 
 __all__ = [
     "CheckpointError",
-    "Checkpointer",
-    "Resumed",
     "FORMAT",
     "VERSION",
     "save",
@@ -108,13 +102,14 @@ def load(path: str | os.PathLike) -> Any:
 
     Raises:
         CheckpointError: the file is missing, unreadable (truncated, not a checkpoint),
-            or holds pickled Python objects beyond tensors and plain values.
+            or holds pickled Python objects beyond tensors and plain values, or a tensor
+            declaring more elements than its storage holds, or nests deeper than MAX_DEPTH.
     """
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: no such checkpoint")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        value = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
         if "WeightsUnpickler error" not in str(error):
             raise CheckpointError(
@@ -145,17 +140,41 @@ def load(path: str | os.PathLike) -> Any:
         raise CheckpointError(
             f"{path}: not a readable checkpoint ({type(error).__name__}: {reason})"
         ) from None
+    _check_tensors(value, path)
+    return value
+
+
+def _named_tensors(tree: Any):
+    """(where, tensor) for every tensor in ``tree``, in a loop (a file's nesting is not our stack)."""
+    stack = [("", tree)]
+    while stack:
+        where, value = stack.pop()
+        if isinstance(value, torch.Tensor):
+            yield where or "(top)", value
+        elif isinstance(value, dict):
+            stack += [(f"{where}.{key}" if where else str(key), v) for key, v in value.items()]
+        elif isinstance(value, (list, tuple)):
+            stack += [(f"{where}[{i}]", v) for i, v in enumerate(value)]
 
 
 def _tensors(tree: Any):
-    if isinstance(tree, torch.Tensor):
-        yield tree
-    elif isinstance(tree, dict):
-        for value in tree.values():
-            yield from _tensors(value)
-    elif isinstance(tree, (list, tuple)):
-        for value in tree:
-            yield from _tensors(value)
+    return (tensor for _, tensor in _named_tensors(tree))
+
+
+def _check_tensors(value: Any, path: Path) -> None:
+    """Every tensor holds the elements its shape declares. A shape over a smaller storage (strides
+    of 0 declaring 10**12 numbers over one) loads as a view, and the first copy, cast or check of
+    it (a move to the GPU, ``isfinite``) would allocate what it declares."""
+    if too_deep(value):
+        raise CheckpointError(f"{path}: refused: nested deeper than {MAX_DEPTH} levels")
+    for where, tensor in _named_tensors(value):
+        declared = tensor.numel() * tensor.element_size()
+        held = tensor.untyped_storage().nbytes()
+        if declared > held:
+            raise CheckpointError(
+                f"{path}: refused: {where} declares shape {tuple(tensor.shape)} ({declared} "
+                f"bytes) over a storage of {held} bytes"
+            )
 
 
 def check(state: Any, path: Path) -> dict[str, Any]:
@@ -276,163 +295,3 @@ def set_rng_state(state: dict, device: torch.device) -> None:
     torch.set_rng_state(state["torch"])
     if device.type == "cuda" and "cuda" in state:
         torch.cuda.set_rng_state(state["cuda"], device)
-
-
-# ----------------------------------------------------------------------- the checkpointer
-
-
-@dataclass
-class Resumed:
-    """What a run continues from: the checkpoint, its state, the allowed keys changed since."""
-
-    path: Optional[Path] = None
-    state: Optional[dict] = None
-    changes: dict = field(default_factory=dict)
-
-
-class Checkpointer:
-    """A run's checkpoints in ``run.out``: which one to continue from, and writing the next.
-
-    Every rank reads and verifies the checkpoint itself (its own weights digest, its own data
-    position); rank 0 writes, after gathering every rank's loader and random states.
-    """
-
-    def __init__(self, config: Config, dist: Dist, device: torch.device):
-        self.config, self.dist, self.device = config, dist, device
-        self.out = Path(config.run.out)
-        self.last_good: Optional[Path] = None
-        """The newest checkpoint known good: resumed from, or written."""
-
-    def resume(self, model: torch.nn.Module) -> Resumed:
-        """The checkpoint to continue from, verified, its weights loaded into ``model``.
-
-        With ``run.resume auto`` a checkpoint that fails verification is skipped for the next
-        older one, renamed ``*.pt.bad`` (so that rotation never deletes a good one in its
-        favour) and named in the log. A checkpoint of another world size or configuration is
-        refused, not skipped: the older ones were written by the same run.
-        """
-        r = self.config.run
-        if not r.resume:
-            newest = latest(self.out)
-            if newest is not None:
-                raise ConfigError(
-                    f"run.out {self.out} holds a run (newest {newest.name}): continue it with "
-                    "--run.resume auto, or give another run.out"
-                )
-            return Resumed()
-        found = candidates(self.out) if r.resume == "auto" else [Path(r.resume)]
-        chosen, skipped = Resumed(), []
-        for path in found:
-            try:
-                state, changes = self._verified(path, model)
-                chosen = Resumed(path, state, changes)
-                break
-            except CheckpointError as error:
-                if r.resume != "auto":
-                    raise
-                skipped.append((path, str(error)))
-        if self.dist.world > 1:  # every rank read the files itself: they must agree
-            chosen_by_rank = [None] * self.dist.world
-            torch.distributed.all_gather_object(chosen_by_rank, str(chosen.path))
-            if len(set(chosen_by_rank)) > 1:
-                raise CheckpointError(
-                    f"run.resume auto: ranks found different good checkpoints ({chosen_by_rank})"
-                )
-        if self.dist.main:
-            for path, why in skipped:
-                path.rename(path.with_name(path.name + ".bad"))
-                log.warning("skipped %s (renamed *.bad): %s", path.name, why)
-        if skipped and chosen.path is None:
-            raise CheckpointError(
-                f"run.resume auto: no good checkpoint in {self.out}; skipped {len(skipped)}, "
-                f"newest: {skipped[0][1]}"
-            )
-        self.last_good = chosen.path
-        return chosen
-
-    def _verified(self, path: Path, model: torch.nn.Module) -> tuple[dict, dict]:
-        """A checkpoint's state once it is known good, loaded into ``model``; the keys changed."""
-        state = check(load(path), path)
-        if state["world"] != self.dist.world:
-            raise ConfigError(
-                f"{path}: written by {state['world']} ranks, this run has {self.dist.world}; "
-                "an exact resume needs the same world size"
-            )
-        allowed, refused = resume_changes(state["config"], self.config)
-        if refused:
-            listed = ", ".join(f"{key} {old!r} -> {new!r}" for key, (old, new) in refused.items())
-            raise ConfigError(
-                f"{path}: written with another configuration: {listed}; these keys change the "
-                "run's state or meaning: resume with the checkpoint's values, or start another "
-                "run.out"
-            )
-        # Runs of the version that wrapped compiled encoders saved them under "_orig_mod.".
-        weights = {k.replace("._orig_mod.", "."): v for k, v in state["model"].items()}
-        try:
-            model.load_state_dict(weights)
-        except RuntimeError as error:
-            first = next(
-                (line.strip() for line in str(error).splitlines()[1:] if line.strip()),
-                str(error)[:200],
-            )
-            raise CheckpointError(f"{path}: its weights do not fit this model: {first}") from None
-        if weights_digest(model) != state["rank_digests"][self.dist.rank]:
-            raise CheckpointError(
-                f"{path}: its weights or queue differ from the digest written with them "
-                "(changed after it was written)"
-            )
-        return state, allowed
-
-    def restore(self, state: dict, optimizer, scaler) -> tuple[int, int]:
-        """Put the optimizer, the scaler and this rank's random generators back; ``(step,
-        skipped)``."""
-        optimizer.load_state_dict(state["optimizer"])
-        scaler.load_state_dict(state["scaler"])
-        set_rng_state(state["rng"][self.dist.rank], self.device)
-        return state["step"], state["skipped"]
-
-    def save(self, step: int, skipped: int, model, optimizer, scaler, loader_state: dict) -> None:
-        """Every rank's loader and random state, gathered; the checkpoint written by rank 0."""
-        gathered = {
-            "loader": loader_state,
-            "rng": rng_state(self.device),
-            "digest": weights_digest(model),
-        }
-        parts = [gathered]
-        if self.dist.world > 1:
-            parts = [None] * self.dist.world
-            torch.distributed.all_gather_object(parts, gathered)
-        # Rank 0 writes; every rank waits for it and stops with its error when the write fails
-        # (a full disk), rather than wait for it in the next step's collectives.
-        written = on_main(
-            self.dist, lambda: self._write(step, skipped, model, optimizer, scaler, parts)
-        )
-        if written is not None:
-            self.last_good = written
-
-    def _write(self, step: int, skipped: int, model, optimizer, scaler, parts: list) -> Path:
-        """The checkpoint of ``parts`` (every rank's gathered state), on rank 0."""
-        written = save(
-            self.out,
-            step,
-            {
-                "model": model.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "scaler": scaler.state_dict(),
-                "step": step,
-                "skipped": skipped,
-                "world": self.dist.world,
-                "config": to_dict(self.config),
-                "loader": [p["loader"] for p in parts],
-                "rng": [p["rng"] for p in parts],
-                "rank_digests": [p["digest"] for p in parts],
-            },
-            self.config.run.keep_last,
-        )
-        if len({p["digest"] for p in parts}) > 1:
-            log.warning(
-                "step %d: ranks disagree on weights or queue (digests %s)",
-                step,
-                [p["digest"][:8] for p in parts],
-            )
-        return written

@@ -29,7 +29,7 @@ from ..model.moco import MoCo
 from ..pipeline.config import LoaderConfig
 from ..pipeline.loader import ViewLoader
 from . import distributed
-from .checkpoint import Checkpointer
+from .checkpointer import Checkpointer
 from .config import MAX_STEPS, Config, ConfigError, check, to_dict
 from .eval.knn import config_knn
 from .folders import check_knn_folders, check_out, check_resume, hold_out, steps_per_epoch

@@ -468,3 +468,32 @@ def test_a_full_disk_during_a_checkpoint_ends_in_one_line_and_keeps_the_last_one
     ]
     assert not [p.name for p in out.iterdir() if p.name.startswith(".")]  # no .tmp, no lock
     checkpoint.check(checkpoint.load(out / "ckpt-000000006.pt"), out / "ckpt-000000006.pt")
+
+
+@pytest.mark.parametrize("where", ["optimizer", "model"])
+def test_a_tensor_declaring_a_huge_shape_over_a_tiny_storage_is_refused_in_one_line(
+    trained, tmp_path, capsys, where
+):
+    """The old variant loaded it: strides of 0 declare 10**12 numbers over one, and the first
+    check, cast or copy of it (the finiteness check, a move to the GPU) set out to allocate 4 TB."""
+    state = checkpoint.load(trained["run"] / "ckpt-000000006.pt")
+    huge = torch.zeros(1).as_strided((10**6, 10**6), (0, 0))
+    if where == "optimizer":
+        state["optimizer"]["state"][0]["momentum_buffer"] = huge
+    else:
+        state["model"]["encoder_q.fc.weight"] = huge
+    hostile = tmp_path / "ckpt.pt"
+    torch.save(state, hostile)
+    original = (trained["run"] / "ckpt-000000006.pt").stat().st_size
+    assert hostile.stat().st_size < original + 10**6  # one number stored where 10**12 are declared
+    assert run(trained["root"], tmp_path / "other", "--run.resume", str(hostile)) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and err.startswith(f"moco-train: error: {hostile}: refused: ")
+    assert "(1000000, 1000000)" in err
+    from moco_dali.train.eval.cli import main as moco_eval
+
+    out = tmp_path / "r18.pth"
+    args = ["export", "--checkpoint", str(hostile), "--format", "torchvision", "--out", str(out)]
+    assert moco_eval(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "(1000000, 1000000)" in err and not out.exists()
