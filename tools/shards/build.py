@@ -30,8 +30,9 @@ from . import BuildError
 from .classes import find_classes
 from .folder import naming_rule, prepare_folder, remove_temporaries
 from .inputs import InputRef, iter_part, printable, source_kind
+from .nested import iter_archive_part
 from .order import PackingOrder
-from .settings import NO_CLASS, BuildReport, BuildSettings
+from .settings import NO_CLASS, NO_CLASS_ARCHIVE, BuildReport, BuildSettings
 from .writer import BlockRecord, process_input, reason_kind, write_block
 
 __all__ = ["build"]
@@ -269,9 +270,12 @@ def _build_locked(
     state.mkdir(exist_ok=True)
     order = None
     try:
-        refs = iter_part(
-            sources, settings.labels, settings.part, settings.num_parts, [str(out)], rule
-        )
+        if settings.labels == "archive":
+            refs = iter_archive_part(sources, settings.part, settings.num_parts, rule)
+        else:
+            refs = iter_part(
+                sources, settings.labels, settings.part, settings.num_parts, [str(out)], rule
+            )
         order = PackingOrder(refs, state / "order", settings.shuffle_seed)
         if order.count == 0 and settings.num_parts == 1:
             raise BuildError(f"no input files found in {', '.join(map(printable, sources))}")
@@ -346,11 +350,13 @@ def _pack(
     part = None if settings.num_parts == 1 else settings.part
     class_of = {name: i for i, name in enumerate(identity["classes"])}
 
+    no_class = NO_CLASS_ARCHIVE if settings.labels == "archive" else NO_CLASS
+
     def label_of(ref: InputRef):
-        if settings.labels != "folder":
-            return None
+        if settings.labels == "none" or ref.rejected:
+            return None  # a reason already known (a damaged archive) says more than its class
         if ref.label is None:
-            return NO_CLASS
+            return no_class
         index = class_of.get(ref.label)
         return index if index is not None else f"class not in --classes: {ref.label}"
 

@@ -1,5 +1,6 @@
 """The classes of a labelled build: read from ``--classes FILE``, or found in the sources (a
-folder's first-level sub-folders, the labels of a list's or an archive's entries)."""
+folder's first-level sub-folders, the labels of a list's or an archive's entries, the class
+archives of an archive of archives)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from typing import Iterable, Sequence
 
 from . import BuildError
 from .inputs import iter_part, printable, source_kind
+from .nested import archive_classes
 
 __all__ = ["read_classes", "find_classes"]
 
@@ -35,13 +37,16 @@ def read_classes(path: str) -> list[str]:
 
 
 def find_classes(sources: Sequence[str], labels: str, skip: Iterable[str] = ()) -> list[str]:
-    """The sorted class names of a ``--labels folder`` build.
+    """The sorted class names of a ``--labels folder`` or ``--labels archive`` build.
 
     A source folder's first-level sub-folders are its classes (one listing); list
     files and archives are read through once, holding only the set of names. A
     multi-part build at scale passes ``--classes`` instead, or lets the Ray
-    executor find them once for every part.
+    executor find them once for every part. An archive of class archives costs only its own
+    headers (``nested.archive_classes``).
     """
+    if labels == "archive":
+        return archive_classes(sources)
     if labels != "folder":
         return []
     skipped = {os.path.realpath(p) for p in skip}

@@ -12,9 +12,19 @@ from ...common.options import FLAT, option
 from . import BuildError
 from .imageprep import PrepSettings
 
-__all__ = ["BuildSettings", "BuildReport", "DEFAULT_MAX_INPUT_BYTES", "NO_CLASS"]
+__all__ = [
+    "BuildSettings",
+    "BuildReport",
+    "DEFAULT_MAX_INPUT_BYTES",
+    "NO_CLASS",
+    "NO_CLASS_ARCHIVE",
+]
 
 NO_CLASS = "no class folder (--labels folder needs SRC/CLASS/...)"
+NO_CLASS_ARCHIVE = (
+    "not in a class archive (--labels archive reads SRC.tar holding CLASS.tar archives; "
+    "a flat archive of class folders takes --labels folder)"
+)
 DEFAULT_MAX_INPUT_BYTES = 256 * 1024**2
 
 
@@ -24,8 +34,9 @@ class BuildSettings:
 
     name: str = "shard"
     """Shard file prefix: NAME-000000.tar."""
-    labels: str = option("none", choices=["none", "folder"])
-    """'folder': first-level sub-folder names (or a .csv list's labels) are the classes (KEY.cls)."""
+    labels: str = option("none", choices=["none", "folder", "archive"])
+    """'folder': first-level sub-folder names (or a .csv list's labels) are the classes (KEY.cls);
+    'archive': each SRC.tar holds CLASS.tar archives (ImageNet's training archive), read in place."""
     max_count: int = option(10000, metavar="N")
     """Samples per shard at most."""
     max_bytes: Optional[int] = option(None, metavar="SIZE", parse=parse_bytes)
@@ -44,8 +55,8 @@ class BuildSettings:
     def __post_init__(self) -> None:
         if not self.name or any(c in self.name for c in "./ \t"):
             raise BuildError(f"--name {self.name!r}: use a name without dots, slashes or spaces")
-        if self.labels not in ("none", "folder"):
-            raise BuildError(f"--labels must be 'none' or 'folder', got {self.labels!r}")
+        if self.labels not in ("none", "folder", "archive"):
+            raise BuildError(f"--labels must be 'none', 'folder' or 'archive', got {self.labels!r}")
         if self.max_count < 1:
             raise BuildError(f"--max-count must be at least 1, got {self.max_count}")
         if self.max_bytes is not None and self.max_bytes < 4096:
