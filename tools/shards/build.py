@@ -30,9 +30,10 @@ from . import BuildError
 from .classes import find_classes
 from .folder import naming_rule, prepare_folder, remove_temporaries
 from .inputs import InputRef, iter_part, printable, source_kind
+from .labelfile import read_labels, with_labels
 from .nested import iter_archive_part
 from .order import PackingOrder
-from .settings import NO_CLASS, NO_CLASS_ARCHIVE, BuildReport, BuildSettings
+from .settings import NO_CLASS, NO_CLASS_ARCHIVE, NO_LABEL, BuildReport, BuildSettings
 from .writer import BlockRecord, process_input, reason_kind, write_block
 
 __all__ = ["build"]
@@ -262,7 +263,7 @@ def _build_locked(
     class_list = (
         list(classes)
         if classes is not None
-        else find_classes(sources, settings.labels, skip=[str(out)])
+        else find_classes(sources, settings.labels, [str(out)], settings.labels_file)
     )
     manifest_name, rejected_name = _part_names(settings)
     manifest_path = out / manifest_name
@@ -276,6 +277,8 @@ def _build_locked(
             refs = iter_part(
                 sources, settings.labels, settings.part, settings.num_parts, [str(out)], rule
             )
+        if settings.labels_file is not None:
+            refs = with_labels(refs, read_labels(settings.labels_file))
         order = PackingOrder(refs, state / "order", settings.shuffle_seed)
         if order.count == 0 and settings.num_parts == 1:
             raise BuildError(f"no input files found in {', '.join(map(printable, sources))}")
@@ -350,7 +353,7 @@ def _pack(
     part = None if settings.num_parts == 1 else settings.part
     class_of = {name: i for i, name in enumerate(identity["classes"])}
 
-    no_class = NO_CLASS_ARCHIVE if settings.labels == "archive" else NO_CLASS
+    no_class = {"archive": NO_CLASS_ARCHIVE, "file": NO_LABEL}.get(settings.labels, NO_CLASS)
 
     def label_of(ref: InputRef):
         if settings.labels == "none" or ref.rejected:

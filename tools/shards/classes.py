@@ -5,10 +5,11 @@ archives of an archive of archives)."""
 from __future__ import annotations
 
 import os
-from typing import Iterable, Sequence
+from typing import Iterable, Optional, Sequence
 
 from . import BuildError
 from .inputs import iter_part, printable, source_kind
+from .labelfile import read_labels
 from .nested import archive_classes
 
 __all__ = ["read_classes", "find_classes"]
@@ -36,8 +37,14 @@ def read_classes(path: str) -> list[str]:
     return names
 
 
-def find_classes(sources: Sequence[str], labels: str, skip: Iterable[str] = ()) -> list[str]:
-    """The sorted class names of a ``--labels folder`` or ``--labels archive`` build.
+def find_classes(
+    sources: Sequence[str],
+    labels: str,
+    skip: Iterable[str] = (),
+    labels_file: Optional[str] = None,
+) -> list[str]:
+    """The sorted class names of a labelled build (``--labels folder``, ``archive``, a
+    ``--labels-file``).
 
     A source folder's first-level sub-folders are its classes (one listing); list
     files and archives are read through once, holding only the set of names. A
@@ -47,6 +54,8 @@ def find_classes(sources: Sequence[str], labels: str, skip: Iterable[str] = ()) 
     """
     if labels == "archive":
         return archive_classes(sources)
+    if labels_file is not None:  # its classes, whichever the sources hold
+        return sorted(set(read_labels(labels_file).values()))
     if labels != "folder":
         return []
     skipped = {os.path.realpath(p) for p in skip}
