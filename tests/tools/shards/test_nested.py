@@ -6,6 +6,7 @@ import collections
 import io
 import json
 import tarfile
+import tracemalloc
 from pathlib import Path
 
 import pytest
@@ -16,6 +17,7 @@ from moco_dali.tools.shards import BuildError
 from moco_dali.tools.shards.build import build
 from moco_dali.tools.shards.classes import find_classes
 from moco_dali.tools.shards.merge import merge
+from moco_dali.tools.shards.nested import nested_members
 from moco_dali.tools.shards.settings import BuildSettings
 from tests.conftest import baseline_jpeg
 from tests.tools.shards.test_build import rejected_lines, run_cli, shard_bytes
@@ -49,11 +51,13 @@ def class_archive(wnid: str, seed: int) -> bytes:
 
 
 def write_imagenet_like(path: Path) -> dict[str, str]:
-    """An archive of three class archives, a damaged one, an image beside them and a link.
+    """An archive of three class archives, a damaged one, one that is no archive, an image beside
+    them and links.
 
     Returns what a ``--labels archive`` build must reject, by input name within the archive:
-    the damaged archive's tail (its first member is whole), the image that is in no class
-    archive, the link (in an inner archive and in the outer one).
+    the damaged archive's tail (its first member is whole), the archive that is none (one input,
+    from its start), the image that is in no class archive, the links (in an inner archive and
+    in the outer one).
     """
     jpeg = baseline_jpeg(24, 24, seed=90)
     first = tar_bytes([("n09999999_0.JPEG", jpeg)])[: 512 + -(-len(jpeg) // 512) * 512]
@@ -68,12 +72,17 @@ def write_imagenet_like(path: Path) -> dict[str, str]:
             links=("n01443537_link.JPEG",),
         ),
     )
-    members += [("n09999999.tar", damaged), ("README.JPEG", baseline_jpeg(16, 16, seed=99))]
+    members += [
+        ("n09999999.tar", damaged),
+        ("n08888888.tar", b"\x01" * 1536),  # named as a class archive, no tar at all
+        ("README.JPEG", baseline_jpeg(16, 16, seed=99)),
+    ]
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(tar_bytes(members, links=("n00000000.tar",)))
     return {
         "n01443537.tar/n01443537_link.JPEG": "archive symlink",
-        "n09999999.tar/@": "damaged archive",
+        "n09999999.tar/@": "damaged archive: no valid header at byte",
+        "n08888888.tar/@": "damaged archive: no valid header at byte",
         "README.JPEG": "not in a class archive",
         "n00000000.tar": "archive symlink",
     }
@@ -113,15 +122,19 @@ def test_an_archive_of_class_archives_is_read_in_place_with_every_input_accounte
         progress=False,
     )
     manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
-    # The damaged archive's class is in the outer headers, so it is a class (of 1 sample).
-    assert manifest["classes"] == [*CLASSES, "n09999999"]
-    assert manifest["class_counts"] == {**dict.fromkeys(CLASSES, PER_CLASS), "n09999999": 1}
+    # The damaged archives' classes are in the outer headers, so they are classes.
+    assert manifest["classes"] == [*CLASSES, "n08888888", "n09999999"]
+    assert manifest["class_counts"] == {
+        **dict.fromkeys(CLASSES, PER_CLASS),
+        "n08888888": 0,
+        "n09999999": 1,
+    }
     samples = stored(tmp_path / "out")
     assert len(samples) == report.samples == 3 * PER_CLASS + 1
     for name, label in samples.items():
         wnid = name.partition(".tar/")[0]
         assert manifest["classes"][label] == wnid and name.startswith(f"{wnid}.tar/{wnid}_")
-    assert report.inputs == report.samples + report.rejected == 3 * PER_CLASS + 1 + 4
+    assert report.inputs == report.samples + report.rejected == 3 * PER_CLASS + 1 + 5
     rejected = rejected_lines(tmp_path / "out")
     assert len(rejected) == len(expected_rejections) == report.rejected
     for name, reason in expected_rejections.items():
@@ -162,7 +175,7 @@ def test_classes_come_from_the_outer_headers_only(tmp_path, imagenet_like, monke
         original(self, *args, fileobj=fileobj, **kwargs)
 
     monkeypatch.setattr(tarfile.TarFile, "__init__", counting)
-    assert find_classes([str(archive)], "archive") == [*CLASSES, "n09999999"]
+    assert find_classes([str(archive)], "archive") == [*CLASSES, "n08888888", "n09999999"]
     assert opened == [0]  # the outer archive, never an inner one
 
 
@@ -193,7 +206,7 @@ def test_parts_merge_to_the_single_builds_samples_a_class_spread_over_parts(
         )
         for part in range(3)
     ]
-    assert all(r.inputs < 17 for r in reports) and sum(r.inputs for r in reports) == 17
+    assert all(r.inputs < 18 for r in reports) and sum(r.inputs for r in reports) == 18
     merged = merge([tmp_path / "parts"])
     manifest = json.loads(merged.read_text())
     single = json.loads((tmp_path / "one" / "manifest.json").read_text())
@@ -271,3 +284,21 @@ def test_classes_file_fixes_the_indices_of_an_archive_build(tmp_path, imagenet_l
 def test_build_error_names_the_archive(tmp_path):
     with pytest.raises(BuildError, match="no such file"):
         find_classes([str(tmp_path / "missing.tar")], "archive")
+
+
+def test_reading_holds_one_header_at_a_time(tmp_path):
+    """The walk's memory is the same for 2,000 members as for 20,000: no listing is held (tarfile
+    keeps every header it reads unless told not to, about 1 KB each)."""
+    peaks = []
+    for per_class in (200, 2000):
+        archive = tmp_path / f"{per_class}.tar"
+        tiny = [(f"{i}.JPEG", b"x") for i in range(per_class)]
+        archive.write_bytes(tar_bytes([(f"c{c}.tar", tar_bytes(tiny)) for c in range(10)]))
+        tracemalloc.start()
+        try:
+            count = sum(1 for _ in nested_members(str(archive), src=0))
+            peaks.append(tracemalloc.get_traced_memory()[1])
+        finally:
+            tracemalloc.stop()
+        assert count == 10 * per_class
+    assert peaks[1] < 2 * peaks[0] + 100_000, peaks
