@@ -23,7 +23,7 @@ __all__ = [
     "archive_classes",
     "iter_archive_part",
     "nested_members",
-    "refuse_flat_source",
+    "refuse_other_source",
 ]
 
 INNER_SUFFIX = ".tar"
@@ -185,7 +185,7 @@ def _outer_member(member: tarfile.TarInfo, inner, size: int, ref) -> Iterator[In
         if found := ref(
             f"{outer_member}/@{member.offset_data}",
             label=label,
-            rejected=(f"damaged archive: {exc}"),
+            rejected=f"damaged archive: {exc}",
         ):
             yield found
 
@@ -200,11 +200,11 @@ def iter_archive_part(
         BuildError: a source is no ``.tar`` archive, or cannot be read.
     """
     for position, path in enumerate(sources):
-        refuse_flat_source(path, source_kind(path))
+        refuse_other_source(path, source_kind(path))
         yield from nested_members(path, part, num_parts, None if order == 1 else position)
 
 
-def refuse_flat_source(path: str, kind: str) -> None:
+def refuse_other_source(path: str, kind: str) -> None:
     """Raises BuildError when a source of a ``--labels archive`` build is no ``.tar`` archive."""
     if kind != "tar":
         raise BuildError(
@@ -222,7 +222,7 @@ def archive_classes(sources: Sequence[str]) -> list[str]:
     """
     found: set[str] = set()
     for path in sources:
-        refuse_flat_source(path, source_kind(path))
+        refuse_other_source(path, source_kind(path))
         held = 0
         try:
             with open(path, "rb") as f:

@@ -302,3 +302,23 @@ def test_reading_holds_one_header_at_a_time(tmp_path):
             tracemalloc.stop()
         assert count == 10 * per_class
     assert peaks[1] < 2 * peaks[0] + 100_000, peaks
+
+
+def test_a_cut_download_keeps_every_whole_member_before_the_cut(tmp_path, imagenet_like):
+    archive, _ = imagenet_like
+    with tarfile.open(archive) as tar:  # cut inside the third class archive's second member
+        third = tar.getmember(f"{CLASSES[2]}.tar")
+        with tarfile.open(fileobj=tar.extractfile(third)) as inner:
+            second = inner.getmembers()[1]
+    data = archive.read_bytes()
+    archive.write_bytes(data[: third.offset_data + second.offset_data + 100])
+    report = build([str(archive)], tmp_path / "out", BuildSettings(labels="archive"), workers=0)
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert manifest["class_counts"] == {CLASSES[0]: 4, CLASSES[1]: 4, CLASSES[2]: 1}
+    reasons = {r["input"].partition(":")[2]: r["reason"] for r in rejected_lines(tmp_path / "out")}
+    at = third.offset_data + second.offset
+    assert reasons[f"{CLASSES[2]}.tar/@{at}"] == (
+        f"damaged archive: member {second.name} runs past the archive's end"
+    )
+    assert any(n.startswith("@") and "unexpected end of data" in r for n, r in reasons.items())
+    assert report.inputs == report.samples + report.rejected == 9 + 1 + 2  # and the link
