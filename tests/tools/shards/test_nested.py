@@ -322,3 +322,15 @@ def test_a_cut_download_keeps_every_whole_member_before_the_cut(tmp_path, imagen
     )
     assert any(n.startswith("@") and "unexpected end of data" in r for n, r in reasons.items())
     assert report.inputs == report.samples + report.rejected == 9 + 1 + 2  # and the link
+
+
+def test_without_labels_archive_a_class_archive_is_rejected_naming_it(tmp_path, imagenet_like):
+    """A flat build's .tar member is no image; its reason says which build reads it."""
+    archive, _ = imagenet_like
+    report = build([str(archive)], tmp_path / "out", BuildSettings(), workers=0, progress=False)
+    reasons = {r["input"].partition(":")[2]: r["reason"] for r in rejected_lines(tmp_path / "out")}
+    for wnid in [*CLASSES, "n08888888", "n09999999"]:
+        assert reasons[f"{wnid}.tar"] == (
+            "an archive in an archive: --labels archive reads SRC.tar holding CLASS.tar archives"
+        )
+    assert report.samples == 1 and "README.JPEG" not in reasons  # the image beside them
