@@ -8,9 +8,10 @@ from pathlib import Path
 import pytest
 
 from moco_dali.tools.shards.build import build
+from moco_dali.tools.shards.merge import merge
 from moco_dali.tools.shards.settings import BuildSettings
 from tests.conftest import baseline_jpeg
-from tests.tools.shards.test_build import rejected_lines, run_cli
+from tests.tools.shards.test_build import rejected_lines, run_cli, shard_bytes
 from tests.tools.shards.test_nested import CLASSES, stored, tar_bytes
 
 # Image n -> its class; image 6 is in no row, image 7's class is not in the training set's.
@@ -136,3 +137,23 @@ def test_a_bad_labels_file_is_one_line_naming_it(tmp_path, content, args, messag
 def test_labels_file_without_a_file_is_refused():
     with pytest.raises(ValueError, match="--labels file needs --labels-file FILE"):
         BuildSettings(labels="file")
+
+
+def test_parts_on_ray_take_their_classes_from_the_labels_file(tmp_path):
+    """The driver finds the classes once, from the file, and hands them to every part."""
+    pytest.importorskip("ray")
+    archive = write_val_archive(tmp_path / "val.tar")
+    labels = tmp_path / "labels.csv"
+    labels.write_text("".join(f"{val_name(n)},{wnid}\n" for n, wnid in TRUTH.items()))
+    args = ["--labels-file", str(labels), "--num-parts", "2", "--max-count", "2"]
+    result = run_cli(
+        "build", str(archive), "--out", str(tmp_path / "ray"), *args, "--executor", "ray"
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    for part in range(2):
+        settings = BuildSettings(labels_file=str(labels), num_parts=2, part=part, max_count=2)
+        build([str(archive)], tmp_path / "local", settings, workers=0, progress=False)
+    merge([str(tmp_path / "local")])
+    assert shard_bytes(tmp_path / "ray") == shard_bytes(tmp_path / "local")
+    manifest = json.loads((tmp_path / "ray" / "manifest.json").read_text())
+    assert manifest["class_counts"] == {"n01440764": 2, "n01443537": 1, "n01484850": 2}
