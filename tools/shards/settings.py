@@ -92,9 +92,10 @@ class BuildSettings:
         d = asdict(self)
         d.update(d.pop("prep"))
         if self.labels_file is None:
-            del d["labels_file"]  # as recorded before there was one: older builds resume
-        else:  # its name only, so the same build from another mount point merges; the labels
-            # themselves are in the input digest
+            del d["labels_file"]  # recorded as before there was one, so older builds resume
+        else:
+            # Its name only, so the same build from another mount point merges; its labels are
+            # in the input digest.
             d["labels_file"] = os.path.basename(self.labels_file)
         return d
 

@@ -133,7 +133,7 @@ def _labelled(inputs: Inputs, mode: str) -> None:
     for name, folder in (("--train", inputs.train), ("--val", inputs.val)):
         if not load_manifest(folder).classes:
             raise ValueError(
-                f"{name} {folder}: the shards have no labels (built with --labels none); "
+                f"{name} {folder}: the shards have no labels (its manifest names no class); "
                 f"moco-eval {mode} needs labelled shards (build with --labels folder or archive, "
                 "or --labels-file)"
             )

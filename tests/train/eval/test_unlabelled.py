@@ -42,8 +42,8 @@ def test_an_unlabelled_folder_is_refused_before_the_checkpoint_is_read(
     assert moco_eval(argv) == 2
     err = capsys.readouterr().err.strip()
     assert err == (
-        f"moco-eval: error: {which} {folders['unlabelled']}: the shards have no labels (built "
-        f"with --labels none); moco-eval {mode} needs labelled shards (build with --labels "
-        "folder or archive, or --labels-file)"
+        f"moco-eval: error: {which} {folders['unlabelled']}: the shards have no labels (its "
+        f"manifest names no class); moco-eval {mode} needs labelled shards (build with "
+        "--labels folder or archive, or --labels-file)"
     )
     assert not (tmp_path / "linear").exists()
