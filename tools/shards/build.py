@@ -30,8 +30,10 @@ from . import BuildError
 from .classes import find_classes
 from .folder import naming_rule, prepare_folder, remove_temporaries
 from .inputs import InputRef, iter_part, printable, source_kind
+from .labelfile import read_labels, with_labels
+from .nested import iter_archive_part
 from .order import PackingOrder
-from .settings import NO_CLASS, BuildReport, BuildSettings
+from .settings import NO_CLASS, NO_CLASS_ARCHIVE, NO_LABEL, BuildReport, BuildSettings
 from .writer import BlockRecord, process_input, reason_kind, write_block
 
 __all__ = ["build"]
@@ -261,7 +263,7 @@ def _build_locked(
     class_list = (
         list(classes)
         if classes is not None
-        else find_classes(sources, settings.labels, skip=[str(out)])
+        else find_classes(sources, settings.labels, [str(out)], settings.labels_file)
     )
     manifest_name, rejected_name = _part_names(settings)
     manifest_path = out / manifest_name
@@ -269,9 +271,14 @@ def _build_locked(
     state.mkdir(exist_ok=True)
     order = None
     try:
-        refs = iter_part(
-            sources, settings.labels, settings.part, settings.num_parts, [str(out)], rule
-        )
+        if settings.labels == "archive":
+            refs = iter_archive_part(sources, settings.part, settings.num_parts, rule)
+        else:
+            refs = iter_part(
+                sources, settings.labels, settings.part, settings.num_parts, [str(out)], rule
+            )
+        if settings.labels_file is not None:
+            refs = with_labels(refs, read_labels(settings.labels_file))
         order = PackingOrder(refs, state / "order", settings.shuffle_seed)
         if order.count == 0 and settings.num_parts == 1:
             raise BuildError(f"no input files found in {', '.join(map(printable, sources))}")
@@ -346,11 +353,13 @@ def _pack(
     part = None if settings.num_parts == 1 else settings.part
     class_of = {name: i for i, name in enumerate(identity["classes"])}
 
+    no_class = {"archive": NO_CLASS_ARCHIVE, "file": NO_LABEL}.get(settings.labels, NO_CLASS)
+
     def label_of(ref: InputRef):
-        if settings.labels != "folder":
-            return None
+        if settings.labels == "none" or ref.rejected:
+            return None  # a reason already known (a damaged archive) says more than its class
         if ref.label is None:
-            return NO_CLASS
+            return no_class
         index = class_of.get(ref.label)
         return index if index is not None else f"class not in --classes: {ref.label}"
 

@@ -1,13 +1,16 @@
 """The classes of a labelled build: read from ``--classes FILE``, or found in the sources (a
-folder's first-level sub-folders, the labels of a list's or an archive's entries)."""
+folder's first-level sub-folders, the labels of a list's or an archive's entries, the class
+archives of an archive of archives)."""
 
 from __future__ import annotations
 
 import os
-from typing import Iterable, Sequence
+from typing import Iterable, Optional, Sequence
 
 from . import BuildError
 from .inputs import iter_part, printable, source_kind
+from .labelfile import read_labels
+from .nested import archive_classes
 
 __all__ = ["read_classes", "find_classes"]
 
@@ -34,14 +37,25 @@ def read_classes(path: str) -> list[str]:
     return names
 
 
-def find_classes(sources: Sequence[str], labels: str, skip: Iterable[str] = ()) -> list[str]:
-    """The sorted class names of a ``--labels folder`` build.
+def find_classes(
+    sources: Sequence[str],
+    labels: str,
+    skip: Iterable[str] = (),
+    labels_file: Optional[str] = None,
+) -> list[str]:
+    """The sorted class names of a labelled build (``--labels folder``, ``archive``, a
+    ``--labels-file``).
 
     A source folder's first-level sub-folders are its classes (one listing); list
     files and archives are read through once, holding only the set of names. A
     multi-part build at scale passes ``--classes`` instead, or lets the Ray
-    executor find them once for every part.
+    executor find them once for every part. An archive of class archives costs only its own
+    headers (``nested.archive_classes``).
     """
+    if labels == "archive":
+        return archive_classes(sources)
+    if labels_file is not None:  # its classes, whichever the sources hold
+        return sorted(set(read_labels(labels_file).values()))
     if labels != "folder":
         return []
     skipped = {os.path.realpath(p) for p in skip}

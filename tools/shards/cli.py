@@ -66,8 +66,8 @@ class BuildCommand:
             raise BuildError("--ray-address needs --executor ray")
         if self.workers is not None and self.workers < 0:
             raise BuildError(f"--workers must be 0 or more, got {self.workers}")
-        if self.classes is not None and self.settings.labels != "folder":
-            raise BuildError("--classes needs --labels folder")
+        if self.classes is not None and self.settings.labels == "none":
+            raise BuildError("--classes needs --labels folder or archive, or --labels-file")
         if self.no_shuffle:
             self.settings = dataclasses.replace(self.settings, shuffle_seed=None)
 

@@ -66,7 +66,7 @@ def build_on_ray(
     class_list = (
         list(classes)
         if classes is not None
-        else find_classes(list(sources), settings.labels, skip=[str(out)])
+        else find_classes(list(sources), settings.labels, [str(out)], settings.labels_file)
     )
     started_here = not ray.is_initialized()
     if started_here:

@@ -47,6 +47,8 @@ build was given it, so the same dump under another mount point packed in another
 _BLOCKS_PER_PART = 256
 _MIN_BLOCK_BYTES = 256
 _MAX_BLOCK_BYTES = 1 << 20
+# A flat archive's .tar member would be rejected as "not an image": say what reads its members.
+_NESTED = "an archive in an archive: --labels archive reads SRC.tar holding CLASS.tar archives"
 _MAX_LINE_BYTES = 1 << 16
 """The longest line of a list file read as an entry; a longer one is rejected, read in pieces."""
 
@@ -314,7 +316,7 @@ def _tar_members(path: str, labels: str, src: Optional[int]) -> Iterator[InputRe
                         member.offset_data,
                         member.size,
                         label,
-                        None,
+                        _NESTED if member_name.lower().endswith(TAR_SUFFIXES) else None,
                         named(member_name),
                         src,
                     )

@@ -3,6 +3,7 @@ build reports. The settings are recorded in every manifest and compared on resum
 
 from __future__ import annotations
 
+import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Optional
@@ -12,9 +13,21 @@ from ...common.options import FLAT, option
 from . import BuildError
 from .imageprep import PrepSettings
 
-__all__ = ["BuildSettings", "BuildReport", "DEFAULT_MAX_INPUT_BYTES", "NO_CLASS"]
+__all__ = [
+    "BuildSettings",
+    "BuildReport",
+    "DEFAULT_MAX_INPUT_BYTES",
+    "NO_CLASS",
+    "NO_CLASS_ARCHIVE",
+    "NO_LABEL",
+]
 
 NO_CLASS = "no class folder (--labels folder needs SRC/CLASS/...)"
+NO_CLASS_ARCHIVE = (
+    "not in a class archive (--labels archive reads SRC.tar holding CLASS.tar archives; "
+    "a flat archive of class folders takes --labels folder)"
+)
+NO_LABEL = "no label in --labels-file"
 DEFAULT_MAX_INPUT_BYTES = 256 * 1024**2
 
 
@@ -24,8 +37,13 @@ class BuildSettings:
 
     name: str = "shard"
     """Shard file prefix: NAME-000000.tar."""
-    labels: str = option("none", choices=["none", "folder"])
-    """'folder': first-level sub-folder names (or a .csv list's labels) are the classes (KEY.cls)."""
+    labels: str = option("none", choices=["none", "folder", "archive", "file"])
+    """'folder': first-level sub-folder names (or a .csv list's labels) are the classes (KEY.cls);
+    'archive': each SRC.tar holds CLASS.tar archives (ImageNet's training archive), read in place;
+    'file': --labels-file's (implied by it)."""
+    labels_file: Optional[str] = option(None, metavar="FILE")
+    """NAME,CLASS rows giving each image its class by its file name, with or without extension
+    (a validation archive's labels; LOC_val_solution.csv reads as it is)."""
     max_count: int = option(10000, metavar="N")
     """Samples per shard at most."""
     max_bytes: Optional[int] = option(None, metavar="SIZE", parse=parse_bytes)
@@ -44,8 +62,18 @@ class BuildSettings:
     def __post_init__(self) -> None:
         if not self.name or any(c in self.name for c in "./ \t"):
             raise BuildError(f"--name {self.name!r}: use a name without dots, slashes or spaces")
-        if self.labels not in ("none", "folder"):
-            raise BuildError(f"--labels must be 'none' or 'folder', got {self.labels!r}")
+        if self.labels not in ("none", "folder", "archive", "file"):
+            raise BuildError(
+                f"--labels must be 'none', 'folder', 'archive' or 'file', got {self.labels!r}"
+            )
+        if self.labels_file is not None and self.labels == "none":
+            object.__setattr__(self, "labels", "file")  # the file says it: no second flag
+        if (self.labels == "file") != (self.labels_file is not None):
+            raise BuildError(
+                f"--labels-file gives the classes: drop --labels {self.labels}"
+                if self.labels_file is not None
+                else "--labels file needs --labels-file FILE"
+            )
         if self.max_count < 1:
             raise BuildError(f"--max-count must be at least 1, got {self.max_count}")
         if self.max_bytes is not None and self.max_bytes < 4096:
@@ -63,6 +91,12 @@ class BuildSettings:
         """The settings as recorded in manifests and compared on resume and merge."""
         d = asdict(self)
         d.update(d.pop("prep"))
+        if self.labels_file is None:
+            del d["labels_file"]  # recorded as before there was one, so older builds resume
+        else:
+            # Its name only, so the same build from another mount point merges; its labels are
+            # in the input digest.
+            d["labels_file"] = os.path.basename(self.labels_file)
         return d
 
 

@@ -24,7 +24,7 @@ from typing import Optional, Sequence
 from ...common.commandline import Parser, add_flags, from_flags
 from ...common.files import unwritable, write_json_atomic
 from ...common.options import FLAT, OptionError, option
-from ...pipeline.shards import ShardError
+from ...pipeline.shards import ShardError, load_manifest
 from .protocol import EvalViews, LinearConfig
 
 __all__ = ["main", "Source", "Inputs", "KnnOptions", "LinearOptions", "ExportOptions"]
@@ -127,7 +127,20 @@ def _sizes(views: EvalViews, info) -> EvalViews:
     return dataclasses.replace(views, size=size, resize=resize)
 
 
+def _labelled(inputs: Inputs, mode: str) -> None:
+    """Both folders hold labelled shards, known from their manifests alone: an unlabelled folder
+    is refused before a checkpoint is loaded or a pipeline built."""
+    for name, folder in (("--train", inputs.train), ("--val", inputs.val)):
+        if not load_manifest(folder).classes:
+            raise ValueError(
+                f"{name} {folder}: the shards have no labels (its manifest names no class); "
+                f"moco-eval {mode} needs labelled shards (build with --labels folder or archive, "
+                "or --labels-file)"
+            )
+
+
 def _knn(opts: KnnOptions) -> dict:
+    _labelled(opts.inputs, "knn")
     # Imported lazily: torch and DALI load after the command line is checked.
     import torch
 
@@ -177,6 +190,7 @@ def _knn(opts: KnnOptions) -> dict:
 
 
 def _linear(opts: LinearOptions) -> dict:
+    _labelled(opts.inputs, "linear")
     # Imported lazily: torch and DALI load after the command line is checked.
     from .linear import linear_probe
     from .pretrained import load_encoder
