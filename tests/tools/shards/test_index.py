@@ -188,31 +188,33 @@ def test_labels_come_from_the_cls_members(dump, tmp_path, capsys):
     assert read_keys(out, labels=True) == [(f"{i:010d}", i % 3) for i in range(12, 24)]
 
 
-def test_a_list_file_names_the_tars_and_parts_split_them(dump, tmp_path, capsys):
-    data, _ = dump
+def test_a_list_file_names_the_tars_and_parts_merge_into_one_folder(dump, tmp_path, capsys):
+    data, keys = dump
+    small = tmp_path / "small"
+    small.mkdir()
+    keys = keys + img2dataset_tar(small / "00002.tar", 24, 2)  # classes 0 and 1 only
     listing = tmp_path / "tars.txt"
-    listing.write_text(f"# img2dataset output\n{data / '00000.tar'}\n\n{data / '00001.tar'}\n")
-    counts = []
-    for part in (0, 1):
-        out = tmp_path / "parts"
-        code, _, err = run(
-            capsys,
-            "index",
-            str(listing),
-            "--out",
-            str(out),
-            "--num-parts",
-            "2",
-            "--part",
-            str(part),
-        )
+    listing.write_text(
+        f"# img2dataset output\n{data / '00000.tar'}\n\n{data / '00001.tar'}\nsmall/00002.tar\n"
+    )
+    out = tmp_path / "parts"
+    parts = []
+    for part in range(3):
+        argv = ["--out", str(out), "--labels", "cls", "--num-parts", "3", "--part", str(part)]
+        code, _, err = run(capsys, "index", str(listing), *argv)
         assert code == 0, err
-        counts.append(json.loads((out / f"manifest.part-000{part}-of-0002.json").read_text()))
-    assert [c["samples"] for c in counts] == [7, 12]
-    assert [c["shards"][0]["index"] for c in counts] == [
-        "shard-part0000-000000.idx",
-        "shard-part0001-000000.idx",
-    ]
+        parts.append(json.loads((out / f"manifest.part-000{part}-of-0003.json").read_text()))
+    assert [p["samples"] for p in parts] == [7, 12, 2]
+    assert [p["classes"] for p in parts] == [["0", "1", "2"]] * 2 + [["0", "1"]]
+    assert parts[2]["shards"][0]["index"] == "shard-part0002-000000.idx"
+    code, said, err = run(capsys, "merge", str(out))
+    assert code == 0, err
+    merged = shards.load_manifest(out)
+    assert merged.indexed and merged.samples == 21 and merged.data["inputs"] == 26
+    assert merged.classes == ["0", "1", "2"]
+    assert merged.data["class_counts"] == {"0": 8, "1": 7, "2": 6}
+    assert run(capsys, "verify", str(out), "--no-progress")[0] == 0
+    assert read_keys(out, labels=True) == sorted((k, int(k) % 3) for k in keys)
 
 
 def test_a_tar_changed_after_indexing_is_refused_by_readers(dump, tmp_path, capsys):
