@@ -62,10 +62,19 @@ class IndexCommand:
     """Split the tars into P disjoint parts (tar i goes to part i mod P)."""
     part: int = option(0, metavar="I")
     """Index part I of P (0-based); 'moco-shards merge' makes one manifest of the parts."""
+    executor: str = option("local", choices=["local", "ray"])
+    """'local': this process indexes one part; 'ray': every part as a Ray task (--out on a
+    shared file system), then merged."""
+    ray_address: Optional[str] = option(None, metavar="ADDR")
+    """With --executor ray: the cluster to join (default: start Ray on this machine)."""
     strict: bool = False
     """Exit 1 if any sample was rejected."""
 
     def __post_init__(self) -> None:
+        if self.executor == "ray" and self.part:
+            raise BuildError("--part: --executor ray indexes every part; give --num-parts only")
+        if self.executor == "local" and self.ray_address:
+            raise BuildError("--ray-address needs --executor ray")
         if not self.name or any(c in self.name for c in "./ \t"):
             raise BuildError(f"--name {self.name!r}: use a name without dots, slashes or spaces")
         if not 1 <= self.num_parts <= 9999:

@@ -399,3 +399,40 @@ def test_the_reference_pipeline_reads_what_dali_reads(indexed):
     batches = list(reference_loader(indexed, v2(size=16), batch_size=19, workers=0))
     assert [tuple(view.shape) for view in batches[0]] == [(19, 3, 16, 16)] * 2
     assert len(batches) == 1
+
+
+def test_parts_on_ray_give_the_index_of_parts_made_one_by_one(dump, tmp_path, capsys):
+    pytest.importorskip("ray")
+    data, keys = dump
+    tars = [str(data / "00000.tar"), str(data / "00001.tar")]
+    for argv, message in (
+        (["--num-parts", "2", "--part", "1", "--executor", "ray"], "--executor ray indexes every"),
+        (["--ray-address", "auto"], "--ray-address needs --executor ray"),
+    ):
+        code, _, err = run(capsys, "index", *tars, "--out", str(tmp_path / "x"), *argv)
+        assert code == 2 and message in err
+    out = tmp_path / "ray"
+    code, said, err = run(
+        capsys, "index", *tars, "--out", str(out), "--num-parts", "2", "--executor", "ray"
+    )
+    assert code == 0, err
+    assert said.startswith(
+        "moco-shards index: 2 parts on Ray: 2 tars, 24 samples found -> 19 indexed"
+    )
+    local = tmp_path / "local"
+    for part in range(2):
+        assert (
+            run(
+                capsys, "index", *tars, "--out", str(local), "--num-parts", "2", "--part", str(part)
+            )[0]
+            == 0
+        )
+    assert run(capsys, "merge", str(local))[0] == 0
+    for name in (
+        "manifest.json",
+        "rejected.jsonl",
+        "shard-part0000-000000.idx",
+        "shard-part0001-000000.idx",
+    ):
+        assert (out / name).read_bytes() == (local / name).read_bytes(), name
+    assert read_keys(out) == [(key, -1) for key in sorted(keys)]
