@@ -343,6 +343,9 @@ def _index_locked(
             stem = shards.shard_stem(cmd.name, len(entries), part)
             shard, found = _index_tar(tar, staging / f"{stem}.idx", cmd.labels, reject)
             report.inputs += found
+            report.bytes += (
+                tar.stat().st_size
+            )  # every tar is read, whether it holds a sample or not
             if shard is None:
                 continue
             shard.entry["tar"] = os.path.relpath(os.path.abspath(tar), os.path.abspath(out))
@@ -351,7 +354,6 @@ def _index_locked(
             for label, count in shard.class_counts.items():
                 class_counts[label] = class_counts.get(label, 0) + count
             report.samples += shard.samples
-            report.bytes += shard.entry["bytes"]
     if not report.tars:
         raise BuildError(f"part {cmd.part} of {cmd.num_parts} holds no tar; give more tars")
     classes = [str(i) for i in range(max(class_counts) + 1)] if class_counts else []
