@@ -24,7 +24,7 @@ from typing import Iterator, Optional
 
 import simplejpeg
 
-from ...common.files import write_json_atomic
+from ...common.files import write_atomic
 from ...common.lock import FolderInUse, FolderLock
 from ...common.options import option
 from ...pipeline import shards
@@ -110,24 +110,27 @@ class IndexReport:
 # --------------------------------------------------------------------------- sources
 
 
-def _tars(sources: list[str], num_parts: int, part: int) -> Iterator[Path]:
-    """The tars of this part, in source order; a list file is read a line at a time."""
+def _tars(sources: list[str], num_parts: int, part: int) -> Iterator[str]:
+    """The tars of this part, in source order; a list file is read a line at a time.
+
+    Paths per tar are strings: ``pathlib`` interns every name it parses, and the interned table
+    would grow with the number of tars.
+    """
     position = 0
     for src in sources:
-        path = Path(src)
-        if path.suffix.lower() in LIST_SUFFIXES:
-            entries = _list_entries(path)
+        if Path(src).suffix.lower() in LIST_SUFFIXES:
+            entries = _list_entries(Path(src))
         else:
-            entries = iter([path])
+            entries = iter([src])
         for tar in entries:
             if position % num_parts == part:
-                if not tar.is_file():
-                    raise BuildError(f"{printable(str(tar))}: no such tar file")
+                if not os.path.isfile(tar):
+                    raise BuildError(f"{printable(tar)}: no such tar file")
                 yield tar
             position += 1
 
 
-def _list_entries(path: Path) -> Iterator[Path]:
+def _list_entries(path: Path) -> Iterator[str]:
     try:
         with open(path, "rb") as lines:
             for lineno, raw in enumerate(lines, start=1):
@@ -135,7 +138,7 @@ def _list_entries(path: Path) -> Iterator[Path]:
                 if line and not line.startswith(b"#"):
                     if b"\0" in line:
                         raise BuildError(f"{path}: line {lineno}: a NUL character")
-                    yield path.parent / os.fsdecode(line)
+                    yield os.path.join(path.parent, os.fsdecode(line))
     except OSError as exc:
         raise BuildError(f"{path}: cannot read: {exc.strerror or exc}") from None
 
@@ -191,7 +194,13 @@ def _judge(members: list[Member], labels: str, seen: set[str]) -> tuple[Optional
     if key in seen:
         return f"key repeats: {printable(key)} has members apart in the tar", -1
     seen.add(key)
-    if "." in key or ("jpg" not in exts and any("." in e for e in exts)):
+    if "." in key:
+        return (
+            f"key split at a dot: {printable(key)} holds one in a folder name, and a shard reader "
+            f"takes a key up to the first dot",
+            -1,
+        )
+    if "jpg" not in exts and any("." in e for e in exts):
         dotted = [e for e in exts if "." in e] or exts
         ext = next((e for e in dotted if e.endswith(".jpg")), dotted[0])
         return (
@@ -255,7 +264,7 @@ class _Shard:
     class_counts: dict[int, int]
 
 
-def _index_tar(tar: Path, idx_tmp: Path, labels: str, reject) -> tuple[Optional[_Shard], int]:
+def _index_tar(tar: str, idx_tmp: str, labels: str, reject) -> tuple[Optional[_Shard], int]:
     """Index one tar into ``idx_tmp``: the shard (None when it holds no sample the pipeline can
     read) and the number of samples found in it."""
     wanted = ("jpg", "cls") if labels == "cls" else ("jpg",)
@@ -282,7 +291,8 @@ def _index_tar(tar: Path, idx_tmp: Path, labels: str, reject) -> tuple[Optional[
     if not lines:
         return None, found
     text = (shards.index_header(len(lines)) + "".join(lines)).encode()
-    idx_tmp.write_bytes(text)
+    with open(idx_tmp, "wb") as f:
+        f.write(text)
     entry = {
         "tar": "",  # filled by the caller: it knows where the manifest lies
         "index": "",
@@ -330,8 +340,14 @@ def _index_locked(
     report = IndexReport()
     reasons: dict[str, int] = {}
     rejected_file = shards.rejected_name(part, cmd.num_parts if cmd.is_part else None)
-    entries, class_counts = [], {}
-    with open(staging / rejected_file, "w", encoding="utf-8") as log:
+    class_counts: dict[int, int] = {}
+    # Shard entries go to disk as they come, as rejected samples do: memory does not grow with
+    # the number of tars (the manifest is written from this file, a line at a time).
+    entries = staging / ".shards.jsonl"
+    with (
+        open(staging / rejected_file, "w", encoding="utf-8") as log,
+        open(entries, "w", encoding="utf-8") as entry_log,
+    ):
 
         def reject(what: str, reason: str) -> None:
             log.write(json.dumps({"input": printable(what), "reason": reason}) + "\n")
@@ -340,17 +356,17 @@ def _index_locked(
 
         for tar in _tars(cmd.sources, cmd.num_parts, cmd.part):
             report.tars += 1
-            stem = shards.shard_stem(cmd.name, len(entries), part)
-            shard, found = _index_tar(tar, staging / f"{stem}.idx", cmd.labels, reject)
+            stem = shards.shard_stem(cmd.name, report.shards, part)
+            idx = os.path.join(staging, f"{stem}.idx")
+            shard, found = _index_tar(tar, idx, cmd.labels, reject)
             report.inputs += found
-            report.bytes += (
-                tar.stat().st_size
-            )  # every tar is read, whether it holds a sample or not
+            report.bytes += os.path.getsize(tar)  # read whether it holds a sample or not
             if shard is None:
                 continue
             shard.entry["tar"] = os.path.relpath(os.path.abspath(tar), os.path.abspath(out))
             shard.entry["index"] = f"{stem}.idx"
-            entries.append(shard.entry)
+            entry_log.write(json.dumps(shard.entry, sort_keys=True) + "\n")
+            report.shards += 1
             for label, count in shard.class_counts.items():
                 class_counts[label] = class_counts.get(label, 0) + count
             report.samples += shard.samples
@@ -368,7 +384,6 @@ def _index_locked(
         "reencoded": 0,
         "classes": classes,
         "class_counts": {c: class_counts.get(i, 0) for i, c in enumerate(classes)},
-        "shards": entries,
         "rejected": report.rejected,
         "rejected_reasons": dict(sorted(reasons.items())),
         "rejected_file": rejected_file,
@@ -394,11 +409,21 @@ def _index_locked(
     }
     if report.samples + report.rejected != report.inputs:
         raise AssertionError("accounting broke: samples + rejected != samples found")
-    for entry in entries:
-        os.replace(staging / entry["index"], out / entry["index"])
+    for number in range(report.shards):
+        index_file = f"{shards.shard_stem(cmd.name, number, part)}.idx"
+        os.replace(os.path.join(staging, index_file), os.path.join(out, index_file))
     os.replace(staging / rejected_file, out / rejected_file)
     name = shards.part_manifest_name(part, cmd.num_parts) if cmd.is_part else shards.MANIFEST_NAME
-    report.manifest_path = write_json_atomic(out / name, manifest)
-    report.shards = len(entries)
+    report.manifest_path = write_atomic(out / name, lambda f: _write_manifest(f, manifest, entries))
     report.seconds = time.monotonic() - started
     return report
+
+
+def _write_manifest(f, manifest: dict, entries: Path) -> None:
+    """The manifest as indented JSON with its ``shards`` last, one entry a line, read from disk."""
+    head = json.dumps(manifest, indent=1, sort_keys=True)
+    f.write(head[: head.rindex("\n")].encode() + b',\n "shards": [')
+    with open(entries, "rb") as lines:
+        for i, line in enumerate(lines):
+            f.write((b",\n  " if i else b"\n  ") + line.rstrip(b"\n"))
+    f.write(b"\n ]\n}\n")

@@ -14,7 +14,6 @@ from __future__ import annotations
 import hashlib
 import os
 from dataclasses import dataclass
-from pathlib import Path
 from typing import BinaryIO, Callable, Iterator, Optional
 
 from ...pipeline.shards import TAR_BLOCK
@@ -71,9 +70,13 @@ class TarWalk:
     """
 
     def __init__(
-        self, path: Path, wanted: Callable[[str], bool], max_data_bytes: int = 256 << 20
+        self,
+        path: str | os.PathLike,
+        wanted: Callable[[str], bool],
+        max_data_bytes: int = 256 << 20,
     ) -> None:
-        self.path, self.wanted, self.max_data_bytes = Path(path), wanted, max_data_bytes
+        # Kept as given: a str per tar does not grow pathlib's table of interned names.
+        self.path, self.wanted, self.max_data_bytes = path, wanted, max_data_bytes
         self.size = 0
         self.sha256 = ""
         self._hash = hashlib.sha256()

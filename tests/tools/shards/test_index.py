@@ -436,3 +436,29 @@ def test_parts_on_ray_give_the_index_of_parts_made_one_by_one(dump, tmp_path, ca
     ):
         assert (out / name).read_bytes() == (local / name).read_bytes(), name
     assert read_keys(out) == [(key, -1) for key in sorted(keys)]
+
+
+def test_memory_does_not_grow_with_the_number_of_tars(tmp_path):
+    """A listing read a line at a time, shard entries and rejections streamed to disk: ten times
+    the tars cost no more memory (the old variant held every entry and the manifest's text,
+    about 2.5 KB per tar)."""
+    import tracemalloc
+
+    from moco_dali.tools.shards.index import IndexCommand, index
+
+    jpeg = baseline_jpeg(16, 16)
+    peaks = []
+    for count in (300, 3000):
+        listing = tmp_path / f"tars{count}.txt"
+        with open(listing, "w") as names:
+            for i in range(count):
+                names.write(
+                    str(tar_with(tmp_path / f"{count}-{i}.tar", [(f"{i:09d}.jpg", None, jpeg)]))
+                    + "\n"
+                )
+        tracemalloc.start()
+        report = index(IndexCommand(sources=[str(listing)], out=str(tmp_path / f"out{count}")))
+        peaks.append(tracemalloc.get_traced_memory()[1])
+        tracemalloc.stop()
+        assert report.shards == report.samples == count
+    assert peaks[1] - peaks[0] < 512 * 1024, peaks
