@@ -3,7 +3,8 @@
 ``verify`` trusts nothing: it recomputes every hash, compares every index line with
 the tar headers, then reads and decodes every sample through DALI exactly as
 training will, and stops at the first fault, naming the shard and key.
-``inspect`` reads only the manifest and the small ``KEY.json`` members.
+``inspect`` reads only the manifest and the small ``KEY.json`` members (in a folder of tars
+indexed in place, whose ``.json`` is their writer's, the head of each ``KEY.jpg`` for its size).
 """
 
 from __future__ import annotations

@@ -281,6 +281,7 @@ def test_each_kind_of_unreadable_sample_is_rejected_with_its_reason(tmp_path, ca
             ("k8.jpg", None, jpeg),
             ("k8.cls", None, b"2"),
             ("d" * 120 + ".jpg", None, jpeg),
+            ("dir.v2/k9.jpg", None, jpeg),
         ],
     )
     out = tmp_path / "out"
@@ -297,14 +298,15 @@ def test_each_kind_of_unreadable_sample_is_rejected_with_its_reason(tmp_path, ca
         "k6": "no class",
         "k7": "no class",
         "d" * 120: "name not in its tar header",
+        "dir.v2/k9": "key split at a dot",  # DALI keeps it whole; a shard reader would not
     }
     assert (
         reasons["k2"]
         == f"too many pixels: declares 20000x20000 = 400000000, over {shards.MAX_PIXELS}"
     )
-    assert said.startswith("moco-shards index: 1 tars, 10 samples found -> 1 indexed")
+    assert said.startswith("moco-shards index: 1 tars, 11 samples found -> 1 indexed")
     manifest = shards.load_manifest(out)
-    assert manifest.samples + manifest.data["rejected"] == manifest.data["inputs"] == 10
+    assert manifest.samples + manifest.data["rejected"] == manifest.data["inputs"] == 11
     assert [m[3] for m in shards.read_index(out / "shard-000000.idx")[0]] == ["k8.jpg", "k8.cls"]
 
 
