@@ -30,7 +30,7 @@ from ...train.config import Config
 from . import BuildError
 from .build import build
 from .classes import read_classes
-from .index import IndexCommand, IndexReport, index
+from .index import IndexCommand, index
 from .merge import merge
 from .settings import BuildSettings
 
@@ -200,14 +200,9 @@ def _index(cmd: IndexCommand) -> int:
     if cmd.executor == "ray":
         from .executor import index_on_ray  # lazily, as for build
 
-        manifest, reports = index_on_ray(cmd)
-        report = IndexReport(manifest_path=manifest)
-        for r in reports:
-            for name in ("tars", "shards", "inputs", "samples", "rejected", "bytes"):
-                setattr(report, name, getattr(report, name) + getattr(r, name))
-        report.seconds = max(r.seconds for r in reports)
-        log_name = manifest.parent / shards.REJECTED_NAME
-        print(f"moco-shards index: {len(reports)} parts on Ray: {report.summary()}")
+        report = index_on_ray(cmd)
+        log_name = report.manifest_path.parent / shards.REJECTED_NAME
+        print(f"moco-shards index: {cmd.num_parts} parts on Ray: {report.summary()}")
     else:
         report = index(cmd)
         print(f"moco-shards index: {report.summary()}")

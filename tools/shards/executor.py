@@ -125,19 +125,24 @@ def on_ray(
     return results
 
 
-def index_on_ray(
-    cmd: IndexCommand, *, num_cpus: Optional[int] = None
-) -> tuple[Path, list[IndexReport]]:
+def index_on_ray(cmd: IndexCommand, *, num_cpus: Optional[int] = None) -> IndexReport:
     """Index parts 0..P-1 of ``cmd.num_parts`` as Ray tasks into ``cmd.out`` and merge them.
 
     Each task reads its tars in its own process (one CPU): indexing is a sequential read and a
-    hash, with nothing to share between processes.
+    hash, with nothing to share between processes. Returns the parts' reports summed, with the
+    merged manifest's path and the slowest part's time.
     """
     calls = [
         (dataclasses.replace(cmd, part=part, executor="local", ray_address=None),)
         for part in range(cmd.num_parts)
     ]
     reports = on_ray(index, calls, cmd.ray_address, num_cpus, 1)
-    if cmd.num_parts == 1:  # one part writes manifest.json itself
-        return Path(cmd.out) / shards.MANIFEST_NAME, reports
-    return merge([cmd.out]), reports
+    total = IndexReport(seconds=max(r.seconds for r in reports))
+    for report in reports:
+        for name in ("tars", "shards", "inputs", "samples", "rejected", "bytes"):
+            setattr(total, name, getattr(total, name) + getattr(report, name))
+    # One part writes manifest.json itself; more are merged into one.
+    total.manifest_path = (
+        Path(cmd.out) / shards.MANIFEST_NAME if cmd.num_parts == 1 else merge([cmd.out])
+    )
+    return total

@@ -367,10 +367,14 @@ def test_bad_sources_and_options_end_in_one_line(dump, tmp_path, capsys):
     assert code == 2 and "--label-key" in err
 
 
-def test_every_sample_rejected_exits_1(tmp_path, capsys):
+def test_every_sample_rejected_exits_1_and_strict_any(dump, tmp_path, capsys):
     tar = tar_with(tmp_path / "webp.tar", [("k.webp", None, webp()), ("k.txt", None, b"x")])
     code, _, err = run(capsys, "index", str(tar), "--out", str(tmp_path / "out"))
     assert code == 1 and "every sample was rejected" in err
+    odd, good = (str(dump[0] / name) for name in ("00000.tar", "00001.tar"))
+    code, _, err = run(capsys, "index", odd, "--out", str(tmp_path / "strict"), "--strict")
+    assert code == 1 and err.startswith("moco-shards index: --strict: 5 samples rejected (see ")
+    assert run(capsys, "index", good, "--out", str(tmp_path / "clean"), "--strict")[0] == 0
 
 
 def test_moco_train_takes_a_few_steps_from_an_index(tmp_path, capsys):
