@@ -114,6 +114,22 @@ def reference_samples(urls: Sequence[str], *, workers: int, seed: int = 0) -> wd
     return dataset
 
 
+class _InIndex:
+    """Whether a sample is one its tar's index lists. A tar indexed in place (``moco-shards
+    index``) also holds samples the index leaves out (a ``.webp``, a broken header); the
+    reference reads what DALI reads. Holds the keys of the rank's shards (the baseline's cost)."""
+
+    def __init__(self, pairs):
+        self.keys = {
+            (str(tar), members[0][3].split(".")[0])
+            for tar, idx in pairs
+            for members in shards.read_index(idx)
+        }
+
+    def __call__(self, sample: dict) -> bool:
+        return (sample["__url__"], sample["__key__"]) in self.keys
+
+
 def reference_loader(
     folder,
     cfg: AugmentConfig,
@@ -134,11 +150,13 @@ def reference_loader(
     for; with ``repeat`` every worker loops over its share for ever (one loader for a
     whole benchmark, no restart between epochs), otherwise one epoch is yielded.
     """
-    _, pairs = shards.discover(folder)
+    manifest, pairs = shards.discover(folder)
     urls = [str(tar) for tar, _ in pairs][rank::world]
+    dataset = reference_samples(urls, workers=workers, seed=seed)
+    if manifest.indexed:
+        dataset = dataset.select(_InIndex(pairs[rank::world]))
     dataset = (
-        reference_samples(urls, workers=workers, seed=seed)
-        .shuffle(shuffle_buffer)
+        dataset.shuffle(shuffle_buffer)
         .decode(_stored_image)
         .to_tuple("jpg")
         .map_tuple(TwoCropsTransform(reference_transform(cfg)))

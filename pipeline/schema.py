@@ -90,6 +90,8 @@ class ManifestSchema(msgspec.Struct):
     sources: list[Label] = []
     input_digest: str = ""
     parts: list[dict[str, Any]] = []
+    indexed: bool = False
+    """Shards are tars written elsewhere, indexed in place (``moco-shards index``, version 3)."""
     order: Annotated[int, Meta(ge=1, le=1 << 16)] = 1
     """The naming rule the build packed by (``tools/shards/inputs.ORDER``); 1 when not written."""
 

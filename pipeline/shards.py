@@ -27,6 +27,7 @@ __all__ = [
     "STORED_FORMATS",
     "MAX_PIXELS",
     "FORMAT_VERSION",
+    "INDEXED_VERSION",
     "INDEX_VERSION",
     "MANIFEST_NAME",
     "ShardError",
@@ -41,6 +42,7 @@ __all__ = [
     "iter_members",
     "load_manifest",
     "tar_size_for_index",
+    "index_fits_tar",
     "TAR_BLOCK",
     "TAR_END",
     "open_shard",
@@ -51,7 +53,13 @@ FORMAT = "moco-dali-shards"
 # 2: ``rejected`` is a count (with ``rejected_reasons`` and ``rejected_file``) instead
 # of a list of every rejected input; shards, counts and classes are as in 1.
 FORMAT_VERSION = 2
-READABLE_VERSIONS = (1, 2)
+# 3: written by ``moco-shards index`` only (``indexed: true``): the shards are tars other tools
+# wrote, indexed where they lie. Their size is not fixed by their index (tarfile pads to
+# 10 KiB records; members the index leaves out may follow the last sample), so a reader checks
+# that the index ends inside the tar instead. A reader of version 2 would call every such shard
+# stale; the version makes it refuse the folder in one line instead.
+INDEXED_VERSION = 3
+READABLE_VERSIONS = (1, 2, 3)
 # The index layout that DALI's fn.readers.webdataset reads (the one its wds2idx writes):
 # a header "v1.2 N", then per sample "ext data_offset size member_name" repeated for
 # each of the sample's files.
@@ -188,6 +196,11 @@ class Manifest:
         """Samples per shard, in manifest order: all a rank holds about the whole folder."""
         return np.array([s["samples"] for s in self.data["shards"]], dtype=np.int64)
 
+    @property
+    def indexed(self) -> bool:
+        """Whether the shards are tars written elsewhere and indexed in place (``moco-shards index``)."""
+        return bool(self.data.get("indexed"))
+
     def entry(self, index: int) -> ShardEntry:
         """Shard ``index`` of the manifest, without building the whole list."""
         try:
@@ -196,6 +209,7 @@ class Manifest:
             raise ShardError(f"{self.root / MANIFEST_NAME}: shard entry {index}: {exc}") from None
 
     def path(self, relative: str) -> Path:
+        """A shard's file: paths are relative to the manifest's folder (``../`` for an indexed tar)."""
         return self.root / relative
 
 
@@ -233,6 +247,17 @@ def load_manifest(folder: str | os.PathLike, name: str = MANIFEST_NAME) -> Manif
 
 TAR_BLOCK = 512
 TAR_END = b"\0" * (2 * TAR_BLOCK)
+
+
+def index_fits_tar(samples: list, size: int, indexed: bool) -> bool:
+    """Whether an index (its samples, or its last one) can belong to a tar of ``size`` bytes.
+
+    A tar this project wrote has exactly ``tar_size_for_index``'s size; an indexed tar (written
+    elsewhere, maybe without end-of-archive blocks) only holds the index's last member.
+    """
+    if not indexed:
+        return tar_size_for_index(samples) == size
+    return tar_size_for_index(samples) - len(TAR_END) <= size
 
 
 def tar_size_for_index(samples: list[list[tuple[str, int, int, str]]]) -> int:
@@ -324,10 +349,13 @@ def open_shard(manifest: Manifest, entry: ShardEntry) -> tuple[Path, Path]:
     size = tar.stat().st_size
     if size != entry.bytes:
         raise ShardError(
-            f"{tar}: {size} bytes, the manifest says {entry.bytes}; the shard changed after the build"
+            f"{tar}: {size} bytes, the manifest says {entry.bytes}; the shard changed after the "
+            f"{'indexing' if manifest.indexed else 'build'}"
         )
     count, first, last = _index_ends(idx)
-    if count != entry.samples or tar_size_for_index([last] if count else []) != size:
+    if count != entry.samples or not index_fits_tar(
+        [last] if count else [], size, manifest.indexed
+    ):
         raise ShardError(f"{idx}: stale index, it does not match its shard {entry.tar}")
     if count and first[0][1] + first[0][2] > size:
         raise ShardError(
@@ -358,7 +386,9 @@ def discover(folder: str | os.PathLike) -> tuple[Manifest, list[tuple[Path, Path
     for entry in manifest.shards:
         tar, idx = open_shard(manifest, entry)
         samples = read_index(idx)
-        if len(samples) != entry.samples or tar_size_for_index(samples) != entry.bytes:
+        if len(samples) != entry.samples or not index_fits_tar(
+            samples, entry.bytes, manifest.indexed
+        ):
             raise ShardError(f"{idx}: stale index, it does not match its shard {entry.tar}")
         pairs.append((tar, idx))
     if not pairs:

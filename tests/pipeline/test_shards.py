@@ -186,3 +186,60 @@ def test_a_damaged_index_is_one_shard_error_naming_it(folder, old, new, message,
         with pytest.raises(ShardError, match=re.escape(message)) as refused:
             shards.read_index(idx)
         assert str(refused.value).startswith(f"{idx}: ")
+
+
+def _pad_first_tar(folder: Path, extra: bytes) -> Path:
+    """What other writers leave after the last member (tarfile pads to 10 KiB records)."""
+    tar = sorted(folder.glob("*.tar"))[0]
+    tar.write_bytes(tar.read_bytes() + extra)
+    return tar
+
+
+def test_a_padded_tar_is_stale_to_a_built_manifest_and_fine_to_an_indexed_one(folder):
+    tar = _pad_first_tar(folder, bytes(8192))
+    size = tar.stat().st_size
+    _edit_manifest(folder, lambda d: _shard0(d, bytes=size))
+    manifest = shards.load_manifest(folder)
+    with pytest.raises(ShardError, match="stale index"):  # a built tar's size is its index's
+        shards.open_shard(manifest, manifest.entry(0))
+    _edit_manifest(folder, lambda d: _with(d, version=shards.INDEXED_VERSION, indexed=True))
+    manifest = shards.load_manifest(folder)
+    assert manifest.indexed
+    assert shards.open_shard(manifest, manifest.entry(0))[0] == tar
+    assert len(shards.discover(folder)[1]) == 3
+
+
+def test_an_indexed_tar_changed_after_indexing_is_refused_in_one_line(folder):
+    _edit_manifest(folder, lambda d: _with(d, version=shards.INDEXED_VERSION, indexed=True))
+    tar = _pad_first_tar(folder, b"x")
+    manifest = shards.load_manifest(folder)
+    with pytest.raises(ShardError) as refused:
+        shards.open_shard(manifest, manifest.entry(0))
+    assert str(refused.value) == (
+        f"{tar}: {tar.stat().st_size} bytes, the manifest says {tar.stat().st_size - 1}; "
+        "the shard changed after the indexing"
+    )
+    # The same size with other bytes where the last member's header was: its header is checked.
+    tar.write_bytes(tar.read_bytes()[:-1])
+    last = shards.read_index(folder / manifest.entry(0).index)[-1][-1]
+    data = bytearray(tar.read_bytes())
+    data[last[1] - 512 : last[1] - 500] = b"renamed.jpg\0"
+    tar.write_bytes(bytes(data))
+    with pytest.raises(ShardError, match="stale index or changed shard"):
+        shards.open_shard(manifest, manifest.entry(0))
+
+
+def test_an_indexed_tar_may_lie_outside_the_manifest_folder(folder, tmp_path):
+    """``moco-shards index`` names a tar relative to the manifest, ``../`` and all."""
+    elsewhere = tmp_path / "data"
+    elsewhere.mkdir()
+    tar = sorted(folder.glob("*.tar"))[0]
+    moved = tar.rename(elsewhere / tar.name)
+    _edit_manifest(
+        folder,
+        lambda d: _shard0(
+            _with(d, version=shards.INDEXED_VERSION, indexed=True), tar=f"../data/{tar.name}"
+        ),
+    )
+    manifest = shards.load_manifest(folder)
+    assert shards.open_shard(manifest, manifest.entry(0))[0].resolve() == moved.resolve()

@@ -4,7 +4,7 @@ What is measured is the training tree, set as for ``moco-train`` (``--preset``, 
 ``--data.batch_size 256`` ...); how it is measured is ``BenchOptions``. Modes: ``pipeline``
 (view pairs/s, DALI against the torchvision loader), ``momentum`` (the update against the loop
 and the bandwidth floor), ``step`` and ``e2e`` (the training step on synthetic tensors, and end
-to end from shards), ``shards`` (the builder), ``views`` (each view operator's cost), ``scale``
+to end from shards), ``shards`` (the builder), ``index`` (index against build), ``views`` (each view operator's cost), ``scale``
 and ``scale-build`` (start-up and the builder as the data grows), ``all`` (one record); modes
 are modules of their own, docs/benchmarks.md says what each measures. Exit: 0 the record is
 made; 1 ``all`` made it but a mode failed (its error is in the record); 2 a user mistake, in
@@ -30,6 +30,7 @@ from ...train.cli import add_tree_arguments, tree_from_arguments
 from ...train.config import Config, ConfigError, check_batch
 from ...train.step import build_model, build_optimizer
 from .common import shards_for, synthetic_photos
+from .index import bench_index, print_index
 from .machine import describe
 from .momentum import bench_momentum, print_momentum
 from .options import MODES, OPTIONAL_MODES, BenchOptions, Measure, machine_defaults, mode_defaults
@@ -53,6 +54,7 @@ OPTIONS = {
     "step": COMMON + DATA,
     "e2e": COMMON + DATA,
     "shards": COMMON + ("synthetic", "photos", "build_workers"),
+    "index": COMMON + ("synthetic", "photos"),
     "scale": COMMON + ("root", "folders", "worlds", "pipeline_from"),
     "scale-build": COMMON + ("sizes", "parts", "kinds"),
     "all": COMMON + DATA + ("calls", "photos", "build_workers", "modes"),
@@ -65,6 +67,7 @@ HELP = {
     "step": "training step on synthetic tensors, ours vs reference",
     "e2e": "shards through the pipeline into the step",
     "shards": "moco-shards build vs PIL + webdataset.ShardWriter",
+    "index": "moco-shards index vs build on the same img2dataset-shaped tars",
     "scale": "per-rank start-up and memory as the data grows",
     "scale-build": "shard builder memory and time per part as the source grows",
     "all": "every mode, one record",
@@ -76,6 +79,7 @@ PRINT = {
     "step": print_step,
     "e2e": print_e2e,
     "shards": print_shards,
+    "index": print_index,
     "scale": print_scale,
     "scale-build": print_scale_build,
 }
@@ -88,6 +92,12 @@ def _shards(measure: Measure) -> dict:
     return bench_shards(photos, options.reps, workers, photoset=info)
 
 
+def _index(measure: Measure) -> dict:
+    options = measure.options
+    photos, info = (options.photos, None) if options.photos else synthetic_photos(measure)
+    return bench_index(photos, options.reps, photoset=info)
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = Parser(
         prog="moco-bench",
@@ -98,7 +108,7 @@ def _parser() -> argparse.ArgumentParser:
     for mode, names in OPTIONS.items():
         p = sub.add_parser(mode, help=HELP[mode], error_prefix="")
         add_flags(p, BenchOptions, only=names)
-        if mode not in ("shards", "scale-build"):  # what they measure is not a training run
+        if mode not in ("shards", "index", "scale-build"):  # what they measure is not training
             add_tree_arguments(p)
     return parser
 
@@ -141,7 +151,7 @@ def _check(mode: str, options: BenchOptions, trees: dict[str, Config], gpu: bool
                 str(exc) if str(exc).startswith(str(options.shards)) else f"{options.shards}: {exc}"
             )
             raise OptionError(f"--shards {where}") from None
-    if options.photos is not None and mode in ("shards", "all"):
+    if options.photos is not None and mode in ("shards", "index", "all"):
         if not options.photos.is_dir():
             raise OptionError(f"--photos {options.photos}: no such folder")
         if next(options.photos.glob("*.jpg"), None) is None:
@@ -202,6 +212,7 @@ def _run(mode: str, measure: Measure) -> dict:
         "scale": bench_scale,
         "scale-build": bench_scale_build,
         "shards": _shards,
+        "index": _index,
     }
     return runs[mode](measure)
 
@@ -261,7 +272,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         trees = {
             m: tree_from_arguments(args, defaults=mode_defaults(m, gpu))
             for m in _modes(mode, options)
-            if m not in ("shards", "scale-build")
+            if m not in ("shards", "index", "scale-build")
         }
         _check(mode, options, trees, gpu)
     except (OptionError, ValueError) as exc:

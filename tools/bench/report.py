@@ -107,6 +107,20 @@ class _Shards(_Mode, tag="shards"):
     results: _ShardsResults
 
 
+class _IndexRun(Struct):
+    img_per_s: Figure
+    peak_rss_mb: Figure
+
+
+class _IndexResults(Struct):
+    index: _IndexRun
+    build: _IndexRun
+
+
+class _Index(_Mode, tag="index"):
+    results: _IndexResults
+
+
 class _Predicted(Struct):
     first_batch_s: Figure
     peak_rss_GB: Figure
@@ -149,7 +163,7 @@ class _ScaleBuild(_Mode, tag="scale-build"):
                 _having(self.fits, "fits", name.replace("/streaming/", "/whole-listing/"))
 
 
-_ONE_MODE = Union[_Pipeline, _Views, _Momentum, _Step, _E2e, _Shards, _Scale, _ScaleBuild]
+_ONE_MODE = Union[_Pipeline, _Views, _Momentum, _Step, _E2e, _Shards, _Index, _Scale, _ScaleBuild]
 
 
 class _All(_Mode, tag="all"):
@@ -268,6 +282,24 @@ def headline(record: dict) -> list[dict]:
                 "labels": ["ours", "PIL + ShardWriter"],
             }
             for path in ("reencode", "passthrough")
+        ]
+    if mode == "index":  # the same tars made trainable: indexed in place, or built anew
+        r = record["results"]
+        return [
+            {
+                "figure": "img2dataset tars made trainable, img/s (1 process)",
+                "ours": r["index"]["img_per_s"],
+                "reference": r["build"]["img_per_s"],
+                "higher_is_better": True,
+                "labels": ["index", "build"],
+            },
+            {
+                "figure": "peak MB of that process",
+                "ours": r["index"]["peak_rss_mb"],
+                "reference": r["build"]["peak_rss_mb"],
+                "higher_is_better": False,
+                "labels": ["index", "build"],
+            },
         ]
     if mode == "scale":  # the fitted extrapolation to the target, beside the goal
         ex = record["extrapolation"]

@@ -1,4 +1,4 @@
-"""``moco-shards``: build, verify, inspect, preview and merge shard folders.
+"""``moco-shards``: build, index, verify, inspect, preview and merge shard folders.
 
 Each subcommand's options are a dataclass below (the build's own settings are
 ``BuildSettings``'s), bound by ``common.options``. The only place that turns the library's
@@ -22,6 +22,7 @@ from typing import Optional, Sequence
 from ...common.commandline import Parser, add_flags, from_flags
 from ...common.files import read_json
 from ...common.options import FLAT, OptionError, option
+from ...pipeline import shards
 from ...pipeline.schema import MAX_MANIFEST_BYTES
 from ...pipeline.shards import ShardError
 from ...train.cli import add_tree_arguments, tree_from_arguments
@@ -29,6 +30,7 @@ from ...train.config import Config
 from . import BuildError
 from .build import build
 from .classes import read_classes
+from .index import IndexCommand, index
 from .merge import merge
 from .settings import BuildSettings
 
@@ -120,6 +122,7 @@ class MergeCommand:
 
 COMMANDS = {
     "build": (BuildCommand, "pack images into shards"),
+    "index": (IndexCommand, "index WebDataset tars where they lie: index files and a manifest"),
     "verify": (VerifyCommand, "read and decode every sample through DALI; check hashes and counts"),
     "inspect": (InspectCommand, "print samples, shards, bytes, classes and resolutions"),
     "preview": (PreviewCommand, "write a PNG of stored images beside their two augmented views"),
@@ -193,9 +196,36 @@ def _build(cmd: BuildCommand) -> int:
     return 0
 
 
+def _index(cmd: IndexCommand) -> int:
+    if cmd.executor == "ray":
+        from .executor import index_on_ray  # lazily, as for build
+
+        report = index_on_ray(cmd)
+        log_name = report.manifest_path.parent / shards.REJECTED_NAME
+        print(f"moco-shards index: {cmd.num_parts} parts on Ray: {report.summary()}")
+    else:
+        report = index(cmd)
+        print(f"moco-shards index: {report.summary()}")
+        log_name = report.manifest_path.parent / shards.rejected_name(
+            *((cmd.part, cmd.num_parts) if cmd.is_part else ())
+        )
+    if report.inputs and not report.samples:
+        print(f"moco-shards index: every sample was rejected; see {log_name}", file=sys.stderr)
+        return 1
+    if cmd.strict and report.rejected:
+        print(
+            f"moco-shards index: --strict: {report.rejected} samples rejected (see {log_name})",
+            file=sys.stderr,
+        )
+        return 1
+    return 0
+
+
 def _run(command: str, cmd, args: argparse.Namespace) -> int:
     if command == "build":
         return _build(cmd)
+    if command == "index":
+        return _index(cmd)
     if command == "merge":
         print(f"moco-shards merge: wrote {merge(cmd.folders, cmd.out)}")
         return 0

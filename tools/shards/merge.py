@@ -28,10 +28,10 @@ def _read_part(path: Path) -> dict:
         data = read_json(path, "part manifest", max_bytes=MAX_MANIFEST_BYTES, error=BuildError)
         if not isinstance(data, dict) or data.get("format") != shards.FORMAT:
             raise BuildError(f"{path}: not a {shards.FORMAT} part manifest")
-        if data.get("version") != shards.FORMAT_VERSION:
+        if data.get("version") not in (shards.FORMAT_VERSION, shards.INDEXED_VERSION):
             raise BuildError(
                 f"{path}: part manifest version {data.get('version')}, this tool merges "
-                f"{shards.FORMAT_VERSION}"
+                f"{shards.FORMAT_VERSION} (built) and {shards.INDEXED_VERSION} (indexed)"
             )
         check_schema(data, PartManifestSchema, path, "part manifest", BuildError)
     except BuildError as exc:
@@ -76,7 +76,15 @@ def merge(folders: list[str], out: Optional[str] = None) -> Path:
 
     def identity(data: dict) -> tuple:
         settings = dict(data["settings"], part=None)
-        return data["name"], json.dumps(settings, sort_keys=True), data["classes"], data["sources"]
+        # An indexed part's classes are the .cls indices it met (0..its largest): parts differ.
+        classes = None if data.get("indexed") else data["classes"]
+        return (
+            data["name"],
+            data["version"],
+            json.dumps(settings, sort_keys=True),
+            classes,
+            data["sources"],
+        )
 
     for path, data in parts.values():
         if identity(data) != identity(first):
@@ -109,7 +117,8 @@ def merge(folders: list[str], out: Optional[str] = None) -> Path:
 
 def _write(out_dir: Path, parts: dict, first: dict, num_parts: int) -> Path:
     merged_shards, part_list = [], []
-    class_counts = dict.fromkeys(first["classes"], 0)
+    classes = max((data["classes"] for _, data in parts.values()), key=len)
+    class_counts = dict.fromkeys(classes, 0)
     reasons: dict[str, int] = {}
     rejected_path = out_dir / shards.REJECTED_NAME
     digest = hashlib.sha256()
@@ -147,6 +156,7 @@ def _write(out_dir: Path, parts: dict, first: dict, num_parts: int) -> Path:
         rejected=sum(parts[p][1]["rejected"] for p in parts),
         rejected_reasons=dict(sorted(reasons.items())),
         rejected_file=shards.REJECTED_NAME,
+        classes=classes,
         class_counts=class_counts,
         shards=merged_shards,
         parts=part_list,

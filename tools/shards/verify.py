@@ -3,7 +3,8 @@
 ``verify`` trusts nothing: it recomputes every hash, compares every index line with
 the tar headers, then reads and decodes every sample through DALI exactly as
 training will, and stops at the first fault, naming the shard and key.
-``inspect`` reads only the manifest and the small ``KEY.json`` members.
+``inspect`` reads only the manifest and the small ``KEY.json`` members (in a folder of tars
+indexed in place, whose ``.json`` is their writer's, the head of each ``KEY.jpg`` for its size).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
+import simplejpeg
 from tqdm import tqdm
 
 from ...pipeline import shards
@@ -57,13 +59,16 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def _check_index_against_tar(tar: Path, idx: Path, samples: list) -> None:
+def _check_index_against_tar(tar: Path, idx: Path, samples: list, indexed: bool) -> None:
     expected = [m for members in samples for m in members]
     try:
         with tarfile.open(tar, "r:") as archive:
             found = [(m.name, m.offset_data, m.size) for m in archive if m.isfile()]
     except (tarfile.TarError, OSError) as exc:
         raise ShardError(f"{tar}: not a readable tar archive: {exc}") from None
+    if indexed:  # a tar written elsewhere: the index names some of its members, in tar order
+        at = {offset: (name, offset, size) for name, offset, size in found}
+        found = [at.get(offset, ("no member", offset, -1)) for _, offset, _, _ in expected]
     if len(found) != len(expected):
         raise ShardError(
             f"{idx}: lists {len(expected)} files, the tar {tar.name} holds {len(found)}"
@@ -74,12 +79,29 @@ def _check_index_against_tar(tar: Path, idx: Path, samples: list) -> None:
                 f"{tar}: key {name.split('.')[0]}: index says {name} at {offset} ({size} bytes), "
                 f"the tar has {actual[0]} at {actual[1]} ({actual[2]} bytes)"
             )
+    needed = {"jpg"} if indexed else {"jpg", "json"}
     for members in samples:
-        exts = {m[0] for m in members}
-        if "jpg" not in exts or "json" not in exts:
+        if needed - {m[0] for m in members}:
             raise ShardError(
-                f"{tar}: key {members[0][3].split('.')[0]}: sample lacks .jpg or .json"
+                f"{tar}: key {members[0][3].split('.')[0]}: sample lacks "
+                f"{' or '.join('.' + e for e in sorted(needed))}"
             )
+
+
+_HEADER_BYTES = 1 << 16
+"""What is read of a JPEG for its size: its header, unless metadata segments make it longer."""
+
+
+def _header_size(tar: Path, key: str, offset: int, size: int) -> list[int]:
+    """``[width, height]`` from a stored JPEG's header (its first 64 KiB; the whole if need be)."""
+    with open(tar, "rb") as f:
+        f.seek(offset)
+        head = f.read(min(size, _HEADER_BYTES))
+        try:
+            height, width = simplejpeg.decode_jpeg_header(head)[:2]
+        except ValueError:
+            height, width = simplejpeg.decode_jpeg_header(head + f.read(size - len(head)))[:2]
+    return [width, height]
 
 
 def _scan_in_child(conn, tars, indexes, batch_size, num_threads, device_id) -> None:
@@ -173,7 +195,7 @@ def verify(
             raise ShardError(f"{tar}: sha256 differs from the manifest; the shard is corrupt")
         if hashlib.sha256(idx.read_bytes()).hexdigest() != entry.index_sha256:
             raise ShardError(f"{idx}: sha256 differs from the manifest; the index is corrupt")
-        _check_index_against_tar(tar, idx, shards.read_index(idx))
+        _check_index_against_tar(tar, idx, shards.read_index(idx), manifest.indexed)
     keys = list(shards.iter_members(pairs, "jpg"))  # ordinal -> (tar, key, offset, size)
 
     classes = manifest.classes
@@ -196,7 +218,12 @@ def verify(
                 )
             tar, key = keys[ordinal][:2]
             try:
-                size = json.loads(metadata)["size"]
+                # An indexed tar's .json is its writer's; the size checked is its JPEG header's.
+                size = (
+                    _header_size(*keys[ordinal])
+                    if manifest.indexed
+                    else json.loads(metadata)["size"]
+                )
             except (ValueError, KeyError, TypeError):
                 raise ShardError(f"{tar}: key {key}: unreadable {key}.json") from None
             if channels != 3 or [width, height] != size:
@@ -239,11 +266,14 @@ def inspect(folder: str | Path) -> dict:
     """Summary of a shard folder: counts, bytes, classes, rejections and resolutions."""
     manifest, pairs = shards.discover(folder)
     widths, heights, sizes = [], [], collections.Counter()
-    for tar, _, offset, size in shards.iter_members(pairs, "json"):
+    for tar, key, offset, size in shards.iter_members(pairs, "jpg" if manifest.indexed else "json"):
         try:
-            with open(tar, "rb") as f:
-                f.seek(offset)
-                w, h = json.loads(f.read(size))["size"]
+            if manifest.indexed:  # an indexed tar's .json is its writer's: the JPEG header says
+                w, h = _header_size(tar, key, offset, size)
+            else:
+                with open(tar, "rb") as f:
+                    f.seek(offset)
+                    w, h = json.loads(f.read(size))["size"]
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise ShardError(
                 f"{tar}: sample metadata at byte {offset} unreadable ({exc}); run moco-shards verify"

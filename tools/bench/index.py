@@ -1,0 +1,187 @@
+"""``moco-bench index``: ``moco-shards index`` against ``moco-shards build`` on the same tars.
+
+img2dataset-shaped tars (``KEY.jpg``, ``KEY.txt``, ``KEY.json``, 500 samples each, written by
+``webdataset.ShardWriter``) are made once from the photos; then, alternating, each contender
+runs in a fresh interpreter (importing only what it runs) on one core: ``index`` (the tars' headers, each JPEG's
+header, their sha256) and ``build`` with the tars as archive sources (``--reencode auto``: a
+clean JPEG is stored byte for byte after a strict decode; the ``.txt`` and ``.json`` members
+are rejected as inputs that are not images, which is what building such tars costs today).
+Per contender, medians of ``--reps``: images/s of its one process (images per core), images
+per CPU-second, and the process's peak RSS beside that of a process that only imported the
+same modules.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Optional
+
+from ..shards.build import build
+from ..shards.imageprep import PrepSettings
+from ..shards.index import IndexCommand, index
+from ..shards.settings import BuildSettings
+
+__all__ = ["bench_index", "print_index"]
+
+PER_TAR = 500
+
+
+def make_tars(photos: list[Path], out: Path) -> list[str]:
+    """The photos as img2dataset writes them: a caption and a metadata record beside each."""
+    import webdataset  # here, in the parent only: it imports torch, which a child must not count
+
+    out.mkdir(parents=True, exist_ok=True)
+    with webdataset.ShardWriter(str(out / "%05d.tar"), maxcount=PER_TAR, verbose=0) as sink:
+        for i, path in enumerate(photos):
+            key = f"{i:09d}"
+            meta = {"key": key, "status": "success", "url": f"https://example.org/{path.name}"}
+            sink.write(
+                {
+                    "__key__": key,
+                    "jpg": path.read_bytes(),
+                    "txt": f"a photograph, {path.stem}",
+                    "json": json.dumps(meta).encode(),
+                }
+            )
+    return sorted(str(p) for p in out.glob("*.tar"))
+
+
+def _contender(kind: str, out: str, tars: list[str]) -> dict:
+    """One run in this process: its wall and CPU time and its peak RSS."""
+    cpu = time.process_time()
+    wall = time.perf_counter()
+    if kind == "index":
+        images = index(IndexCommand(sources=tars, out=out)).samples
+    elif kind == "build":
+        settings = BuildSettings(max_count=PER_TAR, prep=PrepSettings(reencode="auto"))
+        images = build(tars, out, settings, workers=0, progress=False).samples
+    else:  # "idle": the imports alone, the floor under both peaks
+        images = 0
+    return {
+        "images": images,
+        "wall_s": time.perf_counter() - wall,
+        "cpu_s": time.process_time() - cpu,
+        "peak_rss_mb": _peak_rss_mb(),
+    }
+
+
+def _peak_rss_mb() -> float:
+    # The address space's high-water mark, which exec resets. getrusage's ru_maxrss is not: it
+    # keeps what the forked copy of moco-bench (torch loaded, ~800 MB) held before the exec.
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+# A fresh interpreter that imports this module only (not moco-bench's torch): its peak is the run's.
+_CHILD = (
+    "import json, sys; from moco_dali.tools.bench.index import _contender; "
+    "print(json.dumps(_contender(sys.argv[1], sys.argv[2], sys.argv[3:])))"
+)
+
+
+def _run(kind: str, tars: list[str], scratch: Path) -> dict:
+    out = scratch / f"{kind}-out"
+    try:
+        done = subprocess.run(
+            [sys.executable, "-c", _CHILD, kind, str(out), *tars],
+            capture_output=True,
+            text=True,
+            env={**os.environ, "OMP_NUM_THREADS": "1"},
+        )
+    finally:
+        shutil.rmtree(out, ignore_errors=True)
+    if done.returncode != 0:
+        lines = done.stderr.strip().splitlines() or [f"exit {done.returncode}"]
+        raise RuntimeError(f"the {kind} run failed: {lines[-1]}")
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    if result["images"]:
+        result["img_per_s"] = result["images"] / result["wall_s"]
+        result["img_per_cpu_s"] = result["images"] / result["cpu_s"]
+    return result
+
+
+def _median(runs: list[dict], key: str) -> float:
+    return statistics.median(r[key] for r in runs)
+
+
+def bench_index(photos: Path, reps: int, photoset: Optional[dict] = None) -> dict:
+    """Index against build over the same tars made of the JPEGs in ``photos``, alternating."""
+    files = sorted(photos.glob("*.jpg"))
+    if not files:
+        raise ValueError(f"{photos}: no *.jpg files to make tars of")
+    scratch = Path(tempfile.mkdtemp(prefix="indexbench-"))
+    try:
+        tars = make_tars(files, scratch / "tars")
+        tar_bytes = sum(os.path.getsize(t) for t in tars)
+        for tar in tars:  # page cache, so both read from memory
+            Path(tar).read_bytes()
+        runs: dict[str, list] = {"idle": [], "index": [], "build": []}
+        for rep in range(reps):
+            for kind in runs:
+                runs[kind].append(_run(kind, tars, scratch))
+                rate = runs[kind][-1].get("img_per_s", 0.0)
+                print(f"rep {rep} {kind:6s} {rate:8.0f} img/s", file=sys.stderr, flush=True)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    results = {
+        kind: {
+            "img_per_s": _median(r, "img_per_s"),
+            "img_per_s_min": min(x["img_per_s"] for x in r),
+            "img_per_s_max": max(x["img_per_s"] for x in r),
+            "img_per_cpu_s": _median(r, "img_per_cpu_s"),
+            "peak_rss_mb": _median(r, "peak_rss_mb"),
+            "runs": r,
+        }
+        for kind, r in runs.items()
+        if kind != "idle"
+    }
+    idle_mb = _median(runs["idle"], "peak_rss_mb")
+    return {
+        "mode": "index",
+        "benchmark": "index_vs_build",
+        "photos": {"count": len(files), "folder": str(photos)},
+        "photoset": photoset,
+        "tars": {"count": len(tars), "samples_per_tar": PER_TAR, "bytes": tar_bytes},
+        "reps": reps,
+        "ours": "moco-shards index TARS --out DIR (one process)",
+        "baseline": f"moco-shards build TARS --out DIR --max-count {PER_TAR} --workers 0 "
+        "(--reencode auto: pass-through after a strict decode)",
+        "results": results,
+        "idle_peak_rss_mb": idle_mb,
+        "figures": {
+            "index_vs_build_img_per_s": results["index"]["img_per_s"]
+            / results["build"]["img_per_s"],
+            "index_extra_rss_mb": results["index"]["peak_rss_mb"] - idle_mb,
+            "build_extra_rss_mb": results["build"]["peak_rss_mb"] - idle_mb,
+        },
+        # The machine is shared: other work's load over the last 1, 5 and 15 minutes, at the end.
+        "load_average_at_end": [round(x, 2) for x in os.getloadavg()],
+    }
+
+
+def print_index(record: dict) -> None:
+    results, tars = record["results"], record["tars"]
+    print(
+        f"index vs build, {record['photos']['count']} photos in {tars['count']} tars "
+        f"({tars['bytes'] / 1e6:.0f} MB), one process each ({record['machine']['cpu']}), "
+        f"median of {record['reps']}"
+    )
+    print(f"{'contender':10s} {'img/s':>8s} {'img/cpu-s':>10s} {'peak MB':>8s} {'over idle':>10s}")
+    for name, r in results.items():
+        extra = r["peak_rss_mb"] - record["idle_peak_rss_mb"]
+        print(
+            f"{name:10s} {r['img_per_s']:8.0f} {r['img_per_cpu_s']:10.0f} "
+            f"{r['peak_rss_mb']:8.0f} {extra:10.1f}"
+        )
+    print(f"index / build: {record['figures']['index_vs_build_img_per_s']:.1f}x images/s")
