@@ -392,6 +392,9 @@ def _hostile(path: Path, marker: Path, like: Path, as_torch: bool = True) -> Pat
     if as_torch:
         torch.save(state, path)
     else:
+        # Each parameter is a view into its encoder's one flat buffer; pickle would write
+        # the whole buffer once per view (gigabytes), so the file holds copies.
+        state = torch.utils._pytree.tree_map_only(torch.Tensor, torch.clone, state)
         with open(path, "wb") as f:
             pickle.dump(state, f)
     return path
