@@ -377,17 +377,20 @@ def test_every_sample_rejected_exits_1_and_strict_any(dump, tmp_path, capsys):
     assert run(capsys, "index", good, "--out", str(tmp_path / "clean"), "--strict")[0] == 0
 
 
-def test_moco_train_takes_a_few_steps_from_an_index(tmp_path, capsys):
+def test_moco_train_and_moco_eval_run_from_an_index(tmp_path, capsys):
+    from moco_dali.train.checkpoint import latest
+    from moco_dali.train.eval.cli import main as moco_eval
     from tests.train.runs import TINY, losses, moco_train
 
     data = tmp_path / "data"
     data.mkdir()
-    img2dataset_tar(data / "00000.tar", 0, 40)
-    img2dataset_tar(data / "00001.tar", 40, 40)
-    out = tmp_path / "index"
+    for number, first, count in ((0, 0, 40), (1, 40, 40), (2, 80, 18)):
+        img2dataset_tar(data / f"{number:05d}.tar", first, count)
+    out, val = tmp_path / "index", tmp_path / "index-val"
+    tars = [str(data / "00000.tar"), str(data / "00001.tar")]
+    assert run(capsys, "index", *tars, "--out", str(out), "--labels", "cls")[0] == 0
     assert (
-        run(capsys, "index", str(data / "00000.tar"), str(data / "00001.tar"), "--out", str(out))[0]
-        == 0
+        run(capsys, "index", str(data / "00002.tar"), "--out", str(val), "--labels", "cls")[0] == 0
     )
     run_dir = tmp_path / "run"
     result = moco_train(
@@ -395,6 +398,14 @@ def test_moco_train_takes_a_few_steps_from_an_index(tmp_path, capsys):
     )
     assert result.returncode == 0, result.stderr[-2000:]
     assert sorted(losses(run_dir)) == [1, 2, 3, 4]  # 80 samples, batches of 32, 2 epochs
+    report = tmp_path / "knn.json"
+    argv = ["knn", "--checkpoint", str(latest(run_dir)), "--train", str(out), "--val", str(val)]
+    options = ["--threads", "1", "--batch-size", "16", "--device", "cpu", "--json", str(report)]
+    assert moco_eval([*argv, *options]) == 0, capsys.readouterr().err
+    knn = json.loads(report.read_text())
+    # Every indexed sample read with its .cls label (three classes, 80 and 18 samples).
+    assert (knn["train_samples"], knn["val_samples"], knn["step"]) == (80, 18, 4)
+    assert 0 <= knn["top1"] <= knn["top5"] <= 100
 
 
 def test_the_reference_pipeline_reads_what_dali_reads(indexed):
