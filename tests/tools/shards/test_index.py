@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import os
 import tarfile
 from pathlib import Path
 
@@ -17,7 +18,7 @@ from moco_dali.pipeline.loader import ViewLoader
 from moco_dali.pipeline.recipes import v2
 from moco_dali.pipeline.shards import ShardError
 from moco_dali.tools.shards.cli import main
-from moco_dali.tools.shards.index import split_name
+from moco_dali.tools.shards.indextar import split_name
 from tests.conftest import baseline_jpeg, loader_config
 
 # What each odd sample of the first tar is rejected for (the reason's kind, as the manifest counts).
@@ -479,3 +480,58 @@ def test_memory_does_not_grow_with_the_number_of_tars(tmp_path):
         tracemalloc.stop()
         assert report.shards == report.samples == count
     assert peaks[1] - peaks[0] < 512 * 1024, peaks
+
+
+def test_an_interrupted_index_resumes_after_the_tars_it_finished(tmp_path, capsys, monkeypatch):
+    from moco_dali.tools.shards import index as indexing
+
+    data = tmp_path / "data"
+    data.mkdir()
+    tars = [data / f"{n:05d}.tar" for n in range(4)]
+    for n, tar in enumerate(tars):
+        img2dataset_tar(tar, 6 * n, 6, odd=n == 0)
+    listing = tmp_path / "tars.txt"
+    listing.write_text("".join(f"{t}\n" for t in tars))
+    assert run(capsys, "index", str(listing), "--out", str(tmp_path / "clean"))[0] == 0
+
+    real, read = indexing.index_tar, []
+
+    def counting(tar, *args, stop_at=None):
+        read.append(Path(tar).name)
+        if len(read) == stop_at:
+            raise KeyboardInterrupt  # as a kill would stop it, inside a tar
+        return real(tar, *args)
+
+    def interrupted(out: Path, stop_at: int) -> None:
+        read.clear()
+        monkeypatch.setattr(indexing, "index_tar", lambda *a: counting(*a, stop_at=stop_at))
+        with pytest.raises(KeyboardInterrupt):
+            indexing.index(indexing.IndexCommand(sources=[str(listing)], out=str(out)))
+        monkeypatch.setattr(indexing, "index_tar", counting)
+        read.clear()
+        assert not (out / "manifest.json").exists()
+
+    out = tmp_path / "out"
+    interrupted(out, stop_at=3)  # two tars finished
+    code, said, _ = run(capsys, "index", str(listing), "--out", str(out))
+    assert code == 0 and "(2 tars resumed)" in said and read == ["00002.tar", "00003.tar"]
+    assert digest(out) == digest(tmp_path / "clean")  # manifest, indexes, rejected log
+
+    # A tar changed since, and a journal line cut short by the kill: read again from there.
+    for how in ("touched", "cut"):
+        out = tmp_path / how
+        interrupted(out, stop_at=4)  # three tars finished
+        if how == "touched":
+            os.utime(tars[1], ns=(0, 0))
+        else:
+            journal = next(out.glob(".moco-build-index-*")) / indexing.JOURNAL
+            journal.write_bytes(journal.read_bytes()[:-2])
+        code, said, _ = run(capsys, "index", str(listing), "--out", str(out))
+        assert code == 0 and digest(out) == digest(tmp_path / "clean")
+        assert read == [t.name for t in tars[1 if how == "touched" else 2 :]], how
+
+    # Other options index afresh: a resume never mixes two kinds of run.
+    out = tmp_path / "labelled"
+    interrupted(out, stop_at=3)
+    assert run(capsys, "index", str(listing), "--out", str(out), "--labels", "cls")[0] == 0
+    assert len(read) == 4
