@@ -1,18 +1,13 @@
 """``moco-bench index``: ``moco-shards index`` against ``moco-shards build`` on the same tars.
 
-img2dataset-shaped tars (``KEY.jpg``, ``KEY.txt``, ``KEY.json``, 500 samples each, written by
-``webdataset.ShardWriter``) are made once from the photos; then, alternating, each contender
-runs in a fresh interpreter (importing only what it runs) on one core: ``index`` (the tars' headers, each JPEG's
-header, their sha256), ``build`` with the tars as archive sources (``--reencode auto``: a
-clean JPEG is stored byte for byte after a strict decode; the ``.txt`` and ``.json`` members
-are rejected as inputs that are not images, which is what building such tars costs today) and
-``rebuild``, the same with ``--reencode always`` (every image decoded and encoded again, the
-rewrite the issue's goal is stated against). Per contender, medians of ``--reps``: images/s of
-its one process (images per core), images per CPU-second, and the process's peak RSS beside
-that of a process that only imported the same modules.
-
-``--growth 1e4,1e5,1e6`` adds index's peak RSS as the number of samples grows: tiny JPEGs,
-1,000 to a tar, each count indexed once in a fresh interpreter.
+img2dataset-shaped tars (``KEY.jpg``, ``.txt``, ``.json``, 500 samples each) are made once from
+the photos; then, alternating, each contender runs in a fresh interpreter on one core:
+``index``, ``build`` (``--reencode auto``: a clean JPEG stored byte for byte after a strict
+decode, the ``.txt`` and ``.json`` rejected as not images) and ``rebuild`` (``--reencode
+always``: every image decoded and encoded again, the rewrite issue 27's goal is stated
+against). Per contender, medians of ``--reps``: images/s of its one process, images per
+CPU-second, and its peak RSS beside a process that only imported the same modules.
+``--growth 1e4,1e5,1e6`` adds index's peak RSS as the samples grow (tiny JPEGs, 1,000 a tar).
 """
 
 from __future__ import annotations
