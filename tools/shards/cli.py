@@ -1,4 +1,4 @@
-"""``moco-shards``: build, index, verify, inspect, preview and merge shard folders.
+"""``moco-shards``: build, index, verify, inspect, preview, merge and push shard folders.
 
 Each subcommand's options are a dataclass below (the build's own settings are
 ``BuildSettings``'s), bound by ``common.options``. The only place that turns the library's
@@ -32,6 +32,7 @@ from .build import build
 from .classes import read_classes
 from .index import IndexCommand, index
 from .merge import merge
+from .push import PushCommand, push
 from .settings import BuildSettings
 
 __all__ = ["main", "BuildCommand", "VerifyCommand", "InspectCommand", "PreviewCommand"]
@@ -127,6 +128,7 @@ COMMANDS = {
     "inspect": (InspectCommand, "print samples, shards, bytes, classes and resolutions"),
     "preview": (PreviewCommand, "write a PNG of stored images beside their two augmented views"),
     "merge": (MergeCommand, "merge the part manifests of a multi-part build into one manifest"),
+    "push": (PushCommand, "send a shard folder to s3://bucket/prefix, verified, the manifest last"),
 }
 
 
@@ -231,6 +233,9 @@ def _run(command: str, cmd, args: argparse.Namespace) -> int:
         return 0
     if not Path(cmd.folder).is_dir():
         raise BuildError(f"{cmd.folder}: no such folder")
+    if command == "push":
+        print(f"moco-shards push: {push(cmd).summary()}")
+        return 0
     # Imported lazily: verify and preview load DALI, preview torch, only when they run.
     if command == "verify":
         from .verify import verify
