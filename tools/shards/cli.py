@@ -22,6 +22,7 @@ from typing import Optional, Sequence
 from ...common.commandline import Parser, add_flags, from_flags
 from ...common.files import read_json
 from ...common.options import FLAT, OptionError, option
+from ...common.store import ObjectURL, is_url
 from ...pipeline import shards
 from ...pipeline.schema import MAX_MANIFEST_BYTES
 from ...pipeline.shards import ShardError
@@ -32,7 +33,7 @@ from .build import build
 from .classes import read_classes
 from .index import IndexCommand, index
 from .merge import merge
-from .push import PushCommand, push
+from .push import PushCommand, merge_in_store, publish, push
 from .settings import BuildSettings
 
 __all__ = ["main", "BuildCommand", "VerifyCommand", "InspectCommand", "PreviewCommand"]
@@ -44,7 +45,10 @@ class BuildCommand:
     """Folders (recursive), list files (.txt/.lst/.list: one path per line; .csv: PATH,LABEL) or
     .tar archives."""
     out: str = option(required=True, metavar="DIR")
-    """Shard folder to write."""
+    """Shard folder to write, or s3://bucket/prefix (with --stage)."""
+    stage: Optional[str] = option(None, metavar="DIR")
+    """With an s3:// --out: the local folder this part is built (and resumed) in before it is
+    sent, the manifest last."""
     settings: BuildSettings = option(factory=BuildSettings, **FLAT)
     classes: Optional[str] = option(None, metavar="FILE")
     """Class names, one per line, in index order (default: found in the sources)."""
@@ -63,6 +67,20 @@ class BuildCommand:
     """A progress bar."""
 
     def __post_init__(self) -> None:
+        if is_url(self.out):
+            ObjectURL.parse(self.out)
+            if not self.stage:
+                raise BuildError(
+                    f"--out {self.out}: give --stage DIR, a local folder to build the shards in "
+                    "before they are sent"
+                )
+            if self.executor == "ray":
+                raise BuildError(
+                    "--executor ray writes to a shared folder: give one as --out, then "
+                    "'moco-shards push' it"
+                )
+        elif self.stage:
+            raise BuildError("--stage is for an s3:// --out")
         if self.executor == "ray" and self.settings.part:
             raise BuildError("--part: --executor ray builds every part; give --num-parts only")
         if self.executor == "local" and self.ray_address:
@@ -171,7 +189,7 @@ def _build(cmd: BuildCommand) -> int:
     else:
         report = build(
             cmd.sources,
-            cmd.out,
+            cmd.stage if cmd.stage else cmd.out,
             cmd.settings,
             workers=cmd.workers,
             progress=cmd.progress,
@@ -180,6 +198,11 @@ def _build(cmd: BuildCommand) -> int:
         inputs, samples, rejected = report.inputs, report.samples, report.rejected
         manifest = report.manifest_path
         print(f"moco-shards build: {report.summary()}")
+        if cmd.stage:
+            sent = publish(
+                Path(cmd.stage), ObjectURL.parse(cmd.out), 8, manifest_name=Path(manifest).name
+            )
+            print(f"moco-shards build: sent {sent.summary()}")
     written = read_json(manifest, "manifest", max_bytes=MAX_MANIFEST_BYTES, error=BuildError)
     log_name = Path(manifest).parent / (written.get("rejected_file") or "")
     if inputs and not samples:
@@ -229,6 +252,11 @@ def _run(command: str, cmd, args: argparse.Namespace) -> int:
     if command == "index":
         return _index(cmd)
     if command == "merge":
+        if any(is_url(folder) for folder in [*cmd.folders, cmd.out or ""]):
+            if len(cmd.folders) != 1 or cmd.out not in (None, cmd.folders[0]):
+                raise BuildError("merge in the store: give one s3:// prefix holding every part")
+            print(f"moco-shards merge: wrote {merge_in_store(cmd.folders[0])}")
+            return 0
         print(f"moco-shards merge: wrote {merge(cmd.folders, cmd.out)}")
         return 0
     if not Path(cmd.folder).is_dir():

@@ -12,17 +12,21 @@ from __future__ import annotations
 
 import concurrent.futures
 import hashlib
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Optional
 
+from ...common.files import read_json
 from ...common.options import option
 from ...common.store import ObjectURL, Store
 from ...pipeline import shards
+from ...pipeline.schema import MAX_MANIFEST_BYTES
 from . import BuildError
+from .merge import merge
 
-__all__ = ["PushCommand", "PushReport", "push"]
+__all__ = ["PushCommand", "PushReport", "push", "publish", "merge_in_store"]
 
 
 @dataclass
@@ -110,18 +114,28 @@ def push(cmd: PushCommand, store: Optional[Store] = None) -> PushReport:
         BuildError: a file missing or changed since the build; an indexed folder.
         StoreError: an object that cannot be written (retries spent, access denied ...).
     """
+    return publish(Path(cmd.folder), ObjectURL.parse(cmd.to), cmd.jobs, store=store)
+
+
+def publish(
+    folder: Path,
+    base: ObjectURL,
+    jobs: int,
+    manifest_name: str = shards.MANIFEST_NAME,
+    store: Optional[Store] = None,
+) -> PushReport:
+    """The files ``folder/manifest_name`` names, then that manifest (a build's part manifest
+    for one part of a build into the store), under ``base``."""
     started = time.monotonic()
-    folder = Path(cmd.folder)
-    manifest = shards.load_manifest(folder)
+    manifest = shards.load_manifest(folder, manifest_name)
     if manifest.indexed:
         raise BuildError(
             f"{folder}: an index of tars that lie elsewhere; push the tars' folder and index it "
             "there, or build shards from them"
         )
-    base = ObjectURL.parse(cmd.to)
     store = store or Store()
     report = PushReport()
-    with concurrent.futures.ThreadPoolExecutor(cmd.jobs) as pool:
+    with concurrent.futures.ThreadPoolExecutor(jobs) as pool:
         pending: set[concurrent.futures.Future] = set()
 
         def settle(wait_for: int) -> None:
@@ -135,7 +149,7 @@ def push(cmd: PushCommand, store: Optional[Store] = None) -> PushReport:
 
         try:
             for name, size, sha256 in _files(manifest):
-                settle(2 * cmd.jobs)
+                settle(2 * jobs)
                 url = base.child(name)
                 pending.add(pool.submit(_send, store, folder, name, size, sha256, url))
             settle(0)
@@ -144,8 +158,39 @@ def push(cmd: PushCommand, store: Optional[Store] = None) -> PushReport:
                 future.cancel()
             raise
     # Last: a reader that finds the manifest finds every object it names, complete.
-    url = base.child(shards.MANIFEST_NAME)
-    report.add(_send(store, folder, shards.MANIFEST_NAME, None, None, url))
+    url = base.child(manifest_name)
+    report.add(_send(store, folder, manifest_name, None, None, url))
     report.manifest = str(url)
     report.seconds = time.monotonic() - started
     return report
+
+
+def merge_in_store(prefix: str, store: Optional[Store] = None) -> str:
+    """``moco-shards merge`` of the part manifests under ``prefix``, in the store: the parts'
+    manifests and rejected logs are fetched (verified by the sha256 each was sent with), merged
+    here, and the merged rejected log and manifest sent, the manifest last."""
+    base = ObjectURL.parse(prefix)
+    store = store or Store()
+    with tempfile.TemporaryDirectory(prefix="moco-merge-") as scratch:
+        folder = Path(scratch)
+        for key, _ in store.list(base):
+            name = key[len(base.key) :].lstrip("/")
+            if not shards.PART_MANIFEST_RE.match(name):
+                continue
+            (folder / name).write_bytes(store.read(base.child(name), MAX_MANIFEST_BYTES))
+            log = read_json(folder / name, "part manifest", max_bytes=MAX_MANIFEST_BYTES)
+            rejected = log.get("rejected_file") if isinstance(log, dict) else None
+            if isinstance(rejected, str) and rejected and "/" not in rejected:
+                _fetch(store, base.child(rejected), folder / rejected)
+        merged = merge([scratch])  # a part missing or damaged ends here, nothing sent
+        store.upload(folder / shards.REJECTED_NAME, base.child(shards.REJECTED_NAME))
+        store.upload(merged, base.child(shards.MANIFEST_NAME))
+    return str(base.child(shards.MANIFEST_NAME))
+
+
+def _fetch(store: Store, url: ObjectURL, dest: Path) -> None:
+    """An object ``publish`` sent, checked against the sha256 it was sent with."""
+    found = store.head(url)
+    if found is None or found["sha256"] is None:
+        raise BuildError(f"{url}: missing, or not sent by moco-shards; build that part again")
+    store.download(url, dest, found["size"], found["sha256"])

@@ -4,6 +4,7 @@ every object verified before it is sent, the manifest last, an interrupted push 
 from __future__ import annotations
 
 import json
+import re
 
 from moco_dali.common.store import ObjectURL, Store, StoreError
 from moco_dali.pipeline import shards
@@ -110,3 +111,79 @@ def test_bad_addresses_folders_and_a_store_that_refuses_end_in_one_line(
     code, _, err = _run(capsys, "push", str(out), f"s3://{bucket}/x")
     assert code == 2 and "access denied" in err and "\n" not in err
     assert json.loads((out / "manifest.json").read_text())["samples"] == 21
+
+
+def _fetch_all(bucket: str, prefix: str, into):
+    """Every object the store's manifest names, fetched and checked, as a reader would."""
+    store = Store()
+    into.mkdir()
+    base = ObjectURL(bucket, prefix)
+    (into / "manifest.json").write_bytes(store.read(base.child("manifest.json"), 1 << 20))
+    for entry in shards.load_manifest(into).shards:
+        store.download(base.child(entry.tar), into / entry.tar, entry.bytes, entry.sha256)
+        there = store.head(base.child(entry.index))
+        store.download(base.child(entry.index), into / entry.index, there["size"], there["sha256"])
+    return into
+
+
+def test_parts_built_into_the_store_merge_there(s3, labelled_dump, tmp_path, capsys, monkeypatch):
+    bucket, faults = s3
+    url = f"s3://{bucket}/ds"
+    common = ["build", str(labelled_dump), "--out", url, "--max-count", "4", "--num-parts", "2"]
+    real, calls = Store.upload, []
+
+    def failing(self, path, target, sha256=None):
+        calls.append(target)
+        if len(calls) == 2:  # part 0's push stops: its stage is built, part of it sent
+            raise StoreError(
+                f"{target}: SlowDown: Please reduce your request rate. (after 8 tries)"
+            )
+        return real(self, path, target, sha256)
+
+    # Part 1 holds the inputs here (inputs are dealt to parts in blocks; 21 make one).
+    code, _, err = _run(capsys, *common, "--part", "0", "--stage", str(tmp_path / "stage0"))
+    assert code == 0, err
+    monkeypatch.setattr(Store, "upload", failing)
+    stage1 = ["--part", "1", "--stage", str(tmp_path / "stage1")]
+    code, _, err = _run(capsys, *common, *stage1)
+    assert code == 2 and err.startswith(f"moco-shards build: error: {url}/") and "\n" not in err
+    monkeypatch.setattr(Store, "upload", real)
+    code, said, err = _run(capsys, *common, *stage1)  # the same command finishes it
+    assert code == 0, err
+    sent, there = map(int, re.search(r"sent (\d+) files sent .*, (\d+) already", said).groups())
+    part = shards.load_manifest(tmp_path / "stage1", shards.part_manifest_name(1, 2))
+    files = 2 * len(part.shards) + 2  # tars and indexes, the rejected log, the part manifest
+    # What the first run sent before it stopped (in parallel: at least the first) is kept; the
+    # one that failed and the manifest are sent now.
+    assert len(part.shards) >= 3 and there >= 1 and sent >= 2 and sent + there == files
+    assert _run(capsys, "merge", url)[0] == 0
+
+    local = tmp_path / "local"
+    for part in (0, 1):
+        argv = ["build", str(labelled_dump), "--out", str(local), "--max-count", "4"]
+        assert _run(capsys, *argv, "--num-parts", "2", "--part", str(part))[0] == 0
+    assert _run(capsys, "merge", str(local))[0] == 0
+    fetched = _fetch_all(bucket, "ds", tmp_path / "fetched")
+    ours, theirs = shards.load_manifest(fetched), shards.load_manifest(local)
+    assert ours.samples == theirs.samples == 21
+    assert [s.sha256 for s in ours.shards] == [s.sha256 for s in theirs.shards]
+    assert len(shards.discover(fetched)[1]) == len(ours.shards)  # every shard with its index
+
+
+def test_build_into_the_store_needs_a_stage_and_refuses_ray(labelled_dump, tmp_path, capsys):
+    base = ["build", str(labelled_dump), "--out", "s3://bucket/x"]
+    for extra, message in (
+        ([], "--out s3://bucket/x: give --stage DIR"),
+        (
+            ["--stage", str(tmp_path / "s"), "--executor", "ray"],
+            "--executor ray writes to a shared",
+        ),
+    ):
+        code, _, err = _run(capsys, *base, *extra)
+        assert code == 2 and message in err, err
+    code, _, err = _run(
+        capsys, "build", str(labelled_dump), "--out", str(tmp_path / "o"), "--stage", "s"
+    )
+    assert code == 2 and "--stage is for an s3:// --out" in err
+    code, _, err = _run(capsys, "merge", "s3://bucket/x", str(tmp_path))
+    assert code == 2 and "give one s3:// prefix holding every part" in err
