@@ -128,9 +128,10 @@ def _handler(upstream: tuple[str, int], faults: Faults):
     return Proxy
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def moto_server():
-    """moto's S3 server on 127.0.0.1 for the whole session (it starts in about a second)."""
+    """moto's S3 server on 127.0.0.1 for one test module (it starts in about a second): its
+    threads end with the module, so no later test forks a process beside them."""
     from moto.server import ThreadedMotoServer
 
     port = free_port()
