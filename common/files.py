@@ -8,6 +8,7 @@ more: at most ``max_bytes`` are read, nesting deeper than ``MAX_DEPTH`` is refus
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
@@ -26,11 +27,18 @@ __all__ = [
     "read_json",
     "check_schema",
     "read_config",
+    "sha256_of",
 ]
 
 MAX_DEPTH = 32
 """The deepest nesting of lists and objects a file may have: the project's files are 3 to 6
 levels deep; a parser walking 100,000 levels would exhaust the interpreter's stack."""
+
+
+def sha256_of(path: str | os.PathLike) -> str:
+    """The hex sha256 of a file's bytes, read in blocks (shards are gigabytes)."""
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def write_atomic(path: str | os.PathLike, write: Callable[[BinaryIO], None]) -> Path:

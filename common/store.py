@@ -21,6 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Optional
 
+from .files import sha256_of
+
 __all__ = ["SCHEME", "StoreError", "ObjectURL", "Store", "is_url"]
 
 SCHEME = "s3://"
@@ -62,14 +64,6 @@ class ObjectURL:
 
     def __str__(self) -> str:
         return f"{SCHEME}{self.bucket}/{self.key}"
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(_CHUNK):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 class Store:
@@ -225,7 +219,7 @@ class Store:
         from boto3.s3.transfer import TransferConfig
         from botocore.exceptions import BotoCoreError, ClientError
 
-        sha256 = sha256 or _sha256(path)
+        sha256 = sha256 or sha256_of(path)
         try:
             self.client.upload_file(
                 str(path),

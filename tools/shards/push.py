@@ -11,14 +11,13 @@ push goes on where it stopped. Sends in parallel, with a bounded number of files
 from __future__ import annotations
 
 import concurrent.futures
-import hashlib
 import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Optional
 
-from ...common.files import read_json
+from ...common.files import read_json, sha256_of
 from ...common.options import option
 from ...common.store import ObjectURL, Store
 from ...pipeline import shards
@@ -70,14 +69,6 @@ class PushReport:
         )
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(8 << 20):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _files(manifest: shards.Manifest) -> Iterator[tuple[str, Optional[int], Optional[str]]]:
     """``(name, size, sha256)`` of each file to send before the manifest (None: not recorded)."""
     for entry in manifest.shards:
@@ -96,7 +87,7 @@ def _send(store: Store, folder: Path, name: str, size, sha256, url: ObjectURL) -
     held = path.stat().st_size
     if size is not None and held != size:
         raise BuildError(f"{path}: {held} bytes, the manifest says {size}; changed after the build")
-    found = _sha256(path)
+    found = sha256_of(path)
     if sha256 is not None and found != sha256:
         raise BuildError(f"{path}: its sha256 is not the manifest's; changed after the build")
     there = store.head(url)

@@ -24,6 +24,7 @@ from typing import Optional
 import simplejpeg
 from tqdm import tqdm
 
+from ...common.files import sha256_of
 from ...pipeline import shards
 from ...pipeline.scan import first_undecodable, scan_shards
 from ...pipeline.shards import ShardError
@@ -49,14 +50,6 @@ class VerifyReport:
             f"OK: {self.shards} shards, {self.samples} samples, {self.bytes / 1e6:.1f} MB "
             f"verified in {self.seconds:.1f} s ({rate:.0f} samples/s decoded)"
         )
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 22):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _check_index_against_tar(tar: Path, idx: Path, samples: list, indexed: bool) -> None:
@@ -191,7 +184,7 @@ def verify(
     started = time.monotonic()
     manifest, pairs = shards.discover(folder)
     for entry, (tar, idx) in zip(manifest.shards, pairs):
-        if _sha256(tar) != entry.sha256:
+        if sha256_of(tar) != entry.sha256:
             raise ShardError(f"{tar}: sha256 differs from the manifest; the shard is corrupt")
         if hashlib.sha256(idx.read_bytes()).hexdigest() != entry.index_sha256:
             raise ShardError(f"{idx}: sha256 differs from the manifest; the index is corrupt")
