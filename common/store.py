@@ -132,7 +132,17 @@ class Store:
             raise StoreError(f"{url}: no such object")
         if found["size"] > max_bytes:
             raise StoreError(f"{url}: {found['size']} bytes, over the {max_bytes} read for it")
-        return b"".join(self._stream(url, found["size"]))
+        from botocore.exceptions import FlexibleChecksumError
+
+        for _ in range(_WHOLE_READS):  # bytes the store's checksum refuses are read again
+            try:
+                return b"".join(self._stream(url, found["size"]))
+            except FlexibleChecksumError:
+                continue
+        raise StoreError(
+            f"{url}: its bytes do not match (the store's checksum) in {_WHOLE_READS} reads; the "
+            "object is damaged or changed"
+        )
 
     def download(self, url: ObjectURL, dest: Path, size: int, sha256: str) -> Path:
         """``url`` into ``dest``, named only once its size and sha256 are the ones given.

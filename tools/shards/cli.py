@@ -1,4 +1,4 @@
-"""``moco-shards``: build, index, verify, inspect, preview, merge and push shard folders.
+"""``moco-shards``: build, index, verify, inspect, preview, merge, push and pull shard folders.
 
 Each subcommand's options are a dataclass below (the build's own settings are
 ``BuildSettings``'s), bound by ``common.options``. The only place that turns the library's
@@ -33,6 +33,7 @@ from .build import build
 from .classes import read_classes
 from .index import IndexCommand, index
 from .merge import merge
+from .pull import PullCommand, pull
 from .push import PushCommand, merge_in_store, publish, push
 from .settings import BuildSettings
 
@@ -147,6 +148,10 @@ COMMANDS = {
     "preview": (PreviewCommand, "write a PNG of stored images beside their two augmented views"),
     "merge": (MergeCommand, "merge the part manifests of a multi-part build into one manifest"),
     "push": (PushCommand, "send a shard folder to s3://bucket/prefix, verified, the manifest last"),
+    "pull": (
+        PullCommand,
+        "fetch a shard folder from s3://bucket/prefix, verified, the manifest last",
+    ),
 }
 
 
@@ -258,6 +263,9 @@ def _run(command: str, cmd, args: argparse.Namespace) -> int:
             print(f"moco-shards merge: wrote {merge_in_store(cmd.folders[0])}")
             return 0
         print(f"moco-shards merge: wrote {merge(cmd.folders, cmd.out)}")
+        return 0
+    if command == "pull":
+        print(f"moco-shards pull: {pull(cmd).summary()}")
         return 0
     if not Path(cmd.folder).is_dir():
         raise BuildError(f"{cmd.folder}: no such folder")

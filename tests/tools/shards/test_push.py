@@ -187,3 +187,52 @@ def test_build_into_the_store_needs_a_stage_and_refuses_ray(labelled_dump, tmp_p
     assert code == 2 and "--stage is for an s3:// --out" in err
     code, _, err = _run(capsys, "merge", "s3://bucket/x", str(tmp_path))
     assert code == 2 and "give one s3:// prefix holding every part" in err
+
+
+def test_pull_fetches_a_pushed_folder_checked_and_resumes(
+    s3, labelled_dump, tmp_path, capsys, monkeypatch
+):
+    bucket, faults = s3
+    out = _built(labelled_dump, tmp_path)
+    url = f"s3://{bucket}/ds"
+    assert _run(capsys, "push", str(out), url)[0] == 0
+    local = tmp_path / "local"
+    faults.cut = 2  # two bodies cut off mid-object: read on from where they broke
+    code, said, err = _run(capsys, "pull", url, str(local), "--jobs", "2")
+    assert code == 0, err
+    names = sorted(p.name for p in out.iterdir() if p.is_file())
+    assert sorted(p.name for p in local.iterdir()) == names  # nothing of the pull's own left
+    assert all((local / n).read_bytes() == (out / n).read_bytes() for n in names)
+    assert said.startswith(f"moco-shards pull: {len(names) - 1} files fetched")
+    assert _run(capsys, "verify", str(local), "--no-progress")[0] == 0
+
+    # A pull cut short leaves no manifest; the rerun checks what is there and fetches the rest.
+    again = tmp_path / "again"
+    real, calls = Store.download, []
+
+    def failing(self, url, dest, size, sha256):
+        calls.append(url)
+        if len(calls) == 3:
+            raise StoreError(f"{url}: SlowDown: Please reduce your request rate. (after 8 tries)")
+        return real(self, url, dest, size, sha256)
+
+    monkeypatch.setattr(Store, "download", failing)
+    code, _, err = _run(capsys, "pull", url, str(again), "--jobs", "1")
+    assert code == 2 and "SlowDown" in err and not (again / "manifest.json").exists()
+    monkeypatch.setattr(Store, "download", real)
+    tar = again / shards.load_manifest(out).entry(0).tar
+    tar.write_bytes(tar.read_bytes()[:100])  # a file that is not what the manifest says
+    code, said, err = _run(capsys, "pull", url, str(again))
+    assert code == 0, err
+    fetched, kept = map(
+        int, re.search(r"(\d+) files fetched .*, (\d+) already here", said).groups()
+    )
+    # What the cut pull had fetched and checked is kept (the index after the damaged tar at
+    # least; a fetch under way when it stopped may have finished too); the damaged tar is not.
+    assert kept >= 1 and fetched + kept == len(names) - 1 and fetched >= len(names) - 4
+    assert all((again / n).read_bytes() == (out / n).read_bytes() for n in names)
+
+    faults.corrupt = True  # the store's bytes are not the manifest's: refused by name
+    code, _, err = _run(capsys, "pull", url, str(tmp_path / "other"))
+    assert code == 2 and err.startswith(f"moco-shards pull: error: {url}/") and "damaged" in err
+    assert not (tmp_path / "other" / "manifest.json").exists()
