@@ -31,6 +31,7 @@ __all__ = [
     "candidates",
     "load",
     "check",
+    "check_optimizer_state",
     "weights_digest",
     "rng_state",
     "set_rng_state",
@@ -241,6 +242,39 @@ def _check_position(position: Any, rank: int, world: int, path: Path) -> None:
         )
     if not isinstance(position["dali"], (str, bytes, type(None))):
         raise CheckpointError(f"{path}: loader entry {rank}: dali is not a DALI reader checkpoint")
+
+
+def check_optimizer_state(saved: Any, optimizer: torch.optim.Optimizer, path: Path) -> None:
+    """A stored optimizer state that fits ``optimizer``: its groups hold as many parameters,
+    and every per-parameter tensor (a momentum buffer) has its parameter's shape.
+
+    The weights and the queue are covered by the digest written with them; the optimizer's
+    state is not, and ``load_state_dict`` takes a buffer of the right size in the wrong shape,
+    to fail in the first step's arithmetic.
+    """
+    groups = saved.get("param_groups") if isinstance(saved, dict) else None
+    state = saved.get("state") if isinstance(saved, dict) else None
+    if not isinstance(groups, list) or not isinstance(state, dict):
+        raise CheckpointError(f"{path}: its optimizer state is not an optimizer's state_dict")
+    if len(groups) != len(optimizer.param_groups):
+        raise CheckpointError(
+            f"{path}: its optimizer has {len(groups)} parameter groups, this run's "
+            f"{len(optimizer.param_groups)}"
+        )
+    for number, (group, live) in enumerate(zip(groups, optimizer.param_groups)):
+        ids = group.get("params") if isinstance(group, dict) else None
+        if not isinstance(ids, list) or len(ids) != len(live["params"]):
+            raise CheckpointError(
+                f"{path}: optimizer group {number} holds {len(ids or [])} parameters, this run's "
+                f"{len(live['params'])}"
+            )
+        for index, param in zip(ids, live["params"]):
+            for name, value in (state.get(index) or {}).items():
+                if isinstance(value, torch.Tensor) and value.dim() and value.shape != param.shape:
+                    raise CheckpointError(
+                        f"{path}: optimizer.state.{index}.{name} has shape "
+                        f"{tuple(value.shape)}, its parameter {tuple(param.shape)}"
+                    )
 
 
 def weights_digest(model: torch.nn.Module) -> str:

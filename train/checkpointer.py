@@ -14,6 +14,7 @@ from .checkpoint import (
     CheckpointError,
     candidates,
     check,
+    check_optimizer_state,
     latest,
     load,
     rng_state,
@@ -135,6 +136,7 @@ class Checkpointer:
     def restore(self, state: dict, optimizer, scaler) -> tuple[int, int]:
         """Put the optimizer, the scaler and this rank's random generators back; ``(step,
         skipped)``."""
+        check_optimizer_state(state["optimizer"], optimizer, self.last_good)
         optimizer.load_state_dict(state["optimizer"])
         scaler.load_state_dict(state["scaler"])
         set_rng_state(state["rng"][self.dist.rank], self.device)

@@ -500,3 +500,24 @@ def test_a_tensor_declaring_a_huge_shape_over_a_tiny_storage_is_refused_in_one_l
     assert moco_eval(args) == 2
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and "(1000000, 1000000)" in err and not out.exists()
+
+
+@pytest.mark.parametrize("damage", ["reshaped buffer", "a group short"])
+def test_an_optimizer_state_that_does_not_fit_is_refused_in_one_line(
+    trained, tmp_path, capsys, damage
+):
+    """The old variant took a momentum buffer of the right size in the wrong shape and failed
+    with a traceback in the first step's arithmetic."""
+    state = checkpoint.load(trained["run"] / "ckpt-000000006.pt")
+    if damage == "reshaped buffer":
+        buffer = state["optimizer"]["state"][0]["momentum_buffer"]  # the first conv's weights
+        state["optimizer"]["state"][0]["momentum_buffer"] = buffer.reshape(-1)
+        message = f"optimizer.state.0.momentum_buffer has shape ({buffer.numel()},), its parameter {tuple(buffer.shape)}"
+    else:
+        state["optimizer"]["param_groups"][0]["params"].pop()
+        message = "optimizer group 0 holds"
+    edited = tmp_path / "ckpt.pt"
+    torch.save(state, edited)
+    assert run(trained["root"], tmp_path / "other", "--run.resume", str(edited)) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and err.startswith(f"moco-train: error: {edited}: ") and message in err
