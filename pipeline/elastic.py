@@ -1,0 +1,165 @@
+"""The rest of an epoch interrupted at one world size, dealt to another: pure functions of the counts.
+
+A checkpoint holds every old rank's position in the epoch: the window it was reading and the
+batches it had taken from it. What the old ranks had not read yet is, for each old rank, the
+samples of its current window its reader had not handed out yet, and every shard of its later
+windows, whole. The reader's order inside a window is a function of its seed, its shuffle buffer
+and the window's sample count alone (``graph.emission_order`` replays it without reading a
+byte), so the samples not handed out are known by their positions in that order, without a
+list of keys in the checkpoint.
+
+These pieces are dealt to the new ranks the way shards are dealt at an epoch start: partial
+windows first (count descending, round-robin; a partial window is cut into ``ceil(new / old)``
+runs of its order, so that no new rank replays more than its share), then the whole shards in
+the epoch's order (count descending), round-robin from the next rank on. A new rank reads each
+partial piece as a window of its own (its shards' indexes filtered to the piece's samples),
+then its whole shards ``per_window`` at a time, and takes whole batches only, the same number on
+every rank: the epoch's usual end rule. Nothing here reads a file or grows past the shard list.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+import numpy as np
+
+from . import partition
+
+__all__ = ["OldWorld", "Window", "Remainder", "remainder", "rank_windows", "remainder_steps"]
+
+
+@dataclass(frozen=True)
+class OldWorld:
+    """Where the ranks of the interrupted run were in the epoch: one entry per old rank."""
+
+    world: int
+    batch_size: int
+    """Samples per batch on each old rank."""
+    windows: tuple[int, ...]
+    """The window each old rank was reading."""
+    window_steps: tuple[int, ...]
+    """Batches each old rank had taken from that window."""
+
+    def __post_init__(self) -> None:
+        if not (len(self.windows) == len(self.window_steps) == self.world >= 1):
+            raise ValueError(f"an old world of {self.world} ranks needs one position per rank")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be at least 1, got {self.batch_size}")
+
+
+@dataclass(frozen=True)
+class Window:
+    """One window of a new rank in the rest of the epoch: whole shards, or a piece of an old window.
+
+    A piece (``old_rank >= 0``) is the samples at positions ``[start, stop)`` of the order in
+    which old rank ``old_rank``'s reader would hand out its window ``shards``.
+    """
+
+    shards: tuple[int, ...]
+    samples: int
+    old_rank: int = -1
+    start: int = 0
+    stop: int = 0
+
+
+@dataclass(frozen=True)
+class Remainder:
+    """The rest of an epoch, dealt: the pieces of old windows and the whole shards, with their ranks."""
+
+    world: int
+    pieces: tuple[Window, ...]
+    piece_ranks: np.ndarray
+    shards: np.ndarray
+    """Whole shards not yet read, count descending (the epoch's order)."""
+    shard_ranks: np.ndarray
+
+
+def remainder(
+    counts, order: np.ndarray, per_window: int, old: OldWorld, new_world: int, batch_size: int
+) -> Remainder:
+    """What the old ranks had not read of the epoch whose shard order is ``order``, dealt to
+    ``new_world`` ranks of ``batch_size`` samples per batch.
+
+    A partial window is cut at whole new batches, so that only its last piece can end in a
+    short batch.
+
+    Raises:
+        ValueError: a position that does not fit the old ranks' windows.
+    """
+    counts = np.asarray(counts, dtype=np.int64)
+    if new_world < 1 or batch_size < 1:
+        raise ValueError(f"new world {new_world} and batch {batch_size} must be at least 1")
+    parts = -(-new_world // old.world)
+    pieces: list[Window] = []
+    whole = np.ones(len(order), dtype=bool)
+    for rank in range(old.world):
+        mine = partition.rank_shards(order, old.world, rank)
+        bounds = partition.window_bounds(len(mine), per_window)
+        window, taken = old.windows[rank], old.window_steps[rank] * old.batch_size
+        # Shards of finished windows, and of the window being read, are not whole any more.
+        read_to = min(window + (taken > 0), len(bounds))
+        done = bounds[read_to - 1][1] if read_to else 0
+        whole[rank + old.world * np.arange(done)] = False
+        if not taken:
+            continue
+        if window >= len(bounds):
+            raise ValueError(f"old rank {rank}: window {window} of {len(bounds)}")
+        start, stop = bounds[window]
+        shards = tuple(int(s) for s in mine[start:stop])
+        samples = int(counts[list(shards)].sum())
+        if taken > samples:
+            raise ValueError(
+                f"old rank {rank}: {old.window_steps[rank]} batches of {old.batch_size} taken from "
+                f"a window of {samples} samples"
+            )
+        left = samples - taken
+        units = left // batch_size
+        cuts = taken + batch_size * ((units * np.arange(parts + 1)) // parts)
+        cuts[-1] = samples
+        pieces += [
+            Window(shards, int(b - a), rank, int(a), int(b))
+            for a, b in zip(cuts[:-1], cuts[1:])
+            if b > a
+        ]
+    pieces.sort(key=lambda p: (-p.samples, p.old_rank, p.start))
+    piece_ranks = np.arange(len(pieces), dtype=np.int64) % new_world
+    rest = order[whole]
+    shard_ranks = (len(pieces) + np.arange(len(rest), dtype=np.int64)) % new_world
+    return Remainder(new_world, tuple(pieces), piece_ranks, rest, shard_ranks)
+
+
+def rank_windows(rest: Remainder, counts, rank: int, per_window: int) -> list[Window]:
+    """New rank ``rank``'s windows of the rest of the epoch, in reading order: its pieces, then its whole shards."""
+    counts = np.asarray(counts, dtype=np.int64)
+    windows = [p for p, r in zip(rest.pieces, rest.piece_ranks) if r == rank]
+    mine = rest.shards[rest.shard_ranks == rank]
+    for start, stop in partition.window_bounds(len(mine), per_window):
+        shards = mine[start:stop]
+        windows.append(Window(tuple(int(s) for s in shards), int(counts[shards].sum())))
+    return windows
+
+
+def remainder_steps(rest: Remainder, counts, per_window: int, batch_size: int) -> int:
+    """Steps every new rank takes in the rest of the epoch: whole batches per window, the minimum
+    over ranks (vectorised over the shards: every rank computes it for all)."""
+    counts = np.asarray(counts, dtype=np.int64)
+    world, dealt = rest.world, len(rest.pieces)
+    batches = np.zeros(world, dtype=np.int64)
+    for piece, rank in zip(rest.pieces, rest.piece_ranks):  # at most old + new world pieces
+        batches[rank] += piece.samples // batch_size
+    if len(rest.shards):
+        ranks = rest.shard_ranks
+        slot = dealt + np.arange(len(rest.shards))
+        first = dealt + (ranks - dealt) % world  # the slot of each rank's first whole shard
+        window = (slot - first) // world // per_window
+        samples = np.zeros((world, int(window.max()) + 1), dtype=np.int64)
+        np.add.at(samples, (ranks, window), counts[rest.shards])
+        batches += (samples // batch_size).sum(axis=1)
+    return int(batches.min())
+
+
+def windows_digest(windows: list[Window]) -> str:
+    """A short digest of one new rank's windows, stored with its position to catch a changed plan."""
+    h = hashlib.sha256(repr([(w.shards, w.old_rank, w.start, w.stop) for w in windows]).encode())
+    return h.hexdigest()[:16]
