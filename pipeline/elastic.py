@@ -1,20 +1,12 @@
 """The rest of an epoch interrupted at one world size, dealt to another: pure functions of the counts.
 
-A checkpoint holds every old rank's position in the epoch: the window it was reading and the
-batches it had taken from it. What the old ranks had not read yet is, for each old rank, the
-samples of its current window its reader had not handed out yet, and every shard of its later
-windows, whole. The reader's order inside a window is a function of its seed, its shuffle buffer
-and the window's sample count alone (``graph.emission_order`` replays it without reading a
-byte), so the samples not handed out are known by their positions in that order, without a
-list of keys in the checkpoint.
-
-These pieces are dealt to the new ranks the way shards are dealt at an epoch start: partial
-windows first (count descending, round-robin; a partial window is cut into ``ceil(new / old)``
-runs of its order, so that no new rank replays more than its share), then the whole shards in
-the epoch's order (count descending), round-robin from the next rank on. A new rank reads each
-partial piece as a window of its own (its shards' indexes filtered to the piece's samples),
-then its whole shards ``per_window`` at a time, and takes whole batches only, the same number on
-every rank: the epoch's usual end rule. Nothing here reads a file or grows past the shard list.
+What old ranks had not read is the unread part of each one's current window (known as positions
+in its reader's order, which ``graph.emission_order`` replays from a seed and counts) and the
+shards of its later windows, whole. The unread parts, laid end to end, are cut into one run per
+new rank at whole new batches (shares differ by a batch at most); the whole shards are dealt
+round-robin in the epoch's order, as at an epoch start. A new rank reads each piece of an old
+window as a window of its own, then its shards ``per_window`` at a time, whole batches only, the
+same number on every rank (the usual epoch end). No file is read; docs/training.md says more.
 """
 
 from __future__ import annotations
@@ -81,8 +73,10 @@ def remainder(
     """What the old ranks had not read of the epoch whose shard order is ``order``, dealt to
     ``new_world`` ranks of ``batch_size`` samples per batch.
 
-    A partial window is cut at whole new batches, so that only its last piece can end in a
-    short batch.
+    The unread parts of the old ranks' current windows, laid end to end in old rank order, are
+    cut into ``new_world`` runs of whole new batches (the last takes the odd samples), one per new
+    rank: the ranks' shares of them differ by a batch at most, and a run spans at most
+    ``ceil(old / new) + 1`` old windows.
 
     Raises:
         ValueError: a position that does not fit the old ranks' windows.
@@ -90,8 +84,7 @@ def remainder(
     counts = np.asarray(counts, dtype=np.int64)
     if new_world < 1 or batch_size < 1:
         raise ValueError(f"new world {new_world} and batch {batch_size} must be at least 1")
-    parts = -(-new_world // old.world)
-    pieces: list[Window] = []
+    unread: list[tuple[int, tuple[int, ...], int, int]] = []  # old rank, shards, taken, samples
     whole = np.ones(len(order), dtype=bool)
     for rank in range(old.world):
         mine = partition.rank_shards(order, old.world, rank)
@@ -113,19 +106,27 @@ def remainder(
                 f"old rank {rank}: {old.window_steps[rank]} batches of {old.batch_size} taken from "
                 f"a window of {samples} samples"
             )
-        left = samples - taken
-        units = left // batch_size
-        cuts = taken + batch_size * ((units * np.arange(parts + 1)) // parts)
-        cuts[-1] = samples
-        pieces += [
-            Window(shards, int(b - a), rank, int(a), int(b))
-            for a, b in zip(cuts[:-1], cuts[1:])
-            if b > a
-        ]
-    pieces.sort(key=lambda p: (-p.samples, p.old_rank, p.start))
-    piece_ranks = np.arange(len(pieces), dtype=np.int64) % new_world
+        if samples > taken:
+            unread.append((rank, shards, taken, samples))
+    total = sum(samples - taken for _, _, taken, samples in unread)
+    cuts = batch_size * (((total // batch_size) * np.arange(new_world + 1)) // new_world)
+    cuts[-1] = total
+    pieces, ranks, offset = [], [], 0
+    for rank, shards, taken, samples in unread:
+        end = offset + samples - taken
+        first = int(np.searchsorted(cuts, offset, side="right")) - 1
+        for new_rank in range(first, new_world):
+            a, b = max(offset, int(cuts[new_rank])), min(end, int(cuts[new_rank + 1]))
+            if a >= end:
+                break
+            if b > a:
+                start = taken + a - offset
+                pieces.append(Window(shards, b - a, rank, start, start + b - a))
+                ranks.append(new_rank)
+        offset = end
+    piece_ranks = np.asarray(ranks, dtype=np.int64)
     rest = order[whole]
-    shard_ranks = (len(pieces) + np.arange(len(rest), dtype=np.int64)) % new_world
+    shard_ranks = np.arange(len(rest), dtype=np.int64) % new_world
     return Remainder(new_world, tuple(pieces), piece_ranks, rest, shard_ranks)
 
 
@@ -144,15 +145,13 @@ def remainder_steps(rest: Remainder, counts, per_window: int, batch_size: int) -
     """Steps every new rank takes in the rest of the epoch: whole batches per window, the minimum
     over ranks (vectorised over the shards: every rank computes it for all)."""
     counts = np.asarray(counts, dtype=np.int64)
-    world, dealt = rest.world, len(rest.pieces)
+    world = rest.world
     batches = np.zeros(world, dtype=np.int64)
     for piece, rank in zip(rest.pieces, rest.piece_ranks):  # at most old + new world pieces
         batches[rank] += piece.samples // batch_size
     if len(rest.shards):
-        ranks = rest.shard_ranks
-        slot = dealt + np.arange(len(rest.shards))
-        first = dealt + (ranks - dealt) % world  # the slot of each rank's first whole shard
-        window = (slot - first) // world // per_window
+        ranks = rest.shard_ranks  # round-robin: shard i is rank i % world's (i // world)-th
+        window = np.arange(len(rest.shards)) // world // per_window
         samples = np.zeros((world, int(window.max()) + 1), dtype=np.int64)
         np.add.at(samples, (ranks, window), counts[rest.shards])
         batches += (samples // batch_size).sum(axis=1)
