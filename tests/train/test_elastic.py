@@ -1,0 +1,92 @@
+"""moco-train resumed on another number of gloo ranks on the CPU: 1 -> 2 -> 1 ranks, each
+checkpoint mid-epoch, every key of each epoch read once (counted from the keys the loader handed
+over, written by ``keys_run``)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+from moco_dali.tools.demo.data import generated_dump
+from moco_dali.tools.shards.build import build
+from moco_dali.tools.shards.settings import BuildSettings
+from moco_dali.train import checkpoint, engine
+from moco_dali.train.cli import main
+from tests.train import keys_run
+from tests.train.runs import REPO, TINY, metrics
+
+# 10 shards of 4: 5 whole batches of 8 on one rank, of 4 on each of two. The checkpoints at
+# step 2 (epoch 0, one rank) and 6 (epoch 1, two ranks) leave whole batches of the new size in
+# every old window: every key once.
+SAMPLES, STEPS, BATCH = 40, 5, 8
+SMALL = [*TINY, "--data.batch_size", str(BATCH), "--data.shuffle_buffer", "8", "--run.epochs", "3"]
+SMALL += ["--model.shuffle", "none"]  # batches of 4 per rank: too few for split BN
+
+
+def one_rank(args: list[str], monkeypatch) -> int:
+    """The one-rank run in this process, writing its keys as ``keys_run`` does."""
+    with monkeypatch.context() as patch:
+        patch.setattr(engine, "LoaderConfig", keys_run.with_keys)
+        patch.setattr(engine.Run, "train_step", keys_run.train_step)
+        return main(args)
+
+
+def two_ranks(args: list[str]) -> subprocess.CompletedProcess:
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node=2",
+        keys_run.__file__,
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run([*command, *args], cwd=REPO, capture_output=True, text=True, env=env)
+
+
+def keys_by_step(out: Path) -> dict[int, list[str]]:
+    steps: dict[int, list[str]] = {}
+    for path in out.glob("KEYS-rank*.txt"):
+        for line in path.read_text().splitlines():
+            step, *keys = line.split()
+            steps.setdefault(int(step), []).extend(keys)
+    return steps
+
+
+def test_mid_epoch_checkpoints_resume_on_another_world_reading_every_key_once(
+    tmp_path, monkeypatch
+):
+    generated_dump(tmp_path / "raw", per_class=SAMPLES // 10, seed=0)
+    settings = BuildSettings(labels="folder", max_count=4)
+    build([str(tmp_path / "raw")], tmp_path / "train", settings, workers=0, progress=False)
+    out = tmp_path / "run"
+    args = [*SMALL, "--data.train", str(tmp_path / "train"), "--run.out", str(out)]
+
+    assert one_rank([*args, "--run.max_steps", "2"], monkeypatch) == 0
+    resumed = two_ranks([*args, "--run.resume", "auto", "--run.max_steps", "6"])
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"world size 1 -> 2 at step 2: global batch {BATCH} kept (8 -> 4 per rank)" in (
+        resumed.stderr
+    )
+    assert checkpoint.load(checkpoint.latest(out))["world"] == 2
+    assert one_rank([*args, "--run.resume", "auto", "--run.max_steps", "11"], monkeypatch) == 0
+
+    steps = keys_by_step(out)
+    assert sorted(steps) == list(range(1, 12)) and all(len(k) == BATCH for k in steps.values())
+    for epoch in (0, 1):  # epoch 0 read at 1 then 2 ranks, epoch 1 at 2 then 1
+        read = Counter(
+            k for s in range(epoch * STEPS + 1, (epoch + 1) * STEPS + 1) for k in steps[s]
+        )
+        assert len(read) == SAMPLES and set(read.values()) == {1}, epoch
+    records = metrics(out)
+    moved = [r for r in records if r["kind"] == "resume"]
+    assert [r["world"] for r in moved] == [[1, 2], [2, 1]]
+    for record, (old, new) in zip(moved, [(1, 2), (2, 1)]):
+        assert record["global_batch"] == [BATCH, BATCH]
+        assert record["per_rank_batch"] == [BATCH // old, BATCH // new]
+        assert record["lr"][0] == record["lr"][1]
+    assert [r["rest_of_epoch_steps"] for r in moved] == [3, 4]
+    epochs = {r["step"]: r["epoch"] for r in records if r["kind"] == "train"}
+    assert [epochs[s] for s in (5, 6, 10, 11)] == [0, 1, 1, 2]
