@@ -54,7 +54,8 @@ def read(loaders, steps=None) -> Counter:
     return keys
 
 
-@pytest.mark.parametrize("old_world,new_world,at", [(2, 1, 2), (1, 2, 1), (2, 3, 1)])
+# 2 -> 1 and 1 -> 2 through moco-train: tests/train/test_elastic.py
+@pytest.mark.parametrize("old_world,new_world,at", [(1, 2, 1), (2, 3, 1)])
 def test_a_mid_epoch_position_resumes_on_another_world_reading_each_key_once(
     folder, old_world, new_world, at
 ):
@@ -70,7 +71,7 @@ def test_a_mid_epoch_position_resumes_on_another_world_reading_each_key_once(
         assert len(both) == 96
     else:  # what is left is under a batch per piece, as at every window's end
         assert 96 - len(both) < 3 * (GLOBAL_BATCH // 3)
-    # A checkpoint inside the rest resumes at the new world exactly, then later epochs go on.
+    # Later epochs are dealt at the new world size as usual.
     assert {x.epoch for x in second} == {1}
     nxt = read(second)
     assert max(nxt.values()) == 1
