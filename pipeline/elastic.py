@@ -3,7 +3,7 @@
 What old ranks had not read is the unread part of each one's current window (known as positions
 in its reader's order, which ``graph.emission_order`` replays from a seed and counts) and the
 shards of its later windows, whole. The unread parts, laid end to end, are cut into one run per
-new rank at whole new batches (shares differ by a batch at most); the whole shards are dealt
+new rank at whole new batches (shares differ by under two batches); whole shards are dealt
 round-robin in the epoch's order, as at an epoch start. A new rank reads each piece of an old
 window as a window of its own, then its shards ``per_window`` at a time, whole batches only, the
 same number on every rank (the usual epoch end). No file is read; docs/training.md says more.
@@ -75,8 +75,8 @@ def remainder(
 
     The unread parts of the old ranks' current windows, laid end to end in old rank order, are
     cut into ``new_world`` runs of whole new batches (the last takes the odd samples), one per new
-    rank: the ranks' shares of them differ by a batch at most, and a run spans at most
-    ``ceil(old / new) + 1`` old windows.
+    rank: the ranks' shares of them differ by under two batches, and a run spans the old windows
+    its samples fill (``ceil(old / new) + 1`` when the old ranks had as much left).
 
     Raises:
         ValueError: a position that does not fit the old ranks' windows.
