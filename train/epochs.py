@@ -43,12 +43,16 @@ class EpochClock:
     def epoch(self, step: int) -> int:
         """The epoch the step after ``step`` steps belongs to (after an epoch's end: the count of
         finished epochs)."""
+        if self.regular:
+            return step // self.steps_per_epoch
         if step < self.boundary:
             return self.next_epoch - 1
         return self.next_epoch + (step - self.boundary) // self.steps_per_epoch
 
     def ends_epoch(self, step: int) -> bool:
-        return step >= self.boundary and (step - self.boundary) % self.steps_per_epoch == 0
+        """Whether ``step`` steps end an epoch (a regular clock: any multiple of its length)."""
+        at_end = (step - self.boundary) % self.steps_per_epoch == 0
+        return at_end and (step >= self.boundary or self.regular)
 
     def total_steps(self, epochs: int) -> int:
         return self.boundary + (epochs - self.next_epoch) * self.steps_per_epoch

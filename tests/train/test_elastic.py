@@ -10,11 +10,14 @@ import sys
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
+
 from moco_dali.tools.demo.data import generated_dump
 from moco_dali.tools.shards.build import build
 from moco_dali.tools.shards.settings import BuildSettings
 from moco_dali.train import checkpoint, engine
 from moco_dali.train.cli import main
+from moco_dali.train.epochs import EpochClock
 from tests.train import keys_run
 from tests.train.runs import REPO, TINY, metrics
 
@@ -90,3 +93,30 @@ def test_mid_epoch_checkpoints_resume_on_another_world_reading_every_key_once(
     assert [r["rest_of_epoch_steps"] for r in moved] == [3, 4]
     epochs = {r["step"]: r["epoch"] for r in records if r["kind"] == "train"}
     assert [epochs[s] for s in (5, 6, 10, 11)] == [0, 1, 1, 2]
+
+
+class _At:
+    """A loader's position, as EpochClock reads it."""
+
+    def __init__(self, epoch: int, step_in_epoch: int, epoch_steps: int):
+        self.epoch, self.step_in_epoch, self.epoch_steps = epoch, step_in_epoch, epoch_steps
+
+
+def test_the_epoch_clock_is_todays_arithmetic_until_the_world_changes():
+    steps, epochs = 7, 4
+    for step in range(steps * epochs):  # a run that kept its world size, resumed anywhere
+        clock = EpochClock.of(step, steps, _At(step // steps, step % steps, steps))
+        assert clock.regular and clock.total_steps(epochs) == steps * epochs
+        assert [clock.epoch(s) for s in range(28)] == [s // steps for s in range(28)]
+        assert [clock.ends_epoch(s) for s in range(28)] == [s % steps == 0 for s in range(28)]
+    # Resumed at step 10 (epoch 1) on a world whose rest of epoch 1 takes 5 steps, epochs 6.
+    moved = EpochClock.of(10, 6, _At(1, 0, 5))
+    assert not moved.regular and moved.total_steps(epochs) == 15 + 2 * 6
+    assert [moved.epoch(s) for s in (10, 14, 15, 20, 21, 26)] == [1, 1, 2, 2, 3, 3]
+    assert [s for s in range(10, 28) if moved.ends_epoch(s)] == [15, 21, 27]
+    # Resumed again later on the same world: the same schedule to the last bit.
+    again = EpochClock.of(23, 6, _At(3, 2, 6))
+    assert again.total_steps(epochs) == moved.total_steps(epochs)
+    assert np.array_equal(again.epoch_at_step(epochs), moved.epoch_at_step(epochs))
+    fractions = moved.epoch_at_step(epochs)
+    assert fractions[15] == 2 and fractions[21] == 3 and fractions[-1] < epochs
