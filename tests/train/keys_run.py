@@ -1,6 +1,7 @@
 """``moco-train`` that also writes the sample keys each rank trained on (``KEYS-rankR.txt`` in
-run.out, one line per step), for the elastic resume's count of keys; torchrun runs it as a
-script, ``test_elastic`` patches the same two functions in."""
+run.out, one line per step), for the elastic resume's count of keys, with a tiny encoder (the
+data path is under test, not the ResNet); run as a script for a rank of its own, ``test_elastic``
+patches the same functions in for the rank in its process."""
 
 from __future__ import annotations
 
@@ -10,8 +11,9 @@ import sys
 from pathlib import Path
 
 from moco_dali.pipeline.config import LoaderConfig
-from moco_dali.train import engine
+from moco_dali.train import engine, step
 from moco_dali.train.cli import main
+from tests.model.tiny import TinyEncoder
 
 _train_step = engine.Run.train_step
 
@@ -29,7 +31,13 @@ def train_step(self, batch):
     return _train_step(self, batch)
 
 
+def tiny(arch: str, small_stem: bool = False):
+    """``encoders.resnet``'s place: the tiny encoder, whatever ``model.arch`` says."""
+    return TinyEncoder
+
+
 if __name__ == "__main__":
     engine.LoaderConfig = with_keys
     engine.Run.train_step = train_step
+    step.resnet = tiny
     sys.exit(main(sys.argv[1:]))
