@@ -4,11 +4,15 @@
 window's tars and index files, ``SampleCheck`` on every sample ahead of the decoder, the image
 decoded once (``mixed`` on a GPU, ``cpu`` otherwise), then two random views (or one evaluation
 view). ``decode_pipeline`` reads and decodes only: the ceiling a view pipeline cannot pass.
+``emission_order`` replays the order in which a window's reader hands out its samples.
 """
 
 from __future__ import annotations
 
+import io
 import os
+import tarfile
+from pathlib import Path
 from typing import Optional, Sequence
 
 import numpy as np
@@ -19,7 +23,15 @@ from .augment import augment, eval_view
 from .recipes import AugmentConfig, EvalConfig
 from .samplecheck import PLACEHOLDER_JPEG, SampleCheck
 
-__all__ = ["DTYPES", "decode", "default_threads", "view_pipeline", "window_seed", "decode_pipeline"]
+__all__ = [
+    "DTYPES",
+    "decode",
+    "default_threads",
+    "view_pipeline",
+    "window_seed",
+    "decode_pipeline",
+    "emission_order",
+]
 
 DTYPES = {"float16": types.FLOAT16, "float32": types.FLOAT}
 """A view dtype's name (config.DTYPE_NAMES) -> DALI's type."""
@@ -88,6 +100,8 @@ def view_pipeline(
             name="reader",
             random_shuffle=shuffle,
             initial_fill=shuffle_buffer,
+            # Its own seed, not one drawn from the pipeline's: emission_order replays it alone.
+            seed=seed,
             # Padding the last batch with repeats of the last sample keeps a partial
             # batch's padding out of evaluation (the iterator trims it).
             pad_last_batch=True,
@@ -172,3 +186,62 @@ def decode_pipeline(
     )
     pipe.build()
     return pipe
+
+
+def emission_order(
+    counts: Sequence[int],
+    *,
+    seed: int,
+    shuffle: bool,
+    shuffle_buffer: int,
+    batch_size: int,
+    stop: int,
+    workdir: str | os.PathLike,
+) -> np.ndarray:
+    """Positions (in index order over the window's shards) of the first ``stop`` samples the reader
+    of ``view_pipeline`` hands out, for shards of ``counts`` samples, with the same settings.
+
+    DALI's shuffle buffer draws from its random generator by sample count alone, whatever the
+    bytes, so a reader over index files whose lines all point at one byte of one tiny tar, named
+    by position, hands out the same order as the real window without reading it: an elastic
+    resume learns which samples an old rank had read from its seed and a count.
+    """
+    work = Path(workdir)
+    work.mkdir(parents=True, exist_ok=True)
+    tar = work / "replay.tar"
+    with tarfile.open(tar, "w", format=tarfile.USTAR_FORMAT) as out:
+        member = tarfile.TarInfo("x.jpg")
+        member.size = 1
+        out.addfile(member, io.BytesIO(b"x"))
+    indexes, position = [], 0
+    for number, count in enumerate(counts):
+        path = work / f"replay-{number}.idx"
+        lines = "".join(f"jpg 512 1 p{position + i}.jpg\n" for i in range(int(count)))
+        path.write_text(shards.index_header(int(count)) + lines)
+        indexes.append(str(path))
+        position += int(count)
+
+    @pipeline_def
+    def graph():
+        jpeg = fn.readers.webdataset(
+            paths=[str(tar)] * len(indexes),
+            index_paths=indexes,
+            ext=["jpg"],
+            missing_component_behavior="error",
+            name="reader",
+            random_shuffle=shuffle,
+            initial_fill=shuffle_buffer,
+            seed=seed,
+            pad_last_batch=True,
+        )
+        return fn.pad(fn.get_property(jpeg, key="source_info"), fill_value=0)
+
+    pipe = graph(batch_size=batch_size, num_threads=1, device_id=None)
+    pipe.build()
+    found: list[int] = []
+    while len(found) < stop:
+        (names,) = pipe.run()
+        for i in range(len(names)):
+            text = bytes(np.asarray(names[i])[np.asarray(names[i]) > 0].tolist()).decode()
+            found.append(int(text.rsplit(":", 1)[1][1:].split(".")[0]))
+    return np.asarray(found[:stop], dtype=np.int64)

@@ -5,13 +5,16 @@ the training device (DALI writes HWC; the adapter only permutes the view, no cop
 epoch the shards are dealt to the ranks whole (``partition``); a rank reads its share as
 windows of at most ``max_window_samples`` samples and ``max_window_shards`` shards, each a
 DALI pipeline of its own (``graph``), so start-up and host memory are bounded by a window.
-``state_dict()`` holds where the rank is; a loader built with it yields the same batches.
+``state_dict()`` holds where the rank is; a loader built with it yields the same batches. A
+loader given every rank's state of a run of another world size (``old_states``) reads the rest of
+that run's epoch, dealt again (``elastic``), then deals the next epochs as usual.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import tempfile
 from dataclasses import dataclass
 from typing import Iterator, Optional
 
@@ -19,9 +22,10 @@ import numpy as np
 import torch
 from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
-from . import partition, shards
+from . import elastic, partition, shards
 from .config import LoaderConfig
 from .graph import default_threads, view_pipeline, window_seed
+from .pieces import piece_pairs, rank_rest, saved_world
 from .recipes import AugmentConfig, EvalConfig
 from .samplecheck import SampleCheck
 from .scan import first_undecodable
@@ -68,6 +72,8 @@ class ViewLoader:
         rank, world: this process's share of the data.
         device_id: GPU to decode and augment on; None runs everything on the CPU.
         state: a ``state_dict()`` to resume from.
+        old_states: every rank's ``state_dict()`` of a run of another world size, to read the
+            rest of its epoch (elastic resume); not with ``state``.
 
     Attributes:
         pairs: ``(tar, index)`` of the shards of the window being read.
@@ -90,6 +96,7 @@ class ViewLoader:
         world: int = 1,
         device_id: Optional[int] = None,
         state: Optional[dict] = None,
+        old_states: Optional[list[dict]] = None,
     ):
         if not 0 <= rank < world:
             raise ValueError(f"rank {rank} is not in 0..{world - 1}")
@@ -116,6 +123,7 @@ class ViewLoader:
         self._window_batches = partition.window_batches(
             window_samples, config.batch_size, self._drop
         )
+        self._steps = 0
         # Evaluation on a rank dealt no samples: nothing to read.
         self._idle = not self._window_batches.sum()
         if self._drop:
@@ -126,10 +134,19 @@ class ViewLoader:
                 self._refuse_batch(counts)
         self.epoch = self.step_in_epoch = self.window = self.window_step = 0
         self._order_epoch, self._mine = -1, np.zeros(0, dtype=np.int64)
+        self._usual = (self._window_batches, self._steps)
+        # The rest of an epoch begun at another world size: its epoch, the old ranks' positions,
+        # this rank's windows of it (elastic.py).
+        self._rest_epoch, self._old, self._rest = -1, None, []
+        self._scratch = None
         self._pipe = self._iterator = self._check = None
         self.pairs: list = []
+        if state and old_states:
+            raise ValueError("give state (same world size) or old_states (another), not both")
         if state:
             self._resume(state)
+        if old_states:
+            self._resume_elsewhere(old_states)
         if not self._idle:
             self._advance_past_finished()
             self._open(state.get("dali") if state and self.window_step else None)
@@ -182,16 +199,36 @@ class ViewLoader:
             ):
                 self.epoch += 1
                 self.step_in_epoch = self.window = 0
+                self._window_batches, self._steps = self._usual
 
     # ------------------------------------------------------------------ pipeline
 
     def _open(self, checkpoint: Optional[str]) -> None:
         """Build the current window's reader over only its tars and indexes, each checked first."""
         self._close()
-        start = self.window * self._per_window
-        window = self._my_shards()[start : start + self._per_window]
-        self.pairs = [shards.open_shard(self.manifest, self.manifest.entry(int(i))) for i in window]
         cfg, read = self.config, self.config.read
+        if self.epoch == self._rest_epoch and self._rest[self.window].old_rank >= 0:
+            if self._scratch is None:
+                self._scratch = tempfile.TemporaryDirectory(prefix="moco-elastic-")
+            self.pairs = piece_pairs(
+                self.manifest,
+                self._rest[self.window],
+                self._old,
+                seed=cfg.seed,
+                epoch=self.epoch,
+                shuffle=cfg.shuffle,
+                shuffle_buffer=read.shuffle_buffer,
+                workdir=self._scratch.name,
+            )
+        else:
+            if self.epoch == self._rest_epoch:
+                window = self._rest[self.window].shards
+            else:
+                start = self.window * self._per_window
+                window = self._my_shards()[start : start + self._per_window]
+            self.pairs = [
+                shards.open_shard(self.manifest, self.manifest.entry(int(i))) for i in window
+            ]
         tars, indexes = [str(t) for t, _ in self.pairs], [str(i) for _, i in self.pairs]
         self._check = SampleCheck(len(self.manifest.classes))
         self._pipe, self._outputs = view_pipeline(
@@ -239,6 +276,12 @@ class ViewLoader:
 
     def __len__(self) -> int:
         """Batches per epoch on this rank (the same on every rank and in every epoch with ``drop``)."""
+        batches, steps = self._usual
+        return steps if self._drop else int(batches.sum())
+
+    @property
+    def epoch_steps(self) -> int:
+        """Batches of the current epoch: ``len(self)``, or the rest of an epoch begun elsewhere."""
         return self._steps if self._drop else int(self._window_batches.sum())
 
     def __iter__(self) -> Iterator[Batch]:
@@ -311,7 +354,7 @@ class ViewLoader:
             if self._iterator is not None and self.window_step
             else None
         )
-        return {
+        state = {
             "dali": dali,
             "epoch": self.epoch,
             "step_in_epoch": self.step_in_epoch,
@@ -319,8 +362,23 @@ class ViewLoader:
             "window_step": self.window_step,
             "rank": self.rank,
             "world": self.world,
-            "assignment": partition.assignment_digest(self._my_shards(), len(self.manifest.counts)),
+            "batch_size": self.config.batch_size,
+            "assignment": self._assignment(),
         }
+        if self.epoch == self._rest_epoch:
+            old = self._old
+            state["elastic"] = {
+                "world": old.world,
+                "batch_size": old.batch_size,
+                "windows": list(old.windows),
+                "window_steps": list(old.window_steps),
+            }
+        return state
+
+    def _assignment(self) -> str:
+        if self.epoch == self._rest_epoch:
+            return elastic.windows_digest(self._rest)
+        return partition.assignment_digest(self._my_shards(), len(self.manifest.counts))
 
     def _resume(self, state: dict) -> None:
         root = self.manifest.root
@@ -336,14 +394,36 @@ class ViewLoader:
             )
         self.epoch, self.step_in_epoch = state["epoch"], state["step_in_epoch"]
         self.window, self.window_step = state["window"], state["window_step"]
-        if (
-            partition.assignment_digest(self._my_shards(), len(self.manifest.counts))
-            != state["assignment"]
-        ):
+        if state.get("elastic"):
+            o = state["elastic"]
+            self._deal_rest(
+                elastic.OldWorld(
+                    o["world"], o["batch_size"], tuple(o["windows"]), tuple(o["window_steps"])
+                )
+            )
+        if self._assignment() != state["assignment"]:
             raise ShardError(
                 f"{root}: the shards dealt to rank {self.rank} in epoch {self.epoch} differ from the "
                 "saved run's (the manifest or the seed changed); cannot resume exactly"
             )
+
+    def _resume_elsewhere(self, states: list[dict]) -> None:
+        """Continue the epoch that every rank of another world size (``states``) was in."""
+        self.epoch, old = saved_world(states, self.manifest, self.config, self._per_window)
+        if old is not None:
+            self._deal_rest(old)
+
+    def _deal_rest(self, old: elastic.OldWorld) -> None:
+        """This rank's windows of the rest of ``self.epoch``, of which ``old``'s ranks had read part."""
+        cfg = self.config
+        self._rest, steps = rank_rest(
+            self.manifest, cfg, self.epoch, self._per_window, old, self.world, self.rank
+        )
+        self._old, self._rest_epoch = old, self.epoch
+        samples = np.array([w.samples for w in self._rest], dtype=np.int64)
+        self._window_batches = partition.window_batches(samples, cfg.batch_size, self._drop)
+        if self._drop:
+            self._steps = steps
 
     # ------------------------------------------------------------------ errors
 

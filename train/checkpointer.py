@@ -58,8 +58,9 @@ class Checkpointer:
 
         With ``run.resume auto`` a checkpoint that fails verification is skipped for the next
         older one, renamed ``*.pt.bad`` (so that rotation never deletes a good one in its
-        favour) and named in the log. A checkpoint of another world size or configuration is
-        refused, not skipped: the older ones were written by the same run.
+        favour) and named in the log. A checkpoint of a refused configuration change is refused,
+        not skipped: the older ones were written by the same run. One of another world size is
+        resumed (the loader deals the rest of its epoch anew).
         """
         r = self.config.run
         if not r.resume:
@@ -103,11 +104,6 @@ class Checkpointer:
     def _verified(self, path: Path, model: torch.nn.Module) -> tuple[dict, dict]:
         """A checkpoint's state once it is known good, loaded into ``model``; the keys changed."""
         state = check(load(path), path)
-        if state["world"] != self.dist.world:
-            raise ConfigError(
-                f"{path}: written by {state['world']} ranks, this run has {self.dist.world}; "
-                "an exact resume needs the same world size"
-            )
         allowed, refused = resume_changes(state["config"], self.config)
         if refused:
             listed = ", ".join(f"{key} {old!r} -> {new!r}" for key, (old, new) in refused.items())
@@ -126,7 +122,8 @@ class Checkpointer:
                 str(error)[:200],
             )
             raise CheckpointError(f"{path}: its weights do not fit this model: {first}") from None
-        if weights_digest(model) != state["rank_digests"][self.dist.rank]:
+        # Every rank holds the same weights and queue: a new rank checks against an old one's.
+        if weights_digest(model) != state["rank_digests"][self.dist.rank % state["world"]]:
             raise CheckpointError(
                 f"{path}: its weights or queue differ from the digest written with them "
                 "(changed after it was written)"
@@ -139,7 +136,8 @@ class Checkpointer:
         check_optimizer_state(state["optimizer"], optimizer, self.last_good)
         optimizer.load_state_dict(state["optimizer"])
         scaler.load_state_dict(state["scaler"])
-        set_rng_state(state["rng"][self.dist.rank], self.device)
+        # On another world size rank r continues old rank r % old world's generators.
+        set_rng_state(state["rng"][self.dist.rank % state["world"]], self.device)
         return state["step"], state["skipped"]
 
     def save(self, step: int, skipped: int, model, optimizer, scaler, loader_state: dict) -> None:

@@ -4,7 +4,8 @@
 folders' manifests), then the model, the optimizer and the schedules, then the checkpoint to
 continue from and the data; ``train`` is the loop over them. Resumable state goes through
 ``state_dict()`` everywhere, so a run killed at any moment and resumed continues with the same
-losses, step for step (same seed and world size).
+losses, step for step (same seed and world size); on another world size it reads the rest of the
+interrupted epoch, dealt again, with the epochs' ends and the schedules moved (``epochs``).
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from ..pipeline.loader import ViewLoader
 from . import distributed
 from .checkpointer import Checkpointer
 from .config import MAX_STEPS, Config, ConfigError, check, to_dict
+from .epochs import EpochClock, describe, world_change
 from .eval.knn import config_knn
 from .folders import check_knn_folders, check_out, check_resume, hold_out, steps_per_epoch
 from .metrics import Metrics
@@ -97,7 +99,7 @@ def train(config: Config) -> dict:
             while run.step < run.total_steps:
                 if run.train_epoch(stop):
                     return run.last  # stopped by a signal, checkpoint written
-                if run.step % run.steps_per_epoch == 0:
+                if run.clock.ends_epoch(run.step):
                     run.end_of_epoch()
             run.finish()
             return run.last
@@ -177,9 +179,6 @@ class Run:
         self.lock = hold_out(config, self.dist)
         self.model, self.optimizer = parts.model, parts.optimizer
         self.steps_per_epoch, self.rates, self.momenta = parts.steps, parts.rates, parts.momenta
-        self.total_steps = self.steps_per_epoch * r.epochs
-        if r.max_steps:
-            self.total_steps = min(r.max_steps, self.total_steps)
         self.net = self._wrap(self.model)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp == torch.float16)
         self.checkpointer = Checkpointer(config, self.dist, self.device)
@@ -193,10 +192,21 @@ class Run:
         self.nonfinite = NonFinite(r.max_nonfinite, self.device, self.skipped)
         self.loader = self._data(resumed.state)
         assert len(self.loader) == self.steps_per_epoch, (len(self.loader), self.steps_per_epoch)
+        self.clock = EpochClock.of(self.step, self.steps_per_epoch, self.loader)
+        if not self.clock.regular:  # the world size changed in this run: the epochs moved
+            self.rates, self.momenta = schedules(
+                config, self.steps_per_epoch, self.clock.epoch_at_step(r.epochs)
+            )
+        self.total_steps = self.clock.total_steps(r.epochs)
+        if r.max_steps:
+            self.total_steps = min(r.max_steps, self.total_steps)
+        moved = world_change(
+            config, resumed.state, self.dist.world, self.step, self.rates, self.clock
+        )
         self.out = Path(r.out)
         self.metrics = Metrics(self.out, self.dist.main)
         if self.dist.main:
-            self._announce(resumed.path, resumed.changes)
+            self._announce(resumed.path, resumed.changes, moved)
         self.last: dict = {}
         self.window = _Window(time.perf_counter())
         if self.device.type == "cuda":
@@ -238,10 +248,11 @@ class Run:
             rank=self.dist.rank,
             world=world,
             device_id=distributed.dali_device_id(self.device),
-            state=state["loader"][self.dist.rank] if state else None,
+            state=state["loader"][self.dist.rank] if state and state["world"] == world else None,
+            old_states=state["loader"] if state and state["world"] != world else None,
         )
 
-    def _announce(self, resumed: Optional[Path], changes: dict) -> None:
+    def _announce(self, resumed: Optional[Path], changes: dict, moved: dict) -> None:
         config = self.config
         self.out.mkdir(parents=True, exist_ok=True)
         if not resumed or changes or not (self.out / "config.json").exists():
@@ -250,10 +261,12 @@ class Run:
         if changes:
             listed = ", ".join(f"{key} {old!r} -> {new!r}" for key, (old, new) in changes.items())
             log.info("resuming with changed keys (allowed, config.json updated): %s", listed)
+        if moved:
+            log.info(describe(self.step, moved))
+        if changes or moved:
+            changed = {k: list(v) for k, v in changes.items()}
             self.metrics.write(
-                "resume",
-                self.step,
-                {"checkpoint": str(resumed), "changed": {k: list(v) for k, v in changes.items()}},
+                "resume", self.step, {"checkpoint": str(resumed), "changed": changed, **moved}
             )
         log.info(
             "%s on %s x%d, AMP %s, %d steps per epoch, %s",
@@ -274,7 +287,7 @@ class Run:
     def train_epoch(self, stop: _StopSignal) -> bool:
         """The rest of this epoch; True when a stop was requested (a checkpoint is written)."""
         r = self.config.run
-        epoch = self.step // self.steps_per_epoch
+        epoch = self.clock.epoch(self.step)
         ready = time.perf_counter()
         for batch in self.loader:  # the rest of this epoch, after a resume
             self.window.wait += time.perf_counter() - ready
@@ -362,7 +375,7 @@ class Run:
     def end_of_epoch(self) -> None:
         """A checkpoint at every epoch end, and the kNN monitor when it is due."""
         self.checkpoint()
-        finished = self.step // self.steps_per_epoch
+        finished = self.clock.epoch(self.step)
         r = self.config.run
         if r.knn_every and finished % r.knn_every == 0 and self.config.data.knn_train:
             # Every rank extracts its own share of the folders and gets the same result;
@@ -389,7 +402,7 @@ class Run:
         self.settle_nonfinite()
         if (
             self.step % self.config.run.ckpt_every
-            and self.step % self.steps_per_epoch
+            and not self.clock.ends_epoch(self.step)
             and self.streak == 0
         ):
             self.save()

@@ -188,13 +188,20 @@ def compile_encoders(model: MoCo, config: Config) -> MoCo:
     return model
 
 
-def schedules(config: Config, steps_per_epoch: int) -> tuple[np.ndarray, np.ndarray]:
+def schedules(
+    config: Config, steps_per_epoch: int, epoch_at_step: Optional[np.ndarray] = None
+) -> tuple[np.ndarray, np.ndarray]:
     """The learning rate and the key encoder's momentum at every step of the run, computed once
-    (their names were checked with the tree)."""
+    (their names were checked with the tree); over ``epoch_at_step`` (the fractional epoch of
+    each step) when a change of world size moved the epochs' ends."""
     o, m, epochs = config.optim, config.model, config.run.epochs
     base = o.lr_per_256 * config.data.batch_size / 256
-    rates = learning_rates(base, steps_per_epoch, epochs, o.schedule, o.milestones, o.warmup_epochs)
-    return rates, momenta(m.m, steps_per_epoch * epochs, m.momentum_schedule)
+    rates = learning_rates(
+        base, steps_per_epoch, epochs, o.schedule, o.milestones, o.warmup_epochs, epoch_at_step
+    )
+    if epoch_at_step is None:
+        return rates, momenta(m.m, steps_per_epoch * epochs, m.momentum_schedule)
+    return rates, momenta(m.m, len(rates), m.momentum_schedule, epoch_at_step / epochs)
 
 
 def forward_loss(
