@@ -59,6 +59,26 @@ def decode(jpeg, on_gpu: bool, hw_decoder_load: float):
     return fn.decoders.image(jpeg, device="cpu", output_type=types.RGB)
 
 
+def _reader(tars, indexes, extensions, shuffle: bool, shuffle_buffer: int, seed: int, **more):
+    """The webdataset reader of a window, declared once: ``emission_order`` replays its order
+    with the same arguments, so the two cannot drift apart."""
+    return fn.readers.webdataset(
+        paths=list(tars),
+        index_paths=list(indexes),
+        ext=extensions,
+        missing_component_behavior="error",
+        name="reader",
+        random_shuffle=shuffle,
+        initial_fill=shuffle_buffer,
+        # Its own seed, not one drawn from the pipeline's: emission_order replays it alone.
+        seed=seed,
+        # Padding the last batch with repeats of the last sample keeps a partial batch's
+        # padding out of evaluation (the iterator trims it).
+        pad_last_batch=True,
+        **more,
+    )
+
+
 def view_pipeline(
     tars: Sequence[str],
     indexes: Sequence[str],
@@ -92,20 +112,8 @@ def view_pipeline(
 
     @pipeline_def(enable_conditionals=True, enable_checkpointing=True)
     def graph():
-        outputs = fn.readers.webdataset(
-            paths=list(tars),
-            index_paths=list(indexes),
-            ext=extensions,
-            missing_component_behavior="error",
-            name="reader",
-            random_shuffle=shuffle,
-            initial_fill=shuffle_buffer,
-            # Its own seed, not one drawn from the pipeline's: emission_order replays it alone.
-            seed=seed,
-            # Padding the last batch with repeats of the last sample keeps a partial
-            # batch's padding out of evaluation (the iterator trims it).
-            pad_last_batch=True,
-            prefetch_queue_depth=prefetch,
+        outputs = _reader(
+            tars, indexes, extensions, shuffle, shuffle_buffer, seed, prefetch_queue_depth=prefetch
         )
         jpeg = outputs[0] if isinstance(outputs, (list, tuple)) else outputs
         source = fn.get_property(jpeg, key="source_info")
@@ -223,17 +231,7 @@ def emission_order(
 
     @pipeline_def
     def graph():
-        jpeg = fn.readers.webdataset(
-            paths=[str(tar)] * len(indexes),
-            index_paths=indexes,
-            ext=["jpg"],
-            missing_component_behavior="error",
-            name="reader",
-            random_shuffle=shuffle,
-            initial_fill=shuffle_buffer,
-            seed=seed,
-            pad_last_batch=True,
-        )
+        jpeg = _reader([str(tar)] * len(indexes), indexes, ["jpg"], shuffle, shuffle_buffer, seed)
         return fn.pad(fn.get_property(jpeg, key="source_info"), fill_value=0)
 
     pipe = graph(batch_size=batch_size, num_threads=1, device_id=None)
