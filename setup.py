@@ -61,7 +61,13 @@ setup(
         # an existing scheduler rather than a home-made launcher (optional: the local
         # process pool is the default executor)
         "ray": ["ray>=2.9,<3"],
+        # moco-shards build over Parquet files and Hugging Face datasets' Arrow folders: the
+        # reference reader of both formats, read a row group at a time (optional: no other
+        # input needs it)
+        "parquet": ["pyarrow>=14"],
         "dev": [
+            # the tests write Parquet and Arrow files and build shards from them
+            "pyarrow>=14",
             # the tests start a local Ray instance to run a build's parts as Ray tasks
             "ray>=2.9,<3",
             "pytest>=8",
