@@ -23,7 +23,10 @@ from .imageprep import Rejected
 from .inputs import TABLE_SUFFIXES, InputRef, printable, source_kind
 from .writer import read_input
 
-__all__ = ["TableInputs", "table_classes", "table_files", "block_reader"]
+__all__ = ["MAX_CLASSES", "TableInputs", "table_classes", "table_files", "block_reader"]
+
+MAX_CLASSES = 1 << 20
+"""The most classes integer labels without names make (``"0"``..``"N-1"``), as ``index``'s."""
 
 _STATE = "state.json"
 """A ``Dataset.save_to_disk`` folder's list of its Arrow files (``_data_files``), in row order."""
@@ -90,15 +93,21 @@ class _Table:
             kind = "Parquet" if path.lower().endswith(".parquet") else "Arrow"
             raise BuildError(f"{self.shown}: not a readable {kind} file: {exc}") from None
 
-    def groups(self, columns: Sequence[str]) -> Iterator[tuple[int, int, Callable]]:
-        """``(group, first row, read)`` per row group; ``read()`` gives its ``columns`` as a table."""
+    def groups(self, columns: Sequence[str]) -> Iterator[tuple[int, int, int, Callable]]:
+        """``(group, first row, rows, read)`` per row group; ``read()`` gives its ``columns``.
+
+        Raises:
+            BuildError: the file cannot be read on (from the iteration), or a row group cannot
+                be (from its ``read()``).
+        """
         pa, first = _pyarrow(), 0
         try:
             if self._parquet is not None:
                 meta = self._parquet.metadata
                 for group in range(meta.num_row_groups):
-                    yield group, first, lambda g=group: self._parquet.read_row_group(g, columns)
-                    first += meta.row_group(group).num_rows
+                    rows = meta.row_group(group).num_rows
+                    yield group, first, rows, lambda g=group: self._read(g, columns)
+                    first += rows
                 return
             batches = (
                 iter(self._stream)
@@ -106,10 +115,17 @@ class _Table:
                 else (self._stream.get_batch(i) for i in range(self._stream.num_record_batches))
             )
             for group, batch in enumerate(batches):
-                yield group, first, lambda b=batch: pa.Table.from_batches([b]).select(columns)
+                yield group, first, batch.num_rows, lambda b=batch: b.select(columns)
                 first += batch.num_rows
         except (OSError, pa.ArrowException) as exc:
-            raise BuildError(f"{self.shown}: cannot read row group: {exc}") from None
+            raise BuildError(f"{self.shown}: cannot read on: {exc}") from None
+
+    def _read(self, group: int, columns: Sequence[str]):
+        pa = _pyarrow()
+        try:
+            return self._parquet.read_row_group(group, columns)
+        except (OSError, pa.ArrowException) as exc:
+            raise BuildError(f"{self.shown}: cannot read row group {group}: {exc}") from None
 
     def column(self, name: str, option: str, kinds: str):
         """The type of column ``name``; a one-line error naming ``option`` when there is none."""
@@ -175,17 +191,15 @@ def table_classes(sources: Sequence[str], label_column: str) -> list[str]:
                 names = found
                 continue
             if pa.types.is_integer(kind) and table._parquet is not None:
-                meta, at = table._parquet.metadata, table.schema.get_field_index(label_column)
-                stats = [
-                    meta.row_group(g).column(at).statistics for g in range(meta.num_row_groups)
-                ]
+                stats = _statistics(table._parquet.metadata, label_column)
                 if all(s is not None and s.has_min_max for s in stats):
                     top = max([top] + [s.max for s in stats])
                     continue
-            for _, _, read in table.groups([label_column]):
+            for _, _, _, read in table.groups([label_column]):
                 values = read().column(0)
                 if pa.types.is_integer(kind):
-                    top = max(top, pa.compute.max(values).as_py() or -1)
+                    found = pa.compute.max(values).as_py()
+                    top = top if found is None else max(top, found)
                 elif pa.types.is_string(kind) or pa.types.is_large_string(kind):
                     strings.update(v for v in values.unique().to_pylist() if v)
                 else:
@@ -199,7 +213,20 @@ def table_classes(sources: Sequence[str], label_column: str) -> list[str]:
         raise BuildError(
             f"--label-column {label_column}: integers in one table, strings in another"
         )
+    if top >= MAX_CLASSES:
+        raise BuildError(
+            f"--label-column {label_column}: a label of {top}, over {MAX_CLASSES} classes; "
+            "give the classes with --classes FILE"
+        )
     return sorted(strings) if strings else [str(i) for i in range(top + 1)]
+
+
+def _statistics(meta, column: str) -> list:
+    """A top-level column's statistics in each row group (None where a group has none)."""
+    at = next((i for i in range(meta.num_columns) if meta.schema.column(i).path == column), None)
+    if at is None:  # not a leaf column: no statistics of its own
+        return [None]
+    return [meta.row_group(g).column(at).statistics for g in range(meta.num_row_groups)]
 
 
 class TableInputs:
@@ -237,21 +264,23 @@ class TableInputs:
             if label_column is not None:
                 table.column(label_column, "--label-column", "label")
                 names = table.class_names(label_column, _info(source))
-            for group, first, read in table.groups([label_column] if label_column else []):
+            for group, first, rows, read in table.groups([label_column] if label_column else []):
                 mine = self._groups % num_parts == part
                 self._groups += 1
                 if not mine:
                     continue
-                values = (
-                    read().column(0).to_pylist()
-                    if label_column
-                    else [None] * _group_rows(table, group, read)
-                )
+                values, unreadable = [None] * rows, None
+                if label_column:
+                    try:
+                        values = read().column(0).to_pylist()
+                    except BuildError as exc:  # its rows are rejected, the build goes on
+                        unreadable = f"unreadable: {exc}"
                 for index, value in enumerate(values):
                     row = first + index
                     label, why = (
                         _label(value, names, label_column) if label_column else (None, None)
                     )
+                    why = unreadable or why
                     yield InputRef(
                         f"{table.shown}#{row}",
                         path,
@@ -263,12 +292,6 @@ class TableInputs:
                         src,
                         row,
                     )
-
-
-def _group_rows(table: _Table, group: int, read: Callable) -> int:
-    if table._parquet is not None:
-        return table._parquet.metadata.row_group(group).num_rows
-    return read().num_rows  # an Arrow batch, already mapped: no copy
 
 
 def _label(value, names: Optional[list[str]], column: str) -> tuple[Optional[str], Optional[str]]:
@@ -315,11 +338,18 @@ def block_reader(items: Sequence[tuple], image_column: str) -> Callable[[InputRe
     images: dict[tuple[str, int, int], object] = {}
     for path in sorted({p for p, _ in wanted}):
         try:
-            for group, _, read in _Table(path).groups([image_column]):
+            for group, _, _, read in _Table(path).groups([image_column]):
                 if rows := wanted.get((path, group)):
-                    column = read().column(0)
+                    try:
+                        column = read().column(0)
+                    except BuildError as exc:  # a damaged row group costs its rows only
+                        column = Rejected(f"unreadable: {exc}")
                     for index in rows:
-                        images[(path, group, index)] = _image(column, index, path, image_column)
+                        images[(path, group, index)] = (
+                            column
+                            if isinstance(column, Rejected)
+                            else _image(column, index, path, image_column)
+                        )
         except BuildError as exc:  # the file changed or went since it was listed
             for (p, group), rows in wanted.items():
                 for index in rows if p == path else ():

@@ -14,6 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from moco_dali.tools.shards.build import build
+from moco_dali.tools.shards.classes import find_classes
 from moco_dali.tools.shards.cli import main
 from moco_dali.tools.shards.merge import merge
 from moco_dali.tools.shards.settings import BuildSettings
@@ -197,6 +198,23 @@ def test_a_save_to_disk_folder_and_an_unlabelled_build(tmp_path):
     assert report.samples == 6 and {c for c, _ in samples(tmp_path / "none").values()} == {None}
 
 
+def test_integer_labels_without_names_are_their_own_classes(tmp_path):
+    """No ClassLabel metadata: the classes are "0".."N-1", N from the row groups' statistics
+    (Parquet, whose image struct's leaf columns come before the label's) or the labels read
+    (Arrow); a label of 0 alone still makes one class."""
+    plain = hf_schema(metadata=False)
+    pq.write_table(pa.Table.from_pylist(rows(0, 5), schema=plain), tmp_path / "a.parquet")
+    assert find_classes([str(tmp_path / "a.parquet")], "column", label_column="label") == [
+        "0",
+        "1",
+        "2",
+    ]
+    zero = [{"image": r["image"], "label": 0} for r in rows(0, 2)]
+    with pa.ipc.new_file(tmp_path / "b.arrow", plain) as writer:
+        writer.write_table(pa.Table.from_pylist(zero, schema=plain))
+    assert find_classes([str(tmp_path / "b.arrow")], "column", label_column="label") == ["0"]
+
+
 def run(capsys, *argv: str) -> tuple[int, str]:
     code = main([*argv])
     return code, capsys.readouterr().err.strip()
@@ -235,3 +253,26 @@ def test_moco_train_takes_a_few_steps_from_a_parquet_build(tmp_path, capsys):
     )
     assert result.returncode == 0, result.stderr[-2000:]
     assert sorted(losses(run_dir)) == [1, 2]  # 64 samples, batches of 32, one epoch
+
+
+def test_the_three_layouts_study_finds_one_data_set_in_each(tmp_path):
+    """``benchmarks/studies/three_layouts.py`` on drawn images: the same samples and kNN from
+    img2dataset tars indexed, an archive of class archives and Hugging Face Parquet."""
+    import numpy as np
+
+    from benchmarks.studies.three_layouts import LAYOUTS, compare
+
+    rng = np.random.default_rng(0)
+    splits = {
+        split: (rng.integers(0, 256, (n, 28, 28), dtype=np.uint8), np.arange(n) % 10)
+        for split, n in (("train", 30), ("val", 10))
+    }
+    result = compare(splits, tmp_path, workers=0, threads=1)
+    assert result["equal"] == {"samples": True, "content_sha256": True, "knn": True}
+    first = result["layouts"][LAYOUTS[0]]
+    assert first["samples"] == {"train": 30, "val": 10} and first["rejected"] == {
+        "train": 0,
+        "val": 0,
+    }
+    # The digests are of what each folder holds: another split's differ.
+    assert first["content_sha256"]["train"] != first["content_sha256"]["val"]
