@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
 import tarfile
 from pathlib import Path
 
@@ -276,3 +277,9 @@ def test_the_three_layouts_study_finds_one_data_set_in_each(tmp_path):
     }
     # The digests are of what each folder holds: another split's differ.
     assert first["content_sha256"]["train"] != first["content_sha256"]["val"]
+
+
+def test_without_pyarrow_a_table_source_names_the_extra(hub, tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "pyarrow", None)  # as if not installed: import fails
+    code, err = run(capsys, "build", str(hub), "--out", str(tmp_path / "out"))
+    assert code == 2 and err.endswith("need pyarrow: pip install 'moco-dali[parquet]'")
