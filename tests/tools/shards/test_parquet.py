@@ -283,3 +283,20 @@ def test_without_pyarrow_a_table_source_names_the_extra(hub, tmp_path, capsys, m
     monkeypatch.setitem(sys.modules, "pyarrow", None)  # as if not installed: import fails
     code, err = run(capsys, "build", str(hub), "--out", str(tmp_path / "out"))
     assert code == 2 and err.endswith("need pyarrow: pip install 'moco-dali[parquet]'")
+
+
+def test_a_damaged_row_group_costs_its_rows_only(tmp_path):
+    """The page header of the second row group's image column overwritten: its rows are rejected
+    as unreadable, naming file and row, and the other group's rows are built."""
+    table = tmp_path / "t.parquet"
+    pq.write_table(pa.Table.from_pylist(rows(0, 6), schema=hf_schema()), table, row_group_size=3)
+    chunk = pq.ParquetFile(table).metadata.row_group(1).column(0)  # image.bytes
+    data = bytearray(table.read_bytes())
+    data[chunk.data_page_offset : chunk.data_page_offset + 16] = b"\xff" * 16
+    table.write_bytes(bytes(data))
+    report = build([str(table)], tmp_path / "out", BuildSettings(labels="column"), workers=0)
+    assert (report.inputs, report.samples, report.rejected) == (6, 3, 3)
+    rejected = rejected_lines(tmp_path / "out")
+    assert sorted(r["input"].rpartition("#")[2] for r in rejected) == ["3", "4", "5"]
+    assert all(r["reason"].startswith("unreadable: ") for r in rejected)
+    assert all("t.parquet: cannot read row group 1" in r["reason"] for r in rejected)
