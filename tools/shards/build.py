@@ -34,7 +34,7 @@ from .inputs import InputRef, iter_part, printable, source_kind
 from .labelfile import read_labels, with_labels
 from .nested import iter_archive_part
 from .order import PackingOrder
-from .parquet import TableInputs, block_reader
+from .parquet import TableInputs, TableRows, in_table_order
 from .settings import NO_CLASS, NO_CLASS_ARCHIVE, NO_LABEL, BuildReport, BuildSettings
 from .writer import BlockRecord, process_input, reason_kind, write_block
 
@@ -56,7 +56,8 @@ def _build_block(task: tuple) -> dict:
     """Worker: one block of inputs -> its shards on disk and its resume record."""
     out, stem, block, first_input, items = task
     settings = _worker_settings
-    read = block_reader(items, settings.image_column)  # a table's rows: a row group at a time
+    items = in_table_order(items)  # a table's rows: each row group read once, one at a time
+    read = TableRows(settings.image_column)
     process = functools.partial(
         process_input, prep=settings.prep, max_input_bytes=settings.max_input_bytes, read=read
     )

@@ -5,9 +5,9 @@ folder of them, a ``datasets`` ``save_to_disk`` folder), their image and label c
 Hugging Face layout by default: an ``image`` struct of ``bytes`` and ``path``, a ``label`` column
 whose ``ClassLabel`` names are the classes), the rows a part owns (whole row groups, or record
 batches of an Arrow file, dealt round-robin over the build's tables) and, in a worker, a block's
-images read a row group at a time. A row is named ``FILE#ROW`` within its source (naming rule 2),
-so the build is the same from any mount point. Nothing reads a table whole: a part holds one row
-group's labels at a time, a worker one block's images. pyarrow is imported only here, when a
+images read in file order, a row group at a time. A row is named ``FILE#ROW`` within its source
+(naming rule 2), so the build is the same from any mount point. Nothing reads a table whole: a part holds one row
+group's labels at a time, a worker one row group's images. pyarrow is imported only here, when a
 table is read (``pip install 'moco-dali[parquet]'``). Must not decide the packing order.
 """
 
@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import os
-from collections import defaultdict
 from typing import Callable, Iterator, Optional, Sequence
 
 from . import BuildError
@@ -23,7 +22,14 @@ from .imageprep import Rejected
 from .inputs import TABLE_SUFFIXES, InputRef, printable, source_kind
 from .writer import read_input
 
-__all__ = ["MAX_CLASSES", "TableInputs", "table_classes", "table_files", "block_reader"]
+__all__ = [
+    "MAX_CLASSES",
+    "TableInputs",
+    "TableRows",
+    "in_table_order",
+    "table_classes",
+    "table_files",
+]
 
 MAX_CLASSES = 1 << 20
 """The most classes integer labels without names make (``"0"``..``"N-1"``), as ``index``'s."""
@@ -323,45 +329,35 @@ def _is_path(pa, kind) -> bool:
     return pa.types.is_string(kind) or pa.types.is_large_string(kind)
 
 
-def block_reader(items: Sequence[tuple], image_column: str) -> Callable[[InputRef, int], bytes]:
-    """``writer.read_input`` for one block's items: its table rows' images read a row group at a
-    time, each group once, only its image column; other inputs as ``read_input`` reads them.
+def in_table_order(items: list) -> list:
+    """A block's items, its table rows in file and row order after its other inputs (kept in
+    their order), so that a worker reads each row group once and holds one at a time. Which
+    shard an input lands in is still the packing order's; only its place in the shard moves."""
+    if not any(ref.row >= 0 for _, ref, _ in items):
+        return items
+    return sorted(items, key=lambda item: (item[1].row >= 0, item[1].path, max(item[1].row, 0)))
 
-    The block's images are held until read (one block: ``--max-count`` images at most).
-    """
-    wanted: dict[tuple[str, int], list[int]] = defaultdict(list)
-    for _, ref, _ in items:
-        if ref.row >= 0 and not ref.rejected:
-            wanted[(ref.path, ref.offset)].append(ref.size)
-    if not wanted:
-        return read_input
-    images: dict[tuple[str, int, int], object] = {}
-    for path in sorted({p for p, _ in wanted}):
-        try:
-            for group, _, _, read in _Table(path).groups([image_column]):
-                if rows := wanted.get((path, group)):
-                    try:
-                        column = read().column(0)
-                    except BuildError as exc:  # a damaged row group costs its rows only
-                        column = Rejected(f"unreadable: {exc}")
-                    for index in rows:
-                        images[(path, group, index)] = (
-                            column
-                            if isinstance(column, Rejected)
-                            else _image(column, index, path, image_column)
-                        )
-        except BuildError as exc:  # the file changed or went since it was listed
-            for (p, group), rows in wanted.items():
-                for index in rows if p == path else ():
-                    images.setdefault((p, group, index), Rejected(f"unreadable: {exc}"))
 
-    def read(ref: InputRef, max_bytes: int) -> bytes:
+class TableRows:
+    """``writer.read_input`` for a block in ``in_table_order``: a table row's image from its row
+    group's image column, read when the block reaches the group and dropped when it leaves it;
+    other inputs as ``read_input`` reads them."""
+
+    def __init__(self, image_column: str):
+        self.image_column = image_column
+        self._path: Optional[str] = None
+        self._groups: Iterator = iter(())
+        self._group = -1
+        self._column: object = None
+
+    def __call__(self, ref: InputRef, max_bytes: int) -> bytes:
         if ref.row < 0:
             return read_input(ref, max_bytes)
-        found = images.pop(
-            (ref.path, ref.offset, ref.size),
-            Rejected("unreadable: the table has no such row now (changed since it was listed)"),
-        )
+        if (ref.path, ref.offset) != (self._path, self._group):
+            self._seek(ref.path, ref.offset)
+        if isinstance(self._column, Rejected):
+            raise self._column
+        found = _image(self._column, ref.size, ref.path, self.image_column)
         if isinstance(found, Rejected):
             raise found
         if isinstance(found, InputRef):  # a path beside the table
@@ -370,11 +366,28 @@ def block_reader(items: Sequence[tuple], image_column: str) -> Callable[[InputRe
             raise Rejected(f"too large: over --max-input-bytes ({max_bytes} bytes)")
         return found
 
-    return read
+    def _seek(self, path: str, group: int) -> None:
+        """Read row group ``group`` of ``path``: on from the last one read (table order never goes
+        back within a file), or from the start of a file not read yet."""
+        self._column = Rejected(
+            "unreadable: the table has no such row group now (changed since it was listed)"
+        )
+        try:
+            if path != self._path or group < self._group:
+                self._path, self._groups = path, _Table(path).groups([self.image_column])
+            self._group = group
+            for at, _, _, read in self._groups:
+                if at == group:
+                    self._column = read().column(0)
+                    return
+        except BuildError as exc:  # the file changed or went since it was listed
+            self._column = Rejected(f"unreadable: {exc}")
 
 
 def _image(column, index: int, path: str, name: str):
     """Row ``index``'s image: its bytes, an ``InputRef`` of the file it names, or ``Rejected``."""
+    if index >= len(column):
+        return Rejected("unreadable: the table has no such row now (changed since it was listed)")
     value = column[index].as_py()
     where = None
     if isinstance(value, dict):

@@ -300,3 +300,33 @@ def test_a_damaged_row_group_costs_its_rows_only(tmp_path):
     assert sorted(r["input"].rpartition("#")[2] for r in rejected) == ["3", "4", "5"]
     assert all(r["reason"].startswith("unreadable: ") for r in rejected)
     assert all("t.parquet: cannot read row group 1" in r["reason"] for r in rejected)
+
+
+def test_a_worker_reads_each_row_group_of_its_block_once(hub, monkeypatch):
+    """A block's rows come in packing order, spread over every row group; in table order each
+    group is read once, and every row gets its own image."""
+    from moco_dali.tools.shards import parquet
+
+    table = str(hub / "train-00000-of-00002.parquet")
+    tables = parquet.TableInputs("image", None)
+    refs = [ref for ref in tables(table, "none", 0, 1, 0)]
+    items = [(str(i), ref, None) for i, ref in enumerate(reversed(refs))]
+    reads = []
+    real = parquet._Table._read
+    monkeypatch.setattr(
+        parquet._Table, "_read", lambda self, g, c: reads.append(g) or real(self, g, c)
+    )
+    ordered = parquet.in_table_order(items)
+    assert [ref.row for _, ref, _ in ordered] == list(range(12))
+    read = parquet.TableRows("image")
+    images = {}
+    for _, ref, _ in ordered:
+        try:
+            images[ref.row] = read(ref, 1 << 20)
+        except Exception as exc:  # the odd rows' reasons are another test's
+            images[ref.row] = str(exc)
+    assert reads == [0, 1, 2]
+    expected = rows(0, 12)
+    assert images[0] == expected[0]["image"]["bytes"]
+    assert images[11] == expected[11]["image"]["bytes"]
+    assert images[2] == "no image: null in column 'image'"
