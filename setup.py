@@ -65,11 +65,21 @@ setup(
         # reference reader of both formats, read a row group at a time (optional: no other
         # input needs it)
         "parquet": ["pyarrow>=14"],
+        # shards in S3-compatible object storage (moco-shards push DIR s3://bucket/prefix): the
+        # reference client, with the standard credential chain, AWS_ENDPOINT_URL endpoints
+        # (MinIO, Ceph, R2), timeouts, and retries that back off on throttling (503 SlowDown)
+        "s3": ["boto3>=1.34,<2"],
         "dev": [
             # the tests write Parquet and Arrow files and build shards from them
             "pyarrow>=14",
             # the tests start a local Ray instance to run a build's parts as Ray tasks
             "ray>=2.9,<3",
+            "boto3>=1.34,<2",
+            # a real S3 endpoint on 127.0.0.1 for the object-store tests: moto's server (it
+            # needs flask and flask-cors), started by a fixture, not a mock of the client
+            "moto[s3]>=5",
+            "flask>=3",
+            "flask-cors>=4",
             "pytest>=8",
             "pytest-timeout>=2.2",
             # runs the tests in a shuffled order (-p randomly, seeded, off by default in

@@ -18,6 +18,9 @@ from PIL import Image
 
 from moco_dali.pipeline.config import LoaderConfig, ReadConfig
 
+# The S3 endpoint (moto's server behind a fault-injecting proxy): the fixtures moto_server, s3.
+pytest_plugins = ["tests.store_server"]
+
 try:
     import torch
 

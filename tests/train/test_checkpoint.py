@@ -22,7 +22,7 @@ from moco_dali.tools.shards.settings import BuildSettings
 from moco_dali.train import checkpoint
 from moco_dali.train.cli import main as moco_train
 from tests.conftest import small_disk
-from tests.train.runs import TINY, losses
+from tests.train.runs import THREADS, TINY, losses
 
 
 @pytest.fixture(scope="module")
@@ -45,9 +45,9 @@ def trained(tmp_path_factory) -> dict[str, Path]:
 
 
 def run(root: Path, out: Path, *extra: str) -> int:
-    """``moco-train`` in this process, on one thread as the command-line tests run (same losses)."""
+    """``moco-train`` in this process, on the threads the command-line tests run with (same losses)."""
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+    torch.set_num_threads(THREADS)
     try:
         return moco_train(
             [

@@ -19,7 +19,7 @@ from moco_dali.tools.demo.data import generated_dump
 from moco_dali.tools.shards.build import build
 from moco_dali.tools.shards.settings import BuildSettings
 from moco_dali.train import checkpoint
-from tests.train.runs import REPO, TINY, losses, metrics, moco_train
+from tests.train.runs import REPO, THREADS, TINY, losses, metrics, moco_train
 
 
 @pytest.fixture(scope="module")
@@ -211,7 +211,7 @@ def test_the_learning_check_fails_a_broken_engine(data, tmp_path, monkeypatch, b
         ]
     )
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # as the command-line runs, under OMP_NUM_THREADS=1
+    torch.set_num_threads(THREADS)  # as the command-line runs
     try:
         train(config)
     finally:
@@ -245,12 +245,13 @@ def test_lars_runs_and_its_state_is_checkpointed(data, tmp_path):
 
 
 def test_kill_minus_9_and_resume_gives_the_same_losses(data, tmp_path):
-    args = [*TINY, "--data.train", str(data["train"]), "--run.epochs", "4", "--run.ckpt_every", "3"]
+    args = [*TINY, "--data.train", str(data["train"]), "--run.epochs", "2", "--run.ckpt_every", "3"]
     assert moco_train(*args, "--run.out", str(tmp_path / "clean")).returncode == 0
     expected = losses(tmp_path / "clean")
 
     out = tmp_path / "killed"
-    kill_after = random.Random().randint(4, 40)  # a checkpoint exists from step 3 on
+    # A checkpoint exists from step 3 on; the run ends at 24: the kill lands in either epoch.
+    kill_after = random.Random().randint(4, 18)
     proc = moco_train(*args, "--run.out", str(out), wait=False)
     deadline = time.monotonic() + 300
     while proc.poll() is None and time.monotonic() < deadline:
@@ -377,13 +378,17 @@ def test_non_finite_losses_stop_the_run_leaving_the_last_good_checkpoint(data, t
         (["--optim.name", "adam"], "optim.name: optimizer 'adam': choose sgd or lars"),
     ],
 )
-def test_configuration_errors_are_one_line(data, extra, message):
-    result = moco_train(*TINY, "--data.train", str(data["train"]), *extra)
-    assert result.returncode == 2
-    assert result.stderr.strip().splitlines() == [f"moco-train: error: {message}"]
+def test_configuration_errors_are_one_line(data, extra, message, tmp_path, monkeypatch, capsys):
+    """In this process (``test_config`` runs a refusal as a command); nothing written anywhere."""
+    from moco_dali.train.cli import main
+
+    monkeypatch.chdir(tmp_path)  # where the default run.out would go
+    assert main([*TINY, "--data.train", str(data["train"]), *extra]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [f"moco-train: error: {message}"]
+    assert list(tmp_path.iterdir()) == []
 
 
-def test_batch_not_divisible_by_world_and_missing_shards(data, tmp_path):
+def test_batch_not_divisible_by_world_and_missing_shards(data, tmp_path, capsys):
     from moco_dali.train.config import ConfigError, check
     from moco_dali.train.presets import preset
 
@@ -393,12 +398,14 @@ def test_batch_not_divisible_by_world_and_missing_shards(data, tmp_path):
         ConfigError, match="data.batch_size 256 is not divisible by the world size 3"
     ):
         check(config, world=3, cuda=False, amp=False)
-    result = moco_train(*TINY, "--data.train", str(tmp_path))
-    assert result.returncode == 2
-    assert result.stderr.strip().splitlines() == [
+    from moco_dali.train.cli import main
+
+    assert main([*TINY, "--data.train", str(tmp_path), "--run.out", str(tmp_path / "run")]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
         f"moco-train: error: data.train: {tmp_path / 'manifest.json'}: no manifest; is this a folder written by "
         "'moco-shards build'?"
     ]
+    assert not (tmp_path / "run").exists()
 
 
 def test_config_file_and_command_line_precedence(tmp_path):

@@ -54,7 +54,7 @@ OPTIONS = {
     "step": COMMON + DATA,
     "e2e": COMMON + DATA,
     "shards": COMMON + ("synthetic", "photos", "build_workers"),
-    "index": COMMON + ("synthetic", "photos"),
+    "index": COMMON + ("synthetic", "photos", "growth"),
     "scale": COMMON + ("root", "folders", "worlds", "pipeline_from"),
     "scale-build": COMMON + ("sizes", "parts", "kinds"),
     "all": COMMON + DATA + ("calls", "photos", "build_workers", "modes"),
@@ -95,7 +95,8 @@ def _shards(measure: Measure) -> dict:
 def _index(measure: Measure) -> dict:
     options = measure.options
     photos, info = (options.photos, None) if options.photos else synthetic_photos(measure)
-    return bench_index(photos, options.reps, photoset=info)
+    growth = _counts("--growth", options.growth, _whole) if options.growth else None
+    return bench_index(photos, options.reps, photoset=info, growth=growth)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -111,6 +112,17 @@ def _parser() -> argparse.ArgumentParser:
         if mode not in ("shards", "index", "scale-build"):  # what they measure is not training
             add_tree_arguments(p)
     return parser
+
+
+MAX_GROWTH = 10**8
+
+
+def _whole(text: str) -> int:
+    """``1e6`` or ``1000000``: a float's spelling of a whole number, as ``--sizes`` takes."""
+    value = float(text)
+    if not value.is_integer():
+        raise ValueError(text)
+    return int(value)
 
 
 def _counts(option: str, text: str, parse=int) -> list[int]:
@@ -158,6 +170,10 @@ def _check(mode: str, options: BenchOptions, trees: dict[str, Config], gpu: bool
             raise OptionError(f"--photos {options.photos}: no *.jpg files to build shards from")
     if options.build_workers:
         _counts("--build-workers", options.build_workers)
+    if options.growth:
+        for samples in _counts("--growth", options.growth, _whole):
+            if samples > MAX_GROWTH:  # a tiny JPEG is ~1 KB of tar: 1e8 is 100 GB of scratch
+                raise OptionError(f"--growth {options.growth}: at most {MAX_GROWTH:,} samples")
     meta = torch.device("meta")
     for name, tree in trees.items():
         if name in ("step", "e2e", "momentum"):  # what the measured step is built from

@@ -1,14 +1,13 @@
 """``moco-bench index``: ``moco-shards index`` against ``moco-shards build`` on the same tars.
 
-img2dataset-shaped tars (``KEY.jpg``, ``KEY.txt``, ``KEY.json``, 500 samples each, written by
-``webdataset.ShardWriter``) are made once from the photos; then, alternating, each contender
-runs in a fresh interpreter (importing only what it runs) on one core: ``index`` (the tars' headers, each JPEG's
-header, their sha256) and ``build`` with the tars as archive sources (``--reencode auto``: a
-clean JPEG is stored byte for byte after a strict decode; the ``.txt`` and ``.json`` members
-are rejected as inputs that are not images, which is what building such tars costs today).
-Per contender, medians of ``--reps``: images/s of its one process (images per core), images
-per CPU-second, and the process's peak RSS beside that of a process that only imported the
-same modules.
+img2dataset-shaped tars (``KEY.jpg``, ``.txt``, ``.json``, 500 samples each) are made once from
+the photos; then, alternating, each contender runs in a fresh interpreter on one core:
+``index``, ``build`` (``--reencode auto``: a clean JPEG stored byte for byte after a strict
+decode, the ``.txt`` and ``.json`` rejected as not images) and ``rebuild`` (``--reencode
+always``: every image decoded and encoded again, the rewrite issue 27's goal is stated
+against). Per contender, medians of ``--reps``: images/s of its one process, images per
+CPU-second, and its peak RSS beside a process that only imported the same modules.
+``--growth 1e4,1e5,1e6`` adds index's peak RSS as the samples grow (tiny JPEGs, 1,000 a tar).
 """
 
 from __future__ import annotations
@@ -29,10 +28,12 @@ from ..shards.build import build
 from ..shards.imageprep import PrepSettings
 from ..shards.index import IndexCommand, index
 from ..shards.settings import BuildSettings
+from ..shards.tar import ustar_header
 
 __all__ = ["bench_index", "print_index"]
 
 PER_TAR = 500
+GROWTH_PER_TAR = 1000
 
 
 def make_tars(photos: list[Path], out: Path) -> list[str]:
@@ -61,8 +62,9 @@ def _contender(kind: str, out: str, tars: list[str]) -> dict:
     wall = time.perf_counter()
     if kind == "index":
         images = index(IndexCommand(sources=tars, out=out)).samples
-    elif kind == "build":
-        settings = BuildSettings(max_count=PER_TAR, prep=PrepSettings(reencode="auto"))
+    elif kind in ("build", "rebuild"):
+        reencode = "auto" if kind == "build" else "always"
+        settings = BuildSettings(max_count=PER_TAR, prep=PrepSettings(reencode=reencode))
         images = build(tars, out, settings, workers=0, progress=False).samples
     else:  # "idle": the imports alone, the floor under both peaks
         images = 0
@@ -111,12 +113,57 @@ def _run(kind: str, tars: list[str], scratch: Path) -> dict:
     return result
 
 
+def tiny_tars(samples: int, out: Path, jpeg: bytes) -> list[str]:
+    """``samples`` copies of one small JPEG under distinct keys, ``GROWTH_PER_TAR`` to a tar.
+
+    Written block by block with this project's ustar header (tarfile's would take minutes at
+    a million members); what index reads is the headers, so the image's size does not matter.
+    """
+    out.mkdir(parents=True, exist_ok=True)
+    pad = b"\0" * (-len(jpeg) % 512)
+    tars = []
+    for first in range(0, samples, GROWTH_PER_TAR):
+        path = out / f"{first // GROWTH_PER_TAR:06d}.tar"
+        with open(path, "wb") as f:
+            for i in range(first, min(first + GROWTH_PER_TAR, samples)):
+                f.write(ustar_header(f"{i:09d}.jpg", len(jpeg)) + jpeg + pad)
+            f.write(b"\0" * 1024)
+        tars.append(str(path))
+    return tars
+
+
+def bench_growth(counts: list[int], jpeg: bytes) -> list[dict]:
+    """Index's peak RSS and time at each sample count, each in a fresh interpreter."""
+    rows = []
+    for samples in counts:
+        scratch = Path(tempfile.mkdtemp(prefix="indexgrowth-"))
+        try:
+            tars = tiny_tars(samples, scratch / "tars", jpeg)
+            listing = scratch / "tars.txt"  # a list file: the command line would not hold 1e3 tars
+            listing.write_text("".join(t + "\n" for t in tars))
+            run = _run("index", [str(listing)], scratch)
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
+        if run["images"] != samples:
+            raise RuntimeError(f"index of {samples} samples indexed {run['images']}")
+        rows.append({"samples": samples, "tars": len(tars), **run})
+        print(
+            f"growth {samples:>9,d} samples: peak {run['peak_rss_mb']:.1f} MB, {run['wall_s']:.1f} s",
+            file=sys.stderr,
+            flush=True,
+        )
+    return rows
+
+
 def _median(runs: list[dict], key: str) -> float:
     return statistics.median(r[key] for r in runs)
 
 
-def bench_index(photos: Path, reps: int, photoset: Optional[dict] = None) -> dict:
-    """Index against build over the same tars made of the JPEGs in ``photos``, alternating."""
+def bench_index(
+    photos: Path, reps: int, photoset: Optional[dict] = None, growth: Optional[list[int]] = None
+) -> dict:
+    """Index against build over the same tars made of the JPEGs in ``photos``, alternating;
+    with ``growth``, index's memory at each of those sample counts."""
     files = sorted(photos.glob("*.jpg"))
     if not files:
         raise ValueError(f"{photos}: no *.jpg files to make tars of")
@@ -126,7 +173,7 @@ def bench_index(photos: Path, reps: int, photoset: Optional[dict] = None) -> dic
         tar_bytes = sum(os.path.getsize(t) for t in tars)
         for tar in tars:  # page cache, so both read from memory
             Path(tar).read_bytes()
-        runs: dict[str, list] = {"idle": [], "index": [], "build": []}
+        runs: dict[str, list] = {"idle": [], "index": [], "build": [], "rebuild": []}
         for rep in range(reps):
             for kind in runs:
                 runs[kind].append(_run(kind, tars, scratch))
@@ -147,6 +194,10 @@ def bench_index(photos: Path, reps: int, photoset: Optional[dict] = None) -> dic
         if kind != "idle"
     }
     idle_mb = _median(runs["idle"], "peak_rss_mb")
+    grown = bench_growth(growth, files[0].read_bytes()) if growth else []
+    figures = {}
+    if len(grown) > 1:
+        figures["index_growth_rss_mb"] = grown[-1]["peak_rss_mb"] - grown[0]["peak_rss_mb"]
     return {
         "mode": "index",
         "benchmark": "index_vs_build",
@@ -157,14 +208,19 @@ def bench_index(photos: Path, reps: int, photoset: Optional[dict] = None) -> dic
         "ours": "moco-shards index TARS --out DIR (one process)",
         "baseline": f"moco-shards build TARS --out DIR --max-count {PER_TAR} --workers 0 "
         "(--reencode auto: pass-through after a strict decode)",
+        "baseline_rebuild": "the same with --reencode always (every image decoded and encoded)",
         "results": results,
         "idle_peak_rss_mb": idle_mb,
         "figures": {
             "index_vs_build_img_per_s": results["index"]["img_per_s"]
             / results["build"]["img_per_s"],
+            "index_vs_rebuild_img_per_s": results["index"]["img_per_s"]
+            / results["rebuild"]["img_per_s"],
             "index_extra_rss_mb": results["index"]["peak_rss_mb"] - idle_mb,
             "build_extra_rss_mb": results["build"]["peak_rss_mb"] - idle_mb,
+            **figures,
         },
+        "growth": grown,
         # The machine is shared: other work's load over the last 1, 5 and 15 minutes, at the end.
         "load_average_at_end": [round(x, 2) for x in os.getloadavg()],
     }
@@ -184,4 +240,13 @@ def print_index(record: dict) -> None:
             f"{name:10s} {r['img_per_s']:8.0f} {r['img_per_cpu_s']:10.0f} "
             f"{r['peak_rss_mb']:8.0f} {extra:10.1f}"
         )
-    print(f"index / build: {record['figures']['index_vs_build_img_per_s']:.1f}x images/s")
+    figures = record["figures"]
+    print(
+        f"index / build: {figures['index_vs_build_img_per_s']:.1f}x images/s; "
+        f"index / rebuild: {figures['index_vs_rebuild_img_per_s']:.1f}x"
+    )
+    for row in record.get("growth") or []:
+        print(
+            f"index of {row['samples']:>9,d} samples in {row['tars']:>5,d} tars: "
+            f"peak {row['peak_rss_mb']:.1f} MB, {row['wall_s']:.1f} s"
+        )

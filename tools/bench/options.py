@@ -71,6 +71,9 @@ class BenchOptions:
     modes: str = ",".join(MODES)
     """all: comma-separated modes to run, in this order, from pipeline, momentum, step, e2e, shards,
     views."""
+    growth: Optional[str] = option(None, metavar="N,...")
+    """index: also index's peak memory at these sample counts (e.g. 1e4,1e5,1e6: tiny JPEGs,
+    1,000 to a tar)."""
     root: Optional[Path] = None
     """scale: where to write the folders (default: a temporary folder)."""
     folders: Optional[str] = option(None, metavar="N:S,...")

@@ -1,4 +1,4 @@
-"""``moco-shards``: build, index, verify, inspect, preview and merge shard folders.
+"""``moco-shards``: build, index, verify, inspect, preview, merge and push shard folders.
 
 Each subcommand's options are a dataclass below (the build's own settings are
 ``BuildSettings``'s), bound by ``common.options``. The only place that turns the library's
@@ -22,6 +22,7 @@ from typing import Optional, Sequence
 from ...common.commandline import Parser, add_flags, from_flags
 from ...common.files import read_json
 from ...common.options import FLAT, OptionError, option
+from ...common.store import ObjectURL, is_url
 from ...pipeline import shards
 from ...pipeline.schema import MAX_MANIFEST_BYTES
 from ...pipeline.shards import ShardError
@@ -32,6 +33,7 @@ from .build import build
 from .classes import read_classes
 from .index import IndexCommand, index
 from .merge import merge
+from .push import PushCommand, merge_in_store, publish, push
 from .settings import BuildSettings
 
 __all__ = ["main", "BuildCommand", "VerifyCommand", "InspectCommand", "PreviewCommand"]
@@ -44,7 +46,10 @@ class BuildCommand:
     .tar archives, or tables: .parquet and .arrow files, folders of them, a Hugging Face datasets
     save_to_disk folder (one input per row)."""
     out: str = option(required=True, metavar="DIR")
-    """Shard folder to write."""
+    """Shard folder to write, or s3://bucket/prefix (with --stage)."""
+    stage: Optional[str] = option(None, metavar="DIR")
+    """With an s3:// --out: the local folder this part is built (and resumed) in before it is
+    sent, the manifest last."""
     settings: BuildSettings = option(factory=BuildSettings, **FLAT)
     classes: Optional[str] = option(None, metavar="FILE")
     """Class names, one per line, in index order (default: found in the sources)."""
@@ -63,6 +68,20 @@ class BuildCommand:
     """A progress bar."""
 
     def __post_init__(self) -> None:
+        if is_url(self.out):
+            ObjectURL.parse(self.out)
+            if not self.stage:
+                raise BuildError(
+                    f"--out {self.out}: give --stage DIR, a local folder to build the shards in "
+                    "before they are sent"
+                )
+            if self.executor == "ray":
+                raise BuildError(
+                    "--executor ray writes to a shared folder: give one as --out, then "
+                    "'moco-shards push' it"
+                )
+        elif self.stage:
+            raise BuildError("--stage is for an s3:// --out")
         if self.executor == "ray" and self.settings.part:
             raise BuildError("--part: --executor ray builds every part; give --num-parts only")
         if self.executor == "local" and self.ray_address:
@@ -128,6 +147,7 @@ COMMANDS = {
     "inspect": (InspectCommand, "print samples, shards, bytes, classes and resolutions"),
     "preview": (PreviewCommand, "write a PNG of stored images beside their two augmented views"),
     "merge": (MergeCommand, "merge the part manifests of a multi-part build into one manifest"),
+    "push": (PushCommand, "send a shard folder to s3://bucket/prefix, verified, the manifest last"),
 }
 
 
@@ -170,7 +190,7 @@ def _build(cmd: BuildCommand) -> int:
     else:
         report = build(
             cmd.sources,
-            cmd.out,
+            cmd.stage if cmd.stage else cmd.out,
             cmd.settings,
             workers=cmd.workers,
             progress=cmd.progress,
@@ -179,6 +199,11 @@ def _build(cmd: BuildCommand) -> int:
         inputs, samples, rejected = report.inputs, report.samples, report.rejected
         manifest = report.manifest_path
         print(f"moco-shards build: {report.summary()}")
+        if cmd.stage:
+            sent = publish(
+                Path(cmd.stage), ObjectURL.parse(cmd.out), 8, manifest_name=Path(manifest).name
+            )
+            print(f"moco-shards build: sent {sent.summary()}")
     written = read_json(manifest, "manifest", max_bytes=MAX_MANIFEST_BYTES, error=BuildError)
     log_name = Path(manifest).parent / (written.get("rejected_file") or "")
     if inputs and not samples:
@@ -228,10 +253,18 @@ def _run(command: str, cmd, args: argparse.Namespace) -> int:
     if command == "index":
         return _index(cmd)
     if command == "merge":
+        if any(is_url(folder) for folder in [*cmd.folders, cmd.out or ""]):
+            if len(cmd.folders) != 1 or cmd.out not in (None, cmd.folders[0]):
+                raise BuildError("merge in the store: give one s3:// prefix holding every part")
+            print(f"moco-shards merge: wrote {merge_in_store(cmd.folders[0])}")
+            return 0
         print(f"moco-shards merge: wrote {merge(cmd.folders, cmd.out)}")
         return 0
     if not Path(cmd.folder).is_dir():
         raise BuildError(f"{cmd.folder}: no such folder")
+    if command == "push":
+        print(f"moco-shards push: {push(cmd).summary()}")
+        return 0
     # Imported lazily: verify and preview load DALI, preview torch, only when they run.
     if command == "verify":
         from .verify import verify

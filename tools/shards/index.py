@@ -14,6 +14,7 @@ first dot of the file name. ``samples + rejected = samples found`` holds for eve
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import os
 import shutil
@@ -22,27 +23,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Optional
 
-import simplejpeg
-
 from ...common.files import write_atomic
 from ...common.lock import FolderInUse, FolderLock
 from ...common.options import option
 from ...pipeline import shards
 from . import BuildError
 from .folder import prepare_folder
+from .indextar import index_tar
 from .inputs import printable
-from .tarwalk import BadTar, Member, TarWalk
 from .writer import reason_kind
 
 __all__ = ["IndexCommand", "IndexReport", "index"]
 
 LIST_SUFFIXES = (".txt", ".lst", ".list")
-IMAGE_EXTS = {"webp", "png", "jpeg", "jpe", "gif", "bmp", "tif", "tiff", "avif", "heic", "ppm"}
-"""Image members the pipeline does not read (it reads ``.jpg`` only): named as such when rejected."""
-MAX_JPEG_BYTES = 256 << 20
-"""A ``.jpg`` member larger than this is rejected unread (build's ``--max-input-bytes``)."""
-MAX_CLASS = 1 << 20
-"""The largest ``.cls`` taken: the manifest lists a class name for every index up to the largest."""
 
 
 @dataclass
@@ -97,12 +90,19 @@ class IndexReport:
     bytes: int = 0
     seconds: float = 0.0
     manifest_path: Path = field(default_factory=Path)
+    bytes_read: int = 0
+    """Of ``bytes``, what this run read (the rest is resumed)."""
+    resumed: int = 0
+    """Tars an interrupted run had finished, taken from its journal rather than read again."""
 
     def summary(self) -> str:
-        rate = self.bytes / self.seconds / 1e6 if self.seconds > 0 else 0.0
+        rate = self.bytes_read / self.seconds / 1e6 if self.seconds > 0 else 0.0
+        resumed = ""
+        if self.resumed:
+            resumed = f" ({self.resumed} tar{'s' if self.resumed != 1 else ''} resumed)"
         return (
             f"{self.tars} tars, {self.inputs} samples found -> {self.samples} indexed in "
-            f"{self.shards} shards, {self.rejected} rejected; {self.seconds:.1f} s, "
+            f"{self.shards} shards, {self.rejected} rejected{resumed}; {self.seconds:.1f} s, "
             f"{rate:.0f} MB/s read; {self.manifest_path}"
         )
 
@@ -160,152 +160,9 @@ def _check_sources(sources: list[str], out: Path) -> None:
             raise BuildError(f"--out {out}: holds the source {src}; index into another folder")
 
 
-# --------------------------------------------------------------------------- samples
-
-
-def split_name(name: str) -> tuple[str, str]:
-    """``(key, ext)`` as DALI's webdataset reader splits a member name: at the first dot of the
-    file name (``dali/operators/reader/loader/webdataset_loader.cc``, ``split_name``)."""
-    dot = name.find(".", name.rfind("/") + 1)
-    return (name, "") if dot < 0 else (name[:dot], name[dot + 1 :])
-
-
-def _samples(walk: TarWalk) -> Iterator[list[Member]]:
-    """Consecutive members with one key: a sample, as DALI and WebDataset group them."""
-    group: list[Member] = []
-    for member in walk:
-        if group and split_name(member.name)[0] != split_name(group[0].name)[0]:
-            yield group
-            group = []
-        group.append(member)
-    if group:
-        yield group
-
-
-def _judge(members: list[Member], labels: str, seen: set[str]) -> tuple[Optional[str], int]:
-    """``(reason, class)`` of one sample: ``reason`` None when the pipeline can read it."""
-    key = split_name(members[0].name)[0]
-    exts = [split_name(m.name)[1] for m in members]
-    for m in members:
-        if m.kind != "file":
-            return f"not a regular file: {printable(m.name)} is a {m.kind}", -1
-    if not key or key.endswith("/"):
-        return f"no key: {printable(members[0].name)} begins with a dot", -1
-    if key in seen:
-        return f"key repeats: {printable(key)} has members apart in the tar", -1
-    seen.add(key)
-    if "." in key:
-        return (
-            f"key split at a dot: {printable(key)} holds one in a folder name, and a shard reader "
-            f"takes a key up to the first dot",
-            -1,
-        )
-    if "jpg" not in exts and any("." in e for e in exts):
-        dotted = [e for e in exts if "." in e] or exts
-        ext = next((e for e in dotted if e.endswith(".jpg")), dotted[0])
-        return (
-            f"key split at a dot: DALI reads {printable(key + '.' + ext)} as key "
-            f"{printable(key.split('.')[0])}, extension {printable(ext)}",
-            -1,
-        )
-    for m in members:
-        if not m.plain_header:
-            return (
-                f"name not in its tar header: {printable(m.name)} (a pax or GNU long name, a "
-                f"ustar prefix, or a base-256 size; a reader checks the header before the data)",
-                -1,
-            )
-        if any(c.isspace() for c in m.name) or not printable(m.name) == m.name:
-            return f"name not indexable: {printable(m.name)} (whitespace or not UTF-8)", -1
-    if len(set(exts)) != len(exts):
-        return f"key repeats: {printable(key)} has two .{_duplicate(exts)} members", -1
-    if "jpg" not in exts:
-        images = sorted(e for e in exts if e.lower() in IMAGE_EXTS)
-        if images:
-            return f"not a JPEG: .{images[0]} (the pipeline decodes .jpg only)", -1
-        shown = ", ".join(f".{e}" for e in exts)
-        return f"no image member: {printable(key)} has {printable(shown)}", -1
-    jpeg = members[exts.index("jpg")]
-    if jpeg.data is None:
-        return f"too large: {jpeg.size} bytes of JPEG, over {MAX_JPEG_BYTES}", -1
-    try:
-        height, width, colorspace, _ = simplejpeg.decode_jpeg_header(jpeg.data)
-    except ValueError as exc:
-        return f"not a JPEG the decoder accepts: {exc}", -1
-    if colorspace in ("CMYK", "YCCK"):
-        return f"not a JPEG the decoder accepts: {colorspace}", -1
-    if width * height > shards.MAX_PIXELS:
-        return (
-            f"too many pixels: declares {width}x{height} = {width * height}, over "
-            f"{shards.MAX_PIXELS}",
-            -1,
-        )
-    if labels == "cls":
-        if "cls" not in exts:
-            return "no class: no .cls member", -1
-        raw = members[exts.index("cls")].data or b""
-        if not (raw.isdigit() and len(raw) <= 7 and int(raw) < MAX_CLASS):
-            return f"no class: .cls holds {raw[:20]!r}, not a class index below {MAX_CLASS}", -1
-        return None, int(raw)
-    return None, -1
-
-
-def _duplicate(exts: list[str]) -> str:
-    return next(e for e in exts if exts.count(e) > 1)
-
-
-# --------------------------------------------------------------------------- the pass
-
-
-@dataclass
-class _Shard:
-    entry: dict
-    samples: int
-    class_counts: dict[int, int]
-
-
-def _index_tar(tar: str, idx_tmp: str, labels: str, reject) -> tuple[Optional[_Shard], int]:
-    """Index one tar into ``idx_tmp``: the shard (None when it holds no sample the pipeline can
-    read) and the number of samples found in it."""
-    wanted = ("jpg", "cls") if labels == "cls" else ("jpg",)
-    walk = TarWalk(tar, lambda name: split_name(name)[1] in wanted, MAX_JPEG_BYTES)
-    lines, seen, counts, found = [], set(), {}, 0
-    try:
-        for members in _samples(walk):
-            found += 1
-            reason, label = _judge(members, labels, seen)
-            if reason is not None:
-                reject(f"{tar}:{split_name(members[0].name)[0]}", reason)
-                continue
-            lines.append(
-                shards.index_line(
-                    (split_name(m.name)[1], m.offset, m.size, m.name) for m in members
-                )
-            )
-            if label >= 0:
-                counts[label] = counts.get(label, 0) + 1
-    except BadTar as exc:
-        raise BuildError(f"{printable(str(exc))}; nothing was written to --out") from None
-    except OSError as exc:
-        raise BuildError(f"{printable(str(tar))}: cannot read: {exc.strerror or exc}") from None
-    if not lines:
-        return None, found
-    text = (shards.index_header(len(lines)) + "".join(lines)).encode()
-    with open(idx_tmp, "wb") as f:
-        f.write(text)
-    entry = {
-        "tar": "",  # filled by the caller: it knows where the manifest lies
-        "index": "",
-        "samples": len(lines),
-        "bytes": walk.size,
-        "sha256": walk.sha256,
-        "index_sha256": hashlib.sha256(text).hexdigest(),
-    }
-    return _Shard(entry, len(lines), counts), found
-
-
 def index(cmd: IndexCommand) -> IndexReport:
-    """Index ``cmd.sources``'s tars (this part's share) into ``cmd.out``.
+    """Index ``cmd.sources``'s tars (this part's share) into ``cmd.out``, resuming after the
+    last tar an interrupted run with the same options finished.
 
     Raises:
         BuildError: a missing or unreadable source, a file that is not a tar, a damaged or
@@ -317,59 +174,176 @@ def index(cmd: IndexCommand) -> IndexReport:
     prepare_folder(out)
     part = cmd.part if cmd.is_part else None
     staging = out / f".moco-build-index-{cmd.name}{'' if part is None else f'-{part:04d}'}"
+    finished = False
     try:
         with FolderLock(out / f"{staging.name}.lock", "moco-shards index", "--out"):
             prepare_folder(out)  # again, now that no other run can be writing here
-            return _index_locked(cmd, out, staging, part, started)
+            report = _index_locked(cmd, out, staging, part, started)
+            finished = True
+            return report
     except FolderInUse as exc:
         raise BuildError(str(exc)) from None
     except OSError as exc:
         where = printable(exc.filename) if getattr(exc, "filename", None) else str(out)
         raise BuildError(f"{where}: cannot write: {exc.strerror or exc}") from None
     finally:
+        # Kept for a rerun when it holds a finished tar; with nothing to resume, --out is left
+        # as it was.
+        journal = staging / JOURNAL
+        if finished or not (journal.is_file() and journal.stat().st_size):
+            shutil.rmtree(staging, ignore_errors=True)
+
+
+JOURNAL = ".journal.jsonl"
+"""One line per finished tar: what it added up to, and where the logs ended after it."""
+IDENTITY = "identity.json"
+_MAX_JOURNAL_LINE = 1 << 20
+
+
+def _identity(cmd: IndexCommand) -> dict:
+    """What must be the same for a run to resume another: the tars are checked one by one."""
+    return {
+        "version": 1,
+        "sources": [os.path.abspath(s) for s in cmd.sources],
+        "name": cmd.name,
+        "labels": cmd.labels,
+        "num_parts": cmd.num_parts,
+        "part": cmd.part,
+    }
+
+
+@dataclass
+class _Progress:
+    """The sums over the tars indexed so far, restored from the journal on a resume."""
+
+    report: IndexReport
+    reasons: dict[str, int] = field(default_factory=dict)
+    classes: dict[int, int] = field(default_factory=dict)
+
+    def add(self, line: dict) -> None:
+        report = self.report
+        report.tars += 1
+        report.inputs += line["found"]
+        report.bytes += line["size"]
+        for kind, count in line["reasons"].items():
+            self.reasons[kind] = self.reasons.get(kind, 0) + count
+            report.rejected += count
+        if line["shard"] is not None:
+            report.shards += 1
+            report.samples += line["shard"]["samples"]
+        for label, count in line["classes"].items():
+            self.classes[int(label)] = self.classes.get(int(label), 0) + count
+
+
+def _unchanged(line: dict, tar: str, staging: Path) -> bool:
+    """Whether a journal line still stands for ``tar``: the same file (size and modification
+    time) and, where it made one, its index file as written (its sha256)."""
+    try:
+        stat = os.stat(tar)
+        if (line["tar"], line["size"], line["mtime_ns"]) != (tar, stat.st_size, stat.st_mtime_ns):
+            return False
+        if line["shard"] is None:
+            return True
+        written = (staging / line["shard"]["index"]).read_bytes()
+    except (OSError, KeyError, TypeError):
+        return False
+    return hashlib.sha256(written).hexdigest() == line["shard"]["index_sha256"]
+
+
+def _resume(cmd: IndexCommand, staging: Path, files: list[Path], progress: _Progress) -> int:
+    """How many tars of this part an earlier run finished and still stand (0 for a fresh
+    start, which clears ``staging``); the logs in ``files`` are cut back to where they ended.
+
+    Reads the journal and the tars in step, a line at a time: memory does not grow with the
+    number of tars. The first line that does not stand ends the resume (a tar changed or
+    removed since, a line cut short by a kill): from there on every tar is read again.
+    """
+    identity = staging / IDENTITY
+    try:
+        same = json.loads(identity.read_bytes()) == _identity(cmd)
+    except (OSError, ValueError):
+        same = False
+    if not same:
         shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir()
+        identity.write_text(json.dumps(_identity(cmd)))
+        for path in files:
+            path.touch()
+        return 0
+    done, journal_end, ends = 0, 0, [0] * len(files)
+    sizes = [path.stat().st_size if path.is_file() else -1 for path in files]
+    with open(staging / JOURNAL, "a+b") as journal:
+        journal.seek(0)
+        for tar in _tars(cmd.sources, cmd.num_parts, cmd.part):
+            raw = journal.readline(_MAX_JOURNAL_LINE)
+            try:
+                line = json.loads(raw) if raw.endswith(b"\n") else None
+            except ValueError:
+                line = None
+            if not (
+                isinstance(line, dict)
+                and _unchanged(line, tar, staging)
+                and all(0 <= end <= size for end, size in zip(line["ends"], sizes))
+            ):
+                break
+            progress.add(line)
+            done, journal_end, ends = done + 1, journal.tell(), line["ends"]
+        journal.truncate(journal_end)
+    for path, end in zip(files, ends):
+        path.touch()
+        os.truncate(path, end)
+    return done
 
 
 def _index_locked(
     cmd: IndexCommand, out: Path, staging: Path, part: Optional[int], started: float
 ) -> IndexReport:
     # Index files wait in a staging folder until every tar has been read, so a run that stops
-    # at a damaged tar leaves --out as it was (a rerun clears the staging folder).
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir()
-    report = IndexReport()
-    reasons: dict[str, int] = {}
+    # at a damaged tar leaves --out as it was; a rerun goes on from the tars it finished.
+    staging.mkdir(exist_ok=True)
     rejected_file = shards.rejected_name(part, cmd.num_parts if cmd.is_part else None)
-    class_counts: dict[int, int] = {}
     # Shard entries go to disk as they come, as rejected samples do: memory does not grow with
     # the number of tars (the manifest is written from this file, a line at a time).
     entries = staging / ".shards.jsonl"
+    progress = _Progress(IndexReport())
+    done = _resume(cmd, staging, [staging / rejected_file, entries], progress)
+    report, reasons, class_counts = progress.report, progress.reasons, progress.classes
+    report.resumed, resumed_bytes = done, report.bytes
     with (
-        open(staging / rejected_file, "w", encoding="utf-8") as log,
-        open(entries, "w", encoding="utf-8") as entry_log,
+        open(staging / rejected_file, "ab") as log,
+        open(entries, "ab") as entry_log,
+        open(staging / JOURNAL, "ab") as journal,
     ):
+        tar_reasons: dict[str, int] = {}
 
         def reject(what: str, reason: str) -> None:
-            log.write(json.dumps({"input": printable(what), "reason": reason}) + "\n")
-            reasons[reason_kind(reason)] = reasons.get(reason_kind(reason), 0) + 1
-            report.rejected += 1
+            log.write(json.dumps({"input": printable(what), "reason": reason}).encode() + b"\n")
+            tar_reasons[reason_kind(reason)] = tar_reasons.get(reason_kind(reason), 0) + 1
 
-        for tar in _tars(cmd.sources, cmd.num_parts, cmd.part):
-            report.tars += 1
+        for tar in itertools.islice(_tars(cmd.sources, cmd.num_parts, cmd.part), done, None):
+            stat = os.stat(tar)  # before the read: a change during it shows at the next resume
             stem = shards.shard_stem(cmd.name, report.shards, part)
-            idx = os.path.join(staging, f"{stem}.idx")
-            shard, found = _index_tar(tar, idx, cmd.labels, reject)
-            report.inputs += found
-            report.bytes += os.path.getsize(tar)  # read whether it holds a sample or not
-            if shard is None:
-                continue
-            shard.entry["tar"] = os.path.relpath(os.path.abspath(tar), os.path.abspath(out))
-            shard.entry["index"] = f"{stem}.idx"
-            entry_log.write(json.dumps(shard.entry, sort_keys=True) + "\n")
-            report.shards += 1
-            for label, count in shard.class_counts.items():
-                class_counts[label] = class_counts.get(label, 0) + count
-            report.samples += shard.samples
+            tar_reasons.clear()
+            shard, found = index_tar(tar, os.path.join(staging, f"{stem}.idx"), cmd.labels, reject)
+            if shard is not None:
+                shard.entry["tar"] = os.path.relpath(os.path.abspath(tar), os.path.abspath(out))
+                shard.entry["index"] = f"{stem}.idx"
+                entry_log.write(json.dumps(shard.entry, sort_keys=True).encode() + b"\n")
+            line = {
+                "tar": tar,
+                "size": stat.st_size,  # read whether it holds a sample or not
+                "mtime_ns": stat.st_mtime_ns,
+                "found": found,
+                "shard": shard.entry if shard is not None else None,
+                "classes": {str(k): v for k, v in shard.class_counts.items()} if shard else {},
+                "reasons": dict(tar_reasons),
+            }
+            log.flush()
+            entry_log.flush()
+            line["ends"] = [log.tell(), entry_log.tell()]
+            journal.write(json.dumps(line).encode() + b"\n")
+            journal.flush()
+            progress.add(line)
     if not report.tars:
         raise BuildError(f"part {cmd.part} of {cmd.num_parts} holds no tar; give more tars")
     classes = [str(i) for i in range(max(class_counts) + 1)] if class_counts else []
@@ -416,6 +390,7 @@ def _index_locked(
     name = shards.part_manifest_name(part, cmd.num_parts) if cmd.is_part else shards.MANIFEST_NAME
     report.manifest_path = write_atomic(out / name, lambda f: _write_manifest(f, manifest, entries))
     report.seconds = time.monotonic() - started
+    report.bytes_read = report.bytes - resumed_bytes
     return report
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import os
 import tarfile
 from pathlib import Path
 
@@ -17,7 +18,7 @@ from moco_dali.pipeline.loader import ViewLoader
 from moco_dali.pipeline.recipes import v2
 from moco_dali.pipeline.shards import ShardError
 from moco_dali.tools.shards.cli import main
-from moco_dali.tools.shards.index import split_name
+from moco_dali.tools.shards.indextar import split_name
 from tests.conftest import baseline_jpeg, loader_config
 
 # What each odd sample of the first tar is rejected for (the reason's kind, as the manifest counts).
@@ -377,17 +378,20 @@ def test_every_sample_rejected_exits_1_and_strict_any(dump, tmp_path, capsys):
     assert run(capsys, "index", good, "--out", str(tmp_path / "clean"), "--strict")[0] == 0
 
 
-def test_moco_train_takes_a_few_steps_from_an_index(tmp_path, capsys):
+def test_moco_train_and_moco_eval_run_from_an_index(tmp_path, capsys):
+    from moco_dali.train.checkpoint import latest
+    from moco_dali.train.eval.cli import main as moco_eval
     from tests.train.runs import TINY, losses, moco_train
 
     data = tmp_path / "data"
     data.mkdir()
-    img2dataset_tar(data / "00000.tar", 0, 40)
-    img2dataset_tar(data / "00001.tar", 40, 40)
-    out = tmp_path / "index"
+    for number, first, count in ((0, 0, 40), (1, 40, 40), (2, 80, 18)):
+        img2dataset_tar(data / f"{number:05d}.tar", first, count)
+    out, val = tmp_path / "index", tmp_path / "index-val"
+    tars = [str(data / "00000.tar"), str(data / "00001.tar")]
+    assert run(capsys, "index", *tars, "--out", str(out), "--labels", "cls")[0] == 0
     assert (
-        run(capsys, "index", str(data / "00000.tar"), str(data / "00001.tar"), "--out", str(out))[0]
-        == 0
+        run(capsys, "index", str(data / "00002.tar"), "--out", str(val), "--labels", "cls")[0] == 0
     )
     run_dir = tmp_path / "run"
     result = moco_train(
@@ -395,6 +399,14 @@ def test_moco_train_takes_a_few_steps_from_an_index(tmp_path, capsys):
     )
     assert result.returncode == 0, result.stderr[-2000:]
     assert sorted(losses(run_dir)) == [1, 2, 3, 4]  # 80 samples, batches of 32, 2 epochs
+    report = tmp_path / "knn.json"
+    argv = ["knn", "--checkpoint", str(latest(run_dir)), "--train", str(out), "--val", str(val)]
+    options = ["--threads", "1", "--batch-size", "16", "--device", "cpu", "--json", str(report)]
+    assert moco_eval([*argv, *options]) == 0, capsys.readouterr().err
+    knn = json.loads(report.read_text())
+    # Every indexed sample read with its .cls label (three classes, 80 and 18 samples).
+    assert (knn["train_samples"], knn["val_samples"], knn["step"]) == (80, 18, 4)
+    assert 0 <= knn["top1"] <= knn["top5"] <= 100
 
 
 def test_the_reference_pipeline_reads_what_dali_reads(indexed):
@@ -468,3 +480,58 @@ def test_memory_does_not_grow_with_the_number_of_tars(tmp_path):
         tracemalloc.stop()
         assert report.shards == report.samples == count
     assert peaks[1] - peaks[0] < 512 * 1024, peaks
+
+
+def test_an_interrupted_index_resumes_after_the_tars_it_finished(tmp_path, capsys, monkeypatch):
+    from moco_dali.tools.shards import index as indexing
+
+    data = tmp_path / "data"
+    data.mkdir()
+    tars = [data / f"{n:05d}.tar" for n in range(4)]
+    for n, tar in enumerate(tars):
+        img2dataset_tar(tar, 6 * n, 6, odd=n == 0)
+    listing = tmp_path / "tars.txt"
+    listing.write_text("".join(f"{t}\n" for t in tars))
+    assert run(capsys, "index", str(listing), "--out", str(tmp_path / "clean"))[0] == 0
+
+    real, read = indexing.index_tar, []
+
+    def counting(tar, *args, stop_at=None):
+        read.append(Path(tar).name)
+        if len(read) == stop_at:
+            raise KeyboardInterrupt  # as a kill would stop it, inside a tar
+        return real(tar, *args)
+
+    def interrupted(out: Path, stop_at: int) -> None:
+        read.clear()
+        monkeypatch.setattr(indexing, "index_tar", lambda *a: counting(*a, stop_at=stop_at))
+        with pytest.raises(KeyboardInterrupt):
+            indexing.index(indexing.IndexCommand(sources=[str(listing)], out=str(out)))
+        monkeypatch.setattr(indexing, "index_tar", counting)
+        read.clear()
+        assert not (out / "manifest.json").exists()
+
+    out = tmp_path / "out"
+    interrupted(out, stop_at=3)  # two tars finished
+    code, said, _ = run(capsys, "index", str(listing), "--out", str(out))
+    assert code == 0 and "(2 tars resumed)" in said and read == ["00002.tar", "00003.tar"]
+    assert digest(out) == digest(tmp_path / "clean")  # manifest, indexes, rejected log
+
+    # A tar changed since, and a journal line cut short by the kill: read again from there.
+    for how in ("touched", "cut"):
+        out = tmp_path / how
+        interrupted(out, stop_at=4)  # three tars finished
+        if how == "touched":
+            os.utime(tars[1], ns=(0, 0))
+        else:
+            journal = next(out.glob(".moco-build-index-*")) / indexing.JOURNAL
+            journal.write_bytes(journal.read_bytes()[:-2])
+        code, said, _ = run(capsys, "index", str(listing), "--out", str(out))
+        assert code == 0 and digest(out) == digest(tmp_path / "clean")
+        assert read == [t.name for t in tars[1 if how == "touched" else 2 :]], how
+
+    # Other options index afresh: a resume never mixes two kinds of run.
+    out = tmp_path / "labelled"
+    interrupted(out, stop_at=3)
+    assert run(capsys, "index", str(listing), "--out", str(out), "--labels", "cls")[0] == 0
+    assert len(read) == 4
