@@ -61,11 +61,17 @@ setup(
         # an existing scheduler rather than a home-made launcher (optional: the local
         # process pool is the default executor)
         "ray": ["ray>=2.9,<3"],
+        # moco-shards build over Parquet files and Hugging Face datasets' Arrow folders: the
+        # reference reader of both formats, read a row group at a time (optional: no other
+        # input needs it)
+        "parquet": ["pyarrow>=14"],
         # shards in S3-compatible object storage (moco-shards push DIR s3://bucket/prefix): the
         # reference client, with the standard credential chain, AWS_ENDPOINT_URL endpoints
         # (MinIO, Ceph, R2), timeouts, and retries that back off on throttling (503 SlowDown)
         "s3": ["boto3>=1.34,<2"],
         "dev": [
+            # the tests write Parquet and Arrow files and build shards from them
+            "pyarrow>=14",
             # the tests start a local Ray instance to run a build's parts as Ray tasks
             "ray>=2.9,<3",
             "boto3>=1.34,<2",

@@ -11,6 +11,7 @@ whatever ``workers`` is; nothing held grows with the inputs.
 from __future__ import annotations
 
 import collections
+import functools
 import json
 import logging
 import multiprocessing
@@ -33,6 +34,7 @@ from .inputs import InputRef, iter_part, printable, source_kind
 from .labelfile import read_labels, with_labels
 from .nested import iter_archive_part
 from .order import PackingOrder
+from .parquet import TableInputs, TableRows, in_table_order
 from .settings import NO_CLASS, NO_CLASS_ARCHIVE, NO_LABEL, BuildReport, BuildSettings
 from .writer import BlockRecord, process_input, reason_kind, write_block
 
@@ -54,15 +56,12 @@ def _build_block(task: tuple) -> dict:
     """Worker: one block of inputs -> its shards on disk and its resume record."""
     out, stem, block, first_input, items = task
     settings = _worker_settings
-    return write_block(
-        Path(out),
-        stem,
-        block,
-        first_input,
-        items,
-        lambda item: process_input(item, settings.prep, settings.max_input_bytes),
-        settings.max_bytes,
+    items = in_table_order(items)  # a table's rows: each row group read once, one at a time
+    read = TableRows(settings.image_column)
+    process = functools.partial(
+        process_input, prep=settings.prep, max_input_bytes=settings.max_input_bytes, read=read
     )
+    return write_block(Path(out), stem, block, first_input, items, process, settings.max_bytes)
 
 
 def _records(tasks: Iterator[tuple], settings: BuildSettings, workers: int) -> Iterator[dict]:
@@ -260,23 +259,23 @@ def _build_locked(
     classes: Optional[Sequence[str]],
     started: float,
 ) -> BuildReport:
+    columns = (settings.labels_file, settings.label_column)
     class_list = (
         list(classes)
         if classes is not None
-        else find_classes(sources, settings.labels, [str(out)], settings.labels_file)
+        else find_classes(sources, settings.labels, [str(out)], *columns)
     )
     manifest_name, rejected_name = _part_names(settings)
     manifest_path = out / manifest_name
     rule = naming_rule(out, state, manifest_path, settings)
     state.mkdir(exist_ok=True)
-    order = None
+    order, parts = None, (settings.part, settings.num_parts)
     try:
         if settings.labels == "archive":
             refs = iter_archive_part(sources, settings.part, settings.num_parts, rule)
         else:
-            refs = iter_part(
-                sources, settings.labels, settings.part, settings.num_parts, [str(out)], rule
-            )
+            tables = TableInputs(settings.image_column, settings.label_column)
+            refs = iter_part(sources, settings.labels, *parts, [str(out)], rule, tables)
         if settings.labels_file is not None:
             refs = with_labels(refs, read_labels(settings.labels_file))
         order = PackingOrder(refs, state / "order", settings.shuffle_seed)

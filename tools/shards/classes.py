@@ -11,6 +11,7 @@ from . import BuildError
 from .inputs import iter_part, printable, source_kind
 from .labelfile import read_labels
 from .nested import archive_classes
+from .parquet import table_classes
 
 __all__ = ["read_classes", "find_classes"]
 
@@ -42,9 +43,10 @@ def find_classes(
     labels: str,
     skip: Iterable[str] = (),
     labels_file: Optional[str] = None,
+    label_column: Optional[str] = None,
 ) -> list[str]:
-    """The sorted class names of a labelled build (``--labels folder``, ``archive``, a
-    ``--labels-file``).
+    """The class names of a labelled build (``--labels folder``, ``archive``, a
+    ``--labels-file``: sorted; ``--labels column``: in a table's ``ClassLabel`` order).
 
     A source folder's first-level sub-folders are its classes (one listing); list
     files and archives are read through once, holding only the set of names. A
@@ -54,6 +56,8 @@ def find_classes(
     """
     if labels == "archive":
         return archive_classes(sources)
+    if labels == "column":
+        return table_classes(sources, label_column or "label")
     if labels_file is not None:  # its classes, whichever the sources hold
         return sorted(set(read_labels(labels_file).values()))
     if labels != "folder":

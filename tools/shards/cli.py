@@ -43,8 +43,9 @@ __all__ = ["main", "BuildCommand", "VerifyCommand", "InspectCommand", "PreviewCo
 @dataclass
 class BuildCommand:
     sources: list[str] = option(factory=list, positional="+", metavar="SRC")
-    """Folders (recursive), list files (.txt/.lst/.list: one path per line; .csv: PATH,LABEL) or
-    .tar archives."""
+    """Folders (recursive), list files (.txt/.lst/.list: one path per line; .csv: PATH,LABEL),
+    .tar archives, or tables: .parquet and .arrow files, folders of them, a Hugging Face datasets
+    save_to_disk folder (one input per row)."""
     out: str = option(required=True, metavar="DIR")
     """Shard folder to write, or s3://bucket/prefix (with --stage)."""
     stage: Optional[str] = option(None, metavar="DIR")
@@ -89,7 +90,7 @@ class BuildCommand:
         if self.workers is not None and self.workers < 0:
             raise BuildError(f"--workers must be 0 or more, got {self.workers}")
         if self.classes is not None and self.settings.labels == "none":
-            raise BuildError("--classes needs --labels folder or archive, or --labels-file")
+            raise BuildError("--classes needs --labels folder, archive or column, or --labels-file")
         if self.no_shuffle:
             self.settings = dataclasses.replace(self.settings, shuffle_seed=None)
 

@@ -63,7 +63,9 @@ def build_on_ray(
     class_list = (
         list(classes)
         if classes is not None
-        else find_classes(list(sources), settings.labels, [str(out)], settings.labels_file)
+        else find_classes(
+            list(sources), settings.labels, [str(out)], settings.labels_file, settings.label_column
+        )
     )
     workers = workers_per_part if workers_per_part > 1 else 0
     calls = [

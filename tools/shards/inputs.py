@@ -14,7 +14,7 @@ import csv
 import os
 import tarfile
 import zlib
-from typing import Iterable, Iterator, NamedTuple, Optional, Sequence
+from typing import Callable, Iterable, Iterator, NamedTuple, Optional, Sequence
 
 from . import BuildError
 
@@ -23,6 +23,7 @@ __all__ = [
     "LIST_SUFFIXES",
     "CSV_SUFFIXES",
     "TAR_SUFFIXES",
+    "TABLE_SUFFIXES",
     "InputRef",
     "printable",
     "source_kind",
@@ -32,6 +33,7 @@ __all__ = [
 LIST_SUFFIXES = (".txt", ".lst", ".list")
 CSV_SUFFIXES = (".csv",)
 TAR_SUFFIXES = (".tar",)
+TABLE_SUFFIXES = (".parquet", ".arrow")
 
 ORDER = 2
 """The naming rule a new build uses: what the packing order hashes, what a part's share of a
@@ -62,7 +64,8 @@ class InputRef(NamedTuple):
     printable (those bytes shown as ``\\xNN``). ``rejected`` is a reason already
     known while enumerating (a symlink loop, an unreadable folder). ``src`` is the
     source's position among the build's sources (None under naming rule 1, where ``name``
-    is ``source``).
+    is ``source``). ``row`` is a table row's position in its file at ``path`` (``offset`` its
+    row group, ``size`` its position there); -1 for every other input.
     """
 
     source: str
@@ -73,6 +76,7 @@ class InputRef(NamedTuple):
     rejected: Optional[str] = None
     name: str = ""
     src: Optional[int] = None
+    row: int = -1
 
     def key(self) -> bytes:
         """What the packing order hashes and a folder's files are dealt to the parts by."""
@@ -91,17 +95,22 @@ def printable(name: str) -> str:
 
 
 def source_kind(src: str) -> str:
-    """``folder``, ``list``, ``csv``, ``tar`` or ``file``.
+    """``folder``, ``list``, ``csv``, ``tar``, ``table`` or ``file``.
+
+    A table is a ``.parquet`` or ``.arrow`` file, a folder holding only such files (metadata
+    files aside), or a ``datasets`` ``save_to_disk`` folder (``state.json`` beside its files).
 
     Raises:
         BuildError: the source does not exist or is not a regular file or folder.
     """
     if os.path.isdir(src):
-        return "folder"
+        return "table" if _is_table_folder(src) else "folder"
     if os.path.isfile(src):
         lower = src.lower()
         if lower.endswith(TAR_SUFFIXES):
             return "tar"
+        if lower.endswith(TABLE_SUFFIXES):
+            return "table"
         if lower.endswith(LIST_SUFFIXES):
             return "list"
         if lower.endswith(CSV_SUFFIXES):
@@ -110,6 +119,20 @@ def source_kind(src: str) -> str:
     if os.path.lexists(src):
         raise BuildError(f"{printable(src)}: not a regular file or folder")
     raise BuildError(f"{printable(src)}: no such file or folder")
+
+
+def _is_table_folder(path: str) -> bool:
+    """Whether a folder is tables: ``state.json`` and Arrow files, or table files only at its top
+    (a sub-folder or any other file says it is a dump; the listing stops there)."""
+    tables = False
+    with os.scandir(path) as listing:
+        for entry in listing:
+            lower = entry.name.lower()
+            if lower == "state.json" or lower.endswith(TABLE_SUFFIXES):
+                tables = True
+            elif not entry.name.startswith(".") and not lower.endswith((".json", ".md")):
+                return False
+    return tables
 
 
 def _owner(key: bytes, num_parts: int) -> int:
@@ -358,6 +381,7 @@ def iter_part(
     num_parts: int = 1,
     skip: Iterable[str] = (),
     order: int = ORDER,
+    tables: Optional[Callable[..., Iterator[InputRef]]] = None,
 ) -> Iterator[InputRef]:
     """Part ``part`` of ``num_parts``'s inputs of ``sources``, in enumeration order.
 
@@ -372,7 +396,9 @@ def iter_part(
     single files the folder that holds the image.
 
     ``skip`` names folders never to enter (the build's output folder). ``order`` is the
-    naming rule (``ORDER``; 1 for a build begun under the old one).
+    naming rule (``ORDER``; 1 for a build begun under the old one). ``tables`` reads a table
+    source's rows (``parquet.TableInputs``: it is called ``(source, labels, part, num_parts,
+    src)``); without it a table source is refused.
 
     Raises:
         BuildError: a source does not exist or cannot be read.
@@ -390,6 +416,13 @@ def iter_part(
             yield from _folder(path, labels, part, num_parts, skipped, src)
         elif kind in ("list", "csv"):
             yield from _list_entries(path, kind, labels, part, num_parts, src)
+        elif kind == "table":
+            if tables is None:
+                raise BuildError(
+                    f"{printable(path)}: a Parquet or Arrow table: its classes are a column "
+                    "(--labels column or --label-column NAME)"
+                )
+            yield from tables(path, labels, part, num_parts, src)
         elif kind == "tar":
             # An archive is read header by header from its start, so it belongs whole to one part.
             if archives % num_parts == part:

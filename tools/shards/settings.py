@@ -37,13 +37,21 @@ class BuildSettings:
 
     name: str = "shard"
     """Shard file prefix: NAME-000000.tar."""
-    labels: str = option("none", choices=["none", "folder", "archive", "file"])
+    labels: str = option("none", choices=["none", "folder", "archive", "file", "column"])
     """'folder': first-level sub-folder names (or a .csv list's labels) are the classes (KEY.cls);
     'archive': each SRC.tar holds CLASS.tar archives (ImageNet's training archive), read in place;
-    'file': --labels-file's (implied by it)."""
+    'file': --labels-file's (implied by it); 'column': a Parquet or Arrow table's --label-column
+    (implied by it)."""
     labels_file: Optional[str] = option(None, metavar="FILE")
     """NAME,CLASS rows giving each image its class by its file name, with or without extension
     (a validation archive's labels; LOC_val_solution.csv reads as it is)."""
+    image_column: str = option("image", metavar="NAME")
+    """Parquet and Arrow sources: the column holding each image (the Hugging Face struct of bytes
+    and path, binary, or a path relative to the table's folder)."""
+    label_column: Optional[str] = option(None, metavar="NAME")
+    """Parquet and Arrow sources: the column holding each class, an integer (named by the
+    Hugging Face ClassLabel metadata when there is some) or a string (default with --labels
+    column: label)."""
     max_count: int = option(10000, metavar="N")
     """Samples per shard at most."""
     max_bytes: Optional[int] = option(None, metavar="SIZE", parse=parse_bytes)
@@ -62,12 +70,21 @@ class BuildSettings:
     def __post_init__(self) -> None:
         if not self.name or any(c in self.name for c in "./ \t"):
             raise BuildError(f"--name {self.name!r}: use a name without dots, slashes or spaces")
-        if self.labels not in ("none", "folder", "archive", "file"):
+        if self.labels not in ("none", "folder", "archive", "file", "column"):
             raise BuildError(
-                f"--labels must be 'none', 'folder', 'archive' or 'file', got {self.labels!r}"
+                "--labels must be 'none', 'folder', 'archive', 'file' or 'column', "
+                f"got {self.labels!r}"
             )
         if self.labels_file is not None and self.labels == "none":
             object.__setattr__(self, "labels", "file")  # the file says it: no second flag
+        if self.label_column is not None and self.labels == "none":
+            object.__setattr__(self, "labels", "column")  # as --labels-file: no second flag
+        if self.labels == "column" and self.label_column is None:
+            object.__setattr__(self, "label_column", "label")  # the Hugging Face layout's
+        if self.label_column is not None and self.labels != "column":
+            raise BuildError(f"--label-column names a table's classes: drop --labels {self.labels}")
+        if not self.image_column or not (self.label_column is None or self.label_column):
+            raise BuildError("--image-column and --label-column need a column name")
         if (self.labels == "file") != (self.labels_file is not None):
             raise BuildError(
                 f"--labels-file gives the classes: drop --labels {self.labels}"
@@ -97,6 +114,11 @@ class BuildSettings:
             # Its name only, so the same build from another mount point merges; its labels are
             # in the input digest.
             d["labels_file"] = os.path.basename(self.labels_file)
+        # Recorded only where they say something, so builds from before them resume and merge.
+        if self.label_column is None:
+            del d["label_column"]
+        if self.image_column == "image":
+            del d["image_column"]
         return d
 
 

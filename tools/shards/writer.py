@@ -101,10 +101,16 @@ def read_input(ref: InputRef, max_bytes: int) -> bytes:
     return data
 
 
-def process_input(item: tuple[str, InputRef, object], prep: PrepSettings, max_input_bytes: int):
+def process_input(
+    item: tuple[str, InputRef, object],
+    prep: PrepSettings,
+    max_input_bytes: int,
+    read: Callable[[InputRef, int], bytes] = read_input,
+):
     """One input -> ``("ok", blob, members, copied, class)`` or ``("rejected", reason)``.
 
     ``item`` is ``(key, ref, label)``; a ``str`` label is a reason to reject known beforehand.
+    ``read`` gives its bytes (``parquet.block_reader``'s for a block holding table rows).
     """
     key, ref, label = item
     if isinstance(label, str):
@@ -112,7 +118,7 @@ def process_input(item: tuple[str, InputRef, object], prep: PrepSettings, max_in
     if ref.rejected:
         return ("rejected", ref.rejected)
     try:
-        prepared = prepare(read_input(ref, max_input_bytes), prep)
+        prepared = prepare(read(ref, max_input_bytes), prep)
     except Rejected as exc:
         return ("rejected", str(exc))
     except Exception as exc:  # a decoder bug must cost one input, not the build
