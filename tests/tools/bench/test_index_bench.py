@@ -30,6 +30,7 @@ def test_index_mode_times_both_on_the_same_tars_and_writes_its_record(tmp_path, 
     # Every sample of each count indexed (a tar of 1,000 and one of the rest), each in its own
     # process; the growth figure is the difference of the two peaks.
     growth = record["growth"]
+    assert record["growth_jpeg_bytes"] < 2000  # tiny JPEGs, whatever the photos (1e6 of them)
     assert [(g["samples"], g["tars"], g["images"]) for g in growth] == [
         (1500, 2, 1500),
         (2000, 2, 2000),
