@@ -193,9 +193,10 @@ def _checksum_ok(header: bytes) -> bool:
     except ValueError:
         return False
     blanked = header[:148] + b" " * 8 + header[156:]
-    unsigned = sum(blanked)
-    signed = sum(b - 256 if b > 127 else b for b in blanked)
-    return stored in (unsigned, signed)
+    unsigned = sum(blanked)  # summed in C; the signed form (old writers) only when it fails
+    if stored == unsigned:
+        return True
+    return stored == unsigned - 256 * sum(1 for b in blanked if b > 127)
 
 
 def _size(header: bytes) -> tuple[Optional[int], bool]:
