@@ -182,11 +182,13 @@ def _keys_with_gradients(monkeypatch):
 
 # Each broken engine, the steps that show its fault and the fault ``learned`` names. The two
 # that solve the task at once are caught by a bound a correct engine never comes near (3-7%
-# over steps 3-12, against 30%), so 24 steps show them; the others need the whole run.
+# over steps 3-12, against 30%), so 24 steps show them; the other two are as far outside the
+# 12-60% band over steps 41-80 as over the last 40 of 160 (measured on two threads: no
+# momentum update 3.9%, identical views 85.0%), so 80 steps show them.
 BROKEN = {
-    "no momentum update": (_no_momentum, 160, "over the last 40 steps, outside 12-60%"),
+    "no momentum update": (_no_momentum, 80, "over the last 40 steps, outside 12-60%"),
     "queue never written": (_queue_never_written, 24, "solved before learning anything"),
-    "identical views": (_identical_views, 160, "over the last 40 steps, outside 12-60%"),
+    "identical views": (_identical_views, 80, "over the last 40 steps, outside 12-60%"),
     "keys with gradients": (_keys_with_gradients, 24, "solved before learning anything"),
 }
 
