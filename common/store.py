@@ -13,17 +13,18 @@ manifest's) is a ``StoreError``. boto3 is imported on first use: it is the optio
 
 from __future__ import annotations
 
+import concurrent.futures
 import hashlib
 import os
 import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Any, Callable, Iterable, Iterator, Optional
 
 from .files import sha256_of
 
-__all__ = ["SCHEME", "StoreError", "ObjectURL", "Store", "is_url"]
+__all__ = ["SCHEME", "StoreError", "ObjectURL", "Store", "is_url", "in_parallel"]
 
 SCHEME = "s3://"
 _BUCKET = re.compile(r"^[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9]$")
@@ -35,6 +36,27 @@ _DENIED = {"AccessDenied", "403", "InvalidAccessKeyId", "SignatureDoesNotMatch",
 
 class StoreError(ValueError):
     """An object that cannot be read or written for good (retries spent or a permanent fault)."""
+
+
+def in_parallel(jobs: int, calls: Iterable[tuple[Callable, tuple]]) -> Iterator[Any]:
+    """``function(*args)`` of each call on ``jobs`` threads, results as they finish, with at most
+    ``2 * jobs`` calls in flight (a listing of any length is never held whole). The first
+    failure is raised and the calls still waiting are cancelled."""
+    with concurrent.futures.ThreadPoolExecutor(jobs) as pool:
+        pending: set[concurrent.futures.Future] = set()
+        try:
+            for function, args in calls:
+                while len(pending) >= 2 * jobs:
+                    done, pending = concurrent.futures.wait(
+                        pending, return_when=concurrent.futures.FIRST_COMPLETED
+                    )
+                    yield from (future.result() for future in done)
+                pending.add(pool.submit(function, *args))
+            for future in concurrent.futures.as_completed(pending):
+                yield future.result()
+        finally:
+            for future in pending:
+                future.cancel()
 
 
 def is_url(text: str | os.PathLike) -> bool:

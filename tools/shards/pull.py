@@ -9,7 +9,6 @@ a resume never trusts an unverified file) and fetches the rest.
 
 from __future__ import annotations
 
-import concurrent.futures
 import os
 import shutil
 import time
@@ -20,11 +19,12 @@ from typing import Optional
 from ...common.files import sha256_of
 from ...common.lock import FolderInUse, FolderLock
 from ...common.options import option
-from ...common.store import ObjectURL, Store
+from ...common.store import ObjectURL, Store, in_parallel
 from ...pipeline import shards
 from ...pipeline.schema import MAX_MANIFEST_BYTES
 from . import BuildError
 from .folder import prepare_folder
+from .push import Tally, shard_files
 
 __all__ = ["PullCommand", "PullReport", "pull"]
 
@@ -48,19 +48,11 @@ class PullCommand:
         ObjectURL.parse(self.source)
 
 
-@dataclass
-class PullReport:
-    fetched: int = 0
-    kept: int = 0
-    bytes: int = 0
-    seconds: float = 0.0
-    manifest: Optional[Path] = None
-
+class PullReport(Tally):
     def summary(self) -> str:
-        rate = self.bytes / self.seconds / 1e6 if self.seconds > 0 else 0.0
         return (
-            f"{self.fetched} files fetched ({self.bytes / 1e6:.1f} MB, {rate:.0f} MB/s), "
-            f"{self.kept} already here and checked; {self.manifest}"
+            f"{self.moved} files fetched ({self._amount()}), {self.kept} already here and "
+            f"checked; {self.manifest}"
         )
 
 
@@ -107,33 +99,19 @@ def _pull(store: Store, base: ObjectURL, out: Path, jobs: int, started: float) -
     manifest = shards.load_manifest(state)
     if manifest.indexed:
         raise BuildError(f"{base}: an index of tars that lie elsewhere; pull those tars instead")
-    wanted = []
-    for entry in manifest.shards:
-        wanted += [(entry.tar, entry.bytes, entry.sha256), (entry.index, None, entry.index_sha256)]
-    rejected = manifest.data.get("rejected_file")
-    if rejected and store.head(base.child(rejected)) is not None:
-        wanted.append((rejected, None, None))
-    for name, _, _ in wanted:
+
+    def named(name: str) -> str:  # a name from the store's manifest: a file of this folder
         if Path(name).name != name or name.startswith("."):
             raise BuildError(f"{base}: the manifest names {name!r}, not a file of its folder")
+        return name
+
+    files = shard_files(manifest, lambda name: store.head(base.child(named(name))) is not None)
+    calls = ((_get, (store, base.child(named(n)), out / n, size, sha)) for n, size, sha in files)
     report = PullReport()
-    with concurrent.futures.ThreadPoolExecutor(jobs) as pool:
-        futures = [
-            pool.submit(_get, store, base.child(name), out / name, size, sha256)
-            for name, size, sha256 in wanted
-        ]
-        try:
-            for future in futures:  # the first failure ends the pull, no manifest written
-                got = future.result()
-                report.kept += got is None
-                report.fetched += got is not None
-                report.bytes += got or 0
-        except BaseException:
-            for future in futures:
-                future.cancel()
-            raise
+    for got in in_parallel(jobs, calls):  # the first failure ends the pull, no manifest written
+        report.add(got)
     os.replace(staged, out / shards.MANIFEST_NAME)  # last: the folder is complete
     shutil.rmtree(state, ignore_errors=True)
-    report.manifest = out / shards.MANIFEST_NAME
+    report.manifest = str(out / shards.MANIFEST_NAME)
     report.seconds = time.monotonic() - started
     return report

@@ -10,22 +10,21 @@ push goes on where it stopped. Sends in parallel, with a bounded number of files
 
 from __future__ import annotations
 
-import concurrent.futures
 import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Callable, Iterator, Optional
 
 from ...common.files import read_json, sha256_of
 from ...common.options import option
-from ...common.store import ObjectURL, Store
+from ...common.store import ObjectURL, Store, in_parallel
 from ...pipeline import shards
 from ...pipeline.schema import MAX_MANIFEST_BYTES
 from . import BuildError
 from .merge import merge
 
-__all__ = ["PushCommand", "PushReport", "push", "publish", "merge_in_store"]
+__all__ = ["PushCommand", "PushReport", "Tally", "push", "publish", "merge_in_store", "shard_files"]
 
 
 @dataclass
@@ -47,35 +46,44 @@ class PushCommand:
 
 
 @dataclass
-class PushReport:
-    sent: int = 0
-    skipped: int = 0
+class Tally:
+    """Files moved and files found already in place (push and pull)."""
+
+    moved: int = 0
+    kept: int = 0
     bytes: int = 0
     seconds: float = 0.0
     manifest: str = ""
 
-    def add(self, sent: Optional[int]) -> None:
-        if sent is None:
-            self.skipped += 1
+    def add(self, moved: Optional[int]) -> None:
+        """Count one file: its bytes moved, or None when it was already in place."""
+        if moved is None:
+            self.kept += 1
         else:
-            self.sent += 1
-            self.bytes += sent
+            self.moved += 1
+            self.bytes += moved
 
-    def summary(self) -> str:
+    def _amount(self) -> str:
         rate = self.bytes / self.seconds / 1e6 if self.seconds > 0 else 0.0
-        return (
-            f"{self.sent} files sent ({self.bytes / 1e6:.1f} MB, {rate:.0f} MB/s), "
-            f"{self.skipped} already there; {self.manifest}"
-        )
+        return f"{self.bytes / 1e6:.1f} MB, {rate:.0f} MB/s"
 
 
-def _files(manifest: shards.Manifest) -> Iterator[tuple[str, Optional[int], Optional[str]]]:
-    """``(name, size, sha256)`` of each file to send before the manifest (None: not recorded)."""
+class PushReport(Tally):
+    def summary(self) -> str:
+        return f"{self.moved} files sent ({self._amount()}), {self.kept} already there; {self.manifest}"
+
+
+def shard_files(
+    manifest: shards.Manifest, exists: Callable[[str], bool]
+) -> Iterator[tuple[str, Optional[int], Optional[str]]]:
+    """``(name, size, sha256)`` of each file a folder holds beside its manifest, in manifest
+    order (None: not recorded there): every shard's tar and index, then the rejected log
+    where ``exists`` finds it."""
     for entry in manifest.shards:
         yield entry.tar, entry.bytes, entry.sha256
         yield entry.index, None, entry.index_sha256
     rejected = manifest.data.get("rejected_file")
-    if rejected and manifest.path(rejected).is_file():
+    if rejected and exists(rejected):
         yield rejected, None, None
 
 
@@ -126,28 +134,10 @@ def publish(
         )
     store = store or Store()
     report = PushReport()
-    with concurrent.futures.ThreadPoolExecutor(jobs) as pool:
-        pending: set[concurrent.futures.Future] = set()
-
-        def settle(wait_for: int) -> None:
-            nonlocal pending
-            while len(pending) > wait_for:
-                done, pending = concurrent.futures.wait(
-                    pending, return_when=concurrent.futures.FIRST_COMPLETED
-                )
-                for future in done:
-                    report.add(future.result())  # the first failure ends it, manifest unsent
-
-        try:
-            for name, size, sha256 in _files(manifest):
-                settle(2 * jobs)
-                url = base.child(name)
-                pending.add(pool.submit(_send, store, folder, name, size, sha256, url))
-            settle(0)
-        except BaseException:
-            for future in pending:
-                future.cancel()
-            raise
+    files = shard_files(manifest, lambda name: manifest.path(name).is_file())
+    calls = ((_send, (store, folder, n, size, sha, base.child(n))) for n, size, sha in files)
+    for sent in in_parallel(jobs, calls):  # the first failure ends it, the manifest unsent
+        report.add(sent)
     # Last: a reader that finds the manifest finds every object it names, complete.
     url = base.child(manifest_name)
     report.add(_send(store, folder, manifest_name, None, None, url))
