@@ -7,6 +7,7 @@ import contextlib
 import io
 import random
 import resource
+import socket
 import struct
 import zlib
 from pathlib import Path
@@ -75,6 +76,13 @@ def device(request):
             yield torch.device("cuda", 0)
         finally:
             torch.backends.cuda.matmul.allow_tf32 = matmul_tf32
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 nothing listens on now (a rendezvous, a test server)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def photo_like(width: int, height: int, seed: int = 0) -> np.ndarray:

@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 
 import pytest
 
+from tests.conftest import free_port
+
 SLOW_DOWN = (
     b'<?xml version="1.0" encoding="UTF-8"?><Error><Code>SlowDown</Code>'
     b"<Message>Please reduce your request rate.</Message></Error>"
@@ -23,12 +25,6 @@ DENIED = (
     b"<Message>Access Denied</Message></Error>"
 )
 _buckets = itertools.count()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @dataclass

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import logging
 import os
-import socket
 import subprocess
 import sys
 from collections import Counter
@@ -21,6 +20,7 @@ from moco_dali.train import checkpoint, engine
 from moco_dali.train import step as train_step
 from moco_dali.train.cli import main
 from moco_dali.train.epochs import EpochClock
+from tests.conftest import free_port
 from tests.train import keys_run
 from tests.train.runs import REPO, TINY, metrics
 
@@ -43,9 +43,7 @@ def one_rank(args: list[str], monkeypatch) -> int:
 
 def two_ranks(args: list[str], monkeypatch) -> int:
     """Two gloo ranks: rank 1 in a process of its own, rank 0 in this one (one start-up less)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = str(s.getsockname()[1])
+    port = str(free_port())
     env = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port, "WORLD_SIZE": "2"}
     other = subprocess.Popen(
         [sys.executable, keys_run.__file__, *args],

@@ -18,6 +18,7 @@ from moco_dali.tools.shards.settings import BuildSettings
 from moco_dali.train import checkpoint
 from moco_dali.train.cli import main
 from moco_dali.train.folders import LOCK_NAME
+from tests.conftest import free_port
 from tests.train.runs import REPO, TINY
 
 
@@ -57,16 +58,10 @@ def test_a_second_run_into_a_folder_in_use_exits_2_and_writes_nothing(shards, tm
     assert not (out / LOCK_NAME).exists()  # let go, and removed, at the end
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_every_rank_of_a_refused_run_exits_2_none_waits_for_rank_0(shards, tmp_path):
     """Rank 0 alone takes the lock; the others learn it was refused and stop with it."""
     out = tmp_path / "run"
-    port = str(_free_port())
+    port = str(free_port())
     command = [
         sys.executable,
         "-m",

@@ -183,7 +183,7 @@ def _check(mode: str, options: BenchOptions, trees: dict[str, Config], gpu: bool
         _counts("--worlds", options.worlds)
         for folder in options.folders.split(",") if options.folders else []:
             samples, _, shards = folder.partition(":")
-            counts = _counts("--folders", f"{samples},{shards}", lambda t: int(float(t)))
+            counts = _counts("--folders", f"{samples},{shards}", _whole)
             if counts[1] > counts[0]:
                 raise OptionError(f"--folders {folder}: more shards than samples")
         if options.root is not None and options.root.exists() and not options.root.is_dir():
@@ -192,7 +192,7 @@ def _check(mode: str, options: BenchOptions, trees: dict[str, Config], gpu: bool
         if pipeline_from is not None and not (pipeline_from / "pipeline" / "__init__.py").is_file():
             raise OptionError(f"--pipeline-from {pipeline_from}: no pipeline/ package in it")
     if mode == "scale-build":
-        _counts("--sizes", options.sizes, lambda t: int(float(t)))
+        _counts("--sizes", options.sizes, _whole)
         _counts("--parts", options.parts)
         unknown = set(options.kinds.split(",")) - {"list", "folder"}
         if unknown:
