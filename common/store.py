@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import hashlib
+import logging
 import os
 import re
 import time
@@ -90,7 +91,8 @@ class ObjectURL:
 
 class Store:
     """One client for the process (boto3's clients are thread-safe); ``attempts`` counts the
-    first try, for botocore's retries and for a body read again from where it broke."""
+    first try, for botocore's retries and for a body read again from where it broke
+    (``AWS_MAX_ATTEMPTS`` in the environment overrides it)."""
 
     def __init__(
         self, attempts: int = 8, connect_timeout: float = 10.0, read_timeout: float = 60.0
@@ -100,7 +102,15 @@ class Store:
             from botocore.config import Config
         except ImportError:
             raise StoreError("s3:// needs boto3: pip install 'moco-dali[s3]'") from None
-        self.attempts = attempts
+        # The tools log at INFO; the SDK's INFO lines (where it found credentials) are not theirs.
+        for name in ("boto3", "botocore", "s3transfer", "urllib3"):
+            logging.getLogger(name).setLevel(logging.WARNING)
+        # AWS_MAX_ATTEMPTS, the SDKs' own setting, wins over the default, as in every AWS tool
+        given = os.environ.get("AWS_MAX_ATTEMPTS", "")
+        if given and not (given.isascii() and given.isdigit() and 1 <= int(given) <= 100):
+            raise StoreError(f"AWS_MAX_ATTEMPTS={given[:20]!r}: not a number of tries in 1..100")
+        self.attempts = int(given or attempts)
+        attempts = self.attempts
         config = Config(
             retries={"mode": "standard", "max_attempts": attempts},
             connect_timeout=connect_timeout,
@@ -166,8 +176,19 @@ class Store:
             "object is damaged or changed"
         )
 
-    def download(self, url: ObjectURL, dest: Path, size: int, sha256: str) -> Path:
+    def download(
+        self,
+        url: ObjectURL,
+        dest: Path,
+        size: Optional[int],
+        sha256: str,
+        *,
+        limit: Optional[int] = None,
+    ) -> Path:
         """``url`` into ``dest``, named only once its size and sha256 are the ones given.
+
+        A ``size`` of None (an index: the manifest records its digest only) takes any size up
+        to ``limit``; more is refused as it streams.
 
         Written to ``dest``'s folder under a temporary name; a body cut off is read on from
         the byte it reached (``attempts`` times in all); bytes that are not the ones wanted
@@ -182,14 +203,14 @@ class Store:
                 digest, got = hashlib.sha256(), 0
                 try:
                     with open(partial, "wb") as f:
-                        for block in self._stream(url, size):
+                        for block in self._stream(url, size, limit):
                             digest.update(block)
                             f.write(block)
                             got += len(block)
                 except FlexibleChecksumError:
                     found = "the store's checksum"
                 else:
-                    if got != size:
+                    if size is not None and got != size:
                         raise StoreError(f"{url}: {got} bytes, the manifest says {size}")
                     if digest.hexdigest() == sha256:
                         os.replace(partial, dest)
@@ -202,7 +223,9 @@ class Store:
         finally:
             partial.unlink(missing_ok=True)
 
-    def _stream(self, url: ObjectURL, size: int) -> Iterator[bytes]:
+    def _stream(
+        self, url: ObjectURL, size: Optional[int], limit: Optional[int] = None
+    ) -> Iterator[bytes]:
         """The object's bytes in blocks; a broken body is asked for again from where it broke."""
         from botocore.exceptions import BotoCoreError, ClientError, FlexibleChecksumError
 
@@ -213,8 +236,10 @@ class Store:
                 reply = self.client.get_object(Bucket=url.bucket, Key=url.key, **extra)
                 body = reply["Body"]
                 while block := body.read(_CHUNK):
-                    if got + len(block) > size:
+                    if size is not None and got + len(block) > size:
                         raise StoreError(f"{url}: more than the {size} bytes the manifest says")
+                    if limit is not None and got + len(block) > limit:
+                        raise StoreError(f"{url}: more than the {limit} bytes allowed for it")
                     got += len(block)
                     yield block
                 return  # a body that ends short is the caller's size mismatch
