@@ -31,6 +31,14 @@ class ReadConfig:
     max_window_shards: int = 8192
     """Shards one DALI reader is given at most: it maps each into memory, and Linux allows 65,530
     mappings per process by default."""
+    cache_dir: str = ""
+    """A folder in the store (s3://...) is read through a local cache in a private folder here
+    (empty: the system's temporary folder), removed when the reader ends."""
+    cache_limit: int = 8 << 30
+    """Bytes a rank's cache may hold (a folder in the store): two windows, the one read and the
+    next, fetched while the first trains; windows are sized to fit."""
+    cache_jobs: int = 8
+    """Files a rank fetches from the store at once."""
     view_branches: str = "conditional"
     """conditional: DALI conditionals, an operation runs on the samples that draw it; blend: every
     operation on every sample, kept per sample by a 0/1 blend (no split and merge of the batch).
@@ -39,9 +47,18 @@ class ReadConfig:
     def __post_init__(self) -> None:
         if self.threads < 0:
             raise ValueError(f"threads must be at least 0, got {self.threads}")
-        for name in ("shuffle_buffer", "prefetch", "max_window_samples", "max_window_shards"):
+        for name in (
+            "shuffle_buffer",
+            "prefetch",
+            "max_window_samples",
+            "max_window_shards",
+            "cache_limit",
+            "cache_jobs",
+        ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.cache_jobs > 256:
+            raise ValueError(f"cache_jobs must be at most 256, got {self.cache_jobs}")
         if not 0.0 <= self.hw_decoder_load <= 1.0:
             raise ValueError(f"hw_decoder_load must be in [0, 1], got {self.hw_decoder_load}")
         if self.view_branches not in VIEW_BRANCHES:

@@ -1,7 +1,6 @@
 """Shards in, MoCo view pairs out: a rank's windows of shards through DALI, handed to torch.
 
-``ViewLoader`` yields ``Batch`` objects whose images are NCHW-shaped, channels-last tensors on
-the training device (DALI writes HWC; the adapter only permutes the view, no copy). Every
+``ViewLoader`` yields ``Batch`` objects (``handover``) on the training device. Every
 epoch the shards are dealt to the ranks whole (``partition``); a rank reads its share as
 windows of at most ``max_window_samples`` samples and ``max_window_shards`` shards, each a
 DALI pipeline of its own (``graph``), so start-up and host memory are bounded by a window.
@@ -15,17 +14,17 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
-from dataclasses import dataclass
 from typing import Iterator, Optional
 
 import numpy as np
 import torch
 from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
-from . import elastic, partition, shards
+from . import cache, elastic, handover, partition, shards
 from .config import LoaderConfig
 from .graph import default_threads, view_pipeline, window_seed
-from .pieces import piece_pairs, rank_rest, saved_world
+from .handover import Batch
+from .pieces import piece_pairs, rank_rest, same_windows, saved_world
 from .recipes import AugmentConfig, EvalConfig
 from .samplecheck import SampleCheck
 from .scan import first_undecodable
@@ -34,32 +33,6 @@ from .shards import ShardError
 __all__ = ["Batch", "ViewLoader"]
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class Batch:
-    """One batch: views as NCHW-shaped, channels-last tensors; labels and keys when asked."""
-
-    view_q: torch.Tensor
-    view_k: Optional[torch.Tensor] = None
-    labels: Optional[torch.Tensor] = None
-    keys: Optional[list[str]] = None
-
-    def __len__(self) -> int:
-        return self.view_q.shape[0]
-
-
-def _ascii_to_int(padded: torch.Tensor) -> torch.Tensor:
-    """Zero-padded ASCII digits (N, L) -> integers (N,), on the CPU without a Python loop.
-
-    Only digits reach it: ``SampleCheck`` stops a batch holding anything else.
-    """
-    digits = padded.to(torch.int64)
-    valid = digits > 0
-    lengths = valid.sum(dim=1, keepdim=True)
-    positions = torch.arange(digits.shape[1]).unsqueeze(0)
-    powers = torch.where(valid, 10 ** (lengths - 1 - positions).clamp(min=0), 0)
-    return ((digits - 48) * powers).sum(dim=1)
 
 
 class ViewLoader:
@@ -105,10 +78,10 @@ class ViewLoader:
                 f"device_id={device_id} but torch sees no CUDA GPU; use device_id=None for the CPU"
             )
         config = config or LoaderConfig()
-        self.manifest = shards.load_manifest(folder)
+        self.manifest = cache.load_manifest(str(folder))
         counts = self.manifest.counts
         if not len(counts):
-            raise ShardError(f"{self.manifest.root}: the manifest lists no shards")
+            raise ShardError(f"{self.manifest.name}: the manifest lists no shards")
         self.augment_cfg, self.config = augment_cfg, config
         self.rank, self.world, self.device_id = rank, world, device_id
         self.two_views = isinstance(augment_cfg, AugmentConfig) and config.views == 2
@@ -116,9 +89,9 @@ class ViewLoader:
         self.has_labels = config.labels and bool(self.manifest.classes)
         self.device = torch.device("cpu") if device_id is None else torch.device("cuda", device_id)
         self._drop = config.last_batch == "drop"
-        self._per_window = partition.shards_per_window(
-            counts, config.read.max_window_samples, config.read.max_window_shards
-        )
+        self._per_window = cache.shards_per_window(self.manifest, config.read)
+        # A folder in the store: the current window's shards and the next's, on local disk.
+        self.cache = cache.ShardCache(self.manifest, config.read) if self.manifest.url else None
         window_samples = partition.rank_window_samples(counts, world, rank, self._per_window)
         self._window_batches = partition.window_batches(
             window_samples, config.batch_size, self._drop
@@ -133,7 +106,7 @@ class ViewLoader:
             if self._steps < 1:
                 self._refuse_batch(counts)
         self.epoch = self.step_in_epoch = self.window = self.window_step = 0
-        self._order_epoch, self._mine = -1, np.zeros(0, dtype=np.int64)
+        self._orders: dict[int, np.ndarray] = {}
         self._usual = (self._window_batches, self._steps)
         # The rest of an epoch begun at another world size: its epoch, the old ranks' positions,
         # this rank's windows of it (elastic.py).
@@ -158,7 +131,7 @@ class ViewLoader:
         ]
         poorest = int(np.argmin(shares))
         raise ShardError(
-            f"{self.manifest.root}: a batch of {self.config.batch_size} is larger than rank {poorest}'s "
+            f"{self.manifest.name}: a batch of {self.config.batch_size} is larger than rank {poorest}'s "
             f"share of {shares[poorest]} samples per epoch ({len(counts)} shards dealt whole to "
             f"{self.world} ranks); "
             + (
@@ -170,15 +143,39 @@ class ViewLoader:
 
     # ------------------------------------------------------------------ the deal
 
-    def _my_shards(self) -> np.ndarray:
-        """This epoch's shards of this rank, in reading order (computed once per epoch)."""
-        if self._order_epoch != self.epoch:
+    def _my_shards(self, epoch: Optional[int] = None) -> np.ndarray:
+        """An epoch's shards of this rank, in reading order (computed once per epoch)."""
+        epoch = self.epoch if epoch is None else epoch
+        if epoch not in self._orders:
             order = partition.epoch_order(
-                self.manifest.counts, self.config.seed, self.epoch, self.config.shuffle
+                self.manifest.counts, self.config.seed, epoch, self.config.shuffle
             )
-            self._mine = partition.rank_shards(order, self.world, self.rank)
-            self._order_epoch = self.epoch
-        return self._mine
+            # this epoch's and the next's (the cache fetches the next epoch's first window)
+            self._orders = {e: o for e, o in self._orders.items() if e >= self.epoch}
+            self._orders[epoch] = partition.rank_shards(order, self.world, self.rank)
+        return self._orders[epoch]
+
+    def _window_shards(self, epoch: int, window: int) -> list[int]:
+        """The shards of one of this rank's windows (of the rest of an epoch begun elsewhere)."""
+        if epoch == self._rest_epoch:
+            return list(self._rest[window].shards) if window < len(self._rest) else []
+        start = window * self._per_window
+        return [int(s) for s in self._my_shards(epoch)[start : start + self._per_window]]
+
+    def _next_shards(self) -> list[int]:
+        """The shards of the window after the current one, as far as it can be foreseen (a wrong
+        guess costs a wait, never a wrong read)."""
+        following, batches = self.window + 1, self._window_batches
+        if following < len(batches) and batches[following] > 0:
+            if not self._drop or int(batches[:following].sum()) < self._steps:
+                return self._window_shards(self.epoch, following)
+        return self._window_shards(self.epoch + 1, 0)
+
+    def _files(self, window: list[int]) -> list[tuple]:
+        """The checked ``(tar, index)`` of each shard: from the folder, or the store's through the cache."""
+        if self.cache is not None:
+            return self.cache.pairs(window)
+        return [shards.open_shard(self.manifest, self.manifest.entry(i)) for i in window]
 
     def _window_limit(self) -> int:
         """Batches to take from the current window (the epoch's step count may end it early)."""
@@ -207,6 +204,8 @@ class ViewLoader:
         """Build the current window's reader over only its tars and indexes, each checked first."""
         self._close()
         cfg, read = self.config, self.config.read
+        window = self._window_shards(self.epoch, self.window)
+        files = self._files(window)
         if self.epoch == self._rest_epoch and self._rest[self.window].old_rank >= 0:
             if self._scratch is None:
                 self._scratch = tempfile.TemporaryDirectory(prefix="moco-elastic-")
@@ -214,6 +213,7 @@ class ViewLoader:
                 self.manifest,
                 self._rest[self.window],
                 self._old,
+                dict(zip(window, files)),
                 seed=cfg.seed,
                 epoch=self.epoch,
                 shuffle=cfg.shuffle,
@@ -221,14 +221,9 @@ class ViewLoader:
                 workdir=self._scratch.name,
             )
         else:
-            if self.epoch == self._rest_epoch:
-                window = self._rest[self.window].shards
-            else:
-                start = self.window * self._per_window
-                window = self._my_shards()[start : start + self._per_window]
-            self.pairs = [
-                shards.open_shard(self.manifest, self.manifest.entry(int(i))) for i in window
-            ]
+            self.pairs = files
+        if self.cache is not None:
+            self.cache.prefetch(self._next_shards())
         tars, indexes = [str(t) for t, _ in self.pairs], [str(i) for _, i in self.pairs]
         self._check = SampleCheck(len(self.manifest.classes))
         self._pipe, self._outputs = view_pipeline(
@@ -327,23 +322,13 @@ class ViewLoader:
         except StopIteration:
             if self._drop:
                 raise ShardError(
-                    f"{self.manifest.root}: rank {self.rank} ran out of samples at step "
+                    f"{self.manifest.name}: rank {self.rank} ran out of samples at step "
                     f"{self.step_in_epoch} of {len(self)}"
                 ) from None
             raise
-        views = [
-            data[name].permute(0, 3, 1, 2) for name in self._outputs if name.startswith("view")
-        ]
-        labels = (
-            _ascii_to_int(data["labels"]).to(self.device, non_blocking=True)
-            if self.has_labels
-            else None
+        return handover.batch(
+            data, self._outputs, self.device, labels=self.has_labels, keys=self.config.keys
         )
-        keys = None
-        if self.config.keys:
-            decoded = [bytes(row[row > 0].tolist()).decode() for row in data["source"].cpu()]
-            keys = [s.rsplit(":", 1)[1].split(".")[0] for s in decoded]
-        return Batch(views[0], views[1] if len(views) > 1 else None, labels, keys)
 
     # ------------------------------------------------------------------ state
 
@@ -363,6 +348,7 @@ class ViewLoader:
             "rank": self.rank,
             "world": self.world,
             "batch_size": self.config.batch_size,
+            "per_window": self._per_window,
             "assignment": self._assignment(),
         }
         if self.epoch == self._rest_epoch:
@@ -381,7 +367,7 @@ class ViewLoader:
         return partition.assignment_digest(self._my_shards(), len(self.manifest.counts))
 
     def _resume(self, state: dict) -> None:
-        root = self.manifest.root
+        root = self.manifest.name
         if "window" not in state:
             raise ShardError(
                 f"{root}: the saved data position predates per-rank shard windows; "
@@ -392,6 +378,7 @@ class ViewLoader:
                 f"{root}: the saved data position is rank {state['rank']} of {state['world']}, "
                 f"this is rank {self.rank} of {self.world}; an exact resume needs the same world size"
             )
+        same_windows(root, state, self._per_window)
         self.epoch, self.step_in_epoch = state["epoch"], state["step_in_epoch"]
         self.window, self.window_step = state["window"], state["window_step"]
         if state.get("elastic"):
@@ -439,4 +426,4 @@ class ViewLoader:
             (line for line in message.splitlines() if "failure" in line or "rror" in line),
             message[:200],
         )
-        return ShardError(f"{self.manifest.root}: DALI could not decode a sample: {first.strip()}")
+        return ShardError(f"{self.manifest.name}: DALI could not decode a sample: {first.strip()}")

@@ -22,7 +22,7 @@ from .config import LoaderConfig
 from .elastic import OldWorld, Window
 from .graph import emission_order, window_seed
 
-__all__ = ["saved_world", "rank_rest", "piece_pairs"]
+__all__ = ["saved_world", "same_windows", "rank_rest", "piece_pairs"]
 
 
 def saved_world(
@@ -35,7 +35,7 @@ def saved_world(
         ShardError: a position older than elastic resume, of an epoch already resumed on another
             world size, of ranks at different points, or of another deal of shards.
     """
-    root, counts = manifest.root, manifest.counts
+    root, counts = manifest.name, manifest.counts
     old_world = len(states)
     if any("batch_size" not in s for s in states):
         raise shards.ShardError(
@@ -46,6 +46,8 @@ def saved_world(
             f"{root}: the saved epoch {states[0]['epoch']} was itself begun on another world "
             f"size; resume on {old_world} ranks until it ends, then change the world size"
         )
+    for state in states:
+        same_windows(root, state, per_window)
     first = states[0]
     epoch, done, old_batch = first["epoch"], first["step_in_epoch"], first["batch_size"]
     if any(
@@ -68,6 +70,17 @@ def saved_world(
     return epoch, OldWorld(old_world, old_batch, windows, tuple(s["window_step"] for s in states))
 
 
+def same_windows(root: str, state: dict, per_window: int) -> None:
+    """Refuse a saved position whose windows held another number of shards than this run's."""
+    saved = state.get("per_window", per_window)  # positions saved before the cache: the same
+    if saved != per_window:
+        raise shards.ShardError(
+            f"{root}: the saved run read windows of {saved} shards, this one {per_window} "
+            "(data.max_window_samples, data.max_window_shards or data.cache_limit changed); set "
+            "them as they were to resume"
+        )
+
+
 def rank_rest(
     manifest: shards.Manifest,
     config: LoaderConfig,
@@ -83,7 +96,7 @@ def rank_rest(
     try:
         rest = elastic.remainder(counts, order, per_window, old, world, config.batch_size)
     except ValueError as error:
-        raise shards.ShardError(f"{manifest.root}: the saved data position: {error}") from None
+        raise shards.ShardError(f"{manifest.name}: the saved data position: {error}") from None
     steps = elastic.remainder_steps(rest, counts, per_window, config.batch_size)
     return elastic.rank_windows(rest, counts, rank, per_window), steps
 
@@ -92,6 +105,7 @@ def piece_pairs(
     manifest: shards.Manifest,
     window: Window,
     old: OldWorld,
+    files: dict[int, tuple[Path, Path]],
     *,
     seed: int,
     epoch: int,
@@ -99,7 +113,8 @@ def piece_pairs(
     shuffle_buffer: int,
     workdir: str | os.PathLike,
 ) -> list[tuple[Path, Path]]:
-    """``(tar, filtered index)`` of each shard of ``window`` holding samples of the piece."""
+    """``(tar, filtered index)`` of each shard of ``window`` holding samples of the piece;
+    ``files`` holds each shard's checked ``(tar, index)``."""
     work = Path(workdir)
     counts = [int(manifest.counts[s]) for s in window.shards]
     old_window = old.windows[window.old_rank]
@@ -119,7 +134,7 @@ def piece_pairs(
         lo, hi = np.searchsorted(chosen, bounds[number : number + 2])
         if lo == hi:
             continue
-        tar, index = shards.open_shard(manifest, manifest.entry(shard))
+        tar, index = files[shard]
         samples = shards.read_index(index)
         kept = chosen[lo:hi] - bounds[number]
         filtered = work / f"piece-{window.old_rank}-{window.start}-{shard}.idx"

@@ -178,6 +178,14 @@ class Manifest:
 
     root: Path
     data: dict[str, Any]
+    url: str | None = None
+    """``s3://bucket/prefix`` of a folder in object storage (``cache.load_manifest``); its shards
+    are read through a ``cache.ShardCache``."""
+
+    @property
+    def name(self) -> str:
+        """The folder as its user named it: the path, or the store's address."""
+        return self.url or str(self.root)
 
     @property
     def shards(self) -> list[ShardEntry]:
@@ -329,8 +337,12 @@ def _tar_member_header(f, tar: Path, member: tuple[str, int, int, str]) -> None:
         )
 
 
-def open_shard(manifest: Manifest, entry: ShardEntry) -> tuple[Path, Path]:
+def open_shard(
+    manifest: Manifest, entry: ShardEntry, files: tuple[Path, Path] | None = None
+) -> tuple[Path, Path]:
     """A shard's ``(tar, index)`` after the checks that cost a few small reads, whatever the shard's size.
+
+    ``files`` are the shard's local copies when they are not in the manifest's folder (a cache).
 
     Both files exist; the tar has the manifest's size; the index declares the
     manifest's sample count and ends where the tar's last member ends; the tar's
@@ -341,7 +353,7 @@ def open_shard(manifest: Manifest, entry: ShardEntry) -> tuple[Path, Path]:
     Raises:
         ShardError: naming the shard or index at fault.
     """
-    tar, idx = manifest.path(entry.tar), manifest.path(entry.index)
+    tar, idx = files or (manifest.path(entry.tar), manifest.path(entry.index))
     if not tar.is_file():
         raise ShardError(f"{tar}: shard listed in the manifest is missing")
     if not idx.is_file():

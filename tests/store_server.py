@@ -8,6 +8,7 @@ from __future__ import annotations
 import http.client
 import http.server
 import itertools
+import logging
 import socket
 import threading
 from dataclasses import dataclass, field
@@ -129,6 +130,8 @@ def moto_server():
     """moto's S3 server on 127.0.0.1 for one test module (it starts in about a second): its
     threads end with the module, so no later test forks a process beside them."""
     from moto.server import ThreadedMotoServer
+
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # a line per request otherwise
 
     port = free_port()
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)

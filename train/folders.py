@@ -13,8 +13,9 @@ from typing import Optional
 from ..common.files import unwritable
 from ..common.lock import FolderInUse, FolderLock
 from ..pipeline import partition
+from ..pipeline.cache import load_manifest, shards_per_window
 from ..pipeline.config import ReadConfig
-from ..pipeline.shards import ShardError, load_manifest
+from ..pipeline.shards import ShardError
 from .config import Config, ConfigError
 from .distributed import Dist, on_main
 
@@ -39,17 +40,16 @@ def steps_per_epoch(config: Config, world: int) -> int:
     batch.
     """
     d = config.data
+    read: ReadConfig = d.read
     try:
-        counts = load_manifest(d.train).counts
+        manifest = load_manifest(d.train)
+        counts = manifest.counts
+        if not len(counts):
+            raise ConfigError(f"data.train {d.train}: the manifest lists no shards")
+        per_window = shards_per_window(manifest, read)
     except ShardError as error:
         raise ConfigError(f"data.train: {error}") from None
     samples = int(counts.sum())
-    if not len(counts):
-        raise ConfigError(f"data.train {d.train}: the manifest lists no shards")
-    read: ReadConfig = d.read
-    per_window = partition.shards_per_window(
-        counts, read.max_window_samples, read.max_window_shards
-    )
     steps = partition.steps_per_epoch(counts, world, d.batch_size // world, per_window)
     if steps >= 1:
         return steps

@@ -24,7 +24,8 @@ from typing import Optional, Sequence
 from ...common.commandline import Parser, add_flags, from_flags
 from ...common.files import unwritable, write_json_atomic
 from ...common.options import FLAT, OptionError, option
-from ...pipeline.shards import ShardError, load_manifest
+from ...pipeline.cache import load_manifest
+from ...pipeline.shards import ShardError
 from .protocol import EvalViews, LinearConfig
 
 __all__ = ["main", "Source", "Inputs", "KnnOptions", "LinearOptions", "ExportOptions"]
