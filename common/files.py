@@ -25,6 +25,7 @@ __all__ = [
     "read_bytes",
     "too_deep",
     "read_json",
+    "decode_json",
     "check_schema",
     "read_config",
     "sha256_of",
@@ -200,16 +201,34 @@ def read_json(
     Raises ``error(message)``: one line naming the file, and the limit or the field at fault.
     """
     data = read_bytes(path, what, max_bytes=max_bytes, error=error)
+    value = decode_json(data, path, what, max_depth=max_depth, error=error)
+    if schema is not None:
+        check_schema(value, schema, path, what, error)
+    return value
+
+
+def decode_json(
+    data: bytes,
+    where: str | os.PathLike,
+    what: str,
+    *,
+    max_depth: int = MAX_DEPTH,
+    error: Callable[[str], Exception] = ValueError,
+) -> Any:
+    """JSON ``data`` (bytes already read within a limit) as plain values, nesting at most
+    ``max_depth`` deep: ``read_json``'s parse, for JSON that is not a file of its own (a tar
+    member).
+
+    Raises ``error(message)``: one line, "WHERE: unreadable WHAT: msgspec's reason" or the depth.
+    """
     try:
         value = msgspec.json.decode(data)
     except RecursionError:
-        raise error(f"{path}: {what} nested deeper than {max_depth} levels") from None
+        raise error(f"{where}: {what} nested deeper than {max_depth} levels") from None
     except msgspec.DecodeError as exc:
-        raise error(f"{path}: unreadable {what}: {exc}") from None
+        raise error(f"{where}: unreadable {what}: {exc}") from None
     if too_deep(value, max_depth):
-        raise error(f"{path}: {what} nested deeper than {max_depth} levels")
-    if schema is not None:
-        check_schema(value, schema, path, what, error)
+        raise error(f"{where}: {what} nested deeper than {max_depth} levels")
     return value
 
 

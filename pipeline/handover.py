@@ -25,17 +25,23 @@ class Batch:
         return self.view_q.shape[0]
 
 
-def _ascii_to_int(padded: torch.Tensor) -> torch.Tensor:
-    """Zero-padded ASCII digits (N, L) -> integers (N,), on the CPU without a Python loop.
+_LABEL_TAIL = 19  # bytes read from the end of a row: SampleCheck's most digits (18), and one
 
-    Only digits reach it: ``SampleCheck`` stops a batch holding anything else.
+
+def _ascii_to_int(padded: torch.Tensor) -> torch.Tensor:
+    """Zero-padded ``cls`` bytes (N, L) -> classes (N,), on the CPU without a Python loop: the
+    ASCII digits each row ends in, all of a ``.cls``, the field's value of a label pointer's JSON
+    (``shards.label_digits``). ``SampleCheck`` stops a batch holding any other row.
     """
-    digits = padded.to(torch.int64)
-    valid = digits > 0
-    lengths = valid.sum(dim=1, keepdim=True)
-    positions = torch.arange(digits.shape[1]).unsqueeze(0)
-    powers = torch.where(valid, 10 ** (lengths - 1 - positions).clamp(min=0), 0)
-    return ((digits - 48) * powers).sum(dim=1)
+    # A row ends at its last byte that is not zero: the padding is zeros, and neither digits nor
+    # JSON text (which escapes control characters) hold one.
+    ends = padded.shape[1] - (padded != 0).flip(1).to(torch.uint8).argmax(1)
+    at = ends[:, None] + torch.arange(-_LABEL_TAIL, 0)
+    tail = torch.where(at >= 0, padded.gather(1, at.clamp(min=0)), 0).to(torch.int64)
+    # A digit counts when every byte after it, to the row's end, is a digit too.
+    run = ((tail >= 48) & (tail <= 57)).flip(1).cumprod(1).flip(1)
+    after = run.flip(1).cumsum(1).flip(1) - run  # digits of the run that follow this one
+    return (run * (tail - 48) * 10**after).sum(1)
 
 
 def batch(

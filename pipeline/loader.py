@@ -225,7 +225,7 @@ class ViewLoader:
         if self.cache is not None:
             self.cache.prefetch(self._next_shards())
         tars, indexes = [str(t) for t, _ in self.pairs], [str(i) for _, i in self.pairs]
-        self._check = SampleCheck(len(self.manifest.classes))
+        self._check = SampleCheck(len(self.manifest.classes), self.manifest.label_key is not None)
         self._pipe, self._outputs = view_pipeline(
             tars,
             indexes,

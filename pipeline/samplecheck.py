@@ -8,7 +8,8 @@ pipeline as a ``python_function`` ahead of the decoder: a sample whose header do
 not parse is flagged, decoded as ``PLACEHOLDER_JPEG`` instead, and named (shard and
 key) for the loader to raise before its batch is handed over. So is one whose header declares
 more than ``shards.MAX_PIXELS`` pixels (decoding it could take the machine's memory). The ``.cls``
-of each sample is checked on the way (ASCII digits naming one of the manifest's classes).
+of each sample is checked on the way (ASCII digits naming one of the manifest's classes; of a
+label pointer, the digits it ends in: ``shards.label_digits``).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from __future__ import annotations
 import numpy as np
 import simplejpeg
 
-from .shards import MAX_PIXELS
+from .shards import MAX_PIXELS, label_digits
 
 __all__ = ["PLACEHOLDER_JPEG", "SampleCheck"]
 
@@ -35,8 +36,10 @@ class SampleCheck:
     reference to the pipeline (DALI would never free it).
     """
 
-    def __init__(self, classes: int):
+    def __init__(self, classes: int, pointer: bool = False):
         self.classes = classes
+        self.pointer = pointer
+        """Whether the ``cls`` components are label pointers (a manifest with ``label_key``)."""
         self.found: list[str] = []
 
     def __call__(self, jpegs, sources, labels=None):
@@ -57,9 +60,12 @@ class SampleCheck:
                     )
             if labels is not None:
                 raw = labels[i].tobytes()
-                if not (raw.isdigit() and int(raw) < self.classes):
+                digits = label_digits(raw, self.pointer)
+                # At most 18 digits: int() of thousands of them is refused (and slow).
+                if not (0 < len(digits) <= 18 and int(digits) < self.classes):
+                    shown = raw[-20:] if self.pointer else raw[:20]
                     self.found.append(
-                        f"{_where(source)}: class {raw[:20]!r} is not a class index in "
+                        f"{_where(source)}: class {shown!r} is not a class index in "
                         f"0..{self.classes - 1}"
                     )
             flags.append(np.array(ok, dtype=np.uint8))

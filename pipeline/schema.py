@@ -92,6 +92,9 @@ class ManifestSchema(msgspec.Struct):
     parts: list[dict[str, Any]] = []
     indexed: bool = False
     """Shards are tars written elsewhere, indexed in place (``moco-shards index``, version 3)."""
+    label_key: Optional[Name] = None
+    """Set by ``moco-shards index --label-key``: every sample's ``cls`` component is a label
+    pointer into its ``KEY.json`` (``shards.label_digits``), the class its field of this name."""
     order: Annotated[int, Meta(ge=1, le=1 << 16)] = 1
     """The naming rule the build packed by (``tools/shards/inputs.ORDER``); 1 when not written."""
 

@@ -38,6 +38,7 @@ __all__ = [
     "rejected_name",
     "index_header",
     "index_line",
+    "label_digits",
     "read_index",
     "iter_members",
     "load_manifest",
@@ -106,6 +107,22 @@ def index_header(num_samples: int) -> str:
 def index_line(members: Iterable[tuple[str, int, int, str]]) -> str:
     """One sample's index line from its ``(ext, data_offset, size, member_name)``."""
     return " ".join(f"{ext} {offset} {size} {name}" for ext, offset, size, name in members) + "\n"
+
+
+def label_digits(raw: bytes, pointer: bool) -> bytes:
+    """The ASCII digits that give a sample its class, from its ``cls`` component's bytes: all of
+    them, or for a label pointer the digits they end in (empty bytes when there are none).
+
+    A label pointer (a manifest with ``label_key``) is a ``cls`` component whose bytes are those of
+    the sample's ``KEY.json`` from its start up to the end of the label field's value, and whose
+    name is ``KEY.json``: DALI's reader takes a component at a 512-byte aligned offset only
+    (``dali/operators/reader/loader/webdataset_loader.cc``, ``ParseSampleDesc``), so a component
+    cannot start at the digits, but it may end anywhere and share bytes with another component.
+    The loader's ``_ascii_to_int`` takes the same digits from a batch at once.
+    """
+    if not pointer:
+        return raw if raw.isdigit() else b""
+    return raw[len(raw.rstrip(b"0123456789")) :]
 
 
 _WHOLE = re.compile(r"[0-9]{1,18}")
@@ -203,6 +220,11 @@ class Manifest:
     def counts(self) -> np.ndarray:
         """Samples per shard, in manifest order: all a rank holds about the whole folder."""
         return np.array([s["samples"] for s in self.data["shards"]], dtype=np.int64)
+
+    @property
+    def label_key(self) -> str | None:
+        """The ``KEY.json`` field the classes are read from (``label_digits``), or None."""
+        return self.data.get("label_key")
 
     @property
     def indexed(self) -> bool:
@@ -317,8 +339,11 @@ def _text(path: Path, where: str, line: bytes) -> str:
         raise ShardError(f"{path}: {where}: not UTF-8 text") from None
 
 
-def _tar_member_header(f, tar: Path, member: tuple[str, int, int, str]) -> None:
-    """Check that the tar holds the member the index names where it says (the ustar header before its data)."""
+def _tar_member_header(
+    f, tar: Path, member: tuple[str, int, int, str], pointer: bool = False
+) -> None:
+    """Check that the tar holds the member the index names where it says (the ustar header before
+    its data); a label ``pointer`` (``label_digits``) holds the start of that member's data."""
     ext, offset, size, name = member
     key = name.split(".")[0]
     header = b""
@@ -330,7 +355,8 @@ def _tar_member_header(f, tar: Path, member: tuple[str, int, int, str]) -> None:
         found_size = int(header[124:136].rstrip(b"\0 ") or b"-1", 8)
     except ValueError:
         found_name, found_size = repr(header[:20]), -1
-    if len(header) != TAR_BLOCK or (found_name, found_size) != (name, size):
+    fits = 0 < size <= found_size if pointer else size == found_size
+    if len(header) != TAR_BLOCK or found_name != name or not fits:
         raise ShardError(
             f"{tar}: key {key}: the index says {name} ({size} bytes) at {offset}, the tar holds "
             f"{found_name or 'no member'} ({found_size} bytes) there; stale index or changed shard"
@@ -346,7 +372,8 @@ def open_shard(
 
     Both files exist; the tar has the manifest's size; the index declares the
     manifest's sample count and ends where the tar's last member ends; the tar's
-    headers of the first and the last member are the ones the index names. What this
+    headers of the first and the last member are the ones the index names (of a label
+    pointer, the ``KEY.json`` it lies in, holding all of its bytes). What this
     cannot see (a flipped byte inside a sample) is ``moco-shards verify``'s job: it
     recomputes every hash and compares every index line with the tar.
 
@@ -377,7 +404,9 @@ def open_shard(
     if count:
         with open(tar, "rb") as f:
             _tar_member_header(f, tar, first[0])
-            _tar_member_header(f, tar, last[-1])
+            # A label pointer is its line's last component (the index writes it there).
+            pointer = manifest.label_key is not None and last[-1][0] == "cls"
+            _tar_member_header(f, tar, last[-1], pointer)
     return tar, idx
 
 

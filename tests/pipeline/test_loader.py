@@ -357,6 +357,33 @@ def test_the_sample_check_refuses_a_header_declaring_65500x65500():
     ]
 
 
+def test_a_class_is_the_digits_its_cls_bytes_end_in():
+    """A .cls is digits; a label pointer is a .json up to the end of its field's digits
+    (shards.label_digits): the loader reads both, a batch at once, as the sample check does."""
+    from moco_dali.pipeline.handover import _ascii_to_int
+    from moco_dali.pipeline.samplecheck import SampleCheck
+
+    rows = [
+        b"7",
+        b"1048575",
+        b'{"label": 12',
+        b'{"caption": "label 99", "meta": {"label": 98}, "label": 3',
+        b'{"n": 123456789012345, "label": 0',
+    ]
+    padded = torch.zeros(len(rows), max(map(len, rows)) + 2, dtype=torch.uint8)
+    for i, row in enumerate(rows):
+        padded[i, : len(row)] = torch.frombuffer(bytearray(row), dtype=torch.uint8)
+    assert _ascii_to_int(padded).tolist() == [7, 1048575, 12, 3, 0]
+    assert [int(shards.label_digits(r, pointer=True)) for r in rows] == [7, 1048575, 12, 3, 0]
+    # A pointer that ends in no digits, or a .cls that is not all digits, stops the batch.
+    jpeg = np.frombuffer(baseline_jpeg(16, 16), np.uint8)
+    source = np.frombuffer(b"/s/a.tar:512:K.jpg", np.uint8)
+    for pointer, label in ((True, b'{"label": 12'), (True, b'{"label": '), (False, b"x12")):
+        check = SampleCheck(classes=13, pointer=pointer)
+        check([jpeg], [source], [np.frombuffer(label, np.uint8)])
+        assert bool(check.found) == (label != b'{"label": 12'), label
+
+
 BOMB = """
 import resource, sys
 # About 4.5 GB of address space is DALI and torch; the old code asked for 4.3 GB more at

@@ -31,6 +31,7 @@ from . import BuildError
 from .folder import prepare_folder
 from .indextar import index_tar
 from .inputs import printable
+from .jsonlabel import parse_field
 from .writer import reason_kind
 
 __all__ = ["IndexCommand", "IndexReport", "index"]
@@ -51,6 +52,10 @@ class IndexCommand:
     labels: str = option("none", choices=["none", "cls"])
     """'cls': the class is each sample's KEY.cls member (ASCII digits); samples without one are
     rejected."""
+    label_key: Optional[str] = option(None, metavar="FIELD")
+    """The class is field FIELD of each sample's KEY.json (an integer; keys joined by dots for
+    nested objects: meta.label), read there by the index's label pointer; samples without one
+    are rejected. Not with --labels cls."""
     num_parts: int = option(1, metavar="P")
     """Split the tars into P disjoint parts (tar i goes to part i mod P)."""
     part: int = option(0, metavar="I")
@@ -68,6 +73,15 @@ class IndexCommand:
             raise BuildError("--part: --executor ray indexes every part; give --num-parts only")
         if self.executor == "local" and self.ray_address:
             raise BuildError("--ray-address needs --executor ray")
+        if self.label_key is not None:
+            if self.labels == "cls":
+                raise BuildError(
+                    "--label-key takes the class from KEY.json, --labels cls from KEY.cls: give one"
+                )
+            try:
+                parse_field(self.label_key)
+            except ValueError as exc:
+                raise BuildError(f"--label-key {exc}") from None
         if not self.name or any(c in self.name for c in "./ \t"):
             raise BuildError(f"--name {self.name!r}: use a name without dots, slashes or spaces")
         if not 1 <= self.num_parts <= 9999:
@@ -78,6 +92,11 @@ class IndexCommand:
     @property
     def is_part(self) -> bool:
         return self.num_parts > 1
+
+    @property
+    def label_source(self) -> str:
+        """Where classes come from: ``"none"``, ``"cls"`` or ``"json"`` (``--label-key``)."""
+        return "json" if self.label_key is not None else self.labels
 
 
 @dataclass
@@ -207,6 +226,7 @@ def _identity(cmd: IndexCommand) -> dict:
         "sources": [os.path.abspath(s) for s in cmd.sources],
         "name": cmd.name,
         "labels": cmd.labels,
+        "label_key": cmd.label_key,
         "num_parts": cmd.num_parts,
         "part": cmd.part,
     }
@@ -324,7 +344,9 @@ def _index_locked(
             stat = os.stat(tar)  # before the read: a change during it shows at the next resume
             stem = shards.shard_stem(cmd.name, report.shards, part)
             tar_reasons.clear()
-            shard, found = index_tar(tar, os.path.join(staging, f"{stem}.idx"), cmd.labels, reject)
+            shard, found = index_tar(
+                tar, os.path.join(staging, f"{stem}.idx"), cmd.label_source, reject, cmd.label_key
+            )
             if shard is not None:
                 shard.entry["tar"] = os.path.relpath(os.path.abspath(tar), os.path.abspath(out))
                 shard.entry["index"] = f"{stem}.idx"
@@ -358,13 +380,15 @@ def _index_locked(
         "reencoded": 0,
         "classes": classes,
         "class_counts": {c: class_counts.get(i, 0) for i, c in enumerate(classes)},
+        **({"label_key": cmd.label_key} if cmd.label_key is not None else {}),
         "rejected": report.rejected,
         "rejected_reasons": dict(sorted(reasons.items())),
         "rejected_file": rejected_file,
         "settings": {
             "command": "index",
             "name": cmd.name,
-            "labels": cmd.labels,
+            "labels": cmd.label_source,
+            "label_key": cmd.label_key,
             "num_parts": cmd.num_parts,
             "part": cmd.part,
         },

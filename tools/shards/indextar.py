@@ -2,8 +2,10 @@
 reader groups them, each sample judged (what the pipeline cannot take is named with its reason),
 and the DALI index of what it can.
 
-Reads the tar once, sequentially (``tarwalk``): headers, each ``.jpg``'s header and ``.cls``, and
-the sha256 of every byte; decodes no image and writes nothing but the index file it is given.
+Reads the tar once, sequentially (``tarwalk``): headers, each ``.jpg``'s header and the ``.cls``
+or ``.json`` the labels come from, and the sha256 of every byte; decodes no image and writes
+nothing but the index file it is given. With labels from a ``.json`` field, a sample's line ends
+in a label pointer (``jsonlabel``) instead of naming a ``.cls``.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import simplejpeg
 from ...pipeline import shards
 from . import BuildError
 from .inputs import printable
+from .jsonlabel import MAX_JSON_BYTES, JsonLabel, find_label, parse_field
 from .tarwalk import BadTar, Member, TarWalk
 
 __all__ = ["Shard", "index_tar", "split_name", "IMAGE_EXTS", "MAX_JPEG_BYTES", "MAX_CLASS"]
@@ -26,7 +29,8 @@ IMAGE_EXTS = {"webp", "png", "jpeg", "jpe", "gif", "bmp", "tif", "tiff", "avif",
 MAX_JPEG_BYTES = 256 << 20
 """A ``.jpg`` member larger than this is rejected unread (build's ``--max-input-bytes``)."""
 MAX_CLASS = 1 << 20
-"""The largest ``.cls`` taken: the manifest lists a class name for every index up to the largest."""
+"""Classes are below this (a ``.cls`` or a ``.json`` field): the manifest lists a class name for
+every index up to the largest."""
 
 
 # --------------------------------------------------------------------------- samples
@@ -123,6 +127,17 @@ def _duplicate(exts: list[str]) -> str:
     return next(e for e in exts if exts.count(e) > 1)
 
 
+def _json_class(members: list[Member], label_path: list[str]) -> JsonLabel:
+    """The class in field ``label_path`` of a sample's ``.json``, judged (``_judge`` passed it)."""
+    exts = [split_name(m.name)[1] for m in members]
+    if "json" not in exts:
+        return JsonLabel("no class: no .json member")
+    meta = members[exts.index("json")]
+    if meta.data is None:
+        return JsonLabel(f"too large: {meta.size} bytes of .json, over {MAX_JSON_BYTES}")
+    return find_label(meta.data, label_path, MAX_CLASS)
+
+
 # --------------------------------------------------------------------------- the pass
 
 
@@ -133,24 +148,41 @@ class Shard:
     class_counts: dict[int, int]
 
 
-def index_tar(tar: str, idx_tmp: str, labels: str, reject) -> tuple[Optional[Shard], int]:
+def index_tar(
+    tar: str, idx_tmp: str, labels: str, reject, label_key: Optional[str] = None
+) -> tuple[Optional[Shard], int]:
     """Index one tar into ``idx_tmp``: the shard (None when it holds no sample the pipeline can
-    read) and the number of samples found in it."""
-    wanted = ("jpg", "cls") if labels == "cls" else ("jpg",)
-    walk = TarWalk(tar, lambda name: split_name(name)[1] in wanted, MAX_JPEG_BYTES)
+    read) and the number of samples found in it.
+
+    ``labels``: ``"none"``, ``"cls"`` (a ``.cls`` member) or ``"json"`` (field ``label_key`` of
+    the ``.json``, keys joined by dots).
+    """
+    limits = {"jpg": MAX_JPEG_BYTES}
+    if labels == "cls":
+        limits["cls"] = MAX_JPEG_BYTES
+    elif labels == "json":
+        limits["json"] = MAX_JSON_BYTES
+        label_path = parse_field(label_key)
+    walk = TarWalk(tar, lambda name: limits.get(split_name(name)[1], 0))
     lines, seen, counts, found = [], set(), {}, 0
     try:
         for members in _samples(walk):
             found += 1
             reason, label = _judge(members, labels, seen)
+            if reason is None and labels == "json":
+                judged = _json_class(members, label_path)
+                reason, label = judged.reason, judged.value
             if reason is not None:
                 reject(f"{tar}:{split_name(members[0].name)[0]}", reason)
                 continue
-            lines.append(
-                shards.index_line(
-                    (split_name(m.name)[1], m.offset, m.size, m.name) for m in members
-                )
-            )
+            line = [(split_name(m.name)[1], m.offset, m.size, m.name) for m in members]
+            if labels == "json":
+                # The pointer is the line's only cls (DALI takes the first of two) and its last
+                # component, where readers look for it (shards.open_shard).
+                line = [m for m in line if m[0] != "cls"]
+                _, offset, _, name = next(m for m in line if m[0] == "json")
+                line.append(("cls", offset, judged.end, name))
+            lines.append(shards.index_line(line))
             if label >= 0:
                 counts[label] = counts.get(label, 0) + 1
     except BadTar as exc:

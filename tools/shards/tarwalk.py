@@ -61,8 +61,8 @@ class TarWalk:
 
     Args:
         path: the tar.
-        wanted: which regular members' bytes to keep (called with the name).
-        max_data_bytes: a wanted member larger than this is passed over (``data`` stays None).
+        wanted: called with a regular member's name, the most of its bytes to keep (0: none); a
+            larger member is passed over (``data`` stays None).
 
     Raises (while iterating):
         BadTar: not a tar, a damaged header, a member running past the end of the file.
@@ -72,11 +72,10 @@ class TarWalk:
     def __init__(
         self,
         path: str | os.PathLike,
-        wanted: Callable[[str], bool],
-        max_data_bytes: int = 256 << 20,
+        wanted: Callable[[str], int],
     ) -> None:
         # Kept as given: a str per tar does not grow pathlib's table of interned names.
-        self.path, self.wanted, self.max_data_bytes = path, wanted, max_data_bytes
+        self.path, self.wanted = path, wanted
         self.size = 0
         self.sha256 = ""
         self._hash = hashlib.sha256()
@@ -170,11 +169,7 @@ class TarWalk:
                 long_name = pax_size = None
                 if member.kind in ("hard link", "symlink", "character device", "block device"):
                     size = padding = 0  # these hold no data whatever the size field says
-                if (
-                    member.kind == "file"
-                    and size <= self.max_data_bytes
-                    and self.wanted(member.name)
-                ):
+                if member.kind == "file" and size <= self.wanted(member.name):
                     member.data = self._read(size)
                     self._skip(padding)
                 else:

@@ -2,7 +2,8 @@
 
 ``verify`` trusts nothing: it recomputes every hash, compares every index line with
 the tar headers, then reads and decodes every sample through DALI exactly as
-training will, and stops at the first fault, naming the shard and key.
+training will, and stops at the first fault, naming the shard and key. A label pointer
+(``shards.label_digits``) is checked against the ``.json`` field it stands for.
 ``inspect`` reads only the manifest and the small ``KEY.json`` members (in a folder of tars
 indexed in place, whose ``.json`` is their writer's, the head of each ``KEY.jpg`` for its size).
 """
@@ -29,6 +30,8 @@ from ...pipeline import shards
 from ...pipeline.scan import first_undecodable, scan_shards
 from ...pipeline.shards import ShardError
 from . import BuildError
+from .indextar import MAX_CLASS
+from .jsonlabel import find_label, parse_field
 
 __all__ = ["VerifyReport", "verify", "inspect", "format_inspection"]
 
@@ -52,7 +55,11 @@ class VerifyReport:
         )
 
 
-def _check_index_against_tar(tar: Path, idx: Path, samples: list, indexed: bool) -> None:
+def _check_index_against_tar(
+    tar: Path, idx: Path, samples: list, indexed: bool, pointer: bool = False
+) -> None:
+    """Every index line against the tar's members; with label ``pointer``s (a manifest with
+    ``label_key``) each sample's ``cls`` is the start of its ``.json`` member's data."""
     expected = [m for members in samples for m in members]
     try:
         with tarfile.open(tar, "r:") as archive:
@@ -66,13 +73,18 @@ def _check_index_against_tar(tar: Path, idx: Path, samples: list, indexed: bool)
         raise ShardError(
             f"{idx}: lists {len(expected)} files, the tar {tar.name} holds {len(found)}"
         )
-    for (_ext, offset, size, name), actual in zip(expected, found):
-        if (name, offset, size) != actual:
+    for (ext, offset, size, name), actual in zip(expected, found):
+        if pointer and ext == "cls":
+            fits = (name, offset) == actual[:2] and 0 < size <= actual[2] and name.endswith(".json")
+        else:
+            fits = (name, offset, size) == actual
+        if not fits:
             raise ShardError(
-                f"{tar}: key {name.split('.')[0]}: index says {name} at {offset} ({size} bytes), "
+                f"{tar}: key {name.split('.')[0]}: index says {name} at {offset} ({size} bytes"
+                f"{', a label pointer' if pointer and ext == 'cls' else ''}), "
                 f"the tar has {actual[0]} at {actual[1]} ({actual[2]} bytes)"
             )
-    needed = {"jpg"} if indexed else {"jpg", "json"}
+    needed = ({"jpg", "json", "cls"} if pointer else {"jpg"}) if indexed else {"jpg", "json"}
     for members in samples:
         if needed - {m[0] for m in members}:
             raise ShardError(
@@ -164,6 +176,20 @@ def _decoded(pairs, batch_size, num_threads, device_id):
         child.join()
 
 
+def _check_pointer(tar: Path, key: str, field: str, meta: bytes, label: bytes) -> None:
+    """That a label pointer's bytes (``label``, as DALI read them) end where the digits of field
+    ``field`` of the sample's ``.json`` (``meta``) end: the class is that field's value."""
+    found = find_label(meta, parse_field(field), MAX_CLASS)
+    if found.reason is not None:
+        raise ShardError(f"{tar}: key {key}: {key}.json: {found.reason}; stale index")
+    if not meta.startswith(label) or found.end != len(label):
+        raise ShardError(
+            f"{tar}: key {key}: the label pointer ends at byte {len(label)} of {key}.json "
+            f"({label[-20:]!r}), the digits of its field {field!r} ({found.value}) at byte "
+            f"{found.end}; stale index"
+        )
+
+
 def verify(
     folder: str | Path,
     *,
@@ -183,12 +209,13 @@ def verify(
         raise BuildError(f"--threads must be in 0..{MAX_THREADS}, got {num_threads}")
     started = time.monotonic()
     manifest, pairs = shards.discover(folder)
+    pointer = manifest.label_key is not None
     for entry, (tar, idx) in zip(manifest.shards, pairs):
         if sha256_of(tar) != entry.sha256:
             raise ShardError(f"{tar}: sha256 differs from the manifest; the shard is corrupt")
         if hashlib.sha256(idx.read_bytes()).hexdigest() != entry.index_sha256:
             raise ShardError(f"{idx}: sha256 differs from the manifest; the index is corrupt")
-        _check_index_against_tar(tar, idx, shards.read_index(idx), manifest.indexed)
+        _check_index_against_tar(tar, idx, shards.read_index(idx), manifest.indexed, pointer)
     keys = list(shards.iter_members(pairs, "jpg"))  # ordinal -> (tar, key, offset, size)
 
     classes = manifest.classes
@@ -225,14 +252,15 @@ def verify(
                     f"metadata says {size[0]}x{size[1]}x3"
                 )
             if classes:
-                try:
-                    index = int(label.decode())
-                    assert 0 <= index < len(classes)
-                except (ValueError, AssertionError, UnicodeDecodeError):
+                if pointer:
+                    _check_pointer(tar, key, manifest.label_key, metadata, label)
+                digits = shards.label_digits(label, pointer)
+                if not (0 < len(digits) <= 18 and int(digits) < len(classes)):
+                    shown = label[-20:] if pointer else label
                     raise ShardError(
-                        f"{tar}: key {key}: class {label!r} is not in 0..{len(classes) - 1}"
-                    ) from None
-                class_counts[classes[index]] += 1
+                        f"{tar}: key {key}: class {shown!r} is not in 0..{len(classes) - 1}"
+                    )
+                class_counts[classes[int(digits)]] += 1
             ordinal += 1
             bar.update(1)
     finally:

@@ -6,7 +6,9 @@ import hashlib
 import io
 import json
 import os
+import shutil
 import tarfile
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -19,6 +21,7 @@ from moco_dali.pipeline.recipes import v2
 from moco_dali.pipeline.shards import ShardError
 from moco_dali.tools.shards.cli import main
 from moco_dali.tools.shards.indextar import split_name
+from moco_dali.tools.shards.jsonlabel import MAX_JSON_BYTES
 from tests.conftest import baseline_jpeg, loader_config
 
 # What each odd sample of the first tar is rejected for (the reason's kind, as the manifest counts).
@@ -43,17 +46,23 @@ def png() -> bytes:
     return out.getvalue()
 
 
+def json_label(i: int) -> int:
+    """Sample i's class in its .json: unlike its .cls (i % 3), and of one or two digits."""
+    return i * 7 % 13
+
+
 def img2dataset_tar(path: Path, first: int, count: int, odd: bool = False, size: int = 32) -> list:
-    """A tar as img2dataset writes it (KEY.jpg, KEY.txt, KEY.json; a .cls for the label tests);
-    returns the keys a reader should find."""
+    """A tar as img2dataset writes it (KEY.jpg, KEY.txt, KEY.json; a .cls and the .json's
+    ``label`` and ``meta.label`` for the label tests); returns the keys a reader should find."""
     good = []
     with wds.TarWriter(str(path)) as writer:
         for i in range(first, first + count):
             key = f"{i:010d}"
+            meta = {"key": key, "caption": "x", "label": json_label(i), "status": "success"}
             sample = {
                 "__key__": key,
                 "txt": f"a photo number {i}",
-                "json": json.dumps({"key": key, "caption": "x", "status": "success"}).encode(),
+                "json": json.dumps({**meta, "meta": {"label": i % 2}}).encode(),
                 "cls": str(i % 3),
             }
             image = baseline_jpeg(size, size, seed=i)
@@ -187,6 +196,211 @@ def test_labels_come_from_the_cls_members(dump, tmp_path, capsys):
     assert manifest.classes == ["0", "1", "2"]
     assert manifest.data["class_counts"] == {"0": 4, "1": 4, "2": 4}
     assert read_keys(out, labels=True) == [(f"{i:010d}", i % 3) for i in range(12, 24)]
+
+
+def json_members(tar: Path) -> dict[str, dict]:
+    """Each sample's .json as a reference reads it: tarfile and json, not the indexer's walk."""
+    with tarfile.open(tar) as archive:
+        return {
+            m.name.split(".")[0]: json.loads(archive.extractfile(m).read())
+            for m in archive
+            if m.name.endswith(".json")
+        }
+
+
+def pointers(out: Path, number: int = 0) -> dict[str, bytes]:
+    """Key -> the bytes of the tar its label pointer (its line's last component) covers."""
+    manifest = shards.load_manifest(out)
+    tar, idx = shards.open_shard(manifest, manifest.entry(number))
+    raw = tar.read_bytes()
+    found = {}
+    for line in shards.read_index(idx):
+        ext, offset, size, name = line[-1]
+        assert (
+            ext == "cls"
+            and name.endswith(".json")
+            and ("json", offset) in {(m[0], m[1]) for m in line[:-1]}
+        )
+        assert not any(m[3].endswith(".cls") for m in line)  # the tar's own .cls is left out
+        found[name.split(".")[0]] = raw[offset : offset + size]
+    return found
+
+
+def test_labels_come_from_a_json_field_through_a_pointer_into_it(dump, tmp_path, capsys):
+    data, keys = dump
+    tars = [data / "00000.tar", data / "00001.tar"]
+    before = digest(data)
+    out = tmp_path / "json-labels"
+    argv = [*map(str, tars), "--out", str(out), "--label-key", "label"]
+    code, said, err = run(capsys, "index", *argv)
+    assert code == 0 and "24 samples found -> 19 indexed" in said, err
+    assert digest(data) == before
+    truth = {k: v["label"] for t in tars for k, v in json_members(t).items() if k in keys}
+    assert sorted(truth) == sorted(keys) and len(set(truth.values())) == 13
+    manifest = shards.load_manifest(out)
+    assert manifest.label_key == "label" and manifest.data["settings"]["labels"] == "json"
+    counts = Counter(truth.values())
+    assert manifest.data["class_counts"] == {str(c): counts[c] for c in range(13)}
+    # Each pointer covers its .json up to the end of the field's digits, nothing after them.
+    for number in (0, 1):
+        for key, covered in pointers(out, number).items():
+            assert covered.endswith(b'"label": %d' % truth[key]), key
+    # An elastic resume keeps a piece's lines by parsing and writing them again (pieces.py).
+    idx = out / "shard-000001.idx"
+    lines = idx.read_text().split("\n", 1)[1]
+    assert "".join(shards.index_line(s) for s in shards.read_index(idx)) == lines
+    assert read_keys(out, labels=True) == sorted(truth.items())
+    code, said, _ = run(capsys, "inspect", str(out), "--json")
+    assert code == 0 and json.loads(said)["classes"] == manifest.data["class_counts"]
+    code, said, err = run(capsys, "verify", str(out), "--no-progress")
+    assert code == 0 and said.startswith("moco-shards verify: OK: 2 shards, 19 samples"), err
+
+
+def test_a_dotted_label_key_reads_a_nested_field(dump, tmp_path, capsys):
+    data, _ = dump
+    out = tmp_path / "nested"
+    argv = [str(data / "00001.tar"), "--out", str(out), "--label-key", "meta.label"]
+    assert run(capsys, "index", *argv)[0] == 0
+    assert shards.load_manifest(out).data["class_counts"] == {"0": 6, "1": 6}
+    assert {k: shards.label_digits(v, True) for k, v in pointers(out).items()} == {
+        f"{i:010d}": b"%d" % (i % 2) for i in range(12, 24)
+    }
+
+
+def test_each_json_label_fault_is_rejected_with_its_reason(tmp_path, capsys):
+    jpeg = baseline_jpeg(16, 16)
+    jsons = {
+        # The field's name as a string value, in a nested object and quoted inside a caption,
+        # all before the field itself.
+        "k00": b'{"caption": "label", "meta": {"label": 98}, "text": "a \\"label\\": 99",'
+        b' "label": 12}',
+        "k01": None,
+        "k02": b'{"label": 3',
+        "k03": b'{"caption": "no label"}',
+        "k04": b'{"label": 3.0}',
+        "k05": b'{"label": -3}',
+        "k06": b'{"label": 1048576}',
+        "k07": b'{"label": true}',
+        "k08": b'{"label": "3"}',
+        "k09": b'{"label": 3, "label": 4}',
+        "k10": b'{"label": 1, "deep": ' + b"[" * 40 + b"]" * 40 + b"}",
+        "k11": b'{"label": 7}',  # beside a .cls that says 2
+        "k12": b'{"label": 5, "pad": "' + b"x" * MAX_JSON_BYTES + b'"}',
+    }
+    members = []
+    for key, meta in jsons.items():
+        members.append((f"{key}.jpg", None, jpeg))
+        members += [(f"{key}.cls", None, b"2")] if key == "k11" else []
+        members += [(f"{key}.json", None, meta)] if meta is not None else []
+    tar = tar_with(tmp_path / "labels.tar", members)
+    out = tmp_path / "out"
+    code, said, err = run(capsys, "index", str(tar), "--out", str(out), "--label-key", "label")
+    assert code == 0 and "13 samples found -> 2 indexed" in said, err
+    rejected = [json.loads(line) for line in (out / "rejected.jsonl").read_text().splitlines()]
+    reasons = {r["input"].rsplit(":", 1)[1]: r["reason"] for r in rejected}
+    assert {k: r.split(":")[0] for k, r in reasons.items()} == {
+        "k01": "no class",
+        "k02": "unreadable .json",
+        "k03": "no class",
+        "k04": "not a class index",
+        "k05": "not a class index",
+        "k06": "not a class index",
+        "k07": "not a class index",
+        "k08": "not a class index",
+        "k09": "class given twice",
+        "k10": "unreadable .json",
+        "k12": "too large",
+    }
+    assert reasons["k01"] == "no class: no .json member"
+    assert reasons["k03"] == "no class: .json has no field 'label'"
+    assert reasons["k04"] == (
+        "not a class index: .json field 'label' is 3.0, not a whole number in 0..1048575"
+    )
+    assert reasons["k09"] == "class given twice: .json has 2 fields 'label'"
+    assert reasons["k10"] == "unreadable .json: JSON nested deeper than 32 levels"
+    manifest = shards.load_manifest(out)
+    assert manifest.data["rejected_reasons"] == {
+        "class given twice": 1,
+        "no class": 2,
+        "not a class index": 5,
+        "too large": 1,
+        "unreadable .json": 2,
+    }
+    assert manifest.samples + manifest.data["rejected"] == manifest.data["inputs"] == 13
+    assert {k: shards.label_digits(v, True) for k, v in pointers(out).items()} == {
+        "k00": b"12",
+        "k11": b"7",
+    }
+    assert read_keys(out, labels=True) == [("k00", 12), ("k11", 7)]
+
+
+def test_parts_with_a_label_key_merge_into_the_index_of_one_run(dump, tmp_path, capsys):
+    data, _ = dump
+    tars = [str(data / "00000.tar"), str(data / "00001.tar")]
+    whole, parts = tmp_path / "whole", tmp_path / "parts"
+    assert run(capsys, "index", *tars, "--out", str(whole), "--label-key", "label")[0] == 0
+    for part in ("0", "1"):
+        argv = ["--out", str(parts), "--label-key", "label", "--num-parts", "2", "--part", part]
+        assert run(capsys, "index", *tars, *argv)[0] == 0
+    assert run(capsys, "merge", str(parts))[0] == 0
+    merged, one = shards.load_manifest(parts), shards.load_manifest(whole)
+    assert merged.label_key == "label" and merged.data["class_counts"] == one.data["class_counts"]
+    for number in (0, 1):  # the readers' checks take the pointers as such
+        tar, idx = shards.open_shard(merged, merged.entry(number))
+        assert idx.read_bytes() == (whole / f"shard-00000{number}.idx").read_bytes()
+
+
+def moved_digits(meta: bytes, end: int, value: int) -> bytes:
+    """``meta`` rewritten to as many bytes whose field ``label`` is ``value``, with the digits its
+    pointer ends in (its first ``end`` bytes) kept where they were, inside a string."""
+    head = b'{"label": %d, "c": "' % value
+    digits = shards.label_digits(meta[:end], True)
+    moved = head + b"x" * (end - len(digits) - len(head)) + digits + b'"'
+    moved += b" " * (len(meta) - len(moved) - 1) + b"}"
+    assert json.loads(moved)["label"] == value and moved[:end].endswith(digits)
+    return moved
+
+
+def test_readers_catch_a_json_changed_under_its_label_pointer(dump, tmp_path, capsys):
+    data, _ = dump
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    tar = copy / "00001.tar"
+    shutil.copyfile(data / "00001.tar", tar)
+    out = tmp_path / "out"
+    assert run(capsys, "index", str(tar), "--out", str(out), "--label-key", "label")[0] == 0
+    first, *_, last = shards.read_index(out / "shard-000000.idx")
+    _, offset, size, name = next(m for m in first if m[0] == "json")
+    end = first[-1][2]
+    raw = bytearray(tar.read_bytes())
+    meta = bytes(raw[offset : offset + size])
+    # A digit changed: the tar's sha256 says so.
+    raw[offset + end - 1] = ord("0") + (raw[offset + end - 1] - ord("0") + 1) % 10
+    tar.write_bytes(bytes(raw))
+    code, _, err = run(capsys, "verify", str(out), "--no-progress")
+    assert code == 1 and err.endswith("sha256 differs from the manifest; the shard is corrupt")
+    # The field now holds 0, the pointer's bytes still end in the old digits (so the class
+    # counts hold), and the manifest's digest is made to agree: only the pointer check is left.
+    raw[offset : offset + size] = moved_digits(meta, end, 0)
+    tar.write_bytes(bytes(raw))
+    manifest_path = out / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    manifest["shards"][0]["sha256"] = hashlib.sha256(raw).hexdigest()
+    manifest_path.write_text(json.dumps(manifest))
+    code, _, err = run(capsys, "verify", str(out), "--no-progress")
+    key = name.split(".")[0]
+    assert code == 1 and (
+        f"key {key}: the label pointer ends at byte {end} of {key}.json" in err
+    ), err
+    # A pointer running past its .json: readers refuse the shard before DALI opens it.
+    idx = out / "shard-000000.idx"
+    _, offset, size, name = next(m for m in last if m[0] == "json")
+    text = idx.read_text()
+    tail = f"cls {offset} {last[-1][2]} {name}\n"
+    assert text.endswith(tail)
+    idx.write_text(text[: -len(tail)] + f"cls {offset} {size + 1} {name}\n")
+    with pytest.raises(ShardError, match=f"the index says {name} \\({size + 1} bytes\\)"):
+        shards.open_shard(shards.load_manifest(out), shards.load_manifest(out).entry(0))
 
 
 def test_a_list_file_names_the_tars_and_parts_merge_into_one_folder(dump, tmp_path, capsys):
@@ -363,9 +577,13 @@ def test_bad_sources_and_options_end_in_one_line(dump, tmp_path, capsys):
         code, _, err = run(capsys, "index", *argv)
         assert code == 2 and err.startswith("moco-shards index: error: ") and message in err, err
         assert "\n" not in err
-    # A label that would have to be written into the tar is not offered (docs/shards.md says why).
-    code, _, err = run(capsys, "index", tar, "--out", out, "--label-key", "label")
-    assert code == 2 and "--label-key" in err
+    for argv, message in (
+        (["--labels", "cls", "--label-key", "label"], "--label-key takes the class from KEY.json"),
+        (["--label-key", "meta..label"], "--label-key 'meta..label': give a key, or keys joined"),
+    ):
+        code, _, err = run(capsys, "index", tar, "--out", out, *argv)
+        assert code == 2 and err.startswith(f"moco-shards index: error: {message}"), err
+        assert "\n" not in err
 
 
 def test_every_sample_rejected_exits_1_and_strict_any(dump, tmp_path, capsys):
@@ -502,11 +720,11 @@ def test_an_interrupted_index_resumes_after_the_tars_it_finished(tmp_path, capsy
             raise KeyboardInterrupt  # as a kill would stop it, inside a tar
         return real(tar, *args)
 
-    def interrupted(out: Path, stop_at: int) -> None:
+    def interrupted(out: Path, stop_at: int, **options) -> None:
         read.clear()
         monkeypatch.setattr(indexing, "index_tar", lambda *a: counting(*a, stop_at=stop_at))
         with pytest.raises(KeyboardInterrupt):
-            indexing.index(indexing.IndexCommand(sources=[str(listing)], out=str(out)))
+            indexing.index(indexing.IndexCommand(sources=[str(listing)], out=str(out), **options))
         monkeypatch.setattr(indexing, "index_tar", counting)
         read.clear()
         assert not (out / "manifest.json").exists()
@@ -531,7 +749,14 @@ def test_an_interrupted_index_resumes_after_the_tars_it_finished(tmp_path, capsy
         assert read == [t.name for t in tars[1 if how == "touched" else 2 :]], how
 
     # Other options index afresh: a resume never mixes two kinds of run.
-    out = tmp_path / "labelled"
-    interrupted(out, stop_at=3)
-    assert run(capsys, "index", str(listing), "--out", str(out), "--labels", "cls")[0] == 0
-    assert len(read) == 4
+    for number, (options, argv, again) in enumerate(
+        (
+            ({}, ["--labels", "cls"], 4),
+            ({"label_key": "label"}, ["--label-key", "meta.label"], 4),
+            ({"label_key": "label"}, ["--label-key", "label"], 2),
+        )
+    ):
+        out = tmp_path / f"options-{number}"
+        interrupted(out, stop_at=3, **options)
+        assert run(capsys, "index", str(listing), "--out", str(out), *argv)[0] == 0
+        assert len(read) == again, argv
