@@ -130,6 +130,12 @@ class ViewLoader:
             for r in range(self.world)
         ]
         poorest = int(np.argmin(shares))
+        if shares[poorest] >= self.config.batch_size:  # whole shares hold a batch; windows do not
+            raise ShardError(
+                f"{self.manifest.name}: a batch of {self.config.batch_size} is larger than a window "
+                f"of {self._per_window} shards (data.max_window_samples, data.max_window_shards, "
+                "data.cache_limit for a folder in the store): give windows more room"
+            )
         raise ShardError(
             f"{self.manifest.name}: a batch of {self.config.batch_size} is larger than rank {poorest}'s "
             f"share of {shares[poorest]} samples per epoch ({len(counts)} shards dealt whole to "
@@ -273,6 +279,11 @@ class ViewLoader:
         """Batches per epoch on this rank (the same on every rank and in every epoch with ``drop``)."""
         batches, steps = self._usual
         return steps if self._drop else int(batches.sum())
+
+    @property
+    def per_window(self) -> int:
+        """Shards a window holds (the last of an epoch may hold fewer)."""
+        return self._per_window
 
     @property
     def epoch_steps(self) -> int:

@@ -44,6 +44,11 @@ SAFE_TO_CHANGE = frozenset(
         "data.prefetch",
         "data.hw_decoder_load",
         "data.view_branches",  # the same views, made another way
+        # a folder in the store: where its cache lives and how many files it fetches at once;
+        # a cache limit that makes other windows is refused by the loader (the data position)
+        "data.cache_dir",
+        "data.cache_jobs",
+        "data.cache_limit",
     }
 )
 """Keys a resumed run may change (each change is logged). Every other key changes the state's

@@ -4,7 +4,8 @@ What is measured is the training tree, set as for ``moco-train`` (``--preset``, 
 ``--data.batch_size 256`` ...); how it is measured is ``BenchOptions``. Modes: ``pipeline``
 (view pairs/s, DALI against the torchvision loader), ``momentum`` (the update against the loop
 and the bandwidth floor), ``step`` and ``e2e`` (the training step on synthetic tensors, and end
-to end from shards), ``shards`` (the builder), ``index`` (index against build), ``views`` (each view operator's cost), ``scale``
+to end from shards), ``shards`` (the builder), ``index`` (index against build), ``store`` (reading
+from S3 through the cache against local disk), ``views`` (each view operator's cost), ``scale``
 and ``scale-build`` (start-up and the builder as the data grows), ``all`` (one record); modes
 are modules of their own, docs/benchmarks.md says what each measures. Exit: 0 the record is
 made; 1 ``all`` made it but a mode failed (its error is in the record); 2 a user mistake, in
@@ -25,6 +26,7 @@ import torch
 from ...common.commandline import Parser, add_flags, from_flags, parse_known
 from ...common.files import unwritable, write_json_atomic
 from ...common.options import OptionError
+from ...common.store import ObjectURL, StoreError
 from ...pipeline.shards import ShardError, discover
 from ...train.cli import add_tree_arguments, tree_from_arguments
 from ...train.config import Config, ConfigError, check_batch
@@ -41,6 +43,7 @@ from .scale import bench_scale, print_scale
 from .scale_build import bench_scale_build, print_scale_build
 from .shards import bench_shards, print_shards
 from .step import bench_e2e, bench_step, print_e2e, print_step
+from .store import bench_store, print_store
 from .views import bench_views, print_views
 
 __all__ = ["main"]
@@ -55,6 +58,7 @@ OPTIONS = {
     "e2e": COMMON + DATA,
     "shards": COMMON + ("synthetic", "photos", "build_workers"),
     "index": COMMON + ("synthetic", "photos", "growth"),
+    "store": COMMON + ("shards", "synthetic", "store", "bandwidth_mb_s", "latency_ms"),
     "scale": COMMON + ("root", "folders", "worlds", "pipeline_from"),
     "scale-build": COMMON + ("sizes", "parts", "kinds"),
     "all": COMMON + DATA + ("calls", "photos", "build_workers", "modes"),
@@ -68,6 +72,7 @@ HELP = {
     "e2e": "shards through the pipeline into the step",
     "shards": "moco-shards build vs PIL + webdataset.ShardWriter",
     "index": "moco-shards index vs build on the same img2dataset-shaped tars",
+    "store": "view pairs/s from S3 through the cache vs from local disk",
     "scale": "per-rank start-up and memory as the data grows",
     "scale-build": "shard builder memory and time per part as the source grows",
     "all": "every mode, one record",
@@ -80,6 +85,7 @@ PRINT = {
     "e2e": print_e2e,
     "shards": print_shards,
     "index": print_index,
+    "store": print_store,
     "scale": print_scale,
     "scale-build": print_scale_build,
 }
@@ -168,6 +174,11 @@ def _check(mode: str, options: BenchOptions, trees: dict[str, Config], gpu: bool
             raise OptionError(f"--photos {options.photos}: no such folder")
         if next(options.photos.glob("*.jpg"), None) is None:
             raise OptionError(f"--photos {options.photos}: no *.jpg files to build shards from")
+    if mode == "store" and options.store is not None:
+        try:
+            ObjectURL.parse(options.store)
+        except StoreError as exc:
+            raise OptionError(f"--store {exc}") from None
     if options.build_workers:
         _counts("--build-workers", options.build_workers)
     if options.growth:
@@ -229,6 +240,7 @@ def _run(mode: str, measure: Measure) -> dict:
         "scale-build": bench_scale_build,
         "shards": _shards,
         "index": _index,
+        "store": bench_store,
     }
     return runs[mode](measure)
 

@@ -74,6 +74,13 @@ class BenchOptions:
     growth: Optional[str] = option(None, metavar="N,...")
     """index: also index's peak memory at these sample counts (e.g. 1e4,1e5,1e6: tiny JPEGs,
     1,000 to a tar)."""
+    store: Optional[str] = option(None, metavar="URL")
+    """store: s3://bucket/prefix holding a push of --shards (default: a local endpoint with the
+    link below, moto in a process of its own)."""
+    bandwidth_mb_s: float = 100.0
+    """store: the local endpoint's bandwidth for this rank, all its connections together."""
+    latency_ms: float = 50.0
+    """store: the local endpoint's wait before each GET's first byte."""
     root: Optional[Path] = None
     """scale: where to write the folders (default: a temporary folder)."""
     folders: Optional[str] = option(None, metavar="N:S,...")
@@ -94,6 +101,10 @@ class BenchOptions:
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ValueError(f"--{name} must be at least 1, got {value}")
+        if not 0 < self.bandwidth_mb_s <= 1e6:
+            raise ValueError(f"--bandwidth-mb-s must be in (0, 1e6], got {self.bandwidth_mb_s}")
+        if not 0 <= self.latency_ms <= 60_000:
+            raise ValueError(f"--latency-ms must be in [0, 60000], got {self.latency_ms}")
         if self.window_s is not None and not 0 < self.window_s <= 600:
             raise ValueError(f"--window-s must be in (0, 600] seconds, got {self.window_s}")
 
@@ -127,11 +138,11 @@ def mode_defaults(mode: str, gpu: bool) -> dict[str, Any]:
     over float16 views as on a GPU; the scale mode's ranks take batches of 64 on two threads.
     """
     keys: dict[str, Any] = {}
-    if mode in ("pipeline", "views"):
+    if mode in ("pipeline", "views", "store"):
         keys["data.dtype"] = "float16"
     if mode == "scale":
         return {"data.batch_size": 64, "data.threads": 2}
-    if not gpu and mode in ("pipeline", "views", "step", "e2e"):
+    if not gpu and mode in ("pipeline", "views", "step", "e2e", "store"):
         keys.update(
             {
                 "data.batch_size": 16,

@@ -122,6 +122,11 @@ class _Index(_Mode, tag="index"):
     results: _IndexResults
 
 
+class _Store(_Mode, tag="store"):
+    local: _PairsPerS
+    store: _PairsPerS
+
+
 class _Predicted(Struct):
     first_batch_s: Figure
     peak_rss_GB: Figure
@@ -164,7 +169,9 @@ class _ScaleBuild(_Mode, tag="scale-build"):
                 _having(self.fits, "fits", name.replace("/streaming/", "/whole-listing/"))
 
 
-_ONE_MODE = Union[_Pipeline, _Views, _Momentum, _Step, _E2e, _Shards, _Index, _Scale, _ScaleBuild]
+_ONE_MODE = Union[
+    _Pipeline, _Views, _Momentum, _Step, _E2e, _Shards, _Index, _Store, _Scale, _ScaleBuild
+]
 
 
 class _All(_Mode, tag="all"):
@@ -313,6 +320,16 @@ def headline(record: dict) -> list[dict]:
                 }
             )
         return rows
+    if mode == "store":  # the same windows read from the store and from local disk
+        return [
+            {
+                "figure": "view pairs/s from the store through the cache",
+                "ours": record["store"]["pairs_per_s"],
+                "reference": record["local"]["pairs_per_s"],
+                "higher_is_better": True,
+                "labels": ["store", "local disk"],
+            }
+        ]
     if mode == "scale":  # the fitted extrapolation to the target, beside the goal
         ex = record["extrapolation"]
         predicted, goals, target = ex["predicted"], ex["goals"], ex["target"]
