@@ -13,6 +13,7 @@ counts at its bound, ``index_bound``). Local folders pass through ``load_manifes
 from __future__ import annotations
 
 import concurrent.futures
+import os
 import tempfile
 import threading
 import time
@@ -88,6 +89,15 @@ def shards_per_window(manifest: Manifest, read: ReadConfig) -> int:
     return min(per, read.cache_limit // 2 // largest)
 
 
+def _background() -> None:
+    """A fetching thread yields the CPU to the pipeline's (Linux schedules threads by their own
+    niceness): fetches run one window ahead, so they have the time; decoding has none to spare."""
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)
+    except (AttributeError, OSError):  # not Linux, or not allowed: the default priority
+        pass
+
+
 @dataclass
 class _Held:
     """A shard in the cache, or on its way: its files, reserved bytes and fetch."""
@@ -122,7 +132,7 @@ class ShardCache:
         self._store = store or Store()
         self._dir = tempfile.TemporaryDirectory(prefix="moco-cache-", dir=read.cache_dir or None)
         self._pool = concurrent.futures.ThreadPoolExecutor(
-            read.cache_jobs, thread_name_prefix="moco-cache"
+            read.cache_jobs, thread_name_prefix="moco-cache", initializer=_background
         )
         self._held: dict[int, _Held] = {}
         self._evicting: list[_Held] = []  # evicted while their fetch ran: their bytes come back
