@@ -19,7 +19,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Optional
+from typing import Iterable, Iterator, Optional
 
 import numpy as np
 
@@ -27,9 +27,16 @@ from ..common.store import ObjectURL, Store, StoreError, is_url
 from . import partition, shards
 from .config import ReadConfig
 from .schema import MAX_MANIFEST_BYTES
-from .shards import Manifest, ShardError
+from .shards import Manifest, ShardEntry, ShardError
 
-__all__ = ["load_manifest", "shards_per_window", "index_bound", "ShardCache", "is_url"]
+__all__ = [
+    "load_manifest",
+    "shards_per_window",
+    "shard_groups",
+    "index_bound",
+    "ShardCache",
+    "is_url",
+]
 
 
 def index_bound(samples: int) -> int:
@@ -96,6 +103,35 @@ def _background() -> None:
         os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)
     except (AttributeError, OSError):  # not Linux, or not allowed: the default priority
         pass
+
+
+def shard_groups(
+    folder: str, read: Optional[ReadConfig] = None
+) -> Iterator[tuple[Manifest, list[ShardEntry], list[tuple[Path, Path]]]]:
+    """Every shard of a folder with its files, each checked as ``shards.discover`` checks it
+    (every index line parsed): all at once from a local folder, a window at a time from one in
+    the store, through a cache that holds one window (nothing is fetched while a group is in
+    use, so a caller may fork)."""
+    if not is_url(folder):
+        manifest, pairs = shards.discover(folder)
+        yield manifest, manifest.shards, pairs
+        return
+    read = read or ReadConfig()
+    manifest = load_manifest(folder)
+    per = max(1, shards_per_window(manifest, read) * 2)  # one window in use, none fetched
+    fetched = ShardCache(manifest, read)
+    try:
+        for start in range(0, len(manifest.counts), per):
+            window = list(range(start, min(start + per, len(manifest.counts))))
+            entries = [manifest.entry(i) for i in window]
+            pairs = fetched.pairs(window)
+            yield (
+                manifest,
+                entries,
+                [shards.check_whole(manifest, e, p) for e, p in zip(entries, pairs)],
+            )
+    finally:
+        fetched.close()
 
 
 @dataclass

@@ -47,6 +47,7 @@ __all__ = [
     "TAR_BLOCK",
     "TAR_END",
     "open_shard",
+    "check_whole",
     "discover",
 ]
 
@@ -410,6 +411,18 @@ def open_shard(
     return tar, idx
 
 
+def check_whole(
+    manifest: Manifest, entry: ShardEntry, files: tuple[Path, Path]
+) -> tuple[Path, Path]:
+    """``files`` (an opened shard's tar and index) once every line of the index is parsed and
+    the index fits its tar: ``discover``'s check of each shard."""
+    tar, idx = files
+    samples = read_index(idx)
+    if len(samples) != entry.samples or not index_fits_tar(samples, entry.bytes, manifest.indexed):
+        raise ShardError(f"{idx}: stale index, it does not match its shard {entry.tar}")
+    return tar, idx
+
+
 def discover(folder: str | os.PathLike) -> tuple[Manifest, list[tuple[Path, Path]]]:
     """The manifest of a shard folder and every shard's ``(tar, index)``, in manifest order, all checked.
 
@@ -423,15 +436,7 @@ def discover(folder: str | os.PathLike) -> tuple[Manifest, list[tuple[Path, Path
         ShardError: naming the folder or shard at fault.
     """
     manifest = load_manifest(folder)
-    pairs = []
-    for entry in manifest.shards:
-        tar, idx = open_shard(manifest, entry)
-        samples = read_index(idx)
-        if len(samples) != entry.samples or not index_fits_tar(
-            samples, entry.bytes, manifest.indexed
-        ):
-            raise ShardError(f"{idx}: stale index, it does not match its shard {entry.tar}")
-        pairs.append((tar, idx))
+    pairs = [check_whole(manifest, entry, open_shard(manifest, entry)) for entry in manifest.shards]
     if not pairs:
         raise ShardError(f"{Path(folder)}: the manifest lists no shards")
     return manifest, pairs

@@ -18,7 +18,7 @@ import os
 import statistics
 import tarfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
@@ -26,7 +26,7 @@ import simplejpeg
 from tqdm import tqdm
 
 from ...common.files import sha256_of
-from ...pipeline import shards
+from ...pipeline import cache, shards
 from ...pipeline.scan import first_undecodable, scan_shards
 from ...pipeline.shards import ShardError
 from . import BuildError
@@ -208,23 +208,59 @@ def verify(
     if num_threads is not None and not 1 <= num_threads <= MAX_THREADS:
         raise BuildError(f"--threads must be in 0..{MAX_THREADS}, got {num_threads}")
     started = time.monotonic()
-    manifest, pairs = shards.discover(folder)
+    seen = _Seen()
+    bar = None
+    try:  # a folder in the store a window at a time (pipeline.cache), a local one at once
+        for manifest, entries, pairs in cache.shard_groups(str(folder)):
+            if bar is None:
+                bar = tqdm(
+                    total=manifest.samples,
+                    unit="img",
+                    desc="verify",
+                    disable=not progress or None,
+                    dynamic_ncols=True,
+                )
+            _verify_group(manifest, entries, pairs, seen, bar, batch_size, num_threads, device_id)
+    finally:
+        if bar is not None:
+            bar.close()
+    if seen.samples != manifest.samples:
+        raise ShardError(
+            f"{manifest.name}: DALI read {seen.samples} samples, the manifest says {manifest.samples}"
+        )
+    if manifest.classes and dict(seen.classes) != {
+        k: v for k, v in manifest.data["class_counts"].items() if v
+    }:
+        raise ShardError(f"{manifest.name}: per-class counts differ from the manifest")
+    return VerifyReport(
+        seen.shards, seen.samples, sum(e.bytes for e in manifest.shards), time.monotonic() - started
+    )
+
+
+@dataclass
+class _Seen:
+    """What verify has read so far: shards, samples, samples per class."""
+
+    shards: int = 0
+    samples: int = 0
+    classes: collections.Counter = field(default_factory=collections.Counter)
+
+
+def _verify_group(
+    manifest, entries, pairs, seen: _Seen, bar, batch_size, num_threads, device_id
+) -> None:
+    """Every check of ``verify`` on one group of shards (``pairs``, with their ``entries``)."""
     pointer = manifest.label_key is not None
-    for entry, (tar, idx) in zip(manifest.shards, pairs):
+    for entry, (tar, idx) in zip(entries, pairs):
         if sha256_of(tar) != entry.sha256:
             raise ShardError(f"{tar}: sha256 differs from the manifest; the shard is corrupt")
         if hashlib.sha256(idx.read_bytes()).hexdigest() != entry.index_sha256:
             raise ShardError(f"{idx}: sha256 differs from the manifest; the index is corrupt")
         _check_index_against_tar(tar, idx, shards.read_index(idx), manifest.indexed, pointer)
     keys = list(shards.iter_members(pairs, "jpg"))  # ordinal -> (tar, key, offset, size)
-
     classes = manifest.classes
-    class_counts = collections.Counter()
     ordinal = 0
     walk = _decoded(pairs, batch_size, num_threads, device_id)
-    bar = tqdm(
-        total=len(keys), unit="img", desc="verify", disable=not progress or None, dynamic_ncols=True
-    )
     try:
         while True:
             try:
@@ -234,7 +270,7 @@ def verify(
                 break
             if ordinal >= len(keys):
                 raise ShardError(
-                    f"{manifest.root}: DALI read more samples than the indexes list ({len(keys)})"
+                    f"{manifest.name}: DALI read more samples than the indexes list ({len(keys)})"
                 )
             tar, key = keys[ordinal][:2]
             try:
@@ -260,27 +296,17 @@ def verify(
                     raise ShardError(
                         f"{tar}: key {key}: class {shown!r} is not in 0..{len(classes) - 1}"
                     )
-                class_counts[classes[int(digits)]] += 1
+                seen.classes[classes[int(digits)]] += 1
             ordinal += 1
             bar.update(1)
     finally:
         walk.close()
-        bar.close()
     if failure is not None:
         located = first_undecodable(keys[ordinal:])
-        where = keys[min(ordinal, len(keys) - 1)][0] if keys else manifest.root
+        where = keys[min(ordinal, len(keys) - 1)][0] if keys else manifest.name
         raise ShardError(located or f"{where}: {failure} near sample {ordinal}")
-    if ordinal != manifest.samples:
-        raise ShardError(
-            f"{manifest.root}: DALI read {ordinal} samples, the manifest says {manifest.samples}"
-        )
-    if classes and dict(class_counts) != {
-        k: v for k, v in manifest.data["class_counts"].items() if v
-    }:
-        raise ShardError(f"{manifest.root}: per-class counts differ from the manifest")
-    return VerifyReport(
-        len(pairs), ordinal, sum(e.bytes for e in manifest.shards), time.monotonic() - started
-    )
+    seen.shards += len(pairs)
+    seen.samples += ordinal
 
 
 def inspect(folder: str | Path) -> dict:

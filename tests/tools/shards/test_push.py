@@ -7,7 +7,8 @@ import json
 import re
 
 from moco_dali.common.store import ObjectURL, Store, StoreError
-from moco_dali.pipeline import shards
+from moco_dali.pipeline import cache, shards
+from moco_dali.pipeline.config import ReadConfig
 from moco_dali.tools.shards.build import build
 from moco_dali.tools.shards.cli import main
 from moco_dali.tools.shards.settings import BuildSettings
@@ -236,3 +237,25 @@ def test_pull_fetches_a_pushed_folder_checked_and_resumes(
     code, _, err = _run(capsys, "pull", url, str(tmp_path / "other"))
     assert code == 2 and err.startswith(f"moco-shards pull: error: {url}/") and "damaged" in err
     assert not (tmp_path / "other" / "manifest.json").exists()
+
+
+def test_verify_reads_a_folder_in_the_store_a_window_at_a_time(s3, labelled_dump, tmp_path, capsys):
+    bucket, faults = s3
+    out = _built(labelled_dump, tmp_path)
+    url = f"s3://{bucket}/ds"
+    assert _run(capsys, "push", str(out), url)[0] == 0
+    local = _run(capsys, "verify", str(out), "--no-progress")
+    code, said, err = _run(capsys, "verify", url, "--no-progress")
+    assert code == 0, err
+    assert said.split(" verified")[0] == local[1].split(" verified")[0]  # shards, samples, MB
+    # A cache of two shards: groups of two (no fetch runs beside one), every shard once, in order.
+    manifest = shards.load_manifest(out)
+    largest = max(e.bytes + cache.index_bound(e.samples) for e in manifest.shards)
+    groups = list(cache.shard_groups(url, ReadConfig(cache_limit=2 * largest)))
+    assert [len(g[1]) for g in groups] == [2, 2] and len(manifest.counts) == 4
+    assert [e.tar for g in groups for e in g[1]] == [e.tar for e in manifest.shards]
+    code, _, err = _run(capsys, "inspect", url)
+    assert code == 2 and "pull it first" in err and "\n" not in err
+    faults.corrupt = True  # what the store holds is not the manifest's: the check fails by name
+    code, _, err = _run(capsys, "verify", url, "--no-progress")
+    assert code == 1 and err.startswith(f"moco-shards verify: FAILED: {url}/") and "match" in err
