@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -52,6 +51,16 @@ def _manifest(folder: Path, shards: int) -> None:
     write_json_atomic(out / fmt.MANIFEST_NAME, data)
 
 
+def _status_MB(field: str) -> float:
+    """A /proc/self/status figure in MB: VmHWM is this program's peak since its exec (getrusage's
+    maxrss keeps the forking parent's, which here holds a whole manifest)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
 def _child(where: str) -> dict:
     """One rank's start: the manifest read and checked, its windows and the epoch's deal."""
     import numpy as np  # noqa: F401  (imports are not the start-up being measured)
@@ -60,7 +69,7 @@ def _child(where: str) -> dict:
     from moco_dali.pipeline.config import ReadConfig
 
     read = ReadConfig()
-    baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    baseline = _status_MB("VmRSS")
     started = time.perf_counter()
     manifest = cache.load_manifest(where)
     loaded = time.perf_counter()
@@ -74,7 +83,7 @@ def _child(where: str) -> dict:
     return {
         "manifest_s": loaded - started,
         "startup_s": dealt - started,
-        "peak_rss_MB": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "peak_rss_MB": _status_MB("VmHWM"),
         "baseline_rss_MB": baseline,
         "shards_per_window": per_window,
         "first_window_bytes": sum(e.bytes for e in first_window),
