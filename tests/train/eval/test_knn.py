@@ -279,3 +279,18 @@ def test_moco_eval_knn_names_a_damaged_sample_and_exits_2(
     assert len(lines) == 1 and lines[0].startswith(
         f"moco-eval: error: {tar}: key {key}: {message}"
     ), lines
+
+
+def test_the_knn_monitor_reads_folders_in_the_store_as_local_ones(colour_shards, s3):
+    from moco_dali.tools.shards.cli import main as shards_main
+    from moco_dali.train.eval.knn import config_knn
+
+    bucket, faults = s3
+    for split in ("train", "val"):
+        assert shards_main(["push", str(colour_shards / split), f"s3://{bucket}/{split}"]) == 0
+    config, encoder = _tiny(colour_shards)
+    local = config_knn(encoder, config, torch.device("cpu"), None)
+    config.data.knn_train, config.data.knn_val = f"s3://{bucket}/train", f"s3://{bucket}/val"
+    faults.log.clear()
+    assert config_knn(encoder, config, torch.device("cpu"), None) == local
+    assert {p for m, p in faults.log if m == "GET" and p.endswith(".tar")}  # read from the store
