@@ -56,9 +56,11 @@ def extract_features(
     threads: int = 0,
     rank: int = 0,
     world: int = 1,
+    read: Optional[ReadConfig] = None,
 ) -> tuple[torch.Tensor, torch.Tensor, int]:
     """Normalised backbone features (n, D) float32 and labels (n,) of rank ``rank``'s share of a labelled
-    folder (all of it with ``world`` 1), and the folder's class count."""
+    folder (all of it with ``world`` 1), and the folder's class count; ``read`` (a run's reading
+    settings, its cache's for a folder in the store) replaces ``threads``."""
     loader = ViewLoader(
         folder,
         eval_cfg,
@@ -67,7 +69,7 @@ def extract_features(
             dtype="float32",
             shuffle=False,
             last_batch="partial",
-            read=ReadConfig(threads=threads),
+            read=read or ReadConfig(threads=threads),
         ),
         rank=rank,
         world=world,
@@ -185,7 +187,7 @@ def config_knn(
         device=device,
         channels_last=config.run.channels_last,
         amp_dtype=amp_dtype,
-        threads=d.read.threads,
+        read=d.read,
         rank=rank,
         world=world,
     )
