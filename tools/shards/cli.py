@@ -268,11 +268,8 @@ def _run(command: str, cmd, args: argparse.Namespace) -> int:
     if command == "pull":
         print(f"moco-shards pull: {pull(cmd).summary()}")
         return 0
-    if is_url(cmd.folder) and command != "verify":
-        raise BuildError(
-            f"{cmd.folder}: moco-shards {command} reads a local folder; "
-            f"moco-shards pull it first (verify reads the store)"
-        )
+    if is_url(cmd.folder) and command == "push":
+        raise BuildError(f"{cmd.folder}: moco-shards push sends a local folder")
     if not is_url(cmd.folder) and not Path(cmd.folder).is_dir():
         raise BuildError(f"{cmd.folder}: no such folder")
     if command == "push":

@@ -72,7 +72,7 @@ def preview(
             over ``MAX_GRID_PIXELS``, or an ``out`` that cannot be written (before any work).
         ShardError: ``folder`` is not a sound shard folder.
     """
-    folder, out = Path(folder), Path(out)
+    folder, out = str(folder), Path(out)  # a path, or the store's s3:// address as given
     recipe = recipe or v2()
     if count < 1:
         raise BuildError(f"--count must be at least 1, got {count}")
@@ -104,7 +104,7 @@ def preview(
 
 
 def _draw(
-    folder: Path,
+    folder: str,
     out: Path,
     recipe: AugmentConfig,
     count: int,

@@ -309,10 +309,8 @@ def _verify_group(
     seen.samples += ordinal
 
 
-def inspect(folder: str | Path) -> dict:
-    """Summary of a shard folder: counts, bytes, classes, rejections and resolutions."""
-    manifest, pairs = shards.discover(folder)
-    widths, heights, sizes = [], [], collections.Counter()
+def _sizes(manifest, pairs, widths: list, heights: list, sizes: collections.Counter) -> None:
+    """Each sample's stored size, from its ``.json`` (an indexed tar's: its JPEG header)."""
     for tar, key, offset, size in shards.iter_members(pairs, "jpg" if manifest.indexed else "json"):
         try:
             if manifest.indexed:  # an indexed tar's .json is its writer's: the JPEG header says
@@ -328,6 +326,15 @@ def inspect(folder: str | Path) -> dict:
         widths.append(w)
         heights.append(h)
         sizes[(w, h)] += 1
+
+
+def inspect(folder: str | Path) -> dict:
+    """Summary of a shard folder: counts, bytes, classes, rejections and resolutions."""
+    widths, heights, sizes = [], [], collections.Counter()
+    count = 0
+    for manifest, _, pairs in cache.shard_groups(str(folder)):  # the store's a group at a time
+        count += len(pairs)
+        _sizes(manifest, pairs, widths, heights, sizes)
     rejected = manifest.data["rejected"]
     if isinstance(rejected, list):  # a version 1 manifest listed every rejected input
         reasons = collections.Counter(r["reason"].split(":")[0] for r in rejected)
@@ -343,16 +350,16 @@ def inspect(folder: str | Path) -> dict:
         )
 
     return {
-        "folder": str(manifest.root),
+        "folder": manifest.name,
         "name": manifest.data["name"],
         "samples": manifest.samples,
         "inputs": manifest.data["inputs"],
-        "shards": len(pairs),
+        "shards": count,
         "bytes": sum(e.bytes for e in manifest.shards),
         "copied": manifest.data["copied"],
         "reencoded": manifest.data["reencoded"],
         "rejected": rejected,
-        "rejected_file": str(manifest.root / manifest.data["rejected_file"])
+        "rejected_file": f"{manifest.name}/{manifest.data['rejected_file']}"
         if "rejected_file" in manifest.data
         else None,
         "rejected_reasons": dict(reasons.most_common()),

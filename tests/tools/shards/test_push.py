@@ -239,7 +239,7 @@ def test_pull_fetches_a_pushed_folder_checked_and_resumes(
     assert not (tmp_path / "other" / "manifest.json").exists()
 
 
-def test_verify_reads_a_folder_in_the_store_a_window_at_a_time(s3, labelled_dump, tmp_path, capsys):
+def test_verify_inspect_and_preview_read_a_folder_in_the_store(s3, labelled_dump, tmp_path, capsys):
     bucket, faults = s3
     out = _built(labelled_dump, tmp_path)
     url = f"s3://{bucket}/ds"
@@ -254,8 +254,16 @@ def test_verify_reads_a_folder_in_the_store_a_window_at_a_time(s3, labelled_dump
     groups = list(cache.shard_groups(url, ReadConfig(cache_limit=2 * largest)))
     assert [len(g[1]) for g in groups] == [2, 2] and len(manifest.counts) == 4
     assert [e.tar for g in groups for e in g[1]] == [e.tar for e in manifest.shards]
-    code, _, err = _run(capsys, "inspect", url)
-    assert code == 2 and "pull it first" in err and "\n" not in err
+    # inspect and preview read the store as they read a folder
+    code, said, err = _run(capsys, "inspect", url, "--json")
+    assert code == 0, err
+    local_info = json.loads(_run(capsys, "inspect", str(out), "--json")[1])
+    info = json.loads(said)
+    assert info.pop("folder") == url and info.pop("rejected_file") == f"{url}/rejected.jsonl"
+    assert info == {k: v for k, v in local_info.items() if k not in ("folder", "rejected_file")}
+    png = tmp_path / "views.png"
+    argv = ["preview", url, "--out", str(png), "--count", "2", "--data.views.size", "16"]
+    assert _run(capsys, *argv)[0] == 0 and png.read_bytes()[:4] == b"\x89PNG"
     faults.corrupt = True  # what the store holds is not the manifest's: the check fails by name
     code, _, err = _run(capsys, "verify", url, "--no-progress")
     assert code == 1 and err.startswith(f"moco-shards verify: FAILED: {url}/") and "match" in err
