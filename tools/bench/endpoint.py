@@ -11,7 +11,6 @@ development dependency: ``pip install 'moco-dali[dev]'``.
 
 from __future__ import annotations
 
-import argparse
 import http.client
 import http.server
 import logging
@@ -209,14 +208,11 @@ class Endpoint:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    """Serve an endpoint until stdin closes; its URL is the first line written to stdout."""
-    parser = argparse.ArgumentParser(prog="python -m moco_dali.tools.bench.endpoint")
-    parser.add_argument("--bandwidth-mb-s", type=float, default=0.0)
-    parser.add_argument("--latency-ms", type=float, default=0.0)
-    args = parser.parse_args(argv)
+    """``BANDWIDTH_MB_S LATENCY_MS``: serve an endpoint until stdin closes; its URL is the first
+    line written to stdout. Not a command: ``moco-bench store`` starts it, its options checked."""
+    bandwidth_mb_s, latency_ms = (float(v) for v in (sys.argv[1:] if argv is None else argv))
     server, upstream = start_moto()
-    rate = args.bandwidth_mb_s * 1e6 or None
-    endpoint = Endpoint(upstream, Link(rate, args.latency_ms / 1e3))
+    endpoint = Endpoint(upstream, Link(bandwidth_mb_s * 1e6 or None, latency_ms / 1e3))
     print(endpoint.url, flush=True)
     sys.stdin.read()  # the parent's end: it closes our stdin, or exits
     endpoint.close()
