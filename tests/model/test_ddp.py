@@ -13,6 +13,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from moco_dali.model.moco import MoCo
 from moco_dali.model.shuffle_bn import batch_shuffle_ddp, batch_unshuffle_ddp, gather
+from tests.conftest import forked_ranks
 from tests.model.tiny import TinyEncoder
 
 
@@ -97,19 +98,9 @@ def _worker(
 
 
 def _spawn(world: int, *args) -> None:
-    # Each rank a process of its own, forked from a forkserver: a fresh interpreter that has
-    # imported this module (torch, torchvision) once and started no thread. Spawned ranks
-    # imported them each, 5-10 s apiece on two cores, seven times over.
-    context = mp.get_context("forkserver")
-    context.set_forkserver_preload([__name__])
-    failures = context.SimpleQueue()
+    failures = mp.get_context("forkserver").SimpleQueue()  # the ranks' context (forked_ranks)
     try:
-        mp.start_processes(
-            _worker,
-            args=(world, args[0], args[1], failures, *args[2:]),
-            nprocs=world,
-            start_method="forkserver",
-        )
+        forked_ranks(_worker, (world, args[0], args[1], failures, *args[2:]), world)
     except Exception:
         messages = []
         while not failures.empty():
