@@ -6,7 +6,6 @@ import errno
 import fcntl
 import io
 import json
-import logging
 import os
 import resource
 import subprocess
@@ -20,28 +19,15 @@ from moco_dali.pipeline import shards
 from moco_dali.pipeline.scan import scan_shards
 from moco_dali.tools.shards import BuildError
 from moco_dali.tools.shards.build import build
-from moco_dali.tools.shards.cli import main as shards_main
 from moco_dali.tools.shards.settings import BuildSettings
 from tests.conftest import baseline_jpeg, broken_inputs, write_files
-from tests.tools.shards.test_build import REPO, folder_bytes, rejected_lines, run_cli
+from tests.tools.shards.test_build import REPO, folder_bytes, rejected_lines, run_cli, run_here
 
 
 def one_line(result: subprocess.CompletedProcess) -> str:
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1, result.stderr
     return lines[0]
-
-
-def preview_here(capfd, caplog, *args: str) -> subprocess.CompletedProcess:
-    """``moco-shards preview`` run in this process, with what the command would print: exit code,
-    stdout, stderr (its log lines included). As a command it loads torch and DALI before it
-    reads its arguments, some 4 s for each refusal."""
-    caplog.clear()
-    with caplog.at_level(logging.INFO):
-        code = shards_main(["preview", *args])
-    out, err = capfd.readouterr()
-    err += "".join(f"moco-shards: {record.getMessage()}\n" for record in caplog.records)
-    return subprocess.CompletedProcess(["moco-shards", "preview", *args], code, out, err)
 
 
 def stored_sources(folder: Path) -> list[str]:
@@ -298,7 +284,9 @@ def test_verify_a_bad_tar_header_merge_a_broken_part_and_preview_bad_values_end_
         (["--out", str(tar / "p.png")], "is a file, not a folder"),
     ):
         # The last --out counts. In this process: nothing here is large enough to allocate.
-        result = preview_here(capfd, caplog, str(out), "--out", str(tmp_path / "p.png"), *flags)
+        result = run_here(
+            capfd, caplog, "preview", str(out), "--out", str(tmp_path / "p.png"), *flags
+        )
         assert result.returncode == 2 and message in one_line(result), flags
 
 
@@ -416,7 +404,7 @@ def test_merge_refuses_part_manifests_with_lists_or_strings_for_numbers(tmp_path
 
 def test_sizes_nobody_bounded_are_refused_in_one_line(tmp_path, labelled_dump):
     """The old variants: preview and verify set out to allocate what was asked; --max-bytes
-    with 400 digits ended in OverflowError. Commands, not ``preview_here``: an allocation of
+    with 400 digits ended in OverflowError. Commands, not ``run_here``: an allocation of
     what is asked here would end this process, not a test."""
     out = tmp_path / "out"
     build([str(labelled_dump)], out, BuildSettings(max_count=8), workers=0, progress=False)
