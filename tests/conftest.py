@@ -85,6 +85,17 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def forked_ranks(fn, args: tuple, nprocs: int) -> None:
+    """``torch.multiprocessing.spawn(fn, args, nprocs)``: ``fn(rank, *args)`` in a process of its
+    own for each rank, a rank's exception raised here. The ranks are forked from one forkserver
+    for the session, a fresh interpreter that has loaded torch and torchvision and started no
+    thread, not spawned: a spawned rank spends 5-10 s importing them on two cores."""
+    import torch.multiprocessing as mp
+
+    mp.get_context("forkserver").set_forkserver_preload(["moco_dali.model.moco"])
+    mp.start_processes(fn, args=args, nprocs=nprocs, start_method="forkserver")
+
+
 def photo_like(width: int, height: int, seed: int = 0) -> np.ndarray:
     """A smooth, textured RGB image (decodes like a photo, unlike noise)."""
     rng = np.random.default_rng(seed)

@@ -13,6 +13,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from moco_dali.model.moco import MoCo
 from moco_dali.model.shuffle_bn import batch_shuffle_ddp, batch_unshuffle_ddp, gather
+from tests.conftest import forked_ranks
 from tests.model.tiny import TinyEncoder
 
 
@@ -97,9 +98,9 @@ def _worker(
 
 
 def _spawn(world: int, *args) -> None:
-    failures = mp.get_context("spawn").SimpleQueue()
+    failures = mp.get_context("forkserver").SimpleQueue()  # the ranks' context (forked_ranks)
     try:
-        mp.spawn(_worker, args=(world, args[0], args[1], failures, *args[2:]), nprocs=world)
+        forked_ranks(_worker, (world, args[0], args[1], failures, *args[2:]), world)
     except Exception:
         messages = []
         while not failures.empty():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import random
@@ -19,7 +20,7 @@ from moco_dali.tools.demo.data import generated_dump
 from moco_dali.tools.shards.build import build
 from moco_dali.tools.shards.settings import BuildSettings
 from moco_dali.train import checkpoint
-from tests.train.runs import REPO, THREADS, TINY, losses, metrics, moco_train
+from tests.train.runs import REPO, THREADS, TINY, losses, metrics, moco_train, train_here
 
 
 @pytest.fixture(scope="module")
@@ -80,9 +81,11 @@ def learned(records: list[dict], K: int = 64) -> list[str]:
     return faults
 
 
-def test_pretext_task_is_learned_and_outputs_hold_their_fields(data, tmp_path):
+def test_pretext_task_is_learned_and_outputs_hold_their_fields(data, tmp_path, caplog):
+    """In this process, as the broken engines below (the same losses as the command's)."""
+    caplog.set_level(logging.INFO, logger="moco-train")
     out = tmp_path / "run"
-    result = moco_train(
+    code = train_here(
         *LEARN,
         "--data.train",
         str(data["train"]),
@@ -95,7 +98,7 @@ def test_pretext_task_is_learned_and_outputs_hold_their_fields(data, tmp_path):
         "--run.knn_every",
         "4",
     )
-    assert result.returncode == 0, result.stderr[-2000:]
+    assert code == 0
     records = metrics(out)
     assert sorted(r["step"] for r in records if r["kind"] == "train") == list(range(1, 161))
     assert learned(records) == []
@@ -152,7 +155,7 @@ def test_pretext_task_is_learned_and_outputs_hold_their_fields(data, tmp_path):
     assert {"train/loss", "train/lr", "train/images_per_s", "train/data_wait", "knn/top1"} <= set(
         events.Tags()["scalars"]
     )
-    assert "moco-train: step 160/160" in result.stderr
+    assert any(line.startswith("step 160/160 ") for line in caplog.messages)
 
 
 def _no_momentum(monkeypatch):
@@ -224,7 +227,7 @@ def test_the_learning_check_fails_a_broken_engine(data, tmp_path, monkeypatch, b
 
 def test_lars_runs_and_its_state_is_checkpointed(data, tmp_path):
     out = tmp_path / "lars"
-    result = moco_train(
+    code = train_here(
         *TINY,
         "--data.train",
         str(data["train"]),
@@ -239,16 +242,20 @@ def test_lars_runs_and_its_state_is_checkpointed(data, tmp_path):
         "--run.ckpt_every",
         "6",
     )
-    assert result.returncode == 0, result.stderr[-2000:]
+    assert code == 0
     assert all(math.isfinite(v) for v in losses(out).values()) and len(losses(out)) == 6
     state = checkpoint.load(checkpoint.latest(out))
     assert state["config"]["optim"]["name"] == "lars"
     assert all("momentum_buffer" in s for s in state["optimizer"]["state"].values())
 
 
-def test_kill_minus_9_and_resume_gives_the_same_losses(data, tmp_path):
+def test_kill_minus_9_and_resume_gives_the_same_losses(data, tmp_path, caplog):
+    """Only the killed run is a process of its own; the uninterrupted run and the resume run in
+    this process (the same losses: ``train_here``), which also checks that the steps the killed
+    process took before its checkpoint are the ones this process takes."""
+    caplog.set_level(logging.INFO, logger="moco-train")
     args = [*TINY, "--data.train", str(data["train"]), "--run.epochs", "2", "--run.ckpt_every", "3"]
-    assert moco_train(*args, "--run.out", str(tmp_path / "clean")).returncode == 0
+    assert train_here(*args, "--run.out", str(tmp_path / "clean")) == 0
     expected = losses(tmp_path / "clean")
 
     out = tmp_path / "killed"
@@ -267,9 +274,9 @@ def test_kill_minus_9_and_resume_gives_the_same_losses(data, tmp_path):
     assert newest is not None
     resumed_from = checkpoint.load(newest)["step"]  # the resumed run rotates old checkpoints away
 
-    resumed = moco_train(*args, "--run.out", str(out), "--run.resume", "auto")
-    assert resumed.returncode == 0, resumed.stderr[-2000:]
-    assert f"resuming at step {resumed_from}" in resumed.stderr
+    caplog.clear()
+    assert train_here(*args, "--run.out", str(out), "--run.resume", "auto") == 0
+    assert f"resuming at step {resumed_from} from {newest}" in caplog.text
     assert losses(out) == expected
 
 
@@ -295,7 +302,10 @@ def test_sigterm_writes_a_checkpoint_and_exits_0(data, tmp_path):
     proc.send_signal(signal.SIGTERM)
     _, stderr = proc.communicate(timeout=300)
     assert proc.returncode == 0, stderr[-2000:]
-    assert "stop requested: checkpoint written at step" in stderr
+    # The command's log lines on stderr, as a user reads them (the tests that run moco-train
+    # in their own process read the logger's messages instead).
+    assert "\nmoco-train: step 1/600 epoch 0 loss " in stderr
+    assert "\nmoco-train: stop requested: checkpoint written at step" in stderr
     state = checkpoint.load(checkpoint.latest(out))
     assert state["step"] == max(losses(out)) and state["step"] < 50 * 12
 
@@ -334,9 +344,9 @@ def test_two_process_gloo_run_agrees_across_ranks(data, tmp_path):
     assert int(checkpoint.load(checkpoint.latest(out))["model"]["queue.queue_ptr"]) == (6 * 32) % 64
 
 
-def test_non_finite_losses_stop_the_run_leaving_the_last_good_checkpoint(data, tmp_path):
+def test_non_finite_losses_stop_the_run_leaving_the_last_good_checkpoint(data, tmp_path, capsys):
     out = tmp_path / "run"
-    result = moco_train(
+    code = train_here(
         *TINY,
         "--data.train",
         str(data["train"]),
@@ -351,9 +361,10 @@ def test_non_finite_losses_stop_the_run_leaving_the_last_good_checkpoint(data, t
         "--run.ckpt_every",
         "1",
     )
-    assert result.returncode == 1
+    assert code == 1
     assert (
-        result.stderr.strip()
+        capsys.readouterr()
+        .err.strip()
         .splitlines()[-1]
         .startswith("moco-train: stopped: 2 non-finite losses in a row")
     )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import shutil
 import signal
 import subprocess
@@ -19,6 +20,7 @@ from moco_dali.pipeline import shards
 from moco_dali.pipeline.scan import scan_shards
 from moco_dali.tools.shards import BuildError
 from moco_dali.tools.shards.build import build
+from moco_dali.tools.shards.cli import main as shards_main
 from moco_dali.tools.shards.imageprep import PrepSettings
 from moco_dali.tools.shards.inputs import iter_part
 from moco_dali.tools.shards.merge import merge
@@ -36,6 +38,18 @@ def run_cli(*args: str, check: bool = False) -> subprocess.CompletedProcess:
         text=True,
         check=check,
     )
+
+
+def run_here(capfd, caplog, *args: str) -> subprocess.CompletedProcess:
+    """``moco-shards`` run in this process, with what ``run_cli`` would give back: exit code,
+    stdout, stderr (its log lines added). For commands that load torch before they read their
+    arguments (preview: some 4 s a run as a command), where the process is not under test."""
+    caplog.clear()
+    with caplog.at_level(logging.INFO):
+        code = shards_main(list(args))
+    out, err = capfd.readouterr()
+    err += "".join(f"moco-shards: {record.getMessage()}\n" for record in caplog.records)
+    return subprocess.CompletedProcess(["moco-shards", *args], code, out, err)
 
 
 def folder_bytes(folder: Path) -> dict[str, bytes]:

@@ -1,16 +1,19 @@
-"""moco-shards preview: a grid of stored images beside their two views."""
+"""moco-shards preview: a grid of stored images beside their two views. Run in this process
+(``run_here``): as a command it loads torch first, 4 s a run; test_safety runs the command."""
 
 import numpy as np
 from PIL import Image
 
 from moco_dali.tools.shards.build import build
 from moco_dali.tools.shards.settings import BuildSettings
-from tests.tools.shards.test_build import run_cli
+from tests.tools.shards.test_build import run_here
 
 
-def test_preview_writes_a_grid_of_originals_and_views(tmp_path, labelled_dump):
+def test_preview_writes_a_grid_of_originals_and_views(tmp_path, labelled_dump, capfd, caplog):
     build([str(labelled_dump)], tmp_path / "shards", BuildSettings(), workers=0, progress=False)
-    result = run_cli(
+    result = run_here(
+        capfd,
+        caplog,
         "preview",
         str(tmp_path / "shards"),
         "--out",
@@ -41,13 +44,17 @@ def test_preview_writes_a_grid_of_originals_and_views(tmp_path, labelled_dump):
     assert max(ranges) > 10
 
 
-def test_preview_draws_the_views_a_configuration_file_trains_on(tmp_path, labelled_dump):
+def test_preview_draws_the_views_a_configuration_file_trains_on(
+    tmp_path, labelled_dump, capfd, caplog
+):
     """--config and --data.views.* resolve as moco-train resolves them: the file's size, the file's
     and the command line's view keys over the preset's; a bad view key is one line naming it."""
     build([str(labelled_dump)], tmp_path / "shards", BuildSettings(), workers=0, progress=False)
     config = tmp_path / "run.toml"
     config.write_text("[data.views]\nsize = 40\njitter_p = 0.0\ngray_p = 0.0\n")
-    grey = run_cli(
+    grey = run_here(
+        capfd,
+        caplog,
         "preview",
         str(tmp_path / "shards"),
         "--out",
@@ -71,7 +78,9 @@ def test_preview_draws_the_views_a_configuration_file_trains_on(tmp_path, labell
     # has the key's yellow text running into it) has R = G = B;
     # the file's 0 alone leaves the labelled dump's colours (checked below).
     assert np.abs(view_k - view_k[..., :1]).max() == 0
-    coloured = run_cli(
+    coloured = run_here(
+        capfd,
+        caplog,
         "preview",
         str(tmp_path / "shards"),
         "--out",
@@ -91,7 +100,9 @@ def test_preview_draws_the_views_a_configuration_file_trains_on(tmp_path, labell
         dtype=int,
     )
     assert np.abs(view_k - view_k[..., :1]).max() > 20
-    bad = run_cli(
+    bad = run_here(
+        capfd,
+        caplog,
         "preview",
         str(tmp_path / "shards"),
         "--out",

@@ -21,7 +21,7 @@ from moco_dali.tools.shards import BuildError
 from moco_dali.tools.shards.build import build
 from moco_dali.tools.shards.settings import BuildSettings
 from tests.conftest import baseline_jpeg, broken_inputs, write_files
-from tests.tools.shards.test_build import REPO, folder_bytes, rejected_lines, run_cli
+from tests.tools.shards.test_build import REPO, folder_bytes, rejected_lines, run_cli, run_here
 
 
 def one_line(result: subprocess.CompletedProcess) -> str:
@@ -247,7 +247,7 @@ def test_verify_names_the_sample_that_crashes_dalis_decoder(tmp_path, labelled_d
 
 
 def test_verify_a_bad_tar_header_merge_a_broken_part_and_preview_bad_values_end_in_one_line(
-    tmp_path, labelled_dump
+    tmp_path, labelled_dump, capfd, caplog
 ):
     out = tmp_path / "out"
     build([str(labelled_dump)], out, BuildSettings(max_count=8), workers=0, progress=False)
@@ -283,9 +283,10 @@ def test_verify_a_bad_tar_header_merge_a_broken_part_and_preview_bad_values_end_
         (["--data.views.size", "4"], "data.views.size must be at least 8 px for a preview"),
         (["--out", str(tar / "p.png")], "is a file, not a folder"),
     ):
-        result = run_cli(
-            "preview", str(out), "--out", str(tmp_path / "p.png"), *flags
-        )  # the last --out counts
+        # The last --out counts. In this process: nothing here is large enough to allocate.
+        result = run_here(
+            capfd, caplog, "preview", str(out), "--out", str(tmp_path / "p.png"), *flags
+        )
         assert result.returncode == 2 and message in one_line(result), flags
 
 
@@ -403,7 +404,8 @@ def test_merge_refuses_part_manifests_with_lists_or_strings_for_numbers(tmp_path
 
 def test_sizes_nobody_bounded_are_refused_in_one_line(tmp_path, labelled_dump):
     """The old variants: preview and verify set out to allocate what was asked; --max-bytes
-    with 400 digits ended in OverflowError."""
+    with 400 digits ended in OverflowError. Commands, not ``run_here``: an allocation of
+    what is asked here would end this process, not a test."""
     out = tmp_path / "out"
     build([str(labelled_dump)], out, BuildSettings(max_count=8), workers=0, progress=False)
     png = str(tmp_path / "p.png")

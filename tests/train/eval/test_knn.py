@@ -13,6 +13,7 @@ from torch.nn import functional as F
 from moco_dali.pipeline.recipes import EvalConfig
 from moco_dali.train.eval.knn import knn_classify
 from moco_dali.train.schedule import learning_rates
+from tests.conftest import forked_ranks
 
 
 def brute_force(train_f, train_y, val_f, classes, k, t):
@@ -166,10 +167,8 @@ def colour_shards(tmp_path_factory) -> Path:
 def test_two_ranks_each_read_their_share_and_get_the_single_process_result(colour_shards, tmp_path):
     from moco_dali.train.eval.knn import config_knn
 
-    torch.multiprocessing.spawn(
-        _sharded_worker,
-        args=(2, str(tmp_path / "store"), str(colour_shards), str(tmp_path)),
-        nprocs=2,
+    forked_ranks(
+        _sharded_worker, (2, str(tmp_path / "store"), str(colour_shards), str(tmp_path)), 2
     )
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
     train_f, train_y = (
