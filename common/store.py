@@ -85,6 +85,13 @@ class ObjectURL:
     def child(self, name: str) -> "ObjectURL":
         return ObjectURL(self.bucket, f"{self.key}/{name}" if self.key else name)
 
+    def file(self, name: str) -> "ObjectURL":
+        """``child(name)`` for a name a manifest gives: a plain file of this folder (no folder,
+        not hidden), which is also safe as a local file name; anything else is a StoreError."""
+        if Path(name).name != name or name.startswith("."):
+            raise StoreError(f"{self}: the manifest names {name!r}, not a file of its folder")
+        return self.child(name)
+
     def __str__(self) -> str:
         return f"{SCHEME}{self.bucket}/{self.key}"
 
@@ -109,8 +116,7 @@ class Store:
         given = os.environ.get("AWS_MAX_ATTEMPTS", "")
         if given and not (given.isascii() and given.isdigit() and 1 <= int(given) <= 100):
             raise StoreError(f"AWS_MAX_ATTEMPTS={given[:20]!r}: not a number of tries in 1..100")
-        self.attempts = int(given or attempts)
-        attempts = self.attempts
+        attempts = self.attempts = int(given or attempts)
         config = Config(
             retries={"mode": "standard", "max_attempts": attempts},
             connect_timeout=connect_timeout,

@@ -273,18 +273,12 @@ class ShardCache:
     def _local(self, name: Path) -> Path:
         return Path(self._dir.name) / f"{self._fetches:08d}-{Path(name).name}"
 
-    def _object(self, name: Path) -> ObjectURL:
-        text = str(name)
-        if Path(text).name != text or text.startswith("."):
-            raise StoreError(f"{self._base}: the manifest names {text!r}, not a file of its folder")
-        return self._base.child(text)
-
     def _fetch(self, shard: int, files: tuple[Path, Path]) -> None:
         entry = self.manifest.entry(shard)
         tar, index = files
-        self._store.download(self._object(entry.tar), tar, entry.bytes, entry.sha256)
+        self._store.download(self._base.file(str(entry.tar)), tar, entry.bytes, entry.sha256)
         self._store.download(
-            self._object(entry.index),
+            self._base.file(str(entry.index)),
             index,
             None,
             entry.index_sha256,

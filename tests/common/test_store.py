@@ -90,3 +90,8 @@ def test_an_address_names_its_objects():
     assert (url.bucket, url.key) == ("my-bucket", "some/prefix")
     assert str(url.child("manifest.json")) == "s3://my-bucket/some/prefix/manifest.json"
     assert str(ObjectURL.parse("s3://my-bucket").child("a.tar")) == "s3://my-bucket/a.tar"
+    # What a manifest names is a plain file of the folder, in the store and on local disk alike
+    assert str(url.file("shard-000001.tar")) == "s3://my-bucket/some/prefix/shard-000001.tar"
+    for bad in ("../other/shard.tar", "sub/shard.tar", ".hidden.tar", "/etc/passwd"):
+        with pytest.raises(StoreError, match=r"^s3://my-bucket/some/prefix: the manifest names"):
+            url.file(bad)

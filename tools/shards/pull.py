@@ -99,14 +99,9 @@ def _pull(store: Store, base: ObjectURL, out: Path, jobs: int, started: float) -
     manifest = shards.load_manifest(state)
     if manifest.indexed:
         raise BuildError(f"{base}: an index of tars that lie elsewhere; pull those tars instead")
-
-    def named(name: str) -> str:  # a name from the store's manifest: a file of this folder
-        if Path(name).name != name or name.startswith("."):
-            raise BuildError(f"{base}: the manifest names {name!r}, not a file of its folder")
-        return name
-
-    files = shard_files(manifest, lambda name: store.head(base.child(named(name))) is not None)
-    calls = ((_get, (store, base.child(named(n)), out / n, size, sha)) for n, size, sha in files)
+    # base.file: a name from the store's manifest is a plain file of the folder, here and there
+    files = shard_files(manifest, lambda name: store.head(base.file(name)) is not None)
+    calls = ((_get, (store, base.file(n), out / n, size, sha)) for n, size, sha in files)
     report = PullReport()
     for got in in_parallel(jobs, calls):  # the first failure ends the pull, no manifest written
         report.add(got)
