@@ -39,10 +39,11 @@ __all__ = [
 ]
 
 
-def index_bound(samples: int) -> int:
-    """The most bytes a shard's index may have in the cache: a line is some 40 bytes per member,
-    so 2 KiB per sample leaves room for long names and many members."""
-    return 65536 + 2048 * int(samples)
+def index_bound(samples):
+    """The most bytes a shard's index may have in the cache (of a count, or of an array of
+    them): a line is some 40 bytes per member, so 2 KiB per sample leaves room for long names
+    and many members."""
+    return 65536 + 2048 * samples
 
 
 def load_manifest(folder: str, workdir: Optional[str] = None) -> Manifest:
@@ -86,7 +87,7 @@ def shards_per_window(manifest: Manifest, read: ReadConfig) -> int:
     if manifest.url is None or not len(counts):
         return per
     sizes = np.array([s["bytes"] for s in manifest.data["shards"]], dtype=np.int64)
-    largest = int((sizes + 65536 + 2048 * counts).max())
+    largest = int((sizes + index_bound(counts)).max())
     if 2 * largest > read.cache_limit:
         raise ShardError(
             f"{manifest.name}: data.cache_limit {read.cache_limit} bytes cannot hold two of its "
@@ -149,8 +150,8 @@ class CacheStats:
 
     fetched_bytes: int = 0
     peak_bytes: int = 0
-    stall_seconds: float = 0.0
     window_stalls: list[float] = field(default_factory=list)
+    """Seconds each window waited for its files."""
 
 
 class ShardCache:
@@ -202,9 +203,7 @@ class ShardCache:
                 f"{self._dir.name}: the cache (data.cache_dir) cannot hold a shard: "
                 f"{error.strerror or error}"
             ) from None
-        stall = time.monotonic() - started
-        self.stats.stall_seconds += stall
-        self.stats.window_stalls.append(stall)
+        self.stats.window_stalls.append(time.monotonic() - started)
         return [
             shards.open_shard(self.manifest, self.manifest.entry(s), self._held[s].files)
             for s in window
@@ -224,7 +223,7 @@ class ShardCache:
 
     def _cost(self, shard: int) -> int:
         entry = self.manifest.data["shards"][shard]
-        return int(entry["bytes"]) + index_bound(entry["samples"])
+        return int(entry["bytes"]) + index_bound(int(entry["samples"]))
 
     def _reserve(self, window: list[int]) -> bool:
         missing = [s for s in dict.fromkeys(window) if s not in self._held]

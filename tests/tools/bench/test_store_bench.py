@@ -3,7 +3,7 @@ behind a shaped link) through the cache, beside the same windows from local disk
 
 import json
 
-from moco_dali.pipeline import shards
+from moco_dali.pipeline import cache, shards
 from moco_dali.tools.bench import cli as bench
 from moco_dali.tools.bench.report import headline, load
 from moco_dali.tools.shards.build import build
@@ -20,7 +20,7 @@ def test_store_mode_reads_the_same_windows_both_ways_within_the_cache_limit(tmp_
     folder = tmp_path / "shards"
     build([str(tmp_path / "photos")], folder, BuildSettings(max_count=4), workers=0, progress=False)
     entries = shards.load_manifest(folder).shards
-    largest = max(e.bytes + 65536 + 2048 * e.samples for e in entries)
+    largest = max(e.bytes + cache.index_bound(e.samples) for e in entries)
     limit = 8 * largest + 100  # windows of 4 of the 8 shards: 2 windows an epoch
     out = tmp_path / "store.json"
     argv = ["store", "--shards", str(folder), "--reps", "1", "--out", str(out), *TINY]
@@ -29,9 +29,9 @@ def test_store_mode_reads_the_same_windows_both_ways_within_the_cache_limit(tmp_
     printed = capsys.readouterr().out
     assert "store/local" in printed and "50 MB/s, 5 ms to first byte" in printed
     record = json.loads(out.read_text())
-    cache = record["cache"]
-    assert cache["shards_per_window"] == 4 and cache["windows_timed"] == 2
-    assert 0 < cache["peak_bytes"] <= cache["limit_bytes"] == limit and cache["within_limit"]
+    held = record["cache"]
+    assert held["shards_per_window"] == 4 and held["windows_timed"] == 2
+    assert 0 < held["peak_bytes"] <= held["limit_bytes"] == limit and held["within_limit"]
     for side in ("local", "store"):  # whole epochs: every sample of the folder, both ways
         assert [e["pairs"] for e in record[side]["epochs"]] == [32]
     assert (
