@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import re
+import subprocess
+import sys
 
 from moco_dali.common.store import ObjectURL, Store, StoreError
 from moco_dali.pipeline import cache, shards
@@ -239,13 +241,24 @@ def test_pull_fetches_a_pushed_folder_checked_and_resumes(
     assert not (tmp_path / "other" / "manifest.json").exists()
 
 
+def _verify(folder: str) -> tuple[int, str, str]:
+    """moco-shards verify in a process of its own: verify forks its DALI reader, and this one
+    runs the store's server threads (a fork beside them can hang)."""
+    done = subprocess.run(
+        [sys.executable, "-m", "moco_dali.tools.shards.cli", "verify", folder, "--no-progress"],
+        capture_output=True,
+        text=True,
+    )
+    return done.returncode, done.stdout.strip(), done.stderr.strip()
+
+
 def test_verify_inspect_and_preview_read_a_folder_in_the_store(s3, labelled_dump, tmp_path, capsys):
     bucket, faults = s3
     out = _built(labelled_dump, tmp_path)
     url = f"s3://{bucket}/ds"
     assert _run(capsys, "push", str(out), url)[0] == 0
-    local = _run(capsys, "verify", str(out), "--no-progress")
-    code, said, err = _run(capsys, "verify", url, "--no-progress")
+    local = _verify(str(out))
+    code, said, err = _verify(url)
     assert code == 0, err
     assert said.split(" verified")[0] == local[1].split(" verified")[0]  # shards, samples, MB
     # A cache of two shards: groups of two (no fetch runs beside one), every shard once, in order.
@@ -265,5 +278,5 @@ def test_verify_inspect_and_preview_read_a_folder_in_the_store(s3, labelled_dump
     argv = ["preview", url, "--out", str(png), "--count", "2", "--data.views.size", "16"]
     assert _run(capsys, *argv)[0] == 0 and png.read_bytes()[:4] == b"\x89PNG"
     faults.corrupt = True  # what the store holds is not the manifest's: the check fails by name
-    code, _, err = _run(capsys, "verify", url, "--no-progress")
+    code, _, err = _verify(url)
     assert code == 1 and err.startswith(f"moco-shards verify: FAILED: {url}/") and "match" in err
